@@ -1,0 +1,39 @@
+"""Ed25519 frame signatures over ``header[0:40] || header[48:64]``.
+
+The sender signs after ``payload_size`` is final; ``context_id`` (bytes 40..47) is left out so the
+sequencer can write the log index without breaking the signature. The payload is not covered:
+application payloads are authenticated by their own AEAD, and MLS messages by MLS.
+"""
+
+from __future__ import annotations
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from .frame import Frame
+from .header import FrameHeader
+
+PUBLIC_KEY_SIZE = 32
+
+
+def sign_header(header: FrameHeader, key: SigningKey) -> None:
+    """Write the signature of ``header`` into it, in place."""
+    header.signature = key.sign(header.signing_data()).signature
+
+
+def sign_frame(frame: Frame, key: SigningKey) -> Frame:
+    """Sign ``frame`` in place (its payload_size must already match the payload) and return it."""
+    if frame.header.payload_size != len(frame.payload):
+        raise ValueError("payload_size does not match the payload: build the frame with Frame.new")
+    sign_header(frame.header, key)
+    return frame
+
+
+def verify_header(header: FrameHeader, public_key: bytes | VerifyKey) -> bool:
+    """True iff the header carries a valid signature by ``public_key`` (32 raw bytes)."""
+    try:
+        key = public_key if isinstance(public_key, VerifyKey) else VerifyKey(bytes(public_key))
+        key.verify(header.signing_data(), header.signature)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""Persistence: database URLs and schema migrations (the Store itself arrives with the server)."""

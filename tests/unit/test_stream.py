@@ -1,0 +1,104 @@
+"""The streaming decoder: arbitrary chunking, bounded buffering, typed and sticky errors."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from kalandra_core.proto import (
+    HEADER_SIZE,
+    MAX_PAYLOAD_SIZE,
+    Frame,
+    FrameDecoder,
+    FrameHeader,
+    FrameTooShort,
+    FrameTruncated,
+    Goodbye,
+    InvalidMagic,
+    Opcode,
+    PayloadTooLarge,
+)
+
+
+def _frames() -> list[Frame]:
+    return [
+        Frame.build(FrameHeader(Opcode.GOODBYE, room_id=i), Goodbye(reason="x" * i))
+        for i in range(5)
+    ] + [Frame.new(FrameHeader(Opcode.PING))]
+
+
+def test_one_byte_at_a_time() -> None:
+    frames = _frames()
+    stream = b"".join(f.encode() for f in frames)
+    dec = FrameDecoder()
+    out: list[Frame] = []
+    for i in range(len(stream)):
+        out += dec.feed(stream[i : i + 1])
+        assert dec.buffered <= HEADER_SIZE + 5 + 20
+    assert out == frames
+    assert dec.at_frame_boundary
+    dec.eof()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 127, 128, 129, 300, 10_000])
+def test_any_chunk_size(chunk: int) -> None:
+    frames = _frames()
+    stream = b"".join(f.encode() for f in frames)
+    dec = FrameDecoder()
+    out: list[Frame] = []
+    for i in range(0, len(stream), chunk):
+        out += dec.feed(memoryview(stream)[i : i + chunk])
+    assert out == frames
+
+
+def test_empty_payload_frame_completes_with_its_header() -> None:
+    dec = FrameDecoder()
+    ping = Frame.new(FrameHeader(Opcode.PING)).encode()
+    assert dec.feed(ping[:100]) == []
+    assert len(dec.feed(ping[100:])) == 1
+
+
+def test_bad_header_raises_before_any_payload_is_buffered() -> None:
+    header = bytearray(FrameHeader(Opcode.APP_MESSAGE).to_bytes())
+    header[12:16] = struct.pack(">I", 0xFFFFFFFF)
+    dec = FrameDecoder()
+    dec.feed(header[:100])
+    with pytest.raises(PayloadTooLarge):
+        dec.feed(header[100:])
+    assert dec.buffered == 0
+    # Sticky: the stream lost its framing.
+    with pytest.raises(PayloadTooLarge):
+        dec.feed(b"more")
+
+
+def test_good_frames_before_garbage_are_delivered_first() -> None:
+    good = Frame.new(FrameHeader(Opcode.PING)).encode()
+    dec = FrameDecoder()
+    assert len(dec.feed(good + b"X" * 200)) == 1
+    with pytest.raises(InvalidMagic):
+        dec.feed(b"")
+    with pytest.raises(InvalidMagic):
+        dec.eof()
+
+
+def test_eof_inside_a_frame_is_reported() -> None:
+    frame = Frame.build(FrameHeader(Opcode.GOODBYE), Goodbye(reason="bye")).encode()
+    dec = FrameDecoder()
+    dec.feed(frame[:50])
+    with pytest.raises(FrameTooShort):
+        dec.eof()
+    dec = FrameDecoder()
+    dec.feed(frame[:-1])
+    with pytest.raises(FrameTruncated):
+        dec.eof()
+
+
+def test_max_payload_frame_buffers_exactly_its_size() -> None:
+    frame = Frame.new(FrameHeader(Opcode.APP_EDIT), bytes(MAX_PAYLOAD_SIZE))
+    raw = frame.encode()
+    dec = FrameDecoder()
+    assert dec.feed(raw[:-1]) == []
+    assert dec.buffered == HEADER_SIZE + MAX_PAYLOAD_SIZE - 1 <= dec.max_buffered
+    (out,) = dec.feed(raw[-1:])
+    assert out == frame
