@@ -1,0 +1,51 @@
+"""Sender-key errors. Recoverable ones (sync and retry may help) are marked as such."""
+
+from __future__ import annotations
+
+
+class SenderKeyError(Exception):
+    recoverable = False
+
+
+class UnknownSender(SenderKeyError):
+    recoverable = True
+
+
+class EpochMismatch(SenderKeyError):
+    recoverable = True
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"message is for epoch {actual}, keys are for epoch {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class RatchetTooFarBehind(SenderKeyError):
+    """The generation is older than any key still held, or more than MAX_SKIP ahead."""
+
+    recoverable = True
+
+    def __init__(self, current: int, requested: int, reason: str) -> None:
+        super().__init__(f"no key for generation {requested} (ratchet at {current}): {reason}")
+        self.current = current
+        self.requested = requested
+
+
+class ReplayedMessage(SenderKeyError):
+    """This sender's key for this epoch and generation was already used."""
+
+    def __init__(self, generation: int) -> None:
+        super().__init__(f"generation {generation} was already used (replay)")
+        self.generation = generation
+
+
+class DecryptionFailed(SenderKeyError):
+    pass
+
+
+class InvalidKeyLength(SenderKeyError):
+    pass
+
+
+class GenerationOverflow(SenderKeyError):
+    pass

@@ -1,0 +1,165 @@
+"""SenderKeyStore: one room's sender keys for the current epoch (and the one before it).
+
+It follows epochs (``rekey`` after every processed commit), encrypts as any leaf we hold (our
+own, or a bridged user's puppet leaf) and decrypts anyone's message. Send and receive chains are
+separate, so our own messages echoed back by the server decrypt too (the reference shares one
+chain and cannot). A generation is accepted once per (epoch, sender): replays are rejected.
+The previous epoch's receive chains are kept so messages sequenced just before a commit still
+decrypt after we have moved on; older epochs are forgotten (forward secrecy).
+
+State holds secrets: persist it only through :func:`sealed.seal`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from ..proto.payloads import EncryptedMessage, PushKey
+from . import envelope
+from .errors import EpochMismatch, UnknownSender
+from .ratchet import SymmetricRatchet
+from .sender_keys import derive_sender_seed
+
+_STATE_VERSION = 1
+
+
+class _EpochKeys:
+    __slots__ = ("epoch", "members", "receive", "secret", "send")
+
+    def __init__(self, epoch: int, secret: bytes, members: frozenset[int]) -> None:
+        self.epoch = epoch
+        self.secret = bytes(secret)
+        self.members = members
+        self.receive: dict[int, SymmetricRatchet] = {}
+        self.send: dict[int, SymmetricRatchet] = {}
+
+    def _chain(self, chains: dict[int, SymmetricRatchet], sender_index: int) -> SymmetricRatchet:
+        chain = chains.get(sender_index)
+        if chain is None:
+            if sender_index not in self.members:
+                raise UnknownSender(f"no member at leaf {sender_index} in epoch {self.epoch}")
+            chain = SymmetricRatchet(derive_sender_seed(self.secret, self.epoch, sender_index))
+            chains[sender_index] = chain
+        return chain
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "secret": self.secret,
+            "members": sorted(self.members),
+            "receive": {i: r.to_state() for i, r in self.receive.items()},
+            "send": {i: r.to_state() for i, r in self.send.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _EpochKeys:
+        keys = cls(state["epoch"], state["secret"], frozenset(state["members"]))
+        keys.receive = {
+            int(i): SymmetricRatchet.from_state(s) for i, s in state["receive"].items()
+        }
+        keys.send = {int(i): SymmetricRatchet.from_state(s) for i, s in state["send"].items()}
+        return keys
+
+
+class SenderKeyStore:
+    def __init__(
+        self, *, epoch: int, epoch_secret: bytes, own_index: int, member_indices: set[int]
+    ) -> None:
+        """``epoch_secret`` is MLS-Exporter("kalandra sender keys v1", "", 32) of ``epoch``."""
+        self.own_index = own_index
+        self._current = _EpochKeys(epoch, epoch_secret, frozenset(member_indices))
+        self._previous: _EpochKeys | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self._current.epoch
+
+    @property
+    def members(self) -> frozenset[int]:
+        return self._current.members
+
+    def rekey(
+        self,
+        *,
+        epoch: int,
+        epoch_secret: bytes,
+        member_indices: set[int],
+        own_index: int | None = None,
+    ) -> None:
+        """Move to a new epoch (after a commit); the old epoch stays readable for one epoch."""
+        if epoch <= self._current.epoch:
+            raise ValueError(f"epoch must increase: {epoch} after {self._current.epoch}")
+        self._previous = self._current
+        self._previous.send.clear()  # never send in an old epoch
+        self._current = _EpochKeys(epoch, epoch_secret, frozenset(member_indices))
+        if own_index is not None:
+            self.own_index = own_index
+
+    def encrypt(
+        self,
+        plaintext: bytes,
+        *,
+        sender_index: int | None = None,
+        random8: bytes | None = None,
+        push_keys: list[PushKey] | None = None,
+    ) -> EncryptedMessage:
+        """Encrypt as ``sender_index`` (default: our own leaf) at the next generation."""
+        keys = self._current
+        index = self.own_index if sender_index is None else sender_index
+        generation, key = keys._chain(keys.send, index).next_key()
+        return envelope.encrypt(
+            key,
+            plaintext,
+            epoch=keys.epoch,
+            sender_index=index,
+            generation=generation,
+            random8=random8,
+            push_keys=push_keys,
+        )
+
+    def message_key(self, message: EncryptedMessage) -> bytes:
+        """The key of a message we sent or may receive, without consuming it (for push keys)."""
+        keys = self._keys_for(message.epoch)
+        return keys._chain(keys.receive, message.sender_index).lookup(message.generation).key
+
+    def decrypt(self, message: EncryptedMessage) -> bytes:
+        """Decrypt anyone's message; the key is consumed only if authentication succeeds."""
+        keys = self._keys_for(message.epoch)
+        chain = keys._chain(keys.receive, message.sender_index)
+        found = chain.lookup(message.generation)
+        plaintext = envelope.decrypt(found.key, message)
+        chain.commit(found)
+        return plaintext
+
+    def _keys_for(self, epoch: int) -> _EpochKeys:
+        if epoch == self._current.epoch:
+            return self._current
+        if self._previous is not None and epoch == self._previous.epoch:
+            return self._previous
+        raise EpochMismatch(self._current.epoch, epoch)
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        return cbor2.dumps(
+            {
+                "v": _STATE_VERSION,
+                "own_index": self.own_index,
+                "current": self._current.to_state(),
+                "previous": None if self._previous is None else self._previous.to_state(),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SenderKeyStore:
+        state = cbor2.loads(data)
+        if not isinstance(state, dict) or state.get("v") != _STATE_VERSION:
+            raise ValueError("not a sender-key store state (or an unknown version)")
+        store = cls.__new__(cls)
+        store.own_index = state["own_index"]
+        store._current = _EpochKeys.from_state(state["current"])
+        previous = state["previous"]
+        store._previous = None if previous is None else _EpochKeys.from_state(previous)
+        return store
