@@ -7,10 +7,11 @@ import os
 import platform
 from collections.abc import Callable
 
-from . import frames
+from . import crypto, frames
 from .common import Figure, print_table
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
+    "crypto": crypto.run,
     "frames": frames.run,
 }
 
