@@ -1,0 +1,436 @@
+"""The one place that imports ``rfc9420`` (pinned 1.3.0), plus our corrections of it.
+
+Everything else in the project goes through this module, so a library upgrade is reviewed here.
+Each correction first checks that the code it works around is still byte-for-byte the audited
+1.3.0 source and raises :class:`LibraryChangedError` otherwise: a silently changed library could
+make a correction wrong (or double-apply a fix upstream already made).
+
+Corrections and gap fills so far (numbers as in shared/notes/mls-library-evaluation.md §7):
+
+* defect 4, exporter: ``KeySchedule.export`` feeds the exporter Context unhashed; RFC 9420 §8.5
+  says ``ExpandWithLabel(DeriveSecret(exporter_secret, Label), "exported", Hash(Context), L)``.
+  :func:`mls_exporter` is the RFC form and ``KeySchedule.export`` is patched to use it, so
+  ``MLSGroup.export_secret`` is correct too.
+* out-of-band ratchet tree: ``MLSGroup.from_welcome`` only reads the tree from the GroupInfo
+  ``ratchet_tree`` extension; without it the joiner gets an empty tree and the GroupInfo signature
+  is never checked. :func:`join_from_welcome` installs and validates a tree given separately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import rfc9420
+from rfc9420.backends.crypto.default_hpke import DefaultCryptoProvider
+from rfc9420.codec.tls import read_varint, write_opaque_varint, write_varint
+from rfc9420.crypto import labels as mls_labels
+from rfc9420.crypto.crypto_provider import CryptoProvider
+from rfc9420.crypto.hpke_labels import decrypt_with_label, encrypt_with_label
+from rfc9420.group.mls_group.processing import MLSGroup
+from rfc9420.messages.data_structures import (
+    AddProposal,
+    Commit,
+    ExternalInitProposal,
+    GroupContext,
+    GroupContextExtensionsProposal,
+    GroupInfo,
+    GroupSecrets,
+    PreSharedKeyID,
+    PreSharedKeyProposal,
+    Proposal,
+    PSKType,
+    ReInitProposal,
+    RemoveProposal,
+    Sender,
+    SenderType,
+    UpdatePath,
+    UpdateProposal,
+    Welcome,
+)
+from rfc9420.messages.key_packages import KeyPackage, LeafNode
+from rfc9420.messages.messages import (
+    AuthenticatedContent,
+    AuthenticatedContentTBS,
+    ContentType,
+    FramedContent,
+    FramedContentAuthData,
+    MLSCiphertext,
+    MLSMessage,
+    MLSPlaintext,
+    WireFormat,
+    attach_membership_tag,
+    derive_psk_secret,
+    protect_content_application,
+    protect_content_handshake,
+    sign_application_framed_content,
+    sign_authenticated_content,
+    unprotect_content_application,
+    unprotect_content_handshake,
+    verify_plaintext,
+)
+from rfc9420.messages.refs import encode_ref_hash_input, make_key_package_ref
+from rfc9420.protocol.schedule.key_schedule import KeySchedule
+from rfc9420.protocol.transcripts import TranscriptState
+from rfc9420.protocol.tree import tree_math
+from rfc9420.protocol.tree.ratchet_tree import RatchetTree
+from rfc9420.protocol.tree.ratchet_tree_backend import create_tree_backend
+from rfc9420.protocol.tree.secret_tree import SecretTree
+from rfc9420.protocol.validations import (
+    validate_confirmation_tag,
+    validate_tree_leaf_key_uniqueness,
+)
+
+__all__ = [
+    "PINNED_VERSION",
+    "AddProposal",
+    "AuthenticatedContent",
+    "AuthenticatedContentTBS",
+    "Commit",
+    "ContentType",
+    "CryptoProvider",
+    "DefaultCryptoProvider",
+    "ExternalInitProposal",
+    "FramedContent",
+    "FramedContentAuthData",
+    "GroupContext",
+    "GroupContextExtensionsProposal",
+    "GroupInfo",
+    "GroupSecrets",
+    "KeyPackage",
+    "KeySchedule",
+    "LeafNode",
+    "LibraryChangedError",
+    "MLSCiphertext",
+    "MLSGroup",
+    "MLSMessage",
+    "MLSPlaintext",
+    "PSKType",
+    "PreSharedKeyID",
+    "PreSharedKeyProposal",
+    "Proposal",
+    "RatchetTree",
+    "ReInitProposal",
+    "RemoveProposal",
+    "SecretTree",
+    "Sender",
+    "SenderType",
+    "TranscriptState",
+    "UnsupportedMessageError",
+    "UpdatePath",
+    "UpdateProposal",
+    "Welcome",
+    "WireFormat",
+    "attach_membership_tag",
+    "crypto_for_suite",
+    "decrypt_with_label",
+    "derive_psk_secret",
+    "encode_ref_hash_input",
+    "encrypt_with_label",
+    "group_exporter",
+    "join_from_welcome",
+    "key_schedule_from_secrets",
+    "mls_exporter",
+    "mls_labels",
+    "open_welcome",
+    "process_handshake",
+    "protect_content_application",
+    "protect_content_handshake",
+    "read_varint",
+    "sign_application_framed_content",
+    "sign_authenticated_content",
+    "tree_math",
+    "unprotect_content_application",
+    "unprotect_content_handshake",
+    "validate_confirmation_tag",
+    "verify_plaintext",
+    "write_opaque_varint",
+    "write_varint",
+]
+
+PINNED_VERSION = "1.3.0"
+
+
+class LibraryChangedError(RuntimeError):
+    """The installed rfc9420 is not the release our corrections were written against."""
+
+
+class UnsupportedMessageError(ValueError):
+    """A message this layer cannot process yet (reported, never silently skipped)."""
+
+
+def _check_version() -> None:
+    dist = importlib.metadata.version("rfc9420")
+    attr = getattr(rfc9420, "__version__", None)
+    if dist != PINNED_VERSION or attr != PINNED_VERSION:
+        raise LibraryChangedError(
+            f"rfc9420 changed: found {dist} (module says {attr}), corrections in "
+            f"kalandra_core.mls._lib were written for {PINNED_VERSION} and need review"
+        )
+
+
+# sha256 of inspect.getsource() of each rfc9420 function a correction depends on, in 1.3.0.
+_AUDITED_SOURCES = {
+    "KeySchedule.export": "0a6503756d7ce849620fa7efb16d191f8ac28f65d71d068e4af1bf50319ea107",
+    "MLSGroup.export_secret": "f7c8e699a33468c8b927943cb71e9f95cb2987c964f1b38ff73db465567053ee",
+    "MLSGroup.from_welcome": "34adb3223327f566e48da0f5ffade25aa45713df4246b6399ac364865700b524",
+    # Send-side corrections (corrections.py) and the flows group.py drives.
+    "RatchetTree.create_update_path": (
+        "ec71f6020b738e3e4a3bb5d0d19bfe8ac0cf523c5a118cfe9d20765335cf2c5d"
+    ),
+    "MLSGroup.process_commit": "f7db4dd55f3f04a47c2e561bb5b1d40d3ad1c2b2d0419070eeef5af6afa4fdbc",
+    "MLSGroup.create_commit": "6c5f60e558912a9996222b9b5812489dfa6f44864ad7e6fbd6f78b5c17d24bf7",
+    "MLSGroup.apply_own_commit": (
+        "2e85532aa24e06211aca83e8559390544b0a640aeeb5b58bfe88d83f12d95b38"
+    ),
+    "MLSGroup.external_commit": "3e35097451c1a7f670718367615c1bfe30857eade3ffd8c1d88778e022aecdbc",
+    "MLSGroup.process_external_commit": (
+        "bbea6646aa3a29673a42a936ed196d1a0fa9cd0dc629b05ce4711b7ba1d0f871"
+    ),
+}
+
+
+def _require_audited(func: Callable[..., object], correction: str) -> None:
+    name = func.__qualname__
+    digest = hashlib.sha256(inspect.getsource(func).encode()).hexdigest()
+    if digest != _AUDITED_SOURCES[name]:
+        raise LibraryChangedError(
+            f"rfc9420 changed: correction {correction!r} needs review "
+            f"({name} is not the audited {PINNED_VERSION} source)"
+        )
+
+
+_check_version()
+
+
+# --- defect 4: MLS-Exporter ------------------------------------------------------------------
+
+
+def mls_exporter(
+    crypto: CryptoProvider, exporter_secret: bytes, label: bytes, context: bytes, length: int
+) -> bytes:
+    """MLS-Exporter(Label, Context, Length) exactly as RFC 9420 §8.5 (Context is hashed)."""
+    secret = crypto.derive_secret(exporter_secret, label)
+    return crypto.expand_with_label(secret, b"exported", crypto.hash(context), length)
+
+
+def group_exporter(group: MLSGroup, label: bytes, context: bytes, length: int) -> bytes:
+    """RFC-correct exporter of a group's current epoch."""
+    return mls_exporter(
+        group._crypto_provider, group.get_exporter_secret(), label, context, length
+    )
+
+
+def _key_schedule_export(self: KeySchedule, label: bytes, context: bytes, length: int) -> bytes:
+    return mls_exporter(self._crypto_provider, self.exporter_secret, label, context, length)
+
+
+def _correct_exporter() -> None:
+    if getattr(KeySchedule.export, "_kalandra_corrected", False):
+        return
+    _require_audited(KeySchedule.export, "defect 4 (exporter context)")
+    # export_secret only delegates to KeySchedule.export; if it changes, the patch may not apply.
+    _require_audited(MLSGroup.export_secret, "defect 4 (exporter context)")
+    _key_schedule_export._kalandra_corrected = True  # type: ignore[attr-defined]
+    KeySchedule.export = _key_schedule_export  # type: ignore[method-assign]
+
+
+_correct_exporter()
+
+
+# --- crypto ------------------------------------------------------------------------------------
+
+
+def crypto_for_suite(suite: int) -> DefaultCryptoProvider:
+    """A fresh provider: DefaultCryptoProvider holds mutable suite state, so never share one."""
+    return DefaultCryptoProvider(suite)
+
+
+def key_schedule_from_secrets(
+    crypto: CryptoProvider, *, sender_data_secret: bytes, membership_key: bytes
+) -> KeySchedule:
+    """A KeySchedule holding given secrets, for vectors that give secrets and not epoch_secret.
+
+    Built the way ``KeySchedule.from_epoch_secret`` builds one, so the library's own methods
+    (sender-data keys from a ciphertext sample, ...) run on it unchanged.
+    """
+    ks: KeySchedule = object.__new__(KeySchedule)
+    ks._crypto_provider = crypto
+    ks._wiped = False
+    ks._sender_data_secret = sender_data_secret
+    ks._membership_key = membership_key
+    return ks
+
+
+# --- joining -----------------------------------------------------------------------------------
+
+
+def open_welcome(
+    crypto: CryptoProvider,
+    welcome: Welcome,
+    key_package: KeyPackage,
+    init_priv: bytes,
+    psks: Mapping[bytes, bytes],
+) -> tuple[GroupSecrets, GroupInfo, bytes | None]:
+    """Decrypt our GroupSecrets and the GroupInfo (RFC 9420 §12.4.3.1).
+
+    Returns the secrets, the GroupInfo and the psk_secret (None without PSKs).
+    """
+    ref = make_key_package_ref(crypto, key_package.serialize())
+    mine = [egs for egs in welcome.secrets if egs.new_member == ref]
+    if len(mine) != 1:
+        raise ValueError("Welcome has no EncryptedGroupSecrets for our KeyPackage")
+    secrets = GroupSecrets.deserialize(
+        decrypt_with_label(
+            crypto,
+            init_priv,
+            mine[0].kem_output,
+            mls_labels.HPKE_WELCOME,
+            welcome.encrypted_group_info,
+            b"",
+            mine[0].ciphertext,
+        )
+    )
+    psk_secret: bytes | None = None
+    if secrets.psks:
+        values: list[bytes | None] = [_psk_value(psks, pid) for pid in secrets.psks]
+        psk_secret = derive_psk_secret(crypto, secrets.psks, psk_values=values)
+    hash_len = crypto.kdf_hash_len()
+    member_secret = crypto.kdf_extract(secrets.joiner_secret, psk_secret or bytes(hash_len))
+    welcome_secret = crypto.derive_secret(member_secret, b"welcome")
+    key = crypto.expand_with_label(welcome_secret, b"key", b"", crypto.aead_key_size())
+    nonce = crypto.expand_with_label(welcome_secret, b"nonce", b"", crypto.aead_nonce_size())
+    info = GroupInfo.deserialize(
+        crypto.aead_decrypt(key, nonce, welcome.encrypted_group_info, b"")
+    )
+    return secrets, info, psk_secret
+
+
+def _psk_value(psks: Mapping[bytes, bytes], pid: PreSharedKeyID) -> bytes | None:
+    if pid.psktype != PSKType.EXTERNAL or pid.psk_id is None:
+        return None
+    return psks.get(pid.psk_id)
+
+
+def join_from_welcome(
+    crypto: CryptoProvider,
+    welcome: Welcome,
+    key_package: KeyPackage,
+    init_priv: bytes,
+    encryption_priv: bytes,
+    *,
+    psks: Mapping[bytes, bytes] | None = None,
+    ratchet_tree: bytes | None = None,
+) -> MLSGroup:
+    """Join from a Welcome; ``ratchet_tree`` is the tree when it is not in the GroupInfo."""
+    _require_audited(MLSGroup.from_welcome, "out-of-band ratchet tree join")
+    known = dict(psks or {})
+    group = MLSGroup.from_welcome(
+        welcome=welcome,
+        hpke_private_key=init_priv,
+        crypto_provider=crypto,
+        key_package=key_package,
+        welcome_psk_resolver=lambda pid: _psk_value(known, pid),
+        encryption_private_key=encryption_priv,
+    )
+    if ratchet_tree is not None:
+        if group._ratchet_tree.n_leaves != 0:
+            raise ValueError("ratchet tree given twice (GroupInfo extension and out of band)")
+        _install_tree(
+            group, crypto, welcome, key_package, init_priv, encryption_priv, known, ratchet_tree
+        )
+    if group.get_own_leaf_index() < 0:
+        raise ValueError("our KeyPackage's leaf is not in the group's ratchet tree")
+    return group
+
+
+def _install_tree(
+    group: MLSGroup,
+    crypto: CryptoProvider,
+    welcome: Welcome,
+    key_package: KeyPackage,
+    init_priv: bytes,
+    encryption_priv: bytes,
+    psks: Mapping[bytes, bytes],
+    ratchet_tree: bytes,
+) -> None:
+    # from_welcome saw no tree, so it skipped what RFC 9420 §12.4.3.1 requires; redo it here.
+    secrets, info, _ = open_welcome(crypto, welcome, key_package, init_priv, psks)
+    context = info.group_context
+    tree = create_tree_backend(crypto, group._tree_backend_id)
+    tree.load_full_tree_from_welcome_bytes(ratchet_tree)
+    if tree.calculate_tree_hash() != context.tree_hash:
+        raise ValueError("ratchet tree hash does not match GroupContext.tree_hash")
+    tree.verify_parent_hash_chains()
+    for leaf in range(tree.n_leaves):
+        node = tree.get_node(leaf * 2).leaf_node
+        if node is None:
+            continue
+        node.validate(
+            crypto,
+            group_id=context.group_id,
+            leaf_index=leaf,
+            group_context=context,
+            expected_source=None,
+        )
+    validate_tree_leaf_key_uniqueness(tree)
+    signer = tree.get_node(info.signer_leaf_index * 2).leaf_node
+    if signer is None:
+        raise ValueError("GroupInfo signer leaf is blank")
+    crypto.verify_with_label(
+        signer.signature_key, b"GroupInfoTBS", info.tbs_serialize(), info.signature.value
+    )
+    own = key_package.leaf_node
+    if own is None or group._key_schedule is None:
+        raise ValueError("KeyPackage without a LeafNode, or group without a key schedule")
+    mine = [
+        leaf
+        for leaf in range(tree.n_leaves)
+        if (node := tree.get_node(leaf * 2).leaf_node) is not None
+        and node.signature_key == own.signature_key
+        and node.encryption_key == own.encryption_key
+    ]
+    if len(mine) != 1:
+        raise ValueError("our KeyPackage's leaf is not in the ratchet tree")
+    tree.get_node(mine[0] * 2).private_key = encryption_priv
+    if secrets.path_secret is not None:
+        tree.apply_joiner_path_secret(
+            mine[0], secrets.path_secret, committer_leaf_index=info.signer_leaf_index
+        )
+    group._ratchet_tree = tree
+    group._own_leaf_index = mine[0]
+    # The secret tree was sized for the empty tree; rebuild it for the real leaf count.
+    group._secret_tree = SecretTree(
+        group._key_schedule.encryption_secret,
+        crypto,
+        n_leaves=tree.n_leaves,
+        window_size=group._secret_tree_window_size,
+        max_generation_gap=group._secret_tree_max_generation_gap,
+        aead_limit_bytes=group._secret_tree_aead_limit_bytes,
+    )
+
+
+# --- handshake processing ----------------------------------------------------------------------
+
+
+def process_handshake(group: MLSGroup, message: bytes) -> None:
+    """Apply one received proposal or commit (MLSMessage bytes) to ``group``."""
+    msg = MLSMessage.deserialize(message)
+    if msg.wire_format != WireFormat.PUBLIC_MESSAGE:
+        # rfc9420 1.3.0 demands a membership tag on every commit (defect 9): not handled yet.
+        raise UnsupportedMessageError(f"wire format {int(msg.wire_format)} not supported yet")
+    content: Any = msg.get_parsed_content()
+    framed = content.tbs.framed_content
+    plaintext = MLSPlaintext(auth_content=content)
+    if framed.content_type == ContentType.PROPOSAL:
+        group.process_proposal(plaintext, framed.sender, msg.wire_format)
+    elif framed.content_type == ContentType.COMMIT:
+        if framed.sender.sender_type == SenderType.NEW_MEMBER_COMMIT:
+            group.process_external_commit(plaintext)
+        else:
+            group.process_commit(plaintext, framed.sender.sender)
+    else:
+        raise UnsupportedMessageError(f"content type {int(framed.content_type)} is not handshake")
