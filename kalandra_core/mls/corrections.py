@@ -21,6 +21,11 @@ correction wrong or apply a fix twice.
   PrivateMessage does not carry (the AEAD authenticates it instead); after unprotecting, we
   attach the tag the sender would have computed so the library's check passes for what the
   AEAD and signature already proved.
+* Sending PrivateMessage commits (missing in the library): ``create_commit`` always signs for
+  PublicMessage, and the wire format is part of both the signature and the transcript hash. Inside
+  :func:`private_handshake`, its signing call signs for PrivateMessage instead, so the epoch it
+  derives is the one receivers of the encrypted commit derive; group.py then encrypts the signed
+  content under the old epoch's handshake keys.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ from typing import Any
 from rfc9420.codec.tls import write_opaque_varint
 from rfc9420.crypto import labels as mls_labels
 from rfc9420.crypto.hpke_labels import encrypt_with_label
+from rfc9420.group.mls_group import processing
 from rfc9420.group.mls_group.processing import MLSGroup
 from rfc9420.messages.data_structures import GroupContext, UpdatePath, UpdatePathNode
 from rfc9420.messages.key_packages import LeafNode, LeafNodeSource
+from rfc9420.messages.messages import ContentType, WireFormat
 from rfc9420.protocol.tree import tree_math
 from rfc9420.protocol.tree.ratchet_tree import RatchetTree
 
@@ -152,6 +159,27 @@ def _create_update_path(
     return UpdatePath(new_leaf.serialize(), nodes), commit_secret, path_secret_by_node
 
 
+# --- PrivateMessage handshakes ------------------------------------------------------------------
+
+_PRIVATE: contextvars.ContextVar[bool] = contextvars.ContextVar("mls_private", default=False)
+_library_sign = processing.sign_authenticated_content  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def private_handshake(enabled: bool = True) -> Iterator[None]:
+    token = _PRIVATE.set(enabled)
+    try:
+        yield
+    finally:
+        _PRIVATE.reset(token)
+
+
+def _sign_authenticated_content(*args: Any, **kwargs: Any) -> Any:
+    if _PRIVATE.get() and kwargs.get("content_type") in (ContentType.COMMIT, ContentType.PROPOSAL):
+        kwargs["wire_format"] = WireFormat.PRIVATE_MESSAGE
+    return _library_sign(*args, **kwargs)
+
+
 def _install() -> None:
     if getattr(RatchetTree.create_update_path, "_kalandra_corrected", False):
         return
@@ -167,6 +195,8 @@ def _install() -> None:
         require_audited(func, name)
     _create_update_path._kalandra_corrected = True  # type: ignore[attr-defined]
     RatchetTree.create_update_path = _create_update_path  # type: ignore[method-assign]
+    # create_commit passes every argument by keyword (audited above), so the wrapper sees them.
+    processing.sign_authenticated_content = _sign_authenticated_content  # type: ignore[attr-defined]
 
 
 _install()

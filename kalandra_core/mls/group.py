@@ -46,10 +46,12 @@ from rfc9420.messages.messages import (
     MLSPlaintext,
     WireFormat,
     attach_membership_tag,
+    protect_content_handshake,
     sign_authenticated_content,
 )
 from rfc9420.messages.refs import make_key_package_ref
 
+from ..crypto import sealed
 from . import corrections
 from ._lib import crypto_for_suite, join_from_welcome
 from .errors import (
@@ -74,6 +76,7 @@ from .keypackage import (
 SENDER_KEY_LABEL: Final = b"kalandra sender keys v1"
 SENDER_KEY_LENGTH: Final = 32
 _STATE_VERSION: Final = 1
+_SEAL_PURPOSE: Final = "kalandra mls group state"
 
 
 class Handshake(enum.Enum):
@@ -138,6 +141,8 @@ class MlsGroup:
         self._pending: _Pending | None = None
         self._active = True
         self._snapshot = lib.to_bytes()
+        self._handshakes_epoch = -1
+        self._handshakes_sent = 0
 
     # --- creation and joining -----------------------------------------------------------------
 
@@ -367,6 +372,22 @@ class MlsGroup:
         """An empty commit with a fresh UpdatePath: post-compromise security for our leaf."""
         return self._commit([], {})
 
+    def propose_leave(self) -> bytes:
+        """A proposal to remove ourselves (a member cannot commit its own removal); another
+        member commits it with :meth:`commit_pending_proposals`."""
+        self._check_active()
+        lib = self._lib
+        try:
+            with corrections.private_handshake(self.handshake is Handshake.PRIVATE):
+                proposal = lib.create_remove_proposal(self.own_leaf_index, self._signing_key)
+            if self.handshake is Handshake.PRIVATE:
+                data = self._protect(proposal)
+            else:
+                data = MLSMessage.from_public_message(proposal.auth_content).serialize()
+        finally:
+            self._restore()
+        return data
+
     def commit_pending_proposals(self) -> CommitOutput:
         """Commit the proposals received this epoch (e.g. the server's external Removes)."""
         if not self._lib._pending_proposals:
@@ -380,12 +401,19 @@ class MlsGroup:
         lib = self._lib
         epoch = lib.get_epoch()
         lib._pending_proposals.extend(proposals)  # not cached, so they go inline in the commit
+        private = self.handshake is Handshake.PRIVATE
         try:
-            with corrections.committing(self._signing_key, lib.get_group_id()):
+            with (
+                corrections.committing(self._signing_key, lib.get_group_id()),
+                corrections.private_handshake(private),
+            ):
                 pending = lib.create_commit(self._signing_key)
-            commit = MLSMessage.from_public_message(
-                pending.commit_message.auth_content
-            ).serialize()
+            if private:
+                commit = self._protect(pending.commit_message)
+            else:
+                commit = MLSMessage.from_public_message(
+                    pending.commit_message.auth_content
+                ).serialize()
             welcomes: dict[int, bytes] = {}
             for welcome in pending.welcomes:
                 data = MLSMessage.from_welcome(welcome).serialize()
@@ -550,6 +578,38 @@ class MlsGroup:
         object.__setattr__(framed, "sender", fixed_sender)
         return plaintext
 
+    def _protect(self, plaintext: MLSPlaintext) -> bytes:
+        """Encrypt our signed handshake content as a PrivateMessage under this epoch's keys.
+
+        The handshake ratchet position is not part of the library's saved state, so we count
+        the handshake messages we sent in this epoch ourselves: a generation is never reused,
+        not even across a restart.
+        """
+        lib = self._lib
+        assert lib._key_schedule is not None
+        assert lib._secret_tree is not None
+        epoch = self.epoch
+        sent = self._handshakes_sent if self._handshakes_epoch == epoch else 0
+        for _ in range(sent):
+            lib._secret_tree.next_handshake(self.own_leaf_index)
+        auth = plaintext.auth_content
+        framed = auth.tbs.framed_content
+        ciphertext = protect_content_handshake(
+            group_id=framed.group_id,
+            epoch=framed.epoch,
+            sender_leaf_index=self.own_leaf_index,
+            authenticated_data=framed.authenticated_data,
+            content=framed.content,
+            signature=auth.signature,
+            key_schedule=lib._key_schedule,
+            secret_tree=lib._secret_tree,
+            crypto=lib._crypto_provider,
+            confirmation_tag=auth.confirmation_tag,
+            content_type=framed.content_type,
+        )
+        self._handshakes_epoch, self._handshakes_sent = epoch, sent + 1
+        return MLSMessage.from_private_message(ciphertext).serialize()
+
     def _unprotect(self, msg: MLSMessage) -> MLSPlaintext:
         """Defect 9: a PrivateMessage handshake, authenticated by AEAD and signature, gets the
         membership tag the library insists on before process_commit/process_proposal."""
@@ -607,8 +667,17 @@ class MlsGroup:
                 "active": self._active,
                 "group": self._snapshot,
                 "pending": pending,
+                "handshakes": [self._handshakes_epoch, self._handshakes_sent],
             }
         )
+
+    def seal(self, key: bytes) -> bytes:
+        """:meth:`to_bytes`, encrypted at rest under ``key`` (XChaCha20-Poly1305)."""
+        return sealed.seal(key, _SEAL_PURPOSE, self.to_bytes())
+
+    @classmethod
+    def unseal(cls, key: bytes, blob: bytes) -> MlsGroup:
+        return cls.from_bytes(sealed.unseal(key, _SEAL_PURPOSE, blob))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MlsGroup:
@@ -624,6 +693,7 @@ class MlsGroup:
             handshake=Handshake(state["handshake"]),
         )
         group._active = state["active"]
+        group._handshakes_epoch, group._handshakes_sent = state["handshakes"]
         if state["pending"] is not None:
             commit, new_state, epoch, welcomes = state["pending"]
             output = CommitOutput(commit=commit, epoch=epoch, welcomes=dict(welcomes))

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kalandra_core.crypto import DecryptionFailed, EpochMismatch, SenderKeyStore, sealed
+from kalandra_core.crypto import DecryptionFailed, EpochMismatch, SenderKeyStore
 from kalandra_core.mls.errors import (
     GroupInactive,
     InvalidMlsMessage,
@@ -52,8 +52,9 @@ def follow(store: SenderKeyStore, group: MlsGroup) -> None:
 
 
 def reload(group: MlsGroup) -> MlsGroup:
-    blob = sealed.seal(STATE_KEY, "mls-group", group.to_bytes())
-    return MlsGroup.from_bytes(sealed.unseal(STATE_KEY, "mls-group", blob))
+    blob = group.seal(STATE_KEY)
+    assert group.sender_key_secret() not in blob  # encrypted at rest
+    return MlsGroup.unseal(STATE_KEY, blob)
 
 
 def three_member_group(suite: int = SUITE_X25519_AES128GCM) -> tuple[MlsGroup, ...]:
@@ -241,3 +242,70 @@ def test_external_join_and_server_remove_proposal() -> None:
 def test_handshake_mode_is_persisted() -> None:
     g = MlsGroup.create(1, os.urandom(32), handshake=Handshake.PRIVATE)
     assert reload(g).handshake is Handshake.PRIVATE
+
+
+@pytest.mark.parametrize("suite", [SUITE_X25519_AES128GCM, SUITE_X25519_CHACHA20])
+def test_private_handshakes(suite: int) -> None:
+    """Commits as PrivateMessage (what OpenMLS PURE_CIPHERTEXT clients require)."""
+    sk = keys(1, 2, 3)
+    a = MlsGroup.create(1, sk[1], suite=suite, handshake=Handshake.PRIVATE)
+    kb, kc = build_key_package(2, sk[2], suite=suite), build_key_package(3, sk[3], suite=suite)
+    out = a.add([kb.key_package, kc.key_package])
+    assert out.commit[2:4] == b"\x00\x02"  # wire format mls_private_message
+    a.process(out.commit)
+    b = MlsGroup.join(out.welcomes[2], kb, handshake=Handshake.PRIVATE)
+    c = MlsGroup.join(out.welcomes[3], kc)  # a public-handshake member reads them too
+    for committer in (b, c, a):
+        update = committer.self_update()
+        for g in (a, b, c):
+            g.process(update.commit)
+    assert a.epoch == b.epoch == c.epoch == 4
+    assert a.sender_key_secret() == b.sender_key_secret() == c.sender_key_secret()
+    removal = b.remove([3])
+    assert removal.commit[2:4] == b"\x00\x02"
+    assert c.process(removal.commit).removed_self
+    a.process(removal.commit)
+    b.process(removal.commit)
+    assert a.sender_key_secret() == b.sender_key_secret()
+
+
+def test_private_handshake_generation_is_never_reused() -> None:
+    sk = keys(1, 2)
+    a = MlsGroup.create(1, sk[1], handshake=Handshake.PRIVATE)
+    kb = build_key_package(2, sk[2])
+    out = a.add([kb.key_package])
+    a.process(out.commit)
+    b = MlsGroup.join(out.welcomes[2], kb)
+    first = a.self_update()
+    a.discard_pending()
+    a = reload(a)
+    second = a.self_update()
+    # Same epoch, same sender: the encrypted sender data must name different generations.
+    from kalandra_core.mls._lib import MLSMessage
+
+    assert (
+        MLSMessage.deserialize(first.commit).content
+        != MLSMessage.deserialize(second.commit).content
+    )
+    assert b.process(second.commit).epoch == 2
+    a.process(second.commit)
+    assert a.sender_key_secret() == b.sender_key_secret()
+
+
+@pytest.mark.parametrize("handshake", list(Handshake))
+def test_leave_by_proposal(handshake: Handshake) -> None:
+    sk = keys(1, 2, 3)
+    a = MlsGroup.create(1, sk[1], handshake=handshake)
+    kb, kc = build_key_package(2, sk[2]), build_key_package(3, sk[3])
+    out = a.add([kb.key_package, kc.key_package])
+    a.process(out.commit)
+    b = MlsGroup.join(out.welcomes[2], kb, handshake=handshake)
+    c = MlsGroup.join(out.welcomes[3], kc, handshake=handshake)
+    leave = c.propose_leave()
+    for g in (a, b, c):  # the log delivers it to everyone, its sender included
+        assert g.process(leave).kind == "proposal"
+    commit = b.commit_pending_proposals()
+    assert c.process(commit.commit).removed_self
+    assert a.process(commit.commit).removed == (3,)
+    assert b.process(commit.commit).kind == "own_commit"
+    assert a.sender_key_secret() == b.sender_key_secret()
