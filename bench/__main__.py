@@ -7,12 +7,13 @@ import os
 import platform
 from collections.abc import Callable
 
-from . import crypto, frames
+from . import crypto, frames, mls
 from .common import Figure, print_table
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "crypto": crypto.run,
     "frames": frames.run,
+    "mls": mls.run,
 }
 
 

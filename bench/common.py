@@ -16,6 +16,7 @@ class Figure:
     target: str  # the DESIGN target, as text ("-" if none)
     limit_name: str  # what the ratio is held against
     limit_value: float
+    decimals: int = 0  # digits after the point when printing value and limit
 
     @property
     def ratio(self) -> float:
@@ -47,9 +48,9 @@ def print_table(figures: list[Figure]) -> None:
     rows = [
         (
             f.name,
-            f"{f.value:,.0f} {f.unit}",
+            f"{f.value:,.{f.decimals}f} {f.unit}",
             f.target,
-            f"{f.limit_name} = {f.limit_value:,.0f} {f.unit}",
+            f"{f.limit_name} = {f.limit_value:,.{f.decimals}f} {f.unit}",
             f"{f.ratio:.2f}",
         )
         for f in figures

@@ -18,6 +18,7 @@ Corrections and gap fills so far (numbers as in shared/notes/mls-library-evaluat
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import importlib.metadata
 import inspect
@@ -177,6 +178,9 @@ _AUDITED_SOURCES = {
     "KeySchedule.export": "0a6503756d7ce849620fa7efb16d191f8ac28f65d71d068e4af1bf50319ea107",
     "MLSGroup.export_secret": "f7c8e699a33468c8b927943cb71e9f95cb2987c964f1b38ff73db465567053ee",
     "MLSGroup.from_welcome": "34adb3223327f566e48da0f5ffade25aa45713df4246b6399ac364865700b524",
+    "RatchetTree._compute_parent_hash_for_leaf": (
+        "2f8cded30df664f35670484265c3aa4585babeacd765f1d87e78500737146b6a"
+    ),
     # Send-side corrections (corrections.py) and the flows group.py drives.
     "RatchetTree.create_update_path": (
         "ec71f6020b738e3e4a3bb5d0d19bfe8ac0cf523c5a118cfe9d20765335cf2c5d"
@@ -315,6 +319,38 @@ def _psk_value(psks: Mapping[bytes, bytes], pid: PreSharedKeyID) -> bytes | None
     return psks.get(pid.psk_id)
 
 
+# from_welcome also demands that every leaf's stored parent_hash equal one recomputed from its
+# current direct path. RFC 9420 §7.9.2 asks only that each parent node be parent-hash valid
+# (verify_parent_hash_chains, which from_welcome runs too): a later commit legitimately
+# rewrites nodes on an earlier committer's path, so valid trees were rejected after two
+# updates by different members. While joining, the per-leaf check compares the leaf with
+# itself; the chain check still covers every parent node.
+_WELCOME_LEAF_PARENT_HASH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "welcome_leaf_parent_hash", default=False
+)
+_library_leaf_parent_hash = RatchetTree._compute_parent_hash_for_leaf
+
+
+def _leaf_parent_hash(self: RatchetTree, leaf_index: int) -> bytes:
+    if _WELCOME_LEAF_PARENT_HASH.get():
+        node = self.get_node(leaf_index * 2).leaf_node
+        if node is not None and node.parent_hash:
+            return bytes(node.parent_hash)
+    return _library_leaf_parent_hash(self, leaf_index)
+
+
+def _correct_welcome_leaf_check() -> None:
+    if getattr(RatchetTree._compute_parent_hash_for_leaf, "_kalandra_corrected", False):
+        return
+    _require_audited(MLSGroup.from_welcome, "Welcome leaf parent_hash check")
+    _require_audited(RatchetTree._compute_parent_hash_for_leaf, "Welcome leaf parent_hash check")
+    _leaf_parent_hash._kalandra_corrected = True  # type: ignore[attr-defined]
+    RatchetTree._compute_parent_hash_for_leaf = _leaf_parent_hash  # type: ignore[method-assign]
+
+
+_correct_welcome_leaf_check()
+
+
 def join_from_welcome(
     crypto: CryptoProvider,
     welcome: Welcome,
@@ -328,14 +364,18 @@ def join_from_welcome(
     """Join from a Welcome; ``ratchet_tree`` is the tree when it is not in the GroupInfo."""
     _require_audited(MLSGroup.from_welcome, "out-of-band ratchet tree join")
     known = dict(psks or {})
-    group = MLSGroup.from_welcome(
-        welcome=welcome,
-        hpke_private_key=init_priv,
-        crypto_provider=crypto,
-        key_package=key_package,
-        welcome_psk_resolver=lambda pid: _psk_value(known, pid),
-        encryption_private_key=encryption_priv,
-    )
+    token = _WELCOME_LEAF_PARENT_HASH.set(True)
+    try:
+        group = MLSGroup.from_welcome(
+            welcome=welcome,
+            hpke_private_key=init_priv,
+            crypto_provider=crypto,
+            key_package=key_package,
+            welcome_psk_resolver=lambda pid: _psk_value(known, pid),
+            encryption_private_key=encryption_priv,
+        )
+    finally:
+        _WELCOME_LEAF_PARENT_HASH.reset(token)
     if ratchet_tree is not None:
         if group._ratchet_tree.n_leaves != 0:
             raise ValueError("ratchet tree given twice (GroupInfo extension and out of band)")

@@ -29,10 +29,8 @@ from rfc9420.group.mls_group.processing import PendingCommit as LibPendingCommit
 from rfc9420.messages.data_structures import (
     AddProposal,
     Commit,
-    Credential,
     ExternalInitProposal,
     GroupInfo,
-    ProposalOrRefType,
     RemoveProposal,
     Sender,
     SenderType,
@@ -45,14 +43,11 @@ from rfc9420.messages.messages import (
     MLSMessage,
     MLSPlaintext,
     WireFormat,
-    attach_membership_tag,
-    protect_content_handshake,
-    sign_authenticated_content,
 )
 from rfc9420.messages.refs import make_key_package_ref
 
 from ..crypto import sealed
-from . import corrections
+from . import corrections, framing
 from ._lib import crypto_for_suite, join_from_welcome
 from .errors import (
     GroupInactive,
@@ -62,13 +57,13 @@ from .errors import (
     PendingCommitExists,
     WrongEpoch,
 )
+from .framing import external_remove_proposal
 from .keypackage import (
     SUITE_X25519_AES128GCM,
     KeyPackageBundle,
     build_key_package,
     key_package_member_id,
     member_id_of,
-    member_identity,
     parse_key_package,
     signature_public_key,
 )
@@ -132,6 +127,7 @@ class MlsGroup:
         signing_key: bytes,
         suite: int,
         handshake: Handshake = Handshake.PUBLIC,
+        snapshot: bytes | None = None,
     ) -> None:
         self._lib = lib
         self.member_id = member_id
@@ -140,7 +136,8 @@ class MlsGroup:
         self.handshake = handshake
         self._pending: _Pending | None = None
         self._active = True
-        self._snapshot = lib.to_bytes()
+        # The rollback point and saved state; callers that just loaded ``lib`` pass its bytes.
+        self._snapshot = snapshot if snapshot is not None else lib.to_bytes()
         self._handshakes_epoch = -1
         self._handshakes_sent = 0
 
@@ -167,7 +164,12 @@ class MlsGroup:
         extensions = b""
         if external_senders:
             extensions = serialize_extensions(
-                [Extension(ExtensionType.EXTERNAL_SENDERS, _external_senders(external_senders))]
+                [
+                    Extension(
+                        ExtensionType.EXTERNAL_SENDERS,
+                        framing.external_senders_extension(external_senders),
+                    )
+                ]
             )
         lib = LibGroup.create(
             group_id or os.urandom(16),
@@ -544,110 +546,25 @@ class MlsGroup:
         )
 
     def _removed_leaves(self, commit: Commit) -> set[int]:
-        leaves: set[int] = set()
-        for por in commit.proposals:
-            if por.typ == ProposalOrRefType.PROPOSAL and isinstance(por.proposal, RemoveProposal):
-                leaves.add(por.proposal.removed)
-            elif por.typ == ProposalOrRefType.REFERENCE and por.reference is not None:
-                cached = self._lib._proposal_cache.get(por.reference)
-                if cached is not None and isinstance(cached[0], RemoveProposal):
-                    leaves.add(cached[0].removed)
-        return leaves
+        return framing.removed_leaves(self._lib, commit)
 
     def _external_committer(self, plaintext: MLSPlaintext, commit: Commit) -> MLSPlaintext:
-        """Defect 7: put the new_member_commit sender at the leaf it will occupy.
-
-        The sender's leaf index is not on the wire for new_member_commit (so the signature is
-        unaffected); the joiner takes the leftmost blank leaf after this commit's Removes, or a
-        new leaf past the end, exactly where its own ``add_leaf`` put it.
-        """
-        tree = self._lib._ratchet_tree
-        blank = set(self._removed_leaves(commit))
-        blank.update(i for i in range(tree.n_leaves) if tree.get_node(i * 2).leaf_node is None)
-        index = min(blank) if blank else tree.n_leaves
-        if index == tree.n_leaves:
-            # Grow the tree the way the joiner's add_leaf did; the path merge replaces the leaf.
-            if commit.path is None:
-                raise InvalidMlsMessage("external commit without an UpdatePath")
-            from rfc9420.messages.key_packages import LeafNode
-
-            tree.add_leaf(KeyPackage(leaf_node=LeafNode.deserialize(commit.path.leaf_node)))
-        auth = plaintext.auth_content
-        fixed_sender = Sender(index, SenderType.NEW_MEMBER_COMMIT)
-        framed = auth.tbs.framed_content
-        object.__setattr__(framed, "sender", fixed_sender)
-        return plaintext
+        return framing.place_external_committer(self._lib, plaintext, commit)
 
     def _protect(self, plaintext: MLSPlaintext) -> bytes:
-        """Encrypt our signed handshake content as a PrivateMessage under this epoch's keys.
-
-        The handshake ratchet position is not part of the library's saved state, so we count
-        the handshake messages we sent in this epoch ourselves: a generation is never reused,
-        not even across a restart.
-        """
-        lib = self._lib
-        assert lib._key_schedule is not None
-        assert lib._secret_tree is not None
+        # The handshake ratchet position is not in the library's saved state, so we count the
+        # handshake messages sent this epoch ourselves: no generation is ever reused.
         epoch = self.epoch
         sent = self._handshakes_sent if self._handshakes_epoch == epoch else 0
-        for _ in range(sent):
-            lib._secret_tree.next_handshake(self.own_leaf_index)
-        auth = plaintext.auth_content
-        framed = auth.tbs.framed_content
-        ciphertext = protect_content_handshake(
-            group_id=framed.group_id,
-            epoch=framed.epoch,
-            sender_leaf_index=self.own_leaf_index,
-            authenticated_data=framed.authenticated_data,
-            content=framed.content,
-            signature=auth.signature,
-            key_schedule=lib._key_schedule,
-            secret_tree=lib._secret_tree,
-            crypto=lib._crypto_provider,
-            confirmation_tag=auth.confirmation_tag,
-            content_type=framed.content_type,
-        )
+        data = framing.protect(self._lib, plaintext, self.own_leaf_index, already_sent=sent)
         self._handshakes_epoch, self._handshakes_sent = epoch, sent + 1
-        return MLSMessage.from_private_message(ciphertext).serialize()
+        return data
 
     def _unprotect(self, msg: MLSMessage) -> MLSPlaintext:
-        """Defect 9: a PrivateMessage handshake, authenticated by AEAD and signature, gets the
-        membership tag the library insists on before process_commit/process_proposal."""
-        from rfc9420.messages.messages import (
-            AuthenticatedContent,
-            AuthenticatedContentTBS,
-            FramedContent,
-            MLSCiphertext,
-            unprotect_content_handshake,
-        )
-
-        lib = self._lib
         ct = msg.get_parsed_content()
-        assert isinstance(ct, MLSCiphertext)
-        if ct.epoch != self.epoch:
-            raise WrongEpoch(self.epoch, ct.epoch)
-        assert lib._key_schedule is not None
-        assert lib._group_context is not None
-        sender, content, auth = unprotect_content_handshake(
-            ct, lib._key_schedule, lib._secret_tree, lib._crypto_provider
-        )
-        framed = FramedContent(
-            group_id=ct.group_id,
-            epoch=ct.epoch,
-            sender=Sender(sender, SenderType.MEMBER),
-            authenticated_data=ct.authenticated_data,
-            content_type=ct.content_type,
-            content=content,
-        )
-        tbs = AuthenticatedContentTBS(
-            wire_format=WireFormat.PRIVATE_MESSAGE,
-            framed_content=framed,
-            group_context=lib._group_context.serialize(),
-        )
-        plaintext = MLSPlaintext(AuthenticatedContent(tbs=tbs, auth=auth, membership_tag=None))
-        return attach_membership_tag(
-            plaintext, lib._key_schedule.membership_key, lib._crypto_provider
-        )
+        if getattr(ct, "epoch", None) != self.epoch:
+            raise WrongEpoch(self.epoch, int(getattr(ct, "epoch", -1)))
+        return framing.unprotect(self._lib, msg)
 
     # --- persistence --------------------------------------------------------------------------
 
@@ -691,6 +608,7 @@ class MlsGroup:
             signing_key=state["signing_key"],
             suite=state["suite"],
             handshake=Handshake(state["handshake"]),
+            snapshot=state["group"],
         )
         group._active = state["active"]
         group._handshakes_epoch, group._handshakes_sent = state["handshakes"]
@@ -720,44 +638,6 @@ def _state_after(lib: LibGroup, pending: LibPendingCommit) -> bytes:
     clone._state = lib._state
     corrections.apply_own_commit(clone, pending)
     return clone.to_bytes()
-
-
-def _external_senders(senders: Sequence[tuple[bytes, int]]) -> bytes:
-    from rfc9420.codec.tls import write_opaque_varint
-
-    body = b"".join(
-        write_opaque_varint(key) + Credential(member_identity(member_id), key).serialize()
-        for key, member_id in senders
-    )
-    return write_opaque_varint(body)
-
-
-def external_remove_proposal(
-    *,
-    group_id: bytes,
-    epoch: int,
-    sender_index: int,
-    removed_leaf: int,
-    signing_key: bytes,
-    suite: int = SUITE_X25519_AES128GCM,
-) -> bytes:
-    """A Remove proposal from external sender ``sender_index`` (position in the group's
-    external_senders list), as PublicMessage bytes. Needs no group secret: the server sends it
-    for moderation and any member commits it."""
-    plaintext = sign_authenticated_content(
-        group_id=group_id,
-        epoch=epoch,
-        sender_leaf_index=sender_index,
-        authenticated_data=b"",
-        content_type=ContentType.PROPOSAL,
-        content=RemoveProposal(removed_leaf).serialize(),
-        signing_private_key=signing_key,
-        crypto=crypto_for_suite(suite),
-        group_context=None,
-        wire_format=WireFormat.PUBLIC_MESSAGE,
-        sender_type=SenderType.EXTERNAL,
-    )
-    return MLSMessage.from_public_message(plaintext.auth_content).serialize()
 
 
 __all__ = [

@@ -309,3 +309,19 @@ def test_leave_by_proposal(handshake: Handshake) -> None:
     assert a.process(commit.commit).removed == (3,)
     assert b.process(commit.commit).kind == "own_commit"
     assert a.sender_key_secret() == b.sender_key_secret()
+
+
+def test_join_after_updates_by_different_members() -> None:
+    """Regression: a Welcome whose tree holds an earlier committer's now-stale leaf
+    parent_hash is valid (RFC 9420 §7.9.2 checks parent nodes, not every leaf)."""
+    a, b, c = three_member_group()
+    for committer in (a, b):
+        update = committer.self_update()
+        for g in (a, b, c):
+            g.process(update.commit)
+    kd = build_key_package(4, os.urandom(32))
+    out = c.add([kd.key_package])
+    for g in (a, b, c):
+        g.process(out.commit)
+    d = MlsGroup.join(out.welcomes[4], kd)
+    assert d.sender_key_secret() == a.sender_key_secret()
