@@ -1,6 +1,8 @@
 """The ``kalandra`` command (also ``python -m kalandra_core``).
 
 Subcommands:
+  serve -c CONFIG        run the homeserver
+  admin create-user NAME | issue-token NAME | revoke-token NAME | list-users
   frame decode HEX|-     one frame (hex) -> one JSON object on stdout
   frame encode JSON|-    the JSON shape of ``frame decode`` -> the frame's hex
   db upgrade|current|downgrade REV (--database URL | -c CONFIG)
@@ -14,9 +16,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .proto import Frame, ProtocolError
 from .proto.inspect import frame_from_json, frame_to_json
+from .storage.base import StoreError
 from .storage.urls import DatabaseUrlError
 
 EXIT_USAGE = 2
@@ -56,20 +60,57 @@ def _frame_encode(args: argparse.Namespace) -> int:
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    if args.database:
+    if getattr(args, "database", None):
         return str(args.database)
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import YAMLError
+    from .settings import load_settings
 
-    try:
-        with open(args.config, encoding="utf-8") as fh:
-            config = YAML(typ="safe").load(fh)
-    except YAMLError as exc:
-        raise CliError(f"{args.config}: not valid YAML ({type(exc).__name__})") from None
-    url = (config or {}).get("database", {}).get("url") if isinstance(config, dict) else None
-    if not isinstance(url, str):
-        raise CliError(f"{args.config}: no database.url")
-    return url
+    return load_settings(Path(args.config)).database
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .server.app import serve_forever
+    from .settings import load_settings
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    )
+    settings = load_settings(Path(args.config))
+    ready = Path(args.ready_file) if args.ready_file else None
+    asyncio.run(serve_forever(settings.server, ready_file=ready))
+    return 0
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from .storage.sql import SqlStore
+
+    async def run() -> int:
+        store = await SqlStore.open(_database_url(args))
+        try:
+            if args.admin_command == "create-user":
+                account = await store.create_member(args.name)
+                token = await store.issue_token(account.member_id)
+                print(f"member_id {account.member_id}")
+                print(f"token {token}")
+            elif args.admin_command in ("issue-token", "revoke-token"):
+                found = await store.find_member(args.name)
+                if found is None:
+                    raise CliError(f"no user named {args.name!r}")
+                if args.admin_command == "issue-token":
+                    print(f"token {await store.issue_token(found.member_id)}")
+                else:
+                    count = await store.revoke_tokens(found.member_id)
+                    print(f"revoked {count} token(s) of {args.name}")
+            else:
+                for account in await store.list_members():
+                    bound = "key bound" if account.signature_key else "no device yet"
+                    print(f"{account.member_id}\t{account.name}\t{bound}")
+        finally:
+            await store.close()
+        return 0
+
+    return asyncio.run(run())
 
 
 def _db(args: argparse.Namespace) -> int:
@@ -100,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("json", help="the frame as JSON (the shape decode prints), or - for stdin")
     enc.set_defaults(func=_frame_encode)
 
+    serve = sub.add_parser("serve", help="run the Kalandra homeserver")
+    serve.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    serve.add_argument("--ready-file", help=argparse.SUPPRESS)  # tests: ports once listening
+    serve.set_defaults(func=_serve)
+
+    admin = sub.add_parser("admin", help="accounts and device tokens")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    for name, help_text, takes_name in (
+        ("create-user", "create an account; prints its member id and a device token", True),
+        ("issue-token", "print a new device token for an account", True),
+        ("revoke-token", "revoke every device token of an account", True),
+        ("list-users", "list accounts", False),
+    ):
+        p = admin_sub.add_parser(name, help=help_text)
+        if takes_name:
+            p.add_argument("name")
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("--database", help="sqlite:///FILE or postgresql://...")
+        where.add_argument("-c", "--config", help="read database.url from this config file")
+        p.set_defaults(func=_admin)
+
     db = sub.add_parser("db", help="database schema migrations")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     for name, help_text in (
@@ -123,6 +185,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CliError, ProtocolError, DatabaseUrlError, OSError) as exc:
+    except (CliError, ProtocolError, DatabaseUrlError, StoreError, OSError, ValueError) as exc:
         print(f"kalandra: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

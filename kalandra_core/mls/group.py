@@ -306,6 +306,11 @@ class MlsGroup:
         return self._lib.get_epoch_authenticator()
 
     @property
+    def pending_proposals(self) -> int:
+        """Proposals received this epoch and not yet committed."""
+        return len(self._lib._pending_proposals)
+
+    @property
     def has_pending_commit(self) -> bool:
         return self._pending is not None
 

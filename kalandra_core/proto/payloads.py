@@ -105,16 +105,25 @@ class RawPayload(Payload):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(StructPayload):
+    """``signature_key`` (ours, ignored by the reference): the device's Ed25519 key, bound to
+    the account the first time its token is used; every frame it sends is signed with it."""
+
     version: int = wire(UInt(8), default=PROTOCOL_VERSION)
     capabilities: list[str] = wire(ListOf(Text()), default_factory=list)
     auth_token: bytes | None = wire(Bytes(), optional=True)
+    signature_key: bytes | None = wire(Bytes(32), optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply(StructPayload):
+    """``member_id`` and ``server_key`` are ours: who the token authenticated, and the server's
+    Ed25519 key (the external sender of its moderation Remove proposals)."""
+
     session_id: int = wire(UInt(64))
     capabilities: list[str] = wire(ListOf(Text()), default_factory=list)
     challenge: bytes | None = wire(Bytes(), optional=True)
+    member_id: int | None = wire(UInt(64), optional=True)
+    server_key: bytes | None = wire(Bytes(32), optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,8 +133,13 @@ class Goodbye(StructPayload):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SyncRequest(StructPayload):
+    """By log index (reference); with ``from_epoch``/``to_epoch`` (ours) only the commits that
+    moved the room from ``from_epoch`` to ``to_epoch`` are returned."""
+
     from_log_index: int = wire(UInt(64))
     limit: int = wire(UInt(64), absent=DEFAULT_SYNC_LIMIT, default=DEFAULT_SYNC_LIMIT)
+    from_epoch: int | None = wire(UInt(64), optional=True)
+    to_epoch: int | None = wire(UInt(64), optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +190,17 @@ class CommitData(StructPayload):
     new_epoch: int = wire(UInt(64))
     tree_hash: bytes = wire(Bytes(32))
     is_external: bool = wire(Bool())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupInfoData(StructPayload):
+    """Ours (the reference defines the GroupInfo opcode without a payload): a GroupInfo
+    (MLSMessage bytes) that creates a room when the room id is new, with its settings."""
+
+    group_info: bytes = wire(Bytes())
+    handshake: str | None = wire(Text(), optional=True)  # "public" (default) or "private"
+    name: str | None = wire(Text(), optional=True)
+    topic: str | None = wire(Text(), optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,6 +265,14 @@ class Ban(StructPayload):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Unban(StructPayload):
+    """Ours: the reference defines the Unban opcode without a payload."""
+
+    user_id: int = wire(UInt(64))
+    moderator_id: int = wire(UInt(64))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Kick(StructPayload):
     user_id: int = wire(UInt(64))
     reason: str = wire(Text())
@@ -259,6 +292,7 @@ STRUCT_PAYLOADS: Final[dict[int, type[StructPayload]]] = {
     Opcode.APP_REACTION: Reaction,
     Opcode.REDACT: Redact,
     Opcode.BAN: Ban,
+    Opcode.UNBAN: Unban,
     Opcode.KICK: Kick,
 }
 
@@ -268,6 +302,7 @@ MLS_WRAPPERS: Final[dict[int, type[StructPayload]]] = {
     Opcode.PROPOSAL: ProposalData,
     Opcode.COMMIT: CommitData,
     Opcode.WELCOME: WelcomeData,
+    Opcode.GROUP_INFO: GroupInfoData,
 }
 
 EMPTY_PAYLOADS: Final = frozenset({Opcode.PING, Opcode.PONG})

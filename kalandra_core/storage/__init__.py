@@ -1,1 +1,44 @@
-"""Persistence: database URLs and schema migrations (the Store itself arrives with the server)."""
+"""Persistence: the homeserver's :class:`Store` (interface and records in ``base``), its SQL
+implementation :class:`SqlStore` for SQLite and PostgreSQL (``sql``, ``sql_log``, tables in
+``schema``), database URLs (``urls``) and schema migrations (``migrations``; the history itself
+lives in ``alembic/``)."""
+
+from .base import (
+    AlreadyExists,
+    AppendConflict,
+    Ban,
+    Handshake,
+    LogEntry,
+    MemberAccount,
+    NotFound,
+    Role,
+    Room,
+    RoomChanges,
+    RoomMember,
+    RoomState,
+    Store,
+    StoredFrame,
+    StoreError,
+    Welcome,
+)
+from .sql import SqlStore
+
+__all__ = [
+    "AlreadyExists",
+    "AppendConflict",
+    "Ban",
+    "Handshake",
+    "LogEntry",
+    "MemberAccount",
+    "NotFound",
+    "Role",
+    "Room",
+    "RoomChanges",
+    "RoomMember",
+    "RoomState",
+    "SqlStore",
+    "Store",
+    "StoreError",
+    "StoredFrame",
+    "Welcome",
+]

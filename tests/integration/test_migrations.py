@@ -17,7 +17,9 @@ async def _tables_sqlite(url: str) -> set[str]:
     path = url.removeprefix("sqlite:///")
     with sqlite3.connect(path) as conn:
         rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
-    return {r[0] for r in rows}
+    # sqlite_* tables are SQLite's own bookkeeping (AUTOINCREMENT's sqlite_sequence cannot be
+    # dropped); they are not part of our schema.
+    return {r[0] for r in rows if not r[0].startswith("sqlite_")}
 
 
 async def _tables_pg(url: str) -> set[str]:

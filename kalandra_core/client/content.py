@@ -1,0 +1,60 @@
+"""What travels inside an encrypted AppMessage: a small CBOR map.
+
+``{"type": "text", "body": str}`` plus optional ``format``/``formatted_body`` (HTML), a
+``reply_to`` log index, ``edit_of`` log index, and a ``notice``/``emote`` kind. Unknown keys are
+kept (forward compatible); a payload that is not such a map is shown as an undecodable message
+rather than dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+KINDS = frozenset({"text", "notice", "emote"})
+
+
+@dataclass(frozen=True, slots=True)
+class Content:
+    body: str
+    kind: str = "text"
+    formatted_body: str | None = None  # HTML
+    reply_to: int | None = None
+    edit_of: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        data: dict[str, Any] = {"type": self.kind, "body": self.body}
+        if self.formatted_body is not None:
+            data["format"] = "html"
+            data["formatted_body"] = self.formatted_body
+        if self.reply_to is not None:
+            data["reply_to"] = self.reply_to
+        if self.edit_of is not None:
+            data["edit_of"] = self.edit_of
+        data.update({k: v for k, v in self.extra.items() if k not in data})
+        return cbor2.dumps(data)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Content:
+        try:
+            obj = cbor2.loads(data)
+        except Exception:
+            return cls(body="(undecodable message)", kind="notice")
+        if not isinstance(obj, dict) or not isinstance(obj.get("body"), str):
+            return cls(body="(undecodable message)", kind="notice")
+        kind = obj.get("type") if obj.get("type") in KINDS else "text"
+        known = {"type", "body", "format", "formatted_body", "reply_to", "edit_of"}
+        formatted = obj.get("formatted_body")
+        reply_to = obj.get("reply_to")
+        edit_of = obj.get("edit_of")
+        return cls(
+            body=obj["body"],
+            kind=str(kind),
+            formatted_body=formatted if isinstance(formatted, str) else None,
+            reply_to=reply_to if isinstance(reply_to, int) else None,
+            edit_of=edit_of if isinstance(edit_of, int) else None,
+            extra={k: v for k, v in obj.items() if k not in known and isinstance(k, str)},
+        )

@@ -1,0 +1,527 @@
+"""The native client, sans-IO: commands in, frames and events out; frames in, events out.
+
+The epoch rules of DESIGN section 3, as this core keeps them:
+
+1. The epoch comes only from our MLS state; server replies never set it.
+2. Every frame we send carries our MLS epoch; the server checks it.
+3. StaleEpoch on a message: catch up from the log (sync from the last log index we applied),
+   process the missing commits, re-encrypt and resend, up to 3 attempts, without surfacing an
+   error. A commit of ours that lost the race is discarded and rebuilt on the new epoch.
+4. Opening a room or reconnecting always syncs from the last applied log index.
+5. Our own commit, echoed back by the sequencer, is merged, never reprocessed.
+6. Welcomes of a commit go out only after that commit is in the log.
+
+Room frames are applied strictly in log order: a frame that arrives early (QUIC delivers server
+frames on independent streams) waits, and a gap triggers a sync.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+
+from nacl.signing import SigningKey
+
+from ..crypto import SenderKeyError
+from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
+from ..mls.group import Handshake, MlsGroup
+from ..mls.keypackage import KeyPackageBundle, build_key_package
+from ..proto import (
+    Ban,
+    EncryptedMessage,
+    ErrorCode,
+    ErrorPayload,
+    Frame,
+    FrameHeader,
+    GroupInfoData,
+    Hello,
+    HelloReply,
+    Kick,
+    Opcode,
+    Payload,
+    PayloadDecodeError,
+    RawPayload,
+    Redact,
+    SyncRequest,
+    SyncResponse,
+    Unban,
+    decode_payload,
+    sign_header,
+    verify_header,
+)
+from ..proto.hlc import HybridClock
+from . import events as ev
+from .content import Content
+from .room import ClientRoom, Pending
+
+MAX_ATTEMPTS = 3
+SYNC_PAGE = 500
+SERVER_SENDER = 0
+_REQUEST_SPACE = 1 << 31
+
+
+class ClientCore:
+    def __init__(
+        self,
+        member_id: int,
+        signing_key: bytes,
+        *,
+        clock: Callable[[], float] = time.time,
+        handshake: Handshake = Handshake.PUBLIC,
+    ) -> None:
+        self.member_id = member_id
+        self.signing_key = bytes(signing_key)
+        self._signer = SigningKey(self.signing_key)
+        self.clock = clock
+        self.handshake = handshake
+        self.rooms: dict[bytes, ClientRoom] = {}
+        self.bundles: dict[bytes, KeyPackageBundle] = {}  # KeyPackageRef -> bundle
+        self.outbox: dict[int, Pending] = {}
+        self.server_key: bytes | None = None
+        self.session_id: int | None = None
+        self._hlc = HybridClock()
+        self._next_request = secrets.randbelow(_REQUEST_SPACE) + 1
+
+    # --- frames out ----------------------------------------------------------------------------
+
+    def _request_id(self) -> int:
+        rid = self._next_request
+        self._next_request = rid + 1 if rid + 1 < (1 << 32) else 1
+        return rid
+
+    def _frame(
+        self,
+        opcode: int,
+        payload: Payload | bytes,
+        *,
+        room: ClientRoom | None = None,
+        room_int: int = 0,
+        context_id: int = 0,
+        epoch: int | None = None,
+        request_id: int | None = None,
+        sign: bool = True,
+    ) -> tuple[int, bytes]:
+        rid = self._request_id() if request_id is None else request_id
+        header = FrameHeader(
+            opcode,
+            request_id=rid,
+            room_id=room.room_int if room is not None else room_int,
+            sender_id=self.member_id,
+            context_id=context_id,
+            hlc_timestamp=self._hlc.tick(int(self.clock() * 1000)),
+            epoch=(room.epoch if room is not None else 0) if epoch is None else epoch,
+        )
+        frame = Frame.build(header, payload)
+        if sign:
+            sign_header(frame.header, self._signer)
+        return rid, frame.encode()
+
+    def hello(self, token: str) -> bytes:
+        hello = Hello(auth_token=token.encode(), signature_key=bytes(self._signer.verify_key))
+        return self._frame(Opcode.HELLO, hello, sign=False)[1]
+
+    def hello_reply(self, reply: HelloReply) -> None:
+        self.session_id = reply.session_id
+        self.server_key = reply.server_key
+
+    def resync_all(self) -> list[ev.Event]:
+        """After (re)connecting: catch up every room from its last applied log index."""
+        out: list[ev.Event] = []
+        for pending in self.outbox.values():
+            pending.awaiting_sync = True  # sent before the drop? the log will tell
+        for room in self.rooms.values():
+            if room.active:
+                room.syncing = False
+                out += self._sync(room)
+        return out
+
+    # --- commands --------------------------------------------------------------------------
+
+    def create_room(
+        self, *, name: str = "", topic: str = "", handshake: Handshake | None = None
+    ) -> tuple[bytes, int, bytes]:
+        """A new room (room id, request id, GroupInfo frame); usable once the server acks it."""
+        mode = handshake or self.handshake
+        senders = [(self.server_key, 0)] if self.server_key else []
+        group = MlsGroup.create(
+            self.member_id, self.signing_key, external_senders=senders, handshake=mode
+        )
+        room_id = os.urandom(16)
+        room = ClientRoom(room_id, group, last_seen=-1)
+        room.anchored = True
+        self.rooms[room_id] = room
+        payload = GroupInfoData(
+            group_info=group.group_info(), handshake=mode.value, name=name, topic=topic
+        )
+        rid, data = self._frame(Opcode.GROUP_INFO, payload, room=room)
+        return room_id, rid, data
+
+    def key_packages(self, count: int) -> list[bytes]:
+        """Fresh KeyPackages to publish; their private parts wait here for a Welcome."""
+        out = []
+        for _ in range(count):
+            bundle = build_key_package(self.member_id, self.signing_key)
+            self.bundles[bundle.ref] = bundle
+            out.append(bundle.key_package)
+        return out
+
+    def send_message(self, room_id: bytes, content: Content) -> tuple[int, bytes]:
+        room = self._room(room_id)
+        rid = self._request_id()
+        pending = Pending(rid, room_id, "message", plaintext=content.encode())
+        self.outbox[rid] = pending
+        return rid, self._encrypt(room, pending)
+
+    def _encrypt(self, room: ClientRoom, pending: Pending) -> bytes:
+        assert pending.plaintext is not None
+        envelope = room.keys.encrypt(pending.plaintext)
+        return self._frame(Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id)[
+            1
+        ]
+
+    def add_members(self, room_id: bytes, key_packages: list[bytes]) -> tuple[int, bytes]:
+        rid = self._request_id()
+        pending = Pending(rid, room_id, "add", key_packages=list(key_packages))
+        return rid, self._commit(pending)
+
+    def remove_members(self, room_id: bytes, member_ids: Iterable[int]) -> tuple[int, bytes]:
+        rid = self._request_id()
+        return rid, self._commit(Pending(rid, room_id, "remove", member_ids=list(member_ids)))
+
+    def self_update(self, room_id: bytes) -> tuple[int, bytes]:
+        rid = self._request_id()
+        return rid, self._commit(Pending(rid, room_id, "update"))
+
+    def _commit(self, pending: Pending) -> bytes:
+        room = self._room(pending.room_id)
+        group = room.group
+        if pending.kind == "add":
+            out = group.add(pending.key_packages)
+        elif pending.kind == "remove":
+            out = group.remove(pending.member_ids)
+        elif pending.kind == "proposals":
+            out = group.commit_pending_proposals()
+        else:
+            out = group.self_update()
+        pending.welcomes = dict(out.welcomes)
+        self.outbox[pending.request_id] = pending
+        return self._frame(
+            Opcode.COMMIT, RawPayload(out.commit), room=room, request_id=pending.request_id
+        )[1]
+
+    def leave(self, room_id: bytes) -> tuple[int, bytes]:
+        room = self._room(room_id)
+        rid = self._request_id()
+        self.outbox[rid] = Pending(rid, room_id, "leave")
+        return rid, self._frame(
+            Opcode.PROPOSAL, RawPayload(room.group.propose_leave()), room=room, request_id=rid
+        )[1]
+
+    def moderate(
+        self, room_id: bytes, action: str, target: int, reason: str = ""
+    ) -> tuple[int, bytes]:
+        """Kick, ban, unban a member, or redact (``target`` = the log index)."""
+        room = self._room(room_id)
+        payload: Payload
+        if action == "kick":
+            payload = Kick(user_id=target, reason=reason, moderator_id=self.member_id)
+            opcode = Opcode.KICK
+        elif action == "ban":
+            payload = Ban(user_id=target, reason=reason, moderator_id=self.member_id)
+            opcode = Opcode.BAN
+        elif action == "unban":
+            payload = Unban(user_id=target, moderator_id=self.member_id)
+            opcode = Opcode.UNBAN
+        elif action == "redact":
+            payload = Redact(message_log_index=target, reason=reason, moderator_id=self.member_id)
+            opcode = Opcode.REDACT
+        else:
+            raise ValueError(f"unknown moderation action {action!r}")
+        rid = self._request_id()
+        self.outbox[rid] = Pending(rid, room_id, "moderation")
+        return rid, self._frame(opcode, payload, room=room, request_id=rid)[1]
+
+    def _room(self, room_id: bytes) -> ClientRoom:
+        room = self.rooms.get(room_id)
+        if room is None or not room.active:
+            raise KeyError(f"not in room {room_id.hex()}")
+        return room
+
+    # --- frames in ---------------------------------------------------------------------------
+
+    def receive(self, frame: Frame) -> list[ev.Event]:
+        h = frame.header
+        opcode = h.opcode
+        room = self.rooms.get(h.room_id_bytes) if h.room_id else None
+        if opcode == Opcode.ERROR:
+            return self._error(frame)
+        if opcode == Opcode.SYNC_RESPONSE:
+            return self._sync_response(frame, room)
+        if opcode == Opcode.WELCOME:
+            return self._welcome(frame)
+        if opcode in (Opcode.KEY_PACKAGE, Opcode.GROUP_INFO, Opcode.HELLO_REPLY, Opcode.PONG):
+            out: list[ev.Event] = [ev.Reply(h.request_id, frame)]
+            if opcode == Opcode.GROUP_INFO and room is not None:
+                out.append(ev.StateChanged(room.room_id))
+            return out
+        if opcode in (Opcode.TYPING, Opcode.PRESENCE) or room is None:
+            return []
+        return self._ordered(room, frame)
+
+    def _ordered(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+        index = frame.header.context_id
+        if index <= room.last_seen or not room.active:
+            return []  # already applied (a duplicate, or an echo we synced first)
+        if not room.anchored or index != room.last_seen + 1:
+            room.ahead[index] = frame
+            return self._sync(room)
+        out = self._apply(room, frame)
+        while room.active and room.last_seen + 1 in room.ahead:
+            out += self._apply(room, room.ahead.pop(room.last_seen + 1))
+        room.ahead = {i: f for i, f in room.ahead.items() if i > room.last_seen}
+        return out
+
+    def _apply(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+        h = frame.header
+        room.last_seen = h.context_id
+        out: list[ev.Event] = [ev.StateChanged(room.room_id)]
+        pending = self.outbox.pop(h.request_id, None) if h.sender_id == self.member_id else None
+        if pending is not None:
+            out.append(ev.Acked(h.request_id, room.room_id, h.context_id))
+        opcode = h.opcode
+        try:
+            if opcode == Opcode.APP_MESSAGE:
+                out += self._app_message(room, frame)
+            elif opcode == Opcode.COMMIT:
+                out += self._commit_frame(room, frame, pending)
+            elif opcode == Opcode.PROPOSAL:
+                out += self._proposal_frame(room, frame)
+            elif opcode in (Opcode.KICK, Opcode.BAN, Opcode.UNBAN, Opcode.REDACT):
+                out += self._moderation_frame(room, frame)
+        except (MlsError, SenderKeyError, PayloadDecodeError) as exc:
+            out.append(ev.Undecryptable(room.room_id, h.context_id, h.sender_id, str(exc)))
+        return out
+
+    def _app_message(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+        h = frame.header
+        envelope = decode_payload(Opcode.APP_MESSAGE, frame.payload)
+        assert isinstance(envelope, EncryptedMessage)
+        leaf_and_key = room.roster().get(h.sender_id)
+        if leaf_and_key is None or leaf_and_key[0] != envelope.sender_index:
+            raise InvalidMlsMessage("sender is not the member at the envelope's leaf")
+        if not verify_header(h, leaf_and_key[1]):
+            raise InvalidMlsMessage("frame signature does not verify")
+        if h.epoch != envelope.epoch:
+            raise InvalidMlsMessage("frame and envelope epochs differ")
+        plaintext = room.keys.decrypt(envelope)
+        if h.hlc_timestamp:
+            self._hlc.observe(h.hlc_timestamp, int(self.clock() * 1000))
+        stamp = (h.hlc_timestamp >> 22) if h.hlc_timestamp else int(self.clock() * 1000)
+        return [
+            ev.Message(room.room_id, h.sender_id, h.context_id, stamp, Content.decode(plaintext))
+        ]
+
+    def _commit_frame(
+        self, room: ClientRoom, frame: Frame, pending: Pending | None
+    ) -> list[ev.Event]:
+        result = room.group.process(frame.payload)
+        out: list[ev.Event] = []
+        if result.removed_self:
+            room.active = False
+            return [ev.Left(room.room_id, "removed from the group")]
+        room.epoch_moved()
+        out.append(ev.EpochChanged(room.room_id, room.epoch, result.added, result.removed))
+        if pending is not None and result.kind == "own_commit":
+            for recipient, welcome in pending.welcomes.items():
+                out.append(
+                    ev.Outgoing(
+                        self._frame(
+                            Opcode.WELCOME, RawPayload(welcome), room=room, context_id=recipient
+                        )[1]
+                    )
+                )
+        return out + self._retry_after_epoch(room)
+
+    def _proposal_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+        room.group.process(frame.payload)
+        # Someone must commit it: the active member with the smallest id that is not leaving.
+        leaving = {self.member_id} if frame.header.sender_id == self.member_id else set()
+        candidates = [m for m in room.roster() if m not in leaving]
+        if frame.header.sender_id != SERVER_SENDER and frame.header.sender_id in candidates:
+            candidates.remove(frame.header.sender_id)
+        if candidates and min(candidates) == self.member_id and not room.group.has_pending_commit:
+            rid = self._request_id()
+            data = self._commit(Pending(rid, room.room_id, "proposals"))
+            return [ev.Outgoing(data)]
+        return []
+
+    def _moderation_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+        h = frame.header
+        payload = decode_payload(h.opcode, frame.payload)
+        if isinstance(payload, Redact):
+            return [
+                ev.Moderated(
+                    room.room_id,
+                    h.context_id,
+                    "redact",
+                    h.sender_id,
+                    payload.message_log_index,
+                    payload.reason,
+                )
+            ]
+        assert isinstance(payload, Kick | Ban | Unban)
+        action = {Opcode.KICK: "kick", Opcode.BAN: "ban", Opcode.UNBAN: "unban"}[Opcode(h.opcode)]
+        reason = "" if isinstance(payload, Unban) else payload.reason
+        out: list[ev.Event] = [
+            ev.Moderated(room.room_id, h.context_id, action, h.sender_id, payload.user_id, reason)
+        ]
+        if payload.user_id == self.member_id and action in ("kick", "ban"):
+            room.active = False
+            out.append(ev.Left(room.room_id, f"{action}ed by {h.sender_id}: {reason}"))
+        return out
+
+    def _welcome(self, frame: Frame) -> list[ev.Event]:
+        h = frame.header
+        room_id = h.room_id_bytes
+        if h.context_id != self.member_id or (
+            room_id in self.rooms and self.rooms[room_id].active
+        ):
+            return []
+        group = None
+        for ref, bundle in list(self.bundles.items()):
+            try:
+                group = MlsGroup.join(frame.payload, bundle, handshake=self.handshake)
+            except InvalidMlsMessage:
+                continue
+            del self.bundles[ref]  # a KeyPackage is single-use
+            break
+        if group is None:
+            return [
+                ev.Undecryptable(room_id, -1, h.sender_id, "Welcome for none of our KeyPackages")
+            ]
+        room = ClientRoom(room_id, group, last_seen=-1)
+        room.anchored = False
+        self.rooms[room_id] = room
+        # Find the commit that added us; the log after it is ours to read.
+        _rid, data = self._frame(
+            Opcode.SYNC_REQUEST,
+            SyncRequest(from_log_index=0, limit=1, from_epoch=room.epoch - 1, to_epoch=room.epoch),
+            room=room,
+            sign=False,
+        )
+        room.syncing = True
+        return [
+            ev.StateChanged(None),
+            ev.StateChanged(room_id),
+            ev.Joined(room_id, room.epoch),
+            ev.Outgoing(data),
+        ]
+
+    # --- sync and retries ----------------------------------------------------------------------
+
+    def _sync(self, room: ClientRoom) -> list[ev.Event]:
+        if room.syncing or not room.anchored:
+            return []
+        room.syncing = True
+        _rid, data = self._frame(
+            Opcode.SYNC_REQUEST,
+            SyncRequest(from_log_index=room.last_seen + 1, limit=SYNC_PAGE),
+            room=room,
+            sign=False,
+        )
+        return [ev.Outgoing(data)]
+
+    def open_room(self, room_id: bytes) -> list[ev.Event]:
+        """Rule 4: opening a room always syncs from the last applied log index."""
+        room = self._room(room_id)
+        room.syncing = False
+        return self._sync(room)
+
+    def _sync_response(self, frame: Frame, room: ClientRoom | None) -> list[ev.Event]:
+        if room is None:
+            return []
+        response = decode_payload(Opcode.SYNC_RESPONSE, frame.payload)
+        assert isinstance(response, SyncResponse)
+        room.syncing = False
+        out: list[ev.Event] = []
+        if not room.anchored:
+            if not response.frames:
+                return [ev.Undecryptable(room.room_id, -1, 0, "no commit found for our epoch")]
+            anchor = Frame.decode(response.frames[0])
+            room.last_seen = anchor.header.context_id
+            room.anchored = True
+            return [ev.StateChanged(room.room_id), *self._sync(room)]
+        for data in response.frames:
+            try:
+                inner = Frame.decode(data)
+            except PayloadDecodeError:
+                continue
+            out += self._ordered_synced(room, inner)
+            if not room.active:
+                return out
+        if response.has_more or room.ahead:
+            out += self._sync(room)
+        else:
+            out += self._retry_after_epoch(room, sync_done=True)
+        return out
+
+    def _ordered_synced(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+        index = frame.header.context_id
+        if index != room.last_seen + 1:
+            return []
+        out = self._apply(room, frame)
+        room.ahead.pop(index, None)
+        return out
+
+    def _error(self, frame: Frame) -> list[ev.Event]:
+        h = frame.header
+        try:
+            error = decode_payload(Opcode.ERROR, frame.payload)
+        except PayloadDecodeError:
+            error = ErrorPayload(code=int(ErrorCode.FRAME_REJECTED), message="(undecodable error)")
+        assert isinstance(error, ErrorPayload)
+        pending = self.outbox.get(h.request_id)
+        room = self.rooms.get(h.room_id_bytes) if h.room_id else None
+        if pending is None or room is None:
+            return [ev.Failed(h.request_id, h.room_id_bytes, error.code, error.message)]
+        if error.code == ErrorCode.STALE_EPOCH and pending.attempts < MAX_ATTEMPTS:
+            if pending.kind != "message":
+                room.group.discard_pending()
+            pending.awaiting_sync = True
+            pending.stale = True
+            room.syncing = False
+            return self._sync(room)
+        del self.outbox[h.request_id]
+        if pending.kind not in ("message", "moderation", "leave"):
+            room.group.discard_pending()
+        return [ev.Failed(h.request_id, room.room_id, error.code, error.message)]
+
+    def _retry_after_epoch(self, room: ClientRoom, *, sync_done: bool = False) -> list[ev.Event]:
+        """Resend what waited for a catch-up, re-encrypted or rebuilt on the epoch we have now."""
+        if not sync_done:
+            return []
+        out: list[ev.Event] = []
+        for pending in list(self.outbox.values()):
+            if pending.room_id != room.room_id or not pending.awaiting_sync:
+                continue
+            pending.awaiting_sync = False
+            if pending.stale:
+                pending.attempts += 1
+                pending.stale = False
+            try:
+                if pending.kind == "message":
+                    out.append(ev.Outgoing(self._encrypt(room, pending)))
+                elif pending.kind == "proposals" and not room.group.pending_proposals:
+                    del self.outbox[pending.request_id]  # someone else committed them
+                elif pending.kind in ("moderation", "leave"):
+                    del self.outbox[pending.request_id]  # not rebuilt: the user may retry
+                    out.append(ev.Failed(pending.request_id, room.room_id, 0, "not sent; retry"))
+                else:
+                    room.group.discard_pending()
+                    out.append(ev.Outgoing(self._commit(pending)))
+            except (MlsError, ValueError, GroupInactive, WrongEpoch) as exc:
+                del self.outbox[pending.request_id]
+                out.append(ev.Failed(pending.request_id, room.room_id, 0, str(exc)))
+        return out

@@ -1,0 +1,322 @@
+"""The asyncio driver of the native client: connection, reconnects, futures, persistence.
+
+It owns a :class:`ClientCore` and one connection (TCP or QUIC). It turns the core's events into
+effects (send, persist, resolve the awaiting coroutine, queue a message for the application),
+reconnects with exponential backoff and jitter when the connection drops, and on every
+(re)connect syncs every room from its last applied log index and resends its outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..proto import ErrorPayload, Frame, HelloReply, Opcode, ProtocolError, decode_payload
+from ..server.transport import FrameSink
+from . import events as ev
+from .content import Content
+from .core import ClientCore
+from .state import ClientState
+
+log = logging.getLogger("kalandra.client")
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    scheme: str  # "tcp" or "quic"
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> ServerAddress:
+        parts = urlsplit(url if "://" in url else f"tcp://{url}")
+        if parts.scheme not in ("tcp", "quic") or not parts.hostname or not parts.port:
+            raise ValueError("server address must look like tcp://host:port or quic://host:port")
+        return cls(parts.scheme, parts.hostname, parts.port)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+class _Session:
+    """The transport-facing side: frames in, connection loss."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def frame_received(self, frame: Frame) -> None:
+        self.client._frame_received(frame)
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        log.warning("framing error from the server: %s", error)
+
+    def connection_lost(self, reason: str) -> None:
+        self.client._connection_lost(reason)
+
+
+class Client:
+    def __init__(
+        self,
+        core: ClientCore,
+        address: ServerAddress,
+        token: str,
+        *,
+        state: ClientState | None = None,
+        ca_certificate: bytes | None = None,
+        reconnect: bool = True,
+        request_timeout: float = 15.0,
+    ) -> None:
+        self.request_timeout = request_timeout
+        self.core = core
+        self.address = address
+        self._token = token
+        self.state = state
+        self._ca = ca_certificate
+        self._reconnect = reconnect
+        self._sink: FrameSink | None = None
+        self._connected = asyncio.Event()
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        self._closing = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self.messages: asyncio.Queue[ev.Message] = asyncio.Queue()
+        self.events: asyncio.Queue[ev.Event] = asyncio.Queue()  # everything else, for apps
+        self.joined = asyncio.Queue[bytes]()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- connection --------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await asyncio.wait_for(self._open(), self.request_timeout)
+
+    async def _open(self) -> None:
+        from ..server.quic import connect_quic
+        from ..server.tcp import connect_tcp
+
+        self._connected.clear()
+        if self.address.scheme == "quic":
+            sink = await connect_quic(
+                self.address.host,
+                self.address.port,
+                lambda _sink: _Session(self),
+                ca_certificate=self._ca,
+                verify=self._ca is not None,
+            )
+        else:
+            sink = await connect_tcp(
+                self.address.host, self.address.port, lambda _s: _Session(self)
+            )
+        self._sink = sink
+        rid_frame = self.core.hello(self._token)
+        reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
+        payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
+        assert isinstance(payload, HelloReply)
+        self.core.hello_reply(payload)
+        self._connected.set()
+        self._handle(self.core.resync_all())
+
+    def _connection_lost(self, reason: str) -> None:
+        self._sink = None
+        self._connected.clear()
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(ClientError(f"connection lost: {reason}"))
+        self._futures.clear()
+        if self._reconnect and not self._closing and self._reconnect_task is None:
+            self._reconnect_task = asyncio.create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.2
+        try:
+            while not self._closing:
+                await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+                try:
+                    await self.connect()
+                    log.info("reconnected to %s", self.address)
+                    return
+                except (OSError, ClientError, TimeoutError, ConnectionError) as exc:
+                    log.info("reconnect failed (%s); retrying", type(exc).__name__)
+                    delay = min(delay * 2, 30.0)
+        finally:
+            self._reconnect_task = None
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        if self._sink is not None:
+            self._sink.close("client closing")
+        if self.state is not None:
+            self.state.save_all(self.core)
+
+    async def wait_connected(self) -> None:
+        await asyncio.wait_for(self._connected.wait(), self.request_timeout)
+
+    # --- frames ------------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if self._sink is None or not self._sink.send(data):
+            log.debug("not connected; the frame waits in the outbox for the next connect")
+
+    def _request(self, request_id: int, data: bytes) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._futures[request_id] = future
+        self._send(data)
+        return future
+
+    def _frame_received(self, frame: Frame) -> None:
+        if frame.header.opcode == Opcode.HELLO_REPLY or frame.header.opcode == Opcode.PONG:
+            future = self._futures.pop(frame.header.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+            return
+        self._handle(self.core.receive(frame))
+
+    def _handle(self, events: list[ev.Event]) -> None:
+        dirty: set[bytes | None] = set()
+        for event in events:
+            if isinstance(event, ev.Outgoing):
+                self._send(event.frame)
+            elif isinstance(event, ev.Message):
+                self.messages.put_nowait(event)
+            elif isinstance(event, ev.Acked):
+                self._resolve(event.request_id, event.log_index)
+            elif isinstance(event, ev.Failed):
+                self._fail(event.request_id, ClientError(event.message, event.code))
+                self.events.put_nowait(event)
+            elif isinstance(event, ev.Reply):
+                self._reply(event)
+            elif isinstance(event, ev.StateChanged):
+                dirty.add(event.room_id)
+            else:
+                if isinstance(event, ev.Joined):
+                    self.joined.put_nowait(event.room_id)
+                self.events.put_nowait(event)
+        if self.state is not None and dirty:
+            self.state.save(self.core, dirty)
+        if not any(r.syncing for r in self.core.rooms.values()):
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    def _resolve(self, request_id: int, value: Any) -> None:
+        future = self._futures.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(value)
+
+    def _fail(self, request_id: int, error: Exception) -> None:
+        future = self._futures.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
+
+    def _reply(self, event: ev.Reply) -> None:
+        frame = event.frame
+        if frame.header.opcode == Opcode.ERROR:
+            payload = decode_payload(Opcode.ERROR, frame.payload)
+            assert isinstance(payload, ErrorPayload)
+            self._fail(event.request_id, ClientError(payload.message, payload.code))
+        else:
+            self._resolve(event.request_id, frame)
+
+    async def _await(self, request_id: int, data: bytes) -> Any:
+        return await asyncio.wait_for(self._request(request_id, data), self.request_timeout)
+
+    # --- operations ----------------------------------------------------------------------------
+
+    async def create_room(self, name: str = "", topic: str = "") -> bytes:
+        room_id, rid, data = self.core.create_room(name=name, topic=topic)
+        try:
+            await self._await(rid, data)
+        except BaseException:
+            self.core.rooms.pop(room_id, None)
+            raise
+        if self.state is not None:
+            self.state.save(self.core, {room_id})
+        return room_id
+
+    async def publish_key_packages(self, count: int = 5) -> int:
+        stored = 0
+        for kp in self.core.key_packages(count):
+            rid = self.core._request_id()
+            data = self.core._frame(Opcode.KEY_PACKAGE, kp, request_id=rid, sign=False)[1]
+            reply = await self._await(rid, data)
+            stored = reply.header.context_id
+        if self.state is not None:
+            self.state.save(self.core, {None})
+        return stored
+
+    async def fetch_key_package(self, member_id: int) -> bytes:
+        rid = self.core._request_id()
+        data = self.core._frame(
+            Opcode.KEY_PACKAGE, b"", context_id=member_id, request_id=rid, sign=False
+        )[1]
+        reply: Frame = await self._await(rid, data)
+        return reply.payload
+
+    async def invite(self, room_id: bytes, member_ids: list[int]) -> int:
+        """Add members (their KeyPackages from the directory); returns the commit's log index."""
+        packages = [await self.fetch_key_package(m) for m in member_ids]
+        rid, data = self.core.add_members(room_id, packages)
+        return int(await self._await(rid, data))
+
+    async def remove(self, room_id: bytes, member_ids: list[int]) -> int:
+        rid, data = self.core.remove_members(room_id, member_ids)
+        return int(await self._await(rid, data))
+
+    async def self_update(self, room_id: bytes) -> int:
+        rid, data = self.core.self_update(room_id)
+        return int(await self._await(rid, data))
+
+    async def send_text(self, room_id: bytes, text: str) -> int:
+        return await self.send(room_id, Content(body=text))
+
+    async def send(self, room_id: bytes, content: Content) -> int:
+        rid, data = self.core.send_message(room_id, content)
+        return int(await self._await(rid, data))
+
+    async def moderate(self, room_id: bytes, action: str, target: int, reason: str = "") -> int:
+        rid, data = self.core.moderate(room_id, action, target, reason)
+        return int(await self._await(rid, data))
+
+    async def leave(self, room_id: bytes) -> int:
+        rid, data = self.core.leave(room_id)
+        return int(await self._await(rid, data))
+
+    async def sync(self, room_id: bytes) -> None:
+        """Catch up a room now and wait until the log is applied."""
+        self._handle(self.core.open_room(room_id))
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait until no room is in the middle of a sync."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        while any(r.syncing or r.ahead for r in self.core.rooms.values() if r.active):
+            if loop.time() > deadline:
+                raise TimeoutError("rooms did not finish syncing")
+            await asyncio.sleep(0.01)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        while not predicate():
+            if loop.time() > deadline:
+                raise TimeoutError("condition not reached")
+            await asyncio.sleep(0.01)
+
+
+AsyncAction = Callable[[Client], Awaitable[int]]

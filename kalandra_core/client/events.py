@@ -1,0 +1,121 @@
+"""What the sans-IO client core asks its driver to do, and tells its application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..proto import Frame
+from .content import Content
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """Send this frame to the server."""
+
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    room_id: bytes
+    sender_id: int
+    log_index: int
+    timestamp_ms: int
+    content: Content
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """A frame of ours was sequenced at ``log_index`` (None for frames that are not logged)."""
+
+    request_id: int
+    room_id: bytes
+    log_index: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A request of ours failed for good (after transparent retries, where those apply)."""
+
+    request_id: int
+    room_id: bytes
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The server answered a directory or room-creation request (driver futures)."""
+
+    request_id: int
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class EpochChanged:
+    room_id: bytes
+    epoch: int
+    added: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    room_id: bytes
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Left:
+    room_id: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Moderated:
+    room_id: bytes
+    log_index: int
+    action: str  # "kick", "ban", "unban", "redact"
+    moderator_id: int
+    target: int  # member id, or the redacted log index
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Undecryptable:
+    """A logged frame we could not read (reported, never silently dropped)."""
+
+    room_id: bytes
+    log_index: int
+    sender_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StateChanged:
+    """Persist this room (or, with room_id None, the identity and key packages)."""
+
+    room_id: bytes | None
+
+
+Event = (
+    Outgoing
+    | Message
+    | Acked
+    | Failed
+    | Reply
+    | EpochChanged
+    | Joined
+    | Left
+    | Moderated
+    | Undecryptable
+    | StateChanged
+)
+
+
+@dataclass(slots=True)
+class Batch:
+    events: list[Event] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        self.events.append(event)

@@ -1,0 +1,126 @@
+"""One room as a client sees it: its MLS group, its sender keys and its place in the log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from ..crypto import SenderKeyStore
+from ..mls.group import MlsGroup
+from ..proto import Frame
+
+_VERSION = 1
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request of ours that the server has not sequenced yet (the outbox)."""
+
+    request_id: int
+    room_id: bytes
+    kind: str  # "message", "add", "remove", "update", "proposals", "moderation", "leave"
+    attempts: int = 1
+    plaintext: bytes | None = None  # messages: re-encrypted at the new epoch on StaleEpoch
+    key_packages: list[bytes] = field(default_factory=list)  # "add": rebuilt on a new epoch
+    member_ids: list[int] = field(default_factory=list)  # "remove"
+    welcomes: dict[int, bytes] = field(default_factory=dict)  # sent once the commit is logged
+    awaiting_sync: bool = False  # resend after the next catch-up, unless the log shows it
+    stale: bool = False  # the server said StaleEpoch: the resend counts as an attempt
+
+    def to_state(self) -> list[Any]:
+        return [
+            self.request_id,
+            self.room_id,
+            self.kind,
+            self.attempts,
+            self.plaintext,
+            self.key_packages,
+            self.member_ids,
+            self.welcomes,
+        ]
+
+    @classmethod
+    def from_state(cls, s: list[Any]) -> Pending:
+        return cls(s[0], s[1], s[2], s[3], s[4], list(s[5]), list(s[6]), dict(s[7]))
+
+
+class ClientRoom:
+    def __init__(self, room_id: bytes, group: MlsGroup, *, last_seen: int = -1) -> None:
+        self.room_id = room_id
+        self.room_int = int.from_bytes(room_id, "big")
+        self.group = group
+        self.keys = SenderKeyStore(
+            epoch=group.epoch,
+            epoch_secret=group.sender_key_secret(),
+            own_index=group.own_leaf_index,
+            member_indices={m.leaf_index for m in group.members()},
+        )
+        self.last_seen = last_seen  # highest log index applied, in order
+        self.ahead: dict[int, Frame] = {}  # frames that arrived before their predecessors
+        self.syncing = False
+        self.anchored = last_seen >= 0  # joiners first find the commit that added them
+        self.active = True
+        self._roster: dict[int, tuple[int, bytes]] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.group.epoch
+
+    def roster(self) -> dict[int, tuple[int, bytes]]:
+        """member id -> (leaf index, Ed25519 key), cached per epoch."""
+        if self._roster is None:
+            self._roster = {
+                m.member_id: (m.leaf_index, m.signature_key) for m in self.group.members()
+            }
+        return self._roster
+
+    def member_at(self, leaf: int) -> int | None:
+        for member_id, (index, _) in self.roster().items():
+            if index == leaf:
+                return member_id
+        return None
+
+    def epoch_moved(self) -> None:
+        """Call after every commit processed or merged."""
+        self._roster = None
+        if self.group.active and self.group.epoch > self.keys.epoch:
+            self.keys.rekey(
+                epoch=self.group.epoch,
+                epoch_secret=self.group.sender_key_secret(),
+                member_indices={m.leaf_index for m in self.group.members()},
+                own_index=self.group.own_leaf_index,
+            )
+
+    def to_bytes(self) -> bytes:
+        """Secret material: seal it before it is stored."""
+        return cbor2.dumps(
+            {
+                "v": _VERSION,
+                "room_id": self.room_id,
+                "group": self.group.to_bytes(),
+                "keys": self.keys.to_bytes(),
+                "last_seen": self.last_seen,
+                "anchored": self.anchored,
+                "active": self.active,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ClientRoom:
+        state = cbor2.loads(data)
+        if not isinstance(state, dict) or state.get("v") != _VERSION:
+            raise ValueError("not a client room state (or an unknown version)")
+        room = cls.__new__(cls)
+        room.room_id = state["room_id"]
+        room.room_int = int.from_bytes(room.room_id, "big")
+        room.group = MlsGroup.from_bytes(state["group"])
+        room.keys = SenderKeyStore.from_bytes(state["keys"])
+        room.last_seen = state["last_seen"]
+        room.ahead = {}
+        room.syncing = False
+        room.anchored = state["anchored"]
+        room.active = state["active"]
+        room._roster = None
+        return room

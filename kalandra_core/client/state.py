@@ -1,0 +1,131 @@
+"""The client's local state: one SQLite file, every secret sealed under a local key.
+
+Identity (member id, device signing key, token, server), each room (MLS group, sender keys,
+last applied log index), unused KeyPackage bundles and the outbox. The sealing key lives in a
+separate file (mode 0600) beside the database, so a copied database alone reveals nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+import cbor2
+
+from ..crypto import sealed
+from ..mls.keypackage import KeyPackageBundle
+from .core import ClientCore
+from .room import ClientRoom, Pending
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS rooms (room_id BLOB PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS bundles (ref BLOB PRIMARY KEY, bundle BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (request_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+"""
+
+
+class ClientState:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._key = _load_or_create_key(path.with_suffix(".key"))
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- identity --------------------------------------------------------------------------
+
+    def save_identity(
+        self, *, server: str, token: str, member_id: int, signing_key: bytes
+    ) -> None:
+        blob = cbor2.dumps(
+            {"server": server, "token": token, "member_id": member_id, "signing_key": signing_key}
+        )
+        self._put("identity", "key", "login", sealed.seal(self._key, "identity", blob))
+
+    def load_identity(self) -> dict[str, object] | None:
+        row = self._db.execute("SELECT value FROM identity WHERE key = 'login'").fetchone()
+        if row is None:
+            return None
+        data = cbor2.loads(sealed.unseal(self._key, "identity", row[0]))
+        assert isinstance(data, dict)
+        return data
+
+    # --- rooms, bundles, outbox ---------------------------------------------------------------
+
+    def load_into(self, core: ClientCore) -> None:
+        for (blob,) in self._db.execute("SELECT state FROM rooms"):
+            room = ClientRoom.from_bytes(sealed.unseal(self._key, "room", blob))
+            core.rooms[room.room_id] = room
+        for ref, blob in self._db.execute("SELECT ref, bundle FROM bundles"):
+            core.bundles[ref] = KeyPackageBundle.from_bytes(sealed.unseal(self._key, "kp", blob))
+        for (blob,) in self._db.execute("SELECT state FROM outbox"):
+            pending = Pending.from_state(cbor2.loads(sealed.unseal(self._key, "outbox", blob)))
+            core.outbox[pending.request_id] = pending
+
+    def save(self, core: ClientCore, rooms: Iterable[bytes | None]) -> None:
+        """Persist the given rooms (None: bundles) and the whole outbox, in one transaction."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for room_id in rooms:
+                if room_id is None:
+                    db.execute("DELETE FROM bundles")
+                    db.executemany(
+                        "INSERT INTO bundles (ref, bundle) VALUES (?, ?)",
+                        [
+                            (ref, sealed.seal(self._key, "kp", b.to_bytes()))
+                            for ref, b in core.bundles.items()
+                        ],
+                    )
+                    continue
+                room = core.rooms.get(room_id)
+                if room is None:
+                    db.execute("DELETE FROM rooms WHERE room_id = ?", (room_id,))
+                else:
+                    blob = sealed.seal(self._key, "room", room.to_bytes())
+                    db.execute(
+                        "INSERT OR REPLACE INTO rooms (room_id, state) VALUES (?, ?)",
+                        (room_id, blob),
+                    )
+            db.execute("DELETE FROM outbox")
+            db.executemany(
+                "INSERT INTO outbox (request_id, state) VALUES (?, ?)",
+                [
+                    (rid, sealed.seal(self._key, "outbox", cbor2.dumps(p.to_state())))
+                    for rid, p in core.outbox.items()
+                ],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def save_all(self, core: ClientCore) -> None:
+        self.save(core, [None, *core.rooms])
+
+    def _put(self, table: str, key_column: str, key: str, value: bytes) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO {table} ({key_column}, value) VALUES (?, ?)", (key, value)
+        )
+
+
+def _load_or_create_key(path: Path) -> bytes:
+    if path.exists():
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise ValueError(f"{path}: not a 32-byte key")
+        return key
+    key = os.urandom(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key

@@ -1,0 +1,1 @@
+"""The Kalandra homeserver: sessions, per-room sequencers, transports (TCP, QUIC)."""

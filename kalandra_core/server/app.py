@@ -1,0 +1,119 @@
+"""Running a homeserver: storage, keys, certificates, the hub and its listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from ..storage.sql import SqlStore
+from . import tls
+from .config import ServerConfig
+from .hub import Hub
+from .transport import Listener
+
+log = logging.getLogger("kalandra.server")
+
+
+def load_or_create_server_key(path: Path) -> SigningKey:
+    """The server's Ed25519 key (32-byte seed file, mode 0600), created on first start."""
+    if path.exists():
+        seed = path.read_bytes()
+        if len(seed) != 32:
+            raise ValueError(f"{path}: not a 32-byte Ed25519 seed")
+        return SigningKey(seed)
+    key = SigningKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(bytes(key))
+    return key
+
+
+@dataclass(slots=True)
+class RunningServer:
+    hub: Hub
+    store: SqlStore
+    listeners: dict[str, Listener] = field(default_factory=dict)
+
+    @property
+    def tcp_port(self) -> int | None:
+        listener = self.listeners.get("tcp")
+        return None if listener is None else listener.port
+
+    @property
+    def quic_port(self) -> int | None:
+        listener = self.listeners.get("quic")
+        return None if listener is None else listener.port
+
+    async def close(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        await self.hub.stop()
+        for listener in self.listeners.values():
+            await listener.wait_closed()
+        await self.store.close()
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    store = await SqlStore.open(config.database)
+    data = config.data_dir
+    key = load_or_create_server_key(config.server_key or data / "server.key")
+    hub = Hub(store, config, key)
+    hub.start()
+    running = RunningServer(hub, store)
+    buffered = config.limits.send_buffer
+    try:
+        if config.tcp_port is not None:
+            from .tcp import serve_tcp
+
+            running.listeners["tcp"] = await serve_tcp(
+                config.tcp_host, config.tcp_port, hub.session_factory, max_buffered=buffered
+            )
+        if config.quic_port is not None:
+            from .quic import serve_quic
+
+            cert, private = tls.load_or_create(
+                config.certificate or data / "server.crt",
+                config.private_key or data / "server.pem",
+                ["localhost", config.quic_host],
+            )
+            running.listeners["quic"] = await serve_quic(
+                config.quic_host,
+                config.quic_port,
+                hub.session_factory,
+                certificate=cert,
+                private_key=private,
+                max_buffered=buffered,
+                idle_timeout=config.limits.idle_timeout,
+            )
+    except BaseException:
+        await running.close()
+        raise
+    log.info(
+        "kalandra server up: tcp %s, quic %s",
+        running.tcp_port or "off",
+        running.quic_port or "off",
+    )
+    return running
+
+
+async def serve_forever(config: ServerConfig, *, ready_file: Path | None = None) -> None:
+    """Run until SIGINT/SIGTERM. ``ready_file`` gets "tcp_port quic_port" once listening."""
+    running = await start_server(config)
+    if ready_file is not None:
+        ports = f"{running.tcp_port or 0} {running.quic_port or 0}\n"
+        await asyncio.to_thread(ready_file.write_text, ports)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await running.close()

@@ -1,0 +1,374 @@
+"""The server's core: who is connected, which rooms are live, and where each frame goes.
+
+Room frames go to the room's :class:`RoomWorker` (the one writer of its log). The hub itself
+answers what needs no sequencing: room creation from a GroupInfo, sync reads, and the
+KeyPackage directory. Deliveries go to every session of the member ids a decision names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from nacl.signing import SigningKey, VerifyKey
+
+from ..mls._lib import crypto_for_suite
+from ..mls.errors import InvalidMlsMessage
+from ..mls.inspect import inspect_group_info
+from ..mls.keypackage import key_package_member_id, parse_key_package
+from ..proto import (
+    ErrorCode,
+    Frame,
+    KeyPackageData,
+    Opcode,
+    PayloadDecodeError,
+    RawPayload,
+    SyncRequest,
+    SyncResponse,
+    decode_payload,
+)
+from ..proto.hlc import skew_ms
+from ..proto.payloads import GroupInfoData
+from ..storage.base import AlreadyExists, Handshake, Role, Room, RoomMember, Store
+from . import replies
+from .config import ServerConfig
+from .room import RoomSequencer
+from .session import ServerSession
+from .transport import FrameSink
+from .workers import RoomWorker
+
+log = logging.getLogger("kalandra.server")
+
+ROOM_OPCODES = frozenset(
+    {
+        Opcode.APP_MESSAGE,
+        Opcode.APP_RECEIPT,
+        Opcode.APP_REACTION,
+        Opcode.APP_EDIT,
+        Opcode.APP_DELETE,
+        Opcode.TYPING,
+        Opcode.PRESENCE,
+        Opcode.COMMIT,
+        Opcode.PROPOSAL,
+        Opcode.WELCOME,
+        Opcode.REDACT,
+        Opcode.BAN,
+        Opcode.UNBAN,
+        Opcode.KICK,
+    }
+)
+
+
+class Hub:
+    def __init__(
+        self,
+        store: Store,
+        config: ServerConfig,
+        server_key: SigningKey,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.server_key = server_key
+        self.server_public_key = bytes(server_key.verify_key)
+        self.clock = clock
+        self.sessions: dict[int, ServerSession] = {}
+        self.by_member: dict[int, set[ServerSession]] = {}
+        self.rooms: dict[bytes, RoomWorker] = {}
+        self._room_lock = asyncio.Lock()
+        self._keys: dict[int, VerifyKey] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="session-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in list(self.sessions.values()):
+            session.close("server shutting down")
+        for worker in self.rooms.values():
+            await worker.stop()
+
+    def session_factory(self, sink: FrameSink) -> ServerSession:
+        """Transports call this for each new connection."""
+        session = ServerSession(self, sink)
+        if len(self.sessions) >= self.config.limits.max_connections:
+            session.send(replies.error(ErrorCode.QUOTA_EXCEEDED, "too many connections"))
+            session.close("max connections exceeded")
+            return session
+        self.sessions[session.session_id] = session
+        return session
+
+    async def _sweep(self) -> None:
+        limits = self.config.limits
+        while True:
+            await asyncio.sleep(min(5.0, limits.idle_timeout / 4))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if (
+                    not session.authenticated
+                    and now - session.connected_at > limits.handshake_timeout
+                ):
+                    session.close("handshake timeout")
+                elif now - session.last_seen > limits.idle_timeout:
+                    session.close("idle timeout")
+
+    # --- sessions and members ----------------------------------------------------------------
+
+    def session_gone(self, session: ServerSession) -> None:
+        self.sessions.pop(session.session_id, None)
+        peers = self.by_member.get(session.member_id)
+        if peers is not None:
+            peers.discard(session)
+            if not peers:
+                del self.by_member[session.member_id]
+
+    async def session_authenticated(self, session: ServerSession) -> None:
+        self.by_member.setdefault(session.member_id, set()).add(session)
+        for welcome in await self.store.pending_welcomes(session.member_id):
+            if session.send(welcome.frame):
+                await self.store.welcome_delivered(welcome.welcome_id)
+
+    async def signature_key(self, member_id: int) -> VerifyKey | None:
+        key = self._keys.get(member_id)
+        if key is None:
+            account = await self.store.get_member(member_id)
+            if account is None or account.signature_key is None:
+                return None
+            key = self._keys[member_id] = VerifyKey(account.signature_key)
+        return key
+
+    async def bind_signature_key(self, member_id: int, offered: bytes | None) -> bool:
+        """First use of an account binds the device key it offers; later Hellos must match."""
+        account = await self.store.get_member(member_id)
+        if account is None:
+            return False
+        if account.signature_key is None:
+            if offered is None:
+                return False
+            await self.store.set_signature_key(member_id, offered)
+            self._keys[member_id] = VerifyKey(offered)
+            return True
+        return offered is None or offered == account.signature_key
+
+    def clock_skew_ms(self, hlc: int) -> int:
+        return skew_ms(hlc, int(self.clock() * 1000)) if hlc else 0
+
+    def deliver(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
+        for member_id in member_ids:
+            for session in list(self.by_member.get(member_id, ())):
+                session.send(frame)
+
+    def deliver_once(self, member_id: int, frame: bytes) -> bool:
+        delivered = False
+        for session in list(self.by_member.get(member_id, ())):
+            delivered = session.send(frame) or delivered
+        return delivered
+
+    # --- rooms -------------------------------------------------------------------------------
+
+    async def room(self, room_id: bytes) -> RoomWorker | None:
+        worker = self.rooms.get(room_id)
+        if worker is not None:
+            return worker
+        async with self._room_lock:
+            worker = self.rooms.get(room_id)
+            if worker is None:
+                state = await self.store.load_room(room_id)
+                if state is None:
+                    return None
+                worker = RoomWorker(
+                    room_id,
+                    RoomSequencer(state),
+                    self.store,
+                    self,
+                    self.server_key,
+                    batch_max=self.config.limits.batch_max,
+                    clock=self.clock,
+                )
+                await worker.learn_server_sender()
+                worker.start()
+                self.rooms[room_id] = worker
+        return worker
+
+    async def dispatch(self, session: ServerSession, frame: Frame) -> None:
+        h = frame.header
+        opcode = h.opcode
+        room_id = h.room_id_bytes
+        if opcode == Opcode.KEY_PACKAGE:
+            await self._key_package(session, frame)
+            return
+        if opcode == Opcode.SYNC_REQUEST:
+            await self._sync(session, frame)
+            return
+        if h.room_id == 0:
+            session.reject(frame, ErrorCode.ROOM_NOT_FOUND, "room_id is zero")
+            return
+        if opcode == Opcode.GROUP_INFO:
+            worker = await self.room(room_id)
+            if worker is None:
+                await self._create_room(session, frame)
+            else:
+                worker.submit(frame, session)
+            return
+        if opcode not in ROOM_OPCODES:
+            session.reject(frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
+            return
+        worker = await self.room(room_id)
+        if worker is None:
+            session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
+            return
+        worker.submit(frame, session)
+
+    async def _create_room(self, session: ServerSession, frame: Frame) -> None:
+        """A GroupInfo for an unknown room id creates the room, its sender as owner."""
+        h = frame.header
+        try:
+            payload = decode_payload(Opcode.GROUP_INFO, frame.payload)
+            if not isinstance(payload, GroupInfoData):
+                raise PayloadDecodeError("room creation needs a GroupInfoData payload")
+            summary = inspect_group_info(payload.group_info)
+            handshake = Handshake(payload.handshake or "public")
+        except (PayloadDecodeError, InvalidMlsMessage, ValueError) as exc:
+            session.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
+            return
+        creator_key = await self.signature_key(session.member_id)
+        members = summary.members
+        if (
+            len(members) != 1
+            or members[0].member_id != session.member_id
+            or creator_key is None
+            or members[0].signature_key != bytes(creator_key)
+        ):
+            session.reject(
+                frame, ErrorCode.INVALID_COMMIT, "a new room's group must hold just its creator"
+            )
+            return
+        if summary.epoch != h.epoch:
+            session.reject(frame, ErrorCode.INVALID_EPOCH, "frame epoch is not the group's")
+            return
+        room = Room(
+            room_id=h.room_id_bytes,
+            epoch=summary.epoch,
+            next_log_index=0,
+            creator=session.member_id,
+            created_at=int(self.clock() * 1000),
+            handshake=handshake,
+            group_id=summary.group_id,
+            name=payload.name or "",
+            topic=payload.topic or "",
+        )
+        owner = RoomMember(session.member_id, Role.OWNER, members[0].leaf_index)
+        try:
+            await self.store.create_room(room, owner)
+        except AlreadyExists:
+            session.reject(frame, ErrorCode.ALREADY_EXISTS, "room id already taken")
+            return
+        await self.store.put_group_info(room.room_id, summary.epoch, payload.group_info)
+        log.info("room %s created by %d", room.room_id.hex(), session.member_id)
+        session.send(
+            replies.reply(
+                Opcode.GROUP_INFO,
+                b"",
+                request_id=h.request_id,
+                room_id=h.room_id,
+                epoch=summary.epoch,
+            )
+        )
+
+    async def _sync(self, session: ServerSession, frame: Frame) -> None:
+        h = frame.header
+        try:
+            request = decode_payload(Opcode.SYNC_REQUEST, frame.payload)
+        except PayloadDecodeError as exc:
+            session.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
+            return
+        assert isinstance(request, SyncRequest)
+        worker = await self.room(h.room_id_bytes)
+        if worker is None:
+            session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
+            return
+        seq = worker.sequencer
+        member = seq.members.get(session.member_id)
+        if member is None or seq.is_banned(session.member_id, int(self.clock() * 1000)):
+            session.reject(frame, ErrorCode.NOT_AUTHORIZED, "not a member of this room")
+            return
+        limit = max(0, min(request.limit, self.config.limits.sync_max))
+        if request.from_epoch is not None:
+            to_epoch = request.to_epoch if request.to_epoch is not None else seq.epoch
+            stored = await self.store.commits_between(
+                h.room_id_bytes, request.from_epoch, min(to_epoch, request.from_epoch + limit)
+            )
+            has_more = bool(stored) and stored[-1].epoch + 1 < to_epoch
+        else:
+            stored = await self.store.load_frames(h.room_id_bytes, request.from_log_index, limit)
+            last = stored[-1].log_index if stored else request.from_log_index - 1
+            has_more = last + 1 < seq.next_log_index
+        response = SyncResponse(
+            frames=[f.encode() for f in stored], has_more=has_more, server_epoch=seq.epoch
+        )
+        session.send(
+            replies.reply(
+                Opcode.SYNC_RESPONSE,
+                response,
+                request_id=h.request_id,
+                room_id=h.room_id,
+                epoch=seq.epoch,
+            )
+        )
+
+    async def _key_package(self, session: ServerSession, frame: Frame) -> None:
+        """Publish (payload: KeyPackages) or fetch (empty payload, context_id = member)."""
+        h = frame.header
+        if not frame.payload:
+            kp = await self.store.take_key_package(h.context_id)
+            if kp is None:
+                session.reject(frame, ErrorCode.MEMBER_NOT_FOUND, "no KeyPackage for this member")
+                return
+            session.send(
+                replies.reply(
+                    Opcode.KEY_PACKAGE,
+                    RawPayload(kp),
+                    request_id=h.request_id,
+                    context_id=h.context_id,
+                )
+            )
+            return
+        try:
+            payload = decode_payload(Opcode.KEY_PACKAGE, frame.payload)
+            data = (
+                payload.key_package_bytes if isinstance(payload, KeyPackageData) else frame.payload
+            )
+            kp_obj = None
+            for suite in (1, 3):
+                try:
+                    kp_obj = parse_key_package(data, crypto_for_suite(suite))
+                    break
+                except InvalidMlsMessage:
+                    continue
+            if kp_obj is None:
+                raise InvalidMlsMessage("not a valid KeyPackage for a supported cipher suite")
+            owner = key_package_member_id(kp_obj)
+        except (PayloadDecodeError, InvalidMlsMessage) as exc:
+            session.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
+            return
+        key = await self.signature_key(session.member_id)
+        leaf = kp_obj.leaf_node
+        if (
+            owner != session.member_id
+            or key is None
+            or leaf is None
+            or leaf.signature_key != bytes(key)
+        ):
+            session.reject(frame, ErrorCode.NOT_AUTHORIZED, "KeyPackage is not this member's")
+            return
+        count = await self.store.publish_key_packages(session.member_id, [data])
+        session.send(
+            replies.reply(Opcode.KEY_PACKAGE, b"", request_id=h.request_id, context_id=count)
+        )

@@ -1,0 +1,219 @@
+"""One client connection on the server: authentication, keepalive, limits, dispatch.
+
+Frames of one session are handled strictly in arrival order by the session's task. Before a
+room frame reaches its room's sequencer it must come from an authenticated session, name the
+session's member as sender, carry that member's valid Ed25519 signature and fit the rate limit;
+each failure is answered with an Error frame echoing the request id (never silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..proto import (
+    ErrorCode,
+    Frame,
+    Goodbye,
+    Hello,
+    HelloReply,
+    Opcode,
+    PayloadDecodeError,
+    ProtocolError,
+    decode_payload,
+    verify_header,
+)
+from ..proto.payloads import PROTOCOL_VERSION
+from . import replies
+from .ratelimit import TokenBucket
+from .transport import FrameSink
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+log = logging.getLogger("kalandra.server.session")
+_ids = itertools.count(1)
+
+# Opcodes a session answers itself; everything else needs a room or a directory.
+_SESSION_OPCODES = frozenset({Opcode.HELLO, Opcode.PING, Opcode.PONG, Opcode.GOODBYE})
+
+
+class ServerSession:
+    def __init__(self, hub: Hub, sink: FrameSink) -> None:
+        self.hub = hub
+        self.sink = sink
+        self.session_id = next(_ids)
+        self.member_id = 0
+        self.authenticated = False
+        self.closed = False
+        now = time.monotonic()
+        self.connected_at = now
+        self.last_seen = now
+        limits = hub.config.limits
+        self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, now)
+        self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
+
+    # --- transport side -------------------------------------------------------------------
+
+    def frame_received(self, frame: Frame) -> None:
+        self.last_seen = time.monotonic()
+        self._inbox.put_nowait(frame)
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        self.send(replies.error(ErrorCode.INVALID_PAYLOAD, f"framing lost: {error}"))
+        self.close("protocol error")
+
+    def connection_lost(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.hub.session_gone(self)
+        self._inbox.put_nowait(None)
+
+    # --- output ----------------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if not self.sink.send(frame):
+            log.warning("session %d: send buffer full, disconnecting", self.session_id)
+            self.close("slow reader")
+            return False
+        return True
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.hub.session_gone(self)
+            self.sink.close(reason)
+            self._inbox.put_nowait(None)
+
+    async def wait_closed(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    # --- processing ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            frame = await self._inbox.get()
+            if frame is None or self.closed:
+                return
+            try:
+                await self._handle(frame)
+            except Exception:
+                log.exception("session %d: frame handling failed", self.session_id)
+                h = frame.header
+                self.send(
+                    replies.error(
+                        ErrorCode.FRAME_REJECTED,
+                        "internal error",
+                        request_id=h.request_id,
+                        room_id=h.room_id,
+                    )
+                )
+
+    def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None:
+        h = frame.header
+        self.send(replies.error(code, message, request_id=h.request_id, room_id=h.room_id, **kw))
+
+    async def _handle(self, frame: Frame) -> None:
+        h = frame.header
+        limits = self.hub.config.limits
+        wait = self._bucket.take(time.monotonic())
+        if wait > 0:
+            self.reject(
+                frame,
+                ErrorCode.RATE_LIMITED,
+                "rate limit exceeded",
+                retry_after=TokenBucket.retry_after_seconds(wait),
+            )
+            return
+        if h.payload_size > limits.max_payload_size:
+            self.reject(frame, ErrorCode.QUOTA_EXCEEDED, "frame larger than this server takes")
+            return
+        opcode = h.opcode
+        if opcode in _SESSION_OPCODES:
+            await self._session_frame(frame)
+            return
+        if not self.authenticated:
+            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "send Hello with a device token first")
+            return
+        if h.sender_id != self.member_id:
+            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "sender_id is not this session's member")
+            return
+        if opcode not in (Opcode.SYNC_REQUEST, Opcode.KEY_PACKAGE):
+            key = await self.hub.signature_key(self.member_id)
+            if key is None or not verify_header(h, key):
+                self.reject(frame, ErrorCode.INVALID_SIGNATURE, "invalid frame signature")
+                return
+            skew = self.hub.clock_skew_ms(h.hlc_timestamp)
+            if skew > limits.max_clock_skew_ms:
+                self.reject(frame, ErrorCode.FRAME_REJECTED, "hlc timestamp is in the future")
+                return
+        await self.hub.dispatch(self, frame)
+
+    async def _session_frame(self, frame: Frame) -> None:
+        h = frame.header
+        if h.opcode == Opcode.PING:
+            self.send(replies.reply(Opcode.PONG, b"", request_id=h.request_id))
+        elif h.opcode == Opcode.PONG:
+            pass
+        elif h.opcode == Opcode.GOODBYE:
+            self.send(
+                replies.reply(Opcode.GOODBYE, Goodbye(reason="ack"), request_id=h.request_id)
+            )
+            self.close("peer goodbye")
+        else:
+            await self._hello(frame)
+
+    async def _hello(self, frame: Frame) -> None:
+        h = frame.header
+        if self.authenticated:
+            self.reject(frame, ErrorCode.FRAME_REJECTED, "already authenticated")
+            return
+        try:
+            hello = decode_payload(Opcode.HELLO, frame.payload)
+        except PayloadDecodeError as exc:
+            self.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
+            return
+        assert isinstance(hello, Hello)
+        if hello.version != PROTOCOL_VERSION:
+            self.reject(frame, ErrorCode.FRAME_REJECTED, f"unsupported version {hello.version}")
+            return
+        if not hello.auth_token:
+            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "auth_token (a device token) required")
+            return
+        try:
+            token = hello.auth_token.decode("ascii")
+        except UnicodeDecodeError:
+            token = ""
+        member_id = await self.hub.store.authenticate(token) if token else None
+        if member_id is None:
+            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "unknown or revoked device token")
+            self.close("authentication failed")
+            return
+        bound = await self.hub.bind_signature_key(member_id, hello.signature_key)
+        if not bound:
+            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "signature key does not match")
+            self.close("authentication failed")
+            return
+        self.member_id = member_id
+        self.authenticated = True
+        self.send(
+            replies.reply(
+                Opcode.HELLO_REPLY,
+                HelloReply(
+                    session_id=self.session_id,
+                    capabilities=["kalandra-bridge", "errors", "mailbox", "sync-epochs"],
+                    member_id=member_id,
+                    server_key=self.hub.server_public_key,
+                ),
+                request_id=h.request_id,
+            )
+        )
+        await self.hub.session_authenticated(self)

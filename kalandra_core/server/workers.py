@@ -1,0 +1,322 @@
+"""One asyncio task per active room: the single writer of that room's log.
+
+Frames reach a room through its inbox in arrival order. The worker takes what is waiting (up to
+``batch_max``), lets the sans-IO :class:`RoomSequencer` judge each, stores the accepted ones in
+ONE transaction (group commit) and only then fans them out; every rejection becomes an Error
+frame to its sender. A frame that changes the room (commit, moderation) closes its batch, so a
+batch carries at most one set of room changes. If storage fails, the senders of the batch get a
+STORAGE_ERROR and the sequencer is rebuilt from what is durably stored: nothing acknowledged is
+lost and the log keeps no hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ..mls.errors import InvalidMlsMessage
+from ..mls.group import external_remove_proposal
+from ..mls.inspect import inspect_group_info
+from ..proto import ErrorCode, Frame, FrameHeader, Opcode, RawPayload, sign_header
+from ..proto.payloads import GroupInfoData, decode_payload
+from ..storage.base import LogEntry, Role, RoomChanges, RoomMember, Store, StoreError
+from . import replies
+from .room import Accepted, Rejected, RoomSequencer
+
+if TYPE_CHECKING:
+    from nacl.signing import SigningKey
+
+log = logging.getLogger("kalandra.server.room")
+
+
+class Requester(Protocol):
+    """Who sent a frame: the session that will get errors and replies."""
+
+    member_id: int
+
+    def send(self, frame: bytes) -> bool: ...
+
+
+class Fanout(Protocol):
+    def deliver(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None: ...
+
+    def deliver_once(self, member_id: int, frame: bytes) -> bool:
+        """Send to the member's sessions; True if at least one took it."""
+        ...
+
+
+@dataclass(slots=True)
+class _Item:
+    frame: Frame
+    requester: Requester | None  # None for frames the server itself writes
+
+
+class RoomWorker:
+    def __init__(
+        self,
+        room_id: bytes,
+        sequencer: RoomSequencer,
+        store: Store,
+        fanout: Fanout,
+        server_key: SigningKey,
+        *,
+        batch_max: int = 256,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.room_id = room_id
+        self.sequencer = sequencer
+        self._store = store
+        self._fanout = fanout
+        self._server_key = server_key
+        self._batch_max = batch_max
+        self._clock = clock
+        self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._server_sender_index: int | None = None
+        # log index of the commit that moved the room out of each recent epoch
+        self._commit_at: dict[int, int] = {}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"room-{self.room_id.hex()}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def submit(self, frame: Frame, requester: Requester | None) -> None:
+        self._inbox.put_nowait(_Item(frame, requester))
+
+    @property
+    def queued(self) -> int:
+        return self._inbox.qsize()
+
+    async def learn_server_sender(self) -> None:
+        """Whether this group lets the server propose Removes (its key in external_senders)."""
+        stored = await self._store.get_group_info(self.room_id)
+        if stored is None:
+            return
+        try:
+            summary = inspect_group_info(stored[1], verify=False)
+        except InvalidMlsMessage:
+            return
+        key = bytes(self._server_key.verify_key)
+        if key in summary.external_sender_keys:
+            self._server_sender_index = summary.external_sender_keys.index(key)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._inbox.get()
+            batch = [first]
+            while len(batch) < self._batch_max and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            try:
+                await self._process(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("room %s: batch failed", self.room_id.hex())
+                for item in batch:
+                    self._error(item, ErrorCode.SEQUENCER_ERROR, "internal error")
+                await self._reload()
+
+    async def _process(self, batch: list[_Item]) -> None:
+        pending: list[tuple[_Item, Accepted]] = []
+        for item in batch:
+            opcode = item.frame.header.opcode
+            if opcode == Opcode.WELCOME:
+                await self._flush(pending)
+                pending = []
+                await self._welcome(item)
+                continue
+            if opcode == Opcode.GROUP_INFO:
+                await self._flush(pending)
+                pending = []
+                await self._group_info(item)
+                continue
+            decision = self.sequencer.submit(item.frame, int(self._clock() * 1000))
+            if isinstance(decision, Rejected):
+                await self._reject(item, decision)
+                continue
+            if decision.entry is None:  # ephemeral
+                self._fanout.deliver(decision.recipients, decision.frame)
+                continue
+            pending.append((item, decision))
+            if decision.changes is not None or decision.redact is not None:
+                await self._flush(pending)
+                pending = []
+        await self._flush(pending)
+
+    async def _flush(self, pending: list[tuple[_Item, Accepted]]) -> None:
+        if not pending:
+            return
+        entries = [a.entry for _, a in pending if a.entry is not None]
+        changes = pending[-1][1].changes  # only the last frame of a batch may carry changes
+        try:
+            await self._store.append(self.room_id, entries, changes)
+        except StoreError as exc:
+            log.error("room %s: append failed: %s", self.room_id.hex(), type(exc).__name__)
+            for item, _ in pending:
+                self._error(item, ErrorCode.STORAGE_ERROR, "could not store the frame; retry")
+            await self._reload()
+            return
+        for _, accepted in pending:
+            self._fanout.deliver(accepted.recipients, accepted.frame)
+        last = pending[-1][1]
+        if last.changes is not None and last.changes.commit_log_index is not None:
+            self._commit_at[self.sequencer.epoch - 1] = last.changes.commit_log_index
+        if last.redact is not None:
+            await self._store.redact(self.room_id, last.redact)
+        if last.kicked:
+            await self._propose_removals(last.kicked)
+
+    async def _reload(self) -> None:
+        state = await self._store.load_room(self.room_id)
+        if state is not None:
+            self.sequencer = RoomSequencer(state)
+
+    def _error(self, item: _Item, code: ErrorCode, message: str, **kw: int | None) -> None:
+        if item.requester is not None:
+            h = item.frame.header
+            item.requester.send(
+                replies.error(code, message, request_id=h.request_id, room_id=h.room_id, **kw)
+            )
+
+    async def _reject(self, item: _Item, decision: Rejected) -> None:
+        log_index = None
+        if decision.stale_epoch is not None:
+            log_index = await self._commit_index(decision.stale_epoch)
+        if item.requester is not None:
+            h = item.frame.header
+            item.requester.send(
+                replies.error(
+                    decision.code,
+                    decision.message,
+                    request_id=h.request_id,
+                    room_id=h.room_id,
+                    current_epoch=decision.current_epoch,
+                    log_index=log_index,
+                )
+            )
+
+    async def _commit_index(self, epoch: int) -> int | None:
+        if epoch in self._commit_at:
+            return self._commit_at[epoch]
+        commits = await self._store.commits_between(self.room_id, epoch, epoch + 1)
+        if not commits:
+            return None
+        self._commit_at[epoch] = commits[0].log_index
+        return commits[0].log_index
+
+    # --- server authority ---------------------------------------------------------------------
+
+    async def _propose_removals(self, kicked: list[int]) -> None:
+        """Kick/Ban in a group that lists the server as external sender: propose the MLS
+        Remove, so any member can commit it and the member loses the group's keys."""
+        if self._server_sender_index is None or not self.sequencer.group_id:
+            return
+        seq = self.sequencer
+        entries: list[LogEntry] = []
+        frames: list[bytes] = []
+        for member_id in kicked:
+            leaf = seq.leaf_of(member_id)
+            if leaf is None:
+                continue
+            proposal = external_remove_proposal(
+                group_id=seq.group_id,
+                epoch=seq.epoch,
+                sender_index=self._server_sender_index,
+                removed_leaf=leaf,
+                signing_key=bytes(self._server_key),
+            )
+            header = FrameHeader(
+                Opcode.PROPOSAL, room_id=seq.room_id_int, sender_id=0, epoch=seq.epoch
+            )
+            frame = Frame.build(header, RawPayload(proposal))
+            sign_header(frame.header, self._server_key)
+            accepted = seq.server_proposal(frame)
+            if accepted.entry is not None:
+                entries.append(accepted.entry)
+                frames.append(accepted.frame)
+        if not entries:
+            return
+        try:
+            await self._store.append(self.room_id, entries, None)
+        except StoreError:
+            await self._reload()
+            return
+        for frame_bytes in frames:
+            self._fanout.deliver(seq.active_members(), frame_bytes)
+
+    # --- Welcome and GroupInfo ----------------------------------------------------------------
+
+    async def _welcome(self, item: _Item) -> None:
+        """Route a Welcome to its recipient (context_id) through the mailbox; never broadcast."""
+        h = item.frame.header
+        seq = self.sequencer
+        recipient = h.context_id
+        if not seq.is_member(h.sender_id):
+            self._error(item, ErrorCode.NOT_AUTHORIZED, "not a member of this room")
+            return
+        if seq.is_banned(recipient, int(self._clock() * 1000)):
+            self._error(item, ErrorCode.BANNED, "the recipient is banned from this room")
+            return
+        if await self._store.get_member(recipient) is None:
+            self._error(item, ErrorCode.MEMBER_NOT_FOUND, "no such member")
+            return
+        if not seq.is_member(recipient):
+            if seq.handshake.value == "public":
+                self._error(
+                    item, ErrorCode.MEMBER_NOT_FOUND, "no sequenced commit added this member"
+                )
+                return
+            # Private handshakes: the Welcome is how the server learns of the add.
+            member = RoomMember(recipient, Role.MEMBER, None)
+            await self._store.append(self.room_id, [], RoomChanges(upsert_members=[member]))
+            seq.members[recipient] = member
+        frame = item.frame.encode()
+        welcome_id = await self._store.put_welcome(self.room_id, recipient, frame)
+        if self._fanout.deliver_once(recipient, frame):
+            await self._store.welcome_delivered(welcome_id)
+
+    async def _group_info(self, item: _Item) -> None:
+        """A member publishes the current GroupInfo (for external joins)."""
+        h = item.frame.header
+        seq = self.sequencer
+        if not seq.is_member(h.sender_id):
+            self._error(item, ErrorCode.NOT_AUTHORIZED, "not a member of this room")
+            return
+        try:
+            payload = decode_payload(h.opcode, item.frame.payload)
+            data = payload.group_info if isinstance(payload, GroupInfoData) else item.frame.payload
+            summary = inspect_group_info(data)
+        except (InvalidMlsMessage, ValueError) as exc:
+            self._error(item, ErrorCode.INVALID_PAYLOAD, str(exc))
+            return
+        if summary.group_id != seq.group_id or summary.epoch != seq.epoch:
+            self._error(
+                item,
+                ErrorCode.INVALID_EPOCH,
+                "GroupInfo is not of the room's current epoch",
+                current_epoch=seq.epoch,
+            )
+            return
+        await self._store.put_group_info(self.room_id, summary.epoch, data)
+        if item.requester is not None:
+            item.requester.send(
+                replies.reply(
+                    Opcode.GROUP_INFO,
+                    b"",
+                    request_id=h.request_id,
+                    room_id=h.room_id,
+                    epoch=seq.epoch,
+                )
+            )

@@ -1,0 +1,244 @@
+"""The storage interface of the Kalandra homeserver and the records it deals in.
+
+One implementation (``sql.SqlStore``) serves SQLite and PostgreSQL; the schema lives in
+``alembic/`` only. Rules every implementation keeps:
+
+* The frame log is strict: log indexes of a room are dense from 0, with no holes and no double
+  writes. ``append`` takes a batch whose first index must be the room's ``next_log_index``;
+  anything else raises :class:`AppendConflict` and writes nothing.
+* Everything one ``append`` carries (frames, epoch change, membership changes, commit index)
+  commits in one transaction; the call returns only after that transaction is durable.
+* Frame headers and payloads are stored apart; a redaction deletes the payload and keeps the
+  header so the order stays intact.
+* Device tokens are stored hashed (SHA-256); the plaintext is returned once, when issued.
+* ``append`` with no entries applies only its RoomChanges (roster changes the server learns
+  outside the log, e.g. Welcome recipients in private-handshake rooms). Inside RoomChanges,
+  removals and ban lifts apply before upserts and new bans.
+* Unknown rooms or members raise :class:`NotFound`; ``put_group_info`` never replaces a newer
+  epoch with an older one; ``redact`` and ``welcome_delivered`` are idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreError(Exception):
+    pass
+
+
+class AppendConflict(StoreError):
+    """The batch does not start at the room's next log index (another writer, or a bug)."""
+
+    def __init__(self, room_id: bytes, expected: int, got: int) -> None:
+        super().__init__(
+            f"room {room_id.hex()}: next log index is {expected}, batch starts at {got}"
+        )
+        self.expected = expected
+        self.got = got
+
+
+class NotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class Role(enum.IntEnum):
+    # Kicked or banned: out of the room for the server (cannot send, gets nothing), while its
+    # MLS leaf stays in the tree until a member commits the Remove; then the row goes.
+    REMOVED = -1
+    MEMBER = 0
+    MODERATOR = 50
+    OWNER = 100
+
+
+class Handshake(enum.Enum):
+    PUBLIC = "public"
+    PRIVATE = "private"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberAccount:
+    """A native identity (one device): member id, name and its Ed25519 frame-signing key."""
+
+    member_id: int
+    name: str
+    signature_key: bytes | None  # bound at the first authenticated Hello
+    created_at: int  # Unix ms
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    room_id: bytes  # 16 bytes
+    epoch: int
+    next_log_index: int
+    creator: int
+    created_at: int  # Unix ms
+    handshake: Handshake = Handshake.PUBLIC
+    group_id: bytes = b""  # the MLS group id (not the room id)
+    name: str = ""
+    topic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RoomMember:
+    member_id: int
+    role: Role
+    leaf_index: int | None  # MLS leaf, when the server can follow it (public handshakes)
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    member_id: int
+    moderator_id: int
+    reason: str
+    expires_at: int | None  # Unix ms; None = permanent
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    """Everything the sequencer needs to validate frames for one room."""
+
+    room: Room
+    members: dict[int, RoomMember]
+    bans: dict[int, Ban]
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One sequenced frame ready to store: header (128 bytes, log index already written into
+    context_id) and payload, plus the columns we index."""
+
+    log_index: int
+    opcode: int
+    sender_id: int
+    epoch: int
+    header: bytes
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFrame:
+    room_id: bytes
+    log_index: int
+    opcode: int
+    sender_id: int
+    epoch: int
+    header: bytes
+    payload: bytes | None  # None once redacted
+
+    def encode(self) -> bytes:
+        """The frame as it went out (a redacted frame keeps its header, empty payload)."""
+        return self.header + (self.payload or b"")
+
+
+@dataclass(slots=True)
+class RoomChanges:
+    """What one append does to the room besides adding frames (all in the same transaction)."""
+
+    new_epoch: int | None = None  # set when the batch contains the commit that moved the epoch
+    commit_log_index: int | None = None  # log index of that commit (commit index per epoch)
+    upsert_members: list[RoomMember] = field(default_factory=list)
+    remove_members: list[int] = field(default_factory=list)
+    set_bans: list[Ban] = field(default_factory=list)
+    lift_bans: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    welcome_id: int
+    room_id: bytes
+    recipient_id: int
+    frame: bytes  # the whole Welcome frame as it will be delivered
+
+
+class Store(Protocol):
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def close(self) -> None: ...
+
+    # --- accounts ----------------------------------------------------------------------------
+    async def create_member(self, name: str) -> MemberAccount:
+        """A new account with a random non-zero u64 member id; AlreadyExists if name is taken."""
+        ...
+
+    async def get_member(self, member_id: int) -> MemberAccount | None: ...
+
+    async def find_member(self, name: str) -> MemberAccount | None: ...
+
+    async def list_members(self) -> list[MemberAccount]: ...
+
+    async def set_signature_key(self, member_id: int, key: bytes) -> None: ...
+
+    async def issue_token(self, member_id: int) -> str:
+        """A new device token (URL-safe text); only its SHA-256 is stored."""
+        ...
+
+    async def authenticate(self, token: str) -> int | None:
+        """The member id of a valid, unrevoked token, else None."""
+        ...
+
+    async def revoke_tokens(self, member_id: int) -> int:
+        """Revoke every token of the member; returns how many were revoked."""
+        ...
+
+    # --- rooms ---------------------------------------------------------------------------------
+    async def create_room(self, room: Room, creator: RoomMember) -> None:
+        """AlreadyExists if the room id is taken."""
+        ...
+
+    async def load_room(self, room_id: bytes) -> RoomState | None: ...
+
+    async def rooms_of(self, member_id: int) -> list[bytes]:
+        """Room ids where the member is in the roster."""
+        ...
+
+    async def update_room_metadata(self, room_id: bytes, *, name: str, topic: str) -> None: ...
+
+    # --- the log ---------------------------------------------------------------------------------
+    async def append(
+        self, room_id: bytes, entries: Sequence[LogEntry], changes: RoomChanges | None = None
+    ) -> None:
+        """Strict, atomic, durable append (see module docstring)."""
+        ...
+
+    async def load_frames(self, room_id: bytes, from_index: int, limit: int) -> list[StoredFrame]:
+        """Frames [from_index, from_index + limit) in order; empty past the end."""
+        ...
+
+    async def commits_between(
+        self, room_id: bytes, from_epoch: int, to_epoch: int
+    ) -> list[StoredFrame]:
+        """The commits that moved the room from ``from_epoch`` up to ``to_epoch``, in order."""
+        ...
+
+    async def redact(self, room_id: bytes, log_index: int) -> bool:
+        """Delete a stored payload; False if there is no such frame."""
+        ...
+
+    # --- welcome mailbox ---------------------------------------------------------------------
+    async def put_welcome(self, room_id: bytes, recipient_id: int, frame: bytes) -> int: ...
+
+    async def pending_welcomes(self, recipient_id: int) -> list[Welcome]: ...
+
+    async def welcome_delivered(self, welcome_id: int) -> None: ...
+
+    # --- key packages and group info ---------------------------------------------------------
+    async def publish_key_packages(self, member_id: int, key_packages: Sequence[bytes]) -> int:
+        """Store KeyPackages (duplicates ignored); returns how many the member now has."""
+        ...
+
+    async def take_key_package(self, member_id: int) -> bytes | None:
+        """Remove and return one of the member's KeyPackages (oldest first)."""
+        ...
+
+    async def key_package_count(self, member_id: int) -> int: ...
+
+    async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None: ...
+
+    async def get_group_info(self, room_id: bytes) -> tuple[int, bytes] | None: ...

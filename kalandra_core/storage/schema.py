@@ -1,0 +1,193 @@
+"""SQLAlchemy Core tables mirroring ``alembic/versions`` (the migrations are the source of truth;
+``tests/integration/test_store.py`` checks that the two agree).
+
+Member ids are u64; the columns holding them use :class:`U64`, which stores the value in a signed
+BIGINT as its two's-complement (ids >= 2**63 become negative) and converts back on read, so both
+engines can hold the whole range. Equality lookups work unchanged; ordering by member id does not
+(nothing orders by it). Epochs and log indexes are plain BIGINTs: they stay far below 2**63 and
+range queries need their order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+_U64_LIMIT: Final = 1 << 64
+_I64_LIMIT: Final = 1 << 63
+
+
+def u64_to_db(value: int) -> int:
+    if not 0 <= value < _U64_LIMIT:
+        raise ValueError(f"not a u64: {value}")
+    return value - _U64_LIMIT if value >= _I64_LIMIT else value
+
+
+def u64_from_db(value: int) -> int:
+    return value + _U64_LIMIT if value < 0 else value
+
+
+class U64(TypeDecorator[int]):
+    """An unsigned 64-bit id in a signed BIGINT column."""
+
+    impl = sa.BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        return None if value is None else u64_to_db(value)
+
+    def process_result_value(self, value: Any | None, dialect: Dialect) -> int | None:
+        return None if value is None else u64_from_db(int(value))
+
+
+# INTEGER PRIMARY KEY is SQLite's rowid alias (what autoincrement needs there).
+_SERIAL = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+metadata = sa.MetaData()
+
+
+def _room_fk(table: str) -> sa.ForeignKeyConstraint:
+    return sa.ForeignKeyConstraint(
+        ["room_id"], ["rooms.room_id"], name=f"fk_{table}_room", ondelete="CASCADE"
+    )
+
+
+members = sa.Table(
+    "members",
+    metadata,
+    sa.Column("member_id", U64(), primary_key=True, autoincrement=False),
+    sa.Column("name", sa.Text(), nullable=False, unique=True),
+    sa.Column("signature_key", sa.LargeBinary(), nullable=True),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+)
+
+device_tokens = sa.Table(
+    "device_tokens",
+    metadata,
+    sa.Column("token_hash", sa.LargeBinary(), primary_key=True),
+    sa.Column(
+        "member_id",
+        U64(),
+        sa.ForeignKey("members.member_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    sa.Column("revoked_at", sa.BigInteger(), nullable=True),
+)
+
+rooms = sa.Table(
+    "rooms",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("epoch", sa.BigInteger(), nullable=False),
+    sa.Column("next_log_index", sa.BigInteger(), nullable=False),
+    sa.Column("creator", U64(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    sa.Column("handshake", sa.Text(), nullable=False),
+    sa.Column("group_id", sa.LargeBinary(), nullable=False),
+    sa.Column("name", sa.Text(), nullable=False),
+    sa.Column("topic", sa.Text(), nullable=False),
+)
+
+room_members = sa.Table(
+    "room_members",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("member_id", U64(), primary_key=True, index=True),
+    sa.Column("role", sa.Integer(), nullable=False),
+    sa.Column("leaf_index", sa.BigInteger(), nullable=True),
+    _room_fk("room_members"),
+)
+
+room_bans = sa.Table(
+    "room_bans",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("member_id", U64(), primary_key=True),
+    sa.Column("moderator_id", U64(), nullable=False),
+    sa.Column("reason", sa.Text(), nullable=False),
+    sa.Column("expires_at", sa.BigInteger(), nullable=True),
+    _room_fk("room_bans"),
+)
+
+frame_log = sa.Table(
+    "frame_log",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("log_index", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("opcode", sa.Integer(), nullable=False),
+    sa.Column("sender_id", U64(), nullable=False),
+    sa.Column("epoch", sa.BigInteger(), nullable=False),
+    sa.Column("header", sa.LargeBinary(), nullable=False),
+    _room_fk("frame_log"),
+)
+
+frame_payloads = sa.Table(
+    "frame_payloads",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("log_index", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("payload", sa.LargeBinary(), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["room_id", "log_index"],
+        ["frame_log.room_id", "frame_log.log_index"],
+        name="fk_frame_payloads_log",
+        ondelete="CASCADE",
+    ),
+)
+
+# epoch = the header epoch of the commit, i.e. the epoch that commit ended.
+commit_index = sa.Table(
+    "commit_index",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("epoch", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("log_index", sa.BigInteger(), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["room_id", "log_index"],
+        ["frame_log.room_id", "frame_log.log_index"],
+        name="fk_commit_index_log",
+        ondelete="CASCADE",
+    ),
+)
+
+welcomes = sa.Table(
+    "welcomes",
+    metadata,
+    sa.Column("welcome_id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column("room_id", sa.LargeBinary(16), nullable=False),
+    sa.Column("recipient_id", U64(), nullable=False),
+    sa.Column("frame", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    _room_fk("welcomes"),
+    sa.Index("ix_welcomes_recipient", "recipient_id", "welcome_id"),
+    sqlite_autoincrement=True,
+)
+
+key_packages = sa.Table(
+    "key_packages",
+    metadata,
+    sa.Column("kp_id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column(
+        "member_id", U64(), sa.ForeignKey("members.member_id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("kp_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("key_package", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    sa.UniqueConstraint("member_id", "kp_hash", name="uq_key_packages_member_hash"),
+    sa.Index("ix_key_packages_member", "member_id", "kp_id"),
+    sqlite_autoincrement=True,
+)
+
+group_info = sa.Table(
+    "group_info",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("epoch", sa.BigInteger(), nullable=False),
+    sa.Column("group_info", sa.LargeBinary(), nullable=False),
+    _room_fk("group_info"),
+)

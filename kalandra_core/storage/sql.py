@@ -1,0 +1,487 @@
+"""``SqlStore``: the :class:`~kalandra_core.storage.base.Store` on SQLite (aiosqlite) and
+PostgreSQL (asyncpg) through SQLAlchemy Core's async engine (tables in ``schema``, the frame
+log's statements and conflict detection in ``sql_log``).
+
+SQLite runs in WAL mode with ``synchronous=FULL`` (a committed append survives kill -9 and power
+loss), foreign keys on and a busy timeout. Writes go through one connection that opens every
+transaction with ``BEGIN IMMEDIATE`` (the write lock is taken up front, so a transaction never
+fails half-way on a lock it could not upgrade); reads use a small pool of read-only connections,
+each read in one snapshot. PostgreSQL uses one pool for both and its own durability settings
+(``open`` warns when ``fsync`` or ``synchronous_commit`` is off).
+
+Nothing here logs tokens, keys or payloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from . import migrations, sql_log
+from . import schema as db
+from .base import (
+    AlreadyExists,
+    Ban,
+    Handshake,
+    LogEntry,
+    MemberAccount,
+    NotFound,
+    Role,
+    Room,
+    RoomChanges,
+    RoomMember,
+    RoomState,
+    Store,
+    StoredFrame,
+    StoreError,
+    Welcome,
+)
+from .urls import engine_name, sqlalchemy_url
+
+log = logging.getLogger(__name__)
+
+# busy_timeout: another process (or a second store) holding the write lock makes us wait, not fail.
+_SQLITE_WRITER: Final = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=FULL",
+    "PRAGMA foreign_keys=ON",
+    "PRAGMA busy_timeout=10000",
+)
+_SQLITE_READER: Final = ("PRAGMA busy_timeout=10000", "PRAGMA query_only=ON")
+_SQLITE_READERS: Final = 4
+_PG_POOL: Final = 10
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _sqlite_engine(url: str, *, writer: bool) -> AsyncEngine:
+    engine = create_async_engine(
+        url,
+        pool_size=1 if writer else _SQLITE_READERS,
+        max_overflow=0,
+        pool_timeout=60,
+        hide_parameters=True,  # never put tokens, keys or payloads into messages or logs
+    )
+    begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
+    pragmas = _SQLITE_WRITER if writer else _SQLITE_READER
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 module (it skips it for SELECTs); see on_begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    def on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+    event.listen(engine.sync_engine, "connect", on_connect)
+    event.listen(engine.sync_engine, "begin", on_begin)
+    return engine
+
+
+@asynccontextmanager
+async def _store_errors() -> AsyncIterator[None]:
+    """Database failures surface as StoreError (callers recover from those); IntegrityError
+    passes through for the methods that turn it into AlreadyExists or NotFound."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except SQLAlchemyError as exc:
+        raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+
+def _account(row: Any) -> MemberAccount:
+    key = None if row.signature_key is None else bytes(row.signature_key)
+    return MemberAccount(row.member_id, row.name, key, row.created_at)
+
+
+class SqlStore:
+    """The homeserver store; create it with :meth:`open`."""
+
+    def __init__(self, writer: AsyncEngine, reader: AsyncEngine) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    @classmethod
+    async def open(cls, url: str, *, migrate: bool = True) -> SqlStore:
+        """Connect to ``url`` (``sqlite:///path`` or ``postgresql://...``), first upgrading
+        the schema to head unless ``migrate`` is False."""
+        full = sqlalchemy_url(url)
+        if engine_name(url) == "sqlite" and make_url(full).database in (None, "", ":memory:"):
+            raise ValueError("SqlStore needs an SQLite file, not an in-memory database")
+        if migrate:
+            await migrations.upgrade(url)
+        if engine_name(url) == "sqlite":
+            store = cls(_sqlite_engine(full, writer=True), _sqlite_engine(full, writer=False))
+        else:
+            engine = create_async_engine(
+                full, pool_size=_PG_POOL, max_overflow=_PG_POOL, hide_parameters=True
+            )
+            store = cls(engine, engine)
+        try:
+            await store._first_connect()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _first_connect(self) -> None:
+        """SQLite: the writer's pragmas switch the file to WAL before any reader opens it.
+        PostgreSQL: warn when the server is set up to lose acknowledged commits."""
+        async with self._writer.connect() as conn:
+            if conn.dialect.name != "postgresql":
+                return
+            for setting in ("fsync", "synchronous_commit"):
+                value = await conn.scalar(sa.text(f"SHOW {setting}"))
+                if value == "off":
+                    log.warning("PostgreSQL %s is off: acknowledged frames may be lost", setting)
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with _store_errors(), self._writer.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with _store_errors(), self._reader.begin() as conn:
+            yield conn
+
+    async def close(self) -> None:
+        await self._writer.dispose()
+        if self._reader is not self._writer:
+            await self._reader.dispose()
+
+    # --- accounts ----------------------------------------------------------------------------
+    async def create_member(self, name: str) -> MemberAccount:
+        created_at = _now_ms()
+        for _ in range(8):
+            member_id = secrets.randbits(64)
+            if member_id == 0:
+                continue
+            try:
+                async with self._write() as conn:
+                    await conn.execute(
+                        db.members.insert().values(
+                            member_id=member_id, name=name, created_at=created_at
+                        )
+                    )
+            except IntegrityError:
+                if await self.find_member(name) is not None:
+                    raise AlreadyExists(f"member name {name!r} is taken") from None
+                continue  # a random id collided; draw again
+            return MemberAccount(member_id, name, None, created_at)
+        raise StoreError("could not allocate a member id")
+
+    async def get_member(self, member_id: int) -> MemberAccount | None:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(db.members.select().where(db.members.c.member_id == member_id))
+            ).first()
+        return None if row is None else _account(row)
+
+    async def find_member(self, name: str) -> MemberAccount | None:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(db.members.select().where(db.members.c.name == name))
+            ).first()
+        return None if row is None else _account(row)
+
+    async def list_members(self) -> list[MemberAccount]:
+        async with self._read() as conn:
+            rows = (await conn.execute(db.members.select().order_by(db.members.c.name))).all()
+        return [_account(row) for row in rows]
+
+    async def set_signature_key(self, member_id: int, key: bytes) -> None:
+        async with self._write() as conn:
+            result = await conn.execute(
+                db.members.update()
+                .where(db.members.c.member_id == member_id)
+                .values(signature_key=key)
+            )
+            if result.rowcount != 1:
+                raise NotFound(f"member {member_id}")
+
+    async def issue_token(self, member_id: int) -> str:
+        token = secrets.token_urlsafe(32)
+        try:
+            async with self._write() as conn:
+                await conn.execute(
+                    db.device_tokens.insert().values(
+                        token_hash=_token_hash(token), member_id=member_id, created_at=_now_ms()
+                    )
+                )
+        except IntegrityError:
+            raise NotFound(f"member {member_id}") from None
+        return token
+
+    async def authenticate(self, token: str) -> int | None:
+        async with self._read() as conn:
+            member_id: int | None = await conn.scalar(
+                sa.select(db.device_tokens.c.member_id).where(
+                    db.device_tokens.c.token_hash == _token_hash(token),
+                    db.device_tokens.c.revoked_at.is_(None),
+                )
+            )
+        return member_id
+
+    async def revoke_tokens(self, member_id: int) -> int:
+        async with self._write() as conn:
+            result = await conn.execute(
+                db.device_tokens.update()
+                .where(
+                    db.device_tokens.c.member_id == member_id,
+                    db.device_tokens.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=_now_ms())
+            )
+        return result.rowcount
+
+    # --- rooms ---------------------------------------------------------------------------------
+    async def create_room(self, room: Room, creator: RoomMember) -> None:
+        if len(room.room_id) != 16:
+            raise ValueError("room ids are 16 bytes")
+        try:
+            async with self._write() as conn:
+                await conn.execute(
+                    db.rooms.insert().values(
+                        room_id=room.room_id,
+                        epoch=room.epoch,
+                        next_log_index=room.next_log_index,
+                        creator=room.creator,
+                        created_at=room.created_at,
+                        handshake=room.handshake.value,
+                        group_id=room.group_id,
+                        name=room.name,
+                        topic=room.topic,
+                    )
+                )
+                await conn.execute(
+                    db.room_members.insert().values(sql_log.member_row(room.room_id, creator))
+                )
+        except IntegrityError:
+            raise AlreadyExists(f"room {room.room_id.hex()}") from None
+
+    async def load_room(self, room_id: bytes) -> RoomState | None:
+        async with self._read() as conn:  # one snapshot for room, roster and bans
+            row = (
+                await conn.execute(db.rooms.select().where(db.rooms.c.room_id == room_id))
+            ).first()
+            if row is None:
+                return None
+            roster = await conn.execute(
+                db.room_members.select().where(db.room_members.c.room_id == room_id)
+            )
+            bans = await conn.execute(
+                db.room_bans.select().where(db.room_bans.c.room_id == room_id)
+            )
+            room = Room(
+                room_id=room_id,
+                epoch=row.epoch,
+                next_log_index=row.next_log_index,
+                creator=row.creator,
+                created_at=row.created_at,
+                handshake=Handshake(row.handshake),
+                group_id=bytes(row.group_id),
+                name=row.name,
+                topic=row.topic,
+            )
+            return RoomState(
+                room=room,
+                members={
+                    m.member_id: RoomMember(m.member_id, Role(m.role), m.leaf_index)
+                    for m in roster
+                },
+                bans={
+                    b.member_id: Ban(b.member_id, b.moderator_id, b.reason, b.expires_at)
+                    for b in bans
+                },
+            )
+
+    async def rooms_of(self, member_id: int) -> list[bytes]:
+        async with self._read() as conn:
+            rows = await conn.execute(
+                sa.select(db.room_members.c.room_id)
+                .where(db.room_members.c.member_id == member_id)
+                .order_by(db.room_members.c.room_id)
+            )
+            return [bytes(r.room_id) for r in rows]
+
+    async def update_room_metadata(self, room_id: bytes, *, name: str, topic: str) -> None:
+        async with self._write() as conn:
+            result = await conn.execute(
+                db.rooms.update()
+                .where(db.rooms.c.room_id == room_id)
+                .values(name=name, topic=topic)
+            )
+            if result.rowcount != 1:
+                raise NotFound(f"room {room_id.hex()}")
+
+    # --- the log ---------------------------------------------------------------------------------
+    async def append(
+        self, room_id: bytes, entries: Sequence[LogEntry], changes: RoomChanges | None = None
+    ) -> None:
+        """Frames and changes in one transaction; ``entries`` may be empty (changes only)."""
+        changes = changes or RoomChanges()
+        sql_log.check_batch(room_id, entries, changes)  # fail fast, before taking the lock
+        async with self._write() as conn:
+            await sql_log.append(conn, room_id, entries, changes)
+
+    async def load_frames(self, room_id: bytes, from_index: int, limit: int) -> list[StoredFrame]:
+        async with self._read() as conn:
+            return await sql_log.load_frames(conn, room_id, from_index, limit)
+
+    async def commits_between(
+        self, room_id: bytes, from_epoch: int, to_epoch: int
+    ) -> list[StoredFrame]:
+        async with self._read() as conn:
+            return await sql_log.commits_between(conn, room_id, from_epoch, to_epoch)
+
+    async def redact(self, room_id: bytes, log_index: int) -> bool:
+        async with self._write() as conn:
+            return await sql_log.redact(conn, room_id, log_index)
+
+    # --- welcome mailbox ---------------------------------------------------------------------
+    async def put_welcome(self, room_id: bytes, recipient_id: int, frame: bytes) -> int:
+        try:
+            async with self._write() as conn:
+                result = await conn.execute(
+                    db.welcomes.insert().values(
+                        room_id=room_id,
+                        recipient_id=recipient_id,
+                        frame=frame,
+                        created_at=_now_ms(),
+                    )
+                )
+        except IntegrityError:
+            raise NotFound(f"room {room_id.hex()}") from None
+        key = result.inserted_primary_key
+        assert key is not None
+        return int(key[0])
+
+    async def pending_welcomes(self, recipient_id: int) -> list[Welcome]:
+        async with self._read() as conn:
+            rows = await conn.execute(
+                db.welcomes.select()
+                .where(db.welcomes.c.recipient_id == recipient_id)
+                .order_by(db.welcomes.c.welcome_id)
+            )
+            return [
+                Welcome(r.welcome_id, bytes(r.room_id), r.recipient_id, bytes(r.frame))
+                for r in rows
+            ]
+
+    async def welcome_delivered(self, welcome_id: int) -> None:
+        async with self._write() as conn:
+            await conn.execute(db.welcomes.delete().where(db.welcomes.c.welcome_id == welcome_id))
+
+    # --- key packages and group info ---------------------------------------------------------
+    async def publish_key_packages(self, member_id: int, key_packages: Sequence[bytes]) -> int:
+        unique = {hashlib.sha256(kp).digest(): kp for kp in key_packages}  # keeps first order
+        created_at = _now_ms()
+        try:
+            async with self._write() as conn:
+                if unique:
+                    await conn.execute(
+                        sql_log.dialect_insert(conn, db.key_packages).on_conflict_do_nothing(
+                            index_elements=["member_id", "kp_hash"]
+                        ),
+                        [
+                            {
+                                "member_id": member_id,
+                                "kp_hash": digest,
+                                "key_package": kp,
+                                "created_at": created_at,
+                            }
+                            for digest, kp in unique.items()
+                        ],
+                    )
+                return await self._key_package_count(conn, member_id)
+        except IntegrityError:
+            raise NotFound(f"member {member_id}") from None
+
+    async def take_key_package(self, member_id: int) -> bytes | None:
+        oldest = (
+            sa.select(db.key_packages.c.kp_id)
+            .where(db.key_packages.c.member_id == member_id)
+            .order_by(db.key_packages.c.kp_id)
+            .limit(1)
+            .with_for_update(skip_locked=True)  # concurrent takers get different packages
+            .scalar_subquery()
+        )
+        async with self._write() as conn:
+            taken = await conn.scalar(
+                db.key_packages.delete()
+                .where(db.key_packages.c.kp_id == oldest)
+                .returning(db.key_packages.c.key_package)
+            )
+        return None if taken is None else bytes(taken)
+
+    async def key_package_count(self, member_id: int) -> int:
+        async with self._read() as conn:
+            return await self._key_package_count(conn, member_id)
+
+    @staticmethod
+    async def _key_package_count(conn: AsyncConnection, member_id: int) -> int:
+        count = await conn.scalar(
+            sa.select(sa.func.count())
+            .select_from(db.key_packages)
+            .where(db.key_packages.c.member_id == member_id)
+        )
+        return int(count or 0)
+
+    async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None:
+        """Keep the newest: a GroupInfo for an older epoch never replaces a newer one."""
+        table = db.group_info
+        try:
+            async with self._write() as conn:
+                ins = sql_log.dialect_insert(conn, table).values(
+                    room_id=room_id, epoch=epoch, group_info=group_info
+                )
+                await conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=["room_id"],
+                        set_={"epoch": ins.excluded.epoch, "group_info": ins.excluded.group_info},
+                        where=table.c.epoch <= ins.excluded.epoch,
+                    )
+                )
+        except IntegrityError:
+            raise NotFound(f"room {room_id.hex()}") from None
+
+    async def get_group_info(self, room_id: bytes) -> tuple[int, bytes] | None:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(db.group_info.c.epoch, db.group_info.c.group_info).where(
+                        db.group_info.c.room_id == room_id
+                    )
+                )
+            ).first()
+        return None if row is None else (row.epoch, bytes(row.group_info))
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: SqlStore) -> Store:  # mypy checks SqlStore against the protocol
+        return store
