@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("-c", "--config", help="read database.url from this config file")
         p.set_defaults(func=_admin)
 
+    from .client.cli import add_client_commands
+
+    add_client_commands(sub)
+
     db = sub.add_parser("db", help="database schema migrations")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     for name, help_text in (

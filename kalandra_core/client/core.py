@@ -123,6 +123,10 @@ class ClientCore:
         return self._frame(Opcode.HELLO, hello, sign=False)[1]
 
     def hello_reply(self, reply: HelloReply) -> None:
+        if self.member_id == 0 and reply.member_id:
+            self.member_id = reply.member_id  # first login: the token names the account
+        elif reply.member_id is not None and reply.member_id != self.member_id:
+            raise ValueError("the server authenticated a different member than this state's")
         self.session_id = reply.session_id
         self.server_key = reply.server_key
 

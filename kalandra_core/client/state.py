@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -17,7 +18,9 @@ import cbor2
 
 from ..crypto import sealed
 from ..mls.keypackage import KeyPackageBundle
+from .content import Content
 from .core import ClientCore
+from .events import Message
 from .room import ClientRoom, Pending
 
 _SCHEMA: Final = """
@@ -25,7 +28,20 @@ CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rooms (room_id BLOB PRIMARY KEY, state BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS bundles (ref BLOB PRIMARY KEY, bundle BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (request_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (
+    room_id BLOB NOT NULL, log_index INTEGER NOT NULL, sender_id INTEGER NOT NULL,
+    timestamp_ms INTEGER NOT NULL, content BLOB NOT NULL, PRIMARY KEY (room_id, log_index)
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    server: str
+    token: str
+    member_id: int
+    signing_key: bytes
+    ca: bytes | None
 
 
 class ClientState:
@@ -44,20 +60,37 @@ class ClientState:
     # --- identity --------------------------------------------------------------------------
 
     def save_identity(
-        self, *, server: str, token: str, member_id: int, signing_key: bytes
+        self,
+        *,
+        server: str,
+        token: str,
+        member_id: int,
+        signing_key: bytes,
+        ca: bytes | None = None,
     ) -> None:
         blob = cbor2.dumps(
-            {"server": server, "token": token, "member_id": member_id, "signing_key": signing_key}
+            {
+                "server": server,
+                "token": token,
+                "member_id": member_id,
+                "signing_key": signing_key,
+                "ca": ca,
+            }
         )
         self._put("identity", "key", "login", sealed.seal(self._key, "identity", blob))
 
-    def load_identity(self) -> dict[str, object] | None:
+    def load_identity(self) -> Identity | None:
         row = self._db.execute("SELECT value FROM identity WHERE key = 'login'").fetchone()
         if row is None:
             return None
         data = cbor2.loads(sealed.unseal(self._key, "identity", row[0]))
-        assert isinstance(data, dict)
-        return data
+        return Identity(
+            server=str(data["server"]),
+            token=str(data["token"]),
+            member_id=int(data["member_id"]),
+            signing_key=bytes(data["signing_key"]),
+            ca=data.get("ca"),
+        )
 
     # --- rooms, bundles, outbox ---------------------------------------------------------------
 
@@ -112,10 +145,51 @@ class ClientState:
     def save_all(self, core: ClientCore) -> None:
         self.save(core, [None, *core.rooms])
 
+    # --- message history (sealed: no plaintext at rest) ------------------------------------
+
+    def store_message(self, message: Message) -> None:
+        blob = sealed.seal(self._key, "message", message.content.encode())
+        self._db.execute(
+            "INSERT OR IGNORE INTO messages VALUES (?, ?, ?, ?, ?)",
+            (
+                message.room_id,
+                message.log_index,
+                _signed(message.sender_id),
+                message.timestamp_ms,
+                blob,
+            ),
+        )
+
+    def history(self, room_id: bytes, limit: int = 50) -> list[Message]:
+        rows = self._db.execute(
+            "SELECT log_index, sender_id, timestamp_ms, content FROM messages"
+            " WHERE room_id = ? ORDER BY log_index DESC LIMIT ?",
+            (room_id, limit),
+        ).fetchall()
+        return [
+            Message(
+                room_id,
+                _unsigned(sender),
+                index,
+                stamp,
+                Content.decode(sealed.unseal(self._key, "message", blob)),
+            )
+            for index, sender, stamp, blob in reversed(rows)
+        ]
+
     def _put(self, table: str, key_column: str, key: str, value: bytes) -> None:
         self._db.execute(
             f"INSERT OR REPLACE INTO {table} ({key_column}, value) VALUES (?, ?)", (key, value)
         )
+
+
+def _signed(value: int) -> int:
+    # SQLite integers are signed 64-bit; member ids are u64.
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _unsigned(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
 
 
 def _load_or_create_key(path: Path) -> bytes:

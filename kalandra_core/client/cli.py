@@ -1,0 +1,245 @@
+"""The native user's commands: ``kalandra login``, ``create-room``, ``send``, ``tail``, ...
+
+Every command opens the local state (``--state``, default ``~/.local/share/kalandra/client.db``,
+or ``$KALANDRA_STATE``), connects, catches up every room from its last applied log index, does
+its work, saves and disconnects. Rooms are named by their id in hex (a unique prefix will do).
+Errors print one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from .content import Content
+from .core import ClientCore
+from .driver import Client, ClientError, ServerAddress
+from .events import Message
+from .state import ClientState
+
+DEFAULT_STATE = Path.home() / ".local" / "share" / "kalandra" / "client.db"
+
+
+class UsageError(Exception):
+    pass
+
+
+def _state_path(args: argparse.Namespace) -> Path:
+    if args.state:
+        return Path(args.state)
+    env = os.environ.get("KALANDRA_STATE")
+    return Path(env) if env else DEFAULT_STATE
+
+
+def _ca(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def _print_message(m: Message, *, room: bool = False) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.timestamp_ms / 1000))
+    where = f"{m.room_id.hex()} " if room else ""
+    kind = "" if m.content.kind == "text" else f"[{m.content.kind}] "
+    print(f"{where}#{m.log_index} {stamp} <{m.sender_id}> {kind}{m.content.body}", flush=True)
+
+
+async def _login(args: argparse.Namespace) -> int:
+    state = ClientState(_state_path(args))
+    try:
+        address = ServerAddress.parse(args.server)
+        signing_key = bytes(SigningKey.generate())
+        # The member id comes from the server (HelloReply) the first time the token is used.
+        core = ClientCore(0, signing_key)
+        client = Client(core, address, args.token, ca_certificate=_ca(args.ca), reconnect=False)
+        await client.connect()
+        if core.member_id == 0:
+            raise UsageError("the server did not say which member this token belongs to")
+        state.save_identity(
+            server=str(address),
+            token=args.token,
+            member_id=core.member_id,
+            signing_key=signing_key,
+            ca=_ca(args.ca),
+        )
+        client.state = state
+        count = await client.publish_key_packages(args.key_packages)
+        await client.close()
+        print(f"logged in as member {core.member_id}; {count} KeyPackages published")
+        return 0
+    finally:
+        state.close()
+
+
+async def _with_client(args: argparse.Namespace, work: Callable[[Client], Awaitable[int]]) -> int:
+    state = ClientState(_state_path(args))
+    try:
+        identity = state.load_identity()
+        if identity is None:
+            raise UsageError("not logged in: run `kalandra login --server URL --token T` first")
+        core = ClientCore(identity.member_id, identity.signing_key)
+        state.load_into(core)
+        client = Client(
+            core,
+            ServerAddress.parse(identity.server),
+            identity.token,
+            state=state,
+            ca_certificate=identity.ca,
+            reconnect=False,
+        )
+        await client.connect()
+        await client.settle()
+        _drain(client, state)
+        try:
+            return await work(client)
+        finally:
+            _drain(client, state)
+            await client.close()
+    finally:
+        state.close()
+
+
+def _drain(client: Client, state: ClientState) -> list[Message]:
+    out = []
+    while not client.messages.empty():
+        message = client.messages.get_nowait()
+        state.store_message(message)
+        out.append(message)
+    return out
+
+
+def _room(client: Client, prefix: str) -> bytes:
+    matches = [
+        r for r, room in client.core.rooms.items() if room.active and r.hex().startswith(prefix)
+    ]
+    if not matches:
+        raise UsageError(f"no room {prefix!r} (see `kalandra rooms`)")
+    if len(matches) > 1:
+        raise UsageError(f"room prefix {prefix!r} is ambiguous")
+    return matches[0]
+
+
+def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
+    command = args.client_command
+
+    async def run(client: Client) -> int:
+        if command == "create-room":
+            room_id = await client.create_room(name=args.name or "", topic=args.topic or "")
+            print(room_id.hex())
+        elif command == "rooms":
+            for room_id, room in sorted(client.core.rooms.items()):
+                if room.active:
+                    print(f"{room_id.hex()}  epoch {room.epoch}  {len(room.roster())} members")
+        elif command == "publish-key-packages":
+            print(f"{await client.publish_key_packages(args.count)} KeyPackages on the server")
+        elif command == "invite":
+            room_id = _room(client, args.room)
+            index = await client.invite(room_id, [int(m) for m in args.members])
+            print(f"added at log index {index}; epoch {client.core.rooms[room_id].epoch}")
+        elif command == "join":
+            await asyncio.sleep(args.wait)  # Welcomes from the mailbox arrive after Hello
+            await client.settle()
+            joined = [r for r in client.core.rooms if client.core.rooms[r].active]
+            for room_id in joined:
+                print(f"{room_id.hex()}  epoch {client.core.rooms[room_id].epoch}")
+        elif command == "send":
+            room_id = _room(client, args.room)
+            index = await client.send(room_id, Content(body=" ".join(args.text)))
+            print(f"sent at log index {index}")
+        elif command == "history":
+            room_id = _room(client, args.room)
+            for message in client.state.history(room_id, args.limit) if client.state else []:
+                _print_message(message)
+        elif command == "tail":
+            room_id = _room(client, args.room)
+            for message in client.state.history(room_id, args.limit) if client.state else []:
+                _print_message(message)
+            while True:
+                message = await client.messages.get()
+                if client.state is not None:
+                    client.state.store_message(message)
+                if message.room_id == room_id:
+                    _print_message(message)
+        elif command == "epoch":
+            room = client.core.rooms[_room(client, args.room)]
+            print(f"epoch {room.epoch}")
+            print(f"authenticator {room.group.epoch_authenticator.hex()}")
+        elif command == "members":
+            room = client.core.rooms[_room(client, args.room)]
+            for member_id, (leaf, _) in sorted(room.roster().items(), key=lambda i: i[1][0]):
+                me = "  (you)" if member_id == client.core.member_id else ""
+                print(f"leaf {leaf}\t{member_id}{me}")
+        elif command == "leave":
+            await client.leave(_room(client, args.room))
+            print("leave proposed; a remaining member commits it")
+        elif command in ("kick", "ban", "unban"):
+            room_id = _room(client, args.room)
+            await client.moderate(room_id, command, int(args.member), args.reason or "")
+            print(f"{command} sequenced")
+        elif command == "redact":
+            room_id = _room(client, args.room)
+            await client.moderate(room_id, "redact", int(args.log_index), args.reason or "")
+            print("redaction sequenced")
+        return 0
+
+    return run
+
+
+def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--state", help="client state file (default ~/.local/share/kalandra/)")
+        p.set_defaults(func=main_client, client_command=name)
+        return p
+
+    p = parser("login", "bind this device to an account (server-issued token)")
+    p.add_argument("--server", required=True, help="tcp://host:port or quic://host:port")
+    p.add_argument("--token", required=True, help="device token from `kalandra admin`")
+    p.add_argument("--ca", help="PEM certificate to trust (self-signed QUIC servers)")
+    p.add_argument("--key-packages", type=int, default=5)
+    p = parser("create-room", "create a room (you are its owner)")
+    p.add_argument("--name")
+    p.add_argument("--topic")
+    parser("rooms", "list your rooms")
+    p = parser("publish-key-packages", "publish KeyPackages so others can add you")
+    p.add_argument("--count", type=int, default=5)
+    p = parser("invite", "add members to a room")
+    p.add_argument("room")
+    p.add_argument("members", nargs="+", help="member ids")
+    p = parser("join", "accept pending invitations (Welcomes)")
+    p.add_argument("--wait", type=float, default=1.0, help="seconds to wait for Welcomes")
+    p = parser("send", "send a text message")
+    p.add_argument("room")
+    p.add_argument("text", nargs="+")
+    for name, text in (("history", "print recent messages"), ("tail", "follow a room")):
+        p = parser(name, text)
+        p.add_argument("room")
+        p.add_argument("--limit", type=int, default=20)
+    for name, text in (("epoch", "show the room's epoch"), ("members", "list members")):
+        parser(name, text).add_argument("room")
+    parser("leave", "leave a room").add_argument("room")
+    for name in ("kick", "ban", "unban"):
+        p = parser(name, f"{name} a member (moderators)")
+        p.add_argument("room")
+        p.add_argument("member")
+        p.add_argument("--reason")
+    p = parser("redact", "redact a message (moderators)")
+    p.add_argument("room")
+    p.add_argument("log_index")
+    p.add_argument("--reason")
+
+
+def main_client(args: argparse.Namespace) -> int:
+    try:
+        if args.client_command == "login":
+            return asyncio.run(_login(args))
+        return asyncio.run(_with_client(args, _commands(args)))
+    except KeyboardInterrupt:
+        return 0
+    except (UsageError, ClientError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
+        message = str(exc) or type(exc).__name__
+        raise SystemExit(f"kalandra: error: {message}") from None
