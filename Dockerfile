@@ -1,6 +1,6 @@
-# Kalandra Bridge container image.
-# Today the image carries the wire tools and the schema migrations (`kalandra frame ...`,
-# `kalandra db ...`); the homeserver and bridge entrypoint arrive with those components.
+# Kalandra Bridge container image: the `kalandra` command (homeserver, admin, client, tools).
+# Default: run the homeserver from /data/config.yaml (see example-config.yaml; set tcp_host and
+# quic_host to 0.0.0.0 inside a container). The bridge entrypoint arrives with the bridge.
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -20,5 +20,6 @@ ENV KALANDRA_ALEMBIC_DIR=/opt/kalandra/alembic
 USER kalandra
 WORKDIR /data
 VOLUME /data
+EXPOSE 4434/tcp 4433/udp
 ENTRYPOINT ["kalandra"]
-CMD ["--help"]
+CMD ["serve", "-c", "/data/config.yaml"]

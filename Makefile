@@ -17,22 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Runs what exists today: the embedded SQLite database, migrated to the current schema, and the
-# frame inspection tool. The server and the bridge are not built yet (README, "Status").
+# Runs the Kalandra homeserver on the embedded default (SQLite under .data/) with two demo
+# accounts, and prints how to use it with the `kalandra` client. The Matrix bridge and the
+# throwaway Synapse arrive with the bridge (README, "Status").
 run: venv
-	@mkdir -p $(DATA)
-	@$(VENV)/bin/kalandra db upgrade --database sqlite:///$(DATA)/kalandra.db
-	@echo
-	@echo "Decoding a reference Hello frame with the frame inspector:"
-	@$(VENV)/bin/kalandra frame decode \
-		53554e44010000010000000000000018$$(printf '0%.0s' {1..224})a26776657273696f6e016c6361706162696c697469657380
-	@echo
-	@echo "Kalandra Bridge $$($(PY) -c 'import kalandra_core; print(kalandra_core.__version__)'): what runs today"
-	@echo "  database (SQLite, embedded default): $(DATA)/kalandra.db, schema at head"
-	@echo "  inspect a frame:  $(VENV)/bin/kalandra frame decode HEX      (or - for stdin)"
-	@echo "  build a frame:    $(VENV)/bin/kalandra frame encode JSON     (the shape decode prints)"
-	@echo "  schema:           $(VENV)/bin/kalandra db current --database sqlite:///$(DATA)/kalandra.db"
-	@echo "  The homeserver, native client and Matrix bridge are not built yet; nothing is left running."
+	@$(PY) -m kalandra_core.devrun --data $(DATA)
 
 lint: venv
 	$(VENV)/bin/ruff check .
