@@ -193,6 +193,7 @@ class Hub:
                     clock=self.clock,
                 )
                 await worker.learn_server_sender()
+                await worker.learn_recent_requests()
                 worker.start()
                 self.rooms[room_id] = worker
         return worker

@@ -11,6 +11,7 @@ that was not validated, so the log has no holes.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -44,6 +45,8 @@ SEQUENCED_APP: Final = frozenset(
 EPHEMERAL: Final = frozenset({Opcode.TYPING, Opcode.PRESENCE})
 MODERATION: Final = frozenset({Opcode.KICK, Opcode.BAN, Opcode.UNBAN, Opcode.REDACT})
 MAX_EPOCH: Final = 1_000_000_000_000
+# (sender, request id) pairs remembered per room, to answer resends instead of re-sequencing.
+RECENT_REQUESTS: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,14 @@ class Rejected:
     current_epoch: int | None = None
     stale_epoch: int | None = None  # StaleEpoch: the frame's epoch (its commit's log index
     # is looked up by the driver)
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A resend of a frame already in the log (same sender and request id): answer it with the
+    stored frame instead of numbering it twice."""
+
+    log_index: int
 
 
 @dataclass(slots=True)
@@ -82,6 +93,14 @@ class RoomSequencer:
         self.bans: dict[int, BanRecord] = dict(state.bans)
         # Remove proposals sequenced this epoch, by reference: commits may cite them.
         self.proposal_removes: dict[bytes, int] = {}
+        self.recent: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def remember(self, sender_id: int, request_id: int, log_index: int) -> None:
+        """Record a sequenced frame's (sender, request id); request id 0 means "none"."""
+        if request_id:
+            self.recent[(sender_id, request_id)] = log_index
+            if len(self.recent) > RECENT_REQUESTS:
+                self.recent.popitem(last=False)
 
     # --- queries --------------------------------------------------------------------------
 
@@ -102,10 +121,12 @@ class RoomSequencer:
 
     # --- the decision -----------------------------------------------------------------------
 
-    def submit(self, frame: Frame, now_ms: int) -> Accepted | Rejected:
+    def submit(self, frame: Frame, now_ms: int) -> Accepted | Rejected | Duplicate:
         h = frame.header
         sender = h.sender_id
         opcode = h.opcode
+        if h.request_id and (sender, h.request_id) in self.recent and opcode not in EPHEMERAL:
+            return Duplicate(self.recent[(sender, h.request_id)])
         if self.is_banned(sender, now_ms):
             return _reject(ErrorCode.BANNED, "you are banned from this room")
         if not self.is_member(sender):
@@ -153,6 +174,7 @@ class RoomSequencer:
         header.context_id = index
         raw = header.to_bytes()
         self.next_log_index = index + 1
+        self.remember(header.sender_id, header.request_id, index)
         entry = LogEntry(
             log_index=index,
             opcode=header.opcode,

@@ -26,7 +26,7 @@ from ..proto import ErrorCode, Frame, FrameHeader, Opcode, RawPayload, sign_head
 from ..proto.payloads import GroupInfoData, decode_payload
 from ..storage.base import LogEntry, Role, RoomChanges, RoomMember, Store, StoreError
 from . import replies
-from .room import Accepted, Rejected, RoomSequencer
+from .room import RECENT_REQUESTS, Accepted, Duplicate, Rejected, RoomSequencer
 
 if TYPE_CHECKING:
     from nacl.signing import SigningKey
@@ -143,6 +143,11 @@ class RoomWorker:
                 await self._group_info(item)
                 continue
             decision = self.sequencer.submit(item.frame, int(self._clock() * 1000))
+            if isinstance(decision, Duplicate):
+                await self._flush(pending)
+                pending = []
+                await self._resend_stored(item, decision.log_index)
+                continue
             if isinstance(decision, Rejected):
                 await self._reject(item, decision)
                 continue
@@ -182,6 +187,22 @@ class RoomWorker:
         state = await self._store.load_room(self.room_id)
         if state is not None:
             self.sequencer = RoomSequencer(state)
+            await self.learn_recent_requests()
+
+    async def learn_recent_requests(self) -> None:
+        """Rebuild the resend filter from the end of the stored log (after a restart too)."""
+        seq = self.sequencer
+        start = max(0, seq.next_log_index - RECENT_REQUESTS)
+        for stored in await self._store.load_frames(self.room_id, start, RECENT_REQUESTS):
+            header = FrameHeader.parse(stored.header)
+            seq.remember(header.sender_id, header.request_id, stored.log_index)
+
+    async def _resend_stored(self, item: _Item, log_index: int) -> None:
+        if item.requester is None:
+            return
+        stored = await self._store.load_frames(self.room_id, log_index, 1)
+        if stored:
+            item.requester.send(stored[0].encode())
 
     def _error(self, item: _Item, code: ErrorCode, message: str, **kw: int | None) -> None:
         if item.requester is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -29,15 +30,18 @@ NOW = 1_700_000_000_000
 A, B, C, D = 11, 22, 33, 44
 
 
+_request_ids = itertools.count(1)
+
+
 def frame(
-    opcode: int, sender: int, epoch: int, payload: bytes = b"", request_id: int = 1
+    opcode: int, sender: int, epoch: int, payload: bytes = b"", request_id: int | None = None
 ) -> Frame:
     header = FrameHeader(
         opcode,
         room_id=int.from_bytes(ROOM, "big"),
         sender_id=sender,
         epoch=epoch,
-        request_id=request_id,
+        request_id=next(_request_ids) if request_id is None else request_id,
     )
     return Frame.build(header, payload)
 
@@ -286,3 +290,23 @@ def test_receipts_and_reactions_need_valid_payloads(opcode: int) -> None:
         w.seq.submit(frame(opcode, B, 1, RawPayload(b"\xa0").encode()), NOW),
         ErrorCode.INVALID_PAYLOAD,
     )
+
+
+def test_a_resent_frame_is_answered_not_numbered_twice() -> None:
+    from kalandra_core.server.room import Duplicate
+
+    w = World()
+    original = w.message(w.b, B)
+    first = accepted(w.seq.submit(original, NOW))
+    assert first.entry is not None
+    # The client did not see the echo and resends (re-encrypted, same request id).
+    resend = w.message(w.b, B)
+    resend.header.request_id = original.header.request_id
+    decision = w.seq.submit(resend, NOW)
+    assert decision == Duplicate(first.entry.log_index)
+    assert w.seq.next_log_index == 2
+    # Request id 0 (reference clients never set one) is never treated as a resend.
+    zero_a = frame(Opcode.APP_MESSAGE, B, 1, original.payload, request_id=0)
+    zero_b = frame(Opcode.APP_MESSAGE, B, 1, original.payload, request_id=0)
+    accepted(w.seq.submit(zero_a, NOW))
+    accepted(w.seq.submit(zero_b, NOW))
