@@ -13,11 +13,15 @@ import contextlib
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
+
+from nacl.signing import VerifyKey
 
 from ..proto import (
     ErrorCode,
     Frame,
+    FrameHeader,
     Goodbye,
     Hello,
     HelloReply,
@@ -40,6 +44,21 @@ _ids = itertools.count(1)
 
 # Opcodes a session answers itself; everything else needs a room or a directory.
 _SESSION_OPCODES = frozenset({Opcode.HELLO, Opcode.PING, Opcode.PONG, Opcode.GOODBYE})
+# Reads and directory requests of an authenticated session need no frame signature.
+_UNSIGNED_OK = frozenset({Opcode.SYNC_REQUEST, Opcode.KEY_PACKAGE}) | _SESSION_OPCODES
+VERIFY_BATCH = 128
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _verify_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="verify")
+    return _POOL
+
+
+def _verify_many(headers: list[FrameHeader], key: VerifyKey) -> list[bool]:
+    return [verify_header(h, key) for h in headers]
 
 
 class ServerSession:
@@ -100,28 +119,83 @@ class ServerSession:
 
     async def _run(self) -> None:
         while True:
-            frame = await self._inbox.get()
-            if frame is None or self.closed:
+            first = await self._inbox.get()
+            if first is None or self.closed:
                 return
-            try:
-                await self._handle(frame)
-            except Exception:
-                log.exception("session %d: frame handling failed", self.session_id)
-                h = frame.header
-                self.send(
-                    replies.error(
-                        ErrorCode.FRAME_REJECTED,
-                        "internal error",
-                        request_id=h.request_id,
-                        room_id=h.room_id,
-                    )
+            # Take what else is waiting, and check its signatures off the event loop in one go.
+            batch = [first]
+            stop = False
+            while len(batch) < VERIFY_BATCH and not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            verdicts = await self._verify(batch)
+            # Frames that arrived before a disconnect are still handled: they were sent.
+            for frame, verdict in zip(batch, verdicts, strict=True):
+                await self._handle_safely(frame, verdict)
+            if stop:
+                return
+
+    async def _verify(self, batch: list[Frame]) -> list[bool | None]:
+        """Signature verdicts for the frames that will need one (None: decide later).
+
+        PyNaCl releases the GIL while it verifies, so the pool's threads use the other core
+        while the loop goes on sequencing: Ed25519 is the largest per-frame cost.
+        """
+        if not self.authenticated:
+            return [None] * len(batch)
+        key = await self.hub.signature_key(self.member_id)
+        todo = [
+            i
+            for i, f in enumerate(batch)
+            if key is not None
+            and f.header.sender_id == self.member_id
+            and f.header.opcode not in _UNSIGNED_OK
+        ]
+        verdicts: list[bool | None] = [None] * len(batch)
+        if not todo or key is None:
+            return verdicts
+        if len(todo) < 4:  # not worth a thread hop
+            for i in todo:
+                verdicts[i] = verify_header(batch[i].header, key)
+            return verdicts
+        loop = asyncio.get_running_loop()
+        halves = [todo[: len(todo) // 2], todo[len(todo) // 2 :]]
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    _verify_pool(), _verify_many, [batch[i].header for i in part], key
                 )
+                for part in halves
+            )
+        )
+        for part, oks in zip(halves, results, strict=True):
+            for i, ok in zip(part, oks, strict=True):
+                verdicts[i] = ok
+        return verdicts
+
+    async def _handle_safely(self, frame: Frame, verdict: bool | None) -> None:
+        try:
+            await self._handle(frame, verdict)
+        except Exception:
+            log.exception("session %d: frame handling failed", self.session_id)
+            h = frame.header
+            self.send(
+                replies.error(
+                    ErrorCode.FRAME_REJECTED,
+                    "internal error",
+                    request_id=h.request_id,
+                    room_id=h.room_id,
+                )
+            )
 
     def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None:
         h = frame.header
         self.send(replies.error(code, message, request_id=h.request_id, room_id=h.room_id, **kw))
 
-    async def _handle(self, frame: Frame) -> None:
+    async def _handle(self, frame: Frame, verdict: bool | None = None) -> None:
         h = frame.header
         limits = self.hub.config.limits
         wait = self._bucket.take(time.monotonic())
@@ -146,9 +220,11 @@ class ServerSession:
         if h.sender_id != self.member_id:
             self.reject(frame, ErrorCode.NOT_AUTHORIZED, "sender_id is not this session's member")
             return
-        if opcode not in (Opcode.SYNC_REQUEST, Opcode.KEY_PACKAGE):
-            key = await self.hub.signature_key(self.member_id)
-            if key is None or not verify_header(h, key):
+        if opcode not in _UNSIGNED_OK:
+            if verdict is None:
+                key = await self.hub.signature_key(self.member_id)
+                verdict = key is not None and verify_header(h, key)
+            if not verdict:
                 self.reject(frame, ErrorCode.INVALID_SIGNATURE, "invalid frame signature")
                 return
             skew = self.hub.clock_skew_ms(h.hlc_timestamp)
