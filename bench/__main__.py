@@ -7,13 +7,14 @@ import os
 import platform
 from collections.abc import Callable
 
-from . import crypto, frames, mls
+from . import crypto, frames, mls, server
 from .common import Figure, print_table
 
 BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
     "crypto": crypto.run,
     "frames": frames.run,
     "mls": mls.run,
+    "server": server.run,
 }
 
 

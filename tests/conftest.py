@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -16,12 +14,6 @@ VECTORS = Path(__file__).parent / "vectors"
 
 # The PostgreSQL server the tests use (trust auth on these machines; override for others).
 PG_ADMIN_DSN = os.environ.get("KALANDRA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def load_wire_vectors() -> list[dict[str, Any]]:
-    with open(VECTORS / "kalandra-wire.json", encoding="utf-8") as fh:
-        data: list[dict[str, Any]] = json.load(fh)
-    return data
 
 
 @pytest.fixture

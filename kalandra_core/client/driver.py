@@ -51,19 +51,24 @@ class ServerAddress:
 
 
 class _Session:
-    """The transport-facing side: frames in, connection loss."""
+    """The transport-facing side of one connection: frames in, connection loss. Once the
+    client has moved on (a dead connection it dropped itself), this connection's late events
+    are ignored, so they cannot disturb the next connection."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
 
     def frame_received(self, frame: Frame) -> None:
-        self.client._frame_received(frame)
+        if self.client._current is self:
+            self.client._frame_received(frame)
 
     def protocol_error(self, error: ProtocolError) -> None:
         log.warning("framing error from the server: %s", error)
 
     def connection_lost(self, reason: str) -> None:
-        self.client._connection_lost(reason)
+        if self.client._current is self:
+            self.client._current = None
+            self.client._connection_lost(reason)
 
 
 class Client:
@@ -77,8 +82,12 @@ class Client:
         ca_certificate: bytes | None = None,
         reconnect: bool = True,
         request_timeout: float = 15.0,
+        keepalive: float | None = 15.0,
     ) -> None:
         self.request_timeout = request_timeout
+        # Ping the server this often (seconds); no Pong within as long again means the
+        # connection is dead (a crashed server leaves QUIC silent until its idle timeout).
+        self.keepalive = keepalive
         self.core = core
         self.address = address
         self._token = token
@@ -86,6 +95,8 @@ class Client:
         self._ca = ca_certificate
         self._reconnect = reconnect
         self._sink: FrameSink | None = None
+        self._current: _Session | None = None  # the session of the connection in use
+        self._keepalive_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._futures: dict[int, asyncio.Future[Any]] = {}
         self._closing = False
@@ -106,18 +117,17 @@ class Client:
         from ..server.tcp import connect_tcp
 
         self._connected.clear()
+        session = self._current = _Session(self)
         if self.address.scheme == "quic":
             sink = await connect_quic(
                 self.address.host,
                 self.address.port,
-                lambda _sink: _Session(self),
+                lambda _sink: session,
                 ca_certificate=self._ca,
                 verify=self._ca is not None,
             )
         else:
-            sink = await connect_tcp(
-                self.address.host, self.address.port, lambda _s: _Session(self)
-            )
+            sink = await connect_tcp(self.address.host, self.address.port, lambda _s: session)
         self._sink = sink
         rid_frame = self.core.hello(self._token)
         reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
@@ -125,6 +135,8 @@ class Client:
         assert isinstance(payload, HelloReply)
         self.core.hello_reply(payload)
         self._connected.set()
+        if self.keepalive is not None and self._keepalive_task is None:
+            self._keepalive_task = asyncio.create_task(self._keepalive_loop())
         self._handle(self.core.resync_all())
 
     def _connection_lost(self, reason: str) -> None:
@@ -152,12 +164,32 @@ class Client:
         finally:
             self._reconnect_task = None
 
+    async def _keepalive_loop(self) -> None:
+        assert self.keepalive is not None
+        while not self._closing:
+            await asyncio.sleep(self.keepalive)
+            session, sink = self._current, self._sink
+            if sink is None or session is None or not self._connected.is_set():
+                continue
+            rid, data = self.core._frame(Opcode.PING, b"", sign=False)
+            try:
+                await asyncio.wait_for(self._request(rid, data), self.keepalive)
+            except ClientError:
+                continue  # the connection was lost meanwhile; the reconnect loop has it
+            except TimeoutError:
+                if self._current is session and not self._closing:
+                    log.info("no Pong from %s; dropping the connection", self.address)
+                    self._current = None  # its late events are ignored from now on
+                    self._connection_lost("keepalive timeout")
+                    sink.close("keepalive timeout")
+
     async def close(self) -> None:
         self._closing = True
-        if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnect_task
+        for task in (self._reconnect_task, self._keepalive_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._sink is not None:
             self._sink.close("client closing")
         if self.state is not None:

@@ -178,6 +178,12 @@ _AUDITED_SOURCES = {
     "KeySchedule.export": "0a6503756d7ce849620fa7efb16d191f8ac28f65d71d068e4af1bf50319ea107",
     "MLSGroup.export_secret": "f7c8e699a33468c8b927943cb71e9f95cb2987c964f1b38ff73db465567053ee",
     "MLSGroup.from_welcome": "34adb3223327f566e48da0f5ffade25aa45713df4246b6399ac364865700b524",
+    "RatchetTree.serialize_full_state": (
+        "95ba16b0c7886535fd64460a537e77cf37a445b6cb07da8ab31e72eddd85bc92"
+    ),
+    "RatchetTree.load_full_state": (
+        "ea2d61aa9aefabcc2ede1cf685bf464e926c6ebc0936cd94fbf66f5098a1df9d"
+    ),
     "RatchetTree._compute_parent_hash_for_leaf": (
         "2f8cded30df664f35670484265c3aa4585babeacd765f1d87e78500737146b6a"
     ),
@@ -349,6 +355,69 @@ def _correct_welcome_leaf_check() -> None:
 
 
 _correct_welcome_leaf_check()
+
+
+# Unmerged leaves are part of every parent node (and of its tree hash), but the library's tree
+# state (serialize_full_state / load_full_state) drops them. create_commit clones the tree that
+# way, and saved groups go through it, so after an Add without a path, the next commit of a
+# member whose tree went through a clone or a reload disagreed with everyone's tree hash
+# ("invalid confirmation tag"). The corrected pair carries them in a prefix block.
+_UNMERGED_MAGIC = b"\xffKALUL1\x00"
+_library_serialize_tree = RatchetTree.serialize_full_state
+_library_load_tree = RatchetTree.load_full_state
+
+
+def _serialize_tree(self: RatchetTree) -> bytes:
+    entries = [
+        (index, sorted(node.unmerged_leaves))
+        for index, node in sorted(self._nodes.items())
+        if not node.is_leaf and node.unmerged_leaves
+    ]
+    block = len(entries).to_bytes(4, "big") + b"".join(
+        index.to_bytes(4, "big")
+        + len(leaves).to_bytes(4, "big")
+        + b"".join(leaf.to_bytes(4, "big") for leaf in leaves)
+        for index, leaves in entries
+    )
+    return _UNMERGED_MAGIC + len(block).to_bytes(4, "big") + block + _library_serialize_tree(self)
+
+
+def _load_tree(self: RatchetTree, data: bytes) -> None:
+    if not data.startswith(_UNMERGED_MAGIC):
+        _library_load_tree(self, data)
+        return
+    at = len(_UNMERGED_MAGIC)
+    size = int.from_bytes(data[at : at + 4], "big")
+    block = data[at + 4 : at + 4 + size]
+    _library_load_tree(self, data[at + 4 + size :])
+    count = int.from_bytes(block[:4], "big")
+    pos = 4
+    for _ in range(count):
+        index = int.from_bytes(block[pos : pos + 4], "big")
+        n = int.from_bytes(block[pos + 4 : pos + 8], "big")
+        pos += 8
+        self.get_node(index).unmerged_leaves = [
+            int.from_bytes(block[pos + 4 * i : pos + 4 * i + 4], "big") for i in range(n)
+        ]
+        pos += 4 * n
+    # The library hashed the tree before the unmerged leaves were back: hash it again.
+    for node in self._nodes.values():
+        node.hash = None
+    if self.n_leaves > 0:
+        self.calculate_tree_hash()
+
+
+def _correct_tree_state() -> None:
+    if getattr(RatchetTree.serialize_full_state, "_kalandra_corrected", False):
+        return
+    _require_audited(RatchetTree.serialize_full_state, "tree state keeps unmerged leaves")
+    _require_audited(RatchetTree.load_full_state, "tree state keeps unmerged leaves")
+    _serialize_tree._kalandra_corrected = True  # type: ignore[attr-defined]
+    RatchetTree.serialize_full_state = _serialize_tree  # type: ignore[method-assign]
+    RatchetTree.load_full_state = _load_tree  # type: ignore[method-assign]
+
+
+_correct_tree_state()
 
 
 def join_from_welcome(

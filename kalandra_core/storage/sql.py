@@ -6,8 +6,11 @@ SQLite runs in WAL mode with ``synchronous=FULL`` (a committed append survives k
 loss), foreign keys on and a busy timeout. Writes go through one connection that opens every
 transaction with ``BEGIN IMMEDIATE`` (the write lock is taken up front, so a transaction never
 fails half-way on a lock it could not upgrade); reads use a small pool of read-only connections,
-each read in one snapshot. PostgreSQL uses one pool for both and its own durability settings
-(``open`` warns when ``fsync`` or ``synchronous_commit`` is off).
+each read in one snapshot. ``append`` skips SQLAlchemy there: ``sqlite_writer.SqliteWriter`` runs
+the whole transaction on a plain ``sqlite3`` connection in one hop to its thread, and the other
+writes hold that thread while they run so the two writer connections never contend.
+PostgreSQL uses one pool for both and its own durability settings (``open`` warns when
+``fsync`` or ``synchronous_commit`` is off).
 
 Nothing here logs tokens, keys or payloads.
 """
@@ -23,8 +26,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -47,19 +49,11 @@ from .base import (
     StoreError,
     Welcome,
 )
+from .sqlite_writer import SqliteWriter, sqlite_engine
 from .urls import engine_name, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
-# busy_timeout: another process (or a second store) holding the write lock makes us wait, not fail.
-_SQLITE_WRITER: Final = (
-    "PRAGMA journal_mode=WAL",
-    "PRAGMA synchronous=FULL",
-    "PRAGMA foreign_keys=ON",
-    "PRAGMA busy_timeout=10000",
-)
-_SQLITE_READER: Final = ("PRAGMA busy_timeout=10000", "PRAGMA query_only=ON")
-_SQLITE_READERS: Final = 4
 _PG_POOL: Final = 10
 
 
@@ -69,35 +63,6 @@ def _now_ms() -> int:
 
 def _token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
-
-
-def _sqlite_engine(url: str, *, writer: bool) -> AsyncEngine:
-    engine = create_async_engine(
-        url,
-        pool_size=1 if writer else _SQLITE_READERS,
-        max_overflow=0,
-        pool_timeout=60,
-        hide_parameters=True,  # never put tokens, keys or payloads into messages or logs
-    )
-    begin = "BEGIN IMMEDIATE" if writer else "BEGIN"
-    pragmas = _SQLITE_WRITER if writer else _SQLITE_READER
-
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Take BEGIN away from the sqlite3 module (it skips it for SELECTs); see on_begin.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            for pragma in pragmas:
-                cursor.execute(pragma)
-        finally:
-            cursor.close()
-
-    def on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin)
-
-    event.listen(engine.sync_engine, "connect", on_connect)
-    event.listen(engine.sync_engine, "begin", on_begin)
-    return engine
 
 
 @asynccontextmanager
@@ -120,9 +85,12 @@ def _account(row: Any) -> MemberAccount:
 class SqlStore:
     """The homeserver store; create it with :meth:`open`."""
 
-    def __init__(self, writer: AsyncEngine, reader: AsyncEngine) -> None:
+    def __init__(
+        self, writer: AsyncEngine, reader: AsyncEngine, fast: SqliteWriter | None = None
+    ) -> None:
         self._writer = writer
         self._reader = reader
+        self._fast = fast  # SQLite only: the one-hop append
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True) -> SqlStore:
@@ -134,7 +102,7 @@ class SqlStore:
         if migrate:
             await migrations.upgrade(url)
         if engine_name(url) == "sqlite":
-            store = cls(_sqlite_engine(full, writer=True), _sqlite_engine(full, writer=False))
+            store = cls(sqlite_engine(full, writer=True), sqlite_engine(full, writer=False))
         else:
             engine = create_async_engine(
                 full, pool_size=_PG_POOL, max_overflow=_PG_POOL, hide_parameters=True
@@ -142,6 +110,10 @@ class SqlStore:
             store = cls(engine, engine)
         try:
             await store._first_connect()
+            if engine_name(url) == "sqlite":
+                path = make_url(full).database
+                assert path is not None
+                store._fast = await SqliteWriter.open(path)
         except BaseException:
             await store.close()
             raise
@@ -160,7 +132,11 @@ class SqlStore:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with _store_errors(), self._writer.begin() as conn:
+        if self._fast is None:
+            async with _store_errors(), self._writer.begin() as conn:
+                yield conn
+            return
+        async with self._fast.exclusive(), _store_errors(), self._writer.begin() as conn:
             yield conn
 
     @asynccontextmanager
@@ -169,6 +145,8 @@ class SqlStore:
             yield conn
 
     async def close(self) -> None:
+        if self._fast is not None:
+            await self._fast.close()
         await self._writer.dispose()
         if self._reader is not self._writer:
             await self._reader.dispose()
@@ -344,7 +322,10 @@ class SqlStore:
     ) -> None:
         """Frames and changes in one transaction; ``entries`` may be empty (changes only)."""
         changes = changes or RoomChanges()
-        sql_log.check_batch(room_id, entries, changes)  # fail fast, before taking the lock
+        commit_epoch = sql_log.check_batch(room_id, entries, changes)  # before taking the lock
+        if self._fast is not None:
+            await self._fast.append(room_id, entries, changes, commit_epoch)
+            return
         async with self._write() as conn:
             await sql_log.append(conn, room_id, entries, changes)
 

@@ -6,6 +6,9 @@ Conflict detection: :func:`append` claims the index range with a conditional
 writes anything. On PostgreSQL a second writer blocks on the row lock, re-evaluates the condition
 after the first commits and matches nothing; on SQLite the write lock (``BEGIN IMMEDIATE``)
 serializes them. Zero rows -> :class:`AppendConflict`, and the transaction rolls back.
+
+On SQLite, ``SqlStore.append`` runs the same statements through ``sqlite_writer`` instead (plain
+``sqlite3``, one hop); a change to :func:`append` here goes there too (the store tests cover both).
 """
 
 from __future__ import annotations

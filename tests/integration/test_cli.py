@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import load_wire_vectors
+from wire_vectors import load_wire_vectors
 
 FRAMES = [v for v in load_wire_vectors() if v["kind"] in ("frame_snapshot", "frame_signature")]
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import load_wire_vectors
 from hypothesis import given
 from hypothesis import strategies as st
+from wire_vectors import load_wire_vectors
 
 from kalandra_core.proto.hlc import LOGICAL_MASK, HybridClock, pack, skew_ms, unpack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import load_wire_vectors
+from wire_vectors import load_wire_vectors
 
 from kalandra_core.proto import Frame, FrameHeader, Opcode, verify_header
 

@@ -1,0 +1,398 @@
+"""The homeserver end to end: sequencer throughput, native latency, idle connections.
+
+The server runs in its own process (``python -m kalandra_core serve``) on a fresh SQLite
+database (WAL, ``synchronous=FULL``), TCP on 127.0.0.1, with every frame's Ed25519 signature
+verified; the rate limit is raised out of the way. Setup (not measured, its duration is
+printed): members A (the room's creator) and B join one room through the native client
+driver, which then disconnects; the measurements use raw connections (an asyncio Protocol
+and a FrameDecoder, the cheapest reader), a second session of the same members.
+
+Figures:
+
+* sequencer throughput, one room: M AppMessage frames (M = 2,000 quick / 20,000 full),
+  pre-built and signed by A's ClientCore, written over A's connection all at once
+  (pipelined); timed until A has received the echo of every one (or an Error frame for it).
+  Target (DESIGN): >= 10k msgs/s; the limit is single-core Ed25519 verification
+  (``VerifyKey.verify`` of a 56-byte message), measured in the same run.
+* native -> native latency: A sends at a paced 1,000 msgs/s (2 s quick / 10 s full) and a
+  session of B notes the arrival of each; both ends live in this process, so one clock.
+  Target: p99 < 10 ms; the limit is that target itself. Printed alongside: the Ping -> Pong
+  round trip on the same connection (transport and event loops only, no sequencer/storage).
+* idle connections: K connections (K = 500 quick / 10,000 full), each authenticated with a
+  Hello (one account's token and device key, reused) and holding. Reported: how many got a
+  HelloReply and were still open a second later (limit: K), and the server's RSS growth per
+  connection (limit: this machine's memory / 10k, what 10k connections may take at most).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from kalandra_core.client.content import Content
+from kalandra_core.client.core import ClientCore
+from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.proto import Frame, FrameHeader, Opcode
+
+from ._server_proc import (
+    RawConnection,
+    ServerProcess,
+    nofile_soft,
+    raise_nofile,
+    raw_connect,
+    restore_nofile,
+)
+from .common import Figure, rate
+
+THROUGHPUT_TARGET = 10_000.0
+LATENCY_TARGET_MS = 10.0
+LATENCY_RATE = 1_000.0  # msgs/s
+CONNECTIONS_TARGET = 10_000
+_CONNECT_PARALLEL = 200  # handshakes in flight while opening idle connections
+_WAIT = 120.0  # seconds: give up waiting for echoes after this
+
+
+class _Tally:
+    """Counts APP_MESSAGE frames from one sender (and Error frames) on one connection."""
+
+    def __init__(self, sender_id: int, *, stamp: bool = False) -> None:
+        self.sender_id = sender_id
+        self.echoes = 0
+        self.errors = 0
+        self.arrivals: dict[int, float] | None = {} if stamp else None
+        self.target = 0
+        self.done: asyncio.Future[float] | None = None
+        self.pongs: dict[int, float] = {}
+
+    def expect(self, count: int) -> asyncio.Future[float]:
+        """A future set (to the perf_counter time) once ``count`` more frames are in."""
+        self.target = self.echoes + self.errors + count
+        self.done = asyncio.get_running_loop().create_future()
+        return self.done
+
+    def __call__(self, frame: Frame) -> None:
+        h = frame.header
+        if h.opcode == Opcode.APP_MESSAGE and h.sender_id == self.sender_id:
+            self.echoes += 1
+            if self.arrivals is not None:
+                self.arrivals[h.request_id] = time.perf_counter()
+        elif h.opcode == Opcode.ERROR:
+            self.errors += 1
+        else:
+            if h.opcode == Opcode.PONG:
+                self.pongs[h.request_id] = time.perf_counter()
+            return
+        done = self.done
+        if done is not None and not done.done() and self.echoes + self.errors >= self.target:
+            done.set_result(time.perf_counter())
+
+
+def _messages(core: ClientCore, room: bytes, count: int) -> list[tuple[int, bytes]]:
+    """``count`` encrypted, signed AppMessage frames from ``core`` (request id, bytes)."""
+    content = Content(body="benchmark message, about one line of chat text")
+    frames = [core.send_message(room, content) for _ in range(count)]
+    core.outbox.clear()  # never sent through the driver; nothing to retry
+    return frames
+
+
+async def _setup(server: ServerProcess) -> tuple[ClientCore, ClientCore, bytes]:
+    """A creates a room and invites B, through the native client driver."""
+    address = ServerAddress("tcp", "127.0.0.1", server.port)
+    a_acc, b_acc = server.users["alice"], server.users["bob"]
+    a = Client(ClientCore(a_acc.member_id, os.urandom(32)), address, a_acc.token)
+    b = Client(ClientCore(b_acc.member_id, os.urandom(32)), address, b_acc.token)
+    try:
+        await a.connect()
+        await b.connect()
+        await b.publish_key_packages(1)
+        room = await a.create_room(name="bench")
+        await a.invite(room, [b_acc.member_id])
+        joined = await asyncio.wait_for(b.joined.get(), 30)
+        if joined != room:
+            raise AssertionError("B joined another room")
+        await b.settle()
+        await a.settle()
+    finally:
+        await a.close()
+        await b.close()
+    return a.core, b.core, room
+
+
+async def _throughput(
+    a_conn: RawConnection, a_tally: _Tally, b_tally: _Tally, frames: list[bytes]
+) -> tuple[float, float]:
+    """Write all ``frames`` at once; (seconds until A has every echo or Error, the same for
+    B's echoes). A side that gives up waiting reports the time it gave up (the counts tell)."""
+    a_done = a_tally.expect(len(frames))
+    b_done = b_tally.expect(len(frames))
+    start = time.perf_counter()
+    a_conn.write(b"".join(frames))
+    a_end = await _until(a_done, _WAIT)
+    b_end = await _until(b_done, 5.0)  # errors go to A only: B may never see them all
+    return a_end - start, b_end - start
+
+
+async def _until(done: asyncio.Future[float], wait: float) -> float:
+    try:
+        return await asyncio.wait_for(asyncio.shield(done), wait)
+    except TimeoutError:
+        return time.perf_counter()
+
+
+async def _paced(
+    a_conn: RawConnection, b_tally: _Tally, frames: list[tuple[int, bytes]], per_second: float
+) -> tuple[dict[int, float], float, float]:
+    """Send ``frames`` at ``per_second``; (send times by request id, send span, total span)."""
+    done = b_tally.expect(len(frames))
+    sent: dict[int, float] = {}
+    start = time.perf_counter()
+    i = 0
+    n = len(frames)
+    while i < n:
+        now = time.perf_counter()
+        due = min(n, int((now - start) * per_second) + 1)
+        while i < due:
+            rid, data = frames[i]
+            a_conn.write(data)
+            sent[rid] = time.perf_counter()
+            i += 1
+        delay = start + i / per_second - time.perf_counter()
+        await asyncio.sleep(max(0.0, delay))
+    send_span = time.perf_counter() - start
+    end = await _until(done, _WAIT)
+    return sent, send_span, end - start
+
+
+async def _idle_connections(
+    server: ServerProcess, core: ClientCore, token: str, count: int
+) -> tuple[list[RawConnection], dict[str, int], float]:
+    """Open ``count`` authenticated connections; (open ones, failures by kind, seconds)."""
+    opened: list[RawConnection] = []
+    failures: dict[str, int] = {}
+    gate = asyncio.Semaphore(_CONNECT_PARALLEL)
+
+    async def one() -> None:
+        async with gate:
+            try:
+                opened.append(await raw_connect(server.port, core.hello(token), wait=60))
+            except Exception as exc:  # counted and reported, not raised
+                kind = type(exc).__name__
+                failures[kind] = failures.get(kind, 0) + 1
+
+    start = time.perf_counter()
+    await one()  # the first Hello binds the account's device key
+    await asyncio.gather(*(one() for _ in range(count - 1)))
+    return opened, failures, time.perf_counter() - start
+
+
+async def _ping_rtts(conn: RawConnection, tally: _Tally, count: int) -> list[float]:
+    """Ping round trips (ms, sorted), one per millisecond: the transport and event loops alone,
+    no signature, sequencer or storage (the server's session answers Ping itself)."""
+    sent: dict[int, float] = {}
+    for i in range(count):
+        rid = (1 << 31) + i  # clear of the ClientCore's request ids
+        conn.write(Frame.build(FrameHeader(Opcode.PING, request_id=rid), b"").encode())
+        sent[rid] = time.perf_counter()
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.2)
+    return sorted((tally.pongs[r] - t) * 1000 for r, t in sent.items() if r in tally.pongs)
+
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
+
+
+def _mem_total_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1])
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+async def _main(quick: bool) -> list[Figure]:
+    m = 2_000 if quick else 20_000
+    warmup = 200
+    seconds = 2.0 if quick else 10.0
+    k = 500 if quick else CONNECTIONS_TARGET
+
+    previous = raise_nofile(k + 2_000)  # the server process inherits the raised limit
+    try:
+        if nofile_soft() < k + 200:
+            k = max(100, nofile_soft() - 200)
+            print(f"server: RLIMIT_NOFILE too low; holding only {k} connections")
+        limits = {
+            "max_connections": k + 100,
+            "rate_per_second": 1e9,
+            "rate_burst": 1_000_000_000,
+            "send_buffer": 256 * 1024 * 1024,
+            "handshake_timeout": 600.0,
+            "idle_timeout": 3_600.0,
+        }
+        async with ServerProcess(["alice", "bob", "idle"], limits) as server:
+            return await _measure(server, quick, m, warmup, seconds, k)
+    finally:
+        restore_nofile(previous)
+
+
+async def _measure(
+    server: ServerProcess, quick: bool, m: int, warmup: int, seconds: float, k: int
+) -> list[Figure]:
+    limits = ", ".join(f"{key}={value:,.0f}" for key, value in server.limits.items())
+    print(f"server: separate process pid {server.pid}, sqlite WAL synchronous=FULL, TCP 127.0.0.1")
+    print(f"server: limits {limits}; RLIMIT_NOFILE {nofile_soft()}")
+
+    # --- setup: one room with A and B, through the native client driver --------------------
+    t0 = time.perf_counter()
+    a_core, b_core, room = await _setup(server)
+    a_id = a_core.member_id
+    a_token, b_token = server.users["alice"].token, server.users["bob"].token
+    a_tally, b_tally = _Tally(a_id), _Tally(a_id, stamp=True)
+    a_conn = await raw_connect(server.port, a_core.hello(a_token), a_tally)
+    b_conn = await raw_connect(server.port, b_core.hello(b_token), b_tally)
+    t_setup = time.perf_counter()
+    n_paced = int(LATENCY_RATE * seconds)
+    built = _messages(a_core, room, warmup + m + n_paced)
+    t_build = time.perf_counter()
+    print(
+        f"server setup: room with A and B {t_setup - t0:.1f} s; "
+        f"{len(built):,} AppMessage frames built and signed {t_build - t_setup:.1f} s "
+        f"({len(built[0][1])} bytes each)"
+    )
+
+    # --- 1. sequencer throughput ---------------------------------------------------------------
+    warm = [data for _, data in built[:warmup]]
+    await _throughput(a_conn, a_tally, b_tally, warm)
+    echoes_before, b_before = a_tally.echoes, b_tally.echoes
+    errors_before = a_tally.errors
+    burst = [data for _, data in built[warmup : warmup + m]]
+    a_secs, b_secs = await _throughput(a_conn, a_tally, b_tally, burst)
+    echoed = a_tally.echoes - echoes_before
+    to_b = b_tally.echoes - b_before
+    errors = a_tally.errors - errors_before
+    throughput = echoed / a_secs
+
+    signer = SigningKey.generate()
+    signed = signer.sign(os.urandom(56))  # header[0:40] || header[48:64]
+    verify_key = signer.verify_key
+    verify_rate = rate(lambda: verify_key.verify(signed), 2_000, 5 if quick else 15)
+    print(
+        f"server sequencer M={m:,} (after {warmup} warm-up): A got {echoed:,} echoes in "
+        f"{a_secs:.2f} s, B got {to_b:,} in {b_secs:.2f} s; {errors} Error frames"
+        + (f" (first: {a_conn.first_error})" if errors else "")
+        + f"; Ed25519 verify {verify_rate:,.0f}/s ({1e6 / verify_rate:.1f} us)"
+    )
+
+    # --- 2. latency native -> native at a paced rate ------------------------------------------
+    paced = built[warmup + m :]
+    b_tally.arrivals = {}
+    b_errors_before = a_tally.errors
+    sent, send_span, total_span = await _paced(a_conn, b_tally, paced, LATENCY_RATE)
+    arrivals = b_tally.arrivals
+    latencies = sorted((arrivals[rid] - t) * 1000 for rid, t in sent.items() if rid in arrivals)
+    received = len(latencies)
+    p50 = _percentile(latencies, 50)
+    p99 = _percentile(latencies, 99)
+    worst = latencies[-1] if latencies else float("nan")
+    achieved = len(sent) / send_span
+    lat_errors = a_tally.errors - b_errors_before
+    print(
+        f"server latency {seconds:g} s at {LATENCY_RATE:,.0f} msgs/s: sent {len(sent):,} in "
+        f"{send_span:.2f} s ({achieved:,.0f}/s), B received {received:,} "
+        f"(all in by {total_span:.2f} s); p50 {p50:.2f} / p99 {p99:.2f} / "
+        f"mean {statistics.fmean(latencies) if latencies else float('nan'):.2f} / "
+        f"max {worst:.2f} ms; {lat_errors} Error frames"
+    )
+    rtts = await _ping_rtts(a_conn, a_tally, 500 if quick else 2_000)
+    print(
+        f"server latency floor: Ping->Pong round trip at 1,000/s p50 "
+        f"{_percentile(rtts, 50):.2f} / p99 {_percentile(rtts, 99):.2f} ms (n={len(rtts)})"
+    )
+    if received < len(sent) or achieved < 0.95 * LATENCY_RATE:
+        print(
+            f"server latency: the server did NOT keep up with {LATENCY_RATE:,.0f} msgs/s "
+            f"({received:,} of {len(sent):,} arrived)"
+        )
+
+    a_conn.close()
+    b_conn.close()
+    await asyncio.sleep(0.5)
+
+    # --- 3. idle connections --------------------------------------------------------------------
+    idle = server.users["idle"]
+    idle_core = ClientCore(idle.member_id, os.urandom(32))
+    rss_before = server.rss_kib()
+    conns, failures, open_secs = await _idle_connections(server, idle_core, idle.token, k)
+    await asyncio.sleep(1.0)
+    alive = [c for c in conns if not c.lost]
+    rss_after = server.rss_kib()
+    per_conn = (rss_after - rss_before) / max(1, len(alive))
+    refused = sum(c.errors for c in conns)
+    print(
+        f"server idle K={k:,}: {len(conns):,} HelloReplies in {open_secs:.1f} s "
+        f"({_CONNECT_PARALLEL} handshakes in flight), {len(alive):,} still open after 1 s, "
+        f"failures {failures or 'none'}, {refused} Error frames; server RSS "
+        f"{rss_before / 1024:,.1f} -> {rss_after / 1024:,.1f} MiB "
+        f"({per_conn:,.1f} KiB per connection); server alive: {server.alive()}"
+    )
+    for conn in conns:
+        conn.close()
+    await asyncio.sleep(0.5)
+
+    mem_per_10k = _mem_total_kib() / CONNECTIONS_TARGET
+    return [
+        Figure(
+            "sequencer, 1 room, SQLite, signed",
+            throughput,
+            "msgs/s",
+            f">= {THROUGHPUT_TARGET:,.0f} msgs/s",
+            "1-core Ed25519 verify",
+            verify_rate,
+        ),
+        Figure(
+            f"native->native p50 @ {LATENCY_RATE:,.0f}/s",
+            p50,
+            "ms",
+            "-",
+            "p99 target",
+            LATENCY_TARGET_MS,
+            decimals=2,
+        ),
+        Figure(
+            f"native->native p99 @ {LATENCY_RATE:,.0f}/s",
+            p99,
+            "ms",
+            f"p99 < {LATENCY_TARGET_MS:g} ms",
+            "target",
+            LATENCY_TARGET_MS,
+            decimals=2,
+        ),
+        Figure(
+            "idle connections held, 1 process",
+            len(alive),
+            "conns",
+            f"{CONNECTIONS_TARGET:,}",
+            "attempted",
+            k,
+        ),
+        Figure(
+            "server RSS per idle connection",
+            per_conn,
+            "KiB",
+            "-",
+            "MemTotal / 10k",
+            mem_per_10k,
+            decimals=1,
+        ),
+    ]
+
+
+def run(quick: bool) -> list[Figure]:
+    return asyncio.run(_main(quick))
