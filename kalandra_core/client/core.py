@@ -70,6 +70,7 @@ class ClientCore:
         *,
         clock: Callable[[], float] = time.time,
         handshake: Handshake = Handshake.PUBLIC,
+        first_request_id: int | None = None,
     ) -> None:
         self.member_id = member_id
         self.signing_key = bytes(signing_key)
@@ -81,8 +82,13 @@ class ClientCore:
         self.outbox: dict[int, Pending] = {}
         self.server_key: bytes | None = None
         self.session_id: int | None = None
+        # Welcomes for rooms we still think we are in (we may have been removed meanwhile).
+        self.parked_welcomes: dict[bytes, Frame] = {}
+        self.sync_requests: dict[int, bytes] = {}  # request id -> room, to route sync errors
         self._hlc = HybridClock()
-        self._next_request = secrets.randbelow(_REQUEST_SPACE) + 1
+        self._next_request = (
+            secrets.randbelow(_REQUEST_SPACE) + 1 if first_request_id is None else first_request_id
+        )
 
     # --- frames out ----------------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class ClientCore:
         out: list[ev.Event] = []
         for pending in self.outbox.values():
             pending.awaiting_sync = True  # sent before the drop? the log will tell
+        self.sync_requests.clear()  # answers to those will never come
         for room in self.rooms.values():
             if room.active:
                 room.syncing = False
@@ -333,8 +340,7 @@ class ClientCore:
         result = room.group.process(frame.payload)
         out: list[ev.Event] = []
         if result.removed_self:
-            room.active = False
-            return [ev.Left(room.room_id, "removed from the group")]
+            return self._leave(room, "removed from the group")
         room.epoch_moved()
         out.append(ev.EpochChanged(room.room_id, room.epoch, result.added, result.removed))
         if pending is not None and result.kind == "own_commit":
@@ -382,16 +388,37 @@ class ClientCore:
             ev.Moderated(room.room_id, h.context_id, action, h.sender_id, payload.user_id, reason)
         ]
         if payload.user_id == self.member_id and action in ("kick", "ban"):
-            room.active = False
-            out.append(ev.Left(room.room_id, f"{action}ed by {h.sender_id}: {reason}"))
+            out += self._leave(room, f"{action}ed by {h.sender_id}: {reason}")
+        return out
+
+    def _leave(self, room: ClientRoom, reason: str) -> list[ev.Event]:
+        """We are out of the room: fail what still waits for it, then take a Welcome that
+        arrived for it meanwhile (removed and re-added while we were away)."""
+        room.active = False
+        room.syncing = False
+        out: list[ev.Event] = [ev.Left(room.room_id, reason), ev.StateChanged(room.room_id)]
+        for rid, pending in list(self.outbox.items()):
+            if pending.room_id == room.room_id:
+                del self.outbox[rid]
+                out.append(ev.Failed(rid, room.room_id, 0, f"left the room: {reason}"))
+        parked = self.parked_welcomes.pop(room.room_id, None)
+        if parked is not None:
+            out += self._welcome(parked)
         return out
 
     def _welcome(self, frame: Frame) -> list[ev.Event]:
         h = frame.header
         room_id = h.room_id_bytes
-        if h.context_id != self.member_id or (
-            room_id in self.rooms and self.rooms[room_id].active
-        ):
+        if h.context_id != self.member_id:
+            return []
+        current = self.rooms.get(room_id)
+        if current is not None and current.active:
+            # Still a member as far as we know: either a repeat delivery of the Welcome we
+            # joined with, or we were removed and re-added while away. Catch up; if the log
+            # shows our removal, the kept Welcome is used then.
+            if frame.header.epoch > current.epoch:
+                self.parked_welcomes[room_id] = frame
+                return self._sync(current)
             return []
         group = None
         for ref, bundle in list(self.bundles.items()):
@@ -408,33 +435,28 @@ class ClientCore:
         room = ClientRoom(room_id, group, last_seen=-1)
         room.anchored = False
         self.rooms[room_id] = room
-        # Find the commit that added us; the log after it is ours to read.
-        _rid, data = self._frame(
-            Opcode.SYNC_REQUEST,
-            SyncRequest(from_log_index=0, limit=1, from_epoch=room.epoch - 1, to_epoch=room.epoch),
-            room=room,
-            sign=False,
-        )
-        room.syncing = True
         return [
             ev.StateChanged(None),
             ev.StateChanged(room_id),
             ev.Joined(room_id, room.epoch),
-            ev.Outgoing(data),
+            *self._sync(room),
         ]
 
     # --- sync and retries ----------------------------------------------------------------------
 
     def _sync(self, room: ClientRoom) -> list[ev.Event]:
-        if room.syncing or not room.anchored:
+        if room.syncing or not room.active:
             return []
         room.syncing = True
-        _rid, data = self._frame(
-            Opcode.SYNC_REQUEST,
-            SyncRequest(from_log_index=room.last_seen + 1, limit=SYNC_PAGE),
-            room=room,
-            sign=False,
-        )
+        if room.anchored:
+            request = SyncRequest(from_log_index=room.last_seen + 1, limit=SYNC_PAGE)
+        else:
+            # A joiner first looks up the commit that added it; the log after it is ours.
+            request = SyncRequest(
+                from_log_index=0, limit=1, from_epoch=room.epoch - 1, to_epoch=room.epoch
+            )
+        rid, data = self._frame(Opcode.SYNC_REQUEST, request, room=room, sign=False)
+        self.sync_requests[rid] = room.room_id
         return [ev.Outgoing(data)]
 
     def open_room(self, room_id: bytes) -> list[ev.Event]:
@@ -444,7 +466,8 @@ class ClientCore:
         return self._sync(room)
 
     def _sync_response(self, frame: Frame, room: ClientRoom | None) -> list[ev.Event]:
-        if room is None:
+        self.sync_requests.pop(frame.header.request_id, None)
+        if room is None or not room.active:
             return []
         response = decode_payload(Opcode.SYNC_RESPONSE, frame.payload)
         assert isinstance(response, SyncResponse)
@@ -463,7 +486,7 @@ class ClientCore:
             except PayloadDecodeError:
                 continue
             out += self._ordered_synced(room, inner)
-            if not room.active:
+            if room.left():  # the log showed our removal
                 return out
         if response.has_more or room.ahead:
             out += self._sync(room)
@@ -486,6 +509,14 @@ class ClientCore:
         except PayloadDecodeError:
             error = ErrorPayload(code=int(ErrorCode.FRAME_REJECTED), message="(undecodable error)")
         assert isinstance(error, ErrorPayload)
+        synced = self.sync_requests.pop(h.request_id, None)
+        if synced is not None and synced in self.rooms:
+            room_synced = self.rooms[synced]
+            room_synced.syncing = False
+            if error.code in (ErrorCode.NOT_AUTHORIZED, ErrorCode.BANNED) and room_synced.active:
+                # The server no longer lets us read the room: we were removed or banned.
+                return self._leave(room_synced, f"no longer a member ({error.message})")
+            return [ev.Failed(h.request_id, synced, error.code, error.message)]
         pending = self.outbox.get(h.request_id)
         room = self.rooms.get(h.room_id_bytes) if h.room_id else None
         if pending is None or room is None:

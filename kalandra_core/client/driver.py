@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..proto import ErrorPayload, Frame, HelloReply, Opcode, ProtocolError, decode_payload
-from ..server.transport import FrameSink
+from ..server.transport import FrameSink, SessionFactory
 from . import events as ev
 from .content import Content
 from .core import ClientCore
@@ -31,6 +31,32 @@ class ClientError(Exception):
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.code = code
+
+
+class NotYetConfirmed(ClientError):
+    """The request is queued (the outbox keeps it across reconnects and restarts) but the server
+    has not confirmed it in time. Do not send it again: it will be delivered once."""
+
+
+Connector = Callable[["ServerAddress", SessionFactory, "bytes | None"], Awaitable[FrameSink]]
+
+
+async def connect_transport(
+    address: ServerAddress, factory: SessionFactory, ca_certificate: bytes | None
+) -> FrameSink:
+    """The real transports: TCP, or QUIC (verifying against ``ca_certificate`` when given)."""
+    from ..server.quic import connect_quic
+    from ..server.tcp import connect_tcp
+
+    if address.scheme == "quic":
+        return await connect_quic(
+            address.host,
+            address.port,
+            factory,
+            ca_certificate=ca_certificate,
+            verify=ca_certificate is not None,
+        )
+    return await connect_tcp(address.host, address.port, factory)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +109,9 @@ class Client:
         reconnect: bool = True,
         request_timeout: float = 15.0,
         keepalive: float | None = 15.0,
+        connector: Connector | None = None,
     ) -> None:
+        self._connector = connector or connect_transport
         self.request_timeout = request_timeout
         # Ping the server this often (seconds); no Pong within as long again means the
         # connection is dead (a crashed server leaves QUIC silent until its idle timeout).
@@ -113,21 +141,9 @@ class Client:
         await asyncio.wait_for(self._open(), self.request_timeout)
 
     async def _open(self) -> None:
-        from ..server.quic import connect_quic
-        from ..server.tcp import connect_tcp
-
         self._connected.clear()
         session = self._current = _Session(self)
-        if self.address.scheme == "quic":
-            sink = await connect_quic(
-                self.address.host,
-                self.address.port,
-                lambda _sink: session,
-                ca_certificate=self._ca,
-                verify=self._ca is not None,
-            )
-        else:
-            sink = await connect_tcp(self.address.host, self.address.port, lambda _s: session)
+        sink = await self._connector(self.address, lambda _sink: session, self._ca)
         self._sink = sink
         rid_frame = self.core.hello(self._token)
         reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
@@ -142,10 +158,14 @@ class Client:
     def _connection_lost(self, reason: str) -> None:
         self._sink = None
         self._connected.clear()
-        for future in self._futures.values():
+        # Requests the outbox keeps (messages, commits, ...) stay pending: they are resent
+        # after the reconnect's catch-up and resolve when the log shows them.
+        for rid, future in list(self._futures.items()):
+            if rid in self.core.outbox:
+                continue
+            del self._futures[rid]
             if not future.done():
                 future.set_exception(ClientError(f"connection lost: {reason}"))
-        self._futures.clear()
         if self._reconnect and not self._closing and self._reconnect_task is None:
             self._reconnect_task = asyncio.create_task(self._reconnect_loop())
 
@@ -265,7 +285,14 @@ class Client:
             self._resolve(event.request_id, frame)
 
     async def _await(self, request_id: int, data: bytes) -> Any:
-        return await asyncio.wait_for(self._request(request_id, data), self.request_timeout)
+        future = self._request(request_id, data)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
+        except TimeoutError:
+            if request_id in self.core.outbox:
+                raise NotYetConfirmed("queued; the server has not confirmed it yet") from None
+            self._futures.pop(request_id, None)
+            raise
 
     # --- operations ----------------------------------------------------------------------------
 

@@ -68,6 +68,9 @@ class ClientRoom:
     def epoch(self) -> int:
         return self.group.epoch
 
+    def left(self) -> bool:
+        return not self.active
+
     def roster(self) -> dict[int, tuple[int, bytes]]:
         """member id -> (leaf index, Ed25519 key), cached per epoch."""
         if self._roster is None:

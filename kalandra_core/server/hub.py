@@ -69,7 +69,9 @@ class Hub:
         server_key: SigningKey,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.monotonic = monotonic  # timeouts and rate limits (simulations pass virtual time)
         self.store = store
         self.config = config
         self.server_key = server_key
@@ -109,7 +111,7 @@ class Hub:
         limits = self.config.limits
         while True:
             await asyncio.sleep(min(5.0, limits.idle_timeout / 4))
-            now = time.monotonic()
+            now = self.monotonic()
             for session in list(self.sessions.values()):
                 if (
                     not session.authenticated
@@ -131,9 +133,10 @@ class Hub:
 
     async def session_authenticated(self, session: ServerSession) -> None:
         self.by_member.setdefault(session.member_id, set()).add(session)
+        # Kept until the member shows it joined (its first sync of that room, see _sync): a
+        # Welcome handed to a connection that then died must not be lost.
         for welcome in await self.store.pending_welcomes(session.member_id):
-            if session.send(welcome.frame):
-                await self.store.welcome_delivered(welcome.welcome_id)
+            session.send(welcome.frame)
 
     async def signature_key(self, member_id: int) -> VerifyKey | None:
         key = self._keys.get(member_id)
@@ -302,6 +305,10 @@ class Hub:
             return
         limit = max(0, min(request.limit, self.config.limits.sync_max))
         if request.from_epoch is not None:
+            # A joiner looks up the commit that added it: its Welcome has done its job.
+            for welcome in await self.store.pending_welcomes(session.member_id):
+                if welcome.room_id == h.room_id_bytes:
+                    await self.store.welcome_delivered(welcome.welcome_id)
             to_epoch = request.to_epoch if request.to_epoch is not None else seq.epoch
             stored = await self.store.commits_between(
                 h.room_id_bytes, request.from_epoch, min(to_epoch, request.from_epoch + limit)

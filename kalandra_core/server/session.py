@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -69,7 +68,7 @@ class ServerSession:
         self.member_id = 0
         self.authenticated = False
         self.closed = False
-        now = time.monotonic()
+        now = self.hub.monotonic()
         self.connected_at = now
         self.last_seen = now
         limits = hub.config.limits
@@ -80,7 +79,7 @@ class ServerSession:
     # --- transport side -------------------------------------------------------------------
 
     def frame_received(self, frame: Frame) -> None:
-        self.last_seen = time.monotonic()
+        self.last_seen = self.hub.monotonic()
         self._inbox.put_nowait(frame)
 
     def protocol_error(self, error: ProtocolError) -> None:
@@ -198,7 +197,7 @@ class ServerSession:
     async def _handle(self, frame: Frame, verdict: bool | None = None) -> None:
         h = frame.header
         limits = self.hub.config.limits
-        wait = self._bucket.take(time.monotonic())
+        wait = self._bucket.take(self.hub.monotonic())
         if wait > 0:
             self.reject(
                 frame,

@@ -304,9 +304,9 @@ class RoomWorker:
             await self._store.append(self.room_id, [], RoomChanges(upsert_members=[member]))
             seq.members[recipient] = member
         frame = item.frame.encode()
-        welcome_id = await self._store.put_welcome(self.room_id, recipient, frame)
-        if self._fanout.deliver_once(recipient, frame):
-            await self._store.welcome_delivered(welcome_id)
+        # Kept in the mailbox until the recipient syncs the room (it then has joined).
+        await self._store.put_welcome(self.room_id, recipient, frame)
+        self._fanout.deliver_once(recipient, frame)
 
     async def _group_info(self, item: _Item) -> None:
         """A member publishes the current GroupInfo (for external joins)."""
