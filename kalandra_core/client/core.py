@@ -140,6 +140,12 @@ class ClientCore:
         """After (re)connecting: catch up every room from its last applied log index."""
         out: list[ev.Event] = []
         for pending in self.outbox.values():
+            if pending.kind == "welcome":
+                # Not logged: resent as is, until the server's receipt (or its refusal).
+                room = self.rooms.get(pending.room_id)
+                if room is not None:
+                    out.append(ev.Outgoing(self._welcome_frame(room, pending)))
+                continue
             pending.awaiting_sync = True  # sent before the drop? the log will tell
         self.sync_requests.clear()  # answers to those will never come
         for room in self.rooms.values():
@@ -188,6 +194,7 @@ class ClientCore:
     def _encrypt(self, room: ClientRoom, pending: Pending) -> bytes:
         assert pending.plaintext is not None
         envelope = room.keys.encrypt(pending.plaintext)
+        pending.epoch = room.epoch
         return self._frame(Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id)[
             1
         ]
@@ -217,15 +224,17 @@ class ClientCore:
         else:
             out = group.self_update()
         pending.welcomes = dict(out.welcomes)
+        pending.epoch = room.epoch
         self.outbox[pending.request_id] = pending
-        return self._frame(
+        pending.frame = self._frame(
             Opcode.COMMIT, RawPayload(out.commit), room=room, request_id=pending.request_id
         )[1]
+        return pending.frame
 
     def leave(self, room_id: bytes) -> tuple[int, bytes]:
         room = self._room(room_id)
         rid = self._request_id()
-        self.outbox[rid] = Pending(rid, room_id, "leave")
+        self.outbox[rid] = Pending(rid, room_id, "leave", epoch=room.epoch)
         return rid, self._frame(
             Opcode.PROPOSAL, RawPayload(room.group.propose_leave()), room=room, request_id=rid
         )[1]
@@ -251,7 +260,7 @@ class ClientCore:
         else:
             raise ValueError(f"unknown moderation action {action!r}")
         rid = self._request_id()
-        self.outbox[rid] = Pending(rid, room_id, "moderation")
+        self.outbox[rid] = Pending(rid, room_id, "moderation", epoch=room.epoch)
         return rid, self._frame(opcode, payload, room=room, request_id=rid)[1]
 
     def _room(self, room_id: bytes) -> ClientRoom:
@@ -271,6 +280,11 @@ class ClientCore:
         if opcode == Opcode.SYNC_RESPONSE:
             return self._sync_response(frame, room)
         if opcode == Opcode.WELCOME:
+            pending = self.outbox.get(h.request_id)
+            if not frame.payload and pending is not None and pending.kind == "welcome":
+                # The server's receipt: the Welcome is in the recipient's mailbox.
+                del self.outbox[h.request_id]
+                return [ev.Acked(h.request_id, pending.room_id, None)]
             return self._welcome(frame)
         if opcode in (Opcode.KEY_PACKAGE, Opcode.GROUP_INFO, Opcode.HELLO_REPLY, Opcode.PONG):
             out: list[ev.Event] = [ev.Reply(h.request_id, frame)]
@@ -344,15 +358,28 @@ class ClientCore:
         room.epoch_moved()
         out.append(ev.EpochChanged(room.room_id, room.epoch, result.added, result.removed))
         if pending is not None and result.kind == "own_commit":
+            # Rule 6. Each Welcome stays in the outbox until the server confirms it is in the
+            # recipient's mailbox (a connection lost meanwhile would lose it for good).
             for recipient, welcome in pending.welcomes.items():
-                out.append(
-                    ev.Outgoing(
-                        self._frame(
-                            Opcode.WELCOME, RawPayload(welcome), room=room, context_id=recipient
-                        )[1]
-                    )
-                )
+                rid = self._request_id()
+                sent = Pending(rid, room.room_id, "welcome", welcomes={recipient: welcome})
+                self.outbox[rid] = sent
+                out.append(ev.Outgoing(self._welcome_frame(room, sent)))
         return out + self._retry_after_epoch(room)
+
+    def _welcome_frame(self, room: ClientRoom, pending: Pending) -> bytes:
+        """A Welcome of ours (resent unchanged: its epoch is the one its commit created)."""
+        ((recipient, welcome),) = pending.welcomes.items()
+        if pending.epoch < 0:
+            pending.epoch = room.epoch
+        return self._frame(
+            Opcode.WELCOME,
+            RawPayload(welcome),
+            room=room,
+            context_id=recipient,
+            epoch=pending.epoch,
+            request_id=pending.request_id,
+        )[1]
 
     def _proposal_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
         room.group.process(frame.payload)
@@ -391,16 +418,33 @@ class ClientCore:
             out += self._leave(room, f"{action}ed by {h.sender_id}: {reason}")
         return out
 
-    def _leave(self, room: ClientRoom, reason: str) -> list[ev.Event]:
+    def _leave(self, room: ClientRoom, reason: str, *, unseen: bool = False) -> list[ev.Event]:
         """We are out of the room: fail what still waits for it, then take a Welcome that
-        arrived for it meanwhile (removed and re-added while we were away)."""
+        arrived for it meanwhile (removed and re-added while we were away).
+
+        ``unseen``: the server refused to show us the log, so a commit of ours may have been
+        sequenced before our removal without our seeing it. Its Welcomes are sent anyway: the
+        server takes them only if that commit created their epoch (otherwise the joiners could
+        never join)."""
         room.active = False
         room.syncing = False
         out: list[ev.Event] = [ev.Left(room.room_id, reason), ev.StateChanged(room.room_id)]
         for rid, pending in list(self.outbox.items()):
-            if pending.room_id == room.room_id:
+            if pending.room_id == room.room_id and pending.kind != "welcome":
+                # (Welcomes of our logged commits are still ours to deliver.)
                 del self.outbox[rid]
                 out.append(ev.Failed(rid, room.room_id, 0, f"left the room: {reason}"))
+                if unseen and pending.frame is not None and pending.epoch >= 0:
+                    for recipient, welcome in pending.welcomes.items():
+                        sent = Pending(
+                            self._request_id(),
+                            room.room_id,
+                            "welcome",
+                            welcomes={recipient: welcome},
+                            epoch=pending.epoch + 1,
+                        )
+                        self.outbox[sent.request_id] = sent
+                        out.append(ev.Outgoing(self._welcome_frame(room, sent)))
         parked = self.parked_welcomes.pop(room.room_id, None)
         if parked is not None:
             out += self._welcome(parked)
@@ -412,12 +456,16 @@ class ClientCore:
         if h.context_id != self.member_id:
             return []
         current = self.rooms.get(room_id)
+        if current is not None and not current.active and h.epoch <= current.epoch:
+            return []  # the Welcome we once joined with, again: a re-add has a newer epoch
         if current is not None and current.active:
             # Still a member as far as we know: either a repeat delivery of the Welcome we
             # joined with, or we were removed and re-added while away. Catch up; if the log
             # shows our removal, the kept Welcome is used then.
             if frame.header.epoch > current.epoch:
-                self.parked_welcomes[room_id] = frame
+                parked = self.parked_welcomes.get(room_id)
+                if parked is None or frame.header.epoch > parked.header.epoch:
+                    self.parked_welcomes[room_id] = frame  # the newest re-add is the one
                 return self._sync(current)
             return []
         group = None
@@ -456,6 +504,8 @@ class ClientCore:
                 from_log_index=0, limit=1, from_epoch=room.epoch - 1, to_epoch=room.epoch
             )
         rid, data = self._frame(Opcode.SYNC_REQUEST, request, room=room, sign=False)
+        if not room.anchored:
+            room.anchor_request = rid
         self.sync_requests[rid] = room.room_id
         return [ev.Outgoing(data)]
 
@@ -469,6 +519,10 @@ class ClientCore:
         self.sync_requests.pop(frame.header.request_id, None)
         if room is None or not room.active:
             return []
+        if not room.anchored and frame.header.request_id != room.anchor_request:
+            # An answer to an earlier sync of this room id (before we were removed and
+            # re-added): its first frame is not the commit that added us this time.
+            return []
         response = decode_payload(Opcode.SYNC_RESPONSE, frame.payload)
         assert isinstance(response, SyncResponse)
         room.syncing = False
@@ -479,6 +533,7 @@ class ClientCore:
             anchor = Frame.decode(response.frames[0])
             room.last_seen = anchor.header.context_id
             room.anchored = True
+            room.ahead = {i: f for i, f in room.ahead.items() if i > room.last_seen}
             return [ev.StateChanged(room.room_id), *self._sync(room)]
         for data in response.frames:
             try:
@@ -488,6 +543,8 @@ class ClientCore:
             out += self._ordered_synced(room, inner)
             if room.left():  # the log showed our removal
                 return out
+        # Frames that arrived live before this page are applied by now (or predate our anchor).
+        room.ahead = {i: f for i, f in room.ahead.items() if i > room.last_seen}
         if response.has_more or room.ahead:
             out += self._sync(room)
         else:
@@ -515,12 +572,23 @@ class ClientCore:
             room_synced.syncing = False
             if error.code in (ErrorCode.NOT_AUTHORIZED, ErrorCode.BANNED) and room_synced.active:
                 # The server no longer lets us read the room: we were removed or banned.
-                return self._leave(room_synced, f"no longer a member ({error.message})")
+                return self._leave(
+                    room_synced, f"no longer a member ({error.message})", unseen=True
+                )
             return [ev.Failed(h.request_id, synced, error.code, error.message)]
         pending = self.outbox.get(h.request_id)
         room = self.rooms.get(h.room_id_bytes) if h.room_id else None
         if pending is None or room is None:
             return [ev.Failed(h.request_id, h.room_id_bytes, error.code, error.message)]
+        if (
+            error.code == ErrorCode.STALE_EPOCH
+            and error.current_epoch is not None
+            and pending.epoch >= error.current_epoch
+        ):
+            # It answers an older transmission (before a reconnect or a retry): the frame we
+            # have sent since is built on an epoch at least as new. Rebuilding now would
+            # discard a commit that may already be sequenced.
+            return []
         if error.code == ErrorCode.STALE_EPOCH and pending.attempts < MAX_ATTEMPTS:
             if pending.kind != "message":
                 room.group.discard_pending()
@@ -529,7 +597,7 @@ class ClientCore:
             room.syncing = False
             return self._sync(room)
         del self.outbox[h.request_id]
-        if pending.kind not in ("message", "moderation", "leave"):
+        if pending.kind not in ("message", "moderation", "leave", "welcome"):
             room.group.discard_pending()
         return [ev.Failed(h.request_id, room.room_id, error.code, error.message)]
 
@@ -542,6 +610,7 @@ class ClientCore:
             if pending.room_id != room.room_id or not pending.awaiting_sync:
                 continue
             pending.awaiting_sync = False
+            stale = pending.stale
             if pending.stale:
                 pending.attempts += 1
                 pending.stale = False
@@ -553,6 +622,15 @@ class ClientCore:
                 elif pending.kind in ("moderation", "leave"):
                     del self.outbox[pending.request_id]  # not rebuilt: the user may retry
                     out.append(ev.Failed(pending.request_id, room.room_id, 0, "not sent; retry"))
+                elif (
+                    not stale
+                    and pending.frame is not None
+                    and pending.epoch == room.epoch
+                    and room.group.has_pending_commit
+                ):
+                    # Still valid (a reconnect, not a StaleEpoch): the same commit again. The
+                    # server may hold the first copy still; a rebuilt one would differ from it.
+                    out.append(ev.Outgoing(pending.frame))
                 else:
                     room.group.discard_pending()
                     out.append(ev.Outgoing(self._commit(pending)))

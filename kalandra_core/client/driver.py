@@ -76,6 +76,11 @@ class ServerAddress:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _Session:
     """The transport-facing side of one connection: frames in, connection loss. Once the
     client has moved on (a dead connection it dropped itself), this connection's late events
@@ -290,6 +295,8 @@ class Client:
             return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
         except TimeoutError:
             if request_id in self.core.outbox:
+                # It resolves later (or fails) with nobody awaiting it any more.
+                future.add_done_callback(_consume)
                 raise NotYetConfirmed("queued; the server has not confirmed it yet") from None
             self._futures.pop(request_id, None)
             raise

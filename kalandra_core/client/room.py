@@ -20,7 +20,8 @@ class Pending:
 
     request_id: int
     room_id: bytes
-    kind: str  # "message", "add", "remove", "update", "proposals", "moderation", "leave"
+    kind: str  # "message", "add", "remove", "update", "proposals", "moderation", "leave",
+    # "welcome" (a Welcome of our logged commit, until the server has it in its mailbox)
     attempts: int = 1
     plaintext: bytes | None = None  # messages: re-encrypted at the new epoch on StaleEpoch
     key_packages: list[bytes] = field(default_factory=list)  # "add": rebuilt on a new epoch
@@ -28,6 +29,12 @@ class Pending:
     welcomes: dict[int, bytes] = field(default_factory=dict)  # sent once the commit is logged
     awaiting_sync: bool = False  # resend after the next catch-up, unless the log shows it
     stale: bool = False  # the server said StaleEpoch: the resend counts as an attempt
+    # The epoch of the frame last built for it (-1: unknown). A StaleEpoch reply naming a
+    # current epoch not above it answers an older transmission, already superseded.
+    epoch: int = -1
+    # Commits: the frame last sent (not persisted). Resent as is while it is still valid, so a
+    # transmission the server may already hold is never replaced by a different commit.
+    frame: bytes | None = None
 
     def to_state(self) -> list[Any]:
         return [
@@ -39,11 +46,13 @@ class Pending:
             self.key_packages,
             self.member_ids,
             self.welcomes,
+            self.epoch,
         ]
 
     @classmethod
     def from_state(cls, s: list[Any]) -> Pending:
-        return cls(s[0], s[1], s[2], s[3], s[4], list(s[5]), list(s[6]), dict(s[7]))
+        epoch = s[8] if len(s) > 8 else -1
+        return cls(s[0], s[1], s[2], s[3], s[4], list(s[5]), list(s[6]), dict(s[7]), epoch=epoch)
 
 
 class ClientRoom:
@@ -61,6 +70,7 @@ class ClientRoom:
         self.ahead: dict[int, Frame] = {}  # frames that arrived before their predecessors
         self.syncing = False
         self.anchored = last_seen >= 0  # joiners first find the commit that added them
+        self.anchor_request: int | None = None  # the request id of that lookup
         self.active = True
         self._roster: dict[int, tuple[int, bytes]] | None = None
 
@@ -124,6 +134,7 @@ class ClientRoom:
         room.ahead = {}
         room.syncing = False
         room.anchored = state["anchored"]
+        room.anchor_request = None
         room.active = state["active"]
         room._roster = None
         return room

@@ -305,9 +305,13 @@ class Hub:
             return
         limit = max(0, min(request.limit, self.config.limits.sync_max))
         if request.from_epoch is not None:
-            # A joiner looks up the commit that added it: its Welcome has done its job.
+            # A joiner looks up the commit that added it: its Welcome has done its job (and
+            # older ones of this room too; newer ones, re-adds after a removal, are kept).
             for welcome in await self.store.pending_welcomes(session.member_id):
-                if welcome.room_id == h.room_id_bytes:
+                if (
+                    welcome.room_id == h.room_id_bytes
+                    and Frame.decode(welcome.frame).header.epoch <= request.from_epoch + 1
+                ):
                     await self.store.welcome_delivered(welcome.welcome_id)
             to_epoch = request.to_epoch if request.to_epoch is not None else seq.epoch
             stored = await self.store.commits_between(

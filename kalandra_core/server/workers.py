@@ -284,7 +284,7 @@ class RoomWorker:
         h = item.frame.header
         seq = self.sequencer
         recipient = h.context_id
-        if not seq.is_member(h.sender_id):
+        if not seq.is_member(h.sender_id) and not await self._committed(h.sender_id, h.epoch):
             self._error(item, ErrorCode.NOT_AUTHORIZED, "not a member of this room")
             return
         if seq.is_banned(recipient, int(self._clock() * 1000)):
@@ -307,6 +307,27 @@ class RoomWorker:
         # Kept in the mailbox until the recipient syncs the room (it then has joined).
         await self._store.put_welcome(self.room_id, recipient, frame)
         self._fanout.deliver_once(recipient, frame)
+        if item.requester is not None:
+            # The receipt (empty payload, the request id echoed): the sender may forget it.
+            item.requester.send(
+                replies.reply(
+                    Opcode.WELCOME,
+                    b"",
+                    request_id=h.request_id,
+                    room_id=h.room_id,
+                    context_id=recipient,
+                    epoch=h.epoch,
+                )
+            )
+
+    async def _committed(self, sender: int, epoch: int) -> bool:
+        """Whether ``sender`` wrote the commit that created ``epoch``: the Welcomes of that
+        commit are its to deliver, even if it has been removed since (its Welcome may arrive
+        after its removal; nobody else can send it)."""
+        if epoch < 1:
+            return False
+        commits = await self._store.commits_between(self.room_id, epoch - 1, epoch)
+        return bool(commits) and commits[0].sender_id == sender
 
     async def _group_info(self, item: _Item) -> None:
         """A member publishes the current GroupInfo (for external joins)."""
