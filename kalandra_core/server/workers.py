@@ -330,11 +330,27 @@ class RoomWorker:
         return bool(commits) and commits[0].sender_id == sender
 
     async def _group_info(self, item: _Item) -> None:
-        """A member publishes the current GroupInfo (for external joins)."""
+        """A member publishes the current GroupInfo (for external joins), or, with an empty
+        payload, fetches the latest one (to rejoin by external commit)."""
         h = item.frame.header
         seq = self.sequencer
         if not seq.is_member(h.sender_id):
             self._error(item, ErrorCode.NOT_AUTHORIZED, "not a member of this room")
+            return
+        if not item.frame.payload:
+            stored = await self._store.get_group_info(self.room_id)
+            if stored is None:
+                self._error(item, ErrorCode.MESSAGE_NOT_FOUND, "no GroupInfo published yet")
+            elif item.requester is not None:
+                item.requester.send(
+                    replies.reply(
+                        Opcode.GROUP_INFO,
+                        RawPayload(stored[1]),
+                        request_id=h.request_id,
+                        room_id=h.room_id,
+                        epoch=stored[0],
+                    )
+                )
             return
         try:
             payload = decode_payload(h.opcode, item.frame.payload)

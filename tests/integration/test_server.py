@@ -353,3 +353,32 @@ async def test_stale_and_future_epochs_carry_the_current_epoch(server: RunningSe
     assert await a.send_text(room_id, "fine") == commit_index + 1
     for c in (a, b):
         await c.close()
+
+
+async def test_group_info_publication_and_fetch(server: RunningServer) -> None:
+    from kalandra_core.mls.group import MlsGroup
+
+    alice, eve = [await account(server, n) for n in ("alice", "eve")]
+    a = await client(server, alice)
+    room_id = await a.create_room()
+    room = int.from_bytes(room_id, "big")
+    conn = await raw(server)
+    await conn.hello(alice)
+    rid = conn.send(Opcode.GROUP_INFO, b"", account=alice, room=room)
+    reply = await conn.reply(rid)
+    assert reply.header.opcode == Opcode.GROUP_INFO
+    # What comes back is a GroupInfo an external joiner can use.
+    group, _ = MlsGroup.external_join(reply.payload, 99, os.urandom(32))
+    assert group.epoch == 1
+    # A newer one replaces it; a stale one is refused with the current epoch.
+    await a.self_update(room_id)
+    fresh = a.core.rooms[room_id].group.group_info()
+    rid = conn.send(Opcode.GROUP_INFO, RawPayload(fresh), account=alice, room=room, epoch=1)
+    assert (await conn.reply(rid)).header.opcode == Opcode.GROUP_INFO
+    rid = conn.send(Opcode.GROUP_INFO, RawPayload(reply.payload), account=alice, room=room)
+    assert (await conn.error(rid)).code == ErrorCode.INVALID_EPOCH
+    outsider = await raw(server)
+    await outsider.hello(eve)
+    rid = outsider.send(Opcode.GROUP_INFO, b"", account=eve, room=room)
+    assert (await outsider.error(rid)).code == ErrorCode.NOT_AUTHORIZED
+    await a.close()
