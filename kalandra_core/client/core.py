@@ -28,6 +28,7 @@ from ..crypto import SenderKeyError
 from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
 from ..mls.group import Handshake, MlsGroup
 from ..mls.keypackage import KeyPackageBundle, build_key_package
+from ..mls.update_tracker import UpdatePolicy
 from ..proto import (
     Ban,
     EncryptedMessage,
@@ -57,6 +58,9 @@ from .content import Content
 from .room import ClientRoom, Pending
 
 MAX_ATTEMPTS = 3
+# Outbox kinds that are not commits, and commits that carry an UpdatePath (fresh leaf keys).
+_NOT_COMMITS = frozenset({"message", "moderation", "leave", "welcome"})
+_PATH_COMMITS = frozenset({"update", "remove", "proposals"})
 SYNC_PAGE = 500
 SERVER_SENDER = 0
 _REQUEST_SPACE = 1 << 31
@@ -71,7 +75,9 @@ class ClientCore:
         clock: Callable[[], float] = time.time,
         handshake: Handshake = Handshake.PUBLIC,
         first_request_id: int | None = None,
+        update_policy: UpdatePolicy = UpdatePolicy.STANDARD,
     ) -> None:
+        self.update_policy = update_policy
         self.member_id = member_id
         self.signing_key = bytes(signing_key)
         self._signer = SigningKey(self.signing_key)
@@ -166,7 +172,9 @@ class ClientCore:
             self.member_id, self.signing_key, external_senders=senders, handshake=mode
         )
         room_id = os.urandom(16)
-        room = ClientRoom(room_id, group, last_seen=-1)
+        room = ClientRoom(
+            room_id, group, last_seen=-1, policy=self.update_policy, now=self.clock()
+        )
         room.anchored = True
         self.rooms[room_id] = room
         payload = GroupInfoData(
@@ -189,7 +197,27 @@ class ClientCore:
         rid = self._request_id()
         pending = Pending(rid, room_id, "message", plaintext=content.encode())
         self.outbox[rid] = pending
+        room.updates.message_sent()
         return rid, self._encrypt(room, pending)
+
+    def maintenance(self) -> list[ev.Event]:
+        """Periodic duties: a self-update commit for each room whose leaf is due for fresh keys
+        (post-compromise security), unless a commit of ours is already on its way."""
+        out: list[ev.Event] = []
+        now = self.clock()
+        busy = {p.room_id for p in self.outbox.values() if p.kind not in _NOT_COMMITS}
+        for room in self.rooms.values():
+            if (
+                room.active
+                and room.anchored
+                and not room.syncing
+                and room.room_id not in busy
+                and not room.group.has_pending_commit
+                and room.updates.due(now)
+            ):
+                rid = self._request_id()
+                out.append(ev.Outgoing(self._commit(Pending(rid, room.room_id, "update"))))
+        return out
 
     def _encrypt(self, room: ClientRoom, pending: Pending) -> bytes:
         assert pending.plaintext is not None
@@ -357,6 +385,8 @@ class ClientCore:
             return self._leave(room, "removed from the group")
         room.epoch_moved()
         out.append(ev.EpochChanged(room.room_id, room.epoch, result.added, result.removed))
+        if result.kind == "own_commit" and pending is not None and pending.kind in _PATH_COMMITS:
+            room.updates.leaf_updated(self.clock())  # our leaf got a fresh HPKE key
         if pending is not None and result.kind == "own_commit":
             # Rule 6. Each Welcome stays in the outbox until the server confirms it is in the
             # recipient's mailbox (a connection lost meanwhile would lose it for good).
@@ -480,7 +510,9 @@ class ClientCore:
             return [
                 ev.Undecryptable(room_id, -1, h.sender_id, "Welcome for none of our KeyPackages")
             ]
-        room = ClientRoom(room_id, group, last_seen=-1)
+        room = ClientRoom(
+            room_id, group, last_seen=-1, policy=self.update_policy, now=self.clock()
+        )
         room.anchored = False
         self.rooms[room_id] = room
         return [

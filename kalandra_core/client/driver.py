@@ -196,6 +196,7 @@ class Client:
             session, sink = self._current, self._sink
             if sink is None or session is None or not self._connected.is_set():
                 continue
+            self.maintain()
             rid, data = self.core._frame(Opcode.PING, b"", sign=False)
             try:
                 await asyncio.wait_for(self._request(rid, data), self.keepalive)
@@ -289,8 +290,12 @@ class Client:
         else:
             self._resolve(event.request_id, frame)
 
-    async def _await(self, request_id: int, data: bytes) -> Any:
+    async def _await(
+        self, request_id: int, data: bytes, *, then: Callable[[], None] | None = None
+    ) -> Any:
         future = self._request(request_id, data)
+        if then is not None:
+            then()  # work that must go out right after this frame
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
         except TimeoutError:
@@ -352,7 +357,13 @@ class Client:
 
     async def send(self, room_id: bytes, content: Content) -> int:
         rid, data = self.core.send_message(room_id, content)
-        return int(await self._await(rid, data))
+        # A self-update due after this message goes out behind it (post-compromise security).
+        return int(await self._await(rid, data, then=self.maintain))
+
+    def maintain(self) -> None:
+        """Run the core's periodic duties now (also done on every keepalive tick)."""
+        if self._connected.is_set():
+            self._handle(self.core.maintenance())
 
     async def moderate(self, room_id: bytes, action: str, target: int, reason: str = "") -> int:
         rid, data = self.core.moderate(room_id, action, target, reason)

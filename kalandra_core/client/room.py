@@ -9,6 +9,7 @@ import cbor2
 
 from ..crypto import SenderKeyStore
 from ..mls.group import MlsGroup
+from ..mls.update_tracker import UpdatePolicy, UpdateTracker
 from ..proto import Frame
 
 _VERSION = 1
@@ -56,7 +57,15 @@ class Pending:
 
 
 class ClientRoom:
-    def __init__(self, room_id: bytes, group: MlsGroup, *, last_seen: int = -1) -> None:
+    def __init__(
+        self,
+        room_id: bytes,
+        group: MlsGroup,
+        *,
+        last_seen: int = -1,
+        policy: UpdatePolicy = UpdatePolicy.STANDARD,
+        now: float = 0.0,
+    ) -> None:
         self.room_id = room_id
         self.room_int = int.from_bytes(room_id, "big")
         self.group = group
@@ -73,6 +82,8 @@ class ClientRoom:
         self.anchor_request: int | None = None  # the request id of that lookup
         self.active = True
         self._roster: dict[int, tuple[int, bytes]] | None = None
+        # Post-compromise security: when our leaf is due for a fresh key (DESIGN section 4).
+        self.updates = UpdateTracker(policy, now)
 
     @property
     def epoch(self) -> int:
@@ -117,6 +128,11 @@ class ClientRoom:
                 "last_seen": self.last_seen,
                 "anchored": self.anchored,
                 "active": self.active,
+                "updates": [
+                    self.updates.policy.messages,
+                    self.updates.policy.seconds,
+                    *self.updates.to_state(),
+                ],
             }
         )
 
@@ -137,4 +153,6 @@ class ClientRoom:
         room.anchor_request = None
         room.active = state["active"]
         room._roster = None
+        messages, seconds, *tracker = state["updates"]
+        room.updates = UpdateTracker.from_state(UpdatePolicy(messages, seconds), tracker)
         return room

@@ -44,6 +44,10 @@ class UpdateTracker:
         self._messages = 0
         self._since = now
 
+    @property
+    def policy(self) -> UpdatePolicy:
+        return self._policy
+
     def message_sent(self) -> None:
         self._messages += 1
 
