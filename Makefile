@@ -30,6 +30,7 @@ lint: venv
 
 unit: venv
 	@bash tests/ensure_postgres.sh
+	@bash tests/matrix/install_synapse.sh
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
@@ -42,4 +43,4 @@ bench-full: venv
 	$(PY) -m bench --full
 
 clean:
-	rm -rf $(VENV) $(DATA) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-synapse $(DATA) .pytest_cache .mypy_cache .ruff_cache .hypothesis

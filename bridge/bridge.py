@@ -1,0 +1,132 @@
+"""The bridge process: mautrix's Bridge lifecycle with the Kalandra homeserver embedded.
+
+Start-up order: config upgrade and checks, alembic migrations of our tables, the Kalandra
+server (sequencer, storage, native listeners), then mautrix (its stores' own upgrade tables in
+the same database, the appservice listener, the homeserver connection check, the bot).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+from mautrix.bridge import BasePortal, BasePuppet, Bridge
+from mautrix.types import RoomID, UserID
+from mautrix.util.async_db import Database, UpgradeTable
+
+from kalandra_core.server.app import RunningServer, start_server
+from kalandra_core.settings import ConfigError
+from kalandra_core.storage import migrations
+
+from . import __version__
+from .config import EXAMPLE_CONFIG, Config
+from .matrix import MatrixHandler
+from .user import User
+
+
+class KalandraBridge(Bridge):
+    module = "bridge"
+    name = "kalandra-bridge"
+    command = "python -m bridge"
+    description = "Kalandra homeserver and Matrix appservice bridge"
+    repo_url = ""
+    version = __version__
+    markdown_version = __version__
+    config_class = Config
+    matrix_class = MatrixHandler
+    # Empty on purpose: the bridge's tables are in alembic/ with the rest of ours. mautrix's
+    # state and crypto stores keep their own version tables (mx_version, crypto_version).
+    upgrade_table = UpgradeTable()
+
+    config: Config
+    matrix: MatrixHandler
+    kalandra: RunningServer | None = None
+    _ghost: re.Pattern[str]
+
+    @property
+    def base_config_path(self) -> str:
+        return str(EXAMPLE_CONFIG)
+
+    def prepare_config(self) -> None:
+        if not os.path.isfile(self.args.config):
+            sys.exit(
+                f"{self.args.config}: no such config file. Copy {EXAMPLE_CONFIG.name} there and"
+                " set homeserver.address and homeserver.domain."
+            )
+        super().prepare_config()
+        for key in self.config.unsaved_secrets:
+            sys.exit(
+                f"{self.args.config}: {key} was generated but could not be saved"
+                " (-n, or the file is not writable); it would be lost at the next start."
+            )
+
+    def check_config(self) -> None:
+        super().check_config()  # example values (mautrix's ForbiddenDefault) exit with 11
+        try:
+            self.config.core  # noqa: B018 - validates database.url and the server section
+        except ConfigError as exc:
+            self.log.fatal("Configuration error: %s", exc)
+            sys.exit(11)
+        for path in self.config.dropped:
+            self.log.warning("Config option %s is not in %s: ignored", path, EXAMPLE_CONFIG.name)
+
+    def prepare_db(self) -> None:
+        url = self.config.mautrix_database_url
+        opts: dict[str, Any] = dict(self.config["appservice.database_opts"] or {})
+        if url.startswith("sqlite:"):
+            # As durable as the Kalandra store on the same file (mautrix defaults to NORMAL).
+            opts.setdefault("init_commands", ["PRAGMA synchronous = FULL"])
+        self.db = Database.create(
+            url,
+            upgrade_table=self.upgrade_table,
+            db_args=opts,
+            owner_name=self.name,
+            ignore_foreign_tables=self.args.ignore_foreign_tables,
+        )
+
+    def prepare_bridge(self) -> None:
+        super().prepare_bridge()
+        User.init_cls(self)
+        prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
+        self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
+
+    async def start(self) -> None:
+        core = self.config.core
+        await migrations.upgrade(core.database)
+        self.kalandra = await start_server(core.server)
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self._stop_kalandra()
+
+    async def system_exit(self) -> None:
+        await self._stop_kalandra()
+        await super().system_exit()
+
+    async def _stop_kalandra(self) -> None:
+        if self.kalandra is not None:
+            server, self.kalandra = self.kalandra, None
+            await server.close()
+
+    # --- mautrix's getters: users only, for now ---------------------------------------------
+
+    async def get_user(self, user_id: UserID, create: bool = True) -> User | None:
+        return User.get_by_mxid(user_id)
+
+    async def get_portal(self, room_id: RoomID) -> BasePortal | None:
+        return None
+
+    async def get_puppet(self, user_id: UserID, create: bool = False) -> BasePuppet | None:
+        return None
+
+    async def get_double_puppet(self, user_id: UserID) -> BasePuppet | None:
+        return None
+
+    def is_bridge_ghost(self, user_id: UserID) -> bool:
+        return self._ghost.fullmatch(user_id) is not None
+
+    async def count_logged_in_users(self) -> int:
+        return 0
