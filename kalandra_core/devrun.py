@@ -98,7 +98,8 @@ def main() -> int:
     print(f"  {kalandra} send ROOM hello bob --state {data}/alice.db")
     print(f"  {kalandra} tail ROOM --state {data}/bob.db")
     print(f"\nMore accounts: {kalandra} admin create-user NAME -c {config}")
-    print("The Matrix bridge is not built yet. Stop the server with Ctrl-C.\n", flush=True)
+    print("make run does not start the Matrix bridge or Synapse yet (README, Status).")
+    print("Stop the server with Ctrl-C.\n", flush=True)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"
     )
