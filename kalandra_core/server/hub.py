@@ -276,15 +276,7 @@ class Hub:
             return
         await self.store.put_group_info(room.room_id, summary.epoch, payload.group_info)
         log.info("room %s created by %d", room.room_id.hex(), session.member_id)
-        session.send(
-            replies.reply(
-                Opcode.GROUP_INFO,
-                b"",
-                request_id=h.request_id,
-                room_id=h.room_id,
-                epoch=summary.epoch,
-            )
-        )
+        session.send(replies.answer(h, Opcode.GROUP_INFO, epoch=summary.epoch))
 
     async def _sync(self, session: ServerSession, frame: Frame) -> None:
         h = frame.header
@@ -325,15 +317,7 @@ class Hub:
         response = SyncResponse(
             frames=[f.encode() for f in stored], has_more=has_more, server_epoch=seq.epoch
         )
-        session.send(
-            replies.reply(
-                Opcode.SYNC_RESPONSE,
-                response,
-                request_id=h.request_id,
-                room_id=h.room_id,
-                epoch=seq.epoch,
-            )
-        )
+        session.send(replies.answer(h, Opcode.SYNC_RESPONSE, response, epoch=seq.epoch))
 
     async def _key_package(self, session: ServerSession, frame: Frame) -> None:
         """Publish (payload: KeyPackages) or fetch (empty payload, context_id = member)."""

@@ -20,6 +20,25 @@ def reply(
     return Frame.build(header, payload).encode()
 
 
+def answer(
+    request: FrameHeader,
+    opcode: int,
+    payload: Payload | bytes = b"",
+    *,
+    context_id: int = 0,
+    epoch: int = 0,
+) -> bytes:
+    """A reply to a room request: it echoes the request id and the room of ``request``."""
+    return reply(
+        opcode,
+        payload,
+        request_id=request.request_id,
+        room_id=request.room_id,
+        context_id=context_id,
+        epoch=epoch,
+    )
+
+
 def error(
     code: int | ErrorCode,
     message: str,

@@ -310,14 +310,7 @@ class RoomWorker:
         if item.requester is not None:
             # The receipt (empty payload, the request id echoed): the sender may forget it.
             item.requester.send(
-                replies.reply(
-                    Opcode.WELCOME,
-                    b"",
-                    request_id=h.request_id,
-                    room_id=h.room_id,
-                    context_id=recipient,
-                    epoch=h.epoch,
-                )
+                replies.answer(h, Opcode.WELCOME, context_id=recipient, epoch=h.epoch)
             )
 
     async def _committed(self, sender: int, epoch: int) -> bool:
@@ -343,13 +336,7 @@ class RoomWorker:
                 self._error(item, ErrorCode.MESSAGE_NOT_FOUND, "no GroupInfo published yet")
             elif item.requester is not None:
                 item.requester.send(
-                    replies.reply(
-                        Opcode.GROUP_INFO,
-                        RawPayload(stored[1]),
-                        request_id=h.request_id,
-                        room_id=h.room_id,
-                        epoch=stored[0],
-                    )
+                    replies.answer(h, Opcode.GROUP_INFO, RawPayload(stored[1]), epoch=stored[0])
                 )
             return
         try:
@@ -369,12 +356,4 @@ class RoomWorker:
             return
         await self._store.put_group_info(self.room_id, summary.epoch, data)
         if item.requester is not None:
-            item.requester.send(
-                replies.reply(
-                    Opcode.GROUP_INFO,
-                    b"",
-                    request_id=h.request_id,
-                    room_id=h.room_id,
-                    epoch=seq.epoch,
-                )
-            )
+            item.requester.send(replies.answer(h, Opcode.GROUP_INFO, epoch=seq.epoch))

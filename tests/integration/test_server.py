@@ -146,10 +146,13 @@ async def account(server: RunningServer, name: str) -> Account:
     return Account(member.member_id, await server.store.issue_token(member.member_id))
 
 
-async def raw(server: RunningServer) -> Raw:
+async def raw(server: RunningServer, *, hello_as: Account | None = None) -> Raw:
+    """A raw connection; with ``hello_as``, already authenticated as that account."""
     conn = Raw()
     assert server.tcp_port is not None
     conn.sink = await connect_tcp("127.0.0.1", server.tcp_port, lambda _sink: conn)
+    if hello_as is not None:
+        await conn.hello(hello_as)
     return conn
 
 
@@ -204,8 +207,7 @@ async def test_room_frames_are_checked_before_sequencing(server: RunningServer) 
     epoch = a.core.rooms[room_id].epoch
     envelope = a.core.rooms[room_id].keys.encrypt(Content(body="x").encode())
 
-    conn = await raw(server)
-    await conn.hello(eve)
+    conn = await raw(server, hello_as=eve)
     cases = [
         # (frame kwargs, expected error)
         ({"account": eve, "sender": alice.member_id}, ErrorCode.NOT_AUTHORIZED),  # spoofed sender
@@ -229,8 +231,7 @@ async def test_room_frames_are_checked_before_sequencing(server: RunningServer) 
 
 async def test_rate_limit_answers_retry_after(server: RunningServer) -> None:
     alice = await account(server, "alice")
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     ids = [conn.send(Opcode.PING) for _ in range(60)]
     errors = []
     for _ in ids:
@@ -245,16 +246,14 @@ async def test_rate_limit_answers_retry_after(server: RunningServer) -> None:
 
 async def test_oversized_frames_are_refused(server: RunningServer) -> None:
     alice = await account(server, "alice")
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     rid = conn.send(Opcode.APP_MESSAGE, bytes(65 * 1024), account=alice, room=1)
     assert (await conn.error(rid)).code == ErrorCode.QUOTA_EXCEEDED
 
 
 async def test_key_package_directory(server: RunningServer) -> None:
     alice, bob = [await account(server, n) for n in ("alice", "bob")]
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     # Fetch for a member with none published.
     rid = conn.send(Opcode.KEY_PACKAGE, b"", context=bob.member_id, account=alice)
     assert (await conn.error(rid)).code == ErrorCode.MEMBER_NOT_FOUND
@@ -281,8 +280,7 @@ async def test_sync(server: RunningServer) -> None:
     a = await client(server, alice)
     room_id = await a.create_room()
     room = int.from_bytes(room_id, "big")
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     # A room with no frames yet answers an empty response (the reference answered an error).
     rid = conn.send(Opcode.SYNC_REQUEST, SyncRequest(from_log_index=0), room=room, account=alice)
     frame = await conn.reply(rid)
@@ -311,8 +309,7 @@ async def test_welcome_needs_a_sequenced_add(server: RunningServer) -> None:
     alice, bob = [await account(server, n) for n in ("alice", "bob")]
     a = await client(server, alice)
     room_id = await a.create_room()
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     rid = conn.send(
         Opcode.WELCOME,
         RawPayload(b"\x00\x01\x00\x03"),
@@ -333,8 +330,7 @@ async def test_stale_and_future_epochs_carry_the_current_epoch(server: RunningSe
     await b.publish_key_packages(1)
     room_id = await a.create_room()
     commit_index = await a.invite(room_id, [bob.member_id])
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     room = int.from_bytes(room_id, "big")
     envelope = EncryptedMessage(
         epoch=0, sender_index=0, generation=0, nonce=bytes(24), ciphertext=bytes(17)
@@ -362,8 +358,7 @@ async def test_group_info_publication_and_fetch(server: RunningServer) -> None:
     a = await client(server, alice)
     room_id = await a.create_room()
     room = int.from_bytes(room_id, "big")
-    conn = await raw(server)
-    await conn.hello(alice)
+    conn = await raw(server, hello_as=alice)
     rid = conn.send(Opcode.GROUP_INFO, b"", account=alice, room=room)
     reply = await conn.reply(rid)
     assert reply.header.opcode == Opcode.GROUP_INFO

@@ -1,4 +1,7 @@
-"""SqlStore against real SQLite and PostgreSQL: one suite, both engines."""
+"""The Store contract on every backend: SqlStore on real SQLite and PostgreSQL, and MemoryStore.
+
+Tests that look at the database behind the store's back, open a second store on the same
+database or reopen it take ``sql_store`` (the SQL engines only) instead of ``store``."""
 
 from __future__ import annotations
 
@@ -6,11 +9,24 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
+from store_helpers import (
+    APP,
+    COMMIT,
+    HIGH,
+    MID,
+    OWNER,
+    SQL_ENGINES,
+    entries,
+    entry,
+    new_room,
+    room_id,
+    state_of,
+)
 
 from kalandra_core.storage import (
     AlreadyExists,
@@ -23,58 +39,45 @@ from kalandra_core.storage import (
     Room,
     RoomChanges,
     RoomMember,
-    RoomState,
     SqlStore,
     StoreError,
 )
 from kalandra_core.storage import schema as db
+from kalandra_core.storage.base import Store
+from kalandra_core.storage.memory import MemoryStore
 from kalandra_core.storage.urls import VERSION_TABLE, sqlalchemy_url
 
-COMMIT = 0x0201  # any opcode value works; the store does not interpret it
-APP = 0x0301
-HIGH = (1 << 64) - 1  # u64 ids above 2**63 land in negative BIGINTs
-MID = 1 << 63
-OWNER = RoomMember(HIGH, Role.OWNER, 0)
 T = TypeVar("T")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest) -> str:
+@pytest.fixture(params=[*SQL_ENGINES, "memory"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """The fresh database of the store under test; None for MemoryStore."""
+    if request.param == "memory":
+        return None
     url: str = request.getfixturevalue(f"{request.param}_url")
     return url
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[SqlStore]:
-    s = await SqlStore.open(db_url)
+async def store(store_url: str | None) -> AsyncIterator[Store]:
+    if store_url is None:
+        yield MemoryStore()
+        return
+    s = await SqlStore.open(store_url)
     try:
         yield s
     finally:
         await s.close()
 
 
-def room_id(n: int = 1) -> bytes:
-    return n.to_bytes(16, "big")
-
-
-def entry(i: int, *, epoch: int = 0, opcode: int = APP, sender: int = HIGH) -> LogEntry:
-    return LogEntry(i, opcode, sender, epoch, i.to_bytes(8, "big") * 16, b"payload-%d" % i)
-
-
-def entries(start: int, count: int, **kw: int) -> list[LogEntry]:
-    return [entry(i, **kw) for i in range(start, start + count)]
-
-
-async def new_room(store: SqlStore, n: int = 1, **kw: Any) -> bytes:
-    rid = room_id(n)
-    await store.create_room(Room(rid, 0, 0, HIGH, 1_700_000_000_000, **kw), OWNER)
-    return rid
-
-
-async def state_of(store: SqlStore, rid: bytes) -> RoomState:
-    state = await store.load_room(rid)
-    assert state is not None
-    return state
+@pytest.fixture
+async def sql_store(db_url: str) -> AsyncIterator[SqlStore]:
+    s = await SqlStore.open(db_url)
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 async def raw(url: str, fn: Callable[[sa.Connection], T]) -> T:
@@ -87,7 +90,16 @@ async def raw(url: str, fn: Callable[[sa.Connection], T]) -> T:
         await engine.dispose()
 
 
-async def test_schema_module_matches_migrations(store: SqlStore, db_url: str) -> None:
+async def stored_token_hashes(store: Store, url: str | None) -> set[bytes]:
+    """What the store keeps of its tokens, looked at behind its back."""
+    if isinstance(store, MemoryStore):
+        return set(store._tokens)
+    assert url is not None
+    rows = await raw(url, lambda c: c.execute(sa.select(db.device_tokens.c.token_hash)).all())
+    return {bytes(r[0]) for r in rows}
+
+
+async def test_schema_module_matches_migrations(sql_store: SqlStore, db_url: str) -> None:
     def reflect(conn: sa.Connection) -> dict[str, tuple[set[str], set[str], set[str]]]:
         insp = sa.inspect(conn)
         out = {}
@@ -107,7 +119,7 @@ async def test_schema_module_matches_migrations(store: SqlStore, db_url: str) ->
         assert nullable == {c.name for c in table.columns if c.nullable}, table.name
 
 
-async def test_members(store: SqlStore) -> None:
+async def test_members(store: Store) -> None:
     alice = await store.create_member("alice")
     assert 0 < alice.member_id < 1 << 64
     assert alice.signature_key is None
@@ -125,7 +137,7 @@ async def test_members(store: SqlStore) -> None:
         await store.set_signature_key(12345, b"k")
 
 
-async def test_member_ids_above_2_63_round_trip(store: SqlStore) -> None:
+async def test_member_ids_above_2_63_round_trip(store: Store) -> None:
     # Ids are random; half of them are >= 2**63. 64 tries make a miss impossible in practice.
     for n in range(64):
         account = await store.create_member(f"m{n}")
@@ -153,7 +165,7 @@ async def test_member_ids_above_2_63_round_trip(store: SqlStore) -> None:
     assert [w.recipient_id for w in await store.pending_welcomes(HIGH)] == [HIGH]
 
 
-async def test_tokens(store: SqlStore, db_url: str) -> None:
+async def test_tokens(store: Store, store_url: str | None) -> None:
     alice, bob = [(await store.create_member(n)).member_id for n in ("alice", "bob")]
     t1, t2 = await store.issue_token(alice), await store.issue_token(alice)
     tb = await store.issue_token(bob)
@@ -164,8 +176,7 @@ async def test_tokens(store: SqlStore, db_url: str) -> None:
     assert await store.authenticate(tb) == bob
     assert await store.authenticate("not-a-token") is None
     assert await store.authenticate("") is None
-    stored = await raw(db_url, lambda c: c.execute(sa.select(db.device_tokens.c.token_hash)).all())
-    assert {bytes(r[0]) for r in stored} == {
+    assert await stored_token_hashes(store, store_url) == {
         hashlib.sha256(t.encode()).digest() for t in (t1, t2, tb)
     }
     assert await store.revoke_tokens(alice) == 2
@@ -179,7 +190,7 @@ async def test_tokens(store: SqlStore, db_url: str) -> None:
         await store.issue_token(12345)
 
 
-async def test_rooms(store: SqlStore) -> None:
+async def test_rooms(store: Store) -> None:
     rid = await new_room(store, handshake=Handshake.PRIVATE, group_id=b"g", name="n", topic="t")
     with pytest.raises(AlreadyExists):
         await new_room(store)
@@ -202,7 +213,7 @@ async def test_rooms(store: SqlStore) -> None:
         await store.update_room_metadata(room_id(99), name="x", topic="y")
 
 
-async def test_append_is_strict_and_dense(store: SqlStore) -> None:
+async def test_append_is_strict_and_dense(store: Store) -> None:
     rid = await new_room(store)
     await store.append(rid, entries(0, 3))
     with pytest.raises(AppendConflict) as gap:
@@ -227,7 +238,7 @@ async def test_append_is_strict_and_dense(store: SqlStore) -> None:
     assert [f.log_index for f in await store.load_frames(rid, 0, 100)] == [0, 1, 2, 3, 4]
 
 
-async def test_load_frames_ranges(store: SqlStore) -> None:
+async def test_load_frames_ranges(store: Store) -> None:
     rid = await new_room(store)
     assert await store.load_frames(rid, 0, 10) == []  # empty room: empty, not an error
     batch = entries(0, 10, sender=MID)
@@ -243,7 +254,7 @@ async def test_load_frames_ranges(store: SqlStore) -> None:
     assert await store.load_frames(room_id(99), 0, 5) == []
 
 
-async def test_room_changes_commit_with_the_append(store: SqlStore) -> None:
+async def test_room_changes_commit_with_the_append(store: Store) -> None:
     rid = await new_room(store)
     bob, carol = RoomMember(2, Role.MEMBER, 1), RoomMember(3, Role.MEMBER, 2)
     await store.append(rid, entries(0, 1), RoomChanges(upsert_members=[bob, carol]))
@@ -271,7 +282,7 @@ async def test_room_changes_commit_with_the_append(store: SqlStore) -> None:
     assert state.members[4] == RoomMember(4, Role.MEMBER, 9)
 
 
-async def test_changes_without_frames(store: SqlStore) -> None:
+async def test_changes_without_frames(store: Store) -> None:
     rid = await new_room(store)
     await store.append(rid, entries(0, 2))
     await store.append(rid, [], RoomChanges(upsert_members=[RoomMember(5, Role.MEMBER, None)]))
@@ -286,7 +297,7 @@ async def test_changes_without_frames(store: SqlStore) -> None:
     await store.append(rid, entries(2, 1))
 
 
-async def test_failed_append_writes_nothing_at_all(store: SqlStore) -> None:
+async def test_failed_append_writes_nothing_at_all(store: Store) -> None:
     rid = await new_room(store)
     await store.append(rid, entries(0, 1))
     before = await store.load_room(rid)
@@ -310,14 +321,14 @@ async def test_failed_append_writes_nothing_at_all(store: SqlStore) -> None:
     await store.append(rid, [entry(1, opcode=COMMIT)], RoomChanges(1, 1))
 
 
-async def test_concurrent_appends_exactly_one_wins(store: SqlStore, db_url: str) -> None:
-    rid = await new_room(store)
+async def test_concurrent_appends_exactly_one_wins(sql_store: SqlStore, db_url: str) -> None:
+    rid = await new_room(sql_store)
     other = await SqlStore.open(db_url)
     try:
         for start in range(0, 40, 4):  # several rounds, each a race for the same index
             mine, theirs = entries(start, 4, sender=1), entries(start, 4, sender=2)
             results = await asyncio.gather(
-                store.append(rid, mine), other.append(rid, theirs), return_exceptions=True
+                sql_store.append(rid, mine), other.append(rid, theirs), return_exceptions=True
             )
             winners = [r for r in results if r is None]
             losers = [r for r in results if isinstance(r, AppendConflict)]
@@ -328,13 +339,13 @@ async def test_concurrent_appends_exactly_one_wins(store: SqlStore, db_url: str)
             assert [(f.sender_id, f.payload) for f in stored] == [
                 (e.sender_id, e.payload) for e in won
             ]
-        state = await state_of(store, rid)
+        state = await state_of(sql_store, rid)
         assert state.room.next_log_index == 40
     finally:
         await other.close()
 
 
-async def test_redaction_keeps_the_header(store: SqlStore) -> None:
+async def test_redaction_keeps_the_header(store: Store) -> None:
     rid = await new_room(store)
     batch = entries(0, 3)
     await store.append(rid, batch)
@@ -349,7 +360,7 @@ async def test_redaction_keeps_the_header(store: SqlStore) -> None:
     await store.append(rid, entries(3, 1))  # the order is untouched
 
 
-async def test_commits_between(store: SqlStore) -> None:
+async def test_commits_between(store: Store) -> None:
     rid = await new_room(store)
     index = 0
     commit_at: dict[int, int] = {}
@@ -379,7 +390,7 @@ async def test_commits_between(store: SqlStore) -> None:
     assert state.room.epoch == 4
 
 
-async def test_welcome_mailbox(store: SqlStore) -> None:
+async def test_welcome_mailbox(store: Store) -> None:
     rid = await new_room(store)
     w1 = await store.put_welcome(rid, HIGH, b"welcome-1")
     w2 = await store.put_welcome(rid, HIGH, b"welcome-2")
@@ -401,7 +412,7 @@ async def test_welcome_mailbox(store: SqlStore) -> None:
         await store.put_welcome(room_id(99), HIGH, b"w")
 
 
-async def test_key_packages(store: SqlStore) -> None:
+async def test_key_packages(store: Store) -> None:
     alice, bob = [(await store.create_member(n)).member_id for n in ("alice", "bob")]
     assert await store.key_package_count(alice) == 0
     assert await store.take_key_package(alice) is None
@@ -418,21 +429,21 @@ async def test_key_packages(store: SqlStore) -> None:
         await store.publish_key_packages(12345, [b"x"])
 
 
-async def test_concurrent_takes_get_different_key_packages(store: SqlStore, db_url: str) -> None:
-    alice = (await store.create_member("alice")).member_id
-    await store.publish_key_packages(alice, [b"kp-%d" % i for i in range(6)])
+async def test_concurrent_takes_get_different_key_packages(
+    sql_store: SqlStore, db_url: str
+) -> None:
+    alice = (await sql_store.create_member("alice")).member_id
+    await sql_store.publish_key_packages(alice, [b"kp-%d" % i for i in range(6)])
     other = await SqlStore.open(db_url)
     try:
-        taken = await asyncio.gather(
-            *(s.take_key_package(alice) for s in (store, other, store, other, store, other))
-        )
+        taken = await asyncio.gather(*(s.take_key_package(alice) for s in (sql_store, other) * 3))
     finally:
         await other.close()
     assert sorted(t for t in taken if t is not None) == [b"kp-%d" % i for i in range(6)]
-    assert await store.key_package_count(alice) == 0
+    assert await sql_store.key_package_count(alice) == 0
 
 
-async def test_group_info(store: SqlStore) -> None:
+async def test_group_info(store: Store) -> None:
     rid = await new_room(store)
     assert await store.get_group_info(rid) is None
     await store.put_group_info(rid, 1, b"gi-1")

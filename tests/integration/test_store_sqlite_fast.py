@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from store_helpers import COMMIT, HIGH, OWNER, entry, new_room, room_id
 
 from kalandra_core.storage import (
     AppendConflict,
     Ban,
-    LogEntry,
     NotFound,
     Role,
     Room,
@@ -26,16 +26,7 @@ from kalandra_core.storage import (
     StoreError,
 )
 
-APP, COMMIT = 0x0301, 0x0201
-HIGH = (1 << 64) - 1
-OWNER = RoomMember(HIGH, Role.OWNER, 0)
 DEADLINE = 60  # seconds: only there to turn a deadlock into a failure, never a timing assert
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue(f"{request.param}_url")
-    return url
 
 
 @pytest.fixture
@@ -45,20 +36,6 @@ async def store(sqlite_url: str) -> AsyncIterator[SqlStore]:
         yield s
     finally:
         await s.close()
-
-
-def room_id(n: int = 1) -> bytes:
-    return n.to_bytes(16, "big")
-
-
-def entry(i: int, *, epoch: int = 0, opcode: int = APP, sender: int = HIGH) -> LogEntry:
-    return LogEntry(i, opcode, sender, epoch, i.to_bytes(8, "big") * 16, b"payload-%d" % i)
-
-
-async def new_room(store: SqlStore, n: int = 1) -> bytes:
-    rid = room_id(n)
-    await store.create_room(Room(rid, 0, 0, HIGH, 1_700_000_000_000), OWNER)
-    return rid
 
 
 def fast_thread_alive() -> bool:
