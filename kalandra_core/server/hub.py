@@ -149,6 +149,9 @@ class Hub:
 
     async def bind_signature_key(self, member_id: int, offered: bytes | None) -> bool:
         """First use of an account binds the device key it offers; later Hellos must match."""
+        known = self._keys.get(member_id)
+        if known is not None:  # bound keys never change: no database read on reconnects
+            return offered is None or offered == bytes(known)
         account = await self.store.get_member(member_id)
         if account is None:
             return False
@@ -158,6 +161,7 @@ class Hub:
             await self.store.set_signature_key(member_id, offered)
             self._keys[member_id] = VerifyKey(offered)
             return True
+        self._keys[member_id] = VerifyKey(account.signature_key)
         return offered is None or offered == account.signature_key
 
     def clock_skew_ms(self, hlc: int) -> int:
