@@ -7,6 +7,7 @@ the same database, the appservice listener, the homeserver connection check, the
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sys
@@ -21,8 +22,10 @@ from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 
 from . import __version__
+from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
+from .portal import Portal
 from .user import User
 
 
@@ -43,6 +46,8 @@ class KalandraBridge(Bridge):
     config: Config
     matrix: MatrixHandler
     kalandra: RunningServer | None = None
+    bot: KalandraBot
+    matrix_ready: asyncio.Event  # set once the homeserver connection is checked
     _ghost: re.Pattern[str]
 
     @property
@@ -91,20 +96,42 @@ class KalandraBridge(Bridge):
         User.init_cls(self)
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
+        self.matrix_ready = asyncio.Event()
 
     async def start(self) -> None:
         core = self.config.core
         await migrations.upgrade(core.database)
         self.kalandra = await start_server(core.server)
         await super().start()
+        self.matrix_ready.set()
+        # Portals whose Matrix room was not finished before a stop (found by alias or made).
+        for portal in list(Portal.by_room.values()):
+            if portal.mxid is None:
+                await portal.ensure_matrix_room(invite=[])
+
+    async def start_db(self) -> None:
+        await super().start_db()
+        # The bot's Kalandra side needs the database (its state, the portals), not Matrix:
+        # its client connects and resyncs now; portals send once matrix_ready is set.
+        assert self.kalandra is not None
+        self.bot = KalandraBot(self, self.kalandra)
+        await self.bot.start()
 
     async def stop(self) -> None:
+        await self._stop_bot()
         await super().stop()
         await self._stop_kalandra()
 
     async def system_exit(self) -> None:
+        await self._stop_bot()
         await self._stop_kalandra()
         await super().system_exit()
+
+    async def _stop_bot(self) -> None:
+        bot = getattr(self, "bot", None)
+        if bot is not None:
+            del self.bot
+            await bot.stop()
 
     async def _stop_kalandra(self) -> None:
         if self.kalandra is not None:

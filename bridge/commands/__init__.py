@@ -4,7 +4,7 @@ from mautrix.bridge.commands.handler import command_aliases, command_handlers
 
 from .handler import REFUSAL, KalandraCommandProcessor
 
-from . import meta  # isort: skip  # registers help/version/ping over mautrix's
+from . import meta, portal  # isort: skip  # registers ours over mautrix's
 
 # mautrix registers these on import; they need portals, ghosts, double puppeting or a manhole,
 # which this bridge does not have (yet). Ours replace them as they are built.
@@ -30,4 +30,4 @@ for _name in _NOT_OURS:
     command_handlers.pop(_name, None)
     command_aliases.pop(_name, None)
 
-__all__ = ["REFUSAL", "KalandraCommandProcessor", "meta"]
+__all__ = ["REFUSAL", "KalandraCommandProcessor", "meta", "portal"]

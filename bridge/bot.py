@@ -1,0 +1,148 @@
+"""The bridge's own Kalandra identity: the bot's member, device key, MLS state and client.
+
+At the first start the bot's account is created in the embedded server's store
+(``kalandrabot``), a device token is issued and a signing key generated; all three are stored
+sealed in bridge_client_state, then the rooms' MLS state follows (bot_state.py). The bot's
+``Client`` talks to the embedded Hub through the in-process loopback connection, so the server
+checks the bot like any native client. Its decrypted messages are routed to the portals, one
+ordered queue each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from nacl.signing import SigningKey
+
+from kalandra_core.client import events as ev
+from kalandra_core.client.core import ClientCore
+from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.server.loopback import loopback_connector
+
+from .bot_state import BotState
+from .db import ClientStateTable, SealedIdentity
+from .portal import Portal
+
+if TYPE_CHECKING:
+    from kalandra_core.server.app import RunningServer
+
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.bot")
+
+BOT_MEMBER_NAME = "kalandrabot"
+OWNER = "bot"
+_EMBEDDED = ServerAddress("tcp", "embedded", 1)  # ignored by the loopback connector
+
+
+class BotIdentityLost(RuntimeError):
+    pass
+
+
+class _MessageRouter(asyncio.Queue[ev.Message]):
+    """Stands in for ``Client.messages``: each message goes straight to its portal's queue,
+    counted for the state barrier (see bot_state.py) before the client saves its state."""
+
+    def __init__(self, bot: KalandraBot) -> None:
+        super().__init__()
+        self._bot = bot
+
+    def put_nowait(self, item: ev.Message) -> None:
+        self._bot.route(item)
+
+
+class KalandraBot:
+    def __init__(self, bridge: KalandraBridge, server: RunningServer) -> None:
+        self.bridge = bridge
+        self.server = server
+        key = bridge.config.mls_state_key
+        assert key is not None  # checked with the config
+        self.state = BotState(ClientStateTable(bridge.db, key, OWNER))
+        self.client: Client | None = None
+        self._events: asyncio.Task[None] | None = None
+
+    @property
+    def member_id(self) -> int:
+        assert self.client is not None
+        return self.client.core.member_id
+
+    @property
+    def core(self) -> ClientCore:
+        assert self.client is not None
+        return self.client.core
+
+    async def _identity(self) -> SealedIdentity:
+        table = self.state.table
+        identity = await table.load_identity()
+        if identity is not None:
+            return identity
+        store = self.server.store
+        account = await store.find_member(BOT_MEMBER_NAME)
+        if account is None:
+            account = await store.create_member(BOT_MEMBER_NAME)
+        elif account.signature_key is not None:
+            # Its device key was bound at a first login, and the sealed copy is gone.
+            raise BotIdentityLost(
+                f"the Kalandra account {BOT_MEMBER_NAME!r} exists with a device key, but the"
+                " bridge database has no identity for it (restored without it?)"
+            )
+        token = await store.issue_token(account.member_id)
+        identity = SealedIdentity(account.member_id, token, bytes(SigningKey.generate()))
+        await table.save_identity(identity)
+        log.info("created the bot's Kalandra account, member %d", account.member_id)
+        return identity
+
+    async def start(self) -> None:
+        identity = await self._identity()
+        core = ClientCore(identity.member_id, identity.signing_key)
+        await self.state.table.load_into(core)
+        self.state.start()
+        for portal in await Portal.load_all(self.bridge):
+            portal.start()
+        limits = self.server.hub.config.limits
+        client = Client(
+            core,
+            _EMBEDDED,
+            identity.token,
+            state=self.state,  # type: ignore[arg-type]  # ClientState's save/save_all
+            connector=loopback_connector(self.server.hub.session_factory),
+            keepalive=max(1.0, min(30.0, limits.idle_timeout / 3)),
+        )
+        client.messages = _MessageRouter(self)
+        self.client = client
+        self._events = asyncio.create_task(self._watch_events(client), name="bot-events")
+        await client.connect()
+        log.info("the bot is connected as member %d (%d rooms)", core.member_id, len(core.rooms))
+
+    def route(self, message: ev.Message) -> None:
+        self.state.message_routed(message.room_id)
+        portal = Portal.by_room.get(message.room_id)
+        if portal is None:
+            self.state.message_done(message.room_id)  # no portal: nothing to bridge
+        else:
+            portal.enqueue(message)
+
+    async def _watch_events(self, client: Client) -> None:
+        while True:
+            event = await client.events.get()
+            if isinstance(event, ev.Failed):
+                log.warning(
+                    "bot request failed in room %s: code %d", event.room_id.hex(), event.code
+                )
+            elif isinstance(event, ev.Undecryptable):
+                log.warning(
+                    "room %s: log index %d undecryptable", event.room_id.hex(), event.log_index
+                )
+
+    async def stop(self) -> None:
+        if self._events is not None:
+            self._events.cancel()
+        for portal in Portal.by_room.values():
+            await portal.stop()
+        if self.client is not None:
+            await self.client.close()
+        with contextlib.suppress(TimeoutError):
+            await self.state.stop()

@@ -1,0 +1,130 @@
+"""The bot's client state in the bridge database, written so that no message is lost.
+
+``Client`` calls ``state.save(core, rooms)`` synchronously, right after applying frames; this
+object takes the place of ``kalandra_core.client.state.ClientState`` there. It snapshots what
+changed at once and writes it on a writer task, in order, each batch in one transaction.
+
+The rule that makes a restart lose nothing: a room's snapshot says "applied up to log index L",
+and after a restart the client resyncs only what comes after L. Messages up to L were handed
+to the portals before the snapshot was taken, but may not be bridged yet (Synapse is the slow
+side), and once the group has moved on they cannot be decrypted again. So a room snapshot is
+written only when every message of that room handed out before it has been bridged and
+recorded (:meth:`message_routed` / :meth:`message_done` count them); until then it is parked,
+and only the newest eligible snapshot is written. The outbox and KeyPackage bundles are written
+right away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from kalandra_core.client.core import ClientCore
+
+from .db.client_state import ClientStateTable, bundles_blob, outbox_blob
+
+log = logging.getLogger("kalandra.bridge.state")
+
+
+@dataclass(slots=True)
+class _Batch:
+    rooms: dict[bytes, bytes | None] = field(default_factory=dict)
+    bundles: bytes | None = None
+    outbox: bytes | None = None
+
+    def merge(self, other: _Batch) -> None:
+        self.rooms.update(other.rooms)
+        self.bundles = other.bundles if other.bundles is not None else self.bundles
+        self.outbox = other.outbox if other.outbox is not None else self.outbox
+
+
+class BotState:
+    def __init__(self, table: ClientStateTable) -> None:
+        self.table = table
+        self._routed: defaultdict[bytes, int] = defaultdict(int)
+        self._done: defaultdict[bytes, int] = defaultdict(int)
+        # room -> [(messages routed when taken, state or None)], oldest first
+        self._parked: defaultdict[bytes, list[tuple[int, bytes | None]]] = defaultdict(list)
+        self._pending = _Batch()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self.failed: BaseException | None = None
+
+    # --- the barrier ---------------------------------------------------------------------------
+
+    def message_routed(self, room_id: bytes) -> None:
+        self._routed[room_id] += 1
+
+    def message_done(self, room_id: bytes) -> None:
+        """A routed message of this room is bridged and recorded (or deliberately skipped)."""
+        self._done[room_id] += 1
+        parked = self._parked.get(room_id)
+        if not parked:
+            return
+        done = self._done[room_id]
+        ready = [entry for entry in parked if entry[0] <= done]
+        if ready:
+            self._parked[room_id] = [entry for entry in parked if entry[0] > done]
+            self._queue(_Batch(rooms={room_id: ready[-1][1]}))
+
+    # --- what Client calls -----------------------------------------------------------------------
+
+    def save(self, core: ClientCore, rooms: Iterable[bytes | None]) -> None:
+        batch = _Batch(outbox=outbox_blob(core))
+        for room_id in rooms:
+            if room_id is None:
+                batch.bundles = bundles_blob(core)
+                continue
+            room = core.rooms.get(room_id)
+            snapshot = None if room is None else room.to_bytes()
+            routed = self._routed[room_id]
+            if self._done[room_id] >= routed and not self._parked.get(room_id):
+                batch.rooms[room_id] = snapshot
+            else:
+                self._parked[room_id].append((routed, snapshot))
+        self._queue(batch)
+
+    def save_all(self, core: ClientCore) -> None:
+        self.save(core, [None, *core.rooms])
+
+    # --- the writer ------------------------------------------------------------------------------
+
+    def _queue(self, batch: _Batch) -> None:
+        self._pending.merge(batch)
+        self._idle.clear()
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="bot-state-writer")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, _Batch()
+            while True:
+                try:
+                    await self.table.write(batch.rooms, bundles=batch.bundles, outbox=batch.outbox)
+                    break
+                except Exception as exc:  # a busy database: retry, never drop state
+                    log.warning("saving the bot's state failed (%s); retrying", type(exc).__name__)
+                    await asyncio.sleep(0.5)
+                    batch.merge(self._pending)
+                    self._pending = _Batch()
+            if not self._wake.is_set():
+                self._idle.set()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is written."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        await asyncio.wait_for(self.flush(), 10)
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,132 @@
+"""bridge_client_state: the sans-IO client state of an identity the bridge runs (owner "bot"
+for its own), sealed, in the bridge database: what ``kalandra_core.client.state.ClientState``
+keeps in a native client's SQLite file, here on the deployment's one database (PostgreSQL
+included).
+
+Rows: ``identity`` (member id, token, device signing key), one ``room`` row per room (MLS group,
+sender keys, last applied log index), ``bundles`` (unused KeyPackage private parts) and
+``outbox``. Values are sealed with the purpose ``client-<kind>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cbor2
+from mautrix.util.async_db import Database
+
+from kalandra_core.client.core import ClientCore
+from kalandra_core.client.room import ClientRoom, Pending
+from kalandra_core.crypto import sealed
+from kalandra_core.mls.keypackage import KeyPackageBundle
+
+from .util import transaction
+
+_NO_KEY = b""
+
+
+@dataclass(frozen=True, slots=True)
+class SealedIdentity:
+    """An identity's secrets (plaintext in memory only)."""
+
+    member_id: int
+    token: str
+    signing_key: bytes
+
+
+class ClientStateTable:
+    def __init__(self, db: Database, state_key: bytes, owner: str) -> None:
+        self.db = db
+        self._key = state_key
+        self.owner = owner
+
+    def _seal(self, kind: str, value: bytes) -> bytes:
+        return sealed.seal(self._key, f"client-{kind}", value)
+
+    def _unseal(self, kind: str, value: bytes) -> bytes:
+        return sealed.unseal(self._key, f"client-{kind}", bytes(value))
+
+    # --- identity ------------------------------------------------------------------------------
+
+    async def load_identity(self) -> SealedIdentity | None:
+        value = await self.db.fetchval(
+            "SELECT value FROM bridge_client_state WHERE owner = $1 AND kind = 'identity'",
+            self.owner,
+        )
+        if value is None:
+            return None
+        data = cbor2.loads(self._unseal("identity", value))
+        return SealedIdentity(int(data["member_id"]), str(data["token"]), bytes(data["key"]))
+
+    async def save_identity(self, identity: SealedIdentity) -> None:
+        blob = cbor2.dumps(
+            {"member_id": identity.member_id, "token": identity.token, "key": identity.signing_key}
+        )
+        await self.db.execute(
+            "INSERT INTO bridge_client_state (owner, kind, key, value) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value",
+            self.owner,
+            "identity",
+            _NO_KEY,
+            self._seal("identity", blob),
+        )
+
+    # --- rooms, bundles, outbox ------------------------------------------------------------------
+
+    async def load_into(self, core: ClientCore) -> None:
+        rows = await self.db.fetch(
+            "SELECT kind, key, value FROM bridge_client_state"
+            " WHERE owner = $1 AND kind <> 'identity'",
+            self.owner,
+        )
+        for row in rows:
+            kind, value = row["kind"], self._unseal(row["kind"], row["value"])
+            if kind == "room":
+                room = ClientRoom.from_bytes(value)
+                core.rooms[room.room_id] = room
+            elif kind == "bundles":
+                for blob in cbor2.loads(value):
+                    bundle = KeyPackageBundle.from_bytes(blob)
+                    core.bundles[bundle.ref] = bundle
+            elif kind == "outbox":
+                for state in cbor2.loads(value):
+                    pending = Pending.from_state(state)
+                    core.outbox[pending.request_id] = pending
+
+    async def write(
+        self,
+        rooms: dict[bytes, bytes | None],
+        *,
+        bundles: bytes | None = None,
+        outbox: bytes | None = None,
+    ) -> None:
+        """One transaction: room states (None deletes the room), and the bundles and outbox
+        blobs when given (cbor lists, as :func:`bundles_blob` and :func:`outbox_blob` make)."""
+        upsert = (
+            "INSERT INTO bridge_client_state (owner, kind, key, value) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value"
+        )
+        async with transaction(self.db) as conn:
+            for kind, blob in (("bundles", bundles), ("outbox", outbox)):
+                if blob is not None:
+                    await conn.execute(upsert, self.owner, kind, _NO_KEY, self._seal(kind, blob))
+            for room_id, state in rooms.items():
+                if state is None:
+                    await conn.execute(
+                        "DELETE FROM bridge_client_state"
+                        " WHERE owner = $1 AND kind = 'room' AND key = $2",
+                        self.owner,
+                        room_id,
+                    )
+                else:
+                    await conn.execute(
+                        upsert, self.owner, "room", room_id, self._seal("room", state)
+                    )
+
+
+def bundles_blob(core: ClientCore) -> bytes:
+    return cbor2.dumps([b.to_bytes() for b in core.bundles.values()])
+
+
+def outbox_blob(core: ClientCore) -> bytes:
+    return cbor2.dumps([p.to_state() for p in core.outbox.values()])
