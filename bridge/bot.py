@@ -23,6 +23,7 @@ from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.server.loopback import loopback_connector
 
 from .bot_state import BotState
+from .bridged_user import BridgedUser
 from .db import ClientStateTable, SealedIdentity
 from .portal import Portal
 
@@ -63,6 +64,8 @@ class KalandraBot:
         self.state = BotState(ClientStateTable(bridge.db, key, OWNER))
         self.client: Client | None = None
         self._events: asyncio.Task[None] | None = None
+        # One commit of the bot's at a time (its group has room for one pending commit).
+        self.commit_lock = asyncio.Lock()
 
     @property
     def member_id(self) -> int:
@@ -100,6 +103,7 @@ class KalandraBot:
         core = ClientCore(identity.member_id, identity.signing_key)
         await self.state.table.load_into(core)
         self.state.start()
+        await BridgedUser.load_member_ids(self.bridge)
         for portal in await Portal.load_all(self.bridge):
             portal.start()
         limits = self.server.hub.config.limits
@@ -142,6 +146,7 @@ class KalandraBot:
             self._events.cancel()
         for portal in Portal.by_room.values():
             await portal.stop()
+        await BridgedUser.close_all()
         if self.client is not None:
             await self.client.close()
         with contextlib.suppress(TimeoutError):

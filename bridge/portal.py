@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mautrix.errors import MNotFound
 from mautrix.types import (
+    EventID,
     EventType,
     Format,
+    MessageEventContent,
     MessageType,
     RoomAlias,
     RoomID,
@@ -30,7 +33,8 @@ from mautrix.types import (
 from kalandra_core.client.content import Content
 from kalandra_core.client.events import Message
 
-from .db import MessageTable, PortalRow, PortalTable
+from .bridged_user import BridgedUser
+from .db import DedupeTable, MessageTable, PortalRow, PortalTable
 from .puppet import Puppet
 
 if TYPE_CHECKING:
@@ -40,6 +44,7 @@ log = logging.getLogger("kalandra.bridge.portal")
 
 PROTOCOL: dict[str, Any] = {"id": "kalandra", "displayname": "Kalandra"}
 _KINDS = {"text": MessageType.TEXT, "notice": MessageType.NOTICE, "emote": MessageType.EMOTE}
+_MX_KINDS = {v: k for k, v in _KINDS.items()}
 _RETRY_MAX = 30.0
 
 
@@ -51,6 +56,25 @@ def matrix_content(content: Content) -> TextMessageEventContent:
         out.format = Format.HTML
         out.formatted_body = content.formatted_body
     return out
+
+
+def kalandra_content(content: MessageEventContent) -> Content | None:
+    """m.room.message text/notice/emote as a Kalandra body (HTML carried); None otherwise."""
+    if not isinstance(content, TextMessageEventContent):
+        return None
+    kind = _MX_KINDS.get(content.msgtype)
+    if kind is None:
+        return None
+    html = content.formatted_body if content.format == Format.HTML else None
+    return Content(body=content.body or "", kind=kind, formatted_body=html or None)
+
+
+@dataclass(frozen=True, slots=True)
+class _FromMatrix:
+    sender: UserID
+    permission: str
+    content: Content | None  # None: the user joined (added to the Kalandra room)
+    event_id: EventID
 
 
 class Portal:
@@ -65,6 +89,8 @@ class Portal:
             self.room_ready.set()
         self._create_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.outgoing: asyncio.Queue[_FromMatrix] = asyncio.Queue()
+        self._out_task: asyncio.Task[None] | None = None
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -176,11 +202,14 @@ class Portal:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"portal-{self.hex}")
+        if self._out_task is None:
+            self._out_task = asyncio.create_task(self._run_out(), name=f"portal-out-{self.hex}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in (self._task, self._out_task):
+            if task is not None:
+                task.cancel()
+        self._task = self._out_task = None
 
     def enqueue(self, message: Message) -> None:
         self.queue.put_nowait(message)
@@ -213,6 +242,8 @@ class Portal:
             return  # bridged before a restart
         if message.sender_id == self.bridge.bot.member_id:
             return  # the bot's own (relayed) messages came from Matrix
+        if message.sender_id in BridgedUser.member_ids:
+            return  # a bridged Matrix user's message: it came from Matrix (no echo)
         mxid = self.row.mxid
         assert mxid is not None
         puppet = await Puppet.get(self.bridge, message.sender_id)
@@ -229,3 +260,59 @@ class Portal:
         )
         self.row.last_log_index = message.log_index
         self.row.last_event_id = event_id
+
+    # --- the queue toward Kalandra ----------------------------------------------------------
+
+    def from_matrix(
+        self, sender: UserID, permission: str, content: MessageEventContent, event_id: EventID
+    ) -> bool:
+        """Queue a Matrix message (in arrival order); False if it is not a bridged kind."""
+        body = kalandra_content(content)
+        if body is None:
+            return False
+        self.outgoing.put_nowait(_FromMatrix(sender, permission, body, event_id))
+        return True
+
+    def member_joined(self, user: UserID, permission: str, event_id: EventID) -> None:
+        """A bridged user joined the Matrix room: added to the Kalandra room, in order."""
+        self.outgoing.put_nowait(_FromMatrix(user, permission, None, event_id))
+
+    async def _run_out(self) -> None:
+        while True:
+            item = await self.outgoing.get()
+            try:
+                await self._to_kalandra(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "portal %s: a Matrix message was not bridged (%s)",
+                    self.hex,
+                    type(exc).__name__,
+                )
+                await self._notice_failure(item, exc)
+
+    async def _to_kalandra(self, item: _FromMatrix) -> None:
+        mxid = self.row.mxid
+        assert mxid is not None
+        user = await BridgedUser.get(self.bridge, item.sender, item.permission)
+        if item.content is None:
+            await user.ensure_in_room(self.room_id)
+            return
+        if await DedupeTable(self.bridge.db).event_seen(item.event_id):
+            return  # bridged before (a replayed transaction)
+        index = await user.send(self.room_id, item.content)
+        await MessageTable(self.bridge.db).record_to_kalandra(
+            self.room_id, index, mxid, item.event_id
+        )
+
+    async def _notice_failure(self, item: _FromMatrix, exc: Exception) -> None:
+        mxid = self.row.mxid
+        if mxid is None:
+            return
+        try:
+            await self.bridge.az.intent.send_notice(
+                mxid, f"Your message could not be bridged to Kalandra ({type(exc).__name__})."
+            )
+        except Exception as notice_exc:
+            log.warning("portal %s: notice not sent (%s)", self.hex, type(notice_exc).__name__)

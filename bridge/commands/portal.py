@@ -109,7 +109,8 @@ async def invite(evt: CommandEvent) -> EventID:
     if room_id not in bot.core.rooms:
         return await evt.reply(f"The bridge is not a member of Kalandra room `{room_id.hex()}`.")
     try:
-        index = await bot.client.invite(room_id, [member_id])
+        async with bot.commit_lock:
+            index = await bot.client.invite(room_id, [member_id])
     except Exception as exc:
         return await evt.reply(f"Could not add member {member_id}: {exc}")
     await bot.state.flush()

@@ -44,6 +44,31 @@ class MessageTable:
                 event_id,
             )
 
+    async def record_to_kalandra(
+        self, room_id: bytes, log_index: int, mx_room: RoomID, event_id: EventID
+    ) -> None:
+        """A Matrix event sequenced as (room, log index): the map row and the event's dedupe
+        mark in one transaction (the portal's ``last_log_index`` is the other direction's)."""
+        async with transaction(self.db) as conn:
+            await conn.execute(
+                "INSERT INTO bridge_messages"
+                " (room_id, log_index, mx_room, event_id, direction, created_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6)"
+                " ON CONFLICT (room_id, log_index) DO NOTHING",
+                room_id,
+                log_index,
+                mx_room,
+                event_id,
+                TO_KALANDRA,
+                now_ms(),
+            )
+            await conn.execute(
+                "INSERT INTO bridge_matrix_events (event_id, processed_at) VALUES ($1, $2)"
+                " ON CONFLICT (event_id) DO NOTHING",
+                event_id,
+                now_ms(),
+            )
+
     async def event_for(self, room_id: bytes, log_index: int) -> EventID | None:
         value = await self.db.fetchval(
             "SELECT event_id FROM bridge_messages WHERE room_id = $1 AND log_index = $2",

@@ -74,3 +74,9 @@ class BridgedUserTable:
             user.permission,
             user.management_room,
         )
+
+    async def member_ids(self) -> list[int]:
+        rows = await self.db.fetch(
+            "SELECT member_id FROM bridge_users WHERE member_id IS NOT NULL"
+        )
+        return [u64_from_db(int(r["member_id"])) for r in rows]

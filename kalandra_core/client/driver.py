@@ -344,6 +344,11 @@ class Client:
         rid, data = self.core.add_members(room_id, packages)
         return int(await self._await(rid, data))
 
+    async def add(self, room_id: bytes, key_packages: list[bytes]) -> int:
+        """Add members from these KeyPackages; returns the commit's log index."""
+        rid, data = self.core.add_members(room_id, key_packages)
+        return int(await self._await(rid, data))
+
     async def remove(self, room_id: bytes, member_ids: list[int]) -> int:
         rid, data = self.core.remove_members(room_id, member_ids)
         return int(await self._await(rid, data))

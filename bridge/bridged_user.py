@@ -1,0 +1,255 @@
+"""Bridged Matrix users: a Matrix user (permission ``user``) as a real Kalandra member.
+
+The bridge creates the member's account and device signing key (sealed in bridge_users), and
+the bot adds it to a portal's room with a Commit, from a KeyPackage built with the member's
+key. The member never processes commits: one MLS group state per portal (the bot's). Every
+sender's key derives from the epoch's exporter, so the bot's SenderKeyStore encrypts as the
+member's leaf; the frame goes out through the member's own in-process session (a loopback
+connection authenticated with the member's token and signed with its key), so the server
+checks it like any native client's. The Welcome of the add waits in the member's mailbox,
+unused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from nacl.signing import SigningKey
+
+from kalandra_core.client.content import Content
+from kalandra_core.client.core import ClientCore
+from kalandra_core.mls.keypackage import build_key_package
+from kalandra_core.proto import (
+    ErrorCode,
+    ErrorPayload,
+    Frame,
+    HelloReply,
+    Opcode,
+    ProtocolError,
+    decode_payload,
+)
+from kalandra_core.server.loopback import connect_loopback
+from kalandra_core.server.transport import FrameSink
+from kalandra_core.storage.base import AlreadyExists
+
+from .db import BridgedUserRow, BridgedUserTable
+
+if TYPE_CHECKING:
+    from mautrix.types import UserID
+
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.user")
+
+MAX_ATTEMPTS = 3
+_TIMEOUT = 15.0
+
+
+class SendFailed(RuntimeError):
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def member_name(mxid: str) -> str:
+    """A Kalandra account name for a Matrix user: ``mx_<localpart>_<server>``, simplified."""
+    return "mx_" + re.sub(r"[^a-z0-9_.-]+", "_", mxid.lower().lstrip("@").replace(":", "_"))
+
+
+class _Session:
+    """The puppet's end of its loopback connection: replies to its own requests, nothing
+    else (the room's broadcasts and the unused Welcome are dropped)."""
+
+    def __init__(self, owner: BridgedUser) -> None:
+        self.owner = owner
+
+    def frame_received(self, frame: Frame) -> None:
+        h = frame.header
+        future = self.owner.futures.get(h.request_id)
+        if future is None or future.done():
+            return
+        if h.opcode in (Opcode.HELLO_REPLY, Opcode.ERROR) or (
+            h.opcode == Opcode.APP_MESSAGE and h.sender_id == self.owner.member_id
+        ):
+            future.set_result(frame)
+
+    def protocol_error(self, error: ProtocolError) -> None:
+        log.warning("framing error on a bridged user's session: %s", type(error).__name__)
+
+    def connection_lost(self, reason: str) -> None:
+        self.owner.lost()
+
+
+class BridgedUser:
+    by_mxid: ClassVar[dict[str, BridgedUser]] = {}
+    member_ids: ClassVar[set[int]] = set()  # every bridged user's member id (echo filter)
+    _locks: ClassVar[dict[str, asyncio.Lock]] = {}
+
+    def __init__(self, bridge: KalandraBridge, mxid: UserID, member_id: int, key: bytes) -> None:
+        self.bridge = bridge
+        self.mxid = mxid
+        self.member_id = member_id
+        self.signing_key = key
+        self.core = ClientCore(member_id, key)  # frames only: no rooms, no MLS state
+        self.futures: dict[int, asyncio.Future[Frame]] = {}
+        self._sink: FrameSink | None = None
+        self._connect_lock = asyncio.Lock()
+
+    # --- identity ------------------------------------------------------------------------------
+
+    @classmethod
+    async def load_member_ids(cls, bridge: KalandraBridge) -> None:
+        cls.member_ids.update(await _table(bridge).member_ids())
+
+    @classmethod
+    async def get(cls, bridge: KalandraBridge, mxid: UserID, permission: str) -> BridgedUser:
+        user = cls.by_mxid.get(mxid)
+        if user is not None:
+            return user
+        async with cls._locks.setdefault(mxid, asyncio.Lock()):
+            user = cls.by_mxid.get(mxid)
+            if user is None:
+                user = await cls._load_or_create(bridge, mxid, permission)
+                cls.by_mxid[mxid] = user
+                cls.member_ids.add(user.member_id)
+            return user
+
+    @classmethod
+    async def _load_or_create(
+        cls, bridge: KalandraBridge, mxid: UserID, permission: str
+    ) -> BridgedUser:
+        table = _table(bridge)
+        row = await table.get(mxid)
+        if row is not None and row.member_id is not None and row.signing_key is not None:
+            return cls(bridge, mxid, row.member_id, row.signing_key)
+        assert bridge.kalandra is not None
+        store = bridge.kalandra.store
+        name = member_name(mxid)
+        found = await store.find_member(name)
+        # One made before a crash and never logged in is ours to finish.
+        account = found if found is not None and found.signature_key is None else None
+        while account is None:
+            try:
+                account = await store.create_member(name)
+            except AlreadyExists:
+                name = f"{member_name(mxid)}_{secrets.token_hex(2)}"
+        key = bytes(SigningKey.generate())
+        await table.put(
+            BridgedUserRow(
+                mxid=mxid, permission=permission, member_id=account.member_id, signing_key=key
+            )
+        )
+        log.info("created Kalandra member %d for a bridged Matrix user", account.member_id)
+        return cls(bridge, mxid, account.member_id, key)
+
+    # --- the session ---------------------------------------------------------------------------
+
+    def lost(self) -> None:
+        self._sink = None
+        for future in self.futures.values():
+            if not future.done():
+                future.set_exception(SendFailed("connection lost"))
+
+    async def _request(self, request_id: int, data: bytes) -> Frame:
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.futures[request_id] = future
+        try:
+            if self._sink is None or not self._sink.send(data):
+                raise SendFailed("not connected")
+            return await asyncio.wait_for(future, _TIMEOUT)
+        finally:
+            self.futures.pop(request_id, None)
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._sink is not None:
+                return
+            assert self.bridge.kalandra is not None
+            hub = self.bridge.kalandra.hub
+            self._sink = connect_loopback(hub.session_factory, lambda _sink: _Session(self))
+            store = self.bridge.kalandra.store
+            token = await store.issue_token(self.member_id)
+            hello = self.core.hello(token)
+            reply = await self._request(Frame.decode(hello).header.request_id, hello)
+            _raise_error(reply)
+            payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
+            assert isinstance(payload, HelloReply)
+            self.core.hello_reply(payload)
+
+    async def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close("bridge stopping")
+            self._sink = None
+
+    # --- rooms and messages ----------------------------------------------------------------------
+
+    async def ensure_in_room(self, room_id: bytes) -> None:
+        """The bot adds this member to the room (a Commit) unless it is a member already."""
+        await self.connect()  # binds the device key before any KeyPackage names it
+        bot = self.bridge.bot
+        assert bot.client is not None
+        if self._in_room(room_id):
+            return
+        async with bot.commit_lock:
+            if self._in_room(room_id):
+                return
+            package = build_key_package(self.member_id, self.signing_key).key_package
+            index = await bot.client.add(room_id, [package])
+            await bot.state.flush()
+        log.info(
+            "added bridged member %d to %s (log index %d)", self.member_id, room_id.hex(), index
+        )
+
+    def _in_room(self, room_id: bytes) -> bool:
+        room = self.bridge.bot.core.rooms.get(room_id)
+        if room is None or not room.active:
+            raise SendFailed("the bridge is not in this Kalandra room")
+        return self.member_id in room.roster()
+
+    async def send(self, room_id: bytes, content: Content) -> int:
+        """Send as this member's leaf; returns the message's log index."""
+        await self.ensure_in_room(room_id)
+        bot = self.bridge.bot
+        assert bot.client is not None
+        plaintext = content.encode()
+        for attempt in range(MAX_ATTEMPTS):
+            room = bot.core.rooms[room_id]
+            leaf = room.roster()[self.member_id][0]
+            envelope = room.keys.encrypt(plaintext, sender_index=leaf)
+            # The send chain moved: saved before the frame goes out (no key reuse).
+            bot.state.save(bot.core, {room_id})
+            rid, data = self.core._frame(
+                Opcode.APP_MESSAGE, envelope, room_int=room.room_int, epoch=room.epoch
+            )
+            reply = await self._request(rid, data)
+            try:
+                _raise_error(reply)
+            except SendFailed as exc:
+                if exc.code != ErrorCode.STALE_EPOCH or attempt + 1 == MAX_ATTEMPTS:
+                    raise
+                await bot.client.sync(room_id)  # catch up the bot's group, then re-encrypt
+                continue
+            return reply.header.context_id
+        raise SendFailed("stale epoch")  # not reached
+
+    @classmethod
+    async def close_all(cls) -> None:
+        for user in cls.by_mxid.values():
+            await user.close()
+
+
+def _table(bridge: KalandraBridge) -> BridgedUserTable:
+    key = bridge.config.mls_state_key
+    assert key is not None
+    return BridgedUserTable(bridge.db, key)
+
+
+def _raise_error(frame: Frame) -> None:
+    if frame.header.opcode == Opcode.ERROR:
+        payload: Any = decode_payload(Opcode.ERROR, frame.payload)
+        assert isinstance(payload, ErrorPayload)
+        raise SendFailed(payload.message, payload.code)

@@ -1,0 +1,89 @@
+"""Matrix -> Kalandra against a real Synapse: a Matrix user with the `user` permission speaks
+in a portal; the bridge makes them a Kalandra member (a puppet leaf the bot adds), and the
+native member receives every message, in order, once, from that member, with its formatting;
+nothing comes back to Matrix from a ghost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+from nio import AsyncClient, InviteMemberEvent, MatrixRoom, RoomSendResponse
+
+from kalandra_core.client.events import Message
+from matrix.test_bridge_bot import bot_notices, nio_client, open_dm, say, sync_until
+from matrix.test_bridge_portal import (  # noqa: F401 - `stack` is this module's fixture too
+    PortalStack,
+    ghost_history,
+    native_client,
+    stack,
+)
+
+COUNT = 20
+FORMATTED = 7
+
+
+async def send(client: AsyncClient, room_id: str, i: int) -> None:
+    content = {"msgtype": "m.text", "body": f"matrix {i}"}
+    if i == FORMATTED:
+        content |= {"format": "org.matrix.custom.html", "formatted_body": f"<b>matrix {i}</b>"}
+    sent = await client.room_send(room_id, "m.room.message", content)
+    assert isinstance(sent, RoomSendResponse), sent
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_matrix_messages_reach_native_once_in_order(
+    stack: PortalStack,  # noqa: F811
+) -> None:
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user) as alice:
+        await alice.sync(timeout=0)
+        dm = await open_dm(alice)
+        notices = bot_notices(alice, dm)
+        await sync_until(alice, lambda: len(notices) >= 1, "welcome from the bot")
+        invites: list[str] = []
+
+        async def on_invite(room: MatrixRoom, event: InviteMemberEvent) -> None:
+            if event.state_key == alice.user_id and event.membership == "invite":
+                invites.append(room.room_id)
+
+        alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+        await say(alice, dm, "!kalandra create m2k")
+        await sync_until(alice, lambda: len(notices) >= 2 and bool(invites), "the portal")
+        match = re.search(r"Created Kalandra room `([0-9a-f]{32})`", notices[1])
+        assert match, notices[1]
+        room_hex = match.group(1)
+        portal = invites[0]
+        await alice.join(portal)
+        await sync_until(alice, lambda: portal in alice.rooms, "the join")
+        await say(alice, dm, f"!kalandra invite {room_hex} {native.core.member_id}")
+        await sync_until(alice, lambda: len(notices) >= 3, "the invite's answer")
+        assert notices[2].startswith("Added member"), notices[2]
+        assert await asyncio.wait_for(native.joined.get(), 15) == bytes.fromhex(room_hex)
+        await native.settle()
+
+        for i in range(COUNT):
+            await send(alice, portal, i)
+
+        received: list[Message] = []
+        async with asyncio.timeout(60):
+            while len(received) < COUNT:
+                received.append(await native.messages.get())
+        await asyncio.sleep(2)  # nothing more (no duplicate) arrives
+        assert native.messages.empty()
+
+        assert [m.content.body for m in received] == [f"matrix {i}" for i in range(COUNT)]
+        senders = {m.sender_id for m in received}
+        assert len(senders) == 1
+        (puppet,) = senders
+        assert puppet != native.core.member_id
+        assert received[FORMATTED].content.formatted_body == f"<b>matrix {FORMATTED}</b>"
+        plain = [m for i, m in enumerate(received) if i != FORMATTED]
+        assert all(m.content.formatted_body is None for m in plain)
+        assert len({m.log_index for m in received}) == COUNT
+
+        # The Kalandra echo of the puppet's messages does not come back from a ghost.
+        assert await ghost_history(alice, portal, f"@kalandra_{puppet}:localhost") == []
+    await native.close()

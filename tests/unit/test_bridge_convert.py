@@ -1,0 +1,36 @@
+"""Matrix message content -> Kalandra content, and bridged users' account names."""
+
+from __future__ import annotations
+
+from mautrix.types import Format, MessageType, TextMessageEventContent
+
+from bridge.bridged_user import member_name
+from bridge.portal import kalandra_content, matrix_content
+from kalandra_core.client.content import Content
+
+
+def test_text_notice_emote_and_html_are_carried() -> None:
+    for msgtype, kind in (
+        (MessageType.TEXT, "text"),
+        (MessageType.NOTICE, "notice"),
+        (MessageType.EMOTE, "emote"),
+    ):
+        content = kalandra_content(TextMessageEventContent(msgtype=msgtype, body="hi"))
+        assert content == Content(body="hi", kind=kind)
+    html = TextMessageEventContent(
+        msgtype=MessageType.TEXT, body="hi", format=Format.HTML, formatted_body="<b>hi</b>"
+    )
+    converted = kalandra_content(html)
+    assert converted is not None
+    assert converted.formatted_body == "<b>hi</b>"
+    back = matrix_content(converted)
+    assert (back.body, back.formatted_body, back.format) == ("hi", "<b>hi</b>", Format.HTML)
+
+
+def test_other_message_types_are_not_bridged_yet() -> None:
+    assert kalandra_content(TextMessageEventContent(msgtype=MessageType.IMAGE, body="x")) is None
+
+
+def test_member_names_are_simple() -> None:
+    assert member_name("@Alice.B:example.org") == "mx_alice.b_example.org"
+    assert member_name("@we+ird=name:host:8448") == "mx_we_ird_name_host_8448"
