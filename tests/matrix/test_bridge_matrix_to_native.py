@@ -7,17 +7,17 @@ nothing comes back to Matrix from a ghost.
 from __future__ import annotations
 
 import asyncio
-import re
 
 import pytest
-from nio import AsyncClient, InviteMemberEvent, MatrixRoom, RoomSendResponse
+from nio import AsyncClient, RoomSendResponse
 
 from kalandra_core.client.events import Message
-from matrix.test_bridge_bot import bot_notices, nio_client, open_dm, say, sync_until
+from matrix.test_bridge_bot import nio_client
 from matrix.test_bridge_portal import (  # noqa: F401 - `stack` is this module's fixture too
     PortalStack,
     ghost_history,
     native_client,
+    portal_with_native,
     stack,
 )
 
@@ -39,30 +39,7 @@ async def test_matrix_messages_reach_native_once_in_order(
 ) -> None:
     native = await native_client(stack)
     async with nio_client(stack.synapse, stack.user) as alice:
-        await alice.sync(timeout=0)
-        dm = await open_dm(alice)
-        notices = bot_notices(alice, dm)
-        await sync_until(alice, lambda: len(notices) >= 1, "welcome from the bot")
-        invites: list[str] = []
-
-        async def on_invite(room: MatrixRoom, event: InviteMemberEvent) -> None:
-            if event.state_key == alice.user_id and event.membership == "invite":
-                invites.append(room.room_id)
-
-        alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
-        await say(alice, dm, "!kalandra create m2k")
-        await sync_until(alice, lambda: len(notices) >= 2 and bool(invites), "the portal")
-        match = re.search(r"Created Kalandra room `([0-9a-f]{32})`", notices[1])
-        assert match, notices[1]
-        room_hex = match.group(1)
-        portal = invites[0]
-        await alice.join(portal)
-        await sync_until(alice, lambda: portal in alice.rooms, "the join")
-        await say(alice, dm, f"!kalandra invite {room_hex} {native.core.member_id}")
-        await sync_until(alice, lambda: len(notices) >= 3, "the invite's answer")
-        assert notices[2].startswith("Added member"), notices[2]
-        assert await asyncio.wait_for(native.joined.get(), 15) == bytes.fromhex(room_hex)
-        await native.settle()
+        _, portal = await portal_with_native(alice, native, "m2k")
 
         for i in range(COUNT):
             await send(alice, portal, i)

@@ -140,40 +140,45 @@ async def wait_history(
     return seen
 
 
+async def portal_with_native(alice: AsyncClient, native: Client, name: str) -> tuple[str, str]:
+    """Through the bot's DM: create a portal named ``name``, join it as ``alice``, and have the
+    bot add the native member to its Kalandra room. Returns (room hex, portal room id)."""
+    await alice.sync(timeout=0)
+    dm = await open_dm(alice)
+    notices = bot_notices(alice, dm)
+    await sync_until(alice, lambda: len(notices) >= 1, "welcome from the bot")
+    invites: list[str] = []
+
+    async def on_invite(room: MatrixRoom, event: InviteMemberEvent) -> None:
+        if event.state_key == alice.user_id and event.membership == "invite":
+            invites.append(room.room_id)
+
+    alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    await say(alice, dm, f"!kalandra create {name}")
+    await sync_until(alice, lambda: len(notices) >= 2 and bool(invites), "the portal")
+    match = re.search(r"Created Kalandra room `([0-9a-f]{32})`", notices[1])
+    assert match, notices[1]
+    room_hex = match.group(1)
+    portal = invites[0]
+    await alice.join(portal)
+    await sync_until(alice, lambda: portal in alice.rooms, "the join")
+    await say(alice, dm, f"!kalandra invite {room_hex} {native.core.member_id}")
+    await sync_until(alice, lambda: len(notices) >= 3, "the invite's answer")
+    assert notices[2].startswith("Added member"), notices[2]
+    assert await asyncio.wait_for(native.joined.get(), 15) == bytes.fromhex(room_hex)
+    await native.settle()
+    return room_hex, portal
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_native_messages_reach_matrix_once_in_order_across_kill9(
     stack: PortalStack,
 ) -> None:
     native = await native_client(stack)
     async with nio_client(stack.synapse, stack.user) as alice:
-        await alice.sync(timeout=0)
-        dm = await open_dm(alice)
-        notices = bot_notices(alice, dm)
-        await sync_until(alice, lambda: len(notices) >= 1, "welcome from the bot")
-
-        invites: list[str] = []
-
-        async def on_invite(room: MatrixRoom, event: InviteMemberEvent) -> None:
-            if event.state_key == alice.user_id and event.membership == "invite":
-                invites.append(room.room_id)
-
-        alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
-        await say(alice, dm, "!kalandra create test")
-        await sync_until(alice, lambda: len(notices) >= 2 and bool(invites), "the portal")
-        match = re.search(r"Created Kalandra room `([0-9a-f]{32})`", notices[1])
-        assert match, notices[1]
-        room_hex = match.group(1)
-        portal = invites[0]
-        await alice.join(portal)
-        await sync_until(alice, lambda: portal in alice.rooms, "the join")
+        room_hex, portal = await portal_with_native(alice, native, "test")
         assert alice.rooms[portal].name == "test"
         ghost = f"@kalandra_{native.core.member_id}:localhost"
-
-        await say(alice, dm, f"!kalandra invite {room_hex} {native.core.member_id}")
-        await sync_until(alice, lambda: len(notices) >= 3, "the invite's answer")
-        assert notices[2].startswith("Added member"), notices[2]
-        assert await asyncio.wait_for(native.joined.get(), 15) == bytes.fromhex(room_hex)
-        await native.settle()
 
         room_id = bytes.fromhex(room_hex)
         for i in range(BATCH):
