@@ -1,6 +1,7 @@
-# Kalandra Bridge container image: the `kalandra` command (homeserver, admin, client, tools).
-# Default: run the homeserver from /data/config.yaml (see example-config.yaml; set tcp_host and
-# quic_host to 0.0.0.0 inside a container). The bridge entrypoint arrives with the bridge.
+# Kalandra Bridge container image: the bridge (Matrix appservice) with the embedded Kalandra
+# homeserver, plus the `kalandra` command (admin, client, tools). State lives in the /data volume.
+# First start: writes /data/config.yaml from the example and exits (edit it); second start: writes
+# /data/registration.yaml and exits (give it to Synapse); then it runs (config/docker-run.sh).
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -13,13 +14,18 @@ RUN useradd --system --uid 1337 --home-dir /data kalandra \
     && mkdir -p /data /opt/kalandra && chown kalandra /data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-# The migration history is read from next to the installed package's source tree.
+# The migration history and the example config are read from here by the installed package.
 COPY alembic /opt/kalandra/alembic
 COPY example-config.yaml /opt/kalandra/example-config.yaml
-ENV KALANDRA_ALEMBIC_DIR=/opt/kalandra/alembic
+COPY config /opt/kalandra/config
+ENV KALANDRA_ALEMBIC_DIR=/opt/kalandra/alembic \
+    KALANDRA_EXAMPLE_CONFIG=/opt/kalandra/example-config.yaml \
+    KALANDRA_DATA=/data
 USER kalandra
 WORKDIR /data
 VOLUME /data
-EXPOSE 4434/tcp 4433/udp
-ENTRYPOINT ["kalandra"]
-CMD ["serve", "-c", "/data/config.yaml"]
+# Kalandra native clients (TCP, QUIC) and the appservice port Synapse pushes to.
+EXPOSE 4434/tcp 4433/udp 29340/tcp
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:29340/_matrix/mau/live', timeout=4)"
+ENTRYPOINT ["/opt/kalandra/config/docker-run.sh"]

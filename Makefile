@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA := .data
 
-.PHONY: run test lint unit bench bench-full venv clean
+.PHONY: run run-native test lint unit bench bench-full venv clean
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -17,11 +17,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Runs the Kalandra homeserver on the embedded default (SQLite under .data/) with two demo
-# accounts, and prints how to use it with the `kalandra` client. The Matrix bridge and the
-# throwaway Synapse arrive with the bridge (README, "Status").
+# A complete local system on the embedded default, under .data/ (reused by later runs): a
+# throwaway Synapse (its own virtualenv), the bridge with the embedded Kalandra server on SQLite,
+# a Matrix admin account and two native accounts; prints how to use them. Ctrl-C stops it.
 run: venv
-	@$(PY) -m kalandra_core.devrun --data $(DATA)
+	@bash bridge/devstack/install_synapse.sh
+	@$(PY) -m bridge.devstack --data $(DATA)
+
+# The Kalandra homeserver alone (no Matrix), with two demo accounts.
+run-native: venv
+	@$(PY) -m kalandra_core.devrun --data $(DATA)-native
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -30,7 +35,7 @@ lint: venv
 
 unit: venv
 	@bash tests/ensure_postgres.sh
-	@bash tests/matrix/install_synapse.sh
+	@bash bridge/devstack/install_synapse.sh
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 

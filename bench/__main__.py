@@ -1,20 +1,26 @@
-"""``python -m bench [--full] [--only NAME]``: run the benchmarks and print one table."""
+"""``python -m bench [--full] [--only NAME] [--out DIR]``: run the benchmarks, print one table,
+and write the report (report.md, and report.png with the latency distributions) into DIR."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 from collections.abc import Callable
+from pathlib import Path
 
-from . import crypto, frames, mls, server
-from .common import Figure, print_table
+from . import bridge, crypto, frames, mls, server
+from .common import Results, print_rows, print_table
+from .report import SUMMARY_HEAD, summary_rows, write_report
 
-BENCHMARKS: dict[str, Callable[[bool], list[Figure]]] = {
-    "crypto": crypto.run,
+# In the order they run and are tabled: from the wire format up to the whole bridge.
+BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "frames": frames.run,
+    "crypto": crypto.run,
     "mls": mls.run,
     "server": server.run,
+    "bridge": bridge.run,
 }
 
 
@@ -22,17 +28,50 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--full", action="store_true", help="longer runs, steadier figures")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent, help="report directory (bench/)"
+    )
     args = parser.parse_args()
     mode = "full" if args.full else "quick"
-    print(
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    header = (
         f"kalandra benchmarks ({mode}) on {platform.python_implementation()} "
-        f"{platform.python_version()}, {os.cpu_count()} cores"
+        f"{platform.python_version()}, {os.cpu_count()} cores, {when}"
     )
-    figures: list[Figure] = []
-    for name in args.only or sorted(BENCHMARKS):
-        figures += BENCHMARKS[name](not args.full)
-    print_table(figures)
+    print(header)
+    results = Results()
+    for name in args.only or list(BENCHMARKS):
+        try:
+            one = BENCHMARKS[name](not args.full)
+        except BaseException:
+            # A crash fails the run; what was measured before it is still shown.
+            print(f"benchmark {name} crashed; figures measured before it:")
+            print_table(results.figures)
+            raise
+        results.figures += one.figures
+        results.distributions += one.distributions
+
+    print()
+    print_table(results.figures)
+    if results.distributions:
+        print()
+        print_rows(SUMMARY_HEAD, summary_rows(results.distributions))
+    _write_report(
+        args.out, header, f"Kalandra latency distributions: {mode} mode, {when}", results
+    )
     return 0
+
+
+def _write_report(out: Path, header: str, title: str, results: Results) -> None:
+    """The report is a by-product: failing to write it is printed, never fails the run."""
+    try:
+        written = write_report(out, header, title, results.figures, results.distributions)
+    except Exception as exc:
+        print(f"report: not fully written ({type(exc).__name__}: {exc})")
+        return
+    print(f"report: {', '.join(str(p) for p in written)}")
+    if not results.distributions:
+        print("report: no latency distributions in this run, so no report.png")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Timing helpers and the result table shared by every benchmark."""
+"""Timing helpers and the result types shared by every benchmark."""
 
 from __future__ import annotations
 
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,36 @@ class Figure:
     @property
     def ratio(self) -> float:
         return self.value / self.limit_value if self.limit_value else float("nan")
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Every latency sample of one measurement, kept so the report can show its tail."""
+
+    name: str  # what travelled where, e.g. "native->Matrix"
+    samples_ms: tuple[float, ...]
+    condition: str  # how it was driven, e.g. "1,000 msgs/s"
+    target_ms: float | None = None  # drawn as a line; None: no target to draw
+    target_label: str = "target"
+
+    def percentile(self, p: float) -> float:
+        return percentile(sorted(self.samples_ms), p)
+
+
+@dataclass(slots=True)
+class Results:
+    """What one benchmark returns: its table rows and any latency distributions."""
+
+    figures: list[Figure] = field(default_factory=list)
+    distributions: list[Distribution] = field(default_factory=list)
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """The nearest-rank ``p``-th percentile of already sorted values (NaN if none)."""
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(p / 100 * len(sorted_values)) - 1))
+    return sorted_values[k]
 
 
 def rate(fn: Callable[[], object], batch: int, repeats: int) -> float:
@@ -44,8 +74,11 @@ def rate(fn: Callable[[], object], batch: int, repeats: int) -> float:
     return batch / best
 
 
-def print_table(figures: list[Figure]) -> None:
-    rows = [
+TABLE_HEAD = ("figure", "measured", "target", "limit (same run)", "ratio")
+
+
+def table_rows(figures: list[Figure]) -> list[tuple[str, ...]]:
+    return [
         (
             f.name,
             f"{f.value:,.{f.decimals}f} {f.unit}",
@@ -55,7 +88,27 @@ def print_table(figures: list[Figure]) -> None:
         )
         for f in figures
     ]
-    head = ("figure", "measured", "target", "limit (same run)", "ratio")
+
+
+def format_rows(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """``head`` and ``rows`` as aligned plain-text lines, a rule under the head."""
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for row in [head, tuple("-" * w for w in widths), *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [head, tuple("-" * w for w in widths), *rows]
+    ]
+
+
+def print_rows(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    for line in format_rows(head, rows):
+        print(line)
+
+
+def format_table(figures: list[Figure]) -> list[str]:
+    """The result table: each figure, its target, its limit and the ratio to it."""
+    return format_rows(TABLE_HEAD, table_rows(figures))
+
+
+def print_table(figures: list[Figure]) -> None:
+    for line in format_table(figures):
+        print(line)

@@ -14,10 +14,10 @@ from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
 from kalandra_core.crypto import SenderKeyStore
 from kalandra_core.proto import EncryptedMessage
 
-from .common import Figure, rate
+from .common import Figure, Results, rate
 
 
-def run(quick: bool) -> list[Figure]:
+def run(quick: bool) -> Results:
     batch, repeats = (5_000, 5) if quick else (20_000, 15)
     figures: list[Figure] = []
     secret = os.urandom(32)
@@ -52,4 +52,4 @@ def run(quick: bool) -> list[Figure]:
             Figure(f"encrypt {size} B message", encrypt_rate, "/s", "> 10,000 /s", name, limit),
             Figure(f"decrypt {size} B message", decrypt_rate, "/s", "> 10,000 /s", name, limit),
         ]
-    return figures
+    return Results(figures)

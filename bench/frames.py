@@ -18,7 +18,7 @@ from kalandra_core.proto import (
     decode_payload,
 )
 
-from .common import Figure, rate
+from .common import Figure, Results, rate
 
 _ALL_FIELDS = struct.Struct(">IBBHIIQQQQQQ64s")
 
@@ -42,7 +42,7 @@ def _sample_frame(body: int) -> Frame:
     return Frame.build(header, msg)
 
 
-def run(quick: bool) -> list[Figure]:
+def run(quick: bool) -> Results:
     batch, repeats = (50_000, 5) if quick else (200_000, 15)
     frame = _sample_frame(100)
     raw = frame.encode()
@@ -80,9 +80,11 @@ def run(quick: bool) -> list[Figure]:
     stream_rate = rate(stream_decode, max(batch // 5000, 10), repeats) * 256
 
     name = "unpack_from(128 B)"
-    return [
-        Figure("header parse", header_rate, "/s", ">= 1,000,000 /s", name, limit),
-        Figure("frame decode + CBOR payload (100 B msg)", full_rate, "/s", "-", name, limit),
-        Figure("frame encode (100 B msg)", encode_rate, "/s", "-", name, limit),
-        Figure("stream decode, 64 KiB reads", stream_rate, "/s", "-", name, limit),
-    ]
+    return Results(
+        [
+            Figure("header parse", header_rate, "/s", ">= 1,000,000 /s", name, limit),
+            Figure("frame decode + CBOR payload (100 B msg)", full_rate, "/s", "-", name, limit),
+            Figure("frame encode (100 B msg)", encode_rate, "/s", "-", name, limit),
+            Figure("stream decode, 64 KiB reads", stream_rate, "/s", "-", name, limit),
+        ]
+    )

@@ -34,7 +34,7 @@ from nacl.signing import SigningKey
 from kalandra_core.mls.group import MlsGroup
 from kalandra_core.mls.keypackage import KeyPackageBundle, build_key_package
 
-from .common import Figure, rate
+from .common import Figure, Results, rate
 
 T = TypeVar("T")
 
@@ -82,7 +82,7 @@ def _distribute(
         raise AssertionError(f"members disagree on the epoch: {epochs}")
 
 
-def run(quick: bool) -> list[Figure]:
+def run(quick: bool) -> Results:
     n = 100 if quick else 1000
     n_updates, n_removes = (6, 3) if quick else (8, 4)
     join_repeats = 3 if quick else 1
@@ -165,29 +165,31 @@ def run(quick: bool) -> list[Figure]:
 
     target = f"< {COMMIT_TARGET_MS:,.0f} ms"
     floor_name = f"{n} x Ed25519 verify"
-    return [
-        Figure(
-            f"process self-update commit, N={n}",
-            statistics.median(update_ms),
-            "ms",
-            target,
-            "target",
-            COMMIT_TARGET_MS,
-            decimals=1,
-        ),
-        Figure(
-            f"process remove commit, N={n}",
-            statistics.median(remove_ms),
-            "ms",
-            target,
-            "target",
-            COMMIT_TARGET_MS,
-            decimals=1,
-        ),
-        Figure(f"join from Welcome, N={n}", min(join_ms), "ms", "-", floor_name, floor, 1),
-        Figure(f"save state (serialize), N={n}", save_ms, "ms", "-", floor_name, floor, 1),
-        Figure(f"load state (from_bytes), N={n}", load_ms, "ms", "-", floor_name, floor, 1),
-    ]
+    return Results(
+        [
+            Figure(
+                f"process self-update commit, N={n}",
+                statistics.median(update_ms),
+                "ms",
+                target,
+                "target",
+                COMMIT_TARGET_MS,
+                decimals=1,
+            ),
+            Figure(
+                f"process remove commit, N={n}",
+                statistics.median(remove_ms),
+                "ms",
+                target,
+                "target",
+                COMMIT_TARGET_MS,
+                decimals=1,
+            ),
+            Figure(f"join from Welcome, N={n}", min(join_ms), "ms", "-", floor_name, floor, 1),
+            Figure(f"save state (serialize), N={n}", save_ms, "ms", "-", floor_name, floor, 1),
+            Figure(f"load state (from_bytes), N={n}", load_ms, "ms", "-", floor_name, floor, 1),
+        ]
+    )
 
 
 def _spread(samples: list[float]) -> str:

@@ -47,7 +47,7 @@ from ._server_proc import (
     raw_connect,
     restore_nofile,
 )
-from .common import Figure, rate
+from .common import Distribution, Figure, Results, rate
 
 THROUGHPUT_TARGET = 10_000.0
 LATENCY_TARGET_MS = 10.0
@@ -217,7 +217,7 @@ def _mem_total_kib() -> int:
     raise RuntimeError("no MemTotal in /proc/meminfo")
 
 
-async def _main(quick: bool) -> list[Figure]:
+async def _main(quick: bool) -> Results:
     m = 2_000 if quick else 20_000
     warmup = 200
     seconds = 2.0 if quick else 10.0
@@ -244,7 +244,7 @@ async def _main(quick: bool) -> list[Figure]:
 
 async def _measure(
     server: ServerProcess, quick: bool, m: int, warmup: int, seconds: float, k: int
-) -> list[Figure]:
+) -> Results:
     limits = ", ".join(f"{key}={value:,.0f}" for key, value in server.limits.items())
     print(f"server: separate process pid {server.pid}, sqlite WAL synchronous=FULL, TCP 127.0.0.1")
     print(f"server: limits {limits}; RLIMIT_NOFILE {nofile_soft()}")
@@ -347,7 +347,7 @@ async def _measure(
     await asyncio.sleep(0.5)
 
     mem_per_10k = _mem_total_kib() / CONNECTIONS_TARGET
-    return [
+    figures = [
         Figure(
             "sequencer, 1 room, SQLite, signed",
             throughput,
@@ -392,7 +392,15 @@ async def _measure(
             decimals=1,
         ),
     ]
+    native = Distribution(
+        "native->native",
+        tuple(latencies),
+        f"{LATENCY_RATE:,.0f} msgs/s",
+        LATENCY_TARGET_MS,
+        "p99 target",
+    )
+    return Results(figures, [native])
 
 
-def run(quick: bool) -> list[Figure]:
+def run(quick: bool) -> Results:
     return asyncio.run(_main(quick))

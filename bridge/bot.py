@@ -4,8 +4,11 @@ At the first start the bot's account is created in the embedded server's store
 (``kalandrabot``), a device token is issued and a signing key generated; all three are stored
 sealed in bridge_client_state, then the rooms' MLS state follows (bot_state.py). The bot's
 ``Client`` talks to the embedded Hub through the in-process loopback connection, so the server
-checks the bot like any native client. Its decrypted messages are routed to the portals, one
-ordered queue each.
+checks the bot like any native client. Its decrypted messages and room events (commits,
+moderation, failures) are routed to the portals in log order, one ordered queue each, and each
+routed item is counted for the state barrier (bot_state.py).
+
+The bot keeps a few KeyPackages published, so native members can add it to their rooms.
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.server.loopback import loopback_connector
 
 from .bot_state import BotState
 from .bridged_user import BridgedUser
 from .db import ClientStateTable, SealedIdentity
 from .portal import Portal
+from .portal_members import RosterCheck
+from .portal_to_matrix import Item
 
 if TYPE_CHECKING:
     from kalandra_core.server.app import RunningServer
@@ -37,6 +44,17 @@ log = logging.getLogger("kalandra.bridge.bot")
 BOT_MEMBER_NAME = "kalandrabot"
 OWNER = "bot"
 _EMBEDDED = ServerAddress("tcp", "embedded", 1)  # ignored by the loopback connector
+KEY_PACKAGES = 5  # kept published (each native room that adds the bot takes one)
+# Room events that belong in a portal's queue, in log order with its messages.
+_ROUTED = (
+    ev.EpochChanged,
+    ev.Moderated,
+    ev.Left,
+    ev.Undecryptable,
+    ev.Reacted,
+    ev.Receipted,
+    ev.Typing,
+)
 
 
 class BotIdentityLost(RuntimeError):
@@ -55,6 +73,22 @@ class _MessageRouter(asyncio.Queue[ev.Message]):
         self._bot.route(item)
 
 
+class _EventRouter(asyncio.Queue[ev.Event]):
+    """Stands in for ``Client.events``: room events of portal rooms go to the portal's queue
+    like messages (the client puts them here synchronously, in log order); the rest stays
+    here for the bot's own watcher."""
+
+    def __init__(self, bot: KalandraBot) -> None:
+        super().__init__()
+        self._bot = bot
+
+    def put_nowait(self, item: ev.Event) -> None:
+        if isinstance(item, _ROUTED) and item.room_id in Portal.by_room:
+            self._bot.route(item)
+        else:
+            super().put_nowait(item)
+
+
 class KalandraBot:
     def __init__(self, bridge: KalandraBridge, server: RunningServer) -> None:
         self.bridge = bridge
@@ -64,6 +98,7 @@ class KalandraBot:
         self.state = BotState(ClientStateTable(bridge.db, key, OWNER))
         self.client: Client | None = None
         self._events: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         # One commit of the bot's at a time (its group has room for one pending commit).
         self.commit_lock = asyncio.Lock()
 
@@ -100,10 +135,11 @@ class KalandraBot:
 
     async def start(self) -> None:
         identity = await self._identity()
-        core = ClientCore(identity.member_id, identity.signing_key)
+        core = ExtendedCore(identity.member_id, identity.signing_key)  # + reactions, typing
         await self.state.table.load_into(core)
         self.state.start()
         await BridgedUser.load_member_ids(self.bridge)
+        core.commit_for = BridgedUser.member_ids  # the puppet leaves never commit themselves
         for portal in await Portal.load_all(self.bridge):
             portal.start()
         limits = self.server.hub.config.limits
@@ -116,18 +152,52 @@ class KalandraBot:
             keepalive=max(1.0, min(30.0, limits.idle_timeout / 3)),
         )
         client.messages = _MessageRouter(self)
+        client.events = _EventRouter(self)
         self.client = client
         self._events = asyncio.create_task(self._watch_events(client), name="bot-events")
         await client.connect()
         log.info("the bot is connected as member %d (%d rooms)", core.member_id, len(core.rooms))
+        self._spawn(self._after_catch_up(client), "bot-catch-up")
 
-    def route(self, message: ev.Message) -> None:
-        self.state.message_routed(message.room_id)
-        portal = Portal.by_room.get(message.room_id)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_catch_up(self, client: Client) -> None:
+        """Once the resync from the saved state is applied: every portal's Matrix membership
+        and epoch state are checked against the group, and KeyPackages topped up."""
+        try:
+            await client.settle()
+        except TimeoutError:
+            log.info("rooms still syncing; checking the portals against the state so far")
+        for portal in list(Portal.by_room.values()):
+            self.check_roster(portal)
+        await self._key_packages()
+
+    def check_roster(self, portal: Portal) -> None:
+        """Queue a check of the portal's ghosts and epoch state against the group as it is
+        now (behind everything routed so far, so the queue is consistent with it)."""
+        room = self.core.rooms.get(portal.room_id)
+        if room is not None and room.active and room.anchored:
+            self.route(RosterCheck.of(room))
+
+    async def _key_packages(self) -> None:
+        assert self.client is not None
+        try:
+            have = await self.server.store.key_package_count(self.member_id)
+            if have < KEY_PACKAGES:
+                await self.client.publish_key_packages(KEY_PACKAGES - have)
+        except Exception as exc:  # retried at the next join or start
+            log.warning("publishing the bot's KeyPackages failed (%s)", type(exc).__name__)
+
+    def route(self, item: Item) -> None:
+        self.state.message_routed(item.room_id)
+        portal = Portal.by_room.get(item.room_id)
         if portal is None:
-            self.state.message_done(message.room_id)  # no portal: nothing to bridge
+            self.state.message_done(item.room_id)  # no portal: nothing to bridge
         else:
-            portal.enqueue(message)
+            portal.enqueue(item)
 
     async def _watch_events(self, client: Client) -> None:
         while True:
@@ -140,10 +210,15 @@ class KalandraBot:
                 log.warning(
                     "room %s: log index %d undecryptable", event.room_id.hex(), event.log_index
                 )
+            elif isinstance(event, ev.Joined):
+                log.info("the bot joined Kalandra room %s", event.room_id.hex())
+                self._spawn(self._key_packages(), "bot-key-packages")
 
     async def stop(self) -> None:
         if self._events is not None:
             self._events.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         for portal in Portal.by_room.values():
             await portal.stop()
         await BridgedUser.close_all()

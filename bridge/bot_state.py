@@ -8,8 +8,9 @@ The rule that makes a restart lose nothing: a room's snapshot says "applied up t
 and after a restart the client resyncs only what comes after L. Messages up to L were handed
 to the portals before the snapshot was taken, but may not be bridged yet (Synapse is the slow
 side), and once the group has moved on they cannot be decrypted again. So a room snapshot is
-written only when every message of that room handed out before it has been bridged and
-recorded (:meth:`message_routed` / :meth:`message_done` count them); until then it is parked,
+written only when every item of that room handed out before it (messages, commits, moderation,
+failures: whatever the portal mirrors) has been bridged and recorded (:meth:`message_routed` /
+:meth:`message_done` count them); until then it is parked,
 and only the newest eligible snapshot is written. The outbox and KeyPackage bundles are written
 right away.
 """
@@ -71,6 +72,12 @@ class BotState:
         if ready:
             self._parked[room_id] = [entry for entry in parked if entry[0] > done]
             self._queue(_Batch(rooms={room_id: ready[-1][1]}))
+
+    def room_released(self, room_id: bytes) -> None:
+        """The room's portal is gone (unbridged): what was routed to it will never be bridged,
+        so it counts as done and the room's snapshots are saved again."""
+        for _ in range(self._routed[room_id] - self._done[room_id]):
+            self.message_done(room_id)
 
     # --- what Client calls -----------------------------------------------------------------------
 

@@ -21,11 +21,13 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 
-from . import __version__
+from . import __version__, health, metrics
 from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
 from .portal import Portal
+from .provisioning import ProvisioningAPI
+from .transactions import TransactionGate
 from .user import User
 
 
@@ -83,6 +85,10 @@ class KalandraBridge(Bridge):
         if url.startswith("sqlite:"):
             # As durable as the Kalandra store on the same file (mautrix defaults to NORMAL).
             opts.setdefault("init_commands", ["PRAGMA synchronous = FULL"])
+        else:
+            # mautrix exits on asyncpg's "internal client error", which a connection cut by a
+            # PostgreSQL restart can raise: the failing call is retried like any database error.
+            opts.setdefault("meow_exit_on_ice", False)
         self.db = Database.create(
             url,
             upgrade_table=self.upgrade_table,
@@ -97,6 +103,11 @@ class KalandraBridge(Bridge):
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
         self.matrix_ready = asyncio.Event()
+        TransactionGate(self).install()  # acknowledge transactions only when done
+        metrics.install(self)  # after the gate: counts what Synapse is answered
+        health.install(self)
+        if self.config["bridge.provisioning.enabled"]:
+            ProvisioningAPI(self).install()
 
     async def start(self) -> None:
         core = self.config.core

@@ -1,13 +1,19 @@
 """Bridged Matrix users: a Matrix user (permission ``user``) as a real Kalandra member.
 
-The bridge creates the member's account and device signing key (sealed in bridge_users), and
-the bot adds it to a portal's room with a Commit, from a KeyPackage built with the member's
-key. The member never processes commits: one MLS group state per portal (the bot's). Every
-sender's key derives from the epoch's exporter, so the bot's SenderKeyStore encrypts as the
-member's leaf; the frame goes out through the member's own in-process session (a loopback
-connection authenticated with the member's token and signed with its key), so the server
-checks it like any native client's. The Welcome of the add waits in the member's mailbox,
-unused.
+The bridge creates the member's account, device signing key and device token (sealed in
+bridge_users), and the bot adds it to a portal's room with a Commit, from a KeyPackage built
+with the member's key. The member never processes commits: one MLS group state per portal (the
+bot's). Every sender's key derives from the epoch's exporter, so the bot's SenderKeyStore
+encrypts as the member's leaf; the frame goes out through the member's own in-process session
+(a loopback connection authenticated with the member's token and signed with its key), so the
+server checks it like any native client's. The Welcome of the add waits in the member's
+mailbox, unused.
+
+No duplicate, no key reuse: the signed frame of a Matrix event and the generation it used are
+written before the frame leaves (db/outgoing.py). A replay of the event after a crash resends
+the same bytes, which the server answers from its log with the original log index; and the
+bot's send chains are moved past every recorded generation before the first send of a room
+after a start (send_chains.py), since its saved room state may be older than its last sends.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ from kalandra_core.server.loopback import connect_loopback
 from kalandra_core.server.transport import FrameSink
 from kalandra_core.storage.base import AlreadyExists
 
-from .db import BridgedUserRow, BridgedUserTable
+from .db import BridgedUserRow, BridgedUserTable, Outgoing, OutgoingTable, SendMark
+from .send_chains import ensure_send_floors
 
 if TYPE_CHECKING:
-    from mautrix.types import UserID
+    from mautrix.types import EventID, UserID
 
     from .bridge import KalandraBridge
 
@@ -47,6 +54,8 @@ log = logging.getLogger("kalandra.bridge.user")
 
 MAX_ATTEMPTS = 3
 _TIMEOUT = 15.0
+# Logged frames of the member's whose echo from the log answers the request (relations.py).
+_ECHOED = frozenset({Opcode.APP_MESSAGE, Opcode.APP_REACTION, Opcode.APP_RECEIPT})
 
 
 class SendFailed(RuntimeError):
@@ -73,7 +82,7 @@ class _Session:
         if future is None or future.done():
             return
         if h.opcode in (Opcode.HELLO_REPLY, Opcode.ERROR) or (
-            h.opcode == Opcode.APP_MESSAGE and h.sender_id == self.owner.member_id
+            h.opcode in _ECHOED and h.sender_id == self.owner.member_id
         ):
             future.set_result(frame)
 
@@ -89,11 +98,19 @@ class BridgedUser:
     member_ids: ClassVar[set[int]] = set()  # every bridged user's member id (echo filter)
     _locks: ClassVar[dict[str, asyncio.Lock]] = {}
 
-    def __init__(self, bridge: KalandraBridge, mxid: UserID, member_id: int, key: bytes) -> None:
+    def __init__(
+        self,
+        bridge: KalandraBridge,
+        mxid: UserID,
+        member_id: int,
+        key: bytes,
+        token: str | None = None,
+    ) -> None:
         self.bridge = bridge
         self.mxid = mxid
         self.member_id = member_id
         self.signing_key = key
+        self.token = token
         self.core = ClientCore(member_id, key)  # frames only: no rooms, no MLS state
         self.futures: dict[int, asyncio.Future[Frame]] = {}
         self._sink: FrameSink | None = None
@@ -125,7 +142,7 @@ class BridgedUser:
         table = _table(bridge)
         row = await table.get(mxid)
         if row is not None and row.member_id is not None and row.signing_key is not None:
-            return cls(bridge, mxid, row.member_id, row.signing_key)
+            return cls(bridge, mxid, row.member_id, row.signing_key, row.device_token)
         assert bridge.kalandra is not None
         store = bridge.kalandra.store
         name = member_name(mxid)
@@ -168,17 +185,36 @@ class BridgedUser:
         async with self._connect_lock:
             if self._sink is not None:
                 return
+            if self.token is not None:
+                try:
+                    await self._hello(self.token)
+                    return
+                except SendFailed as exc:
+                    if exc.code != ErrorCode.NOT_AUTHORIZED:
+                        raise
+                    log.warning("member %d: stored device token refused", self.member_id)
+                    await self.close()
+            # The first connect (or a revoked token): one token, kept for the next ones.
             assert self.bridge.kalandra is not None
-            hub = self.bridge.kalandra.hub
-            self._sink = connect_loopback(hub.session_factory, lambda _sink: _Session(self))
-            store = self.bridge.kalandra.store
-            token = await store.issue_token(self.member_id)
-            hello = self.core.hello(token)
+            token = await self.bridge.kalandra.store.issue_token(self.member_id)
+            await _table(self.bridge).set_device_token(self.mxid, token)
+            self.token = token
+            await self._hello(token)
+
+    async def _hello(self, token: str) -> None:
+        assert self.bridge.kalandra is not None
+        hub = self.bridge.kalandra.hub
+        self._sink = connect_loopback(hub.session_factory, lambda _sink: _Session(self))
+        hello = self.core.hello(token)
+        try:
             reply = await self._request(Frame.decode(hello).header.request_id, hello)
             _raise_error(reply)
-            payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
-            assert isinstance(payload, HelloReply)
-            self.core.hello_reply(payload)
+        except BaseException:
+            await self.close()  # not authenticated: the next connect starts over
+            raise
+        payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
+        assert isinstance(payload, HelloReply)
+        self.core.hello_reply(payload)
 
     async def close(self) -> None:
         if self._sink is not None:
@@ -210,20 +246,37 @@ class BridgedUser:
             raise SendFailed("the bridge is not in this Kalandra room")
         return self.member_id in room.roster()
 
-    async def send(self, room_id: bytes, content: Content) -> int:
-        """Send as this member's leaf; returns the message's log index."""
+    async def send(self, room_id: bytes, content: Content, event_id: EventID) -> int:
+        """Send as this member's leaf; returns the message's log index. A frame prepared for
+        ``event_id`` before a crash is resent as it was (at most one message per event)."""
+        outgoing = OutgoingTable(self.bridge.db)
+        prepared = await outgoing.get(event_id)
         await self.ensure_in_room(room_id)
+        if prepared is not None and prepared.sender_id == self.member_id:
+            log.info("member %d: resending the recorded frame of a replayed event", self.member_id)
+            reply = await self._request(prepared.request_id, prepared.frame)
+            if reply.header.opcode == Opcode.APP_MESSAGE:
+                return reply.header.context_id  # sequenced before the crash, or just now
+            try:
+                _raise_error(reply)
+            except SendFailed as exc:
+                if exc.code != ErrorCode.STALE_EPOCH:
+                    raise
+            # Never sequenced, and its epoch is over: encrypt it afresh below.
         bot = self.bridge.bot
         assert bot.client is not None
+        await ensure_send_floors(self.bridge, room_id)
         plaintext = content.encode()
         for attempt in range(MAX_ATTEMPTS):
             room = bot.core.rooms[room_id]
             leaf = room.roster()[self.member_id][0]
             envelope = room.keys.encrypt(plaintext, sender_index=leaf)
-            # The send chain moved: saved before the frame goes out (no key reuse).
-            bot.state.save(bot.core, {room_id})
             rid, data = self.core._frame(
                 Opcode.APP_MESSAGE, envelope, room_int=room.room_int, epoch=room.epoch
+            )
+            await outgoing.prepare(
+                Outgoing(event_id, room_id, self.member_id, rid, data),
+                SendMark(envelope.epoch, leaf, envelope.generation),
             )
             reply = await self._request(rid, data)
             try:

@@ -115,6 +115,9 @@ OPTIONS: Final = (
             "hs_token",
         )
     ),
+    "metrics.enabled",
+    "metrics.hostname",
+    "metrics.listen_port",
     *(
         f"bridge.{key}"
         for key in (
@@ -130,7 +133,9 @@ OPTIONS: Final = (
             "epoch_notices",
             "mls_state_key",
             "message_status_events",
+            "message_status_success",
             "delivery_error_reports",
+            "delivery_receipts",
         )
     ),
     *(
@@ -160,6 +165,9 @@ OPTIONS: Final = (
             "rotation.disable_device_change_key_rotation",
         )
     ),
+    "bridge.provisioning.enabled",
+    "bridge.provisioning.prefix",
+    "bridge.provisioning.shared_secret",
     "bridge.relay.enabled",
     "bridge.relay.admin_only",
 )
@@ -233,7 +241,10 @@ class Config(BaseBridgeConfig):
         _copy_map(helper, "bridge.permissions")
         helper.copy_dict("bridge.relay.message_formats", override_existing_map=False)
         helper.copy("logging")
-        for secret, make in (("bridge.mls_state_key", _new_state_key),):
+        for secret, make in (
+            ("bridge.mls_state_key", _new_state_key),
+            ("bridge.provisioning.shared_secret", _new_shared_secret),
+        ):
             if helper.base[secret] == GENERATE:
                 helper.base[secret] = make()
                 self._generated.append(secret)
@@ -283,6 +294,17 @@ class Config(BaseBridgeConfig):
                 raise InvalidOption(
                     f"bridge.permissions[{who}]",
                     f"{level!r} is not one of {', '.join(PERMISSION_LEVELS)}",
+                )
+        if self["bridge.provisioning.enabled"]:
+            secret = self["bridge.provisioning.shared_secret"]
+            if not isinstance(secret, str) or len(secret) < 16 or secret == GENERATE:
+                raise InvalidOption(
+                    "bridge.provisioning.shared_secret", "must be at least 16 characters"
+                )
+            prefix = self["bridge.provisioning.prefix"]
+            if not isinstance(prefix, str) or not prefix.startswith("/") or prefix.endswith("/"):
+                raise InvalidOption(
+                    "bridge.provisioning.prefix", "must start with / and not end with /"
                 )
 
     @property
@@ -374,3 +396,7 @@ def _copy_map(helper: ConfigUpdateHelper, path: str) -> None:
 
 def _new_state_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _new_shared_secret() -> str:
+    return secrets.token_urlsafe(32)

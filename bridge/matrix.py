@@ -1,14 +1,31 @@
-"""Matrix events in: the bot's invites and commands, and portal messages of bridged users."""
+"""Matrix events in: the bot's invites and commands, and what happens in portals (messages,
+joins, leaves, kicks, bans, redactions), handed to the portal's queue toward Kalandra."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from mautrix.bridge import BaseMatrixHandler, BaseUser
-from mautrix.types import EventID, MessageEvent, RoomID, UserID
+from mautrix.types import (
+    Event,
+    EventID,
+    EventType,
+    MessageEvent,
+    MessageStatus,
+    MessageStatusReason,
+    PresenceEvent,
+    ReactionEvent,
+    ReceiptEvent,
+    RedactionEvent,
+    RoomID,
+    TypingEvent,
+    UserID,
+)
 
 from .commands import REFUSAL, KalandraCommandProcessor
+from .ephemeral import MatrixEphemeral
 from .portal import Portal
+from .portal_to_kalandra import FromMatrix, release_slot
 from .user import User
 
 if TYPE_CHECKING:
@@ -21,10 +38,37 @@ class MatrixHandler(BaseMatrixHandler):
         self.user_id_prefix = f"@{prefix}"
         self.user_id_suffix = f"{suffix}:{bridge.config['homeserver.domain']}"
         super().__init__(command_processor=KalandraCommandProcessor(bridge), bridge=bridge)
+        self.ephemeral = MatrixEphemeral(bridge)
+
+    async def int_handle_event(self, evt: Event, was_encrypted: bool = False) -> None:
+        # Whatever path the event takes, its place in a portal's queue is released at the end
+        # if nothing claimed it (transactions.py waits for it).
+        try:
+            await super().int_handle_event(evt, was_encrypted)
+        finally:
+            release_slot()
+
+    async def _send_mss(
+        self,
+        evt: Event,
+        status: MessageStatus,
+        reason: MessageStatusReason | None = None,
+        error: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """mautrix would mark every command and management-room message delivered, even in a
+        room the bot has just left; bridged messages get theirs from message_status.py. Its
+        failure statuses (undecryptable events) stay, best effort."""
+        if status == MessageStatus.SUCCESS:
+            return
+        try:
+            await super()._send_mss(evt, status, reason, error, message)
+        except Exception as exc:
+            self.log.debug("status event not sent: %s", type(exc).__name__)
 
     # mautrix drops messages and commands of users without permission silently; we let them
-    # through to the command processor, which answers with a refusal. Portal messages will be
-    # checked per sender by the portal (allow_bridging_message).
+    # through to the command processor, which answers with a refusal, and to the portal, which
+    # relays them or says why not.
     async def allow_message(self, user: BaseUser) -> bool:
         return True
 
@@ -32,20 +76,26 @@ class MatrixHandler(BaseMatrixHandler):
     async def allow_command(user: BaseUser) -> bool:
         return True
 
+    def member_of_ghost(self, user_id: UserID) -> int | None:
+        """The native member id behind a ghost's user id (None: not a ghost)."""
+        if not self.bridge.is_bridge_ghost(user_id):
+            return None
+        inner = user_id[len(self.user_id_prefix) : len(user_id) - len(self.user_id_suffix)]
+        return int(inner) if inner.isdigit() else None
+
     async def handle_message(self, evt: MessageEvent, was_encrypted: bool = False) -> None:
-        """Portal messages of bridged users go to the portal's queue toward Kalandra; the
-        rest (commands, management rooms) is mautrix's."""
+        """Portal messages go to the portal's queue toward Kalandra; the rest (commands,
+        management rooms) is mautrix's."""
         portal = Portal.by_mxid(evt.room_id)
-        sender = evt.sender
         if portal is None or self.is_command(evt.content)[0]:
+            release_slot()  # a command may take long: the transaction does not wait for it
             await super().handle_message(evt, was_encrypted)
             return
+        sender = evt.sender
         if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
             return  # our own ghosts and bot: never bridged back (no echo loop)
         user = User.get_by_mxid(sender)
-        if not user.is_whitelisted:
-            return  # relay users are relayed through the bot by a later slice
-        portal.from_matrix(sender, user.level, evt.content, evt.event_id)
+        portal.submit(FromMatrix("message", sender, evt.event_id, user.level, content=evt.content))
 
     async def handle_join(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
         portal = Portal.by_mxid(room_id)
@@ -53,7 +103,105 @@ class MatrixHandler(BaseMatrixHandler):
             return
         user = User.get_by_mxid(user_id)
         if user.is_whitelisted:
-            portal.member_joined(user_id, user.level, event_id)
+            portal.submit(FromMatrix("join", user_id, event_id, user.level))
+
+    async def handle_leave(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
+        self._removed(room_id, user_id, user_id, event_id, "")
+
+    async def handle_kick(
+        self, room_id: RoomID, user_id: UserID, kicked_by: UserID, reason: str, event_id: EventID
+    ) -> None:
+        self._moderated("kick", room_id, user_id, kicked_by, reason, event_id)
+
+    async def handle_ban(
+        self, room_id: RoomID, user_id: UserID, banned_by: UserID, reason: str, event_id: EventID
+    ) -> None:
+        self._moderated("ban", room_id, user_id, banned_by, reason, event_id)
+
+    async def handle_unban(
+        self, room_id: RoomID, user_id: UserID, unbanned_by: UserID, reason: str, event_id: EventID
+    ) -> None:
+        portal = Portal.by_mxid(room_id)
+        member = self.member_of_ghost(user_id)
+        if portal is not None and member is not None:
+            portal.submit(FromMatrix("unban", unbanned_by, event_id, member_id=member))
+
+    def _moderated(
+        self,
+        action: str,
+        room_id: RoomID,
+        target: UserID,
+        sender: UserID,
+        reason: str,
+        event_id: EventID,
+    ) -> None:
+        """A kick or ban by someone with the power to do it in the Matrix room (Synapse
+        checked): of a ghost, the native member is kicked or banned in Kalandra; of a bridged
+        user, the bridge removes its member."""
+        portal = Portal.by_mxid(room_id)
+        member = self.member_of_ghost(target)
+        if portal is None:
+            return
+        if member is not None:
+            portal.submit(FromMatrix(action, sender, event_id, member_id=member, reason=reason))
+        else:
+            self._removed(room_id, target, sender, event_id, reason)
+
+    def _removed(
+        self, room_id: RoomID, target: UserID, sender: UserID, event_id: EventID, reason: str
+    ) -> None:
+        portal = Portal.by_mxid(room_id)
+        if portal is None or target == self.az.bot_mxid or self.bridge.is_bridge_ghost(target):
+            return
+        portal.submit(FromMatrix("leave", sender, event_id, target=target, reason=reason))
+
+    async def handle_event(self, evt: Event) -> None:
+        if isinstance(evt, ReactionEvent) and evt.type == EventType.REACTION:
+            self._reaction(evt)
+            return
+        if evt.type != EventType.ROOM_REDACTION or not isinstance(evt, RedactionEvent):
+            return
+        portal = Portal.by_mxid(evt.room_id)
+        if portal is None or evt.redacts is None:
+            return
+        reason = evt.content.reason or ""
+        portal.submit(
+            FromMatrix("redact", evt.sender, evt.event_id, redacts=evt.redacts, reason=reason)
+        )
+
+    def _reaction(self, evt: ReactionEvent) -> None:
+        portal = Portal.by_mxid(evt.room_id)
+        relates = evt.content.relates_to
+        if portal is None or not relates.event_id or not relates.key:
+            return
+        user = User.get_by_mxid(evt.sender)
+        portal.submit(
+            FromMatrix(
+                "reaction",
+                evt.sender,
+                evt.event_id,
+                user.level,
+                relates_to=relates.event_id,
+                key=relates.key,
+            )
+        )
+
+    async def handle_ephemeral_event(
+        self, evt: ReceiptEvent | PresenceEvent | TypingEvent
+    ) -> None:
+        """Read receipts and typing of bridged users in portals (ephemeral.py)."""
+        portal = Portal.by_mxid(evt.room_id) if not isinstance(evt, PresenceEvent) else None
+        if portal is None:
+            return
+        if isinstance(evt, TypingEvent):
+            await self.ephemeral.typing(portal, evt.content.user_ids)
+        elif isinstance(evt, ReceiptEvent):
+            for event_id, receipts in evt.content.items():
+                for kind, users in receipts.items():
+                    if str(kind) != "m.read":
+                        continue  # m.read.private stays private
+                    for user_id in users:
+                        await self.ephemeral.read(portal, user_id, event_id)
 
     async def accept_bot_invite(self, room_id: RoomID, inviter: BaseUser) -> None:
         try:

@@ -1,116 +1,44 @@
-"""Portals: a Kalandra room and its Matrix room, and the ordered queue toward Matrix.
+"""Portals: a Kalandra room and its Matrix room.
 
-Toward Matrix the room's Kalandra log is the queue: the bot's client applies the log in order
-and hands each decrypted message to its portal; the portal sends it from the sender's ghost
-with the transaction id ``kalandra-<room hex>-<log index>`` (Synapse answers a repeat with the
-first event), records (room, log index) <-> event id and advances ``last_log_index`` in one
-transaction, and only then counts the message as done (which lets the bot's room state be
-saved past it, see bot_state.py). After a restart the client resyncs from its saved state and
-the portal skips what ``last_log_index`` says is bridged. A failed send is retried, in place, so
-the order holds.
+This module loads and creates portals and their Matrix rooms; each direction's queue lives in
+its own module (portal_to_matrix.py, portal_to_kalandra.py), joined here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from mautrix.errors import MNotFound
-from mautrix.types import (
-    EventID,
-    EventType,
-    Format,
-    MessageEventContent,
-    MessageType,
-    RoomAlias,
-    RoomID,
-    TextMessageEventContent,
-    UserID,
-)
+from mautrix.types import EventType, RoomID, UserID
 
-from kalandra_core.client.content import Content
-from kalandra_core.client.events import Message
-
-from .bridged_user import BridgedUser
-from .db import DedupeTable, MessageTable, PortalRow, PortalTable
-from .puppet import Puppet
+from .db import PortalRow, PortalTable
+from .portal_base import PROTOCOL
+from .portal_to_kalandra import PortalToKalandra, kalandra_content
+from .portal_to_matrix import PortalToMatrix, matrix_content
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
 
 log = logging.getLogger("kalandra.bridge.portal")
+T = TypeVar("T")
 
-PROTOCOL: dict[str, Any] = {"id": "kalandra", "displayname": "Kalandra"}
-_KINDS = {"text": MessageType.TEXT, "notice": MessageType.NOTICE, "emote": MessageType.EMOTE}
-_MX_KINDS = {v: k for k, v in _KINDS.items()}
-_RETRY_MAX = 30.0
+BRIDGE_STATE_TYPES = (
+    EventType.find("m.bridge", EventType.Class.STATE),
+    EventType.find("uk.half-shot.bridge", EventType.Class.STATE),
+)
 
-
-def matrix_content(content: Content) -> TextMessageEventContent:
-    """A Kalandra message body as m.room.message content (HTML carried when present)."""
-    out = TextMessageEventContent(msgtype=_KINDS.get(content.kind, MessageType.TEXT))
-    out.body = content.body
-    if content.formatted_body is not None:
-        out.format = Format.HTML
-        out.formatted_body = content.formatted_body
-    return out
+__all__ = ["Portal", "kalandra_content", "matrix_content"]
 
 
-def kalandra_content(content: MessageEventContent) -> Content | None:
-    """m.room.message text/notice/emote as a Kalandra body (HTML carried); None otherwise."""
-    if not isinstance(content, TextMessageEventContent):
-        return None
-    kind = _MX_KINDS.get(content.msgtype)
-    if kind is None:
-        return None
-    html = content.formatted_body if content.format == Format.HTML else None
-    return Content(body=content.body or "", kind=kind, formatted_body=html or None)
-
-
-@dataclass(frozen=True, slots=True)
-class _FromMatrix:
-    sender: UserID
-    permission: str
-    content: Content | None  # None: the user joined (added to the Kalandra room)
-    event_id: EventID
-
-
-class Portal:
+class Portal(PortalToMatrix, PortalToKalandra):
     by_room: ClassVar[dict[bytes, Portal]] = {}
 
     def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
-        self.bridge = bridge
-        self.row = row
-        self.queue: asyncio.Queue[Message] = asyncio.Queue()
-        self.room_ready = asyncio.Event()
-        if row.mxid is not None:
-            self.room_ready.set()
+        super().__init__(bridge, row)
         self._create_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
-        self.outgoing: asyncio.Queue[_FromMatrix] = asyncio.Queue()
-        self._out_task: asyncio.Task[None] | None = None
-
-    # --- identity ------------------------------------------------------------------------------
-
-    @property
-    def room_id(self) -> bytes:
-        return self.row.room_id
-
-    @property
-    def hex(self) -> str:
-        return self.row.room_id.hex()
-
-    @property
-    def mxid(self) -> RoomID | None:
-        return self.row.mxid
-
-    @property
-    def alias(self) -> RoomAlias:
-        config = self.bridge.config
-        local = config["bridge.alias_template"].format(roomid=self.hex)
-        return RoomAlias(f"#{local}:{config['homeserver.domain']}")
 
     # --- loading and creating --------------------------------------------------------------------
 
@@ -170,6 +98,7 @@ class Portal:
                     mxid = (await intent.resolve_room_alias(self.alias)).room_id
                 except MNotFound:
                     mxid = await self._create(invite)
+                    await self._grant_admins(mxid, invite)
                     invite = []
                 await PortalTable(self.bridge.db).set_mxid(self.room_id, mxid)
                 self.row.mxid = mxid
@@ -179,140 +108,141 @@ class Portal:
                     await intent.invite_user(mxid, user)
                 except Exception as exc:  # already in the room, or invited
                     log.debug("invite to %s not sent: %s", mxid, type(exc).__name__)
+            await self._grant_admins(mxid, invite)
             return mxid
+
+    async def _grant_admins(self, mxid: RoomID, users: list[UserID]) -> None:
+        """Bridge admins among ``users`` get power level 100 in the portal, so they can moderate
+        it from their Matrix client (kicks and bans of ghosts become Kalandra moderation). Added
+        to the room's current levels: replacing ``users`` at creation would drop the creator's
+        own 100 in room versions up to 11."""
+        admins = [u for u in users if self.bridge.config.permission_level(u) == "admin"]
+        if not admins:
+            return
+        intent = self.bridge.az.intent
+        try:
+            levels = await intent.get_power_levels(mxid, ignore_cache=True)
+            if all(levels.get_user_level(u) >= 100 for u in admins):
+                return
+            for user in admins:
+                levels.set_user_level(user, 100)
+            await intent.set_power_levels(mxid, levels)
+        except Exception as exc:  # the room works without it; moderation from Matrix does not
+            log.warning("portal %s: admins not given power (%s)", self.hex, type(exc).__name__)
+
+    @property
+    def bridge_state_key(self) -> str:
+        return f"org.kalandra.bridge://kalandra/{self.hex}"
 
     async def _create(self, invite: list[UserID]) -> RoomID:
         info = self._bridge_info()
-        state_key = f"org.kalandra.bridge://kalandra/{self.hex}"
         # No power level override: the creator (the bot) gets 100 in room versions up to 11,
         # and outranks every power level in 12+ (where listing it in "users" is refused).
         return await self.bridge.az.intent.create_room(
-            alias_localpart=self.alias[1:].split(":", 1)[0],
+            alias_localpart=self._alias_localpart,
             name=self.row.name or None,
             topic=self.row.topic or None,
             invitees=invite,
             initial_state=[
-                {"type": t, "state_key": state_key, "content": info}
-                for t in ("m.bridge", "uk.half-shot.bridge")
+                {"type": t.t, "state_key": self.bridge_state_key, "content": info}
+                for t in BRIDGE_STATE_TYPES
             ],
         )
 
-    # --- the queue toward Matrix ---------------------------------------------------------------
+    @property
+    def _alias_localpart(self) -> str:
+        return self.alias[1:].split(":", 1)[0]
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"portal-{self.hex}")
-        if self._out_task is None:
-            self._out_task = asyncio.create_task(self._run_out(), name=f"portal-out-{self.hex}")
+    # --- bridging an existing Matrix room, and unbridging ------------------------------------
 
-    async def stop(self) -> None:
-        for task in (self._task, self._out_task):
-            if task is not None:
-                task.cancel()
-        self._task = self._out_task = None
-
-    def enqueue(self, message: Message) -> None:
-        self.queue.put_nowait(message)
-
-    async def _run(self) -> None:
-        await self.room_ready.wait()
-        await self.bridge.matrix_ready.wait()
-        while True:
-            message = await self.queue.get()
-            delay = 0.5
-            while True:
-                try:
-                    await self._to_matrix(message)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning(
-                        "portal %s: log index %d not bridged yet (%s); retrying",
-                        self.hex,
-                        message.log_index,
-                        type(exc).__name__,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
-            self.bridge.bot.state.message_done(self.room_id)
-
-    async def _to_matrix(self, message: Message) -> None:
-        if message.log_index <= self.row.last_log_index:
-            return  # bridged before a restart
-        if message.sender_id == self.bridge.bot.member_id:
-            return  # the bot's own (relayed) messages came from Matrix
-        if message.sender_id in BridgedUser.member_ids:
-            return  # a bridged Matrix user's message: it came from Matrix (no echo)
-        mxid = self.row.mxid
-        assert mxid is not None
-        puppet = await Puppet.get(self.bridge, message.sender_id)
-        await puppet.ensure_ready()
-        await puppet.intent.ensure_joined(mxid)
-        event_id = await puppet.intent.send_message_event(
-            mxid,
-            EventType.ROOM_MESSAGE,
-            matrix_content(message.content),
-            txn_id=f"kalandra-{self.hex}-{message.log_index}",
+    @classmethod
+    async def bridge_existing(
+        cls,
+        bridge: KalandraBridge,
+        room_id: bytes,
+        mxid: RoomID,
+        *,
+        name: str,
+        topic: str,
+        last_log_index: int,
+    ) -> Portal:
+        """Make an existing Matrix room the portal of a room the bot is in (neither bridged
+        yet, checked by the caller): the bridge state first (it fails without the power to
+        send state, and then nothing is stored), then the row."""
+        row = PortalRow(
+            room_id=room_id,
+            mxid=mxid,
+            encrypted=False,
+            name=name,
+            topic=topic,
+            last_log_index=last_log_index,
         )
-        await MessageTable(self.bridge.db).record_to_matrix(
-            self.room_id, message.log_index, mxid, event_id
-        )
-        self.row.last_log_index = message.log_index
-        self.row.last_event_id = event_id
+        portal = cls(bridge, row)
+        intent = bridge.az.intent
+        for event_type in BRIDGE_STATE_TYPES:
+            await intent.send_state_event(
+                mxid, event_type, portal._bridge_info(), state_key=portal.bridge_state_key
+            )
+        table = PortalTable(bridge.db)
+        await table.delete(room_id)  # a row left without a Matrix room (create half-way)
+        await table.insert(row)
+        stored = await table.get(room_id)
+        assert stored is not None
+        portal.row = stored
+        cls.by_room[room_id] = portal
+        portal.start()
+        try:  # the alias names the portal's room; the appservice owns its namespace
+            await intent.add_room_alias(mxid, portal._alias_localpart, override=True)
+        except Exception as exc:
+            log.warning("portal %s: alias not set (%s)", portal.hex, type(exc).__name__)
+        return portal
 
-    # --- the queue toward Kalandra ----------------------------------------------------------
-
-    def from_matrix(
-        self, sender: UserID, permission: str, content: MessageEventContent, event_id: EventID
-    ) -> bool:
-        """Queue a Matrix message (in arrival order); False if it is not a bridged kind."""
-        body = kalandra_content(content)
-        if body is None:
-            return False
-        self.outgoing.put_nowait(_FromMatrix(sender, permission, body, event_id))
-        return True
-
-    def member_joined(self, user: UserID, permission: str, event_id: EventID) -> None:
-        """A bridged user joined the Matrix room: added to the Kalandra room, in order."""
-        self.outgoing.put_nowait(_FromMatrix(user, permission, None, event_id))
-
-    async def _run_out(self) -> None:
-        while True:
-            item = await self.outgoing.get()
-            try:
-                await self._to_kalandra(item)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "portal %s: a Matrix message was not bridged (%s)",
-                    self.hex,
-                    type(exc).__name__,
-                )
-                await self._notice_failure(item, exc)
-
-    async def _to_kalandra(self, item: _FromMatrix) -> None:
-        mxid = self.row.mxid
-        assert mxid is not None
-        user = await BridgedUser.get(self.bridge, item.sender, item.permission)
-        if item.content is None:
-            await user.ensure_in_room(self.room_id)
-            return
-        if await DedupeTable(self.bridge.db).event_seen(item.event_id):
-            return  # bridged before (a replayed transaction)
-        index = await user.send(self.room_id, item.content)
-        await MessageTable(self.bridge.db).record_to_kalandra(
-            self.room_id, index, mxid, item.event_id
-        )
-
-    async def _notice_failure(self, item: _FromMatrix, exc: Exception) -> None:
+    async def unbridge(self) -> None:
+        """Disconnect: nothing more crosses, the row and message map are forgotten (the room
+        can be bridged again), the bridge state, alias, ghosts and bot leave the Matrix room.
+        The Kalandra room stays, with the bot in it."""
+        if Portal.by_room.get(self.room_id) is self:
+            del Portal.by_room[self.room_id]
+        await self.stop()
+        self.bridge.bot.state.room_released(self.room_id)
+        await PortalTable(self.bridge.db).delete(self.room_id)
         mxid = self.row.mxid
         if mxid is None:
             return
-        try:
-            await self.bridge.az.intent.send_notice(
-                mxid, f"Your message could not be bridged to Kalandra ({type(exc).__name__})."
+        intent = self.bridge.az.intent
+        for event_type in BRIDGE_STATE_TYPES:
+            await _quietly(
+                self,
+                f"bridge state {event_type.t}",
+                intent.send_state_event(mxid, event_type, {}, state_key=self.bridge_state_key),
             )
-        except Exception as notice_exc:
-            log.warning("portal %s: notice not sent (%s)", self.hex, type(notice_exc).__name__)
+        await _quietly(self, "alias", intent.remove_room_alias(self._alias_localpart))
+        members = await _quietly(self, "member list", intent.get_joined_members(mxid))
+        for user in members or {}:
+            if self.bridge.is_bridge_ghost(user):
+                await _quietly(self, "ghost leave", intent.user(user).leave_room(mxid))
+        await intent.leave_room(mxid)
+
+    async def set_relay(self, enabled: bool, mxid: UserID | None) -> None:
+        await PortalTable(self.bridge.db).set_relay(self.room_id, enabled=enabled, mxid=mxid)
+        self.row.relay_enabled = enabled
+        self.row.relay_mxid = mxid
+
+    # --- both queues ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._start_to_matrix()
+        self._start_to_kalandra()
+
+    async def stop(self) -> None:
+        self._stop_to_matrix()
+        self._stop_to_kalandra()
+
+
+async def _quietly(portal: Portal, what: str, step: Awaitable[T]) -> T | None:
+    """Best-effort Matrix cleanup: a failed step is logged, not raised."""
+    try:
+        return await step
+    except Exception as exc:
+        log.warning("portal %s: %s failed (%s)", portal.hex, what, type(exc).__name__)
+        return None

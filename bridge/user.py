@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, ClassVar
 
 from mautrix.bridge import BasePortal, BasePuppet, BaseUser
 from mautrix.types import UserID
+from mautrix.util.bridge_state import BridgeState, BridgeStateEvent
+
+from .db.roster import bridged_member
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
@@ -42,6 +45,14 @@ class User(BaseUser):
 
     async def is_logged_in(self) -> bool:
         return False  # no Kalandra identity is held for anyone yet
+
+    async def get_bridge_states(self) -> list[BridgeState]:
+        """For mautrix's bridge-state endpoint: the Kalandra member the bridge holds for this
+        user, if any (its remote id is the member id)."""
+        member_id = await bridged_member(self.bridge.db, self.mxid)
+        if member_id is None:
+            return []
+        return [BridgeState(state_event=BridgeStateEvent.CONNECTED, remote_id=str(member_id))]
 
     async def get_puppet(self) -> BasePuppet | None:
         return None

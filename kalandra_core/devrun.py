@@ -98,7 +98,7 @@ def main() -> int:
     print(f"  {kalandra} send ROOM hello bob --state {data}/alice.db")
     print(f"  {kalandra} tail ROOM --state {data}/bob.db")
     print(f"\nMore accounts: {kalandra} admin create-user NAME -c {config}")
-    print("make run does not start the Matrix bridge or Synapse yet (README, Status).")
+    print("`make run` runs this server inside the bridge, with a local Synapse.")
     print("Stop the server with Ctrl-C.\n", flush=True)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s"

@@ -4,7 +4,15 @@ from mautrix.bridge.commands.handler import command_aliases, command_handlers
 
 from .handler import REFUSAL, KalandraCommandProcessor
 
-from . import meta, portal  # isort: skip  # registers ours over mautrix's
+from . import (  # isort: skip  # registers ours over mautrix's
+    account,
+    bridging,
+    meta,
+    moderation,
+    portal,
+    relay,
+    room_info,
+)
 
 # mautrix registers these on import; they need portals, ghosts, double puppeting or a manhole,
 # which this bridge does not have (yet). Ours replace them as they are built.
@@ -22,12 +30,19 @@ _NOT_OURS = (
     "set-avatar",
     "set-displayname",
     "set-pl",
-    "set-relay",
-    "unbridge",
-    "unset-relay",
 )
 for _name in _NOT_OURS:
     command_handlers.pop(_name, None)
     command_aliases.pop(_name, None)
 
-__all__ = ["REFUSAL", "KalandraCommandProcessor", "meta", "portal"]
+__all__ = [
+    "REFUSAL",
+    "KalandraCommandProcessor",
+    "account",
+    "bridging",
+    "meta",
+    "moderation",
+    "portal",
+    "relay",
+    "room_info",
+]

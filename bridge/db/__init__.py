@@ -11,6 +11,7 @@ module of async functions taking the ``Database``; secrets go in and out sealed
 from .client_state import ClientStateTable, SealedIdentity
 from .dedupe import DedupeTable
 from .message import MessageTable
+from .outgoing import Outgoing, OutgoingTable, SendMark
 from .portal import PortalRow, PortalTable
 from .puppet import PuppetRow, PuppetTable
 from .user import BridgedUserRow, BridgedUserTable
@@ -21,9 +22,12 @@ __all__ = [
     "ClientStateTable",
     "DedupeTable",
     "MessageTable",
+    "Outgoing",
+    "OutgoingTable",
     "PortalRow",
     "PortalTable",
     "PuppetRow",
     "PuppetTable",
     "SealedIdentity",
+    "SendMark",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from mautrix.types import EventID
 from mautrix.util.async_db import Database
 
-from .util import now_ms
+from .util import now_ms, transaction
 
 
 class DedupeTable:
@@ -38,6 +38,25 @@ class DedupeTable:
             now_ms(),
         )
         return True
+
+    async def record_done(self, event_id: EventID, failure: str | None = None) -> None:
+        """A Matrix event is handled for good: bridged (``failure`` None), or not, and why
+        (its status event and notice were sent first). A prepared frame is forgotten."""
+        async with transaction(self.db) as conn:
+            await conn.execute(
+                "INSERT INTO bridge_matrix_events (event_id, processed_at, failure)"
+                " VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+                event_id,
+                now_ms(),
+                failure,
+            )
+            await conn.execute("DELETE FROM bridge_outgoing WHERE event_id = $1", event_id)
+
+    async def failure(self, event_id: EventID) -> str | None:
+        value = await self.db.fetchval(
+            "SELECT failure FROM bridge_matrix_events WHERE event_id = $1", event_id
+        )
+        return None if value is None else str(value)
 
     async def event_seen(self, event_id: EventID) -> bool:
         value = await self.db.fetchval(

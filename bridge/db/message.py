@@ -48,7 +48,8 @@ class MessageTable:
         self, room_id: bytes, log_index: int, mx_room: RoomID, event_id: EventID
     ) -> None:
         """A Matrix event sequenced as (room, log index): the map row and the event's dedupe
-        mark in one transaction (the portal's ``last_log_index`` is the other direction's)."""
+        mark in one transaction, and its prepared frame (outgoing.py) forgotten (the portal's
+        ``last_log_index`` is the other direction's)."""
         async with transaction(self.db) as conn:
             await conn.execute(
                 "INSERT INTO bridge_messages"
@@ -68,6 +69,7 @@ class MessageTable:
                 event_id,
                 now_ms(),
             )
+            await conn.execute("DELETE FROM bridge_outgoing WHERE event_id = $1", event_id)
 
     async def event_for(self, room_id: bytes, log_index: int) -> EventID | None:
         value = await self.db.fetchval(

@@ -8,7 +8,7 @@ from typing import Any
 from mautrix.types import EventID, RoomID
 from mautrix.util.async_db import Database
 
-from .util import now_ms
+from .util import now_ms, transaction
 
 _COLUMNS = (
     "room_id, mxid, encrypted, name, topic, relay_enabled, relay_mxid, last_log_index,"
@@ -97,3 +97,17 @@ class PortalTable:
             name,
             topic,
         )
+
+    async def set_relay(self, room_id: bytes, *, enabled: bool, mxid: str | None) -> None:
+        await self.db.execute(
+            "UPDATE bridge_portals SET relay_enabled = $2, relay_mxid = $3 WHERE room_id = $1",
+            room_id,
+            enabled,
+            mxid,
+        )
+
+    async def delete(self, room_id: bytes) -> None:
+        """Forget the portal and its message map (the Kalandra room stays)."""
+        async with transaction(self.db) as conn:
+            await conn.execute("DELETE FROM bridge_messages WHERE room_id = $1", room_id)
+            await conn.execute("DELETE FROM bridge_portals WHERE room_id = $1", room_id)

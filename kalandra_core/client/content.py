@@ -1,9 +1,10 @@
 """What travels inside an encrypted AppMessage: a small CBOR map.
 
 ``{"type": "text", "body": str}`` plus optional ``format``/``formatted_body`` (HTML), a
-``reply_to`` log index, ``edit_of`` log index, and a ``notice``/``emote`` kind. Unknown keys are
-kept (forward compatible); a payload that is not such a map is shown as an undecodable message
-rather than dropped.
+``reply_to`` log index, ``edit_of`` log index (an edit: this body replaces that message's; the
+wire's AppEdit has no payload, see extras.py), a ``mentions`` list of member ids (in ``extra``),
+and a ``notice``/``emote`` kind. Unknown keys are kept (forward compatible); a payload that is
+not such a map is shown as an undecodable message rather than dropped.
 """
 
 from __future__ import annotations

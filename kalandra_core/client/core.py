@@ -13,6 +13,11 @@ The epoch rules of DESIGN section 3, as this core keeps them:
 
 Room frames are applied strictly in log order: a frame that arrives early (QUIC delivers server
 frames on independent streams) waits, and a gap triggers a sync.
+
+Frames of the outbox go out through a send window (``window.py``): commands queue them, and
+``transmit`` (also run at the end of every entry point that returns events) hands out what the
+window admits, in the order of each room (``pacing.py``). RATE_LIMITED is not a failure: the
+refused frame stays queued and goes out again after the pause the server named.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from nacl.signing import SigningKey
 from ..crypto import SenderKeyError
 from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
 from ..mls.group import Handshake, MlsGroup
+from ..mls.inspect import inspect_handshake
 from ..mls.keypackage import KeyPackageBundle, build_key_package
 from ..mls.update_tracker import UpdatePolicy
 from ..proto import (
@@ -54,12 +60,13 @@ from ..proto import (
 )
 from ..proto.hlc import HybridClock
 from . import events as ev
+from . import pacing
 from .content import Content
-from .room import ClientRoom, Pending
+from .room import NOT_COMMITS, ClientRoom, Pending
+from .window import DEFAULT_BYTES, DEFAULT_FRAMES, SendWindow
 
 MAX_ATTEMPTS = 3
-# Outbox kinds that are not commits, and commits that carry an UpdatePath (fresh leaf keys).
-_NOT_COMMITS = frozenset({"message", "moderation", "leave", "welcome"})
+# Commits that carry an UpdatePath (fresh leaf keys).
 _PATH_COMMITS = frozenset({"update", "remove", "proposals"})
 SYNC_PAGE = 500
 SERVER_SENDER = 0
@@ -76,8 +83,12 @@ class ClientCore:
         handshake: Handshake = Handshake.PUBLIC,
         first_request_id: int | None = None,
         update_policy: UpdatePolicy = UpdatePolicy.STANDARD,
+        window: int = DEFAULT_FRAMES,
+        window_bytes: int = DEFAULT_BYTES,
     ) -> None:
         self.update_policy = update_policy
+        self.window = SendWindow(window, window_bytes)
+        self.connected = False  # between resync_all and connection_lost
         self.member_id = member_id
         self.signing_key = bytes(signing_key)
         self._signer = SigningKey(self.signing_key)
@@ -91,6 +102,9 @@ class ClientCore:
         # Welcomes for rooms we still think we are in (we may have been removed meanwhile).
         self.parked_welcomes: dict[bytes, Frame] = {}
         self.sync_requests: dict[int, bytes] = {}  # request id -> room, to route sync errors
+        # Members whose turn to commit a proposal this core takes: leaves it holds that never
+        # process anything themselves (a bridge's puppet leaves). Shared, may grow.
+        self.commit_for: set[int] = set()
         self._hlc = HybridClock()
         self._next_request = (
             secrets.randbelow(_REQUEST_SPACE) + 1 if first_request_id is None else first_request_id
@@ -143,22 +157,30 @@ class ClientCore:
         self.server_key = reply.server_key
 
     def resync_all(self) -> list[ev.Event]:
-        """After (re)connecting: catch up every room from its last applied log index."""
+        """After (re)connecting: catch up every room from its last applied log index, then
+        resend the outbox through the window."""
         out: list[ev.Event] = []
+        self.connected = True
+        self.window.reset()
         for pending in self.outbox.values():
-            if pending.kind == "welcome":
-                # Not logged: resent as is, until the server's receipt (or its refusal).
-                room = self.rooms.get(pending.room_id)
-                if room is not None:
-                    out.append(ev.Outgoing(self._welcome_frame(room, pending)))
-                continue
-            pending.awaiting_sync = True  # sent before the drop? the log will tell
+            pending.sent_size = 0
+            if pending.kind != "welcome":
+                # Welcomes are not logged: resent as they are, until the server's receipt.
+                pending.awaiting_sync = True  # sent before the drop? the log will tell
         self.sync_requests.clear()  # answers to those will never come
         for room in self.rooms.values():
+            room.sync_deferred = False
             if room.active:
                 room.syncing = False
                 out += self._sync(room)
-        return out
+        return out + self.transmit()
+
+    def connection_lost(self) -> None:
+        """The connection is gone: nothing is in flight any more (resync_all resends)."""
+        self.connected = False
+        self.window.reset()
+        for pending in self.outbox.values():
+            pending.sent_size = 0
 
     # --- commands --------------------------------------------------------------------------
 
@@ -198,6 +220,7 @@ class ClientCore:
         pending = Pending(rid, room_id, "message", plaintext=content.encode())
         self.outbox[rid] = pending
         room.updates.message_sent()
+        # Encrypted now (the send chain's generations follow the calls); queued for transmit.
         return rid, self._encrypt(room, pending)
 
     def maintenance(self) -> list[ev.Event]:
@@ -205,7 +228,7 @@ class ClientCore:
         (post-compromise security), unless a commit of ours is already on its way."""
         out: list[ev.Event] = []
         now = self.clock()
-        busy = {p.room_id for p in self.outbox.values() if p.kind not in _NOT_COMMITS}
+        busy = {p.room_id for p in self.outbox.values() if p.kind not in NOT_COMMITS}
         for room in self.rooms.values():
             if (
                 room.active
@@ -215,17 +238,17 @@ class ClientCore:
                 and not room.group.has_pending_commit
                 and room.updates.due(now)
             ):
-                rid = self._request_id()
-                out.append(ev.Outgoing(self._commit(Pending(rid, room.room_id, "update"))))
-        return out
+                self._commit(Pending(self._request_id(), room.room_id, "update"))
+        return out + self.transmit()
 
     def _encrypt(self, room: ClientRoom, pending: Pending) -> bytes:
         assert pending.plaintext is not None
         envelope = room.keys.encrypt(pending.plaintext)
         pending.epoch = room.epoch
-        return self._frame(Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id)[
-            1
-        ]
+        pending.frame = self._frame(
+            Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id
+        )[1]
+        return pending.frame
 
     def add_members(self, room_id: bytes, key_packages: list[bytes]) -> tuple[int, bytes]:
         rid = self._request_id()
@@ -262,10 +285,11 @@ class ClientCore:
     def leave(self, room_id: bytes) -> tuple[int, bytes]:
         room = self._room(room_id)
         rid = self._request_id()
-        self.outbox[rid] = Pending(rid, room_id, "leave", epoch=room.epoch)
-        return rid, self._frame(
+        pending = self.outbox[rid] = Pending(rid, room_id, "leave", epoch=room.epoch)
+        pending.frame = self._frame(
             Opcode.PROPOSAL, RawPayload(room.group.propose_leave()), room=room, request_id=rid
         )[1]
+        return rid, pending.frame
 
     def moderate(
         self, room_id: bytes, action: str, target: int, reason: str = ""
@@ -288,8 +312,9 @@ class ClientCore:
         else:
             raise ValueError(f"unknown moderation action {action!r}")
         rid = self._request_id()
-        self.outbox[rid] = Pending(rid, room_id, "moderation", epoch=room.epoch)
-        return rid, self._frame(opcode, payload, room=room, request_id=rid)[1]
+        pending = self.outbox[rid] = Pending(rid, room_id, "moderation", epoch=room.epoch)
+        pending.frame = self._frame(opcode, payload, room=room, request_id=rid)[1]
+        return rid, pending.frame
 
     def _room(self, room_id: bytes) -> ClientRoom:
         room = self.rooms.get(room_id)
@@ -300,6 +325,9 @@ class ClientCore:
     # --- frames in ---------------------------------------------------------------------------
 
     def receive(self, frame: Frame) -> list[ev.Event]:
+        return self._receive(frame) + self.transmit()
+
+    def _receive(self, frame: Frame) -> list[ev.Event]:
         h = frame.header
         opcode = h.opcode
         room = self.rooms.get(h.room_id_bytes) if h.room_id else None
@@ -311,7 +339,7 @@ class ClientCore:
             pending = self.outbox.get(h.request_id)
             if not frame.payload and pending is not None and pending.kind == "welcome":
                 # The server's receipt: the Welcome is in the recipient's mailbox.
-                del self.outbox[h.request_id]
+                self._answered(self.outbox.pop(h.request_id))
                 return [ev.Acked(h.request_id, pending.room_id, None)]
             return self._welcome(frame)
         if opcode in (Opcode.KEY_PACKAGE, Opcode.GROUP_INFO, Opcode.HELLO_REPLY, Opcode.PONG):
@@ -342,6 +370,7 @@ class ClientCore:
         out: list[ev.Event] = [ev.StateChanged(room.room_id)]
         pending = self.outbox.pop(h.request_id, None) if h.sender_id == self.member_id else None
         if pending is not None:
+            self._answered(pending)
             out.append(ev.Acked(h.request_id, room.room_id, h.context_id))
         opcode = h.opcode
         try:
@@ -384,7 +413,18 @@ class ClientCore:
         if result.removed_self:
             return self._leave(room, "removed from the group")
         room.epoch_moved()
-        out.append(ev.EpochChanged(room.room_id, room.epoch, result.added, result.removed))
+        out.append(
+            ev.EpochChanged(
+                room.room_id,
+                room.epoch,
+                result.added,
+                result.removed,
+                log_index=frame.header.context_id,
+                tree_hash=room.group.tree_hash,
+                members=tuple(sorted(room.roster())),
+                cipher_suite=room.group.suite,
+            )
+        )
         if result.kind == "own_commit" and pending is not None and pending.kind in _PATH_COMMITS:
             room.updates.leaf_updated(self.clock())  # our leaf got a fresh HPKE key
         if pending is not None and result.kind == "own_commit":
@@ -394,15 +434,15 @@ class ClientCore:
                 rid = self._request_id()
                 sent = Pending(rid, room.room_id, "welcome", welcomes={recipient: welcome})
                 self.outbox[rid] = sent
-                out.append(ev.Outgoing(self._welcome_frame(room, sent)))
-        return out + self._retry_after_epoch(room)
+                self._welcome_frame(room, sent)
+        return out
 
     def _welcome_frame(self, room: ClientRoom, pending: Pending) -> bytes:
         """A Welcome of ours (resent unchanged: its epoch is the one its commit created)."""
         ((recipient, welcome),) = pending.welcomes.items()
         if pending.epoch < 0:
             pending.epoch = room.epoch
-        return self._frame(
+        pending.frame = self._frame(
             Opcode.WELCOME,
             RawPayload(welcome),
             room=room,
@@ -410,18 +450,24 @@ class ClientCore:
             epoch=pending.epoch,
             request_id=pending.request_id,
         )[1]
+        return pending.frame
 
     def _proposal_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
         room.group.process(frame.payload)
-        # Someone must commit it: the active member with the smallest id that is not leaving.
+        # Someone must commit it: the active member with the smallest id that is not leaving
+        # (nor removed by it: a kicked member has stopped following the room).
         leaving = {self.member_id} if frame.header.sender_id == self.member_id else set()
+        removed = _removed_member(room, frame.payload)
+        if removed is not None:
+            leaving.add(removed)
         candidates = [m for m in room.roster() if m not in leaving]
         if frame.header.sender_id != SERVER_SENDER and frame.header.sender_id in candidates:
             candidates.remove(frame.header.sender_id)
-        if candidates and min(candidates) == self.member_id and not room.group.has_pending_commit:
-            rid = self._request_id()
-            data = self._commit(Pending(rid, room.room_id, "proposals"))
-            return [ev.Outgoing(data)]
+        ours = bool(candidates) and (
+            min(candidates) == self.member_id or min(candidates) in self.commit_for
+        )
+        if ours and not room.group.has_pending_commit:
+            self._commit(Pending(self._request_id(), room.room_id, "proposals"))
         return []
 
     def _moderation_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
@@ -462,7 +508,7 @@ class ClientCore:
         for rid, pending in list(self.outbox.items()):
             if pending.room_id == room.room_id and pending.kind != "welcome":
                 # (Welcomes of our logged commits are still ours to deliver.)
-                del self.outbox[rid]
+                self._answered(self.outbox.pop(rid))
                 out.append(ev.Failed(rid, room.room_id, 0, f"left the room: {reason}"))
                 if unseen and pending.frame is not None and pending.epoch >= 0:
                     for recipient, welcome in pending.welcomes.items():
@@ -474,7 +520,7 @@ class ClientCore:
                             epoch=pending.epoch + 1,
                         )
                         self.outbox[sent.request_id] = sent
-                        out.append(ev.Outgoing(self._welcome_frame(room, sent)))
+                        self._welcome_frame(room, sent)
         parked = self.parked_welcomes.pop(room.room_id, None)
         if parked is not None:
             out += self._welcome(parked)
@@ -528,6 +574,9 @@ class ClientCore:
         if room.syncing or not room.active:
             return []
         room.syncing = True
+        if self.window.paused(self.clock()):
+            room.sync_deferred = True  # sent by transmit once the pause is over
+            return []
         if room.anchored:
             request = SyncRequest(from_log_index=room.last_seen + 1, limit=SYNC_PAGE)
         else:
@@ -545,7 +594,8 @@ class ClientCore:
         """Rule 4: opening a room always syncs from the last applied log index."""
         room = self._room(room_id)
         room.syncing = False
-        return self._sync(room)
+        room.sync_deferred = False
+        return self._sync(room) + self.transmit()
 
     def _sync_response(self, frame: Frame, room: ClientRoom | None) -> list[ev.Event]:
         self.sync_requests.pop(frame.header.request_id, None)
@@ -598,9 +648,16 @@ class ClientCore:
         except PayloadDecodeError:
             error = ErrorPayload(code=int(ErrorCode.FRAME_REJECTED), message="(undecodable error)")
         assert isinstance(error, ErrorPayload)
+        limited = error.code == ErrorCode.RATE_LIMITED
+        if limited:
+            # Not a failure: the session is over its rate. Nothing goes out before retry_after.
+            self.window.rate_limited(self.clock(), float(error.retry_after or 1))
         synced = self.sync_requests.pop(h.request_id, None)
         if synced is not None and synced in self.rooms:
             room_synced = self.rooms[synced]
+            if limited:
+                room_synced.syncing = room_synced.sync_deferred = room_synced.active
+                return []
             room_synced.syncing = False
             if error.code in (ErrorCode.NOT_AUTHORIZED, ErrorCode.BANNED) and room_synced.active:
                 # The server no longer lets us read the room: we were removed or banned.
@@ -610,8 +667,16 @@ class ClientCore:
             return [ev.Failed(h.request_id, synced, error.code, error.message)]
         pending = self.outbox.get(h.request_id)
         room = self.rooms.get(h.room_id_bytes) if h.room_id else None
+        if pending is not None and room is None and not limited:
+            self._answered(self.outbox.pop(h.request_id))  # (an answer naming no room of ours)
         if pending is None or room is None:
+            if limited and pending is not None:
+                self._answered(pending, refused=True)
+                return []
             return [ev.Failed(h.request_id, h.room_id_bytes, error.code, error.message)]
+        if limited:
+            self._answered(pending, refused=True)  # queued again, the same frame
+            return []
         if (
             error.code == ErrorCode.STALE_EPOCH
             and error.current_epoch is not None
@@ -621,6 +686,7 @@ class ClientCore:
             # have sent since is built on an epoch at least as new. Rebuilding now would
             # discard a commit that may already be sequenced.
             return []
+        self._answered(pending)
         if error.code == ErrorCode.STALE_EPOCH and pending.attempts < MAX_ATTEMPTS:
             if pending.kind != "message":
                 room.group.discard_pending()
@@ -634,7 +700,8 @@ class ClientCore:
         return [ev.Failed(h.request_id, room.room_id, error.code, error.message)]
 
     def _retry_after_epoch(self, room: ClientRoom, *, sync_done: bool = False) -> list[ev.Event]:
-        """Resend what waited for a catch-up, re-encrypted or rebuilt on the epoch we have now."""
+        """Queue again what waited for a catch-up, re-encrypted or rebuilt on the epoch we have
+        now (``transmit`` sends it)."""
         if not sync_done:
             return []
         out: list[ev.Event] = []
@@ -648,7 +715,7 @@ class ClientCore:
                 pending.stale = False
             try:
                 if pending.kind == "message":
-                    out.append(ev.Outgoing(self._encrypt(room, pending)))
+                    self._encrypt(room, pending)
                 elif pending.kind == "proposals" and not room.group.pending_proposals:
                     del self.outbox[pending.request_id]  # someone else committed them
                 elif pending.kind in ("moderation", "leave"):
@@ -662,11 +729,45 @@ class ClientCore:
                 ):
                     # Still valid (a reconnect, not a StaleEpoch): the same commit again. The
                     # server may hold the first copy still; a rebuilt one would differ from it.
-                    out.append(ev.Outgoing(pending.frame))
+                    pass
                 else:
                     room.group.discard_pending()
-                    out.append(ev.Outgoing(self._commit(pending)))
+                    self._commit(pending)
             except (MlsError, ValueError, GroupInactive, WrongEpoch) as exc:
                 del self.outbox[pending.request_id]
                 out.append(ev.Failed(pending.request_id, room.room_id, 0, str(exc)))
         return out
+
+    # --- pacing ----------------------------------------------------------------------------------
+
+    def transmit(self) -> list[ev.Event]:
+        """The frames of the outbox the send window admits now, in outbox order (and the syncs
+        a RATE_LIMITED pause deferred, once it is over). The rules: ``pacing.transmit``."""
+        return pacing.transmit(self)
+
+    def resume_at(self) -> float | None:
+        """When ``transmit`` should run again on its own (the end of a RATE_LIMITED pause),
+        or None: every other change comes with an event that runs it."""
+        if not self.connected or not self.window.paused(self.clock()):
+            return None
+        return self.window.not_before
+
+    def held(self, request_id: int, within: float) -> bool:
+        """Whether a request of the outbox is still held back on our side (queued behind the
+        window, a pause or earlier frames) or was transmitted less than ``within`` ago."""
+        return pacing.held(self, request_id, within)
+
+    def _answered(self, pending: Pending, *, refused: bool = False) -> None:
+        """The server answered the copy of ``pending`` in flight (or it left the outbox)."""
+        if pending.sent_size:
+            self.window.answered(pending.sent_size, refused=refused)
+            pending.sent_size = 0
+
+
+def _removed_member(room: ClientRoom, proposal: bytes) -> int | None:
+    """The member a Remove proposal removes (None: another proposal, or not readable)."""
+    try:
+        leaf = inspect_handshake(proposal).proposal_remove
+    except InvalidMlsMessage:
+        return None
+    return None if leaf is None else room.member_at(leaf)

@@ -4,6 +4,11 @@ It owns a :class:`ClientCore` and one connection (TCP or QUIC). It turns the cor
 effects (send, persist, resolve the awaiting coroutine, queue a message for the application),
 reconnects with exponential backoff and jitter when the connection drops, and on every
 (re)connect syncs every room from its last applied log index and resends its outbox.
+
+The core paces the outbox (a bounded window of frames in flight, pauses on RATE_LIMITED); the
+driver only wakes it when a pause is over. Other requests refused with RATE_LIMITED (directory,
+room creation) are sent again after the pause too, so a caller never sees rate limiting as an
+error, only a later answer.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..proto import ErrorPayload, Frame, HelloReply, Opcode, ProtocolError, decode_payload
+from ..proto import (
+    ErrorCode,
+    ErrorPayload,
+    Frame,
+    HelloReply,
+    Opcode,
+    ProtocolError,
+    decode_payload,
+)
 from ..server.transport import FrameSink, SessionFactory
 from . import events as ev
 from .content import Content
@@ -132,6 +145,10 @@ class Client:
         self._keepalive_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._futures: dict[int, asyncio.Future[Any]] = {}
+        # Requests outside the outbox, while unanswered: sent again if refused as rate limited.
+        self._plain: dict[int, bytes] = {}
+        self._deferred: list[bytes] = []  # those, waiting for the end of the pause
+        self._wake: asyncio.TimerHandle | None = None
         self._closing = False
         self._reconnect_task: asyncio.Task[None] | None = None
         self.messages: asyncio.Queue[ev.Message] = asyncio.Queue()
@@ -163,12 +180,18 @@ class Client:
     def _connection_lost(self, reason: str) -> None:
         self._sink = None
         self._connected.clear()
+        self.core.connection_lost()
+        self._deferred.clear()  # their futures fail below
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         # Requests the outbox keeps (messages, commits, ...) stay pending: they are resent
         # after the reconnect's catch-up and resolve when the log shows them.
         for rid, future in list(self._futures.items()):
             if rid in self.core.outbox:
                 continue
             del self._futures[rid]
+            self._plain.pop(rid, None)
             if not future.done():
                 future.set_exception(ClientError(f"connection lost: {reason}"))
         if self._reconnect and not self._closing and self._reconnect_task is None:
@@ -196,6 +219,8 @@ class Client:
             session, sink = self._current, self._sink
             if sink is None or session is None or not self._connected.is_set():
                 continue
+            if self.core.resume_at() is not None:
+                continue  # rate limited: the server answered just now, and would refuse a Ping
             self.maintain()
             rid, data = self.core._frame(Opcode.PING, b"", sign=False)
             try:
@@ -211,6 +236,9 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
         for task in (self._reconnect_task, self._keepalive_task):
             if task is not None:
                 task.cancel()
@@ -227,22 +255,52 @@ class Client:
     # --- frames ------------------------------------------------------------------------------
 
     def _send(self, data: bytes) -> None:
-        if self._sink is None or not self._sink.send(data):
+        sink, session = self._sink, self._current
+        if sink is None:
             log.debug("not connected; the frame waits in the outbox for the next connect")
+        elif not sink.send(data):
+            # The transport's buffer is full: as the transport contract says, close. The
+            # outbox goes out again after the reconnect, through the core's window.
+            log.warning("send buffer to %s full; dropping the connection", self.address)
+            if self._current is session:
+                self._current = None
+                self._connection_lost("send buffer full")
+            sink.close("send buffer full")
 
     def _request(self, request_id: int, data: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
-        self._send(data)
+        if request_id in self.core.outbox:
+            self._handle(self.core.transmit())  # the core sends it when its window admits it
+        else:
+            self._plain[request_id] = data
+            self._send(data)
         return future
 
     def _frame_received(self, frame: Frame) -> None:
         if frame.header.opcode == Opcode.HELLO_REPLY or frame.header.opcode == Opcode.PONG:
+            self._plain.pop(frame.header.request_id, None)
             future = self._futures.pop(frame.header.request_id, None)
             if future is not None and not future.done():
                 future.set_result(frame)
             return
         self._handle(self.core.receive(frame))
+
+    def _wake_core(self) -> None:
+        self._wake = None
+        if self._connected.is_set():
+            deferred, self._deferred = self._deferred, []
+            for data in deferred:
+                self._send(data)
+            self._handle(self.core.transmit())
+
+    def _schedule_wake(self) -> None:
+        """Run the core's transmit again when its RATE_LIMITED pause is over."""
+        at = self.core.resume_at()
+        if at is None or self._closing or self._wake is not None:
+            return  # (a wake that comes too early finds the pause longer and schedules again)
+        delay = max(0.0, at - self.core.clock())
+        self._wake = asyncio.get_running_loop().call_later(delay, self._wake_core)
 
     def _handle(self, events: list[ev.Event]) -> None:
         dirty: set[bytes | None] = set()
@@ -254,6 +312,10 @@ class Client:
             elif isinstance(event, ev.Acked):
                 self._resolve(event.request_id, event.log_index)
             elif isinstance(event, ev.Failed):
+                data = self._plain.get(event.request_id)
+                if event.code == ErrorCode.RATE_LIMITED and data is not None:
+                    self._deferred.append(data)  # not a failure: sent again after the pause
+                    continue
                 self._fail(event.request_id, ClientError(event.message, event.code))
                 self.events.put_nowait(event)
             elif isinstance(event, ev.Reply):
@@ -266,17 +328,20 @@ class Client:
                 self.events.put_nowait(event)
         if self.state is not None and dirty:
             self.state.save(self.core, dirty)
+        self._schedule_wake()
         if not any(r.syncing for r in self.core.rooms.values()):
             self._idle.set()
         else:
             self._idle.clear()
 
     def _resolve(self, request_id: int, value: Any) -> None:
+        self._plain.pop(request_id, None)
         future = self._futures.pop(request_id, None)
         if future is not None and not future.done():
             future.set_result(value)
 
     def _fail(self, request_id: int, error: Exception) -> None:
+        self._plain.pop(request_id, None)
         future = self._futures.pop(request_id, None)
         if future is not None and not future.done():
             future.set_exception(error)
@@ -296,15 +361,21 @@ class Client:
         future = self._request(request_id, data)
         if then is not None:
             then()  # work that must go out right after this frame
-        try:
-            return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
-        except TimeoutError:
-            if request_id in self.core.outbox:
-                # It resolves later (or fails) with nobody awaiting it any more.
-                future.add_done_callback(_consume)
-                raise NotYetConfirmed("queued; the server has not confirmed it yet") from None
-            self._futures.pop(request_id, None)
-            raise
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.request_timeout)
+            except TimeoutError:
+                # The timeout runs from the transmission: time spent queued on our side (the
+                # send window, a RATE_LIMITED pause) does not count.
+                if self.core.held(request_id, self.request_timeout):
+                    continue
+                if request_id in self.core.outbox:
+                    # It resolves later (or fails) with nobody awaiting it any more.
+                    future.add_done_callback(_consume)
+                    raise NotYetConfirmed("queued; the server has not confirmed it yet") from None
+                self._futures.pop(request_id, None)
+                self._plain.pop(request_id, None)
+                raise
 
     # --- operations ----------------------------------------------------------------------------
 

@@ -57,6 +57,12 @@ class EpochChanged:
     epoch: int
     added: tuple[int, ...] = ()
     removed: tuple[int, ...] = ()
+    # The commit's log index and the group as it stood right after it (the application may
+    # see this event after later frames of the same batch moved the group on).
+    log_index: int = -1
+    tree_hash: bytes = b""
+    members: tuple[int, ...] = ()
+    cipher_suite: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,43 @@ class Undecryptable:
 
 
 @dataclass(frozen=True, slots=True)
+class Reacted:
+    """A logged AppReaction: ``key`` added to (or, ``add`` false, taken off) the message at
+    ``target``."""
+
+    room_id: bytes
+    sender_id: int
+    log_index: int
+    target: int
+    key: str
+    add: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Receipted:
+    """A logged AppReceipt: the sender has read (kind "Read") or received ("Delivered") the
+    room up to the message at ``target``."""
+
+    room_id: bytes
+    sender_id: int
+    log_index: int
+    target: int
+    kind: str
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """An ephemeral Typing frame (never logged): the sender is typing, for ``timeout_ms`` at
+    most, or stopped."""
+
+    room_id: bytes
+    sender_id: int
+    typing: bool
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """Persist this room (or, with room_id None, the identity and key packages)."""
 
@@ -109,6 +152,9 @@ Event = (
     | Left
     | Moderated
     | Undecryptable
+    | Reacted
+    | Receipted
+    | Typing
     | StateChanged
 )
 

@@ -13,6 +13,8 @@ from ..mls.update_tracker import UpdatePolicy, UpdateTracker
 from ..proto import Frame
 
 _VERSION = 1
+# Outbox kinds that are not commits.
+NOT_COMMITS = frozenset({"message", "moderation", "leave", "welcome"})
 
 
 @dataclass(slots=True)
@@ -33,9 +35,13 @@ class Pending:
     # The epoch of the frame last built for it (-1: unknown). A StaleEpoch reply naming a
     # current epoch not above it answers an older transmission, already superseded.
     epoch: int = -1
-    # Commits: the frame last sent (not persisted). Resent as is while it is still valid, so a
+    # The frame to transmit (not persisted). Commits: resent as is while still valid, so a
     # transmission the server may already hold is never replaced by a different commit.
     frame: bytes | None = None
+    # Pacing (not persisted): the size of the copy in flight on this connection (0: none), and
+    # the clock time of the last transmission (None: never transmitted since it was queued).
+    sent_size: int = 0
+    sent_at: float | None = None
 
     def to_state(self) -> list[Any]:
         return [
@@ -78,6 +84,7 @@ class ClientRoom:
         self.last_seen = last_seen  # highest log index applied, in order
         self.ahead: dict[int, Frame] = {}  # frames that arrived before their predecessors
         self.syncing = False
+        self.sync_deferred = False  # a sync waits for the end of a RATE_LIMITED pause
         self.anchored = last_seen >= 0  # joiners first find the commit that added them
         self.anchor_request: int | None = None  # the request id of that lookup
         self.active = True
@@ -149,6 +156,7 @@ class ClientRoom:
         room.last_seen = state["last_seen"]
         room.ahead = {}
         room.syncing = False
+        room.sync_deferred = False
         room.anchored = state["anchored"]
         room.anchor_request = None
         room.active = state["active"]

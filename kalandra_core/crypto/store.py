@@ -12,6 +12,7 @@ State holds secrets: persist it only through :func:`sealed.seal`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import cbor2
@@ -19,7 +20,7 @@ import cbor2
 from ..proto.payloads import EncryptedMessage, PushKey
 from . import envelope
 from .errors import EpochMismatch, UnknownSender
-from .ratchet import SymmetricRatchet
+from .ratchet import MAX_SKIP, SymmetricRatchet
 from .sender_keys import derive_sender_seed
 
 _STATE_VERSION = 1
@@ -118,6 +119,21 @@ class SenderKeyStore:
             random8=random8,
             push_keys=push_keys,
         )
+
+    def send_generation(self, sender_index: int) -> int:
+        """The generation the next message sent as ``sender_index`` will use."""
+        keys = self._current
+        return keys._chain(keys.send, sender_index).generation
+
+    def skip_send_to(self, sender_index: int, generation: int) -> None:
+        """Never send as ``sender_index`` below ``generation`` in the current epoch: a state
+        restored from an older snapshot must not reuse a message key already used."""
+        keys = self._current
+        chain = keys._chain(keys.send, sender_index)
+        while chain.generation < generation:
+            # The keys skipped over are never used for sending: not kept.
+            target = min(generation, chain.generation + MAX_SKIP) - 1
+            chain.commit(replace(chain.lookup(target), skipped=()))
 
     def message_key(self, message: EncryptedMessage) -> bytes:
         """The key of a message we sent or may receive, without consuming it (for push keys)."""

@@ -319,5 +319,17 @@ def _text_keys(obj: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A short description of a wrong value, for an error message. Hostile input must not make
+    this fail: containers and tags may nest thousands deep (repr would recurse), and repr
+    refuses integers of more than 4300 digits (CBOR bignums)."""
+    if isinstance(value, list | tuple | dict):
+        return f"{type(value).__name__} of {len(value)} items"
+    if isinstance(value, cbor2.CBORTag):
+        return f"CBOR tag {value.tag}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return type(value).__name__
     return text if len(text) <= 40 else text[:37] + "..."

@@ -31,6 +31,7 @@ from ..proto import (
     verify_header,
 )
 from ..proto.payloads import PROTOCOL_VERSION
+from ..storage.base import StoreError
 from . import replies
 from .ratelimit import TokenBucket
 from .transport import FrameSink
@@ -73,6 +74,7 @@ class ServerSession:
         self.last_seen = now
         limits = hub.config.limits
         self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, now)
+        self._limited_until = 0.0  # after a RATE_LIMITED: refused until its retry_after
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
 
@@ -178,7 +180,13 @@ class ServerSession:
     async def _handle_safely(self, frame: Frame, verdict: bool | None) -> None:
         try:
             await self._handle(frame, verdict)
-        except Exception:
+        except Exception as exc:
+            if type(exc) is StoreError:  # not a subclass: NotFound, AlreadyExists, ...
+                # The database is unavailable (restarting, full): nothing wrong with the frame,
+                # and the client may send it again (room appends answer the same, workers.py).
+                log.warning("session %d: storage error (%s)", self.session_id, exc)
+                self.reject(frame, ErrorCode.STORAGE_ERROR, "storage unavailable; retry")
+                return
             log.exception("session %d: frame handling failed", self.session_id)
             h = frame.header
             self.send(
@@ -197,13 +205,15 @@ class ServerSession:
     async def _handle(self, frame: Frame, verdict: bool | None = None) -> None:
         h = frame.header
         limits = self.hub.config.limits
-        wait = self._bucket.take(self.hub.monotonic())
+        now = self.hub.monotonic()
+        wait = self._limited_until - now if now < self._limited_until else self._bucket.take(now)
         if wait > 0:
+            retry_after = TokenBucket.retry_after_seconds(wait)
+            # Keep the promise of retry_after: frames already on their way behind a refused one
+            # are refused too, so a client that sends them again in order keeps its order.
+            self._limited_until = max(self._limited_until, now + retry_after)
             self.reject(
-                frame,
-                ErrorCode.RATE_LIMITED,
-                "rate limit exceeded",
-                retry_after=TokenBucket.retry_after_seconds(wait),
+                frame, ErrorCode.RATE_LIMITED, "rate limit exceeded", retry_after=retry_after
             )
             return
         if h.payload_size > limits.max_payload_size:

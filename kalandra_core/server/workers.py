@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from nacl.signing import SigningKey
 
 log = logging.getLogger("kalandra.server.room")
+_RELOAD_RETRY, _RELOAD_RETRY_MAX = 0.1, 5.0  # seconds between reloads of an unanswering store
 
 
 class Requester(Protocol):
@@ -184,10 +185,21 @@ class RoomWorker:
             await self._propose_removals(last.kicked)
 
     async def _reload(self) -> None:
-        state = await self._store.load_room(self.room_id)
-        if state is not None:
-            self.sequencer = RoomSequencer(state)
-            await self.learn_recent_requests()
+        """Rebuild the sequencer from what is durably stored. While the store does not answer
+        (a database restarting), wait and try again: the in-memory sequencer may be ahead of
+        the log, so nothing may be sequenced before this succeeds (frames wait in the inbox)."""
+        delay = _RELOAD_RETRY
+        while True:
+            try:
+                state = await self._store.load_room(self.room_id)
+                if state is not None:
+                    self.sequencer = RoomSequencer(state)
+                    await self.learn_recent_requests()
+                return
+            except StoreError as exc:
+                log.warning("room %s: reload failed (%s); retrying", self.room_id.hex(), exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RELOAD_RETRY_MAX)
 
     async def learn_recent_requests(self) -> None:
         """Rebuild the resend filter from the end of the stored log (after a restart too)."""

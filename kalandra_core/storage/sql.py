@@ -68,12 +68,14 @@ def _token_hash(token: str) -> bytes:
 @asynccontextmanager
 async def _store_errors() -> AsyncIterator[None]:
     """Database failures surface as StoreError (callers recover from those); IntegrityError
-    passes through for the methods that turn it into AlreadyExists or NotFound."""
+    passes through for the methods that turn it into AlreadyExists or NotFound. A server that
+    refuses connections (restarting) raises plain OSError from the driver, not through
+    SQLAlchemy's wrapping: a database failure too."""
     try:
         yield
     except IntegrityError:
         raise
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
         raise StoreError(f"database error: {type(exc).__name__}") from exc
 
 

@@ -1,186 +1,37 @@
-"""The bridge bot against a real Synapse: `python -m bridge` as a process, nio as the user.
-
-One Synapse of this module's own (the session one carries another appservice with the same
-sender_localpart), registered with what `python -m bridge -g` wrote; one bridge process on
-SQLite in a temp dir, for the whole module.
-"""
+"""The bridge bot against a real Synapse: `python -m bridge` as a process, nio as the users
+(one with the `user` permission, one stranger with only `relay`), one stack for the module."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import secrets
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 import pytest_asyncio
-from nio import (
-    AsyncClient,
-    LoginResponse,
-    MatrixRoom,
-    RoomCreateResponse,
-    RoomMemberEvent,
-    RoomMessageNotice,
-    RoomSendResponse,
-    SyncResponse,
+from nio import MatrixRoom, RoomCreateResponse, RoomMemberEvent
+
+from matrix.bridge_stack import (
+    BOT,
+    BridgeStack,
+    bot_notices,
+    bridge_stack,
+    nio_client,
+    open_dm,
+    say,
+    sync_until,
 )
-from ruamel.yaml import YAML
-
-from matrix.synapse import SYNAPSE_PYTHON, Synapse, free_port, start_synapse
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "example-config.yaml"
-PASSWORD = "correct horse battery staple"
-BOT = "@kalandrabot:localhost"
-READY_TIMEOUT = 60.0
-
-
-@dataclass
-class Stack:
-    synapse: Synapse
-    bridge: subprocess.Popen[bytes]
-    log: Path
-    user: str  # localpart with the `user` permission
-    stranger: str  # localpart with only `relay`
-
-
-def _write_config(path: Path, *, hs_port: int, as_port: int, user: str) -> None:
-    yaml = YAML()
-    with open(EXAMPLE, encoding="utf-8") as fh:
-        config = yaml.load(fh)
-    config["database"]["url"] = "sqlite:///kalandra.db"
-    config["server"]["tcp_port"] = free_port()
-    config["server"]["quic_port"] = None
-    config["homeserver"]["address"] = f"http://127.0.0.1:{hs_port}"
-    config["homeserver"]["domain"] = "localhost"
-    config["appservice"]["address"] = f"http://127.0.0.1:{as_port}"
-    config["appservice"]["port"] = as_port
-    # The bot's device for end-to-bridge encryption is not what this test is about.
-    config["bridge"]["encryption"]["allow"] = False
-    config["bridge"]["permissions"] = {"*": "relay", f"@{user}:localhost": "user"}
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.dump(config, fh)
-
-
-def _bridge(*args: str, cwd: Path, log: Path | None = None) -> subprocess.Popen[bytes]:
-    out = open(log, "ab") if log else subprocess.PIPE  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", "bridge", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
-
-
-async def _wait_ready(bridge: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    url = f"http://127.0.0.1:{port}/_matrix/mau/ready"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        async with asyncio.timeout(READY_TIMEOUT):
-            while bridge.poll() is None:
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with http.get(url) as resp:
-                        if resp.status == 200:
-                            return
-                await asyncio.sleep(0.2)
-    raise AssertionError(f"bridge exited with {bridge.returncode}:\n{_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-4000:]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    if not SYNAPSE_PYTHON.exists():
-        pytest.fail(f"{SYNAPSE_PYTHON} is missing: run tests/matrix/install_synapse.sh")
-    work = tmp_path_factory.mktemp("bridge")
-    hs_port, as_port = free_port(), free_port()
-    user, stranger = f"alice_{secrets.token_hex(3)}", f"mallory_{secrets.token_hex(3)}"
-    config, registration = work / "config.yaml", work / "registration.yaml"
-    _write_config(config, hs_port=hs_port, as_port=as_port, user=user)
-    generate = _bridge("-g", "-c", str(config), "-r", str(registration), cwd=work)
-    out, _ = generate.communicate(timeout=60)
-    assert generate.returncode == 0, out.decode(errors="replace")
-
-    synapse = await start_synapse(work / "synapse", registrations=[registration], port=hs_port)
-    log = work / "bridge.log"
-    bridge = _bridge("-c", str(config), cwd=work, log=log)
-    try:
-        await _wait_ready(bridge, as_port, log)
-        for localpart in (user, stranger):
-            await synapse.register_user(localpart, PASSWORD)
-        yield Stack(synapse, bridge, log, user, stranger)
-    finally:
-        bridge.terminate()
-        try:
-            await asyncio.to_thread(bridge.wait, 15)
-        except subprocess.TimeoutExpired:
-            bridge.kill()
-        await synapse.stop()
-    assert "Traceback" not in _tail(log), _tail(log)
-
-
-@asynccontextmanager
-async def nio_client(synapse: Synapse, localpart: str) -> AsyncIterator[AsyncClient]:
-    client = AsyncClient(synapse.url, synapse.mxid(localpart))
-    try:
-        login = await client.login(PASSWORD, device_name="bridge bot test")
-        assert isinstance(login, LoginResponse), login
-        yield client
-    finally:
-        if client.logged_in:
-            await client.logout()
-        await client.close()
-
-
-def bot_notices(client: AsyncClient, room_id: str) -> list[str]:
-    """Bodies of the notices the bot sends in `room_id` from now on (nio keeps callbacks for
-    the client's lifetime: one client per test)."""
-    seen: list[str] = []
-
-    async def on_notice(room: MatrixRoom, event: RoomMessageNotice) -> None:
-        if room.room_id == room_id and event.sender == BOT:
-            seen.append(event.body)
-
-    client.add_event_callback(on_notice, RoomMessageNotice)
-    return seen
-
-
-async def sync_until(
-    client: AsyncClient, predicate: Callable[[], bool], what: str, within: float = 15.0
-) -> None:
-    try:
-        async with asyncio.timeout(within):
-            while not predicate():
-                response = await client.sync(timeout=500)
-                assert isinstance(response, SyncResponse), response
-    except TimeoutError:
-        raise AssertionError(f"{client.user_id}: no {what} after {within} s") from None
-
-
-async def open_dm(client: AsyncClient) -> str:
-    created = await client.room_create(invite=[BOT], is_direct=True)
-    assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
-
-
-async def say(client: AsyncClient, room_id: str, body: str) -> None:
-    sent = await client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body})
-    assert isinstance(sent, RoomSendResponse), sent
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BridgeStack]:
+    work: Path = tmp_path_factory.mktemp("bridge")
+    async with bridge_stack(work, others=("user", "stranger")) as stack:
+        yield stack
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_commands_in_the_management_room(stack: Stack) -> None:
-    async with nio_client(stack.synapse, stack.user) as alice:
+async def test_commands_in_the_management_room(stack: BridgeStack) -> None:
+    async with nio_client(stack.synapse, stack.others["user"]) as alice:
         await alice.sync(timeout=0)
         room_id = await open_dm(alice)
         notices = bot_notices(alice, room_id)
@@ -205,8 +56,8 @@ async def test_commands_in_the_management_room(stack: Stack) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_a_user_without_permission_is_refused(stack: Stack) -> None:
-    async with nio_client(stack.synapse, stack.stranger) as mallory:
+async def test_a_user_without_permission_is_refused(stack: BridgeStack) -> None:
+    async with nio_client(stack.synapse, stack.others["stranger"]) as mallory:
         await mallory.sync(timeout=0)
         room_id = await open_dm(mallory)
         left: list[str] = []
@@ -225,10 +76,12 @@ async def test_a_user_without_permission_is_refused(stack: Stack) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_a_command_without_permission_in_a_shared_room_is_refused(stack: Stack) -> None:
+async def test_a_command_without_permission_in_a_shared_room_is_refused(
+    stack: BridgeStack,
+) -> None:
     async with (
-        nio_client(stack.synapse, stack.user) as alice,
-        nio_client(stack.synapse, stack.stranger) as mallory,
+        nio_client(stack.synapse, stack.others["user"]) as alice,
+        nio_client(stack.synapse, stack.others["stranger"]) as mallory,
     ):
         created = await alice.room_create(invite=[BOT, mallory.user_id])
         assert isinstance(created, RoomCreateResponse), created

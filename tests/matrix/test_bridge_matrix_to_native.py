@@ -12,14 +12,14 @@ import pytest
 from nio import AsyncClient, RoomSendResponse
 
 from kalandra_core.client.events import Message
-from matrix.test_bridge_bot import nio_client
-from matrix.test_bridge_portal import (  # noqa: F401 - `stack` is this module's fixture too
-    PortalStack,
+from matrix.bridge_stack import (
+    BridgeStack,
     ghost_history,
     native_client,
+    nio_client,
     portal_with_native,
-    stack,
 )
+from matrix.test_bridge_portal import stack  # noqa: F401 - this module's fixture too
 
 COUNT = 20
 FORMATTED = 7
@@ -35,7 +35,7 @@ async def send(client: AsyncClient, room_id: str, i: int) -> None:
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_matrix_messages_reach_native_once_in_order(
-    stack: PortalStack,  # noqa: F811
+    stack: BridgeStack,  # noqa: F811
 ) -> None:
     native = await native_client(stack)
     async with nio_client(stack.synapse, stack.user) as alice:

@@ -89,6 +89,9 @@ class _End:
         self.lost = False
         self.last_arrival = 0.0  # ordered stream: no frame overtakes the previous one
         self.in_flight = 0
+        # The transport gave up on a frame: on an ordered stream nothing after it arrives
+        # (a byte stream cannot skip it) until the connection breaks.
+        self.stalled = False
 
     @property
     def peer(self) -> str:
@@ -268,6 +271,7 @@ class SimNetwork:
             self.stats.retransmissions += 1
             if tries > p.max_retransmits:
                 self.loop.call_at(now + delay, conn.break_, "retransmission limit")
+                sender.stalled = True
                 return
             delay += rto
             rto *= 2
@@ -276,6 +280,10 @@ class SimNetwork:
         downstream = sender.side == "server"
         at = now + delay
         if not downstream or conn.ordered_down:
+            if sender.stalled:
+                if downstream:
+                    rng.random()  # the duplicate draw below: a seed keeps its other decisions
+                return
             at = max(at, sender.last_arrival + 1e-6)
             sender.last_arrival = at
         else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import random
 import time
@@ -61,6 +62,10 @@ PROPERTIES = (
     "partitioned_recovers",  # a client partitioned while others committed converges after heal
     "removed_members_notice",  # a member the server removed does not believe it is still in
     "requests_resolve",  # every request ends acknowledged or failed (the outbox drains)
+    # A client's acknowledged messages in a room are sequenced in the order of its send calls.
+    # Not claimed under a rate limit on a lossy network: a frame delayed in the stream past the
+    # server's retry_after can be taken while one sent before it was refused.
+    "sends_in_order",
     "no_unexpected_errors",  # no exception escaped an operation; the server logged no error
 )
 
@@ -75,6 +80,9 @@ class SimConfig:
     settle_limit: float = 400.0  # virtual seconds allowed to converge afterwards
     partitions: bool = True
     store_stall: float = 0.02  # share of appends that stall (a slow fsync)
+    # The server's per-session rate limit (frames/s, burst); None: the production default.
+    rate_limit: tuple[float, int] | None = None
+    burst_sends: int = 0  # > 0: some sends are a burst of this many messages at once
 
 
 @dataclass(slots=True)
@@ -238,6 +246,8 @@ class World:
         self.trace = Trace(loop)
         self.store = SimStore(self.rng, loop.wall, config.store_stall)
         limits = Limits(idle_timeout=120.0)
+        if config.rate_limit is not None:
+            limits.rate_per_second, limits.rate_burst = config.rate_limit
         server_key = SigningKey(self.rng.randbytes(32))
         self.hub = Hub(
             self.store,
@@ -384,7 +394,9 @@ class World:
         actor = rng.choice(active)
         roll = rng.random()
         if roll < 0.62:
-            self._send(actor, room_id)
+            many = self.config.burst_sends if self.config.burst_sends and roll < 0.06 else 1
+            for _ in range(many):
+                self._send(actor, room_id)
         elif roll < 0.72:
             if self._can_commit(actor, room_id):
                 self._commit("update", actor, room_id, actor.self_update(room_id))
@@ -472,6 +484,8 @@ class World:
                 member = c.member_id in self.server_members(room_id)
                 room = c.core.rooms.get(room_id)
                 if not member:
+                    if room is not None and room.active:
+                        out.append(f"{c.name} not told yet that it left {label}")
                     continue
                 if room is None or not room.active:
                     out.append(f"{c.name} not in {label}")
@@ -546,6 +560,21 @@ async def check(world: World, unsettled: list[str]) -> dict[str, list[str]]:
                 )
     if unsettled:
         v["converged"].append("did not settle: " + "; ".join(unsettled[:8]))
+
+    # Each client's messages, in the order of its send calls.
+    if world.config.rate_limit is None or world.config.loss == 0.0:
+        for c in clients:
+            calls: dict[str, list[tuple[int, str]]] = defaultdict(list)
+            for (name, rid), call in world.sent.items():  # in call order
+                index = c.acked.get(rid, ("", None))[1] if name == c.name else None
+                if index is not None:
+                    calls[call.room].append((index, call.body))
+            for label, indexes in calls.items():
+                for (a, body_a), (b, body_b) in itertools.pairwise(indexes):
+                    if b < a:
+                        v["sends_in_order"].append(
+                            f"{label}: {c.name}'s {body_b} at {b}, before {body_a} at {a}"
+                        )
 
     # The stored log against what was sent and acknowledged.
     for label, frames in logs.items():

@@ -89,3 +89,16 @@ def test_properties_regressions(seed: int, loss: float) -> None:
 def test_properties(loss: float, seed: int) -> None:
     result = simulate(SimConfig(seed=seed, loss=loss))
     assert result.ok, result.report()
+
+
+# A server rate limit far below the workload's bursts of 25 sends: RATE_LIMITED pauses the
+# client's window, it fails nothing, and every property still holds.
+RATE_LIMIT = (4.0, 8)
+RATE_LIMITED_SEEDS = max(1, SEEDS // 4)
+
+
+@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + RATE_LIMITED_SEEDS))
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: f"loss{round(loss * 100)}")
+def test_properties_under_a_rate_limit(loss: float, seed: int) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, rate_limit=RATE_LIMIT, burst_sends=25))
+    assert result.ok, result.report()

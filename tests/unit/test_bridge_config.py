@@ -134,7 +134,7 @@ def test_the_example_itself_round_trips_unchanged_but_for_secrets(tmp_path: Path
     before = EXAMPLE_CONFIG.read_text().splitlines()
     after = path.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
-    assert [b.split(":")[0].strip() for _, b in changed] == ["mls_state_key"]
+    assert [b.split(":")[0].strip() for _, b in changed] == ["mls_state_key", "shared_secret"]
 
 
 def test_unknown_options_are_dropped_and_reported(tmp_path: Path) -> None:
@@ -157,7 +157,10 @@ def test_the_state_key_is_generated_once_and_saved(tmp_path: Path) -> None:
 
 def test_a_generated_key_that_is_not_saved_is_reported(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "config.yaml", dict(SET_UP))
-    assert upgraded(path, save=False).unsaved_secrets == ["bridge.mls_state_key"]
+    assert upgraded(path, save=False).unsaved_secrets == [
+        "bridge.mls_state_key",
+        "bridge.provisioning.shared_secret",
+    ]
     result = run_bridge("-n", "-c", str(path), cwd=tmp_path)
     assert result.returncode != 0
     assert "bridge.mls_state_key was generated but could not be saved" in result.stderr

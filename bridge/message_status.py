@@ -1,0 +1,133 @@
+"""What the sender of a Matrix event learns about its way to Kalandra: status events
+(com.beeper.message_send_status, as mautrix bridges send them) for every message that could not
+be bridged (``bridge.message_status_events``) and, if asked, for every bridged one
+(``bridge.message_status_success``), and a notice explaining a failure
+(``bridge.delivery_error_reports``).
+
+Successes are sent by a background task of the portal (they must not slow its queue down; one
+lost in a crash is harmless). Failures are sent before the event is recorded as failed, with
+transaction ids derived from the event id, so a replay repeats rather than duplicates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from mautrix.types import (
+    BeeperMessageStatusEventContent,
+    EventID,
+    EventType,
+    MessageStatus,
+    MessageStatusReason,
+    MessageType,
+    RelatesTo,
+    RelationType,
+    RoomID,
+    TextMessageEventContent,
+)
+
+from . import metrics
+
+if TYPE_CHECKING:
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.status")
+
+NETWORK = "kalandra"
+
+
+class Refused(Exception):
+    """A Matrix event that will not reach Kalandra, for a reason its sender should read."""
+
+    def __init__(self, reason: MessageStatusReason, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+class StatusSender:
+    def __init__(self, bridge: KalandraBridge, label: str) -> None:
+        self.bridge = bridge
+        self.label = label
+        self._successes: asyncio.Queue[tuple[RoomID, EventID]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bridge.config["bridge.message_status_events"])
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"status-{self.label}")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    @property
+    def success_enabled(self) -> bool:
+        return self.enabled and bool(self.bridge.config["bridge.message_status_success"])
+
+    def success(self, room: RoomID, event_id: EventID) -> None:
+        metrics.bridged_to_kalandra(event_id)
+        if self.success_enabled:
+            self._successes.put_nowait((room, event_id))
+
+    async def _run(self) -> None:
+        while True:
+            room, event_id = await self._successes.get()
+            try:
+                await self._status(room, event_id, MessageStatus.SUCCESS)
+            except Exception as exc:
+                log.debug(
+                    "portal %s: success status not sent (%s)", self.label, type(exc).__name__
+                )
+
+    async def failure(
+        self, room: RoomID, event_id: EventID, refusal: Refused, *, message: bool
+    ) -> None:
+        """A status event (for messages) and a notice; best effort, a few attempts each."""
+        metrics.failed_to_kalandra(event_id, refusal.reason.value)
+        for attempt in range(3):
+            try:
+                if message and self.enabled:
+                    await self._status(room, event_id, MessageStatus.FAIL, refusal)
+                if self.bridge.config["bridge.delivery_error_reports"]:
+                    notice = TextMessageEventContent(
+                        msgtype=MessageType.NOTICE,
+                        body=f"Not bridged to Kalandra: {refusal.text}",
+                    )
+                    await self.bridge.az.intent.send_message_event(
+                        room, EventType.ROOM_MESSAGE, notice, txn_id=f"kalandra-fail-{event_id}"
+                    )
+                return
+            except Exception as exc:
+                log.warning(
+                    "portal %s: failure report not sent (%s)", self.label, type(exc).__name__
+                )
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _status(
+        self,
+        room: RoomID,
+        event_id: EventID,
+        status: MessageStatus,
+        refusal: Refused | None = None,
+    ) -> None:
+        content = BeeperMessageStatusEventContent(
+            network=NETWORK,
+            relates_to=RelatesTo(rel_type=RelationType.REFERENCE, event_id=event_id),
+            status=status,
+            reason=None if refusal is None else refusal.reason,
+            error=None if refusal is None else refusal.reason.value,
+            message=None if refusal is None else refusal.text,
+        )
+        await self.bridge.az.intent.send_message_event(
+            room,
+            EventType.BEEPER_MESSAGE_STATUS,
+            content,
+            txn_id=f"kalandra-status-{status.value}-{event_id}",
+        )

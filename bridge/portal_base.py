@@ -1,0 +1,47 @@
+"""What both directions of a portal share: the Kalandra room, its Matrix room, the row.
+
+A portal is split by direction so that neither file grows into a catch-all: the queue toward
+Matrix (portal_to_matrix.py), the queue toward Kalandra (portal_to_kalandra.py), and loading,
+creating and the Matrix room itself (portal.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from mautrix.types import RoomAlias, RoomID
+
+from .db import PortalRow
+
+if TYPE_CHECKING:
+    from .bridge import KalandraBridge
+
+PROTOCOL: dict[str, Any] = {"id": "kalandra", "displayname": "Kalandra"}
+
+
+class PortalBase:
+    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+        self.bridge = bridge
+        self.row = row
+        self.room_ready = asyncio.Event()
+        if row.mxid is not None:
+            self.room_ready.set()
+
+    @property
+    def room_id(self) -> bytes:
+        return self.row.room_id
+
+    @property
+    def hex(self) -> str:
+        return self.row.room_id.hex()
+
+    @property
+    def mxid(self) -> RoomID | None:
+        return self.row.mxid
+
+    @property
+    def alias(self) -> RoomAlias:
+        config = self.bridge.config
+        local = config["bridge.alias_template"].format(roomid=self.hex)
+        return RoomAlias(f"#{local}:{config['homeserver.domain']}")

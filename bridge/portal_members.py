@@ -1,0 +1,264 @@
+"""Kalandra commits and moderation, mirrored in a portal's Matrix room (Kalandra -> Matrix).
+
+Each commit updates the ``org.kalandra.epoch`` state event (sent by the bot, from the bot's own
+MLS state as it stood right after that commit) and moves ghosts: an added native member's ghost
+joins, a removed one's leaves. Kalandra Kick/Ban/Unban become the same action by the bot on the
+ghost, or on the Matrix user whose puppet leaf was the target; a Redact redacts the bridged
+Matrix event (by the ghost when the moderator redacts its own message, else by the bot).
+
+Every action first reads the target's current membership (or the event's redaction) from the
+homeserver and does nothing when Matrix already shows the outcome, so a change that came from
+Matrix and returns through the Kalandra log is not applied twice, and an entry replayed after a
+crash repeats nothing visible. Identical state events are not repeated by Synapse, and notices
+and redactions carry transaction ids derived from (room, log index).
+
+The bot itself and bridged Matrix users (puppet leaves) never get ghosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mautrix.api import Method, Path
+from mautrix.errors import MForbidden, MNotFound
+from mautrix.types import (
+    EventID,
+    EventType,
+    Membership,
+    RoomID,
+    TextMessageEventContent,
+    UserID,
+)
+from mautrix.types import MessageType as MxMessageType
+
+from kalandra_core.client import events as ev
+
+from .bridged_user import BridgedUser
+from .db import MessageTable
+from .db.progress import advance, bridged_mxid
+from .portal_base import PortalBase
+from .puppet import Puppet, member_of, mxid_of
+
+if TYPE_CHECKING:
+    from mautrix.appservice import IntentAPI
+
+    from kalandra_core.client.room import ClientRoom
+
+log = logging.getLogger("kalandra.bridge.portal")
+
+EPOCH_EVENT = EventType.find("org.kalandra.epoch", EventType.Class.STATE)
+_PRESENT = (Membership.JOIN, Membership.INVITE, Membership.KNOCK)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterCheck:
+    """The group as the bot held it at one point of the queue (start-up, a new portal): the
+    portal's ghosts and epoch state are made to match it when the queue reaches it."""
+
+    room_id: bytes
+    epoch: int
+    tree_hash: bytes
+    members: tuple[int, ...]
+    cipher_suite: int
+
+    @classmethod
+    def of(cls, room: ClientRoom) -> RosterCheck:
+        group = room.group
+        members = tuple(sorted(room.roster()))
+        return cls(room.room_id, group.epoch, group.tree_hash, members, group.suite)
+
+
+def epoch_content(
+    epoch: int, tree_hash: bytes, cipher_suite: int, members: tuple[int, ...]
+) -> dict[str, Any]:
+    # Member ids are u64: strings, since Matrix JSON integers stop at 2**53.
+    return {
+        "epoch": epoch,
+        "tree_hash": tree_hash.hex(),
+        "cipher_suite": cipher_suite,
+        "members": [str(m) for m in members],
+    }
+
+
+class PortalMembers(PortalBase):
+    # --- helpers -------------------------------------------------------------------------------
+
+    @property
+    def _bot(self) -> IntentAPI:
+        return self.bridge.az.intent
+
+    def _room(self) -> RoomID:
+        mxid = self.row.mxid
+        assert mxid is not None
+        return mxid
+
+    def _native(self, member_id: int) -> bool:
+        """A member that has a ghost: not the bot, not a bridged Matrix user."""
+        return member_id != self.bridge.bot.member_id and member_id not in BridgedUser.member_ids
+
+    def _txn(self, log_index: int, what: str) -> str:
+        return f"kalandra-{self.hex}-{log_index}-{what}"
+
+    async def _membership(self, user: UserID) -> Membership:
+        """The user's membership in the portal as the homeserver has it now."""
+        path = Path.v3.rooms[self._room()].state[str(EventType.ROOM_MEMBER)][user]
+        try:
+            content = await self._bot.api.request(Method.GET, path)
+        except MNotFound:
+            return Membership.LEAVE
+        return Membership(content.get("membership", "leave"))
+
+    async def _set_cached(self, user: UserID, membership: Membership) -> None:
+        # Our own change, before the homeserver's transaction tells mautrix's state store:
+        # ensure_joined (message sends) must not trust a stale "joined".
+        await self._bot.state_store.set_membership(self._room(), user, membership)
+
+    async def _notice(self, text: str, txn_id: str) -> EventID:
+        content = TextMessageEventContent(msgtype=MxMessageType.NOTICE, body=text)
+        return await self._bot.send_message_event(
+            self._room(), EventType.ROOM_MESSAGE, content, txn_id=txn_id
+        )
+
+    async def _advance(self, log_index: int, event_id: EventID | None) -> None:
+        await advance(self.bridge.db, self.room_id, log_index, event_id)
+        self.row.last_log_index = max(self.row.last_log_index, log_index)
+        if event_id is not None:
+            self.row.last_event_id = event_id
+
+    # --- ghosts ----------------------------------------------------------------------------
+
+    async def _ghost_join(self, member_id: int) -> None:
+        puppet = await Puppet.get(self.bridge, member_id)
+        await puppet.ensure_ready()
+        if await self._membership(puppet.mxid) != Membership.JOIN:
+            await puppet.intent.ensure_joined(self._room(), ignore_cache=True)
+
+    async def _ghost_leave(self, ghost: UserID) -> None:
+        membership = await self._membership(ghost)
+        if membership in _PRESENT:
+            await self._bot.user(ghost).leave_room(self._room())
+        if membership != Membership.BAN:
+            await self._set_cached(ghost, Membership.LEAVE)
+
+    # --- commits -------------------------------------------------------------------------------
+
+    async def _epoch_changed(self, event: ev.EpochChanged) -> None:
+        for member_id in event.added:
+            if self._native(member_id):
+                await self._ghost_join(member_id)
+        for member_id in event.removed:
+            if self._native(member_id):
+                await self._ghost_leave(mxid_of(self.bridge, member_id))
+        content = epoch_content(event.epoch, event.tree_hash, event.cipher_suite, event.members)
+        event_id = await self._bot.send_state_event(self._room(), EPOCH_EVENT, content)
+        if self.bridge.config["bridge.epoch_notices"]:
+            event_id = await self._notice(_epoch_line(event), self._txn(event.log_index, "epoch"))
+        await self._advance(event.log_index, event_id)
+
+    async def _roster_check(self, check: RosterCheck) -> None:
+        """Ghosts of members no longer in the group leave, present members' ghosts join, and
+        the epoch state is the group's."""
+        present = {m for m in check.members if self._native(m)}
+        joined = await self._bot.get_joined_members(self._room())
+        for user in joined:
+            member_id = member_of(self.bridge, user)
+            if member_id is not None and member_id not in present:
+                await self._ghost_leave(user)
+        for member_id in sorted(present):
+            if mxid_of(self.bridge, member_id) not in joined:
+                await self._ghost_join(member_id)
+        content = epoch_content(check.epoch, check.tree_hash, check.cipher_suite, check.members)
+        await self._bot.send_state_event(self._room(), EPOCH_EVENT, content)
+
+    # --- moderation ----------------------------------------------------------------------------
+
+    async def _moderated(self, event: ev.Moderated) -> None:
+        event_id = None
+        if event.action == "redact":
+            event_id = await self._redact(event)
+        elif event.target != self.bridge.bot.member_id:  # the bot's own removal: Left follows
+            target = await self._target(event.target)
+            if target is not None:
+                await self._moderate(event.action, target, event.reason)
+        await self._advance(event.log_index, event_id)
+
+    async def _target(self, member_id: int) -> UserID | None:
+        if member_id in BridgedUser.member_ids:
+            return await bridged_mxid(self.bridge.db, member_id)
+        return mxid_of(self.bridge, member_id)
+
+    async def _moderate(self, action: str, target: UserID, reason: str) -> None:
+        membership = await self._membership(target)
+        room = self._room()
+        if action == "kick":
+            if membership in _PRESENT:
+                await self._bot.kick_user(room, target, reason)
+                await self._set_cached(target, Membership.LEAVE)
+        elif action == "ban":
+            if membership != Membership.BAN:
+                await self._bot.ban_user(room, target, reason)
+                await self._set_cached(target, Membership.BAN)
+        elif action == "unban" and membership == Membership.BAN:
+            await self._bot.unban_user(room, target, reason)
+            await self._set_cached(target, Membership.LEAVE)
+
+    async def _redact(self, event: ev.Moderated) -> EventID | None:
+        """Redact the Matrix event of a bridged message; None when there is nothing to do."""
+        room = self._room()
+        target = await MessageTable(self.bridge.db).event_for(self.room_id, event.target)
+        if target is None:
+            return None  # never bridged (before the portal, or not a message)
+        try:
+            original = await self._bot.api.request(Method.GET, Path.v3.rooms[room].event[target])
+        except MNotFound:
+            return None
+        if "redacted_because" in (original.get("unsigned") or {}):
+            return None  # redacted in Matrix already (where this redaction came from)
+        content: dict[str, Any] = {"reason": event.reason} if event.reason else {}
+        redactors = [self._bot]
+        if original.get("sender") == mxid_of(self.bridge, event.moderator_id):
+            redactors.insert(0, self._bot.user(original["sender"]))
+        for number, intent in enumerate(redactors):
+            path = Path.v3.rooms[room].redact[target][self._txn(event.log_index, f"r{number}")]
+            try:
+                response = await intent.api.request(Method.PUT, path, content=content)
+            except MForbidden:
+                if intent is redactors[-1]:
+                    raise
+                continue  # the ghost may have left the room since: the bot redacts
+            return EventID(response["event_id"])
+        return None  # not reached
+
+    # --- the bot's own room state ------------------------------------------------------------
+
+    async def _left(self, event: ev.Left) -> None:
+        log.warning("portal %s: the bot is no longer in the Kalandra room", self.hex)
+        if self.bridge.config["bridge.delivery_error_reports"]:
+            await self._notice(
+                "The bridge is no longer a member of this Kalandra room: nothing more is bridged.",
+                self._txn(self.row.last_log_index, "left"),
+            )
+
+    async def _undecryptable(self, event: ev.Undecryptable) -> None:
+        log.warning("portal %s: log index %d undecryptable", self.hex, event.log_index)
+        if event.log_index < 0:
+            return
+        event_id = None
+        if self.bridge.config["bridge.delivery_error_reports"]:
+            event_id = await self._notice(
+                f"A Kalandra message (log index {event.log_index}) could not be decrypted.",
+                self._txn(event.log_index, "undecryptable"),
+            )
+        await self._advance(event.log_index, event_id)
+
+
+def _epoch_line(event: ev.EpochChanged) -> str:
+    line = f"Kalandra epoch {event.epoch}"
+    changes = []
+    if event.added:
+        changes.append("added " + ", ".join(str(m) for m in event.added))
+    if event.removed:
+        changes.append("removed " + ", ".join(str(m) for m in event.removed))
+    return f"{line} ({'; '.join(changes)})" if changes else line

@@ -1,0 +1,343 @@
+"""A portal's queue toward Kalandra: messages, joins, leaves, kicks, bans and redactions of the
+Matrix room, in the order Synapse delivered them, each done before the next.
+
+Every Matrix event of a portal gets its place in the queue when its appservice transaction is
+dispatched (:meth:`PortalToKalandra.reserve`, see transactions.py), before mautrix's handler
+runs, so the order holds whatever the handlers' timing; the handler fills the place with the
+work (or nothing), and the transaction is acknowledged once every place is done: the event
+sequenced in Kalandra and recorded (room + log index <-> event id), or recorded as failed
+after its status event and notice were sent. Events already handled (a replayed transaction)
+are recognised in the database and skipped.
+
+Messages of users with the ``user`` permission go out as their own MLS leaf
+(bridged_user.py); of users with only ``relay``, through the bot's leaf when the portal has
+relaying on (relay.py), else they fail visibly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mautrix.types import (
+    EventID,
+    Format,
+    LocationMessageEventContent,
+    MessageEventContent,
+    MessageStatusReason,
+    TextMessageEventContent,
+    UserID,
+)
+
+from kalandra_core.client.content import Content
+from kalandra_core.client.driver import ClientError, NotYetConfirmed
+
+from . import ephemeral, relations
+from .bridged_user import BridgedUser, SendFailed
+from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
+from .message_status import Refused, StatusSender
+from .portal_base import PortalBase
+from .portal_to_matrix import KINDS
+from .relay import relay_content
+from .send_chains import mark_bot_send
+
+if TYPE_CHECKING:
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.portal")
+
+_MX_KINDS = {v: k for k, v in KINDS.items()}
+_ATTEMPTS = 5  # for failures that may pass (a lost connection, a busy database)
+
+RELAY_REFUSAL = (
+    "you need the `user` permission to speak in Kalandra rooms, or a bridge admin must turn"
+    " relaying on in this room (`set-relay`)."
+)
+
+
+def kalandra_content(content: MessageEventContent) -> Content | None:
+    """m.room.message text/notice/emote as a Kalandra body (HTML carried; a reply's quoted
+    fallback dropped), a location as text; None otherwise. Relations and mentions:
+    relations.py."""
+    if isinstance(content, LocationMessageEventContent):
+        return Content(body=f"Location: {content.geo_uri or ''}".rstrip())
+    if not isinstance(content, TextMessageEventContent):
+        return None
+    kind = _MX_KINDS.get(content.msgtype)
+    if kind is None:
+        return None
+    content.trim_reply_fallback()
+    html = content.formatted_body if content.format == Format.HTML else None
+    return Content(body=content.body or "", kind=kind, formatted_body=html or None)
+
+
+@dataclass(frozen=True, slots=True)
+class FromMatrix:
+    """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "leave" (a
+    bridged user left, or was kicked or banned), "kick"/"ban"/"unban" (of a native member's
+    ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``)."""
+
+    kind: str
+    sender: UserID
+    event_id: EventID
+    permission: str = "none"
+    content: MessageEventContent | None = None
+    target: UserID | None = None
+    member_id: int | None = None
+    redacts: EventID | None = None
+    reason: str = ""
+    relates_to: EventID | None = None
+    key: str = ""
+
+
+class EventSlot:
+    """An event's place in its portal's queue: ``work`` is filled by the event's handler (None:
+    nothing to do), ``done`` by the portal once the event is handled for good."""
+
+    __slots__ = ("done", "event_id", "work")
+
+    def __init__(self, event_id: EventID) -> None:
+        loop = asyncio.get_running_loop()
+        self.event_id = event_id
+        self.work: asyncio.Future[FromMatrix | None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.done.add_done_callback(_retrieve)
+
+    def fill(self, work: FromMatrix | None) -> None:
+        if not self.work.done():
+            self.work.set_result(work)
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # read (a transaction that gave up waiting may never look)
+
+
+# The slot of the event being handled (set around mautrix's dispatch of each portal event; its
+# handler tasks inherit it).
+CURRENT_SLOT: ContextVar[EventSlot | None] = ContextVar("kalandra_event_slot", default=None)
+
+
+def release_slot() -> None:
+    """The event being handled has no work toward Kalandra (or its handler is over)."""
+    slot = CURRENT_SLOT.get()
+    if slot is not None:
+        slot.fill(None)
+
+
+class PortalToKalandra(PortalBase):
+    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+        super().__init__(bridge, row)
+        self.outgoing: asyncio.Queue[EventSlot] = asyncio.Queue()
+        self.mx_status = StatusSender(bridge, self.hex)
+        self._out_task: asyncio.Task[None] | None = None
+
+    def _start_to_kalandra(self) -> None:
+        if self._out_task is None:
+            self._out_task = asyncio.create_task(self._run_out(), name=f"portal-out-{self.hex}")
+        self.mx_status.start()
+
+    def _stop_to_kalandra(self) -> None:
+        if self._out_task is not None:
+            self._out_task.cancel()
+            self._out_task = None
+        self.mx_status.stop()
+
+    # --- what the Matrix side hands in ---------------------------------------------------------
+
+    def reserve(self, event_id: EventID) -> EventSlot:
+        slot = EventSlot(event_id)
+        self.outgoing.put_nowait(slot)
+        return slot
+
+    def submit(self, work: FromMatrix) -> asyncio.Future[None]:
+        """Queue ``work``: in the place reserved for its event, else at the end."""
+        slot = CURRENT_SLOT.get()
+        if slot is None or slot.event_id != work.event_id or slot.work.done():
+            slot = self.reserve(work.event_id)
+        slot.fill(work)
+        return slot.done
+
+    # --- the queue -------------------------------------------------------------------------------
+
+    async def _run_out(self) -> None:
+        while True:
+            slot = await self.outgoing.get()
+            try:
+                work = await slot.work
+                if work is not None:
+                    await self._mx_handle(work)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # not even recorded: the transaction is retried
+                log.warning(
+                    "portal %s: a Matrix event was not handled (%s)", self.hex, type(exc).__name__
+                )
+                if not slot.done.done():
+                    slot.done.set_exception(exc)
+            else:
+                if not slot.done.done():
+                    slot.done.set_result(None)
+
+    async def _mx_handle(self, work: FromMatrix) -> None:
+        dedupe = DedupeTable(self.bridge.db)
+        if await dedupe.event_seen(work.event_id):
+            return  # handled before (a replayed transaction)
+        mxid = self.row.mxid
+        assert mxid is not None
+        delay = 0.5
+        for attempt in range(_ATTEMPTS):
+            try:
+                await self._mx_apply(work)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Refused as refusal:
+                await self._mx_fail(work, refusal)
+                return
+            except NotYetConfirmed:
+                # Queued in the bot's outbox, delivered once: never sent a second time.
+                log.warning("portal %s: %s queued, not confirmed yet", self.hex, work.kind)
+                await dedupe.record_done(work.event_id)
+                return
+            except (SendFailed, ClientError) as exc:
+                if exc.code == 0 and attempt + 1 < _ATTEMPTS:
+                    await self._mx_wait_retry(work, exc, delay)  # no answer: may pass
+                    delay *= 2
+                    continue
+                # The Kalandra server's answer: say it as it is.
+                text = f"the Kalandra server refused it ({exc})."
+                await self._mx_fail(work, Refused(MessageStatusReason.NETWORK_ERROR, text))
+                return
+            except Exception as exc:
+                if attempt + 1 == _ATTEMPTS:
+                    text = f"an internal error ({type(exc).__name__})."
+                    await self._mx_fail(work, Refused(MessageStatusReason.GENERIC_ERROR, text))
+                    return
+                await self._mx_wait_retry(work, exc, delay)
+                delay *= 2
+        if work.kind == "message":
+            self.mx_status.success(mxid, work.event_id)
+        else:
+            await dedupe.record_done(work.event_id)
+
+    async def _mx_wait_retry(self, work: FromMatrix, exc: Exception, delay: float) -> None:
+        log.warning(
+            "portal %s: %s not bridged yet (%s); retrying",
+            self.hex,
+            work.kind,
+            type(exc).__name__,
+        )
+        await asyncio.sleep(delay)
+
+    async def _mx_fail(self, work: FromMatrix, refusal: Refused) -> None:
+        mxid = self.row.mxid
+        assert mxid is not None
+        log.info(
+            "portal %s: a Matrix %s was not bridged (%s)", self.hex, work.kind, refusal.reason
+        )
+        await self.mx_status.failure(mxid, work.event_id, refusal, message=work.kind == "message")
+        await DedupeTable(self.bridge.db).record_done(work.event_id, refusal.reason.value)
+
+    # --- each kind -------------------------------------------------------------------------------
+
+    async def _mx_apply(self, work: FromMatrix) -> None:
+        if work.kind == "message":
+            await self._mx_message(work)
+        elif work.kind == "join":
+            user = await BridgedUser.get(self.bridge, work.sender, work.permission)
+            await user.ensure_in_room(self.room_id)
+        elif work.kind == "leave":
+            await self._mx_remove_bridged(work)
+        elif work.kind in ("kick", "ban", "unban"):
+            assert work.member_id is not None
+            client = self.bridge.bot.client
+            assert client is not None
+            await client.moderate(self.room_id, work.kind, work.member_id, work.reason)
+        elif work.kind == "redact":
+            await self._mx_redact(work)
+        elif work.kind == "reaction":
+            await relations.reaction_to_kalandra(self, work)
+
+    async def _mx_message(self, work: FromMatrix) -> None:
+        assert work.content is not None
+        mxid = self.row.mxid
+        assert mxid is not None
+        body = kalandra_content(work.content)
+        if body is None:
+            kind = str(getattr(work.content, "msgtype", None) or "this kind of message")
+            raise Refused(
+                MessageStatusReason.UNSUPPORTED, f"{kind} is not supported by the bridge yet."
+            )
+        body = await relations.from_matrix(self, work.content, body)
+        if work.permission in ("user", "admin"):
+            user = await BridgedUser.get(self.bridge, work.sender, work.permission)
+            index = await user.send(self.room_id, body, work.event_id)
+        elif work.permission == "relay" and self.row.relay_enabled:
+            index = await self._mx_relay(work, body)
+        else:
+            raise Refused(MessageStatusReason.NO_PERMISSION, RELAY_REFUSAL)
+        await MessageTable(self.bridge.db).record_to_kalandra(
+            self.room_id, index, mxid, work.event_id
+        )
+        if self.bridge.config["bridge.delivery_receipts"]:
+            await ephemeral.delivered_to_kalandra(self.bridge, mxid, work.event_id)
+
+    async def _mx_relay(self, work: FromMatrix, body: Content) -> int:
+        """Through the bot's own leaf, the sender named in the text."""
+        assert work.content is not None
+        mxid = self.row.mxid
+        assert mxid is not None
+        try:
+            member = await self.bridge.az.intent.get_room_member_info(mxid, work.sender)
+        except Exception as exc:  # the name is a nicety: the localpart stands in
+            log.debug("portal %s: no member info (%s)", self.hex, type(exc).__name__)
+            member = None
+        name = member.displayname if member is not None and member.displayname else None
+        content = dataclasses.replace(
+            relay_content(self.bridge.config, work.sender, name, body),
+            reply_to=body.reply_to,
+            edit_of=body.edit_of,
+            extra=body.extra,
+        )
+        client = self.bridge.bot.client
+        assert client is not None
+        await mark_bot_send(self.bridge, self.room_id)
+        return await client.send(self.room_id, content)
+
+    async def _mx_remove_bridged(self, work: FromMatrix) -> None:
+        assert work.target is not None
+        user = BridgedUser.by_mxid.get(work.target)
+        member_id = user.member_id if user is not None else None
+        if member_id is None:
+            key = self.bridge.config.mls_state_key
+            assert key is not None
+            row = await BridgedUserTable(self.bridge.db, key).get(work.target)
+            member_id = None if row is None else row.member_id
+        bot = self.bridge.bot
+        if member_id is None or bot.client is None:
+            return  # never a Kalandra member
+        async with bot.commit_lock:
+            room = bot.core.rooms.get(self.room_id)
+            if room is None or not room.active or member_id not in room.roster():
+                return
+            index = await bot.client.remove(self.room_id, [member_id])
+            await bot.state.flush()
+        log.info("portal %s: bridged member %d removed (log index %d)", self.hex, member_id, index)
+
+    async def _mx_redact(self, work: FromMatrix) -> None:
+        assert work.redacts is not None
+        mxid = self.row.mxid
+        assert mxid is not None
+        found = await MessageTable(self.bridge.db).index_for(mxid, work.redacts)
+        if found is None or found[0] != self.room_id:
+            return  # not a bridged message
+        if await relations.unreact(self, work, found[1]):
+            return  # a bridged user took their reaction off
+        client = self.bridge.bot.client
+        assert client is not None
+        await client.moderate(self.room_id, "redact", found[1], work.reason)

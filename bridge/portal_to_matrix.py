@@ -1,0 +1,309 @@
+"""A portal's queue toward Matrix: the Kalandra room's log, applied in order.
+
+The bot's client applies the log in order and hands each decrypted message, commit (epoch
+change), moderation and failure to its portal (commits and moderation: portal_members.py); the
+portal sends a message from the sender's ghost with the transaction id ``kalandra-<room hex>-<log
+index>`` (Synapse answers a repeat with the first event), records (room, log index) <-> event id
+and advances ``last_log_index`` in one transaction, and only then counts the message as done
+(which lets the bot's room state be saved past it, see bot_state.py). After a restart the client
+resyncs from its saved state and the portal skips what ``last_log_index`` says is bridged. A
+failed send is retried, in place, so the order holds. Entries that are not messages advance
+``last_log_index`` the same way, once mirrored.
+
+Recording is pipelined with sending (Synapse is the slow side; a durable commit per message
+would otherwise add its fsync to every send): the sender hands (message, event id) to a
+recorder task and goes on with the next message, up to ``_PIPELINE`` ahead. The recorder
+writes in log order and only then counts each item done, so ``last_log_index`` and the bot's
+state barrier never pass an unrecorded message; a crash before a record means the message is
+sent again after the restart with the same transaction id, and Synapse answers with the first
+event. Items that are not messages wait until everything before them is recorded.
+
+Synapse keeps the transaction ids of appservice users (no device) in memory only: a send whose
+answer was lost when Synapse crashed may have made the event, and the same transaction id would
+make a second one once Synapse is back. So each message carries its log index
+(``org.kalandra.log_index``), and before sending again after a failed attempt the portal looks
+for it among the ghost's latest events in the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from mautrix.api import Method, Path
+from mautrix.appservice import IntentAPI
+from mautrix.client import ClientAPI
+from mautrix.errors import MatrixConnectionError
+from mautrix.types import (
+    EventID,
+    EventType,
+    Format,
+    MessageType,
+    RoomID,
+    TextMessageEventContent,
+    UserID,
+)
+
+from kalandra_core.client import events as ev
+from kalandra_core.client.content import Content
+from kalandra_core.client.events import Message
+
+from . import catch_up, ephemeral, metrics, relations
+from .bridged_user import BridgedUser
+from .db import MessageTable, PortalRow
+from .portal_members import PortalMembers, RosterCheck
+from .puppet import Puppet
+
+if TYPE_CHECKING:
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.portal")
+
+KINDS = {"text": MessageType.TEXT, "notice": MessageType.NOTICE, "emote": MessageType.EMOTE}
+_RETRY_MAX = 30.0
+_PIPELINE = 32  # messages sent to Matrix but not yet recorded, at most
+LOG_INDEX_KEY = "org.kalandra.log_index"  # in each bridged message's content
+_LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_before)
+
+# What the bot routes to a portal, in log order (RosterCheck: a point of the queue, no entry;
+# Typing: ephemeral, never logged).
+Item = (
+    Message
+    | ev.EpochChanged
+    | ev.Moderated
+    | ev.Left
+    | ev.Undecryptable
+    | ev.Reacted
+    | ev.Receipted
+    | ev.Typing
+    | RosterCheck
+)
+
+
+def matrix_content(content: Content) -> TextMessageEventContent:
+    """A Kalandra message body as m.room.message content (HTML carried when present)."""
+    out = TextMessageEventContent(msgtype=KINDS.get(content.kind, MessageType.TEXT))
+    out.body = content.body
+    if content.formatted_body is not None:
+        out.format = Format.HTML
+        out.formatted_body = content.formatted_body
+    return out
+
+
+def _report_death(task: asyncio.Task[None]) -> None:
+    """A portal queue's task never ends on its own: if it does, say so (it would stall the
+    portal silently otherwise)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception())
+
+
+class PortalToMatrix(PortalMembers):
+    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+        super().__init__(bridge, row)
+        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        # (message, its Matrix event id, or None: nothing to record, only count it done)
+        self._records: asyncio.Queue[tuple[Message, EventID | None]] = asyncio.Queue(_PIPELINE)
+        self._recorder: asyncio.Task[None] | None = None
+        self._ghosts_in_room: set[UserID] = set()  # joined by this process (see _to_matrix)
+        self._unsure: int | None = None  # log index of a send that failed: made or not?
+        on = bool(bridge.config["bridge.delivery_receipts"])
+        self._delivery = ephemeral.KalandraDelivery(self) if on else None
+
+    def _start_to_matrix(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"portal-{self.hex}")
+            self._recorder = asyncio.create_task(self._record(), name=f"portal-rec-{self.hex}")
+            for task in (self._task, self._recorder):
+                task.add_done_callback(_report_death)
+            # A portal made while the bot runs starts from the group as it is now; the ones
+            # loaded at start-up are checked once the bot's client has caught up (bot.py).
+            bot = getattr(self.bridge, "bot", None)
+            if bot is not None and bot.client is not None:
+                bot.check_roster(self)
+
+    def _stop_to_matrix(self) -> None:
+        for task in (self._task, self._recorder):
+            if task is not None:
+                task.cancel()
+        self._task = self._recorder = None
+        if self._delivery is not None:
+            self._delivery.stop()
+
+    def enqueue(self, item: Item) -> None:
+        self.queue.put_nowait(item)
+
+    async def _run(self) -> None:
+        await self.room_ready.wait()
+        await self.bridge.matrix_ready.wait()
+        while True:
+            item = await self.queue.get()
+            if not isinstance(item, Message):
+                await self._records.join()  # what came before it is recorded first
+            delay = 0.5
+            while True:
+                try:
+                    if isinstance(item, Message):
+                        await self._send(item)
+                    else:
+                        await self._mirror(item)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    metrics.failed_to_matrix(exc)
+                    log.warning(
+                        "portal %s: %s (log index %d) not bridged yet (%s); retrying",
+                        self.hex,
+                        type(item).__name__,
+                        getattr(item, "log_index", -1),
+                        type(exc).__name__,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+            if not isinstance(item, Message):
+                self.bridge.bot.state.message_done(self.room_id)
+
+    async def _record(self) -> None:
+        """Records sent messages in log order, then counts them done (see the module doc)."""
+        while True:
+            message, event_id = await self._records.get()
+            delay = 0.5
+            while event_id is not None:
+                try:
+                    await MessageTable(self.bridge.db).record_to_matrix(
+                        self.room_id, message.log_index, self._room_mxid, event_id
+                    )
+                    self.row.last_log_index = message.log_index
+                    self.row.last_event_id = event_id
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a busy database: retry; nothing after it advances
+                    log.warning(
+                        "portal %s: log index %d not recorded yet (%s); retrying",
+                        self.hex,
+                        message.log_index,
+                        type(exc).__name__,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+            if event_id is not None and self._delivery is not None:
+                self._delivery.delivered(message.log_index)
+            self.bridge.bot.state.message_done(self.room_id)
+            self._records.task_done()
+
+    @property
+    def _room_mxid(self) -> RoomID:
+        assert self.row.mxid is not None
+        return self.row.mxid
+
+    async def _send(self, message: Message) -> None:
+        """A message to Matrix (unless it was bridged before, or came from Matrix), handed to
+        the recorder."""
+        event_id = None
+        if message.log_index > self.row.last_log_index:
+            event_id = await self._to_matrix(message)
+            if event_id is not None:
+                metrics.bridged_to_matrix(message.timestamp_ms)
+        await self._records.put((message, event_id))
+
+    async def _mirror(self, item: Item) -> None:
+        """An entry that is not a message (commits, moderation, ...)."""
+        assert not isinstance(item, Message)
+        index = getattr(item, "log_index", -1)
+        if 0 <= index <= self.row.last_log_index:
+            return  # bridged before a restart
+        if isinstance(item, ev.EpochChanged):
+            await self._epoch_changed(item)
+            metrics.epoch_changed()
+        elif isinstance(item, ev.Moderated):
+            await self._moderated(item)
+        elif isinstance(item, RosterCheck):
+            await self._roster_check(item)
+        elif isinstance(item, ev.Left):
+            await self._left(item)
+        elif isinstance(item, ev.Reacted):
+            await relations.reaction_to_matrix(self, item)
+        elif isinstance(item, ev.Receipted):
+            await ephemeral.receipt_to_matrix(self, item)
+        elif isinstance(item, ev.Typing):
+            await ephemeral.typing_to_matrix(self, item)
+        else:
+            await self._undecryptable(item)
+
+    async def _to_matrix(self, message: Message) -> EventID | None:
+        """Send the message from its sender's ghost; its event id (None: not for Matrix)."""
+        if message.sender_id == self.bridge.bot.member_id:
+            return None  # the bot's own (relayed) messages came from Matrix
+        if message.sender_id in BridgedUser.member_ids:
+            return None  # a bridged Matrix user's message: it came from Matrix (no echo)
+        mxid = self._room_mxid
+        puppet = await self._ghost(message.sender_id)
+        if self._unsure == message.log_index:
+            found = await self._sent_before(puppet.mxid, message.log_index)
+            if found is not None:
+                return found
+        base = matrix_content(message.content)
+        content = (await relations.decorate(self, message.content, base)).serialize()
+        content[LOG_INDEX_KEY] = message.log_index
+        self._unsure = message.log_index  # until Synapse answers
+        try:
+            # The ghost is in the room and may speak (messages need power level 0 in portals):
+            # the plain client-server call, without the intent's join and power-level checks,
+            # four state-store reads per message on the path that bounds the portal's rate.
+            # No retries inside: each retry must look for the event first (see the module doc).
+            event_id = await ClientAPI.send_message_event(
+                puppet.intent,
+                mxid,
+                EventType.ROOM_MESSAGE,
+                content,
+                txn_id=f"kalandra-{self.hex}-{message.log_index}",
+                retry_count=0,
+            )
+        except Exception as exc:
+            self._ghosts_in_room.discard(puppet.mxid)  # e.g. kicked meanwhile: rejoin, retry
+            if isinstance(exc, MatrixConnectionError):
+                catch_up.homeserver_unreachable()
+            raise
+        self._unsure = None
+        return event_id
+
+    async def _ghost(self, member_id: int) -> Puppet:
+        """The member's ghost, registered and in the room (joined once per process)."""
+        puppet = await Puppet.get(self.bridge, member_id)
+        if puppet.mxid not in self._ghosts_in_room:
+            await puppet.ensure_ready()
+            await puppet.intent.ensure_joined(self._room_mxid)
+            self._ghosts_in_room.add(puppet.mxid)
+        return puppet
+
+    async def _ghost_intent(self, member_id: int) -> IntentAPI:
+        return (await self._ghost(member_id)).intent
+
+    async def _sent_before(self, ghost: UserID, log_index: int) -> EventID | None:
+        """The ghost's event for ``log_index`` if an earlier attempt made it: searched from the
+        newest back to the first of the ghost's bridged messages with a lower log index."""
+        path = Path.v3.rooms[self._room_mxid].messages
+        query = {
+            "dir": "b",
+            "limit": "100",
+            "filter": json.dumps({"types": [str(EventType.ROOM_MESSAGE)], "senders": [ghost]}),
+        }
+        for _ in range(_LOOKBACK_PAGES):
+            page = await self._bot.api.request(Method.GET, path, query_params=query)
+            for event in page.get("chunk", []):
+                index = event.get("content", {}).get(LOG_INDEX_KEY)
+                if not isinstance(index, int) or event.get("sender") != ghost:
+                    continue
+                if index == log_index:
+                    log.info("portal %s: log index %d was sent before", self.hex, log_index)
+                    return EventID(event["event_id"])
+                if index < log_index:
+                    return None
+            if not page.get("chunk") or not page.get("end"):
+                return None
+            query["from"] = page["end"]
+        return None

@@ -1,0 +1,194 @@
+"""The provisioning API: the bot's portal and account commands over HTTP, for integration
+managers and scripts, on the appservice's listener under ``bridge.provisioning.prefix``.
+
+Every call carries the shared secret (``Authorization: Bearer <shared_secret>``, from
+``bridge.provisioning``) and names the Matrix user it acts for (``?user_id=@you:example.com``);
+it is allowed what that user's permission allows with bot commands (``user``; bridging and
+unbridging: ``admin``).
+Answers are JSON; errors are ``{"errcode", "error"}`` with the HTTP status saying the kind
+(400 bad input, 401 secret, 403 permission, 404 unknown room, 409 already bridged, 502 the
+Kalandra server refused, 503 not ready). The room endpoints are in provisioning_rooms.py.
+
+The secret and device tokens are never logged: the secret travels in a header (not in the
+access log), and a token only in a response body.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from mautrix.types import Membership, UserID
+
+from kalandra_core.client.driver import ClientError
+
+from .bridged_user import BridgedUser
+from .db.device_token import token_id
+from .db.roster import bridged_member
+from .health import not_ready
+from .portal import Portal
+
+if TYPE_CHECKING:
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.provisioning")
+
+LEVELS = ("none", "relay", "user", "admin")
+_MXID = re.compile(r"@[^:\s]+:[^\s]+")
+
+Endpoint = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, errcode: str, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.errcode = errcode
+        self.error = error
+
+
+def error_response(status: int, errcode: str, error: str) -> web.Response:
+    return web.json_response({"errcode": errcode, "error": error}, status=status)
+
+
+def room_json(portal: Portal) -> dict[str, Any]:
+    return {
+        "room_id": portal.hex,
+        "matrix_room_id": portal.mxid,
+        "alias": portal.alias,
+        "name": portal.row.name,
+        "relay": bool(portal.row.relay_enabled),
+    }
+
+
+class ProvisioningAPI:
+    def __init__(self, bridge: KalandraBridge) -> None:
+        self.bridge = bridge
+        self.prefix = str(bridge.config["bridge.provisioning.prefix"])
+        self._secret = str(bridge.config["bridge.provisioning.shared_secret"]).encode()
+        self.app = web.Application(middlewares=[self._errors, self._auth])
+        from .provisioning_rooms import RoomEndpoints  # (they use this module's helpers)
+
+        rooms = RoomEndpoints(self)
+        router = self.app.router
+        router.add_get("/v1/whoami", self.whoami)
+        router.add_get("/v1/rooms", rooms.list_rooms)
+        router.add_post("/v1/rooms", rooms.create_room)
+        router.add_post("/v1/rooms/{room}/open", rooms.open_room)
+        router.add_post("/v1/rooms/{room}/bridge", rooms.bridge_room)
+        router.add_delete("/v1/rooms/{room}/bridge", rooms.unbridge)
+        router.add_post("/v1/device-token", self.device_token)
+
+    def install(self) -> None:
+        """Mounted on the appservice's app (before it starts listening)."""
+        self.bridge.az.app.add_subapp(self.prefix, self.app)
+
+    # --- middlewares ---------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Endpoint) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.errcode, exc.error)
+        except web.HTTPNotFound:
+            return error_response(404, "M_UNRECOGNIZED", "Unknown endpoint")
+        except web.HTTPMethodNotAllowed:
+            return error_response(405, "M_UNRECOGNIZED", "Method not allowed")
+        except ClientError as exc:
+            return error_response(502, "KALANDRA_REFUSED", f"The Kalandra server refused: {exc}")
+        except TimeoutError:
+            return error_response(504, "KALANDRA_TIMEOUT", "The Kalandra server did not answer")
+        except Exception as exc:
+            log.warning("%s %s failed (%s)", request.method, request.path, type(exc).__name__)
+            return error_response(500, "M_UNKNOWN", "Internal error")
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Endpoint) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise ApiError(401, "M_MISSING_TOKEN", "Missing Authorization: Bearer header")
+        if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), self._secret):
+            raise ApiError(401, "M_UNKNOWN_TOKEN", "Invalid shared secret")
+        return await handler(request)
+
+    # --- what every endpoint needs ---------------------------------------------------------------
+
+    def acting_user(self, request: web.Request, needs: str = "none") -> tuple[UserID, str]:
+        """The user the call is for, and its permission level (at least ``needs``)."""
+        user_id = request.query.get("user_id", "")
+        if not _MXID.fullmatch(user_id):
+            raise ApiError(400, "M_INVALID_PARAM", "user_id must be a Matrix user id")
+        level = self.bridge.config.permission_level(user_id)
+        if LEVELS.index(level) < LEVELS.index(needs):
+            raise ApiError(403, "M_FORBIDDEN", f"This needs the {needs} permission")
+        return UserID(user_id), level
+
+    def require_ready(self) -> None:
+        if not_ready(self.bridge):
+            raise ApiError(503, "KALANDRA_NOT_READY", "The bridge is starting or stopping")
+
+    @staticmethod
+    async def json_body(request: web.Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "M_NOT_JSON", "The body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "M_BAD_JSON", "The body must be a JSON object")
+        return body
+
+    # --- whoami and device tokens ----------------------------------------------------------------
+
+    async def whoami(self, request: web.Request) -> web.Response:
+        """The user's permission, its Kalandra member (when the bridge holds one), and the
+        portals it is in on either side."""
+        user_id, level = self.acting_user(request)
+        member_id = await bridged_member(self.bridge.db, user_id)
+        state_store = self.bridge.az.state_store
+        bot = getattr(self.bridge, "bot", None)
+        rooms = {} if bot is None or bot.client is None else bot.core.rooms
+        portals = []
+        for portal in list(Portal.by_room.values()):
+            matrix = None
+            if portal.mxid is not None:
+                membership = await state_store.get_membership(portal.mxid, user_id)
+                if membership in (Membership.JOIN, Membership.INVITE):
+                    matrix = membership.value
+            room = rooms.get(portal.room_id)
+            kalandra = (
+                member_id is not None
+                and room is not None
+                and room.active
+                and member_id in room.roster()
+            )
+            if matrix is not None or kalandra:
+                portals.append({**room_json(portal), "matrix": matrix, "kalandra": kalandra})
+        return web.json_response(
+            {
+                "user_id": user_id,
+                "permission": level,
+                "kalandra": None if member_id is None else {"member_id": member_id},
+                "portals": portals,
+            }
+        )
+
+    async def device_token(self, request: web.Request) -> web.Response:
+        """A device token for the Kalandra member the bridge holds for the user (made now if
+        there is none yet), as the ``device-token`` command gives it."""
+        user_id, level = self.acting_user(request, "user")
+        self.require_ready()
+        bridge = self.bridge
+        user = await BridgedUser.get(bridge, user_id, level)
+        # The bridge's key is bound first: a native login must never bind its own.
+        await user.connect()
+        assert bridge.kalandra is not None
+        token = await bridge.kalandra.store.issue_token(user.member_id)
+        log.info("device token %s issued to member %d", token_id(token), user.member_id)
+        return web.json_response(
+            {"member_id": user.member_id, "token_id": token_id(token), "token": token}
+        )

@@ -1,0 +1,159 @@
+"""Appservice transactions are acknowledged to Synapse only when their portal events are done.
+
+mautrix answers 200 to a transaction as soon as it has dispatched the events to background
+tasks (even when a handler fails), and remembers transaction ids in memory only. Here
+(DESIGN section 6):
+
+- a transaction already in ``bridge_appservice_txns`` is answered at once, after a restart
+  too. It is known by its id and its events' ids: Synapse on SQLite numbers transactions from 1
+  again after each of its restarts, so an id alone would take new events for a replay (mautrix's
+  own in-memory check by id is bypassed for the same reason);
+- each event of a portal gets its place in the portal's queue at dispatch, in transaction
+  order (portal_to_kalandra.py ``EventSlot``); the transaction waits until every place is done
+  (sequenced in Kalandra and recorded, or recorded as failed with its status sent): portals
+  proceed concurrently, each in order;
+- only then is the transaction id recorded and 200 returned; if something could not even be
+  recorded, Synapse gets a 500 (and retries the transaction; its events are recognised by id).
+
+Commands and events outside portals keep mautrix's background handling: the transaction does
+not wait for them (a long command must not hold back the room's events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from mautrix.types import JSON, Event, EventID
+
+from . import catch_up
+from .db import DedupeTable
+from .portal import Portal
+from .portal_to_kalandra import CURRENT_SLOT, EventSlot
+
+if TYPE_CHECKING:
+    from .bridge import KalandraBridge
+
+log = logging.getLogger("kalandra.bridge.transactions")
+_EMPTY = JSON({})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class _Transaction:
+    key: str = ""  # what bridge_appservice_txns records (see _txn_key)
+    slots: list[EventSlot] = field(default_factory=list)
+    failed: bool = False
+
+
+_CURRENT: ContextVar[_Transaction | None] = ContextVar("kalandra_transaction", default=None)
+
+
+class TransactionGate:
+    def __init__(self, bridge: KalandraBridge) -> None:
+        self.bridge = bridge
+        self.az = bridge.az
+        self._handle_transaction = self.az.handle_transaction
+        self._handle_matrix_event = self.az.handle_matrix_event
+        # Events of a transaction still in progress when Synapse sent it again.
+        self._in_flight: dict[EventID, EventSlot] = {}
+
+    def install(self) -> None:
+        self.az.handle_transaction = self.handle_transaction  # type: ignore[method-assign]
+        self.az.handle_matrix_event = self.handle_matrix_event  # type: ignore[method-assign]
+        self.az.app.middlewares.append(self._middleware)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method != "PUT" or "/transactions/" not in request.path:
+            return await handler(request)
+        txn_id = request.match_info.get("transaction_id", "")
+        txn = _Transaction(key=await _txn_key(request, txn_id))
+        self.az.transactions.discard(txn_id)  # the id alone is not the transaction
+        token = _CURRENT.set(txn)
+        try:
+            response = await handler(request)
+        finally:
+            _CURRENT.reset(token)
+        if txn.failed:
+            # mautrix marked it seen in memory: forget that, Synapse will send it again.
+            self.az.transactions.discard(txn_id)
+            return web.json_response(
+                {"errcode": "M_UNKNOWN", "error": "transaction not processed; retry"}, status=500
+            )
+        return response
+
+    async def handle_transaction(self, txn_id: str, **kwargs: Any) -> JSON:
+        txn = _CURRENT.get()
+        if txn is None:  # not through the HTTP route (nothing to answer): mautrix's way
+            return await self._handle_transaction(txn_id, **kwargs)
+        dedupe = DedupeTable(self.bridge.db)
+        try:
+            if await dedupe.txn_seen(txn.key or txn_id):
+                return _EMPTY
+            if catch_up.due(txn_id):  # Synapse may have restarted: messages it lost first
+                portals = list(Portal.by_room.values())
+                await catch_up.catch_up(
+                    self.bridge, portals, self._in_flight.__contains__, self.handle_matrix_event
+                )
+            output = await self._handle_transaction(txn_id, **kwargs)
+            if txn.slots:
+                # asyncio.wait, not gather: giving up (Synapse hung up) must not cancel them.
+                await asyncio.wait([slot.done for slot in txn.slots])
+                for slot in txn.slots:
+                    if slot.done.cancelled() or slot.done.exception() is not None:
+                        raise RuntimeError("an event of the transaction was not recorded")
+            await dedupe.mark_txn(txn.key or txn_id)
+            return output
+        except Exception as exc:
+            log.warning("transaction %s not acknowledged (%s)", txn_id, type(exc).__name__)
+            txn.failed = True
+            return _EMPTY
+
+    async def handle_matrix_event(self, event: Event, ephemeral: bool = False) -> None:
+        txn = _CURRENT.get()
+        event_id = getattr(event, "event_id", None)
+        room_id = getattr(event, "room_id", None)
+        portal = None if txn is None or ephemeral or room_id is None else Portal.by_mxid(room_id)
+        if txn is None or portal is None or event_id is None:
+            await self._handle_matrix_event(event, ephemeral)
+            return
+        slot = self._in_flight.get(event_id)
+        if slot is not None:
+            txn.slots.append(slot)  # already queued by an earlier attempt: wait for that one
+            return
+        slot = portal.reserve(event_id)
+        self._in_flight[event_id] = slot
+        slot.done.add_done_callback(lambda _: self._in_flight.pop(event_id, None))
+        txn.slots.append(slot)
+        token = CURRENT_SLOT.set(slot)
+        try:
+            # mautrix's handler tasks copy this context: they see the slot.
+            await self._handle_matrix_event(event, ephemeral)
+        except BaseException:
+            slot.fill(None)
+            raise
+        finally:
+            CURRENT_SLOT.reset(token)
+
+
+async def _txn_key(request: web.Request, txn_id: str) -> str:
+    """The transaction's id with a digest of its events' ids (of the whole body when it has no
+    events): a retried transaction has the same events, a new one under a reused id does not.
+    Only event ids count, since Synapse may rebuild the rest (ephemeral, to-device) on a retry."""
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        return txn_id
+    events = body.get("events") if isinstance(body, dict) else None
+    ids = [e.get("event_id") for e in events or () if isinstance(e, dict)]
+    material = json.dumps(ids) if ids else json.dumps(body, sort_keys=True)
+    return f"{txn_id}:{hashlib.sha256(material.encode()).hexdigest()[:32]}"
