@@ -21,7 +21,7 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 
-from . import __version__, health, metrics
+from . import __version__, diagnostics, health, metrics
 from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -110,6 +110,7 @@ class KalandraBridge(Bridge):
             ProvisioningAPI(self).install()
 
     async def start(self) -> None:
+        diagnostics.install()  # kill -USR1: what every task waits on, in the log
         core = self.config.core
         await migrations.upgrade(core.database)
         self.kalandra = await start_server(core.server)

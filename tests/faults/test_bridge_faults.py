@@ -299,4 +299,6 @@ async def test_postgres_restarted_in_the_middle_of_traffic(tmp_path: Path) -> No
             _, refused = await traffic_through(stack, restart_postgres)
     finally:
         await asyncio.to_thread(pg_start)
-    assert refused  # the native member's requests really met the outage
+    # The outage really hit the room's appends: the first frame to meet it is refused (the
+    # native member's, or the bridge's for the Matrix user) and the rest wait for the reload.
+    assert refused or "append failed" in stack.log.read_text(errors="replace")

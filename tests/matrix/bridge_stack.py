@@ -170,6 +170,14 @@ class BridgeStack:
         self.bridge.send_signal(signal.SIGKILL)
         await asyncio.to_thread(self.bridge.wait, 15)
 
+    async def task_dump(self) -> str:
+        """The bridge's log after it wrote what each of its tasks waits on (SIGUSR1)."""
+        if self.bridge is None or self.bridge.poll() is not None:
+            return tail(self.log)
+        self.bridge.send_signal(signal.SIGUSR1)
+        await asyncio.sleep(1.0)
+        return self.log.read_text(errors="replace")[-30000:]
+
     async def stop_bridge(self) -> None:
         if self.bridge is None or self.bridge.poll() is not None:
             return
