@@ -86,9 +86,16 @@ async def test_kill9_while_messages_flow_both_ways(stack: BridgeStack) -> None:
                     await asyncio.sleep(1.0)
         except TimeoutError:
             got = len(received), len(await ghost_texts(alice, portal, ghost))
+            mine = native.core.rooms[room]
+            synapse_log = stack.synapse.log_path.read_text(errors="replace").splitlines()
+            appservice = [line for line in synapse_log if "ppservice" in line][-40:]
             raise AssertionError(
                 f"stalled after the restart (native got {got[0]}, Matrix got {got[1]} of {COUNT})"
-                f"; the bridge's tasks:\n{await stack.task_dump()}"
+                f"; native room: last_seen={mine.last_seen} syncing={mine.syncing}"
+                f" ahead={sorted(mine.ahead)[:5]} connected={native.core.connected}"
+                f"\nSynapse on appservices:\n"
+                + "\n".join(appservice)
+                + f"\nthe bridge's tasks:\n{await stack.task_dump()}"
             ) from None
         # A quiet spell: nothing more (no duplicate) arrives on either side.
         await asyncio.sleep(3)
