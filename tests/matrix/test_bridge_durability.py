@@ -87,14 +87,22 @@ async def test_kill9_while_messages_flow_both_ways(stack: BridgeStack) -> None:
         except TimeoutError:
             got = len(received), len(await ghost_texts(alice, portal, ghost))
             mine = native.core.rooms[room]
+            bodies = {m.content.body for m in received}
+            missing = [i for i in range(COUNT) if f"matrix {i}" not in bodies]
+            others = []
+            while not native.events.empty():
+                others.append(repr(native.events.get_nowait())[:200])
             synapse_log = stack.synapse.log_path.read_text(errors="replace").splitlines()
             appservice = [line for line in synapse_log if "ppservice" in line][-40:]
             raise AssertionError(
                 f"stalled after the restart (native got {got[0]}, Matrix got {got[1]} of {COUNT})"
+                f"; missing on the native side: {missing[:10]}"
                 f"; native room: last_seen={mine.last_seen} syncing={mine.syncing}"
                 f" ahead={sorted(mine.ahead)[:5]} connected={native.core.connected}"
                 f"\nSynapse on appservices:\n"
                 + "\n".join(appservice)
+                + "\nnative client events:\n"
+                + "\n".join(others[-30:])
                 + f"\nthe bridge's tasks:\n{await stack.task_dump()}"
             ) from None
         # A quiet spell: nothing more (no duplicate) arrives on either side.
