@@ -37,6 +37,7 @@ from . import catch_up
 from .db import DedupeTable
 from .portal import Portal
 from .portal_to_kalandra import CURRENT_SLOT, EventSlot
+from .txn_order import TxnOrder
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
@@ -65,6 +66,7 @@ class TransactionGate:
         self._handle_matrix_event = self.az.handle_matrix_event
         # Events of a transaction still in progress when Synapse sent it again.
         self._in_flight: dict[EventID, EventSlot] = {}
+        self._order: TxnOrder | None = None  # from the database at the first transaction
 
     def install(self) -> None:
         self.az.handle_transaction = self.handle_transaction  # type: ignore[method-assign]
@@ -97,7 +99,19 @@ class TransactionGate:
             return await self._handle_transaction(txn_id, **kwargs)
         dedupe = DedupeTable(self.bridge.db)
         try:
+            if self._order is None:
+                last = await dedupe.last_txn()
+                self._order = TxnOrder(None if last is None else TxnOrder.number(last))
             if await dedupe.txn_seen(txn.key or txn_id):
+                return _EMPTY
+            if not self._order.admit(txn_id):
+                log.warning(
+                    "transaction %s arrived before %s: refused once, so that Synapse sends the"
+                    " missing one first",
+                    txn_id,
+                    self._order.last and self._order.last + 1,
+                )
+                txn.failed = True
                 return _EMPTY
             if catch_up.due(txn_id):  # Synapse may have restarted: messages it lost first
                 portals = list(Portal.by_room.values())
@@ -112,6 +126,7 @@ class TransactionGate:
                     if slot.done.cancelled() or slot.done.exception() is not None:
                         raise RuntimeError("an event of the transaction was not recorded")
             await dedupe.mark_txn(txn.key or txn_id)
+            self._order.acknowledged(txn_id)
             return output
         except Exception as exc:
             log.warning("transaction %s not acknowledged (%s)", txn_id, type(exc).__name__)

@@ -19,6 +19,13 @@ class DedupeTable:
         )
         return value is not None
 
+    async def last_txn(self) -> str | None:
+        """The id (without its digest) of the transaction acknowledged last, if any."""
+        value = await self.db.fetchval(
+            "SELECT txn_id FROM bridge_appservice_txns ORDER BY processed_at DESC LIMIT 1"
+        )
+        return None if value is None else str(value).split(":", 1)[0]
+
     async def mark_txn(self, txn_id: str) -> None:
         await self.db.execute(
             "INSERT INTO bridge_appservice_txns (txn_id, processed_at) VALUES ($1, $2)"
