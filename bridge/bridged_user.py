@@ -265,9 +265,10 @@ class BridgedUser:
             # Never sequenced, and its epoch is over: encrypt it afresh below.
         bot = self.bridge.bot
         assert bot.client is not None
-        await ensure_send_floors(self.bridge, room_id)
         plaintext = content.encode()
         for attempt in range(MAX_ATTEMPTS):
+            # Floors of the epoch this encryption uses (a retry after STALE_EPOCH: a newer one).
+            await ensure_send_floors(self.bridge, room_id)
             room = bot.core.rooms[room_id]
             leaf = room.roster()[self.member_id][0]
             envelope = room.keys.encrypt(plaintext, sender_index=leaf)
