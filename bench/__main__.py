@@ -10,7 +10,7 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bridge, crypto, frames, mls, server
+from . import bridge, crypto, frames, media, mls, server
 from .common import Results, print_rows, print_table
 from .report import SUMMARY_HEAD, summary_rows, write_report
 
@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "crypto": crypto.run,
     "mls": mls.run,
     "server": server.run,
+    "media": media.run,
     "bridge": bridge.run,
 }
 

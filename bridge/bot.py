@@ -27,6 +27,7 @@ from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.server.loopback import loopback_connector
 
+from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
 from .bot_state import BotState
 from .bridged_user import BridgedUser
 from .db import ClientStateTable, SealedIdentity
@@ -54,6 +55,7 @@ _ROUTED = (
     ev.Reacted,
     ev.Receipted,
     ev.Typing,
+    ev.RoomMetaChanged,
 )
 
 
@@ -85,6 +87,8 @@ class _EventRouter(asyncio.Queue[ev.Event]):
     def put_nowait(self, item: ev.Event) -> None:
         if isinstance(item, _ROUTED) and item.room_id in Portal.by_room:
             self._bot.route(item)
+        elif isinstance(item, (ev.Moderated, ev.Left)) and self._bot.history is not None:
+            self._bot.route(item)  # a redaction or a leave changes the kept history
         else:
             super().put_nowait(item)
 
@@ -96,6 +100,10 @@ class KalandraBot:
         key = bridge.config.mls_state_key
         assert key is not None  # checked with the config
         self.state = BotState(ClientStateTable(bridge.db, key, OWNER))
+        # What rooms without a portal say, kept for their future portal (backfill.py).
+        self.history: HistoryBuffer | None = None
+        if BackfillSettings.of(bridge).enabled:
+            self.history = HistoryBuffer(bridge, self.state)
         self.client: Client | None = None
         self._events: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -138,6 +146,12 @@ class KalandraBot:
         core = ExtendedCore(identity.member_id, identity.signing_key)  # + reactions, typing
         await self.state.table.load_into(core)
         self.state.start()
+        if self.history is not None:
+            self.history.start()
+        else:  # kept while it was on: not kept any longer
+            key = self.bridge.config.mls_state_key
+            assert key is not None
+            await BackfillTable(self.bridge.db, key).clear()
         await BridgedUser.load_member_ids(self.bridge)
         core.commit_for = BridgedUser.member_ids  # the puppet leaves never commit themselves
         for portal in await Portal.load_all(self.bridge):
@@ -194,7 +208,9 @@ class KalandraBot:
     def route(self, item: Item) -> None:
         self.state.message_routed(item.room_id)
         portal = Portal.by_room.get(item.room_id)
-        if portal is None:
+        if portal is None and self.history is not None and not isinstance(item, RosterCheck):
+            self.history.put(item)  # counted done once kept
+        elif portal is None:
             self.state.message_done(item.room_id)  # no portal: nothing to bridge
         else:
             portal.enqueue(item)
@@ -222,6 +238,8 @@ class KalandraBot:
         for portal in Portal.by_room.values():
             await portal.stop()
         await BridgedUser.close_all()
+        if self.history is not None:
+            self.history.stop()
         if self.client is not None:
             await self.client.close()
         with contextlib.suppress(TimeoutError):

@@ -21,7 +21,7 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 
-from . import __version__, diagnostics, health, metrics
+from . import __version__, diagnostics, e2ee, health, metrics
 from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -99,6 +99,7 @@ class KalandraBridge(Bridge):
 
     def prepare_bridge(self) -> None:
         super().prepare_bridge()
+        e2ee.install(self)  # the crypto state store reads our portals' room state
         User.init_cls(self)
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
@@ -131,6 +132,7 @@ class KalandraBridge(Bridge):
 
     async def stop(self) -> None:
         await self._stop_bot()
+        await e2ee.stop()
         await super().stop()
         await self._stop_kalandra()
 

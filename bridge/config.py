@@ -81,6 +81,7 @@ OPTIONS: Final = (
             "max_clock_skew_ms",
         )
     ),
+    "server.media.max_size",
     *(
         f"homeserver.{key}"
         for key in (
@@ -136,6 +137,9 @@ OPTIONS: Final = (
             "message_status_success",
             "delivery_error_reports",
             "delivery_receipts",
+            "backfill.enabled",
+            "backfill.max_messages",
+            "backfill.progress_interval",
         )
     ),
     *(

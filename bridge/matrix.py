@@ -3,10 +3,11 @@ joins, leaves, kicks, bans, redactions), handed to the portal's queue toward Kal
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mautrix.bridge import BaseMatrixHandler, BaseUser
 from mautrix.types import (
+    EncryptedEvent,
     Event,
     EventID,
     EventType,
@@ -17,11 +18,14 @@ from mautrix.types import (
     ReactionEvent,
     ReceiptEvent,
     RedactionEvent,
+    RoomEncryptionStateEventContent,
     RoomID,
+    StateEvent,
     TypingEvent,
     UserID,
 )
 
+from . import e2ee, room_metadata
 from .commands import REFUSAL, KalandraCommandProcessor
 from .ephemeral import MatrixEphemeral
 from .portal import Portal
@@ -155,6 +159,35 @@ class MatrixHandler(BaseMatrixHandler):
             return
         portal.submit(FromMatrix("leave", sender, event_id, target=target, reason=reason))
 
+    async def handle_encrypted(self, evt: EncryptedEvent) -> None:
+        """In portals, decryption fills the event's place in the queue (e2ee.py); elsewhere
+        (the bot's management rooms), mautrix's handling."""
+        portal = Portal.by_mxid(evt.room_id)
+        if portal is None:
+            release_slot()
+            await super().handle_encrypted(evt)
+            return
+        await e2ee.decrypt_for_portal(cast("KalandraBridge", self.bridge), portal, evt)
+
+    async def handle_encryption(self, evt: StateEvent) -> None:
+        content = cast(RoomEncryptionStateEventContent, evt.content)
+        await self.az.state_store.set_encryption_info(evt.room_id, content)
+        portal = Portal.by_mxid(evt.room_id)
+        if portal is not None:
+            await e2ee.set_portal_encrypted(portal, True)
+
+    async def handle_state_event(self, evt: StateEvent) -> None:
+        """A name or topic change in a portal (room_metadata.py); the bridge's own are not
+        sent back."""
+        portal = Portal.by_mxid(evt.room_id)
+        meta = room_metadata.meta_of_state(evt)
+        if portal is None or meta is None:
+            return
+        if evt.sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(evt.sender):
+            return
+        level = User.get_by_mxid(evt.sender).level
+        portal.submit(FromMatrix("meta", evt.sender, evt.event_id, level, meta=meta))
+
     async def handle_event(self, evt: Event) -> None:
         if isinstance(evt, ReactionEvent) and evt.type == EventType.REACTION:
             self._reaction(evt)
@@ -209,6 +242,8 @@ class MatrixHandler(BaseMatrixHandler):
         except Exception:
             self.log.exception("Failed to join %s as the bridge bot", room_id)
             return
+        if self.e2ee is not None:  # what happened before the bot joined (encryption, members)
+            await e2ee.room_is_encrypted(cast("KalandraBridge", self.bridge), room_id)
         if not inviter.is_whitelisted:
             # Join, say why, leave: the inviter sees the refusal in the room they made.
             await self.send_permission_error(room_id)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from mautrix.errors import MNotFound
 from mautrix.types import EventType, RoomID, UserID
 
+from . import e2ee, room_metadata
 from .db import PortalRow, PortalTable
 from .portal_base import PROTOCOL
 from .portal_to_kalandra import PortalToKalandra, kalandra_content
@@ -58,10 +59,11 @@ class Portal(PortalToMatrix, PortalToKalandra):
         portal = cls.by_room.get(room_id)
         if portal is not None:
             return portal
+        name, topic = room_metadata.current(bridge, room_id, name, topic)
         row = PortalRow(
             room_id=room_id,
             mxid=None,
-            encrypted=False,  # end-to-bridge encryption of portals comes with a later slice
+            encrypted=e2ee.encrypt_new_portals(bridge),
             name=name,
             topic=topic,
             last_log_index=last_log_index,
@@ -136,18 +138,25 @@ class Portal(PortalToMatrix, PortalToKalandra):
 
     async def _create(self, invite: list[UserID]) -> RoomID:
         info = self._bridge_info()
+        initial_state = [
+            {"type": t.t, "state_key": self.bridge_state_key, "content": info}
+            for t in BRIDGE_STATE_TYPES
+        ]
+        encryption = e2ee.encryption_event(self.bridge) if self.row.encrypted else None
+        if encryption is not None:
+            initial_state.append({"type": "m.room.encryption", "content": encryption.serialize()})
         # No power level override: the creator (the bot) gets 100 in room versions up to 11,
         # and outranks every power level in 12+ (where listing it in "users" is refused).
-        return await self.bridge.az.intent.create_room(
+        mxid = await self.bridge.az.intent.create_room(
             alias_localpart=self._alias_localpart,
             name=self.row.name or None,
             topic=self.row.topic or None,
             invitees=invite,
-            initial_state=[
-                {"type": t.t, "state_key": self.bridge_state_key, "content": info}
-                for t in BRIDGE_STATE_TYPES
-            ],
+            initial_state=initial_state,
         )
+        if encryption is not None:  # known before its event comes back in a transaction
+            await self.bridge.az.state_store.set_encryption_info(mxid, encryption)
+        return mxid
 
     @property
     def _alias_localpart(self) -> str:
@@ -172,7 +181,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
         row = PortalRow(
             room_id=room_id,
             mxid=mxid,
-            encrypted=False,
+            encrypted=await e2ee.room_is_encrypted(bridge, mxid),
             name=name,
             topic=topic,
             last_log_index=last_log_index,

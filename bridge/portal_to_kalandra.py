@@ -35,8 +35,9 @@ from mautrix.types import (
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import ClientError, NotYetConfirmed
+from kalandra_core.client.room_meta import RoomMeta
 
-from . import ephemeral, relations
+from . import ephemeral, relations, room_metadata
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .message_status import Refused, StatusSender
@@ -79,7 +80,8 @@ def kalandra_content(content: MessageEventContent) -> Content | None:
 class FromMatrix:
     """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "leave" (a
     bridged user left, or was kicked or banned), "kick"/"ban"/"unban" (of a native member's
-    ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``)."""
+    ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``),
+    "undecryptable" (an encrypted event that fails, ``reason`` saying why)."""
 
     kind: str
     sender: UserID
@@ -92,6 +94,7 @@ class FromMatrix:
     reason: str = ""
     relates_to: EventID | None = None
     key: str = ""
+    meta: RoomMeta | None = None  # "meta": a name or topic change (room_metadata.py)
 
 
 class EventSlot:
@@ -240,7 +243,8 @@ class PortalToKalandra(PortalBase):
         log.info(
             "portal %s: a Matrix %s was not bridged (%s)", self.hex, work.kind, refusal.reason
         )
-        await self.mx_status.failure(mxid, work.event_id, refusal, message=work.kind == "message")
+        message = work.kind in ("message", "undecryptable")
+        await self.mx_status.failure(mxid, work.event_id, refusal, message=message)
         await DedupeTable(self.bridge.db).record_done(work.event_id, refusal.reason.value)
 
     # --- each kind -------------------------------------------------------------------------------
@@ -262,6 +266,10 @@ class PortalToKalandra(PortalBase):
             await self._mx_redact(work)
         elif work.kind == "reaction":
             await relations.reaction_to_kalandra(self, work)
+        elif work.kind == "meta":
+            await room_metadata.meta_to_kalandra(self, work)
+        elif work.kind == "undecryptable":  # e2ee.py: ``reason`` says why
+            raise Refused(MessageStatusReason.UNDECRYPTABLE, work.reason)
 
     async def _mx_message(self, work: FromMatrix) -> None:
         assert work.content is not None

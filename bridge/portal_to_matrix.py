@@ -37,6 +37,7 @@ from mautrix.appservice import IntentAPI
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixConnectionError
 from mautrix.types import (
+    JSON,
     EventID,
     EventType,
     Format,
@@ -50,7 +51,7 @@ from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.client.events import Message
 
-from . import catch_up, ephemeral, metrics, relations
+from . import backfill, catch_up, e2ee, ephemeral, metrics, relations, room_metadata
 from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
 from .portal_members import PortalMembers, RosterCheck
@@ -78,6 +79,7 @@ Item = (
     | ev.Reacted
     | ev.Receipted
     | ev.Typing
+    | ev.RoomMetaChanged
     | RosterCheck
 )
 
@@ -138,6 +140,7 @@ class PortalToMatrix(PortalMembers):
     async def _run(self) -> None:
         await self.room_ready.wait()
         await self.bridge.matrix_ready.wait()
+        await backfill.backfill(self)  # history first, before anything live
         while True:
             item = await self.queue.get()
             if not isinstance(item, Message):
@@ -231,11 +234,14 @@ class PortalToMatrix(PortalMembers):
             await ephemeral.receipt_to_matrix(self, item)
         elif isinstance(item, ev.Typing):
             await ephemeral.typing_to_matrix(self, item)
+        elif isinstance(item, ev.RoomMetaChanged):
+            await room_metadata.meta_to_matrix(self, item)
         else:
             await self._undecryptable(item)
 
-    async def _to_matrix(self, message: Message) -> EventID | None:
-        """Send the message from its sender's ghost; its event id (None: not for Matrix)."""
+    async def _to_matrix(self, message: Message, timestamp: int | None = None) -> EventID | None:
+        """Send the message from its sender's ghost; its event id (None: not for Matrix).
+        ``timestamp``: the event's time (ms) instead of now (history, backfill.py)."""
         if message.sender_id == self.bridge.bot.member_id:
             return None  # the bot's own (relayed) messages came from Matrix
         if message.sender_id in BridgedUser.member_ids:
@@ -249,6 +255,11 @@ class PortalToMatrix(PortalMembers):
         base = matrix_content(message.content)
         content = (await relations.decorate(self, message.content, base)).serialize()
         content[LOG_INDEX_KEY] = message.log_index
+        event_type = EventType.ROOM_MESSAGE
+        if self.row.encrypted and e2ee.manager(self.bridge) is not None:
+            event_type, encrypted = await e2ee.encrypt(self.bridge, mxid, event_type, content)
+            # The log index in clear as well: _sent_before must find it without decrypting.
+            content = JSON({**encrypted.serialize(), LOG_INDEX_KEY: message.log_index})
         self._unsure = message.log_index  # until Synapse answers
         try:
             # The ghost is in the room and may speak (messages need power level 0 in portals):
@@ -258,10 +269,11 @@ class PortalToMatrix(PortalMembers):
             event_id = await ClientAPI.send_message_event(
                 puppet.intent,
                 mxid,
-                EventType.ROOM_MESSAGE,
+                event_type,
                 content,
                 txn_id=f"kalandra-{self.hex}-{message.log_index}",
                 retry_count=0,
+                timestamp=timestamp,
             )
         except Exception as exc:
             self._ghosts_in_room.discard(puppet.mxid)  # e.g. kicked meanwhile: rejoin, retry
@@ -290,7 +302,12 @@ class PortalToMatrix(PortalMembers):
         query = {
             "dir": "b",
             "limit": "100",
-            "filter": json.dumps({"types": [str(EventType.ROOM_MESSAGE)], "senders": [ghost]}),
+            "filter": json.dumps(
+                {
+                    "types": [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED)],
+                    "senders": [ghost],
+                }
+            ),
         }
         for _ in range(_LOOKBACK_PAGES):
             page = await self._bot.api.request(Method.GET, path, query_params=query)

@@ -7,6 +7,7 @@ from .handler import REFUSAL, KalandraCommandProcessor
 from . import (  # isort: skip  # registers ours over mautrix's
     account,
     bridging,
+    encryption,
     meta,
     moderation,
     portal,
@@ -20,7 +21,6 @@ _NOT_OURS = (
     "clean-rooms",
     "close-manhole",
     "delete-portal",
-    "discard-megolm-session",
     "login-matrix",
     "logout-matrix",
     "open-manhole",
@@ -40,6 +40,7 @@ __all__ = [
     "KalandraCommandProcessor",
     "account",
     "bridging",
+    "encryption",
     "meta",
     "moderation",
     "portal",

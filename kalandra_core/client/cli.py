@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import mimetypes
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -17,10 +18,13 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from ..media.blob import KINDS as MEDIA_KINDS
+from ..media.blob import MediaError
 from .content import Content
 from .core import ClientCore
 from .driver import Client, ClientError, ServerAddress
 from .events import Message
+from .room_meta import RoomMeta, meta_content
 from .state import ClientState
 
 DEFAULT_STATE = Path.home() / ".local" / "share" / "kalandra" / "client.db"
@@ -123,6 +127,30 @@ def _room(client: Client, prefix: str) -> bytes:
     return matches[0]
 
 
+def _media_kind(mimetype: str) -> str:
+    major = mimetype.split("/", 1)[0]
+    return major if major in ("image", "audio", "video") else "file"
+
+
+async def _download(client: Client, room_id: bytes, log_index: int, path: Path) -> None:
+    """Write the file of the message at ``log_index`` to ``path`` (nothing is left at
+    ``path`` when the download fails its checks)."""
+    history = client.state.history(room_id, 1 << 30) if client.state else []
+    found = [m for m in history if m.log_index == log_index]
+    if not found or found[0].content.media is None:
+        raise UsageError(f"no file at log index {log_index} (see `kalandra history`)")
+    ref = found[0].content.media
+    partial = path.with_name(path.name + ".part")
+    try:
+        with open(partial, "wb") as out:  # noqa: ASYNC230 (a local file, block by block)
+            async for block in client.stream_media(room_id, ref):
+                out.write(block)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"saved {ref.name or 'file'} ({ref.size} bytes, {ref.mimetype}) to {path}")
+
+
 def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
     command = args.client_command
 
@@ -133,7 +161,10 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
         elif command == "rooms":
             for room_id, room in sorted(client.core.rooms.items()):
                 if room.active:
-                    print(f"{room_id.hex()}  epoch {room.epoch}  {len(room.roster())} members")
+                    name = f"  {room.name}" if room.name else ""
+                    print(
+                        f"{room_id.hex()}  epoch {room.epoch}  {len(room.roster())} members{name}"
+                    )
         elif command == "publish-key-packages":
             print(f"{await client.publish_key_packages(args.count)} KeyPackages on the server")
         elif command == "invite":
@@ -150,6 +181,27 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
             room_id = _room(client, args.room)
             index = await client.send(room_id, Content(body=" ".join(args.text)))
             print(f"sent at log index {index}")
+        elif command in ("set-name", "set-topic"):
+            room_id = _room(client, args.room)
+            text = " ".join(args.text)
+            meta = RoomMeta(name=text) if command == "set-name" else RoomMeta(topic=text)
+            index = await client.send(room_id, meta_content(meta))
+            print(f"{command.removeprefix('set-')} changed at log index {index}")
+        elif command == "send-file":
+            room_id = _room(client, args.room)
+            path = Path(args.path)
+            name = args.name or path.name
+            mimetype = args.mimetype or mimetypes.guess_type(name)[0] or "application/octet-stream"
+            kind = args.kind or _media_kind(mimetype)
+            with open(path, "rb") as source:  # noqa: ASYNC230 (read block by block)
+                ref = await client.upload_media(
+                    room_id, source, mimetype=mimetype, name=name, kind=kind
+                )
+            index = await client.send(room_id, Content(body=name, kind=kind, media=ref))
+            print(f"sent {name} ({ref.size} bytes, {kind}) at log index {index}")
+        elif command == "download":
+            room_id = _room(client, args.room)
+            await _download(client, room_id, int(args.log_index), Path(args.path))
         elif command == "history":
             room_id = _room(client, args.room)
             for message in client.state.history(room_id, args.limit) if client.state else []:
@@ -215,6 +267,20 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p = parser("send", "send a text message")
     p.add_argument("room")
     p.add_argument("text", nargs="+")
+    p = parser("send-file", "send a file (encrypted, in blocks; image/audio/video by type)")
+    p.add_argument("room")
+    p.add_argument("path")
+    p.add_argument("--name", help="file name shown (default: the path's)")
+    p.add_argument("--mimetype", help="default: guessed from the name")
+    p.add_argument("--kind", choices=sorted(MEDIA_KINDS), help="default: from the mimetype")
+    p = parser("download", "save the file a message carries")
+    p.add_argument("room")
+    p.add_argument("log_index")
+    p.add_argument("path")
+    for name, text in (("set-name", "rename a room"), ("set-topic", "set a room's topic")):
+        p = parser(name, f"{text} (end-to-end encrypted, as members see it)")
+        p.add_argument("room")
+        p.add_argument("text", nargs="+")
     for name, text in (("history", "print recent messages"), ("tail", "follow a room")):
         p = parser(name, text)
         p.add_argument("room")
@@ -240,6 +306,14 @@ def main_client(args: argparse.Namespace) -> int:
         return asyncio.run(_with_client(args, _commands(args)))
     except KeyboardInterrupt:
         return 0
-    except (UsageError, ClientError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
+    except (
+        UsageError,
+        ClientError,
+        MediaError,
+        TimeoutError,
+        ConnectionError,
+        OSError,
+        ValueError,
+    ) as exc:
         message = str(exc) or type(exc).__name__
         raise SystemExit(f"kalandra: error: {message}") from None

@@ -60,7 +60,7 @@ from ..proto import (
 )
 from ..proto.hlc import HybridClock
 from . import events as ev
-from . import pacing
+from . import pacing, room_meta
 from .content import Content
 from .room import NOT_COMMITS, ClientRoom, Pending
 from .window import DEFAULT_BYTES, DEFAULT_FRAMES, SendWindow
@@ -198,6 +198,7 @@ class ClientCore:
             room_id, group, last_seen=-1, policy=self.update_policy, now=self.clock()
         )
         room.anchored = True
+        room.name, room.topic = name, topic
         self.rooms[room_id] = room
         payload = GroupInfoData(
             group_info=group.group_info(), handshake=mode.value, name=name, topic=topic
@@ -401,9 +402,10 @@ class ClientCore:
         if h.hlc_timestamp:
             self._hlc.observe(h.hlc_timestamp, int(self.clock() * 1000))
         stamp = (h.hlc_timestamp >> 22) if h.hlc_timestamp else int(self.clock() * 1000)
-        return [
-            ev.Message(room.room_id, h.sender_id, h.context_id, stamp, Content.decode(plaintext))
-        ]
+        message = ev.Message(
+            room.room_id, h.sender_id, h.context_id, stamp, Content.decode(plaintext)
+        )
+        return [room_meta.applied(room, message) or message]
 
     def _commit_frame(
         self, room: ClientRoom, frame: Frame, pending: Pending | None

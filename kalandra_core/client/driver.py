@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from ..media.blob import MediaRef
 from ..proto import (
     ErrorCode,
     ErrorPayload,
@@ -33,6 +34,7 @@ from ..proto import (
 )
 from ..server.transport import FrameSink, SessionFactory
 from . import events as ev
+from . import media
 from .content import Content
 from .core import ClientCore
 from .state import ClientState
@@ -87,6 +89,20 @@ class ServerAddress:
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+
+# Answers that resolve the request they echo; the core never sees them (media blocks are not
+# room frames).
+_DIRECT_REPLIES = frozenset(
+    {
+        Opcode.HELLO_REPLY,
+        Opcode.PONG,
+        Opcode.CAS_PUT,
+        Opcode.CAS_GET,
+        Opcode.CAS_PROOF,
+        Opcode.CAS_DELETE,
+    }
+)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
@@ -278,7 +294,7 @@ class Client:
         return future
 
     def _frame_received(self, frame: Frame) -> None:
-        if frame.header.opcode == Opcode.HELLO_REPLY or frame.header.opcode == Opcode.PONG:
+        if frame.header.opcode in _DIRECT_REPLIES:
             self._plain.pop(frame.header.request_id, None)
             future = self._futures.pop(frame.header.request_id, None)
             if future is not None and not future.done():
@@ -435,6 +451,46 @@ class Client:
         rid, data = self.core.send_message(room_id, content)
         # A self-update due after this message goes out behind it (post-compromise security).
         return int(await self._await(rid, data, then=self.maintain))
+
+    async def upload_media(
+        self,
+        room_id: bytes,
+        data: bytes | BinaryIO,
+        *,
+        mimetype: str = "application/octet-stream",
+        name: str = "",
+        kind: str = "file",
+        width: int | None = None,
+        height: int | None = None,
+        duration_ms: int | None = None,
+        key: bytes | None = None,
+    ) -> MediaRef:
+        """Encrypt and store a file in the room (see client/media.py); send the returned
+        reference in a message: ``send(room, Content(body=name, kind=..., media=ref))``."""
+        return await media.upload(
+            self,
+            room_id,
+            data,
+            mimetype=mimetype,
+            name=name,
+            kind=kind,
+            width=width,
+            height=height,
+            duration_ms=duration_ms,
+            key=key,
+        )
+
+    async def download_media(self, room_id: bytes, ref: MediaRef) -> bytes:
+        """The file ``ref`` names, checked block by block (MediaError if anything differs)."""
+        return await media.download(self, room_id, ref)
+
+    def stream_media(self, room_id: bytes, ref: MediaRef) -> AsyncIterator[bytes]:
+        """The file ``ref`` names, as checked plaintext blocks in order."""
+        return media.stream(self, room_id, ref)
+
+    async def delete_media(self, room_id: bytes, ref: MediaRef) -> int:
+        """Drop the room's references to the file's blocks; returns how many were dropped."""
+        return await media.delete(self, room_id, ref)
 
     def maintain(self) -> None:
         """Run the core's periodic duties now (also done on every keepalive tick)."""

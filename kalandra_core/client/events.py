@@ -135,6 +135,20 @@ class Typing:
 
 
 @dataclass(frozen=True, slots=True)
+class RoomMetaChanged:
+    """A logged room metadata change (room_meta.py), applied: ``name``/``topic`` are the
+    room's values after it; ``changed`` names the fields this entry set."""
+
+    room_id: bytes
+    sender_id: int
+    log_index: int
+    timestamp_ms: int
+    name: str
+    topic: str
+    changed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """Persist this room (or, with room_id None, the identity and key packages)."""
 
@@ -155,6 +169,7 @@ Event = (
     | Reacted
     | Receipted
     | Typing
+    | RoomMetaChanged
     | StateChanged
 )
 

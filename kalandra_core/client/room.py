@@ -91,6 +91,9 @@ class ClientRoom:
         self._roster: dict[int, tuple[int, bytes]] | None = None
         # Post-compromise security: when our leaf is due for a fresh key (DESIGN section 4).
         self.updates = UpdateTracker(policy, now)
+        # Name and topic as the members agree on them (room_meta.py; "" until known).
+        self.name = ""
+        self.topic = ""
 
     @property
     def epoch(self) -> int:
@@ -140,6 +143,8 @@ class ClientRoom:
                     self.updates.policy.seconds,
                     *self.updates.to_state(),
                 ],
+                "name": self.name,
+                "topic": self.topic,
             }
         )
 
@@ -163,4 +168,6 @@ class ClientRoom:
         room._roster = None
         messages, seconds, *tracker = state["updates"]
         room.updates = UpdateTracker.from_state(UpdatePolicy(messages, seconds), tracker)
+        room.name = str(state.get("name", ""))  # (absent in states saved before metadata)
+        room.topic = str(state.get("topic", ""))
         return room

@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .errors import PayloadDecodeError, UnsupportedOpcode
+from .errors import PayloadDecodeError, PayloadEncodeError, UnsupportedOpcode
 from .opcodes import Opcode
 from .schema import Bool, Bytes, CborStruct, ListOf, Nested, Text, UInt, UnitEnum, wire
 
@@ -279,6 +279,38 @@ class Kick(StructPayload):
     moderator_id: int = wire(UInt(64))
 
 
+# --- content-addressed storage (ours: the reference lists the opcodes without payloads) -------
+
+
+class ByteString(Bytes):
+    """A CBOR byte string on output (decoders take arrays too): media blocks are up to 256 KiB,
+    and an array of integers would double them on the wire."""
+
+    def to_wire(self, value: Any, name: str) -> Any:  # bytes, where Bytes gives list[int]
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise PayloadEncodeError(f"{name}: expected bytes, got {type(value).__name__}")
+        return self._check_size(bytes(value), name, PayloadEncodeError)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CasBlock(StructPayload):
+    """CASPut (hash, data, blob_size: the plaintext size of the blob it belongs to, checked
+    against the server's limit) and its answer (hash); CASGet (hash) and its answer (hash,
+    data). ``hash`` is the BLAKE3-256 of ``data``, an encrypted block (see kalandra_core.media)."""
+
+    hash: bytes = wire(Bytes(32))
+    data: bytes | None = wire(ByteString(), optional=True)
+    blob_size: int | None = wire(UInt(64), optional=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CasHashes(StructPayload):
+    """CASProof: which of these the room holds (the answer lists those); CASDelete: drop the
+    room's references to these (the answer lists the ones dropped)."""
+
+    hashes: list[bytes] = wire(ListOf(Bytes(32)))
+
+
 # Opcode -> struct type for opcodes whose payload is always a CBOR map.
 STRUCT_PAYLOADS: Final[dict[int, type[StructPayload]]] = {
     Opcode.HELLO: Hello,
@@ -294,6 +326,10 @@ STRUCT_PAYLOADS: Final[dict[int, type[StructPayload]]] = {
     Opcode.BAN: Ban,
     Opcode.UNBAN: Unban,
     Opcode.KICK: Kick,
+    Opcode.CAS_PUT: CasBlock,
+    Opcode.CAS_GET: CasBlock,
+    Opcode.CAS_DELETE: CasHashes,
+    Opcode.CAS_PROOF: CasHashes,
 }
 
 # MLS opcodes: raw TLS MLS bytes, or the reference's CBOR wrapper when the payload is a map.

@@ -24,6 +24,13 @@ class Limits:
 
 
 @dataclass(slots=True)
+class MediaConfig:
+    """``server.media``: the largest file (plaintext bytes) a client may upload."""
+
+    max_size: int = 100 * 1024 * 1024
+
+
+@dataclass(slots=True)
 class ServerConfig:
     database: str = "sqlite:///kalandra.db"
     tcp_host: str = "127.0.0.1"
@@ -35,25 +42,27 @@ class ServerConfig:
     server_key: Path | None = None  # Ed25519 seed file; created when missing
     data_dir: Path = Path(".")
     limits: Limits = field(default_factory=Limits)
+    media: MediaConfig = field(default_factory=MediaConfig)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, base: Path = Path(".")) -> ServerConfig:
         """Build from the YAML ``server`` section; unknown keys are an error (typos)."""
         data = dict(data)
         limits = Limits(**_known(Limits, data.pop("limits", {}) or {}, "server.limits"))
+        media = MediaConfig(**_known(MediaConfig, data.pop("media", {}) or {}, "server.media"))
         known = _known(cls, data, "server")
         for key in ("certificate", "private_key", "server_key", "data_dir"):
             if known.get(key) is not None:
                 path = Path(known[key])
                 known[key] = path if path.is_absolute() else base / path
-        config = cls(**known, limits=limits)
+        config = cls(**known, limits=limits, media=media)
         if "data_dir" not in known:
             config.data_dir = base
         return config
 
 
 def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)} - {"limits"}
+    names = {f.name for f in fields(cls)} - {"limits", "media"}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")

@@ -32,7 +32,7 @@ from ..proto import (
 )
 from ..proto.payloads import PROTOCOL_VERSION
 from ..storage.base import StoreError
-from . import replies
+from . import cas, replies
 from .ratelimit import TokenBucket
 from .transport import FrameSink
 
@@ -240,6 +240,9 @@ class ServerSession:
             if skew > limits.max_clock_skew_ms:
                 self.reject(frame, ErrorCode.FRAME_REJECTED, "hlc timestamp is in the future")
                 return
+        if opcode in cas.CAS_OPCODES:  # media blocks: answered here, never sequenced
+            await cas.handle(self.hub, self, frame)
+            return
         await self.hub.dispatch(self, frame)
 
     async def _session_frame(self, frame: Frame) -> None:

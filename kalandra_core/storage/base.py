@@ -242,3 +242,31 @@ class Store(Protocol):
     async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None: ...
 
     async def get_group_info(self, room_id: bytes) -> tuple[int, bytes] | None: ...
+
+    # --- media: encrypted blocks by hash, reached through a room's references ----------------
+    async def media_put(
+        self, room_id: bytes, digest: bytes, data: bytes, uploader_id: int
+    ) -> bool:
+        """Store a block (kept once per digest; the caller checked the digest) and the room's
+        reference to it for this uploader. True if the block was new to the server; NotFound
+        for an unknown room."""
+        ...
+
+    async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
+        """The block, if the room references it."""
+        ...
+
+    async def media_present(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
+        """Those of ``digests`` the room references, in the order given (no repeats)."""
+        ...
+
+    async def media_release(
+        self, room_id: bytes, digests: Sequence[bytes], uploader_id: int | None
+    ) -> list[bytes]:
+        """Drop the room's references to ``digests`` (the uploader's; None: everyone's); a
+        block no reference holds any more is deleted. Returns the digests that lost one."""
+        ...
+
+    async def media_refcount(self, digest: bytes) -> int:
+        """How many references hold the block (0: not stored)."""
+        ...

@@ -102,6 +102,8 @@ class MemoryStore:
         # kp_id -> (member, sha256, key package); dict order is kp_id order (oldest first)
         self._key_packages: dict[int, tuple[int, bytes, bytes]] = {}
         self._kp_ids = 0
+        self._media: dict[bytes, bytes] = {}  # digest -> block
+        self._media_refs: set[tuple[bytes, bytes, int]] = set()  # (room, digest, uploader)
 
     @classmethod
     async def open(
@@ -344,6 +346,45 @@ class MemoryStore:
     async def get_group_info(self, room_id: bytes) -> tuple[int, bytes] | None:
         stored = self._rooms.get(room_id)
         return None if stored is None else stored.group_info
+
+    # --- media ---------------------------------------------------------------------------------
+    async def media_put(
+        self, room_id: bytes, digest: bytes, data: bytes, uploader_id: int
+    ) -> bool:
+        self._room(room_id)
+        _check_u64([uploader_id])
+        new = digest not in self._media
+        if new:
+            self._media[digest] = bytes(data)
+        self._media_refs.add((room_id, digest, uploader_id))
+        return new
+
+    async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
+        held = any(r == room_id and d == digest for r, d, _ in self._media_refs)
+        return self._media.get(digest) if held else None
+
+    async def media_present(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
+        held = {d for r, d, _ in self._media_refs if r == room_id}
+        return [d for d in dict.fromkeys(digests) if d in held]
+
+    async def media_release(
+        self, room_id: bytes, digests: Sequence[bytes], uploader_id: int | None
+    ) -> list[bytes]:
+        wanted = set(digests)
+        gone = {
+            ref
+            for ref in self._media_refs
+            if ref[0] == room_id and ref[1] in wanted and uploader_id in (None, ref[2])
+        }
+        self._media_refs -= gone
+        for _, digest, _ in gone:
+            if await self.media_refcount(digest) == 0:
+                self._media.pop(digest, None)
+        dropped = {d for _, d, _ in gone}
+        return [d for d in dict.fromkeys(digests) if d in dropped]
+
+    async def media_refcount(self, digest: bytes) -> int:
+        return sum(1 for _, d, _ in self._media_refs if d == digest)
 
 
 if TYPE_CHECKING:

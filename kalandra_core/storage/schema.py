@@ -191,3 +191,29 @@ group_info = sa.Table(
     sa.Column("group_info", sa.LargeBinary(), nullable=False),
     _room_fk("group_info"),
 )
+
+# Media (alembic 0005): encrypted blocks by BLAKE3 hash, kept once; a room reaches a block only
+# through its references (one per uploader), and refcount counts every reference.
+media_blocks = sa.Table(
+    "media_blocks",
+    metadata,
+    sa.Column("digest", sa.LargeBinary(32), primary_key=True),
+    sa.Column("data", sa.LargeBinary(), nullable=False),
+    sa.Column("size", sa.BigInteger(), nullable=False),
+    sa.Column("refcount", sa.BigInteger(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+)
+
+media_refs = sa.Table(
+    "media_refs",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("digest", sa.LargeBinary(32), primary_key=True),
+    sa.Column("uploader_id", U64(), primary_key=True),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    _room_fk("media_refs"),
+    sa.ForeignKeyConstraint(
+        ["digest"], ["media_blocks.digest"], name="fk_media_refs_block", ondelete="CASCADE"
+    ),
+    sa.Index("ix_media_refs_digest", "digest"),
+)

@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from . import migrations, sql_log
+from . import migrations, sql_log, sql_media
 from . import schema as db
 from .base import (
     AlreadyExists,
@@ -462,6 +462,34 @@ class SqlStore:
                 )
             ).first()
         return None if row is None else (row.epoch, bytes(row.group_info))
+
+    # --- media ---------------------------------------------------------------------------------
+    async def media_put(
+        self, room_id: bytes, digest: bytes, data: bytes, uploader_id: int
+    ) -> bool:
+        try:
+            async with self._write() as conn:
+                return await sql_media.put(conn, room_id, digest, data, uploader_id, _now_ms())
+        except IntegrityError:
+            raise NotFound(f"room {room_id.hex()}") from None
+
+    async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
+        async with self._read() as conn:
+            return await sql_media.get(conn, room_id, digest)
+
+    async def media_present(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
+        async with self._read() as conn:
+            return await sql_media.present(conn, room_id, digests)
+
+    async def media_release(
+        self, room_id: bytes, digests: Sequence[bytes], uploader_id: int | None
+    ) -> list[bytes]:
+        async with self._write() as conn:
+            return await sql_media.release(conn, room_id, digests, uploader_id)
+
+    async def media_refcount(self, digest: bytes) -> int:
+        async with self._read() as conn:
+            return await sql_media.refcount(conn, digest)
 
 
 if TYPE_CHECKING:

@@ -513,3 +513,32 @@ async def test_sqlite_durability_settings(sqlite_url: str) -> None:
 async def test_in_memory_sqlite_is_refused() -> None:
     with pytest.raises(ValueError, match="in-memory"):
         await SqlStore.open("sqlite:///:memory:")
+
+
+async def test_media_blocks_are_kept_once_and_reached_through_a_room(store: Store) -> None:
+    r1, r2 = await new_room(store, 1), await new_room(store, 2)
+    block, other = b"\x01" * 300, b"\x02" * 10
+    d1, d2 = hashlib.sha256(block).digest(), hashlib.sha256(other).digest()
+    assert await store.media_put(r1, d1, block, HIGH) is True
+    assert await store.media_put(r1, d1, block, HIGH) is False  # same reference: no change
+    assert await store.media_refcount(d1) == 1
+    assert await store.media_put(r1, d1, block, MID) is False  # another uploader
+    assert await store.media_put(r2, d1, block, HIGH) is False  # another room
+    assert await store.media_refcount(d1) == 3
+    assert await store.media_get(r1, d1) == block
+    assert await store.media_get(r1, d2) is None
+    await store.media_put(r2, d2, other, MID)
+    assert await store.media_get(r1, d2) is None  # only through a room's reference
+    assert await store.media_present(r1, [d2, d1, d1]) == [d1]
+    assert await store.media_present(r2, [d2, d1]) == [d2, d1]
+    with pytest.raises(NotFound):
+        await store.media_put(room_id(9), d1, block, HIGH)
+    # Release: one uploader's references, then everyone's; the block goes with the last one.
+    assert await store.media_release(r1, [d1, d2], MID) == [d1]
+    assert await store.media_refcount(d1) == 2
+    assert await store.media_release(r1, [d1], None) == [d1]
+    assert await store.media_get(r1, d1) is None
+    assert await store.media_get(r2, d1) == block
+    assert await store.media_release(r2, [d1, d2], None) == [d1, d2]
+    assert (await store.media_refcount(d1), await store.media_refcount(d2)) == (0, 0)
+    assert await store.media_release(r2, [d1], None) == []

@@ -28,6 +28,7 @@ import pytest
 from nacl.signing import SigningKey
 from nio import (
     AsyncClient,
+    AsyncClientConfig,
     InviteMemberEvent,
     LoginResponse,
     MatrixRoom,
@@ -38,6 +39,7 @@ from nio import (
     RoomSendResponse,
     SyncResponse,
 )
+from nio.store import SqliteMemoryStore
 from ruamel.yaml import YAML
 
 from bridge.devstack.ready import wait_bridge_ready
@@ -255,11 +257,17 @@ async def bridge_stack(
 
 
 @asynccontextmanager
-async def nio_client(synapse: Synapse, localpart: str) -> AsyncIterator[AsyncClient]:
-    client = AsyncClient(synapse.url, synapse.mxid(localpart))
+async def nio_client(
+    synapse: Synapse, localpart: str, *, encrypted: bool = False
+) -> AsyncIterator[AsyncClient]:
+    """A logged-in Matrix user; ``encrypted``: with nio's E2EE (a new device, in memory)."""
+    config = AsyncClientConfig(encryption_enabled=encrypted, store=SqliteMemoryStore)
+    client = AsyncClient(synapse.url, synapse.mxid(localpart), config=config)
     try:
         login = await client.login(PASSWORD, device_name="bridge test")
         assert isinstance(login, LoginResponse), login
+        if encrypted and client.should_upload_keys:
+            await client.keys_upload()
         yield client
     finally:
         if client.logged_in:
@@ -299,7 +307,14 @@ async def open_dm(client: AsyncClient) -> str:
 
 
 async def say(client: AsyncClient, room_id: str, body: str) -> str:
-    sent = await client.room_send(room_id, "m.room.message", {"msgtype": "m.text", "body": body})
+    if client.should_query_keys:  # devices that changed since (nio checks only new rooms)
+        await client.keys_query()
+    sent = await client.room_send(
+        room_id,
+        "m.room.message",
+        {"msgtype": "m.text", "body": body},
+        ignore_unverified_devices=True,  # encrypted rooms: the bridge's device is not verified
+    )
     assert isinstance(sent, RoomSendResponse), sent
     return sent.event_id
 

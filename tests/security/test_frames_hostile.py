@@ -275,7 +275,7 @@ async def test_outsiders_cannot_touch_a_room(server: RunningServer) -> None:
         rid = eve.send(Opcode.APP_MESSAGE, dummy_envelope(epoch), account=e, room=bad_room)
         await expect_error(eve, rid, ErrorCode.ROOM_NOT_FOUND)
     # Frames only a server sends are not requests.
-    for opcode in (Opcode.ERROR, Opcode.HELLO_REPLY, Opcode.SYNC_RESPONSE, Opcode.CAS_PUT):
+    for opcode in (Opcode.ERROR, Opcode.HELLO_REPLY, Opcode.SYNC_RESPONSE, Opcode.FED_APPEND):
         rid = eve.send(opcode, b"", account=e, room=room)
         await expect_error(eve, rid, ErrorCode.FRAME_REJECTED)
     assert snapshot(s.path) == before

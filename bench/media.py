@@ -1,0 +1,128 @@
+"""Media through the homeserver: upload and download throughput of one 16 MiB file.
+
+The server runs in its own process (``python -m kalandra_core serve``, fresh SQLite database,
+WAL, ``synchronous=FULL``, TCP on 127.0.0.1). Setup (not measured): A creates a room and adds
+B through the native client driver. Measured: A's ``upload_media`` of 16 MiB of random bytes
+(encryption, BLAKE3, 65 CASPut round trips with 8 blocks in flight, one database transaction
+per block) and B's ``download_media`` of it (65 CASGets, every block checked and decrypted);
+best of 1 run (quick) or 3 (full).
+
+The limit, measured in the same run, is the lower of two ceilings: raw loopback TCP throughput
+(asyncio streams, 64 MiB in 256 KiB writes to a reader that discards them) and the
+XChaCha20-Poly1305 rate of 256 KiB blocks on one core (libsodium); the table names which one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from nacl.bindings import crypto_aead_xchacha20poly1305_ietf_encrypt
+
+from kalandra_core.client.core import ClientCore
+from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.media import BLOCK_SIZE
+
+from ._server_proc import ServerProcess
+from .common import Figure, Results, rate
+
+FILE_SIZE = 16 * 1024 * 1024
+MIB = 1024 * 1024
+_LOOPBACK_BYTES = 64 * MIB
+
+
+async def _loopback_mib_s() -> float:
+    received = 0
+    done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        while received < _LOOPBACK_BYTES:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+        if not done.done():
+            done.set_result(time.perf_counter())
+        writer.close()
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        block = os.urandom(BLOCK_SIZE)
+        start = time.perf_counter()
+        for _ in range(_LOOPBACK_BYTES // BLOCK_SIZE):
+            writer.write(block)
+            await writer.drain()
+        end = await asyncio.wait_for(done, 60)
+        writer.close()
+    finally:
+        server.close()
+    return _LOOPBACK_BYTES / MIB / (end - start)
+
+
+def _aead_mib_s(quick: bool) -> float:
+    block, key, nonce = os.urandom(BLOCK_SIZE), os.urandom(32), os.urandom(24)
+
+    def one() -> bytes:
+        return crypto_aead_xchacha20poly1305_ietf_encrypt(block, None, nonce, key)
+
+    return rate(one, 16, 3 if quick else 10) * BLOCK_SIZE / MIB
+
+
+async def _clients(server: ServerProcess) -> tuple[Client, Client, bytes]:
+    address = ServerAddress("tcp", "127.0.0.1", server.port)
+    a_acc, b_acc = server.users["alice"], server.users["bob"]
+    a = Client(ClientCore(a_acc.member_id, os.urandom(32)), address, a_acc.token)
+    b = Client(ClientCore(b_acc.member_id, os.urandom(32)), address, b_acc.token)
+    await a.connect()
+    await b.connect()
+    await b.publish_key_packages(1)
+    room = await a.create_room(name="media bench")
+    await a.invite(room, [b_acc.member_id])
+    joined = await asyncio.wait_for(b.joined.get(), 30)
+    if joined != room:
+        raise AssertionError("B joined another room")
+    await b.settle()
+    return a, b, room
+
+
+async def _main(quick: bool) -> Results:
+    runs = 1 if quick else 3
+    loopback = await _loopback_mib_s()
+    aead = _aead_mib_s(quick)
+    print(f"media: loopback TCP {loopback:,.0f} MiB/s, XChaCha20-Poly1305 {aead:,.0f} MiB/s")
+    limit_name, limit = (
+        ("loopback TCP", loopback) if loopback <= aead else ("XChaCha20-Poly1305", aead)
+    )
+    async with ServerProcess(["alice", "bob"]) as server:
+        t0 = time.perf_counter()
+        a, b, room = await _clients(server)
+        print(f"media: server pid {server.pid}; setup {time.perf_counter() - t0:.1f} s")
+        up = down = 0.0
+        try:
+            for _ in range(runs):
+                data = os.urandom(FILE_SIZE)
+                start = time.perf_counter()
+                ref = await a.upload_media(room, data, name="bench.bin")
+                up = max(up, FILE_SIZE / MIB / (time.perf_counter() - start))
+                start = time.perf_counter()
+                got = await b.download_media(room, ref)
+                down = max(down, FILE_SIZE / MIB / (time.perf_counter() - start))
+                if got != data:
+                    raise AssertionError("the downloaded file differs")
+        finally:
+            await a.close()
+            await b.close()
+    return Results(
+        [
+            Figure("media upload 16 MiB (TCP)", up, "MiB/s", "-", limit_name, limit, 1),
+            Figure("media download 16 MiB (TCP)", down, "MiB/s", "-", limit_name, limit, 1),
+        ]
+    )
+
+
+def run(quick: bool) -> Results:
+    return asyncio.run(_main(quick))

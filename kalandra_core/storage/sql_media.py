@@ -1,0 +1,90 @@
+"""The media statements of ``SqlStore`` (blocks kept once by digest, per-room references with a
+reference count kept in the same transaction as the references change)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import schema as db
+from .sql_log import dialect_insert
+
+_blocks = db.media_blocks
+_refs = db.media_refs
+
+
+async def put(
+    conn: AsyncConnection, room_id: bytes, digest: bytes, data: bytes, uploader: int, now: int
+) -> bool:
+    block = await conn.execute(
+        dialect_insert(conn, _blocks)
+        .values(digest=digest, data=data, size=len(data), refcount=0, created_at=now)
+        .on_conflict_do_nothing(index_elements=["digest"])
+    )
+    ref = await conn.execute(
+        dialect_insert(conn, _refs)
+        .values(room_id=room_id, digest=digest, uploader_id=uploader, created_at=now)
+        .on_conflict_do_nothing(index_elements=["room_id", "digest", "uploader_id"])
+    )
+    if ref.rowcount == 1:
+        await conn.execute(
+            _blocks.update()
+            .where(_blocks.c.digest == digest)
+            .values(refcount=_blocks.c.refcount + 1)
+        )
+    return bool(block.rowcount == 1)
+
+
+async def get(conn: AsyncConnection, room_id: bytes, digest: bytes) -> bytes | None:
+    data = await conn.scalar(
+        sa.select(_blocks.c.data).where(
+            _blocks.c.digest == digest,
+            sa.exists().where(_refs.c.room_id == room_id, _refs.c.digest == digest),
+        )
+    )
+    return None if data is None else bytes(data)
+
+
+async def present(conn: AsyncConnection, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
+    wanted = list(dict.fromkeys(digests))
+    if not wanted:
+        return []
+    rows = await conn.execute(
+        sa.select(_refs.c.digest)
+        .where(_refs.c.room_id == room_id, _refs.c.digest.in_(wanted))
+        .distinct()
+    )
+    found = {bytes(r.digest) for r in rows}
+    return [d for d in wanted if d in found]
+
+
+async def release(
+    conn: AsyncConnection, room_id: bytes, digests: Sequence[bytes], uploader: int | None
+) -> list[bytes]:
+    wanted = list(dict.fromkeys(digests))
+    if not wanted:
+        return []
+    where = [_refs.c.room_id == room_id, _refs.c.digest.in_(wanted)]
+    if uploader is not None:
+        where.append(_refs.c.uploader_id == uploader)
+    rows = await conn.execute(_refs.delete().where(*where).returning(_refs.c.digest))
+    dropped = Counter(bytes(r.digest) for r in rows)
+    for digest, count in dropped.items():
+        await conn.execute(
+            _blocks.update()
+            .where(_blocks.c.digest == digest)
+            .values(refcount=_blocks.c.refcount - count)
+        )
+    if dropped:
+        await conn.execute(
+            _blocks.delete().where(_blocks.c.digest.in_(list(dropped)), _blocks.c.refcount <= 0)
+        )
+    return [d for d in wanted if d in dropped]
+
+
+async def refcount(conn: AsyncConnection, digest: bytes) -> int:
+    count = await conn.scalar(sa.select(_blocks.c.refcount).where(_blocks.c.digest == digest))
+    return int(count or 0)

@@ -1,0 +1,127 @@
+"""History into new portals, against a real Synapse: a native member's room, with the bot in it
+but no portal, gets 1,000 messages (and one that is redacted before the portal exists); the
+portal opened afterwards shows all 1,000, once each, in log order, with each message's original
+time as its origin_server_ts, progress notices, and live messages after them. A backfill cut
+by kill -9 resumes after a restart without sending anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from nio import AsyncClient, RoomMessageNotice, RoomMessageText
+
+from kalandra_core.client.driver import Client
+from kalandra_core.client.events import Message
+from matrix.bridge_members import account_id, native_room, open_portal
+from matrix.bridge_stack import (
+    BOT,
+    BridgeStack,
+    bridge_stack,
+    ghost_of,
+    ghost_texts,
+    native_client,
+    nio_client,
+    room_history,
+)
+from matrix.test_bridge_epochs import BOT_NAME
+
+COUNT = 1000
+INTERVAL = 250  # example-config.yaml's bridge.backfill.progress_interval
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[BridgeStack]:
+    async with bridge_stack(tmp_path_factory.mktemp("backfill")) as stack:
+        yield stack
+
+
+async def send_many(native: Client, room_id: bytes, bodies: list[str]) -> list[Message]:
+    """Send ``bodies`` in order (a few in flight at a time); the sender's own echoes of them,
+    in log order."""
+    for start in range(0, len(bodies), 50):
+        await asyncio.gather(*(native.send_text(room_id, b) for b in bodies[start : start + 50]))
+    echoes: list[Message] = []
+    async with asyncio.timeout(120):
+        while len(echoes) < len(bodies):
+            message = await native.messages.get()
+            if message.room_id == room_id and message.sender_id == native.core.member_id:
+                echoes.append(message)
+    return sorted(echoes, key=lambda m: m.log_index)
+
+
+async def wait_texts(
+    alice: AsyncClient, portal: str, ghost: str, count: int, within: float = 240.0
+) -> list[RoomMessageText]:
+    async with asyncio.timeout(within):
+        while len(seen := await ghost_texts(alice, portal, ghost)) < count:  # noqa: ASYNC110
+            await asyncio.sleep(1.0)
+    return seen
+
+
+def as_sent(texts: list[RoomMessageText]) -> list[tuple[int, str, int]]:
+    """(log index, body, origin_server_ts) of each bridged message."""
+    return [
+        (e.source["content"]["org.kalandra.log_index"], e.body, e.server_timestamp) for e in texts
+    ]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_history_of_1000_messages_arrives_complete_and_in_order(stack: BridgeStack) -> None:
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "history")
+    bodies = [f"history {i}" for i in range(COUNT)]
+    echoes = await send_many(owner, room_id, [*bodies[:500], "to be redacted", *bodies[500:]])
+    redacted = next(m for m in echoes if m.content.body == "to be redacted")
+    await owner.moderate(room_id, "redact", redacted.log_index, "")
+    expected = [(m.log_index, m.content.body, m.timestamp_ms) for m in echoes if m != redacted]
+    assert [body for _, body, _ in expected] == bodies
+
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        texts = await wait_texts(alice, portal, ghost_of(owner), COUNT)
+        await asyncio.sleep(2)  # nothing more comes (no duplicate, no redacted message)
+        texts = await ghost_texts(alice, portal, ghost_of(owner))
+        assert as_sent(texts) == expected
+
+        notices = [
+            e.body
+            for e in await room_history(alice, portal)
+            if isinstance(e, RoomMessageNotice) and e.sender == BOT
+        ]
+        progress = [f"History: {n} of {COUNT} earlier messages bridged." for n in (250, 500, 750)]
+        assert notices == [*progress, f"History: all {COUNT} earlier messages bridged."]
+
+        # Live messages come after the history.
+        index = await owner.send_text(room_id, "live")
+        texts = await wait_texts(alice, portal, ghost_of(owner), COUNT + 1, within=60)
+        assert (texts[-1].body, texts[-1].source["content"]["org.kalandra.log_index"]) == (
+            "live",
+            index,
+        )
+    await owner.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_backfill_cut_by_kill9_resumes_without_duplicates(stack: BridgeStack) -> None:
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "history cut")
+    count = 300
+    echoes = await send_many(owner, room_id, [f"cut {i}" for i in range(count)])
+    expected = [(m.log_index, m.content.body, m.timestamp_ms) for m in echoes]
+    await owner.close()
+
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        await wait_texts(alice, portal, ghost_of(owner), 40, within=120)
+        await stack.kill9()
+        await stack.restart()
+        texts = await wait_texts(alice, portal, ghost_of(owner), count)
+        await asyncio.sleep(3)  # a resent message would show up by now
+        texts = await ghost_texts(alice, portal, ghost_of(owner))
+        assert as_sent(texts) == expected
