@@ -147,6 +147,11 @@ class SenderKeyStore:
         found = chain.lookup(message.generation)
         plaintext = envelope.decrypt(found.key, message)
         chain.commit(found)
+        index = message.sender_index
+        if keys is self._current and (index == self.own_index or index in keys.send):
+            # A generation seen in the log was used: we never send with it again, even from a
+            # state restored from a snapshot older than that message (a crash).
+            self.skip_send_to(index, message.generation + 1)
         return plaintext
 
     def _keys_for(self, epoch: int) -> _EpochKeys:

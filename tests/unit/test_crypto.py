@@ -265,3 +265,28 @@ def test_bridge_encrypts_as_puppet_leaves() -> None:
         msg = bridge.encrypt(b"from a Matrix user", sender_index=puppet)
         assert msg.sender_index == puppet
         assert native.decrypt(msg) == b"from a Matrix user"
+
+
+def test_a_restored_state_never_reuses_a_generation_seen_in_the_log() -> None:
+    a, b = _stores(2)
+    snapshot = a.to_bytes()  # saved, then two messages sent before a crash
+    sent = [a.encrypt(b"1"), a.encrypt(b"2")]
+    restored = SenderKeyStore.from_bytes(snapshot)
+    assert restored.send_generation(0) == 0
+    for message in sent:  # the restored state reads its own messages back from the log
+        restored.decrypt(message)
+    assert restored.encrypt(b"after").generation == 2
+    assert b.decrypt(sent[0]) == b"1"
+    assert 0 not in b._current.send  # another member's leaf: b grows no send chain for it
+
+
+def test_a_restored_bridge_never_reuses_a_puppet_generation_seen_in_the_log() -> None:
+    bridge, native, _ = _stores(3)
+    assert bridge.send_generation(2) == 0  # the bridge sends as leaf 2 (a puppet) in this epoch
+    snapshot = bridge.to_bytes()
+    sent = [bridge.encrypt(b"1", sender_index=2), bridge.encrypt(b"2", sender_index=2)]
+    restored = SenderKeyStore.from_bytes(snapshot)
+    for message in sent:
+        restored.decrypt(message)
+    assert restored.encrypt(b"after", sender_index=2).generation == 2
+    assert native.decrypt(sent[1]) == b"2"
