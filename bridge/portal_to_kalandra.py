@@ -27,6 +27,7 @@ from mautrix.types import (
     EventID,
     Format,
     LocationMessageEventContent,
+    MediaMessageEventContent,
     MessageEventContent,
     MessageStatusReason,
     TextMessageEventContent,
@@ -36,8 +37,9 @@ from mautrix.types import (
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.room_meta import RoomMeta
+from kalandra_core.proto.payloads import ErrorCode
 
-from . import ephemeral, relations, room_metadata
+from . import ephemeral, media, relations, room_metadata
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .message_status import Refused, StatusSender
@@ -53,6 +55,12 @@ log = logging.getLogger("kalandra.bridge.portal")
 
 _MX_KINDS = {v: k for k, v in KINDS.items()}
 _ATTEMPTS = 5  # for failures that may pass (a lost connection, a busy database)
+# Answers of the Kalandra server that mean "not now": no answer at all, its storage failing
+# (a database restart: the frame was not sequenced), over the session's rate. Retried for
+# about two and a half minutes before the message is reported as failed.
+_TRANSIENT = frozenset({0, int(ErrorCode.STORAGE_ERROR), int(ErrorCode.RATE_LIMITED)})
+_TRANSIENT_ATTEMPTS = 14
+_MAX_DELAY = 15.0
 
 RELAY_REFUSAL = (
     "you need the `user` permission to speak in Kalandra rooms, or a bridge admin must turn"
@@ -192,8 +200,9 @@ class PortalToKalandra(PortalBase):
             return  # handled before (a replayed transaction)
         mxid = self.row.mxid
         assert mxid is not None
-        delay = 0.5
-        for attempt in range(_ATTEMPTS):
+        delay, attempt = 0.5, 0
+        while True:
+            attempt += 1
             try:
                 await self._mx_apply(work)
                 break
@@ -208,21 +217,22 @@ class PortalToKalandra(PortalBase):
                 await dedupe.record_done(work.event_id)
                 return
             except (SendFailed, ClientError) as exc:
-                if exc.code == 0 and attempt + 1 < _ATTEMPTS:
-                    await self._mx_wait_retry(work, exc, delay)  # no answer: may pass
-                    delay *= 2
+                if exc.code in _TRANSIENT and attempt < _TRANSIENT_ATTEMPTS:
+                    # No answer, or "retry" (its database restarting, over its rate).
+                    await self._mx_wait_retry(work, exc, delay)
+                    delay = min(delay * 2, _MAX_DELAY)
                     continue
                 # The Kalandra server's answer: say it as it is.
                 text = f"the Kalandra server refused it ({exc})."
                 await self._mx_fail(work, Refused(MessageStatusReason.NETWORK_ERROR, text))
                 return
             except Exception as exc:
-                if attempt + 1 == _ATTEMPTS:
+                if attempt >= _ATTEMPTS:
                     text = f"an internal error ({type(exc).__name__})."
                     await self._mx_fail(work, Refused(MessageStatusReason.GENERIC_ERROR, text))
                     return
                 await self._mx_wait_retry(work, exc, delay)
-                delay *= 2
+                delay = min(delay * 2, _MAX_DELAY)
         if work.kind == "message":
             self.mx_status.success(mxid, work.event_id)
         else:
@@ -275,7 +285,14 @@ class PortalToKalandra(PortalBase):
         assert work.content is not None
         mxid = self.row.mxid
         assert mxid is not None
-        body = kalandra_content(work.content)
+        if media.is_media(work.content):
+            relayed = work.permission == "relay" and self.row.relay_enabled
+            if work.permission not in ("user", "admin") and not relayed:
+                raise Refused(MessageStatusReason.NO_PERMISSION, RELAY_REFUSAL)  # (no download)
+            assert isinstance(work.content, MediaMessageEventContent)
+            body: Content | None = await media.to_kalandra(self, work.content)
+        else:
+            body = kalandra_content(work.content)
         if body is None:
             kind = str(getattr(work.content, "msgtype", None) or "this kind of message")
             raise Refused(
@@ -311,6 +328,7 @@ class PortalToKalandra(PortalBase):
             reply_to=body.reply_to,
             edit_of=body.edit_of,
             extra=body.extra,
+            media=body.media,
         )
         client = self.bridge.bot.client
         assert client is not None
