@@ -134,6 +134,31 @@ class MatrixUser:
         path = f"/rooms/{quote(room_id, safe='')}/send/m.room.message/{txn}"
         return str((await self.request("PUT", path, content))["event_id"])
 
+    async def upload(self, data: bytes, mimetype: str) -> str:
+        """Into the media repository; the mxc URI."""
+        headers = {"Content-Type": mimetype}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        params = {"user_id": self.user_id} if self.masquerade else None
+        async with self._http.post(
+            f"{self.base_url}/_matrix/media/v3/upload", data=data, params=params, headers=headers
+        ) as resp:
+            answer = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise RuntimeError(f"upload: HTTP {resp.status}: {answer}")
+            return str(answer["content_uri"])
+
+    async def download(self, mxc: str) -> bytes:
+        """Authenticated media (client v1)."""
+        server, media_id = mxc.removeprefix("mxc://").split("/", 1)
+        async with self._http.get(
+            f"{self.base_url}/_matrix/client/v1/media/download/{server}/{media_id}",
+            headers={"Authorization": f"Bearer {self.token}"},
+        ) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"download: HTTP {resp.status}")
+            return await resp.read()
+
     async def sync(self, timeout_ms: int) -> list[TimelineEvent]:
         params = {"timeout": str(timeout_ms), "filter": self._filter}
         if self.since is not None:

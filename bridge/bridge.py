@@ -117,6 +117,7 @@ class KalandraBridge(Bridge):
         self.kalandra = await start_server(core.server)
         await super().start()
         self.matrix_ready.set()
+        e2ee.refresh_device_lists(self)  # device changes while the bridge was down
         # Portals whose Matrix room was not finished before a stop (found by alias or made).
         for portal in list(Portal.by_room.values()):
             if portal.mxid is None:

@@ -9,16 +9,24 @@ bridge with its own portal table needs:
   caches (``mx_room_state``), not from mautrix's own ``portal`` table, which this bridge lacks;
 - encryption of what ghosts send in encrypted portals (:func:`encrypt`);
 - decryption of Matrix events in portals that always fills the event's place in the portal's
-  queue exactly once (:func:`decrypt_for_portal`): decrypted, the event is handled as any other;
-  without its room key, the key is requested from the sender's device and waited for, within a
-  bound (``KEY_WAIT``), so a transaction is never held for long; still without it, the event
-  fails visibly (status event and notice) and is recorded as failed; if the key arrives later
-  (``LATE_KEY_WAIT``), the message is bridged then, once.
+  queue exactly once (:func:`decrypt_for_portal`), and bridges late what could only be
+  decrypted late (:func:`_request_key`).
+
+Why an event without its room key is failed at once rather than waited for: Synapse sends an
+appservice one transaction at a time, so a key that was not in this transaction or an earlier
+one can only come in a later one, which waits for this one's answer; and while Synapse
+recovers from an outage of the appservice it replays stored transactions without their
+to-device events and drops new transactions that hold no room events, so a room key sent to the
+bot's device then is lost for good. The bridge therefore asks the sending device for the key
+(again, with backoff, since an answer can be dropped the same way), answers the transaction
+with a status event and a notice, and bridges the message once if the key comes
+(``LATE_KEY_WAIT``, while the process runs), in the order of the portal's events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,11 +34,13 @@ from mautrix.crypto import StateStore
 from mautrix.errors import DecryptionError, MatrixError, SessionNotFound
 from mautrix.types import (
     JSON,
+    DeviceID,
     DeviceLists,
     EncryptedEvent,
     EncryptedMegolmEventContent,
     EncryptionAlgorithm,
     Event,
+    EventID,
     EventType,
     MessageEvent,
     RoomEncryptionStateEventContent,
@@ -50,9 +60,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kalandra.bridge.e2ee")
 
-KEY_WAIT = 3.0  # for a room key still on its way, before asking the sender's device for it
-KEY_REQUEST_WAIT = 20.0  # for an answer to that request (the transaction waits this long)
-LATE_KEY_WAIT = 600.0  # for a key that comes later still: the message is bridged then
+KEY_WAIT = 1  # for a room key being stored (mautrix handles to-device events first)
+LATE_KEY_WAIT = 600.0  # for a key that comes after the event failed: it is bridged then
+REFRESH_WAIT = 10.0  # at most, for the device lists at startup before encrypting
+KEY_REQUEST_RETRIES = (5.0, 15.0, 45.0, 120.0, 300.0)  # seconds before asking again
 
 UNDECRYPTABLE = (
     "the bridge could not decrypt it: it never received the message's room key from the"
@@ -114,6 +125,41 @@ def install(bridge: KalandraBridge) -> None:
         bridge.az.device_list_handler = device_lists
 
 
+_refreshed: asyncio.Event | None = None  # set once the device lists are queried at startup
+
+
+def refresh_device_lists(bridge: KalandraBridge) -> None:
+    """Query again the devices of the users in encrypted portals. Device list changes come in
+    transactions (MSC3202), and those Synapse sends while it recovers from an outage of the
+    appservice lack them: without this, a device added meanwhile would not get the bridge's
+    room keys (and could not read what the bridge sends)."""
+    e2ee = manager(bridge)
+    if e2ee is None or e2ee.crypto_db is None:
+        return
+    db, crypto = e2ee.crypto_db, e2ee.crypto
+    global _refreshed
+    refreshed = _refreshed = asyncio.Event()
+
+    async def refresh() -> None:
+        try:
+            await query()
+        finally:
+            refreshed.set()
+
+    async def query() -> None:
+        rows = await db.fetch(
+            "SELECT DISTINCT p.user_id FROM mx_user_profile p"
+            " JOIN mx_room_state s ON s.room_id = p.room_id"
+            " WHERE p.membership IN ('join', 'invite') AND s.encryption IS NOT NULL"
+        )
+        users = [UserID(row["user_id"]) for row in rows]
+        users = [u for u in users if u != bridge.az.bot_mxid and not bridge.is_bridge_ghost(u)]
+        if users:  # (only those mautrix tracks: whose devices it knew)
+            await crypto.handle_device_lists(DeviceLists(changed=users, left=[]))
+
+    _spawn(refresh(), "refresh-device-lists")
+
+
 async def stop() -> None:
     """Ends the crypto tasks of this module (before the database closes); none start after."""
     global _stopping
@@ -164,6 +210,10 @@ async def encrypt(
     e2ee = manager(bridge)
     if e2ee is None:
         raise RuntimeError("the portal is encrypted but bridge.encryption.allow is off")
+    if _refreshed is not None and not _refreshed.is_set():
+        # Keys go to the devices the bridge knows: first learn those added while it was down.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_refreshed.wait(), REFRESH_WAIT)
     return await e2ee.encrypt(room_id, event_type, content)
 
 
@@ -189,21 +239,19 @@ async def decrypt_for_portal(bridge: KalandraBridge, portal: Portal, evt: Encryp
     # Synapse replays transactions as soon as the bridge answers its ping, before the bot's
     # device is loaded.
     await bridge.matrix_ready.wait()
-    decrypted: MessageEvent | None = None
+    session_id = evt.content.session_id
     try:
-        decrypted = await e2ee.decrypt(evt, wait_session_timeout=int(KEY_WAIT))
-    except SessionNotFound as exc:
-        _request_key(e2ee, evt)
-        if await e2ee.crypto.wait_for_session(evt.room_id, exc.session_id, KEY_REQUEST_WAIT):
-            try:
-                decrypted = await e2ee.decrypt(evt, wait_session_timeout=0)
-            except DecryptionError as again:
-                log.warning("event %s not decrypted (%s)", evt.event_id, type(again).__name__)
-        if decrypted is None:
-            log.warning("room key of event %s not received: waiting longer", evt.event_id)
-            failed = _fail(portal, evt, UNDECRYPTABLE)
-            _watch_late_key(bridge, portal, evt, exc.session_id, failed)
-            return
+        # A session already asked for will not come within this transaction.
+        wait = 0 if session_id in _requested else KEY_WAIT
+        decrypted = await e2ee.decrypt(evt, wait_session_timeout=wait)
+    except SessionNotFound:
+        log.warning("room key of event %s not received: asking the sender for it", evt.event_id)
+        failed = _fail(portal, evt, UNDECRYPTABLE)
+        _late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
+        if session_id not in _requested:
+            _requested.add(session_id)
+            _spawn(_request_key(bridge, evt), f"key-request-{evt.event_id}")
+        return
     except DecryptionError as exc:
         log.warning("event %s not decrypted (%s)", evt.event_id, type(exc).__name__)
         _fail(portal, evt, f"the bridge could not decrypt it ({type(exc).__name__}).")
@@ -232,29 +280,89 @@ def _fail(portal: Portal, evt: MessageEvent | EncryptedEvent, text: str) -> asyn
     return portal.submit(FromMatrix("undecryptable", evt.sender, evt.event_id, reason=text))
 
 
+# Megolm sessions asked for (once per process: a request is repeated by its own task).
 _requested: set[SessionID] = set()
 
+# Per portal, the events failed for a missing room key, in queue order, with their failures.
+_Late = dict[EventID, tuple[EncryptedEvent, asyncio.Future[None]]]
+_late: dict[RoomID, _Late] = {}
+_late_locks: dict[RoomID, asyncio.Lock] = {}
 
-def _request_key(e2ee: EncryptionManager, evt: EncryptedEvent) -> None:
-    """Ask the sending device for the room key (once per session and process)."""
+
+async def _request_key(bridge: KalandraBridge, evt: EncryptedEvent) -> None:
+    """Ask the sending device for the event's room key until it comes (or ``LATE_KEY_WAIT``
+    is over), then bridge what it unlocks."""
+    e2ee = manager(bridge)
+    assert e2ee is not None
     content = evt.content
-    if content.session_id in _requested:
-        return
-    _requested.add(content.session_id)
-
-    async def request() -> None:
+    # Without the (deprecated) device id, every device of the sender is asked.
+    devices = [content.device_id] if content.device_id else [DeviceID("*")]
+    deadline = asyncio.get_running_loop().time() + LATE_KEY_WAIT
+    for pause in (*KEY_REQUEST_RETRIES, LATE_KEY_WAIT):
+        if await e2ee.crypto.crypto_store.has_group_session(evt.room_id, content.session_id):
+            break
         try:
             await e2ee.crypto.request_room_key(
                 evt.room_id,
                 content.sender_key,
                 content.session_id,
-                from_devices={evt.sender: [content.device_id]},
+                from_devices={evt.sender: list(devices)},
                 timeout=0,
             )
         except (TimeoutError, MatrixError, OSError) as exc:
             log.warning("room key request not sent (%s)", type(exc).__name__)
+        pause = min(pause, deadline - asyncio.get_running_loop().time())
+        if pause <= 0:
+            break
+        if await e2ee.crypto.wait_for_session(evt.room_id, content.session_id, pause):
+            break
+    _requested.discard(content.session_id)  # a later event of the session may ask again
+    if await e2ee.crypto.crypto_store.has_group_session(evt.room_id, content.session_id):
+        await _bridge_late(bridge, evt.room_id)
+    else:
+        _drop_late(evt.room_id, content.session_id)
 
-    _spawn(request(), f"key-request-{evt.event_id}")
+
+def _drop_late(room_id: RoomID, session_id: SessionID) -> None:
+    late = _late.get(room_id, {})
+    for event_id in [e for e, (evt, _) in late.items() if evt.content.session_id == session_id]:
+        del late[event_id]
+
+
+async def _bridge_late(bridge: KalandraBridge, room_id: RoomID) -> None:
+    """Bridge, in queue order, the portal's failed events whose room keys are now here: each
+    at the end of the portal's queue, once."""
+    from .portal import Portal
+    from .portal_to_kalandra import CURRENT_SLOT
+
+    CURRENT_SLOT.set(None)  # their own places in the queue were filled by the failures
+    e2ee = manager(bridge)
+    assert e2ee is not None
+    async with _late_locks.setdefault(room_id, asyncio.Lock()):
+        late = _late.get(room_id, {})
+        for event_id, (evt, failed) in list(late.items()):
+            store = e2ee.crypto.crypto_store
+            if not await store.has_group_session(room_id, evt.content.session_id):
+                continue
+            del late[event_id]
+            await asyncio.wait([failed])
+            if failed.cancelled() or failed.exception() is not None:
+                continue  # the failure was not recorded: the transaction is retried, and this
+            try:
+                decrypted = await e2ee.decrypt(evt, wait_session_timeout=0)
+            except DecryptionError as exc:
+                log.warning("event %s not decrypted late (%s)", event_id, type(exc).__name__)
+                continue
+            portal = Portal.by_mxid(room_id)
+            if portal is None:
+                continue  # unbridged meanwhile
+            # The failure record would make the portal skip the event: this is its one late try.
+            await bridge.db.execute(
+                "DELETE FROM bridge_matrix_events WHERE event_id = $1 AND failure IS NOT NULL",
+                event_id,
+            )
+            log.info("room key of event %s arrived late: bridging it now", event_id)
+            await _hand_on(bridge, portal, decrypted)
 
 
 _tasks: set[asyncio.Task[None]] = set()
@@ -276,40 +384,3 @@ def _done(task: asyncio.Task[None]) -> None:
     _tasks.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.warning("%s failed (%s)", task.get_name(), type(task.exception()).__name__)
-
-
-def _watch_late_key(
-    bridge: KalandraBridge,
-    portal: Portal,
-    evt: EncryptedEvent,
-    session_id: SessionID,
-    failed: asyncio.Future[None],
-) -> None:
-    """Bridge a message recorded as undecryptable if its key still comes (within
-    ``LATE_KEY_WAIT``, while this process runs): at the end of the portal's queue, once."""
-
-    from .portal_to_kalandra import CURRENT_SLOT
-
-    async def watch() -> None:
-        CURRENT_SLOT.set(None)  # its own place in the queue was filled by the failure
-        e2ee = manager(bridge)
-        assert e2ee is not None
-        if not await e2ee.crypto.wait_for_session(evt.room_id, session_id, LATE_KEY_WAIT):
-            return
-        try:
-            decrypted = await e2ee.decrypt(evt, wait_session_timeout=0)
-        except DecryptionError as exc:
-            log.warning("event %s not decrypted late (%s)", evt.event_id, type(exc).__name__)
-            return
-        await asyncio.wait([failed])
-        if failed.cancelled() or failed.exception() is not None:
-            return  # the failure was not recorded: the transaction is retried, and with it this
-        # The failure record would make the portal skip the event: this is its one late try.
-        await bridge.db.execute(
-            "DELETE FROM bridge_matrix_events WHERE event_id = $1 AND failure IS NOT NULL",
-            evt.event_id,
-        )
-        log.info("room key of event %s arrived late: bridging it now", evt.event_id)
-        await _hand_on(bridge, portal, decrypted)
-
-    _spawn(watch(), f"late-key-{evt.event_id}")

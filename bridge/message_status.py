@@ -7,16 +7,19 @@ be bridged (``bridge.message_status_events``) and, if asked, for every bridged o
 Successes are sent by a background task of the portal (they must not slow its queue down; one
 lost in a crash is harmless). Failures are sent before the event is recorded as failed, with
 transaction ids derived from the event id, so a replay repeats rather than duplicates them.
+In encrypted portals both are encrypted by the bot's device (mautrix's appservice intent sends
+what it is given as it is).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from mautrix.types import (
     BeeperMessageStatusEventContent,
+    EventContent,
     EventID,
     EventType,
     MessageStatus,
@@ -28,7 +31,7 @@ from mautrix.types import (
     TextMessageEventContent,
 )
 
-from . import metrics
+from . import e2ee, metrics
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
@@ -100,8 +103,8 @@ class StatusSender:
                         msgtype=MessageType.NOTICE,
                         body=f"Not bridged to Kalandra: {refusal.text}",
                     )
-                    await self.bridge.az.intent.send_message_event(
-                        room, EventType.ROOM_MESSAGE, notice, txn_id=f"kalandra-fail-{event_id}"
+                    await self._send(
+                        room, EventType.ROOM_MESSAGE, notice, f"kalandra-fail-{event_id}"
                     )
                 return
             except Exception as exc:
@@ -125,9 +128,20 @@ class StatusSender:
             error=None if refusal is None else refusal.reason.value,
             message=None if refusal is None else refusal.text,
         )
-        await self.bridge.az.intent.send_message_event(
-            room,
-            EventType.BEEPER_MESSAGE_STATUS,
-            content,
-            txn_id=f"kalandra-status-{status.value}-{event_id}",
-        )
+        txn_id = f"kalandra-status-{status.value}-{event_id}"
+        await self._send(room, EventType.BEEPER_MESSAGE_STATUS, content, txn_id)
+
+    async def _send(
+        self,
+        room: RoomID,
+        event_type: EventType,
+        content: TextMessageEventContent | BeeperMessageStatusEventContent,
+        txn_id: str,
+    ) -> None:
+        sent: EventContent = content
+        if e2ee.manager(self.bridge) is not None and await e2ee.room_is_encrypted(
+            self.bridge, room
+        ):
+            event_type, encrypted = await e2ee.encrypt(self.bridge, room, event_type, content)
+            sent = cast("EventContent", encrypted)
+        await self.bridge.az.intent.send_message_event(room, event_type, sent, txn_id=txn_id)

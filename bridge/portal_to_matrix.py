@@ -51,7 +51,7 @@ from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.client.events import Message
 
-from . import backfill, catch_up, e2ee, ephemeral, metrics, relations, room_metadata
+from . import backfill, catch_up, e2ee, ephemeral, media, metrics, relations, room_metadata
 from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
 from .portal_members import PortalMembers, RosterCheck
@@ -252,10 +252,11 @@ class PortalToMatrix(PortalMembers):
             found = await self._sent_before(puppet.mxid, message.log_index)
             if found is not None:
                 return found
-        base = matrix_content(message.content)
+        event_type, base = EventType.ROOM_MESSAGE, matrix_content(message.content)
+        if message.content.media is not None:  # the file first, uploaded by the ghost
+            event_type, base = await media.to_matrix(self, puppet.intent, message.content)
         content = (await relations.decorate(self, message.content, base)).serialize()
         content[LOG_INDEX_KEY] = message.log_index
-        event_type = EventType.ROOM_MESSAGE
         if self.row.encrypted and e2ee.manager(self.bridge) is not None:
             event_type, encrypted = await e2ee.encrypt(self.bridge, mxid, event_type, content)
             # The log index in clear as well: _sent_before must find it without decrypting.
@@ -304,7 +305,11 @@ class PortalToMatrix(PortalMembers):
             "limit": "100",
             "filter": json.dumps(
                 {
-                    "types": [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED)],
+                    "types": [
+                        str(EventType.ROOM_MESSAGE),
+                        str(EventType.ROOM_ENCRYPTED),
+                        str(EventType.STICKER),
+                    ],
                     "senders": [ghost],
                 }
             ),

@@ -5,9 +5,11 @@ Matrix user's text, the Matrix user the ghost's messages decrypted (RoomMessageT
 MegolmEvent), status events and notices for what the bridge could not decrypt, and messages
 whose room keys were lost while the bridge was down bridged once, in order, once the keys came.
 
-nio shares room keys with its own devices only; Element also answers a key request from a device
-it shared the session with before. ``answer_key_requests`` gives the test's device that
-behaviour, with nio's own Olm machinery.
+nio shares room keys with its own devices only, and keeps other users' key requests from its
+to-device callbacks (its Olm machine takes them and drops them); Element also answers a key
+request from a device it shared the session with before. ``answer_key_requests`` gives the
+test's device that behaviour, with nio's own Olm machinery, reading the requests from each sync
+response.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from nio import (
     RoomCreateResponse,
     RoomKeyRequest,
     RoomMessageText,
+    SyncResponse,
 )
 
 from kalandra_core.client.events import Message
@@ -47,6 +50,7 @@ from matrix.bridge_stack import (
 )
 
 WITHIN = 60.0
+REPORTS = {"m.room.message", "com.beeper.message_send_status"}  # the bot's failure reports
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
@@ -93,7 +97,8 @@ async def syncing(client: AsyncClient) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            await client.sync(timeout=500)
+            response = await client.sync(timeout=500)
+            await client.run_response_callbacks([response])  # as nio's sync_forever does
             await client.send_to_device_messages()
 
     task = asyncio.create_task(loop())
@@ -115,14 +120,16 @@ def answer_key_requests(
     not, so a test can answer them later with :func:`forward_key`."""
     requests: list[RoomKeyRequest] = []
 
-    async def on_request(event: RoomKeyRequest) -> None:
-        if event.sender != BOT:
-            return
-        requests.append(event)
-        if answering():
-            await forward_key(client, event)
+    async def on_sync(response: SyncResponse) -> None:
+        for event in response.to_device_events:
+            if not isinstance(event, RoomKeyRequest) or event.sender != BOT:
+                continue
+            requests.append(event)
+            if answering():
+                await forward_key(client, event)
 
-    client.add_to_device_callback(on_request, RoomKeyRequest)  # type: ignore[arg-type]
+    # Response callbacks run for the syncs of :func:`syncing`.
+    client.add_response_callback(on_sync, SyncResponse)  # type: ignore[arg-type]
     return requests
 
 
@@ -183,10 +190,6 @@ async def test_messages_both_ways_in_an_encrypted_portal(stack: BridgeStack) -> 
     await native.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built yet: the bot's room key requests do not reach the user's other device",
-)
 @pytest.mark.asyncio(loop_scope="module")
 async def test_keys_lost_while_down_are_requested_again(stack: BridgeStack) -> None:
     native = await native_client(stack)
@@ -226,10 +229,6 @@ async def test_keys_lost_while_down_are_requested_again(stack: BridgeStack) -> N
     await native.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built yet: the bot's room key requests do not reach the user's other device",
-)
 @pytest.mark.asyncio(loop_scope="module")
 async def test_undecryptable_message_fails_visibly_then_is_bridged_when_the_key_comes(
     stack: BridgeStack,
@@ -251,12 +250,25 @@ async def test_undecryptable_message_fails_visibly_then_is_bridged_when_the_key_
                     while not notices:  # noqa: ASYNC110
                         await asyncio.sleep(0.5)
             assert notices[0].startswith("Not bridged to Kalandra: the bridge could not decrypt")
+            history = await room_history(phone, portal)
+            from_bot = [
+                e
+                for e in history
+                if e.sender == BOT
+                and (
+                    e.source.get("type") == "com.beeper.message_send_status"
+                    or str(e.source.get("content", {}).get("body")).startswith("Not bridged")
+                )
+            ]
+            # The notice and the status event were encrypted too, and decrypt.
+            assert sorted(e.source["type"] for e in from_bot) == sorted(REPORTS), history
+            assert all(getattr(e, "decrypted", False) for e in from_bot), from_bot
             statuses = [
                 e.source["content"]
-                for e in await room_history(phone, portal)
-                if e.source.get("type") == "com.beeper.message_send_status"
+                for e in from_bot
+                if e.source["type"] == "com.beeper.message_send_status"
             ]
-            assert [(s["relates_to"]["event_id"], s["status"]) for s in statuses] == [
+            assert [(s["m.relates_to"]["event_id"], s["status"]) for s in statuses] == [
                 (lost, "FAIL_PERMANENT")
             ], statuses
             assert statuses[0]["reason"] == "com.beeper.undecryptable_event"

@@ -1,7 +1,7 @@
 """Relay mode and visible failures against a real Synapse: a Matrix user with only the `relay`
 permission is refused (a failure status event and a notice saying what is missing) while the
 portal does not relay, and speaks through the bot's leaf, named by the relay format, once it
-does; a message kind the bridge cannot carry yet (an image) fails the same visible way; a
+does; a message kind the bridge cannot carry (a server notice) fails the same visible way; a
 bridged message gets a success status.
 """
 
@@ -98,18 +98,18 @@ async def test_relay_off_then_on_and_unsupported_content(stack: BridgeStack) -> 
         assert "`user` permission" in notices[0]
         assert "relaying" in notices[0]
 
-        # Not supported yet: an image.
-        image = await bob.room_send(
+        # Not supported: a server notice.
+        unsupported = await bob.room_send(
             portal,
             "m.room.message",
-            {"msgtype": "m.image", "body": "cat.png", "url": "mxc://localhost/cat"},
+            {"msgtype": "m.server_notice", "body": "maintenance tonight"},
         )
-        assert isinstance(image, RoomSendResponse), image
-        status = await wait_status(bob, portal, image.event_id)
+        assert isinstance(unsupported, RoomSendResponse), unsupported
+        status = await wait_status(bob, portal, unsupported.event_id)
         assert status["status"] == "FAIL_PERMANENT"
         assert status["reason"] == "com.beeper.unsupported_event"
         await sync_until(bob, lambda: len(notices) >= 2, "the unsupported notice")
-        assert "m.image is not supported" in notices[1]
+        assert "m.server_notice is not supported" in notices[1]
 
         # Relaying on (an admin's command in the portal): through the bot's leaf, named by the
         # relay format.
@@ -129,7 +129,7 @@ async def test_relay_off_then_on_and_unsupported_content(stack: BridgeStack) -> 
         again = await say(bob, portal, "one more from relay")
         assert (await wait_status(bob, portal, again))["reason"] == "m.no_permission"
 
-        # Neither the refused messages nor the image reached Kalandra, and nothing came twice.
+        # Neither the refused messages nor the notice reached Kalandra, nothing came twice.
         await asyncio.sleep(2)
         late = [m for m in drain(native) if m.sender_id != native.core.member_id]
         assert late == []
