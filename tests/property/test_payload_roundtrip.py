@@ -70,7 +70,7 @@ def test_every_payload_type_round_trips(item: tuple[int, Payload]) -> None:
 
 
 def test_strategies_cover_every_payload_type() -> None:
-    assert len(ALL_TYPES) == 18
+    assert len(ALL_TYPES) == 22  # with the four CAS (media block) payloads
 
 
 headers = st.builds(
