@@ -304,7 +304,9 @@ class BridgeBenchStack:
         return room
 
 
-def _write_config(work: Path, hs_port: int, as_port: int, tcp_port: int, admin: str) -> None:
+def _write_config(
+    work: Path, hs_port: int, as_port: int, tcp_port: int, admin: str, encryption: bool
+) -> None:
     yaml = YAML()
     with open(EXAMPLE_CONFIG, encoding="utf-8") as fh:
         config = yaml.load(fh)
@@ -319,8 +321,9 @@ def _write_config(work: Path, hs_port: int, as_port: int, tcp_port: int, admin: 
     config["homeserver"]["domain"] = SERVER_NAME
     config["appservice"]["address"] = f"http://127.0.0.1:{as_port}"
     config["appservice"]["port"] = as_port
-    # Unencrypted portals: the benchmark measures bridging, not Megolm.
-    config["bridge"]["encryption"]["allow"] = False
+    # Unencrypted portals unless asked: bridge.py measures bridging, not Megolm; with
+    # ``encryption`` a portal is encrypted once a member turns it on (bridge_encrypted.py).
+    config["bridge"]["encryption"]["allow"] = encryption
     config["bridge"]["permissions"] = {"*": "relay", f"@{admin}:{SERVER_NAME}": "admin"}
     with open(work / "config.yaml", "w", encoding="utf-8") as fh:
         yaml.dump(config, fh)
@@ -364,14 +367,17 @@ async def _stop(stack: BridgeBenchStack) -> None:
 
 
 @asynccontextmanager
-async def bridge_bench_stack(admin: str) -> AsyncIterator[BridgeBenchStack]:
-    """Synapse + the bridge on SQLite; ``admin`` is the localpart given bridge admin rights."""
+async def bridge_bench_stack(
+    admin: str, *, encryption: bool = False
+) -> AsyncIterator[BridgeBenchStack]:
+    """Synapse + the bridge on SQLite; ``admin`` is the localpart given bridge admin rights;
+    ``encryption``: portals may be encrypted (the bot has a device)."""
     if not SYNAPSE_PYTHON.exists():
         raise SynapseMissing(f"{SYNAPSE_PYTHON} is missing")
     work = Path(tempfile.mkdtemp(prefix="kalandra-bench-bridge-"))
     try:
         hs_port, as_port, tcp_port = free_port(), free_port(), free_port()
-        _write_config(work, hs_port, as_port, tcp_port, admin)
+        _write_config(work, hs_port, as_port, tcp_port, admin, encryption)
         generate = _bridge_process(
             work, "-g", "-c", "config.yaml", "-r", "registration.yaml", log=None
         )

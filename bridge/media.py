@@ -166,6 +166,9 @@ async def _download(
     return size
 
 
+download_into = _download  # (room avatars: room_metadata.py)
+
+
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 

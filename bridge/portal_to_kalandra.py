@@ -102,7 +102,7 @@ class FromMatrix:
     reason: str = ""
     relates_to: EventID | None = None
     key: str = ""
-    meta: RoomMeta | None = None  # "meta": a name or topic change (room_metadata.py)
+    meta: RoomMeta | room_metadata.MatrixAvatar | None = None  # "meta": room_metadata.py
 
 
 class EventSlot:

@@ -19,12 +19,12 @@ from pathlib import Path
 from nacl.signing import SigningKey
 
 from ..media.blob import KINDS as MEDIA_KINDS
-from ..media.blob import MediaError
+from ..media.blob import MediaError, MediaRef
 from .content import Content
 from .core import ClientCore
 from .driver import Client, ClientError, ServerAddress
 from .events import Message
-from .room_meta import RoomMeta, meta_content
+from .room_meta import RoomMeta, check_avatar, meta_content
 from .state import ClientState
 
 DEFAULT_STATE = Path.home() / ".local" / "share" / "kalandra" / "client.db"
@@ -151,6 +151,18 @@ async def _download(client: Client, room_id: bytes, log_index: int, path: Path) 
     print(f"saved {ref.name or 'file'} ({ref.size} bytes, {ref.mimetype}) to {path}")
 
 
+async def _upload_avatar(client: Client, room_id: bytes, path: Path) -> MediaRef:
+    """The image at ``path`` stored in the room, checked as an avatar before any upload."""
+    mimetype = mimetypes.guess_type(path.name)[0] or ""
+    with open(path, "rb") as source:  # noqa: ASYNC230 (read block by block)
+        size = source.seek(0, 2)
+        source.seek(0)
+        check_avatar(MediaRef(bytes(32), bytes(32), size, mimetype, path.name, "image"))
+        return await client.upload_media(
+            room_id, source, mimetype=mimetype, name=path.name, kind="image"
+        )
+
+
 def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
     command = args.client_command
 
@@ -187,6 +199,13 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
             meta = RoomMeta(name=text) if command == "set-name" else RoomMeta(topic=text)
             index = await client.send(room_id, meta_content(meta))
             print(f"{command.removeprefix('set-')} changed at log index {index}")
+        elif command in ("set-avatar", "remove-avatar"):
+            room_id = _room(client, args.room)
+            meta = RoomMeta(remove_avatar=True)
+            if command == "set-avatar":
+                meta = RoomMeta(avatar=await _upload_avatar(client, room_id, Path(args.path)))
+            index = await client.send(room_id, meta_content(meta))
+            print(f"avatar changed at log index {index}")
         elif command == "send-file":
             room_id = _room(client, args.room)
             path = Path(args.path)
@@ -281,6 +300,10 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p = parser(name, f"{text} (end-to-end encrypted, as members see it)")
         p.add_argument("room")
         p.add_argument("text", nargs="+")
+    p = parser("set-avatar", "set a room's avatar from an image file (end-to-end encrypted)")
+    p.add_argument("room")
+    p.add_argument("path")
+    parser("remove-avatar", "remove a room's avatar").add_argument("room")
     for name, text in (("history", "print recent messages"), ("tail", "follow a room")):
         p = parser(name, text)
         p.add_argument("room")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..media.blob import MediaRef
 from ..proto import Frame
 from .content import Content
 
@@ -136,8 +137,8 @@ class Typing:
 
 @dataclass(frozen=True, slots=True)
 class RoomMetaChanged:
-    """A logged room metadata change (room_meta.py), applied: ``name``/``topic`` are the
-    room's values after it; ``changed`` names the fields this entry set."""
+    """A logged room metadata change (room_meta.py), applied: ``name``/``topic``/``avatar``
+    are the room's values after it; ``changed`` names the fields this entry set."""
 
     room_id: bytes
     sender_id: int
@@ -146,6 +147,7 @@ class RoomMetaChanged:
     name: str
     topic: str
     changed: tuple[str, ...]
+    avatar: MediaRef | None = None  # (None: the room has no avatar)
 
 
 @dataclass(frozen=True, slots=True)

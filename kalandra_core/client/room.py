@@ -8,6 +8,7 @@ from typing import Any
 import cbor2
 
 from ..crypto import SenderKeyStore
+from ..media.blob import MediaRef
 from ..mls.group import MlsGroup
 from ..mls.update_tracker import UpdatePolicy, UpdateTracker
 from ..proto import Frame
@@ -91,9 +92,10 @@ class ClientRoom:
         self._roster: dict[int, tuple[int, bytes]] | None = None
         # Post-compromise security: when our leaf is due for a fresh key (DESIGN section 4).
         self.updates = UpdateTracker(policy, now)
-        # Name and topic as the members agree on them (room_meta.py; "" until known).
+        # Name, topic and avatar as the members agree on them (room_meta.py; unset until known).
         self.name = ""
         self.topic = ""
+        self.avatar: MediaRef | None = None
 
     @property
     def epoch(self) -> int:
@@ -145,6 +147,7 @@ class ClientRoom:
                 ],
                 "name": self.name,
                 "topic": self.topic,
+                "avatar": None if self.avatar is None else self.avatar.to_cbor(),
             }
         )
 
@@ -170,4 +173,6 @@ class ClientRoom:
         room.updates = UpdateTracker.from_state(UpdatePolicy(messages, seconds), tracker)
         room.name = str(state.get("name", ""))  # (absent in states saved before metadata)
         room.topic = str(state.get("topic", ""))
+        avatar = state.get("avatar")
+        room.avatar = MediaRef.from_cbor(avatar) if isinstance(avatar, dict) else None
         return room

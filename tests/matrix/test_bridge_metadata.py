@@ -1,8 +1,9 @@
-"""Room name and topic both ways, against a real Synapse: a native member's change shows in the
-portal (sent by the bot while the member's ghost lacks the power, by the ghost once the room
-gives it), a Matrix user's change reaches native members as the room's new name and topic
-(from the user's own Kalandra member), nothing bounces back, and a portal opened after a change
-starts with the changed name.
+"""Room name, topic and avatar both ways, against a real Synapse: a native member's change
+shows in the portal (sent by the bot while the member's ghost lacks the power, by the ghost once
+the room gives it), a Matrix user's change reaches native members as the room's new name and
+topic (from the user's own Kalandra member), nothing bounces back, and a portal opened after a
+change starts with the changed name. An avatar arrives as the exact image bytes either way, and
+its removal too.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from matrix.bridge_stack import (
     room_history,
 )
 from matrix.test_bridge_epochs import BOT_NAME, bridged_member
+from matrix.test_bridge_media import download, png, upload
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -154,3 +156,85 @@ async def test_a_new_portal_starts_with_the_latest_name(stack: BridgeStack) -> N
         content = await state_of(alice, portal, "m.room.name")
         assert content.get("name") == "Changed before the portal"
     await owner.close()
+
+
+async def avatar_events(client: AsyncClient, room_id: str) -> list[tuple[dict[str, Any], str]]:
+    """(content, sender) of the room's m.room.avatar events, oldest first."""
+    return [
+        (event.source.get("content", {}), event.source["sender"])
+        for event in await room_history(client, room_id)
+        if event.source.get("type") == "m.room.avatar"
+    ]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_native_avatar_shows_in_the_portal(stack: BridgeStack) -> None:
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "avatar natively")
+        room_id = bytes.fromhex(room_hex)
+        image = png(48, 32)
+        ref = await native.upload_media(
+            room_id,
+            image,
+            mimetype="image/png",
+            name="logo.png",
+            kind="image",
+            width=48,
+            height=32,
+        )
+        await native.send(room_id, meta_content(RoomMeta(avatar=ref)))
+
+        async def shown() -> dict[str, Any] | None:
+            found = await avatar_events(alice, portal)
+            return found[-1][0] if found and found[-1][0].get("url") else None
+
+        content = await wait_until(shown, "the avatar in the portal")
+        # The exact bytes, with their info; the bot sends it (the ghost lacks the power).
+        assert await download(alice, content["url"]) == image
+        assert content["info"] == {"mimetype": "image/png", "size": len(image), "w": 48, "h": 32}
+        assert native.core.rooms[room_id].avatar == ref
+
+        await native.send(room_id, meta_content(RoomMeta(remove_avatar=True)))
+
+        async def removed() -> bool:
+            found = await avatar_events(alice, portal)
+            return len(found) == 2 and not found[-1][0].get("url")
+
+        await wait_until(removed, "the avatar removed")
+        await asyncio.sleep(2)
+        # Each change once, by the bot: nothing came back from Matrix as a second change.
+        assert [sender for _, sender in await avatar_events(alice, portal)] == [BOT, BOT]
+        assert native.core.rooms[room_id].avatar is None
+    await native.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_matrix_avatar_reaches_native_members(stack: BridgeStack) -> None:
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "avatar from matrix")
+        room_id = bytes.fromhex(room_hex)
+        image = png(20, 30)
+        uri = await upload(alice, image, "image/png", "face.png")
+        await alice.room_put_state(
+            portal, "m.room.avatar", {"url": uri, "info": {"mimetype": "image/png"}}
+        )
+        changed = await next_meta(native, room_id)
+        puppet = await bridged_member(stack, alice.user_id)
+        assert (changed.sender_id, changed.changed) == (puppet, ("avatar",))
+        assert changed.avatar is not None
+        assert (changed.avatar.kind, changed.avatar.mimetype) == ("image", "image/png")
+        assert await native.download_media(room_id, changed.avatar) == image
+        assert native.core.rooms[room_id].avatar == changed.avatar
+
+        await alice.room_put_state(portal, "m.room.avatar", {})
+        changed = await next_meta(native, room_id)
+        assert (changed.sender_id, changed.changed, changed.avatar) == (puppet, ("avatar",), None)
+        await asyncio.sleep(2)
+        # No echo: the portal's avatar events are alice's two.
+        assert [sender for _, sender in await avatar_events(alice, portal)] == [
+            alice.user_id,
+            alice.user_id,
+        ]
+    await native.close()
