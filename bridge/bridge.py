@@ -50,6 +50,7 @@ class KalandraBridge(Bridge):
     kalandra: RunningServer | None = None
     bot: KalandraBot
     matrix_ready: asyncio.Event  # set once the homeserver connection is checked
+    e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]
 
     @property
@@ -116,6 +117,7 @@ class KalandraBridge(Bridge):
         await migrations.upgrade(core.database)
         self.kalandra = await start_server(core.server)
         await super().start()
+        await e2ee.self_sign(self)
         self.matrix_ready.set()
         e2ee.refresh_device_lists(self)  # device changes while the bridge was down
         # Portals whose Matrix room was not finished before a stop (found by alias or made).

@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from mautrix.crypto import StateStore
@@ -112,6 +114,10 @@ def install(bridge: KalandraBridge) -> None:
     if e2ee is None:
         return
     assert e2ee.crypto_db is not None
+    # mautrix would log the recovery key of the bot's new cross-signing keys: we do that step
+    # ourselves after its start (self_sign below), with the key in a file, not in the log.
+    bridge.e2ee_self_sign = e2ee.self_sign
+    e2ee.self_sign = False
     store = CryptoStateStore(e2ee.crypto_db)
     e2ee.state_store = store
     e2ee.crypto.state_store = store
@@ -384,3 +390,37 @@ def _done(task: asyncio.Task[None]) -> None:
     _tasks.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.warning("%s failed (%s)", task.get_name(), type(task.exception()).__name__)
+
+
+RECOVERY_KEY_FILE = "bot-recovery-key.txt"
+
+
+async def self_sign(bridge: KalandraBridge) -> None:
+    """With ``bridge.encryption.self_sign``: give the bot cross-signing keys (kept in its
+    server-side secret storage) and sign its device with them, once. The recovery key of that
+    storage goes to ``<server.data_dir>/bot-recovery-key.txt`` (mode 0600), never to the log."""
+    e2ee = manager(bridge)
+    if e2ee is None or not bridge.e2ee_self_sign:
+        return
+    if await _device_cross_signed(e2ee):
+        log.debug("the bot's device is cross-signed already")
+        return
+    recovery_key = await e2ee.crypto.generate_recovery_key()
+    path = Path(bridge.config.core.server.data_dir) / RECOVERY_KEY_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(recovery_key + "\n")
+    log.info("the bot's device is cross-signed; the recovery key is in %s", path)
+
+
+async def _device_cross_signed(e2ee: EncryptionManager) -> bool:
+    """Whether the homeserver has the bot's self-signing key and the device's signature by it
+    (asked each start: the local trust cache may not know the keys yet after a restart)."""
+    client = e2ee.client
+    me, device_id = client.mxid, client.device_id
+    keys = await client.query_keys({me: [device_id]})
+    self_signing = keys.self_signing_keys.get(me)
+    device = keys.device_keys.get(me, {}).get(device_id)
+    if self_signing is None or device is None:
+        return False
+    return any(key_id in device.signatures.get(me, {}) for key_id in self_signing.keys)
