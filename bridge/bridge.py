@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
 from typing import Any
 
@@ -113,6 +114,12 @@ class KalandraBridge(Bridge):
 
     async def start(self) -> None:
         diagnostics.install()  # kill -USR1: what every task waits on, in the log
+        # mautrix turns SIGTERM/SIGINT into a KeyboardInterrupt raised wherever the loop is,
+        # which can land inside a task (a traceback at exit, a task cut mid-step). A stop
+        # request through the loop instead: the same orderly stop, nothing interrupted.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop_requested)
         core = self.config.core
         await migrations.upgrade(core.database)
         self.kalandra = await start_server(core.server)
@@ -124,6 +131,10 @@ class KalandraBridge(Bridge):
         for portal in list(Portal.by_room.values()):
             if portal.mxid is None:
                 await portal.ensure_matrix_room(invite=[])
+
+    def _stop_requested(self) -> None:
+        if not self._stop_task.done():
+            self.manual_stop(0)
 
     async def start_db(self) -> None:
         await super().start_db()
