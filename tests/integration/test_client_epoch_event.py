@@ -4,33 +4,12 @@ later commits of the same catch-up were applied (what the bridge mirrors per epo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
 from nacl.signing import SigningKey
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
-from kalandra_core.server.app import RunningServer, start_server
-from kalandra_core.server.config import ServerConfig
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    running = await start_server(
-        ServerConfig(
-            database=f"sqlite:///{tmp_path / 'k.db'}",
-            tcp_port=0,
-            quic_port=None,
-            data_dir=tmp_path,
-        )
-    )
-    try:
-        yield running
-    finally:
-        await running.close()
+from kalandra_core.server.app import RunningServer
 
 
 async def make_client(server: RunningServer, name: str) -> Client:

@@ -5,11 +5,9 @@ the log after a reconnect while typing does not; a plain ClientCore in the room 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
-import pytest
 from nacl.signing import SigningKey
 
 from kalandra_core.client import events as ev
@@ -17,27 +15,10 @@ from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore, mark_read, react, set_typing
-from kalandra_core.server.app import RunningServer, start_server
-from kalandra_core.server.config import ServerConfig
+from kalandra_core.server.app import RunningServer
 
 E = TypeVar("E")
 WITHIN = 15.0
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    running = await start_server(
-        ServerConfig(
-            database=f"sqlite:///{tmp_path / 'k.db'}",
-            tcp_port=0,
-            quic_port=None,
-            data_dir=tmp_path,
-        )
-    )
-    try:
-        yield running
-    finally:
-        await running.close()
 
 
 async def make_client(server: RunningServer, name: str, *, extended: bool = True) -> Client:

@@ -6,29 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from kalandra_core.server.app import RunningServer, start_server
-from kalandra_core.server.config import ServerConfig
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    running = await start_server(
-        ServerConfig(
-            database=f"sqlite:///{tmp_path / 'k.db'}",
-            tcp_port=0,
-            quic_port=None,
-            data_dir=tmp_path,
-        )
-    )
-    try:
-        yield running
-    finally:
-        await running.close()
+from kalandra_core.server.app import RunningServer
 
 
 async def kalandra(state: Path, *args: str, ok: bool = True) -> str:
