@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,8 @@ from bridge.devstack.synapse import SERVER_NAME, SYNAPSE_PYTHON, Synapse, free_p
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.storage.sql import SqlStore
+
+from .common import Results
 
 REPO = Path(__file__).resolve().parents[1]
 BOT = f"@kalandrabot:{SERVER_NAME}"
@@ -409,3 +411,25 @@ __all__ = [
     "bot_command",
     "bridge_bench_stack",
 ]
+
+
+Measure = Callable[["BridgeBenchStack", str, bool], Awaitable[Results]]
+
+
+def run_on_stack(name: str, measure: Measure, quick: bool, *, encryption: bool = False) -> Results:
+    """``measure(stack, admin localpart, quick)`` on a fresh stack; without Synapse installed,
+    the benchmark says it was skipped and why, and gives no figures."""
+
+    async def main() -> Results:
+        admin = f"benchadmin_{secrets.token_hex(3)}"
+        try:
+            async with bridge_bench_stack(admin, encryption=encryption) as stack:
+                return await measure(stack, admin, quick)
+        except SynapseMissing as exc:
+            print(
+                f"{name}: SKIPPED, Synapse is not installed ({exc}); "
+                "`bash bridge/devstack/install_synapse.sh` installs it"
+            )
+            return Results()
+
+    return asyncio.run(main())

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client
 
-from ._bridge_stack import BridgeBenchStack, MatrixUser, SynapseMissing, bridge_bench_stack
+from ._bridge_stack import BridgeBenchStack, MatrixUser, run_on_stack
 from .common import Distribution, Figure, Results
 
 RATE_TARGET = 0.90  # bridge rate / Synapse's sequential send rate
@@ -464,18 +464,5 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     return Results(figures, distributions)
 
 
-async def _main(quick: bool) -> Results:
-    admin = f"benchadmin_{secrets.token_hex(3)}"
-    try:
-        async with bridge_bench_stack(admin) as stack:
-            return await _measure(stack, admin, quick)
-    except SynapseMissing as exc:
-        print(
-            f"bridge: SKIPPED, Synapse is not installed ({exc}); "
-            "`bash bridge/devstack/install_synapse.sh` installs it"
-        )
-        return Results()
-
-
 def run(quick: bool) -> Results:
-    return asyncio.run(_main(quick))
+    return run_on_stack("bridge", _measure, quick)

@@ -46,7 +46,7 @@ from nio.store import SqliteMemoryStore  # type: ignore[import-untyped]
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client
 
-from ._bridge_stack import PASSWORD, BridgeBenchStack, SynapseMissing, bridge_bench_stack
+from ._bridge_stack import PASSWORD, BridgeBenchStack, run_on_stack
 from .bridge import WARMUP, Arrivals, Run, _body, _drain, _ghost_rate, _native_receiver
 from .common import Figure, Results
 
@@ -254,18 +254,5 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     return Results(figures)
 
 
-async def _main(quick: bool) -> Results:
-    admin = f"benchadmin_{secrets.token_hex(3)}"
-    try:
-        async with bridge_bench_stack(admin, encryption=True) as stack:
-            return await _measure(stack, admin, quick)
-    except SynapseMissing as exc:
-        print(
-            f"bridge-encrypted: SKIPPED, Synapse is not installed ({exc}); "
-            "`bash bridge/devstack/install_synapse.sh` installs it"
-        )
-        return Results()
-
-
 def run(quick: bool) -> Results:
-    return asyncio.run(_main(quick))
+    return run_on_stack("bridge-encrypted", _measure, quick, encryption=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client
 
-from ._bridge_stack import BridgeBenchStack, MatrixUser, SynapseMissing, bridge_bench_stack
+from ._bridge_stack import BridgeBenchStack, MatrixUser, run_on_stack
 from .common import Figure, Results
 
 MIB = 1024 * 1024
@@ -141,18 +141,5 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     )
 
 
-async def _main(quick: bool) -> Results:
-    admin = f"benchadmin_{secrets.token_hex(3)}"
-    try:
-        async with bridge_bench_stack(admin) as stack:
-            return await _measure(stack, admin, quick)
-    except SynapseMissing as exc:
-        print(
-            f"bridge-media: SKIPPED, Synapse is not installed ({exc}); "
-            "`bash bridge/devstack/install_synapse.sh` installs it"
-        )
-        return Results()
-
-
 def run(quick: bool) -> Results:
-    return asyncio.run(_main(quick))
+    return run_on_stack("bridge-media", _measure, quick)
