@@ -4,27 +4,11 @@ later commits of the same catch-up were applied (what the bridge mirrors per epo
 
 from __future__ import annotations
 
-from nacl.signing import SigningKey
+from client_helpers import make_client
 
 from kalandra_core.client import events as ev
-from kalandra_core.client.core import ClientCore
-from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.client.driver import Client
 from kalandra_core.server.app import RunningServer
-
-
-async def make_client(server: RunningServer, name: str) -> Client:
-    account = await server.store.create_member(name)
-    token = await server.store.issue_token(account.member_id)
-    assert server.tcp_port is not None
-    client = Client(
-        ClientCore(account.member_id, bytes(SigningKey.generate())),
-        ServerAddress("tcp", "127.0.0.1", server.tcp_port),
-        token,
-        reconnect=False,
-    )
-    await client.connect()
-    await client.publish_key_packages(1)
-    return client
 
 
 async def test_epoch_changed_carries_its_commit(server: RunningServer) -> None:

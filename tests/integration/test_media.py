@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from nacl.signing import SigningKey
+from client_helpers import make_client
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.content import Content
-from kalandra_core.client.core import ClientCore
-from kalandra_core.client.driver import Client, ClientError, ServerAddress
+from kalandra_core.client.driver import Client, ClientError
 from kalandra_core.client.media import _Transfer, missing
 from kalandra_core.media import BLOCK_SIZE, MAX_BLOCK, BlobEncryptor, MediaError, block_hash
 from kalandra_core.proto import ErrorCode, Opcode
@@ -52,21 +51,6 @@ async def server(db_url: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await running.close()
-
-
-async def make_client(server: RunningServer, name: str) -> Client:
-    account = await server.store.create_member(name)
-    token = await server.store.issue_token(account.member_id)
-    assert server.tcp_port is not None
-    client = Client(
-        ClientCore(account.member_id, bytes(SigningKey.generate())),
-        ServerAddress("tcp", "127.0.0.1", server.tcp_port),
-        token,
-        reconnect=False,
-    )
-    await client.connect()
-    await client.publish_key_packages(1)
-    return client
 
 
 async def room_of_two(server: RunningServer) -> tuple[Client, Client, bytes]:
