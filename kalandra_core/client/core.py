@@ -43,7 +43,6 @@ from ..proto import (
     Frame,
     FrameHeader,
     GroupInfoData,
-    Hello,
     HelloReply,
     Kick,
     Opcode,
@@ -58,6 +57,7 @@ from ..proto import (
     sign_header,
     verify_header,
 )
+from ..proto.hello_proof import signed_hello
 from ..proto.hlc import HybridClock
 from . import events as ev
 from . import pacing, room_meta
@@ -128,6 +128,7 @@ class ClientCore:
         epoch: int | None = None,
         request_id: int | None = None,
         sign: bool = True,
+        hlc: int | None = None,
     ) -> tuple[int, bytes]:
         rid = self._request_id() if request_id is None else request_id
         header = FrameHeader(
@@ -136,7 +137,7 @@ class ClientCore:
             room_id=room.room_int if room is not None else room_int,
             sender_id=self.member_id,
             context_id=context_id,
-            hlc_timestamp=self._hlc.tick(int(self.clock() * 1000)),
+            hlc_timestamp=self._hlc.tick(int(self.clock() * 1000)) if hlc is None else hlc,
             epoch=(room.epoch if room is not None else 0) if epoch is None else epoch,
         )
         frame = Frame.build(header, payload)
@@ -145,8 +146,11 @@ class ClientCore:
         return rid, frame.encode()
 
     def hello(self, token: str) -> bytes:
-        hello = Hello(auth_token=token.encode(), signature_key=bytes(self._signer.verify_key))
-        return self._frame(Opcode.HELLO, hello, sign=False)[1]
+        """The Hello frame: the token (or login code) and the proof that we hold our key, bound
+        to this Hello's timestamp (the server refuses it again, or late)."""
+        hlc = self._hlc.tick(int(self.clock() * 1000))
+        hello = signed_hello(token.encode(), self._signer, hlc)
+        return self._frame(Opcode.HELLO, hello, sign=False, hlc=hlc)[1]
 
     def hello_reply(self, reply: HelloReply) -> None:
         if self.member_id == 0 and reply.member_id:

@@ -173,6 +173,12 @@ class Client:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def token(self) -> str:
+        """The credential the next Hello uses: the device token, once a login code was
+        exchanged for one."""
+        return self._token
+
     # --- connection --------------------------------------------------------------------------
 
     async def connect(self) -> None:
@@ -188,6 +194,9 @@ class Client:
         payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
         assert isinstance(payload, HelloReply)
         self.core.hello_reply(payload)
+        if payload.device_token:
+            # A login code was redeemed (it works once): reconnect with this token from now on.
+            self._token = payload.device_token
         self._connected.set()
         if self.keepalive is not None and self._keepalive_task is None:
             self._keepalive_task = asyncio.create_task(self._keepalive_loop())

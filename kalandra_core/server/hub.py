@@ -29,6 +29,7 @@ from ..proto import (
     SyncResponse,
     decode_payload,
 )
+from ..proto.hello_proof import ReplayCache
 from ..proto.hlc import skew_ms
 from ..proto.payloads import GroupInfoData
 from ..storage.base import AlreadyExists, Handshake, Role, Room, RoomMember, Store
@@ -82,6 +83,8 @@ class Hub:
         self.rooms: dict[bytes, RoomWorker] = {}
         self._room_lock = asyncio.Lock()
         self._keys: dict[int, VerifyKey] = {}
+        # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
+        self.hello_replays = ReplayCache(config.limits.max_clock_skew_ms)
         self._sweeper: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
