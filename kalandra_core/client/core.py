@@ -33,7 +33,7 @@ from ..crypto import SenderKeyError
 from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
 from ..mls.group import Handshake, MlsGroup
 from ..mls.inspect import inspect_handshake
-from ..mls.keypackage import KeyPackageBundle, build_key_package
+from ..mls.keypackage import KeyPackageBundle, build_key_package, bundle_is_last_resort
 from ..mls.update_tracker import UpdatePolicy
 from ..proto import (
     Ban,
@@ -210,11 +210,17 @@ class ClientCore:
         rid, data = self._frame(Opcode.GROUP_INFO, payload, room=room)
         return room_id, rid, data
 
-    def key_packages(self, count: int) -> list[bytes]:
-        """Fresh KeyPackages to publish; their private parts wait here for a Welcome."""
+    def key_packages(self, count: int, *, last_resort: bool = False) -> list[bytes]:
+        """Fresh KeyPackages to publish; their private parts wait here for a Welcome. With
+        ``last_resort``, one more flagged as the last-resort one unless we hold one already
+        (the server hands it out, never consumed, once the others are gone)."""
         out = []
         for _ in range(count):
             bundle = build_key_package(self.member_id, self.signing_key)
+            self.bundles[bundle.ref] = bundle
+            out.append(bundle.key_package)
+        if last_resort and not any(bundle_is_last_resort(b) for b in self.bundles.values()):
+            bundle = build_key_package(self.member_id, self.signing_key, last_resort=True)
             self.bundles[bundle.ref] = bundle
             out.append(bundle.key_package)
         return out
@@ -556,7 +562,8 @@ class ClientCore:
                 group = MlsGroup.join(frame.payload, bundle, handshake=self.handshake)
             except InvalidMlsMessage:
                 continue
-            del self.bundles[ref]  # a KeyPackage is single-use
+            if not bundle_is_last_resort(bundle):
+                del self.bundles[ref]  # a KeyPackage is single-use, but the last-resort one
             break
         if group is None:
             return [

@@ -415,9 +415,11 @@ class Client:
             self.state.save(self.core, {room_id})
         return room_id
 
-    async def publish_key_packages(self, count: int = 5) -> int:
+    async def publish_key_packages(self, count: int = 5, *, last_resort: bool = True) -> int:
+        """Publish ``count`` KeyPackages, and a last-resort one if we have none yet; returns
+        how many (not counting the last-resort one) the server now holds for us."""
         stored = 0
-        for kp in self.core.key_packages(count):
+        for kp in self.core.key_packages(count, last_resort=last_resort):
             rid = self.core._request_id()
             data = self.core._frame(Opcode.KEY_PACKAGE, kp, request_id=rid, sign=False)[1]
             reply = await self._await(rid, data)
