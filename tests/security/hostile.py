@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from nacl.signing import SigningKey
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
@@ -32,6 +35,8 @@ from kalandra_core.proto import (
 from kalandra_core.server.app import RunningServer
 from kalandra_core.server.tcp import connect_tcp
 from kalandra_core.server.transport import FrameSink
+from kalandra_core.storage import schema
+from kalandra_core.storage.urls import sqlalchemy_url
 
 TIMEOUT = 15.0  # any single wait (a loaded 2-core machine); never a timing assertion
 
@@ -171,6 +176,28 @@ class Raw:
         if self.sink is not None:
             self.sink.close("test done")
 
+    async def stream(self, total: int, chunk: bytes) -> int:
+        """Write ``chunk`` repeatedly, ``total`` bytes at most, as fast as the socket takes it
+        (a payload being uploaded), until the server closes the connection; bytes written."""
+        sent = 0
+        while sent < total and not self.closed.is_set():
+            assert self.sink is not None
+            if self.sink.buffered > len(chunk):  # let the kernel take what is queued first
+                await asyncio.sleep(0.001)
+                continue
+            part = chunk[: total - sent]
+            if not self.sink.send(part):
+                break
+            sent += len(part)
+        return sent
+
+
+def header_bytes(opcode: int, payload_size: int, request_id: int = 7) -> bytes:
+    """A header whose payload_size is whatever we say (past what FrameHeader would build)."""
+    raw_header = bytearray(FrameHeader(opcode, request_id=request_id).to_bytes())
+    struct.pack_into(">I", raw_header, 12, payload_size)
+    return bytes(raw_header)
+
 
 def error_of(frame: Frame) -> ErrorPayload:
     payload = decode_payload(Opcode.ERROR, frame.payload)
@@ -178,11 +205,13 @@ def error_of(frame: Frame) -> ErrorPayload:
     return payload
 
 
-async def raw(server: RunningServer, *, hello_as: Account | None = None) -> Raw:
-    """A raw TCP connection; with ``hello_as``, already authenticated as that account."""
+async def raw(server: RunningServer | int, *, hello_as: Account | None = None) -> Raw:
+    """A raw TCP connection to ``server`` (or to that port of this host); with ``hello_as``,
+    already authenticated as that account."""
     conn = Raw()
-    assert server.tcp_port is not None
-    conn.sink = await connect_tcp("127.0.0.1", server.tcp_port, lambda _sink: conn)
+    port = server if isinstance(server, int) else server.tcp_port
+    assert port is not None
+    conn.sink = await connect_tcp("127.0.0.1", port, lambda _sink: conn)
     if hello_as is not None:
         await conn.hello(hello_as)
     return conn
@@ -227,6 +256,28 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         }
     finally:
         con.close()
+
+
+async def rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the server's database, on either engine."""
+    engine = create_async_engine(sqlalchemy_url(url))
+    try:
+        async with engine.connect() as conn:
+            out: dict[str, list[tuple[Any, ...]]] = {}
+            for table in schema.metadata.sorted_tables:
+                result = await conn.execute(sa.select(table))
+                out[table.name] = sorted((tuple(r) for r in result), key=repr)
+            return out
+    finally:
+        await engine.dispose()
+
+
+def peak_rss(pid: int) -> int:
+    """The most memory (bytes) process ``pid`` has ever had resident (Linux's VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc")
 
 
 async def quiesce(server: RunningServer, room_id: bytes, *clients: Client) -> None:
