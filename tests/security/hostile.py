@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.mls.group import Handshake
 from kalandra_core.proto import (
     EncryptedMessage,
     ErrorCode,
@@ -53,11 +54,14 @@ async def account(server: RunningServer, name: str) -> Account:
     return Account(member.member_id, await server.store.issue_token(member.member_id))
 
 
-async def client(server: RunningServer, who: Account) -> Client:
-    """A real native client (the library's own), logged in as ``who`` over TCP."""
+async def client(
+    server: RunningServer, who: Account, handshake: Handshake = Handshake.PUBLIC
+) -> Client:
+    """A real native client (the library's own), logged in as ``who`` over TCP; its rooms
+    take handshakes as ``handshake`` (public: the server follows the roster)."""
     assert server.tcp_port is not None
     c = Client(
-        ClientCore(who.member_id, bytes(who.key)),
+        ClientCore(who.member_id, bytes(who.key), handshake=handshake),
         ServerAddress("tcp", "127.0.0.1", server.tcp_port),
         who.token,
         reconnect=False,
