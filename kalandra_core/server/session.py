@@ -54,7 +54,6 @@ VERIFY_BATCH = 128
 # other header (a larger payload, another opcode) is refused before its payload is read, and
 # the connection closed, so unauthenticated peers cannot make the server buffer anything.
 PRE_HELLO_MAX_PAYLOAD: Final = 8 * 1024
-_PRE_HELLO_LIMIT: Final = ReadLimit(PRE_HELLO_MAX_PAYLOAD, _SESSION_OPCODES)
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -86,6 +85,9 @@ class ServerSession:
         # Authenticated: a payload over max_payload_size is skipped unread (QUOTA_EXCEEDED) and
         # the session goes on.
         self._read_limit = ReadLimit(limits.max_payload_size, None, skip_oversized=True)
+        self._pre_hello_limit = ReadLimit(
+            min(PRE_HELLO_MAX_PAYLOAD, limits.max_payload_size), _SESSION_OPCODES
+        )
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
 
@@ -97,7 +99,7 @@ class ServerSession:
 
     def read_limit(self) -> ReadLimit:
         """What the transport may read next (asked at each header, before its payload)."""
-        return self._read_limit if self.authenticated else _PRE_HELLO_LIMIT
+        return self._read_limit if self.authenticated else self._pre_hello_limit
 
     def protocol_error(self, error: ProtocolError) -> None:
         if isinstance(error, FrameRefused):
