@@ -84,6 +84,7 @@ OPTIONS: Final = (
         )
     ),
     "server.media.max_size",
+    "server.media.quota_per_member",
     *(
         f"homeserver.{key}"
         for key in (

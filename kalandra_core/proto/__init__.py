@@ -47,7 +47,7 @@ from .payloads import (
     payload_from_json,
 )
 from .signing import sign_frame, sign_header, verify_header
-from .stream import FrameDecoder
+from .stream import FrameDecoder, FrameRefused, ReadLimit, SkippedFrame
 
 __all__ = [
     "HEADER_SIZE",
@@ -64,6 +64,7 @@ __all__ = [
     "Frame",
     "FrameDecoder",
     "FrameHeader",
+    "FrameRefused",
     "FrameTooShort",
     "FrameTruncated",
     "Goodbye",
@@ -84,9 +85,11 @@ __all__ = [
     "PushKey",
     "RawPayload",
     "Reaction",
+    "ReadLimit",
     "Receipt",
     "ReceiptKind",
     "Redact",
+    "SkippedFrame",
     "SyncRequest",
     "SyncResponse",
     "Unban",

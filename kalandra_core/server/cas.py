@@ -3,8 +3,10 @@
 Blocks are opaque ciphertext (see :mod:`kalandra_core.media`); they are not sequenced, so the
 session answers them directly, in its arrival order. Only members of the room (not removed,
 not banned) may use its blocks; a block is refused when its BLAKE3 hash does not match, when
-it is larger than an encrypted 256 KiB block, or when the blob it belongs to is declared larger
-than ``server.media.max_size``. Every refusal is an Error frame echoing the request id.
+it is larger than an encrypted 256 KiB block, when the blob it belongs to is declared larger
+than ``server.media.max_size``, or when it would take its uploader past
+``server.media.quota_per_member`` (see MediaConfig for how usage is counted). Every refusal is
+an Error frame echoing the request id.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 from ..media.blob import MAX_BLOCK, block_hash
 from ..proto import ErrorCode, Frame, Opcode, PayloadDecodeError
 from ..proto.payloads import CasBlock, CasHashes, decode_payload
-from ..storage.base import NotFound, Role
+from ..storage.base import NotFound, OverQuota, Role
 from . import replies
 
 if TYPE_CHECKING:
@@ -106,9 +108,20 @@ async def _put(hub: Hub, session: ServerSession, frame: Frame, put: CasBlock) ->
     if block_hash(data) != put.hash:
         session.reject(frame, ErrorCode.INVALID_PAYLOAD, "block does not match its hash")
         return
+    quota = hub.config.media.quota_per_member or None
     try:
-        await hub.store.media_put(frame.header.room_id_bytes, put.hash, data, session.member_id)
+        await hub.store.media_put(
+            frame.header.room_id_bytes, put.hash, data, session.member_id, quota
+        )
     except NotFound:
         session.reject(frame, ErrorCode.ROOM_NOT_FOUND, "room not found")
+        return
+    except OverQuota as exc:
+        session.reject(
+            frame,
+            ErrorCode.QUOTA_EXCEEDED,
+            f"media quota of {exc.quota} bytes per member reached: you hold {exc.used} bytes "
+            f"and this block is {exc.size}; delete media to make room",
+        )
         return
     session.send(replies.answer(frame.header, Opcode.CAS_PUT, CasBlock(hash=put.hash)))

@@ -28,9 +28,15 @@ class Limits:
 
 @dataclass(slots=True)
 class MediaConfig:
-    """``server.media``: the largest file (plaintext bytes) a client may upload."""
+    """``server.media``: the largest file (plaintext bytes) a client may upload, and the
+    encrypted bytes one member may keep stored (``quota_per_member``; 0: no quota). A member's
+    usage is the size of every block it references, once per room: a block shared with
+    others counts in full for each holder (each reference keeps it stored), putting a block
+    it already holds in that room costs nothing, and a deletion (its own, or a moderator's
+    of its blocks) frees the bytes at once."""
 
     max_size: int = 100 * 1024 * 1024
+    quota_per_member: int = 1024 * 1024 * 1024
 
 
 @dataclass(slots=True)

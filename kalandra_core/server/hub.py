@@ -141,7 +141,10 @@ class Hub:
         # Kept until the member shows it joined (its first sync of that room, see _sync): a
         # Welcome handed to a connection that then died must not be lost.
         for welcome in await self.store.pending_welcomes(session.member_id):
-            session.send(welcome.frame)
+            # Not to a member kicked, banned or removed since: a Welcome reads the room too.
+            worker = await self.room(welcome.room_id)
+            if worker is not None and worker.sequencer.is_member(session.member_id):
+                session.send(welcome.frame)
 
     async def signature_key(self, member_id: int) -> VerifyKey | None:
         key = self._keys.get(member_id)
@@ -300,10 +303,16 @@ class Hub:
             session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
             return
         seq = worker.sequencer
-        member = seq.members.get(session.member_id)
-        if member is None or seq.is_banned(session.member_id, int(self.clock() * 1000)):
+        # A kicked or banned member (REMOVED, its leaf maybe still in the tree) reads nothing
+        # from the moment its Kick/Ban was sequenced; nor does a member a commit removed.
+        if not seq.is_member(session.member_id) or seq.is_banned(
+            session.member_id, int(self.clock() * 1000)
+        ):
             session.reject(frame, ErrorCode.NOT_AUTHORIZED, "not a member of this room")
             return
+        # The answer stops at what was sequenced when access was checked: a kick sequenced
+        # while this read waits on the database must not let what follows it through.
+        next_index, epoch_now = seq.next_log_index, seq.epoch
         limit = max(0, min(request.limit, self.config.limits.sync_max))
         if request.from_epoch is not None:
             # A joiner looks up the commit that added it: its Welcome has done its job (and
@@ -314,19 +323,20 @@ class Hub:
                     and Frame.decode(welcome.frame).header.epoch <= request.from_epoch + 1
                 ):
                     await self.store.welcome_delivered(welcome.welcome_id)
-            to_epoch = request.to_epoch if request.to_epoch is not None else seq.epoch
+            to_epoch = epoch_now if request.to_epoch is None else min(request.to_epoch, epoch_now)
             stored = await self.store.commits_between(
                 h.room_id_bytes, request.from_epoch, min(to_epoch, request.from_epoch + limit)
             )
             has_more = bool(stored) and stored[-1].epoch + 1 < to_epoch
         else:
             stored = await self.store.load_frames(h.room_id_bytes, request.from_log_index, limit)
+            stored = [f for f in stored if f.log_index < next_index]
             last = stored[-1].log_index if stored else request.from_log_index - 1
-            has_more = last + 1 < seq.next_log_index
+            has_more = last + 1 < next_index
         response = SyncResponse(
-            frames=[f.encode() for f in stored], has_more=has_more, server_epoch=seq.epoch
+            frames=[f.encode() for f in stored], has_more=has_more, server_epoch=epoch_now
         )
-        session.send(replies.answer(h, Opcode.SYNC_RESPONSE, response, epoch=seq.epoch))
+        session.send(replies.answer(h, Opcode.SYNC_RESPONSE, response, epoch=epoch_now))
 
     async def _key_package(self, session: ServerSession, frame: Frame) -> None:
         """Publish (payload: KeyPackages) or fetch (empty payload, context_id = member)."""

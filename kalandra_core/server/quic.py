@@ -33,7 +33,15 @@ from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 
 from ..proto import Frame, FrameDecoder, ProtocolError
 from .tcp import may_queue
-from .transport import ALPN, DEFAULT_MAX_BUFFERED, FrameSink, Listener, Session, SessionFactory
+from .transport import (
+    ALPN,
+    DEFAULT_MAX_BUFFERED,
+    FrameSink,
+    Listener,
+    Session,
+    SessionFactory,
+    read_limit_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +286,8 @@ class QuicFrameConnection:
             return
         decoder = self._decoders.get(sid)
         if decoder is None:
-            decoder = self._decoders[sid] = FrameDecoder()
+            # The session's read limit judges each header before its payload is buffered.
+            decoder = self._decoders[sid] = FrameDecoder(read_limit_of(session))
         frames = decoder.feed(event.data)
         for frame in frames:
             session.frame_received(frame)

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from nacl.signing import VerifyKey
 
@@ -21,12 +21,15 @@ from ..proto import (
     ErrorCode,
     Frame,
     FrameHeader,
+    FrameRefused,
     Goodbye,
     Hello,
     HelloReply,
     Opcode,
     PayloadDecodeError,
     ProtocolError,
+    ReadLimit,
+    SkippedFrame,
     decode_payload,
     verify_header,
 )
@@ -48,6 +51,10 @@ _SESSION_OPCODES = frozenset({Opcode.HELLO, Opcode.PING, Opcode.PONG, Opcode.GOO
 # Reads and directory requests of an authenticated session need no frame signature.
 _UNSIGNED_OK = frozenset({Opcode.SYNC_REQUEST, Opcode.KEY_PACKAGE}) | _SESSION_OPCODES
 VERIFY_BATCH = 128
+# Before Hello a connection may send only the session's own frames, each this small: any
+# other header (a larger payload, another opcode) is refused before its payload is read, and
+# the connection closed, so unauthenticated peers cannot make the server buffer anything.
+PRE_HELLO_MAX_PAYLOAD: Final = 8 * 1024
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -76,6 +83,12 @@ class ServerSession:
         limits = hub.config.limits
         self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, now)
         self._limited_until = 0.0  # after a RATE_LIMITED: refused until its retry_after
+        # Authenticated: a payload over max_payload_size is skipped unread (QUOTA_EXCEEDED) and
+        # the session goes on.
+        self._read_limit = ReadLimit(limits.max_payload_size, None, skip_oversized=True)
+        self._pre_hello_limit = ReadLimit(
+            min(PRE_HELLO_MAX_PAYLOAD, limits.max_payload_size), _SESSION_OPCODES
+        )
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
 
@@ -85,7 +98,27 @@ class ServerSession:
         self.last_seen = self.hub.monotonic()
         self._inbox.put_nowait(frame)
 
+    def read_limit(self) -> ReadLimit:
+        """What the transport may read next (asked at each header, before its payload)."""
+        return self._read_limit if self.authenticated else self._pre_hello_limit
+
     def protocol_error(self, error: ProtocolError) -> None:
+        if isinstance(error, FrameRefused):
+            # Refused on its header alone (before Hello): answered, then the connection closes.
+            h = error.header
+            if error.oversized:
+                code, message = (
+                    ErrorCode.QUOTA_EXCEEDED,
+                    (
+                        f"payload of {h.payload_size} bytes; before Hello this server takes "
+                        f"{error.limit} at most"
+                    ),
+                )
+            else:
+                code, message = ErrorCode.NOT_AUTHORIZED, "send Hello with a device token first"
+            self.send(replies.error(code, message, request_id=h.request_id, room_id=h.room_id))
+            self.close("frame refused before Hello")
+            return
         self.send(replies.error(ErrorCode.INVALID_PAYLOAD, f"framing lost: {error}"))
         self.close("protocol error")
 
@@ -217,8 +250,14 @@ class ServerSession:
                 frame, ErrorCode.RATE_LIMITED, "rate limit exceeded", retry_after=retry_after
             )
             return
-        if h.payload_size > limits.max_payload_size:
-            self.reject(frame, ErrorCode.QUOTA_EXCEEDED, "frame larger than this server takes")
+        if isinstance(frame, SkippedFrame) or h.payload_size > limits.max_payload_size:
+            # The transport skipped its payload unread (loopback frames are checked here).
+            self.reject(
+                frame,
+                ErrorCode.QUOTA_EXCEEDED,
+                f"payload of {h.payload_size} bytes; this server takes "
+                f"{limits.max_payload_size} at most",
+            )
             return
         opcode = h.opcode
         if opcode in _SESSION_OPCODES:

@@ -14,7 +14,14 @@ import socket
 from typing import Any
 
 from ..proto import FrameDecoder, ProtocolError
-from .transport import DEFAULT_MAX_BUFFERED, FrameSink, Listener, Session, SessionFactory
+from .transport import (
+    DEFAULT_MAX_BUFFERED,
+    FrameSink,
+    Listener,
+    Session,
+    SessionFactory,
+    read_limit_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +113,8 @@ class TcpConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._session = self._factory(self)
+        # The session's read limit judges each header before its payload is buffered.
+        self._decoder = FrameDecoder(read_limit_of(self._session))
 
     def data_received(self, data: bytes) -> None:
         session = self._session

@@ -20,9 +20,9 @@ closes the connection, so one slow reader cannot stall a room.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from ..proto import Frame, ProtocolError
+from ..proto import Frame, ProtocolError, ReadLimit
 
 DEFAULT_MAX_BUFFERED = 8 * 1024 * 1024
 ALPN = "kalandra"
@@ -61,6 +61,18 @@ class Session(Protocol):
     def connection_lost(self, reason: str) -> None:
         """The connection is gone (peer closed, network error, or we closed it)."""
         ...
+
+
+@runtime_checkable
+class ReadLimited(Protocol):
+    """A session that limits what its transport reads (the server's): the transport's decoder
+    asks it at each header, and refuses or skips a frame before its payload is read."""
+
+    def read_limit(self) -> ReadLimit: ...
+
+
+def read_limit_of(session: Session) -> Callable[[], ReadLimit] | None:
+    return session.read_limit if isinstance(session, ReadLimited) else None
 
 
 SessionFactory = Callable[[FrameSink], Session]

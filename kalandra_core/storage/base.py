@@ -88,6 +88,16 @@ class AlreadyExists(StoreError):
     pass
 
 
+class OverQuota(StoreError):
+    """A media block would take its uploader past its quota (nothing was stored)."""
+
+    def __init__(self, used: int, size: int, quota: int) -> None:
+        super().__init__(f"{used} bytes held, {size} more would pass the quota of {quota}")
+        self.used = used
+        self.size = size
+        self.quota = quota
+
+
 class Role(enum.IntEnum):
     # Kicked or banned: out of the room for the server (cannot send, gets nothing), while its
     # MLS leaf stays in the tree until a member commits the Remove; then the row goes.
@@ -306,11 +316,22 @@ class Store(Protocol):
 
     # --- media: encrypted blocks by hash, reached through a room's references ----------------
     async def media_put(
-        self, room_id: bytes, digest: bytes, data: bytes, uploader_id: int
+        self,
+        room_id: bytes,
+        digest: bytes,
+        data: bytes,
+        uploader_id: int,
+        quota: int | None = None,
     ) -> bool:
         """Store a block (kept once per digest; the caller checked the digest) and the room's
         reference to it for this uploader. True if the block was new to the server; NotFound
-        for an unknown room."""
+        for an unknown room. With ``quota``, OverQuota (and nothing stored) when a new
+        reference would take the uploader's usage (:meth:`media_usage`) past it."""
+        ...
+
+    async def media_usage(self, uploader_id: int) -> int:
+        """Bytes a member holds: the size of each block it references, once per room (a block
+        shared with others counts in full for each holder: each reference keeps it stored)."""
         ...
 
     async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:

@@ -28,6 +28,7 @@ from .base import (
     LogEntry,
     MemberAccount,
     NotFound,
+    OverQuota,
     Room,
     RoomChanges,
     RoomMember,
@@ -384,10 +385,19 @@ class MemoryStore:
 
     # --- media ---------------------------------------------------------------------------------
     async def media_put(
-        self, room_id: bytes, digest: bytes, data: bytes, uploader_id: int
+        self,
+        room_id: bytes,
+        digest: bytes,
+        data: bytes,
+        uploader_id: int,
+        quota: int | None = None,
     ) -> bool:
         self._room(room_id)
         _check_u64([uploader_id])
+        if quota is not None and (room_id, digest, uploader_id) not in self._media_refs:
+            used = await self.media_usage(uploader_id)
+            if used + len(data) > quota:
+                raise OverQuota(used, len(data), quota)
         new = digest not in self._media
         if new:
             self._media[digest] = bytes(data)
@@ -420,6 +430,9 @@ class MemoryStore:
 
     async def media_refcount(self, digest: bytes) -> int:
         return sum(1 for _, d, _ in self._media_refs if d == digest)
+
+    async def media_usage(self, uploader_id: int) -> int:
+        return sum(len(self._media[d]) for _, d, u in self._media_refs if u == uploader_id)
 
 
 if TYPE_CHECKING:

@@ -216,6 +216,7 @@ media_refs = sa.Table(
         ["digest"], ["media_blocks.digest"], name="fk_media_refs_block", ondelete="CASCADE"
     ),
     sa.Index("ix_media_refs_digest", "digest"),
+    sa.Index("ix_media_refs_uploader", "uploader_id"),  # a member's stored bytes (quota)
 )
 
 # Credentials (alembic 0007): single-use login codes, stored as SHA-256 only, and one

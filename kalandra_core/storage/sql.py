@@ -536,13 +536,24 @@ class SqlStore:
 
     # --- media ---------------------------------------------------------------------------------
     async def media_put(
-        self, room_id: bytes, digest: bytes, data: bytes, uploader_id: int
+        self,
+        room_id: bytes,
+        digest: bytes,
+        data: bytes,
+        uploader_id: int,
+        quota: int | None = None,
     ) -> bool:
         try:
             async with self._write() as conn:
-                return await sql_media.put(conn, room_id, digest, data, uploader_id, _now_ms())
+                return await sql_media.put(
+                    conn, room_id, digest, data, uploader_id, _now_ms(), quota
+                )
         except IntegrityError:
             raise NotFound(f"room {room_id.hex()}") from None
+
+    async def media_usage(self, uploader_id: int) -> int:
+        async with self._read() as conn:
+            return await sql_media.usage(conn, uploader_id)
 
     async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
         async with self._read() as conn:

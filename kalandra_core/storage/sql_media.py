@@ -10,15 +10,56 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as db
+from .base import OverQuota
 from .sql_log import dialect_insert
 
 _blocks = db.media_blocks
 _refs = db.media_refs
 
 
+async def usage(conn: AsyncConnection, uploader: int) -> int:
+    used = await conn.scalar(
+        sa.select(sa.func.coalesce(sa.func.sum(_blocks.c.size), 0))
+        .select_from(_refs.join(_blocks, _refs.c.digest == _blocks.c.digest))
+        .where(_refs.c.uploader_id == uploader)
+    )
+    return int(used or 0)
+
+
+async def _check_quota(
+    conn: AsyncConnection, room_id: bytes, digest: bytes, size: int, uploader: int, quota: int
+) -> None:
+    """Refuse a new reference that would take the uploader past ``quota`` (before anything is
+    written). The uploader's row is locked first (PostgreSQL), so its concurrent puts (other
+    sessions) are counted one after the other; SQLite has one writer anyway."""
+    await conn.execute(
+        sa.select(db.members.c.member_id)
+        .where(db.members.c.member_id == uploader)
+        .with_for_update()
+    )
+    held = await conn.scalar(
+        sa.select(sa.literal(1)).where(
+            _refs.c.room_id == room_id, _refs.c.digest == digest, _refs.c.uploader_id == uploader
+        )
+    )
+    if held:
+        return  # already counted
+    used = await usage(conn, uploader)
+    if used + size > quota:
+        raise OverQuota(used, size, quota)
+
+
 async def put(
-    conn: AsyncConnection, room_id: bytes, digest: bytes, data: bytes, uploader: int, now: int
+    conn: AsyncConnection,
+    room_id: bytes,
+    digest: bytes,
+    data: bytes,
+    uploader: int,
+    now: int,
+    quota: int | None = None,
 ) -> bool:
+    if quota is not None:
+        await _check_quota(conn, room_id, digest, len(data), uploader, quota)
     block = await conn.execute(
         dialect_insert(conn, _blocks)
         .values(digest=digest, data=data, size=len(data), refcount=0, created_at=now)

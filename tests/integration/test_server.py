@@ -177,6 +177,8 @@ async def test_authentication(server: RunningServer) -> None:
     conn = await raw(server)
     rid = conn.send(Opcode.APP_MESSAGE, b"", account=alice, room=1)
     assert (await conn.error(rid)).code == ErrorCode.NOT_AUTHORIZED  # before Hello
+    await asyncio.wait_for(conn.closed.wait(), 5)  # refused on its header: the end
+    conn = await raw(server)
     rid = conn.send(Opcode.HELLO, Hello(auth_token=b"wrong", signature_key=bytes(32)))
     assert (await conn.error(rid)).code == ErrorCode.NOT_AUTHORIZED
     await asyncio.wait_for(conn.closed.wait(), 5)  # and the connection is closed

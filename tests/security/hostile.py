@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import struct
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.mls.group import Handshake
 from kalandra_core.proto import (
     EncryptedMessage,
     ErrorCode,
@@ -36,6 +38,7 @@ from kalandra_core.proto.hello_proof import signed_hello
 from kalandra_core.server.app import RunningServer
 from kalandra_core.server.tcp import connect_tcp
 from kalandra_core.server.transport import FrameSink
+from kalandra_core.storage import schema
 from kalandra_core.storage.urls import sqlalchemy_url
 
 TIMEOUT = 15.0  # any single wait (a loaded 2-core machine); never a timing assertion
@@ -53,11 +56,14 @@ async def account(server: RunningServer, name: str) -> Account:
     return Account(member.member_id, await server.store.issue_token(member.member_id))
 
 
-async def client(server: RunningServer, who: Account) -> Client:
-    """A real native client (the library's own), logged in as ``who`` over TCP."""
+async def client(
+    server: RunningServer, who: Account, handshake: Handshake = Handshake.PUBLIC
+) -> Client:
+    """A real native client (the library's own), logged in as ``who`` over TCP; its rooms
+    take handshakes as ``handshake`` (public: the server follows the roster)."""
     assert server.tcp_port is not None
     c = Client(
-        ClientCore(who.member_id, bytes(who.key)),
+        ClientCore(who.member_id, bytes(who.key), handshake=handshake),
         ServerAddress("tcp", "127.0.0.1", server.tcp_port),
         who.token,
         reconnect=False,
@@ -188,6 +194,28 @@ class Raw:
         if self.sink is not None:
             self.sink.close("test done")
 
+    async def stream(self, total: int, chunk: bytes) -> int:
+        """Write ``chunk`` repeatedly, ``total`` bytes at most, as fast as the socket takes it
+        (a payload being uploaded), until the server closes the connection; bytes written."""
+        sent = 0
+        while sent < total and not self.closed.is_set():
+            assert self.sink is not None
+            if self.sink.buffered > len(chunk):  # let the kernel take what is queued first
+                await asyncio.sleep(0.001)
+                continue
+            part = chunk[: total - sent]
+            if not self.sink.send(part):
+                break
+            sent += len(part)
+        return sent
+
+
+def header_bytes(opcode: int, payload_size: int, request_id: int = 7) -> bytes:
+    """A header whose payload_size is whatever we say (past what FrameHeader would build)."""
+    raw_header = bytearray(FrameHeader(opcode, request_id=request_id).to_bytes())
+    struct.pack_into(">I", raw_header, 12, payload_size)
+    return bytes(raw_header)
+
 
 def now_hlc() -> int:
     return hlc.pack(int(time.time() * 1000), 0)
@@ -199,11 +227,13 @@ def error_of(frame: Frame) -> ErrorPayload:
     return payload
 
 
-async def raw(server: RunningServer, *, hello_as: Account | None = None) -> Raw:
-    """A raw TCP connection; with ``hello_as``, already authenticated as that account."""
+async def raw(server: RunningServer | int, *, hello_as: Account | None = None) -> Raw:
+    """A raw TCP connection to ``server`` (or to that port of this host); with ``hello_as``,
+    already authenticated as that account."""
     conn = Raw()
-    assert server.tcp_port is not None
-    conn.sink = await connect_tcp("127.0.0.1", server.tcp_port, lambda _sink: conn)
+    port = server if isinstance(server, int) else server.tcp_port
+    assert port is not None
+    conn.sink = await connect_tcp("127.0.0.1", port, lambda _sink: conn)
     if hello_as is not None:
         await conn.hello(hello_as)
     return conn
@@ -250,6 +280,28 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
         con.close()
 
 
+async def rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table of the server's database, on either engine."""
+    engine = create_async_engine(sqlalchemy_url(url))
+    try:
+        async with engine.connect() as conn:
+            out: dict[str, list[tuple[Any, ...]]] = {}
+            for table in schema.metadata.sorted_tables:
+                result = await conn.execute(sa.select(table))
+                out[table.name] = sorted((tuple(r) for r in result), key=repr)
+            return out
+    finally:
+        await engine.dispose()
+
+
+def peak_rss(pid: int) -> int:
+    """The most memory (bytes) process ``pid`` has ever had resident (Linux's VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc")
+
+
 async def quiesce(server: RunningServer, room_id: bytes, *clients: Client) -> None:
     """Wait until the room is at rest: nothing queued at its sequencer, and every client has
     applied the whole log and has nothing of its own in flight (e.g. the commit of a server
@@ -269,25 +321,6 @@ async def quiesce(server: RunningServer, room_id: bytes, *clients: Client) -> No
     async with asyncio.timeout(TIMEOUT):
         while not at_rest():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0.02)
-
-
-async def db_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, on SQLite or PostgreSQL (what ``snapshot`` is for SQLite)."""
-    engine = create_async_engine(sqlalchemy_url(url))
-
-    def read(conn: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
-        return {
-            table: sorted(
-                (tuple(r) for r in conn.execute(sa.text(f'SELECT * FROM "{table}"'))), key=repr
-            )
-            for table in sa.inspect(conn).get_table_names()
-        }
-
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(read)
-    finally:
-        await engine.dispose()
 
 
 def room_int(room_id: bytes) -> int:

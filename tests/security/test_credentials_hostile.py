@@ -21,10 +21,10 @@ from security.hostile import (
     Raw,
     account,
     client,
-    db_rows,
     expect_error,
     now_hlc,
     raw,
+    rows,
 )
 
 SKEW_MS = 5 * 60 * 1000  # the server's default max_clock_skew_ms
@@ -63,9 +63,9 @@ async def native(server: RunningServer, key: SigningKey, credential: str) -> Cli
 
 
 async def test_a_device_token_alone_or_a_replayed_hello_opens_no_session(
-    server_on_each_db: RunningServer,
+    db_server: RunningServer,
 ) -> None:
-    server = server_on_each_db
+    server = db_server
     url = server.hub.config.database
     alice = await account(server, "alice")
     bound = await client(server, alice)  # the real client binds alice's key
@@ -75,7 +75,7 @@ async def test_a_device_token_alone_or_a_replayed_hello_opens_no_session(
     stolen = Raw().hello_frame(alice.token, alice.key)  # a Hello captured on the wire
     assert stolen.header.hlc_timestamp
 
-    before = await db_rows(url)
+    before = await rows(url)
     # The token with alice's public key but no proof, or a proof made by another key.
     conn = await raw(server)
     unproved = Hello(auth_token=alice.token.encode(), signature_key=bytes(alice.key.verify_key))
@@ -96,7 +96,7 @@ async def test_a_device_token_alone_or_a_replayed_hello_opens_no_session(
     member = await server.store.get_member(bob.member_id)
     assert member is not None
     assert member.signature_key is None
-    assert await db_rows(url) == before
+    assert await rows(url) == before
 
     # The captured Hello works once (it was alice's), and never again on a new connection.
     first = await raw(server)
@@ -118,9 +118,9 @@ async def test_a_device_token_alone_or_a_replayed_hello_opens_no_session(
 
 
 async def test_a_login_code_opens_one_session_and_nothing_else(
-    server_on_each_db: RunningServer, tmp_path: Path
+    db_server: RunningServer, tmp_path: Path
 ) -> None:
-    server = server_on_each_db
+    server = db_server
     url = server.hub.config.database
     store = server.store
     bridged = await account(server, "mx_bridged")  # its key is held by someone else (a bridge)
@@ -132,14 +132,14 @@ async def test_a_login_code_opens_one_session_and_nothing_else(
     for_bridged = await store.issue_login_code(bridged.member_id)
     unproved = await store.issue_login_code(carol)
 
-    before = await db_rows(url)
+    before = await rows(url)
     await refused(server, "klc_" + "a" * 21, mine)  # unknown
     await refused(server, expired, mine)
     # A code, but no proof of the key it would bind.
     await refused(server, unproved, mine, proof=bytes(64))
     # A code for a member whose key is bound: a new native key stays refused.
     await refused(server, for_bridged, mine)
-    after = await db_rows(url)
+    after = await rows(url)
     # Nothing bound, no device token issued; the codes redeemed are gone (single use), the
     # one offered without proof was not even looked up.
     assert after["device_tokens"] == before["device_tokens"]
@@ -163,7 +163,7 @@ async def test_a_login_code_opens_one_session_and_nothing_else(
     c = await native(server, mine, token)
     assert c.core.member_id == carol
     await c.close()
-    assert len((await db_rows(url))["device_tokens"]) == len(before["device_tokens"]) + 1
+    assert len((await rows(url))["device_tokens"]) == len(before["device_tokens"]) + 1
 
     # The CLI: an operator issues a code, the user logs in with it, later commands use the
     # device token it was exchanged for.

@@ -41,6 +41,7 @@ from security.hostile import (
     dummy_envelope,
     error_of,
     expect_error,
+    header_bytes,
     quiesce,
     raw,
     room_int,
@@ -310,13 +311,6 @@ async def test_banned_members_are_refused(server: RunningServer) -> None:
     assert snapshot(s.path) == before
     bob.close()
     await s.a.close()
-
-
-def header_bytes(opcode: int, payload_size: int) -> bytes:
-    """A header whose payload_size is whatever we say (past what FrameHeader would build)."""
-    raw_header = bytearray(FrameHeader(opcode, request_id=7).to_bytes())
-    struct.pack_into(">I", raw_header, 12, payload_size)
-    return bytes(raw_header)
 
 
 async def test_oversized_and_lying_headers(server: RunningServer) -> None:

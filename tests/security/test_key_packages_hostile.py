@@ -17,15 +17,15 @@ from kalandra_core.mls.keypackage import bundle_is_last_resort, is_last_resort
 from kalandra_core.proto import ErrorCode, Opcode
 from kalandra_core.server.app import RunningServer, start_server
 from security.conftest import server_config
-from security.hostile import TIMEOUT, account, client, db_rows, error_of, raw
+from security.hostile import TIMEOUT, account, client, error_of, raw, rows
 
 BURST = 5  # KeyPackage fetches a requester may make at once in this test
 NORMAL = 3  # ordinary KeyPackages the victim publishes (plus its last-resort one)
 
 
 @pytest.fixture
-async def server(each_db_url: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
-    config = server_config(tmp_path, database=each_db_url)
+async def server(db_url: str, tmp_path: Path) -> AsyncIterator[RunningServer]:
+    config = server_config(tmp_path, database=db_url)
     config.limits.key_package_fetch_burst = BURST
     config.limits.key_package_fetch_per_second = 0.01  # nothing refills during the test
     running = await start_server(config)
@@ -42,7 +42,7 @@ async def test_a_member_who_drains_key_packages_is_rate_limited_and_the_victim_s
     alice, bob, mallory = [await account(server, n) for n in ("alice", "bob", "mallory")]
     victim = await client(server, alice)
     assert await victim.publish_key_packages(NORMAL) == NORMAL  # and one last-resort package
-    assert len((await db_rows(url))["last_resort_key_packages"]) == 1
+    assert len((await rows(url))["last_resort_key_packages"]) == 1
 
     conn = await raw(server, hello_as=mallory)
     fetches = [
@@ -64,7 +64,7 @@ async def test_a_member_who_drains_key_packages_is_rate_limited_and_the_victim_s
         assert refused.retry_after is not None
         assert refused.retry_after >= 1
     assert await server.store.key_package_count(alice.member_id) == 0
-    assert len((await db_rows(url))["last_resort_key_packages"]) == 1
+    assert len((await rows(url))["last_resort_key_packages"]) == 1
 
     # Bob (his own allowance) invites alice after the drain: he gets the last-resort package,
     # alice joins with it, reads the room, and keeps its private keys for the next time.
@@ -76,7 +76,7 @@ async def test_a_member_who_drains_key_packages_is_rate_limited_and_the_victim_s
     message = await asyncio.wait_for(victim.messages.get(), TIMEOUT)
     assert message.content.body == "still reachable"
     assert any(bundle_is_last_resort(b) for b in victim.core.bundles.values())
-    assert len((await db_rows(url))["last_resort_key_packages"]) == 1
+    assert len((await rows(url))["last_resort_key_packages"]) == 1
     for c in (victim, inviter):
         await c.close()
     conn.close()

@@ -12,12 +12,15 @@ from kalandra_core.proto import (
     Frame,
     FrameDecoder,
     FrameHeader,
+    FrameRefused,
     FrameTooShort,
     FrameTruncated,
     Goodbye,
     InvalidMagic,
     Opcode,
     PayloadTooLarge,
+    ReadLimit,
+    SkippedFrame,
 )
 
 
@@ -102,3 +105,43 @@ def test_max_payload_frame_buffers_exactly_its_size() -> None:
     assert dec.buffered == HEADER_SIZE + MAX_PAYLOAD_SIZE - 1 <= dec.max_buffered
     (out,) = dec.feed(raw[-1:])
     assert out == frame
+
+
+def test_a_read_limit_refuses_on_the_header_before_any_payload_byte() -> None:
+    limit = ReadLimit(16, frozenset({Opcode.PING, Opcode.GOODBYE}))
+    big = Frame.build(FrameHeader(Opcode.GOODBYE, request_id=3), Goodbye(reason="x" * 40))
+    dec = FrameDecoder(lambda: limit)
+    with pytest.raises(FrameRefused) as refused:
+        dec.feed(big.encode()[:HEADER_SIZE])  # the header alone is enough
+    assert refused.value.oversized
+    assert refused.value.header.request_id == 3
+    assert dec.buffered == 0
+    with pytest.raises(FrameRefused):
+        dec.feed(b"more")  # the stream is abandoned
+    other = FrameDecoder(lambda: limit)
+    with pytest.raises(FrameRefused) as refused:
+        other.feed(Frame.new(FrameHeader(Opcode.HELLO)).encode())
+    assert not refused.value.oversized
+
+
+def test_an_oversized_payload_is_skipped_unread_and_framing_holds() -> None:
+    limit = ReadLimit(16, skip_oversized=True)
+    big = Frame.build(FrameHeader(Opcode.GOODBYE, request_id=3), Goodbye(reason="x" * 40))
+    ping = Frame.new(FrameHeader(Opcode.PING, request_id=4))
+    stream = big.encode() + ping.encode()
+    dec = FrameDecoder(lambda: limit)
+    out: list[Frame] = []
+    for i in range(len(stream)):
+        out += dec.feed(stream[i : i + 1])
+        assert dec.buffered <= HEADER_SIZE
+        if i == HEADER_SIZE - 1:
+            assert len(out) == 1  # reported as soon as the header is in
+    assert isinstance(out[0], SkippedFrame)
+    assert out[0].payload == b""
+    assert out[0].header.payload_size == len(big.payload)
+    assert out[1:] == [ping]
+    assert dec.at_frame_boundary
+    dec = FrameDecoder(lambda: limit)
+    dec.feed(big.encode()[:-1])
+    with pytest.raises(FrameTruncated):
+        dec.eof()

@@ -1,0 +1,72 @@
+"""One member cannot fill the server's disk with media blocks: past
+``server.media.quota_per_member`` a CASPut is refused with QUOTA_EXCEEDED naming the limit,
+and nothing of the block is stored. Usage counts each block a member references in full, once
+per room: putting a block again in the same room is free, a block someone else stored counts
+for each holder, and deleting frees the bytes at once. Both engines, raw frames over TCP."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kalandra_core.media.blob import block_hash
+from kalandra_core.proto import ErrorCode, Opcode
+from kalandra_core.proto.payloads import CasBlock, CasHashes, decode_payload
+from kalandra_core.server.app import start_server
+from kalandra_core.server.config import MediaConfig
+from security.conftest import server_config
+from security.hostile import Account, Raw, error_of, raw, rows
+from security.test_frames_hostile import close, make_scene
+
+BLOCK = 3000
+QUOTA = 3 * BLOCK + 1000  # three blocks fit, a fourth does not
+
+
+async def put(conn: Raw, who: Account, room: int, data: bytes) -> int:
+    """The answer to a CASPut: 0 when stored, else the Error code."""
+    block = CasBlock(hash=block_hash(data), data=data, blob_size=len(data))
+    rid = conn.send(Opcode.CAS_PUT, block, account=who, room=room)
+    frame = await conn.reply(rid)
+    return 0 if frame.header.opcode == Opcode.CAS_PUT else error_of(frame).code
+
+
+async def test_a_member_cannot_store_media_beyond_the_quota(tmp_path: Path, db_url: str) -> None:
+    config = server_config(tmp_path, database=db_url, media=MediaConfig(quota_per_member=QUOTA))
+    server = await start_server(config)
+    try:
+        s = await make_scene(server)
+        alice = await raw(server, hello_as=s.alice)
+        bob = await raw(server, hello_as=s.bob)
+        first, second, third, fourth = (os.urandom(BLOCK) for _ in range(4))
+        for data in (first, second, third):
+            assert await put(alice, s.alice, s.room, data) == 0
+        assert await put(alice, s.alice, s.room, first) == 0  # held already: free
+        before = await rows(db_url)
+
+        block = CasBlock(hash=block_hash(fourth), data=fourth, blob_size=BLOCK)
+        rid = alice.send(Opcode.CAS_PUT, block, account=s.alice, room=s.room)
+        error = await alice.error(rid)
+        assert error.code == ErrorCode.QUOTA_EXCEEDED, error
+        assert str(QUOTA) in error.message
+        assert await rows(db_url) == before  # nothing of the block
+        rid = alice.send(
+            Opcode.CAS_PROOF, CasHashes(hashes=[block_hash(fourth)]), account=s.alice, room=s.room
+        )
+        proof = decode_payload(Opcode.CAS_PROOF, (await alice.reply(rid)).payload)
+        assert proof == CasHashes(hashes=[])
+
+        # Another member's quota is his own; the block he stored still counts for Alice.
+        assert await put(bob, s.bob, s.room, fourth) == 0
+        assert await put(alice, s.alice, s.room, fourth) == ErrorCode.QUOTA_EXCEEDED
+        # Deleting frees her bytes at once.
+        rid = alice.send(
+            Opcode.CAS_DELETE, CasHashes(hashes=[block_hash(first)]), account=s.alice, room=s.room
+        )
+        assert (await alice.reply(rid)).header.opcode == Opcode.CAS_DELETE
+        assert await put(alice, s.alice, s.room, fourth) == 0
+        assert await server.store.media_usage(s.alice.member_id) == 3 * BLOCK
+        alice.close()
+        bob.close()
+        await close(s.a, s.b)
+    finally:
+        await server.close()
