@@ -25,6 +25,7 @@ from kalandra_core.client import events as ev
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore
+from kalandra_core.mls.keypackage import bundle_is_last_resort
 from kalandra_core.server.loopback import loopback_connector
 
 from . import permissions
@@ -204,8 +205,11 @@ class KalandraBot:
         assert self.client is not None
         try:
             have = await self.server.store.key_package_count(self.member_id)
-            if have < KEY_PACKAGES:
-                await self.client.publish_key_packages(KEY_PACKAGES - have)
+            # The client adds a last-resort KeyPackage when it has none: however many were
+            # fetched, the bot can always be added.
+            last_resort = any(bundle_is_last_resort(b) for b in self.core.bundles.values())
+            if have < KEY_PACKAGES or not last_resort:
+                await self.client.publish_key_packages(max(0, KEY_PACKAGES - have))
         except Exception as exc:  # retried at the next join or start
             log.warning("publishing the bot's KeyPackages failed (%s)", type(exc).__name__)
 

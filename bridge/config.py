@@ -79,6 +79,8 @@ OPTIONS: Final = (
             "batch_max",
             "sync_max",
             "max_clock_skew_ms",
+            "key_package_fetch_per_second",
+            "key_package_fetch_burst",
         )
     ),
     "server.media.max_size",

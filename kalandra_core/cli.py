@@ -2,7 +2,7 @@
 
 Subcommands:
   serve -c CONFIG        run the homeserver
-  admin create-user NAME | issue-token NAME | revoke-token NAME | list-users
+  admin create-user NAME | issue-token NAME | issue-code NAME | revoke-token NAME | list-users
   frame decode HEX|-     one frame (hex) -> one JSON object on stdout
   frame encode JSON|-    the JSON shape of ``frame decode`` -> the frame's hex
   db upgrade|current|downgrade REV (--database URL | -c CONFIG)
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .proto import Frame, ProtocolError
 from .proto.inspect import frame_from_json, frame_to_json
-from .storage.base import StoreError
+from .storage.base import LOGIN_CODE_MAX_TTL, StoreError
 from .storage.urls import DatabaseUrlError
 
 EXIT_USAGE = 2
@@ -93,12 +93,16 @@ def _admin(args: argparse.Namespace) -> int:
                 token = await store.issue_token(account.member_id)
                 print(f"member_id {account.member_id}")
                 print(f"token {token}")
-            elif args.admin_command in ("issue-token", "revoke-token"):
+            elif args.admin_command in ("issue-token", "issue-code", "revoke-token"):
                 found = await store.find_member(args.name)
                 if found is None:
                     raise CliError(f"no user named {args.name!r}")
                 if args.admin_command == "issue-token":
                     print(f"token {await store.issue_token(found.member_id)}")
+                elif args.admin_command == "issue-code":
+                    code = await store.issue_login_code(found.member_id)
+                    print(f"code {code}")
+                    print(f"valid {LOGIN_CODE_MAX_TTL // 60} minutes, once")
                 else:
                     count = await store.revoke_tokens(found.member_id)
                     print(f"revoked {count} token(s) of {args.name}")
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, takes_name in (
         ("create-user", "create an account; prints its member id and a device token", True),
         ("issue-token", "print a new device token for an account", True),
+        ("issue-code", "print a single-use login code (10 minutes) for `kalandra login`", True),
         ("revoke-token", "revoke every device token of an account", True),
         ("list-users", "list accounts", False),
     ):

@@ -59,13 +59,16 @@ async def _login(args: argparse.Namespace) -> int:
         signing_key = bytes(SigningKey.generate())
         # The member id comes from the server (HelloReply) the first time the token is used.
         core = ClientCore(0, signing_key)
-        client = Client(core, address, args.token, ca_certificate=_ca(args.ca), reconnect=False)
+        credential = args.code or args.token
+        client = Client(core, address, credential, ca_certificate=_ca(args.ca), reconnect=False)
         await client.connect()
         if core.member_id == 0:
             raise UsageError("the server did not say which member this token belongs to")
+        if args.code and client.token == credential:
+            raise UsageError("the server did not exchange the login code for a device token")
         state.save_identity(
             server=str(address),
-            token=args.token,
+            token=client.token,
             member_id=core.member_id,
             signing_key=signing_key,
             ca=_ca(args.ca),
@@ -84,7 +87,7 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Client], Awaita
     try:
         identity = state.load_identity()
         if identity is None:
-            raise UsageError("not logged in: run `kalandra login --server URL --token T` first")
+            raise UsageError("not logged in: run `kalandra login --server URL --code C` first")
         core = ClientCore(identity.member_id, identity.signing_key)
         state.load_into(core)
         client = Client(
@@ -267,9 +270,11 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p.set_defaults(func=main_client, client_command=name)
         return p
 
-    p = parser("login", "bind this device to an account (server-issued token)")
+    p = parser("login", "bind this device to an account (login code or device token)")
     p.add_argument("--server", required=True, help="tcp://host:port or quic://host:port")
-    p.add_argument("--token", required=True, help="device token from `kalandra admin`")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--code", help="single-use login code (`kalandra admin issue-code`)")
+    given.add_argument("--token", help="device token (`kalandra admin issue-token`)")
     p.add_argument("--ca", help="PEM certificate to trust (self-signed QUIC servers)")
     p.add_argument("--key-packages", type=int, default=5)
     p = parser("create-room", "create a room (you are its owner)")

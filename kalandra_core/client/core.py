@@ -33,7 +33,7 @@ from ..crypto import SenderKeyError
 from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
 from ..mls.group import Handshake, MlsGroup
 from ..mls.inspect import inspect_handshake
-from ..mls.keypackage import KeyPackageBundle, build_key_package
+from ..mls.keypackage import KeyPackageBundle, build_key_package, bundle_is_last_resort
 from ..mls.update_tracker import UpdatePolicy
 from ..proto import (
     Ban,
@@ -43,7 +43,6 @@ from ..proto import (
     Frame,
     FrameHeader,
     GroupInfoData,
-    Hello,
     HelloReply,
     Kick,
     Opcode,
@@ -58,6 +57,7 @@ from ..proto import (
     sign_header,
     verify_header,
 )
+from ..proto.hello_proof import signed_hello
 from ..proto.hlc import HybridClock
 from . import events as ev
 from . import pacing, room_meta
@@ -128,6 +128,7 @@ class ClientCore:
         epoch: int | None = None,
         request_id: int | None = None,
         sign: bool = True,
+        hlc: int | None = None,
     ) -> tuple[int, bytes]:
         rid = self._request_id() if request_id is None else request_id
         header = FrameHeader(
@@ -136,7 +137,7 @@ class ClientCore:
             room_id=room.room_int if room is not None else room_int,
             sender_id=self.member_id,
             context_id=context_id,
-            hlc_timestamp=self._hlc.tick(int(self.clock() * 1000)),
+            hlc_timestamp=self._hlc.tick(int(self.clock() * 1000)) if hlc is None else hlc,
             epoch=(room.epoch if room is not None else 0) if epoch is None else epoch,
         )
         frame = Frame.build(header, payload)
@@ -145,8 +146,11 @@ class ClientCore:
         return rid, frame.encode()
 
     def hello(self, token: str) -> bytes:
-        hello = Hello(auth_token=token.encode(), signature_key=bytes(self._signer.verify_key))
-        return self._frame(Opcode.HELLO, hello, sign=False)[1]
+        """The Hello frame: the token (or login code) and the proof that we hold our key, bound
+        to this Hello's timestamp (the server refuses it again, or late)."""
+        hlc = self._hlc.tick(int(self.clock() * 1000))
+        hello = signed_hello(token.encode(), self._signer, hlc)
+        return self._frame(Opcode.HELLO, hello, sign=False, hlc=hlc)[1]
 
     def hello_reply(self, reply: HelloReply) -> None:
         if self.member_id == 0 and reply.member_id:
@@ -206,11 +210,17 @@ class ClientCore:
         rid, data = self._frame(Opcode.GROUP_INFO, payload, room=room)
         return room_id, rid, data
 
-    def key_packages(self, count: int) -> list[bytes]:
-        """Fresh KeyPackages to publish; their private parts wait here for a Welcome."""
+    def key_packages(self, count: int, *, last_resort: bool = False) -> list[bytes]:
+        """Fresh KeyPackages to publish; their private parts wait here for a Welcome. With
+        ``last_resort``, one more flagged as the last-resort one unless we hold one already
+        (the server hands it out, never consumed, once the others are gone)."""
         out = []
         for _ in range(count):
             bundle = build_key_package(self.member_id, self.signing_key)
+            self.bundles[bundle.ref] = bundle
+            out.append(bundle.key_package)
+        if last_resort and not any(bundle_is_last_resort(b) for b in self.bundles.values()):
+            bundle = build_key_package(self.member_id, self.signing_key, last_resort=True)
             self.bundles[bundle.ref] = bundle
             out.append(bundle.key_package)
         return out
@@ -552,7 +562,8 @@ class ClientCore:
                 group = MlsGroup.join(frame.payload, bundle, handshake=self.handshake)
             except InvalidMlsMessage:
                 continue
-            del self.bundles[ref]  # a KeyPackage is single-use
+            if not bundle_is_last_resort(bundle):
+                del self.bundles[ref]  # a KeyPackage is single-use, but the last-resort one
             break
         if group is None:
             return [

@@ -173,6 +173,12 @@ class Client:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    @property
+    def token(self) -> str:
+        """The credential the next Hello uses: the device token, once a login code was
+        exchanged for one."""
+        return self._token
+
     # --- connection --------------------------------------------------------------------------
 
     async def connect(self) -> None:
@@ -188,6 +194,9 @@ class Client:
         payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
         assert isinstance(payload, HelloReply)
         self.core.hello_reply(payload)
+        if payload.device_token:
+            # A login code was redeemed (it works once): reconnect with this token from now on.
+            self._token = payload.device_token
         self._connected.set()
         if self.keepalive is not None and self._keepalive_task is None:
             self._keepalive_task = asyncio.create_task(self._keepalive_loop())
@@ -406,9 +415,11 @@ class Client:
             self.state.save(self.core, {room_id})
         return room_id
 
-    async def publish_key_packages(self, count: int = 5) -> int:
+    async def publish_key_packages(self, count: int = 5, *, last_resort: bool = True) -> int:
+        """Publish ``count`` KeyPackages, and a last-resort one if we have none yet; returns
+        how many (not counting the last-resort one) the server now holds for us."""
         stored = 0
-        for kp in self.core.key_packages(count):
+        for kp in self.core.key_packages(count, last_resort=last_resort):
             rid = self.core._request_id()
             data = self.core._frame(Opcode.KEY_PACKAGE, kp, request_id=rid, sign=False)[1]
             reply = await self._await(rid, data)

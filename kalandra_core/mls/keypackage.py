@@ -4,6 +4,11 @@ Credential = BasicCredential whose identity is the member id as u64 little-endia
 little-endian value of the protocol, as the reference's OpenMLS clients do). The leaf signature
 key is the device's Ed25519 key, the same key that signs its frames. Lifetimes start a few
 minutes in the past: OpenMLS rejects a leaf whose not_before is the current second.
+
+A last-resort KeyPackage (RFC 9420 section 16.8) carries the ``last_resort`` extension (type
+0x000A, empty data, from the MLS extensions registry) in its KeyPackage extensions: the server
+keeps one per member and hands it out, without consuming it, once the others are gone; its
+owner keeps its private keys after joining with it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Final
 
 import cbor2
 from rfc9420.crypto.crypto_provider import CryptoProvider
-from rfc9420.extensions.extensions import build_capabilities_data
+from rfc9420.extensions.extensions import Extension, build_capabilities_data
 from rfc9420.messages.data_structures import CipherSuite, Credential, MLSVersion, Signature
 from rfc9420.messages.key_packages import KeyPackage, LeafNode, LeafNodeSource
 from rfc9420.messages.messages import MLSMessage, WireFormat
@@ -29,6 +34,7 @@ SUITE_X25519_CHACHA20: Final = 0x0003
 SUPPORTED_SUITES: Final = (SUITE_X25519_AES128GCM, SUITE_X25519_CHACHA20)
 DEFAULT_LIFETIME_SECONDS: Final = 90 * 24 * 3600
 BACKDATE_SECONDS: Final = 300
+LAST_RESORT_EXTENSION: Final = 0x000A
 _STATE_VERSION: Final = 1
 
 
@@ -90,8 +96,10 @@ def build_key_package(
     suite: int = SUITE_X25519_AES128GCM,
     lifetime_seconds: int = DEFAULT_LIFETIME_SECONDS,
     now: float | None = None,
+    last_resort: bool = False,
 ) -> KeyPackageBundle:
-    """A fresh KeyPackage for ``member_id`` signed with the device key ``signing_key``."""
+    """A fresh KeyPackage for ``member_id`` signed with the device key ``signing_key``
+    (flagged with the ``last_resort`` extension if asked)."""
     if suite not in SUPPORTED_SUITES:
         raise ValueError(f"unsupported cipher suite 0x{suite:04x}")
     crypto = crypto_for_suite(suite)
@@ -100,7 +108,9 @@ def build_key_package(
     enc_priv, enc_pub = crypto.generate_key_pair()
     sig_pub = signature_public_key(signing_key)
     start = int(now if now is not None else time.time()) - BACKDATE_SECONDS
-    capabilities = build_capabilities_data([cs.suite_id], [], include_grease=False)
+    # A KeyPackage extension must be listed in its leaf's capabilities (RFC 9420 section 10.1).
+    flagged = [LAST_RESORT_EXTENSION] if last_resort else []
+    capabilities = build_capabilities_data([cs.suite_id], flagged, include_grease=False)
 
     def leaf(signature: bytes) -> LeafNode:
         return LeafNode(
@@ -120,9 +130,11 @@ def build_key_package(
     )
     suite_struct = CipherSuite(cs.kem, cs.kdf, cs.aead, suite_id=cs.suite_id)
 
+    extensions = [Extension(ext, b"") for ext in flagged]
+
     def package(signature: bytes) -> KeyPackage:
         return KeyPackage(
-            MLSVersion.MLS10, suite_struct, init_pub, signed_leaf, [], Signature(signature)
+            MLSVersion.MLS10, suite_struct, init_pub, signed_leaf, extensions, Signature(signature)
         )
 
     kp = package(
@@ -160,6 +172,18 @@ def parse_key_package(data: bytes, crypto: CryptoProvider) -> KeyPackage:
     except Exception as exc:
         raise InvalidMlsMessage(f"invalid KeyPackage: {exc}") from None
     return kp
+
+
+def is_last_resort(kp: KeyPackage) -> bool:
+    return any(e.ext_type == LAST_RESORT_EXTENSION for e in kp.extensions or [])
+
+
+def bundle_is_last_resort(bundle: KeyPackageBundle) -> bool:
+    """Whether our own KeyPackage was published as the last-resort one (read, not verified)."""
+    try:
+        return is_last_resort(KeyPackage.deserialize(bundle.key_package))
+    except Exception:
+        return False
 
 
 def key_package_member_id(kp: KeyPackage) -> int:

@@ -106,24 +106,30 @@ class RawPayload(Payload):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(StructPayload):
     """``signature_key`` (ours, ignored by the reference): the device's Ed25519 key, bound to
-    the account the first time its token is used; every frame it sends is signed with it."""
+    the account the first time its token is used; every frame it sends is signed with it.
+    ``proof`` (ours): that key's signature over the token and the header's HLC timestamp
+    (:mod:`.hello_proof`), required at every Hello. ``auth_token`` is a device token or a
+    single-use login code."""
 
     version: int = wire(UInt(8), default=PROTOCOL_VERSION)
     capabilities: list[str] = wire(ListOf(Text()), default_factory=list)
     auth_token: bytes | None = wire(Bytes(), optional=True)
     signature_key: bytes | None = wire(Bytes(32), optional=True)
+    proof: bytes | None = wire(Bytes(64), optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply(StructPayload):
-    """``member_id`` and ``server_key`` are ours: who the token authenticated, and the server's
-    Ed25519 key (the external sender of its moderation Remove proposals)."""
+    """``member_id``, ``server_key`` and ``device_token`` are ours: who the token authenticated,
+    the server's Ed25519 key (the external sender of its moderation Remove proposals) and, after
+    a Hello with a login code, the device token the client uses from then on."""
 
     session_id: int = wire(UInt(64))
     capabilities: list[str] = wire(ListOf(Text()), default_factory=list)
     challenge: bytes | None = wire(Bytes(), optional=True)
     member_id: int | None = wire(UInt(64), optional=True)
     server_key: bytes | None = wire(Bytes(32), optional=True)
+    device_token: str | None = wire(Text(), optional=True)  # when a login code was redeemed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

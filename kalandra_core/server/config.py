@@ -21,6 +21,9 @@ class Limits:
     batch_max: int = 256  # frames per storage transaction
     sync_max: int = 500  # frames per SyncResponse
     max_clock_skew_ms: int = 5 * 60 * 1000  # HLC stamps this far in the future are refused
+    # KeyPackage fetches per requesting member (all its sessions): sustained rate and burst.
+    key_package_fetch_per_second: float = 0.5
+    key_package_fetch_burst: int = 50
 
 
 @dataclass(slots=True)

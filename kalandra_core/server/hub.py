@@ -17,7 +17,7 @@ from nacl.signing import SigningKey, VerifyKey
 from ..mls._lib import crypto_for_suite
 from ..mls.errors import InvalidMlsMessage
 from ..mls.inspect import inspect_group_info
-from ..mls.keypackage import key_package_member_id, parse_key_package
+from ..mls.keypackage import is_last_resort, key_package_member_id, parse_key_package
 from ..proto import (
     ErrorCode,
     Frame,
@@ -29,11 +29,13 @@ from ..proto import (
     SyncResponse,
     decode_payload,
 )
+from ..proto.hello_proof import ReplayCache
 from ..proto.hlc import skew_ms
 from ..proto.payloads import GroupInfoData
 from ..storage.base import AlreadyExists, Handshake, Role, Room, RoomMember, Store
 from . import replies
 from .config import ServerConfig
+from .ratelimit import TokenBucket
 from .room import RoomSequencer
 from .session import ServerSession
 from .transport import FrameSink
@@ -82,6 +84,9 @@ class Hub:
         self.rooms: dict[bytes, RoomWorker] = {}
         self._room_lock = asyncio.Lock()
         self._keys: dict[int, VerifyKey] = {}
+        self._kp_fetches: dict[int, TokenBucket] = {}  # requester -> its KeyPackage fetches
+        # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
+        self.hello_replays = ReplayCache(config.limits.max_clock_skew_ms)
         self._sweeper: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -327,6 +332,23 @@ class Hub:
         """Publish (payload: KeyPackages) or fetch (empty payload, context_id = member)."""
         h = frame.header
         if not frame.payload:
+            # Per requester (all its sessions): one member cannot drain everyone's packages.
+            limits = self.config.limits
+            now = self.monotonic()
+            bucket = self._kp_fetches.get(session.member_id)
+            if bucket is None:
+                bucket = self._kp_fetches[session.member_id] = TokenBucket(
+                    limits.key_package_fetch_per_second, limits.key_package_fetch_burst, now
+                )
+            wait = bucket.take(now)
+            if wait > 0:
+                session.reject(
+                    frame,
+                    ErrorCode.RATE_LIMITED,
+                    "too many KeyPackage fetches",
+                    retry_after=TokenBucket.retry_after_seconds(wait),
+                )
+                return
             kp = await self.store.take_key_package(h.context_id)
             if kp is None:
                 session.reject(frame, ErrorCode.MEMBER_NOT_FOUND, "no KeyPackage for this member")
@@ -368,7 +390,11 @@ class Hub:
         ):
             session.reject(frame, ErrorCode.NOT_AUTHORIZED, "KeyPackage is not this member's")
             return
-        count = await self.store.publish_key_packages(session.member_id, [data])
+        if is_last_resort(kp_obj):  # kept apart, replacing the older one, never consumed
+            await self.store.set_last_resort_key_package(session.member_id, data)
+            count = await self.store.key_package_count(session.member_id)
+        else:
+            count = await self.store.publish_key_packages(session.member_id, [data])
         session.send(
             replies.reply(Opcode.KEY_PACKAGE, b"", request_id=h.request_id, context_id=count)
         )

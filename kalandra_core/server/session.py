@@ -30,8 +30,9 @@ from ..proto import (
     decode_payload,
     verify_header,
 )
+from ..proto.hello_proof import verify_hello_proof
 from ..proto.payloads import PROTOCOL_VERSION
-from ..storage.base import StoreError
+from ..storage.base import StoreError, normalize_login_code
 from . import cas, replies
 from .ratelimit import TokenBucket
 from .transport import FrameSink
@@ -273,21 +274,9 @@ class ServerSession:
         if hello.version != PROTOCOL_VERSION:
             self.reject(frame, ErrorCode.FRAME_REJECTED, f"unsupported version {hello.version}")
             return
-        if not hello.auth_token:
-            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "auth_token (a device token) required")
-            return
-        try:
-            token = hello.auth_token.decode("ascii")
-        except UnicodeDecodeError:
-            token = ""
-        member_id = await self.hub.store.authenticate(token) if token else None
-        if member_id is None:
-            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "unknown or revoked device token")
-            self.close("authentication failed")
-            return
-        bound = await self.hub.bind_signature_key(member_id, hello.signature_key)
-        if not bound:
-            self.reject(frame, ErrorCode.NOT_AUTHORIZED, "signature key does not match")
+        refusal, member_id, device_token = await self._authenticate(hello, h.hlc_timestamp)
+        if refusal is not None or member_id is None:
+            self.reject(frame, ErrorCode.NOT_AUTHORIZED, refusal or "not authorized")
             self.close("authentication failed")
             return
         self.member_id = member_id
@@ -300,8 +289,48 @@ class ServerSession:
                     capabilities=["kalandra-bridge", "errors", "mailbox", "sync-epochs"],
                     member_id=member_id,
                     server_key=self.hub.server_public_key,
+                    device_token=device_token,
                 ),
                 request_id=h.request_id,
             )
         )
         await self.hub.session_authenticated(self)
+
+    async def _authenticate(
+        self, hello: Hello, hlc_timestamp: int
+    ) -> tuple[str | None, int | None, str | None]:
+        """(refusal, member id, new device token). The proof of the key comes first: without
+        it nothing is looked up, redeemed or bound."""
+        token, key, proof = hello.auth_token, hello.signature_key, hello.proof
+        if not token:
+            return "auth_token (a device token or login code) required", None, None
+        if key is None or proof is None:
+            return "signature_key and proof required", None, None
+        replays = self.hub.hello_replays
+        now_ms = int(self.hub.clock() * 1000)
+        if not replays.fresh(hlc_timestamp, now_ms):
+            return "Hello timestamp outside the allowed clock skew", None, None
+        if not verify_hello_proof(key, token, hlc_timestamp, proof):
+            return "proof does not verify with signature_key", None, None
+        try:
+            text = token.decode("ascii")
+        except UnicodeDecodeError:
+            text = ""
+        code = normalize_login_code(text)
+        if code is not None:
+            # Single use in the store: a replayed Hello finds the code gone.
+            member_id = await self.hub.store.redeem_login_code(code, now_ms)
+            if member_id is None:
+                return "unknown, used or expired login code", None, None
+        else:
+            member_id = await self.hub.store.authenticate(text) if text else None
+            if member_id is None:
+                return "unknown or revoked device token", None, None
+            # Checked only for valid tokens (no garbage grows the cache), with no await
+            # between check and record: of two sessions sending one Hello, one gets in.
+            if not replays.first_use(token, key, hlc_timestamp, now_ms):
+                return "this Hello was already used", None, None
+        if not await self.hub.bind_signature_key(member_id, key):
+            return "signature key does not match", None, None
+        device_token = None if code is None else await self.hub.store.issue_token(member_id)
+        return None, member_id, device_token

@@ -11,6 +11,11 @@ One implementation (``sql.SqlStore``) serves SQLite and PostgreSQL; the schema l
 * Frame headers and payloads are stored apart; a redaction deletes the payload and keeps the
   header so the order stays intact.
 * Device tokens are stored hashed (SHA-256); the plaintext is returned once, when issued.
+* Login codes (``klc_`` + 21 base32 characters, 105 random bits) are stored hashed too, live at
+  most :data:`LOGIN_CODE_MAX_TTL` seconds and redeem once: ``redeem_login_code`` deletes the
+  code in the statement that reads it, so two concurrent redemptions cannot both succeed.
+* A member's last-resort KeyPackage (at most one) is handed out by ``take_key_package`` only when
+  the member has no other, and is never consumed (RFC 9420 section 16.8).
 * ``append`` with no entries applies only its RoomChanges (roster changes the server learns
   outside the log, e.g. Welcome recipients in private-handshake rooms). Inside RoomChanges,
   removals and ban lifts apply before upserts and new bans.
@@ -20,10 +25,44 @@ One implementation (``sql.SqlStore``) serves SQLite and PostgreSQL; the schema l
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
+
+LOGIN_CODE_PREFIX: Final = "klc_"
+LOGIN_CODE_MAX_TTL: Final = 600  # seconds
+_LOGIN_CODE_BYTES: Final = 14  # 112 bits drawn, 105 kept: 21 base32 characters
+_LOGIN_CODE_CHARS: Final = 21
+_LOGIN_CODE_RE: Final = re.compile(rf"klc_[a-z2-7]{{{_LOGIN_CODE_CHARS}}}")
+
+
+def make_login_code(raw: bytes) -> str:
+    """A login code from random bytes: the prefix and 21 lowercase base32 characters."""
+    if len(raw) < _LOGIN_CODE_BYTES:
+        raise ValueError("a login code needs 14 random bytes")
+    text = base64.b32encode(raw[:_LOGIN_CODE_BYTES]).decode("ascii").lower()
+    return LOGIN_CODE_PREFIX + text[:_LOGIN_CODE_CHARS]
+
+
+def normalize_login_code(text: str) -> str | None:
+    """The canonical form of a typed login code (case, spaces and dashes forgiven), or None if
+    ``text`` is not shaped like one. Device tokens (43 characters) never are."""
+    code = re.sub(r"[\s-]", "", text).lower()
+    return code if _LOGIN_CODE_RE.fullmatch(code) else None
+
+
+def login_code_hash(code: str) -> bytes:
+    """What the store keeps of a (normalized) login code."""
+    return hashlib.sha256(code.encode("ascii")).digest()
+
+
+def check_login_code_ttl(ttl_seconds: int) -> None:
+    if not 0 < ttl_seconds <= LOGIN_CODE_MAX_TTL:
+        raise ValueError(f"a login code lives 1..{LOGIN_CODE_MAX_TTL} seconds")
 
 
 class StoreError(Exception):
@@ -187,6 +226,19 @@ class Store(Protocol):
         """Revoke every token of the member; returns how many were revoked."""
         ...
 
+    async def issue_login_code(
+        self, member_id: int, ttl_seconds: int = LOGIN_CODE_MAX_TTL, *, now_ms: int | None = None
+    ) -> str:
+        """A new single-use login code for the member, valid ``ttl_seconds`` (at most
+        :data:`LOGIN_CODE_MAX_TTL`) from ``now_ms`` (default: now); only its SHA-256 is stored.
+        NotFound for an unknown member. Expired codes are purged on the way."""
+        ...
+
+    async def redeem_login_code(self, code: str, now_ms: int) -> int | None:
+        """Consume the code atomically: the member id if it existed and had not expired at
+        ``now_ms``, else None. The code is gone either way (a second redemption gets None)."""
+        ...
+
     # --- rooms ---------------------------------------------------------------------------------
     async def create_room(self, room: Room, creator: RoomMember) -> None:
         """AlreadyExists if the room id is taken."""
@@ -230,14 +282,23 @@ class Store(Protocol):
 
     # --- key packages and group info ---------------------------------------------------------
     async def publish_key_packages(self, member_id: int, key_packages: Sequence[bytes]) -> int:
-        """Store KeyPackages (duplicates ignored); returns how many the member now has."""
+        """Store KeyPackages (duplicates ignored); returns how many the member now has (not
+        counting the last-resort one)."""
+        ...
+
+    async def set_last_resort_key_package(self, member_id: int, key_package: bytes) -> None:
+        """Keep ``key_package`` as the member's last-resort KeyPackage (replacing any older
+        one). NotFound for an unknown member."""
         ...
 
     async def take_key_package(self, member_id: int) -> bytes | None:
-        """Remove and return one of the member's KeyPackages (oldest first)."""
+        """Remove and return one of the member's KeyPackages (oldest first); when none is left,
+        the last-resort one (kept), else None."""
         ...
 
-    async def key_package_count(self, member_id: int) -> int: ...
+    async def key_package_count(self, member_id: int) -> int:
+        """How many consumable KeyPackages the member has (the last-resort one not counted)."""
+        ...
 
     async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None: ...
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .base import (
+    LOGIN_CODE_MAX_TTL,
     AlreadyExists,
     AppendConflict,
     Ban,
@@ -34,6 +35,10 @@ from .base import (
     StoredFrame,
     StoreError,
     Welcome,
+    check_login_code_ttl,
+    login_code_hash,
+    make_login_code,
+    normalize_login_code,
 )
 
 _U64 = 1 << 64
@@ -96,12 +101,14 @@ class MemoryStore:
         self._members: dict[int, MemberAccount] = {}
         self._by_name: dict[str, int] = {}
         self._tokens: dict[bytes, _Token] = {}
+        self._login_codes: dict[bytes, tuple[int, int]] = {}  # sha256 -> (member, expires_at)
         self._rooms: dict[bytes, _Room] = {}
         self._welcomes: dict[int, Welcome] = {}
         self._welcome_ids = 0
         # kp_id -> (member, sha256, key package); dict order is kp_id order (oldest first)
         self._key_packages: dict[int, tuple[int, bytes, bytes]] = {}
         self._kp_ids = 0
+        self._last_resort: dict[int, bytes] = {}  # member -> its last-resort KeyPackage
         self._media: dict[bytes, bytes] = {}  # digest -> block
         self._media_refs: set[tuple[bytes, bytes, int]] = set()  # (room, digest, uploader)
 
@@ -183,6 +190,29 @@ class MemoryStore:
                 entry.revoked_at = now
                 count += 1
         return count
+
+    async def issue_login_code(
+        self, member_id: int, ttl_seconds: int = LOGIN_CODE_MAX_TTL, *, now_ms: int | None = None
+    ) -> str:
+        check_login_code_ttl(ttl_seconds)
+        if member_id not in self._members:
+            raise NotFound(f"member {member_id}")
+        now = self._now_ms() if now_ms is None else now_ms
+        for digest, (_, expires_at) in list(self._login_codes.items()):
+            if expires_at <= now:
+                del self._login_codes[digest]
+        code = make_login_code(self._randbits(112).to_bytes(14, "big"))
+        self._login_codes[login_code_hash(code)] = (member_id, now + ttl_seconds * 1000)
+        return code
+
+    async def redeem_login_code(self, code: str, now_ms: int) -> int | None:
+        normal = normalize_login_code(code)
+        if normal is None:
+            return None
+        found = self._login_codes.pop(login_code_hash(normal), None)
+        if found is None or found[1] <= now_ms:
+            return None
+        return found[0]
 
     # --- rooms ---------------------------------------------------------------------------------
     async def create_room(self, room: Room, creator: RoomMember) -> None:
@@ -327,12 +357,17 @@ class MemoryStore:
                 self._key_packages[self._kp_ids] = (member_id, digest, kp)
         return await self.key_package_count(member_id)
 
+    async def set_last_resort_key_package(self, member_id: int, key_package: bytes) -> None:
+        if member_id not in self._members:
+            raise NotFound(f"member {member_id}")
+        self._last_resort[member_id] = bytes(key_package)
+
     async def take_key_package(self, member_id: int) -> bytes | None:
         for kp_id, (owner, _digest, kp) in self._key_packages.items():
             if owner == member_id:
                 del self._key_packages[kp_id]
                 return kp
-        return None
+        return self._last_resort.get(member_id)
 
     async def key_package_count(self, member_id: int) -> int:
         return sum(1 for owner, _, _ in self._key_packages.values() if owner == member_id)

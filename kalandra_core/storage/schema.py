@@ -217,3 +217,34 @@ media_refs = sa.Table(
     ),
     sa.Index("ix_media_refs_digest", "digest"),
 )
+
+# Credentials (alembic 0007): single-use login codes, stored as SHA-256 only, and one
+# last-resort KeyPackage per member (RFC 9420 section 16.8), handed out but never consumed.
+login_codes = sa.Table(
+    "login_codes",
+    metadata,
+    sa.Column("code_hash", sa.LargeBinary(32), primary_key=True),
+    sa.Column(
+        "member_id",
+        U64(),
+        sa.ForeignKey("members.member_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+    sa.Column("expires_at", sa.BigInteger(), nullable=False),
+)
+
+last_resort_key_packages = sa.Table(
+    "last_resort_key_packages",
+    metadata,
+    sa.Column(
+        "member_id",
+        U64(),
+        sa.ForeignKey("members.member_id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    sa.Column("key_package", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", sa.BigInteger(), nullable=False),
+)

@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from . import migrations, sql_log, sql_media
 from . import schema as db
 from .base import (
+    LOGIN_CODE_MAX_TTL,
     AlreadyExists,
     Ban,
     Handshake,
@@ -48,6 +49,10 @@ from .base import (
     StoredFrame,
     StoreError,
     Welcome,
+    check_login_code_ttl,
+    login_code_hash,
+    make_login_code,
+    normalize_login_code,
 )
 from .sqlite_writer import SqliteWriter, sqlite_engine
 from .urls import engine_name, sqlalchemy_url
@@ -238,6 +243,47 @@ class SqlStore:
             )
         return result.rowcount
 
+    async def issue_login_code(
+        self, member_id: int, ttl_seconds: int = LOGIN_CODE_MAX_TTL, *, now_ms: int | None = None
+    ) -> str:
+        check_login_code_ttl(ttl_seconds)
+        code = make_login_code(secrets.token_bytes(14))
+        now = _now_ms() if now_ms is None else now_ms
+        table = db.login_codes
+        try:
+            async with self._write() as conn:
+                await conn.execute(table.delete().where(table.c.expires_at <= now))
+                await conn.execute(
+                    table.insert().values(
+                        code_hash=login_code_hash(code),
+                        member_id=member_id,
+                        created_at=now,
+                        expires_at=now + ttl_seconds * 1000,
+                    )
+                )
+        except IntegrityError:
+            raise NotFound(f"member {member_id}") from None
+        return code
+
+    async def redeem_login_code(self, code: str, now_ms: int) -> int | None:
+        normal = normalize_login_code(code)
+        if normal is None:
+            return None
+        table = db.login_codes
+        # One DELETE ... RETURNING: of two concurrent redemptions only one gets the row.
+        async with self._write() as conn:
+            row = (
+                await conn.execute(
+                    table.delete()
+                    .where(table.c.code_hash == login_code_hash(normal))
+                    .returning(table.c.member_id, table.c.expires_at)
+                )
+            ).first()
+        if row is None or row.expires_at <= now_ms:
+            return None
+        member_id: int = row.member_id
+        return member_id
+
     # --- rooms ---------------------------------------------------------------------------------
     async def create_room(self, room: Room, creator: RoomMember) -> None:
         if len(room.room_id) != 16:
@@ -404,6 +450,25 @@ class SqlStore:
         except IntegrityError:
             raise NotFound(f"member {member_id}") from None
 
+    async def set_last_resort_key_package(self, member_id: int, key_package: bytes) -> None:
+        table = db.last_resort_key_packages
+        try:
+            async with self._write() as conn:
+                ins = sql_log.dialect_insert(conn, table).values(
+                    member_id=member_id, key_package=key_package, created_at=_now_ms()
+                )
+                await conn.execute(
+                    ins.on_conflict_do_update(
+                        index_elements=["member_id"],
+                        set_={
+                            "key_package": ins.excluded.key_package,
+                            "created_at": ins.excluded.created_at,
+                        },
+                    )
+                )
+        except IntegrityError:
+            raise NotFound(f"member {member_id}") from None
+
     async def take_key_package(self, member_id: int) -> bytes | None:
         oldest = (
             sa.select(db.key_packages.c.kp_id)
@@ -419,6 +484,12 @@ class SqlStore:
                 .where(db.key_packages.c.kp_id == oldest)
                 .returning(db.key_packages.c.key_package)
             )
+            if taken is None:  # none left: the last-resort one, which stays
+                taken = await conn.scalar(
+                    sa.select(db.last_resort_key_packages.c.key_package).where(
+                        db.last_resort_key_packages.c.member_id == member_id
+                    )
+                )
         return None if taken is None else bytes(taken)
 
     async def key_package_count(self, member_id: int) -> int:

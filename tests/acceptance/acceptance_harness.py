@@ -31,14 +31,15 @@ from kalandra_core.proto import (
     ErrorPayload,
     Frame,
     FrameHeader,
-    Hello,
     HelloReply,
     Opcode,
     ProtocolError,
     SyncRequest,
     SyncResponse,
     decode_payload,
+    hlc,
 )
+from kalandra_core.proto.hello_proof import signed_hello
 from kalandra_core.server.quic import connect_quic
 from kalandra_core.server.tcp import connect_tcp
 from kalandra_core.server.transport import FrameSink
@@ -281,8 +282,11 @@ class RawConnection:
 
     async def hello(self, token: str, signing_key: bytes) -> HelloReply:
         key = SigningKey(signing_key)
-        hello = Hello(auth_token=token.encode(), signature_key=bytes(key.verify_key))
-        header = FrameHeader(Opcode.HELLO, request_id=secrets.randbits(31) | 1)
+        stamp = hlc.pack(int(time.time() * 1000), 0)
+        hello = signed_hello(token.encode(), key, stamp)
+        header = FrameHeader(
+            Opcode.HELLO, request_id=secrets.randbits(31) | 1, hlc_timestamp=stamp
+        )
         reply = await self.request(
             Frame.build(header, hello).encode(), Opcode.HELLO_REPLY, Opcode.ERROR
         )

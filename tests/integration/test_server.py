@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,10 @@ from kalandra_core.proto import (
     SyncRequest,
     SyncResponse,
     decode_payload,
+    hlc,
     sign_header,
 )
+from kalandra_core.proto.hello_proof import signed_hello
 from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.server.tcp import connect_tcp
@@ -75,6 +78,7 @@ class Raw:
         epoch: int = 0,
         context: int = 0,
         sign: bool = True,
+        hlc_timestamp: int = 0,
     ) -> int:
         self._rid += 1
         header = FrameHeader(
@@ -84,6 +88,7 @@ class Raw:
             sender_id=sender if sender is not None else (account.member_id if account else 0),
             epoch=epoch,
             context_id=context,
+            hlc_timestamp=hlc_timestamp,
         )
         frame = Frame.build(header, payload)  # type: ignore[arg-type]
         if sign and account is not None:
@@ -111,10 +116,9 @@ class Raw:
                 return payload
 
     async def hello(self, account: Account) -> HelloReply:
-        hello = Hello(
-            auth_token=account.token.encode(), signature_key=bytes(account.key.verify_key)
-        )
-        rid = self.send(Opcode.HELLO, hello)
+        stamp = hlc.pack(int(time.time() * 1000), 0)
+        hello = signed_hello(account.token.encode(), account.key, stamp)
+        rid = self.send(Opcode.HELLO, hello, hlc_timestamp=stamp)
         frame = await self.next()
         assert frame.header.request_id == rid
         assert frame.header.opcode == Opcode.HELLO_REPLY, decode_payload(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TypeVar
@@ -194,6 +196,47 @@ async def test_tokens(store: Store, store_url: str | None) -> None:
     assert await store.authenticate(t3) == alice
     with pytest.raises(NotFound):
         await store.issue_token(12345)
+
+
+async def test_login_codes_are_single_use_hashed_and_expire(
+    store: Store, store_url: str | None
+) -> None:
+    alice, bob = [(await store.create_member(n)).member_id for n in ("alice", "bob")]
+    code = await store.issue_login_code(alice)
+    assert re.fullmatch(r"klc_[a-z2-7]{21}", code)  # 105 random bits, short enough to type
+    second = await store.issue_login_code(alice)
+    assert second != code
+    now = int(time.time() * 1000)
+    # Case, spaces and dashes are forgiven; the second redemption finds nothing.
+    typed = code[:9].upper() + "-" + code[9:17] + " " + code[17:]
+    assert await store.redeem_login_code(typed, now) == alice
+    assert await store.redeem_login_code(code, now) is None
+    assert await store.redeem_login_code("klc_" + "a" * 21, now) is None
+    assert await store.redeem_login_code("not-a-code", now) is None
+    # Expiry is checked against the clock passed in; an expired code is gone too.
+    short = await store.issue_login_code(bob, ttl_seconds=60, now_ms=now)
+    assert await store.redeem_login_code(short, now + 60_000) is None
+    assert await store.redeem_login_code(short, now) is None
+    fresh = await store.issue_login_code(bob, ttl_seconds=60, now_ms=now)
+    assert await store.redeem_login_code(fresh, now + 59_999) == bob
+    # Only hashes are stored; the plaintext is nowhere.
+    kept = await store.issue_login_code(alice)
+    if isinstance(store, MemoryStore):
+        hashes = set(store._login_codes)
+    else:
+        assert store_url is not None
+        rows = await raw(store_url, lambda c: c.execute(sa.select(db.login_codes)).all())
+        hashes = {bytes(r.code_hash) for r in rows}
+        assert all(kept.encode() not in bytes(r.code_hash) for r in rows)
+    assert hashes == {hashlib.sha256(c.encode()).digest() for c in (second, kept)}
+    # Concurrent redemptions of one code: exactly one wins.
+    contested = await store.issue_login_code(alice)
+    won = await asyncio.gather(*(store.redeem_login_code(contested, now) for _ in range(4)))
+    assert sorted(won, key=str) == [alice, None, None, None]
+    with pytest.raises(ValueError, match="seconds"):
+        await store.issue_login_code(alice, ttl_seconds=601)
+    with pytest.raises(NotFound):
+        await store.issue_login_code(12345)
 
 
 async def test_rooms(store: Store) -> None:
@@ -433,6 +476,20 @@ async def test_key_packages(store: Store) -> None:
     assert await store.publish_key_packages(alice, [b"a"]) == 1  # a taken one may come back
     with pytest.raises(NotFound):
         await store.publish_key_packages(12345, [b"x"])
+
+
+async def test_last_resort_key_package_is_given_when_none_is_left_and_kept(store: Store) -> None:
+    alice, bob = [(await store.create_member(n)).member_id for n in ("alice", "bob")]
+    await store.set_last_resort_key_package(alice, b"last-1")
+    await store.set_last_resort_key_package(alice, b"last-2")  # replaces the older one
+    assert await store.publish_key_packages(alice, [b"a"]) == 1  # not counted
+    assert await store.take_key_package(alice) == b"a"
+    assert await store.take_key_package(alice) == b"last-2"
+    assert await store.take_key_package(alice) == b"last-2"  # not consumed
+    assert await store.key_package_count(alice) == 0
+    assert await store.take_key_package(bob) is None
+    with pytest.raises(NotFound):
+        await store.set_last_resort_key_package(12345, b"x")
 
 
 async def test_concurrent_takes_get_different_key_packages(

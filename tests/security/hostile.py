@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from nacl.signing import SigningKey
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
@@ -21,17 +24,19 @@ from kalandra_core.proto import (
     ErrorPayload,
     Frame,
     FrameHeader,
-    Hello,
     HelloReply,
     Opcode,
     Payload,
     ProtocolError,
     decode_payload,
+    hlc,
     sign_header,
 )
+from kalandra_core.proto.hello_proof import signed_hello
 from kalandra_core.server.app import RunningServer
 from kalandra_core.server.tcp import connect_tcp
 from kalandra_core.server.transport import FrameSink
+from kalandra_core.storage.urls import sqlalchemy_url
 
 TIMEOUT = 15.0  # any single wait (a loaded 2-core machine); never a timing assertion
 
@@ -103,6 +108,7 @@ class Raw:
         context: int = 0,
         signer: SigningKey | None = None,
         sign: bool = True,
+        hlc: int = 0,
     ) -> Frame:
         """A frame with a fresh request id, signed by ``signer`` (default: the account's key)."""
         header = FrameHeader(
@@ -112,6 +118,7 @@ class Raw:
             sender_id=sender if sender is not None else (account.member_id if account else 0),
             epoch=epoch,
             context_id=context,
+            hlc_timestamp=hlc,
         )
         frame = Frame.build(header, payload)
         key = signer or (account.key if account is not None else None)
@@ -153,11 +160,21 @@ class Raw:
         assert frame.header.opcode == Opcode.ERROR, frame.header
         return error_of(frame)
 
+    def hello_frame(
+        self, token: str, key: SigningKey, *, hlc: int | None = None, proof: bytes | None = None
+    ) -> Frame:
+        """A Hello as the client library sends it: stamped now and proved by ``key``, unless
+        ``hlc`` or ``proof`` say otherwise."""
+        stamp = now_hlc() if hlc is None else hlc
+        hello = signed_hello(token.encode(), key, stamp)
+        if proof is not None:
+            hello = replace(hello, proof=proof)
+        return self.frame(Opcode.HELLO, hello, hlc=stamp, sign=False)
+
     async def hello(self, who: Account) -> HelloReply:
-        rid = self.send(
-            Opcode.HELLO,
-            Hello(auth_token=who.token.encode(), signature_key=bytes(who.key.verify_key)),
-        )
+        frame = self.hello_frame(who.token, who.key)
+        self.write(frame.encode())
+        rid = frame.header.request_id
         frame = await self.reply(rid)
         assert frame.header.opcode == Opcode.HELLO_REPLY, frame.header
         reply = decode_payload(Opcode.HELLO_REPLY, frame.payload)
@@ -170,6 +187,10 @@ class Raw:
     def close(self) -> None:
         if self.sink is not None:
             self.sink.close("test done")
+
+
+def now_hlc() -> int:
+    return hlc.pack(int(time.time() * 1000), 0)
 
 
 def error_of(frame: Frame) -> ErrorPayload:
@@ -248,6 +269,25 @@ async def quiesce(server: RunningServer, room_id: bytes, *clients: Client) -> No
     async with asyncio.timeout(TIMEOUT):
         while not at_rest():  # noqa: ASYNC110 - polls state owned by other tasks
             await asyncio.sleep(0.02)
+
+
+async def db_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, on SQLite or PostgreSQL (what ``snapshot`` is for SQLite)."""
+    engine = create_async_engine(sqlalchemy_url(url))
+
+    def read(conn: sa.Connection) -> dict[str, list[tuple[Any, ...]]]:
+        return {
+            table: sorted(
+                (tuple(r) for r in conn.execute(sa.text(f'SELECT * FROM "{table}"'))), key=repr
+            )
+            for table in sa.inspect(conn).get_table_names()
+        }
+
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(read)
+    finally:
+        await engine.dispose()
 
 
 def room_int(room_id: bytes) -> int:
