@@ -5,6 +5,7 @@
   to redact in the portal (the bridge reads the power levels itself);
 - a Kalandra account named like a bridged user is never adopted unless the bridge made it, and
   two Matrix users never share a member name;
+- `device-token` gives a single-use login code, and only in an end-to-end encrypted chat;
 - a user who loses the ``user`` permission loses their member's place in the room (a Remove
   commit, at a restart or a SIGHUP) and nothing more goes out as them.
 
@@ -14,6 +15,8 @@ One stack per database for the module; the demotion test restarts the bridge and
 from __future__ import annotations
 
 import asyncio
+import base64
+import re
 import secrets
 import signal
 import time
@@ -26,26 +29,31 @@ import pytest_asyncio
 import sqlalchemy as sa
 from matrix.bridge_members import epoch_state, wait_until
 from matrix.bridge_stack import (
+    BOT,
     DATABASES,
     PASSWORD,
     BridgeStack,
     bot_notices,
     bridge_stack,
+    command,
     native_client,
     nio_client,
+    open_dm,
     portal_with_native,
     room_history,
     say,
     sync_until,
 )
-from nio import AsyncClient, RoomRedactResponse
+from nio import AsyncClient, MatrixRoom, RoomCreateResponse, RoomMessageNotice, RoomRedactResponse
 from ruamel.yaml import YAML
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bridge.bridged_user import member_name
 from kalandra_core.client import events as ev
-from kalandra_core.client.driver import Client
+from kalandra_core.client.core import ClientCore
+from kalandra_core.client.driver import Client, ClientError, ServerAddress
 from kalandra_core.client.events import Message
+from kalandra_core.crypto import sealed
 from kalandra_core.proto import Opcode
 from kalandra_core.storage.sql import SqlStore
 from kalandra_core.storage.urls import sqlalchemy_url
@@ -58,8 +66,12 @@ async def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[BridgeStack]:
     # Everyone registered has `user` unless the config says otherwise.
+    # (Encryption allowed: the login code test needs an encrypted chat with the bot.)
     async with bridge_stack(
-        tmp_path_factory.mktemp("matrix-users"), request.param, default_level="user"
+        tmp_path_factory.mktemp("matrix-users"),
+        request.param,
+        default_level="user",
+        bridge_options={"encryption.allow": True},
     ) as stack:
         yield stack
 
@@ -256,6 +268,140 @@ async def test_mx_account_made_by_someone_else_is_not_adopted_and_names_do_not_c
             assert account is not None
             assert account.name == member_name(mxid)
             assert await member_of(stack, mxid) == senders[mxid]
+    finally:
+        await store.close()
+
+
+async def table_counts(stack: BridgeStack) -> tuple[int, int]:
+    """(login codes, device tokens) stored."""
+    engine = create_async_engine(sqlalchemy_url(stack.store_url))
+    try:
+        async with engine.connect() as conn:
+            codes = await conn.scalar(sa.text("SELECT COUNT(*) FROM login_codes"))
+            tokens = await conn.scalar(sa.text("SELECT COUNT(*) FROM device_tokens"))
+    finally:
+        await engine.dispose()
+    return int(codes or 0), int(tokens or 0)
+
+
+async def bridged_key(stack: BridgeStack, mxid: str) -> bytes:
+    """The device signing key the bridge holds for ``mxid``'s member (unsealed)."""
+    engine = create_async_engine(sqlalchemy_url(stack.store_url))
+    try:
+        async with engine.connect() as conn:
+            sealed_key = await conn.scalar(
+                sa.text("SELECT signing_key FROM bridge_users WHERE mxid = :m"), {"m": mxid}
+            )
+    finally:
+        await engine.dispose()
+    config = YAML(typ="safe").load(stack.config.read_text(encoding="utf-8"))
+    state_key = base64.b64decode(config["bridge"]["mls_state_key"])
+    return sealed.unseal(state_key, "user-signing-key", bytes(sealed_key))
+
+
+async def encrypted_dm(client: AsyncClient) -> str:
+    created = await client.room_create(
+        invite=[BOT],
+        is_direct=True,
+        initial_state=[
+            {
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }
+        ],
+    )
+    assert isinstance(created, RoomCreateResponse), created
+    return created.room_id
+
+
+async def welcomed(client: AsyncClient, room_id: str) -> None:
+    notices = bot_notices(client, room_id)
+    await sync_until(client, lambda: bool(notices), "the bot's welcome")
+
+
+async def provisioning(stack: BridgeStack, path: str, user: str, secret: str) -> Any:
+    url = f"http://127.0.0.1:{stack.as_port}/_matrix/provision/v1{path}"
+    headers = {"Authorization": f"Bearer {secret}"}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, params={"user_id": user}, headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_device_token_puts_no_secret_in_an_unencrypted_chat_and_codes_redeem_once(
+    stack: BridgeStack,
+) -> None:
+    """Frank asks the bot for `device-token` in an unencrypted direct chat: refused with an
+    explanation, and nothing is issued (no login code, no device token, not even a member).
+    In an end-to-end encrypted direct chat he gets a single-use login code in an encrypted
+    notice (never in the bridge's log); a client holding the member's key exchanges it for a
+    device token once, and a second exchange fails. `device-token list` and `revoke` manage
+    the device token that came of it. The provisioning API gives a code for a user with the
+    shared secret only, and that code also redeems once."""
+    frank = await new_user(stack, f"frank_{secrets.token_hex(3)}")
+    address = ServerAddress("tcp", "127.0.0.1", stack.tcp_port)
+    before = await table_counts(stack)
+    async with nio_client(stack.synapse, frank[1:].split(":")[0], encrypted=True) as client:
+        plain = await open_dm(client)
+        await welcomed(client, plain)
+        answer = await command(client, plain, "device-token")
+        assert answer.startswith("A login code is a secret, and this chat is not end-to-end")
+        assert "klc_" not in answer
+        assert await table_counts(stack) == before
+        assert await member_of(stack, frank) is None
+
+        dm = await encrypted_dm(client)
+        await welcomed(client, dm)
+        await client.sync(timeout=0)
+        replies: list[RoomMessageNotice] = []
+
+        async def on_notice(room: MatrixRoom, event: RoomMessageNotice) -> None:
+            if room.room_id == dm and event.sender == BOT:
+                replies.append(event)
+
+        client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+        await say(client, dm, "device-token")
+        await sync_until(client, lambda: bool(replies), "the login code", within=WITHIN)
+        assert replies[0].decrypted, "the code came in a plaintext event"
+        match = re.search(r"Kalandra member (\d+).*?(klc_[a-z2-7]{21})", replies[0].body, re.S)
+        assert match, replies[0].body
+        member_id, code = int(match[1]), match[2]
+        assert member_id == await member_of(stack, frank)
+        assert code not in stack.log.read_text(errors="replace")
+
+        key = await bridged_key(stack, frank)
+        native = Client(ClientCore(member_id, key), address, code, reconnect=False)
+        await native.connect()
+        assert native.core.member_id == member_id
+        await native.close()
+        again = Client(ClientCore(member_id, key), address, code, reconnect=False)
+        with pytest.raises(ClientError, match="unknown, used or expired login code"):
+            await again.connect()
+        await again.close()
+
+        listed = await command(client, dm, "device-token list")
+        ids = re.findall(r"\* `([0-9a-f]{12})`", listed)
+        assert len(ids) == 1, listed
+        answer = await command(client, dm, f"device-token revoke {ids[0]}")
+        assert answer.startswith(f"Revoked device token `{ids[0]}`"), answer
+
+    config = YAML(typ="safe").load(stack.config.read_text(encoding="utf-8"))
+    secret = config["bridge"]["provisioning"]["shared_secret"]
+    counts = await table_counts(stack)
+    status, body = await provisioning(stack, "/login-code", frank, secret + "x")
+    assert status == 401, body
+    assert await table_counts(stack) == counts
+    status, body = await provisioning(stack, "/login-code", frank, secret)
+    assert status == 200, body
+    assert (body["member_id"], body["expires_in"]) == (member_id, 600)
+    store = await store_of(stack)
+    try:
+        now_ms = int(time.time() * 1000)
+        assert await store.redeem_login_code(body["login_code"], now_ms) == member_id
+        assert await store.redeem_login_code(body["login_code"], now_ms) is None
     finally:
         await store.close()
 
