@@ -28,6 +28,7 @@ from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.mls.keypackage import bundle_is_last_resort
 from kalandra_core.server.loopback import loopback_connector
 
+from . import permissions
 from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
 from .bot_state import BotState
 from .bridged_user import BridgedUser
@@ -189,6 +190,9 @@ class KalandraBot:
         for portal in list(Portal.by_room.values()):
             self.check_roster(portal)
         await self._key_packages()
+        # Users demoted while the bridge was down lose their memberships (on the caught-up
+        # group: a commit on an older epoch would be refused).
+        await permissions.remove_unpermitted(self.bridge)
 
     def check_roster(self, portal: Portal) -> None:
         """Queue a check of the portal's ghosts and epoch state against the group as it is

@@ -22,7 +22,7 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 
-from . import __version__, diagnostics, e2ee, health, metrics
+from . import __version__, diagnostics, e2ee, health, metrics, permissions
 from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -51,6 +51,7 @@ class KalandraBridge(Bridge):
     kalandra: RunningServer | None = None
     bot: KalandraBot
     matrix_ready: asyncio.Event  # set once the homeserver connection is checked
+    _reloads: set[asyncio.Task[None]]  # SIGHUP reloads running (kept referenced)
     e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]
 
@@ -106,6 +107,7 @@ class KalandraBridge(Bridge):
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
         self.matrix_ready = asyncio.Event()
+        self._reloads = set()
         TransactionGate(self).install()  # acknowledge transactions only when done
         metrics.install(self)  # after the gate: counts what Synapse is answered
         health.install(self)
@@ -120,6 +122,7 @@ class KalandraBridge(Bridge):
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop_requested)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested)
         core = self.config.core
         await migrations.upgrade(core.database)
         self.kalandra = await start_server(core.server)
@@ -131,6 +134,11 @@ class KalandraBridge(Bridge):
         for portal in list(Portal.by_room.values()):
             if portal.mxid is None:
                 await portal.ensure_matrix_room(invite=[])
+
+    def _reload_requested(self) -> None:
+        task = asyncio.create_task(permissions.reload(self), name="reload-permissions")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     def _stop_requested(self) -> None:
         if not self._stop_task.done():

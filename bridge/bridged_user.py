@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -64,9 +63,50 @@ class SendFailed(RuntimeError):
         self.code = code
 
 
+_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+_RETRY_MARK = "_-"  # never in an escaped MXID ("_" is followed by "_" or a hex digit there)
+
+
 def member_name(mxid: str) -> str:
-    """A Kalandra account name for a Matrix user: ``mx_<localpart>_<server>``, simplified."""
-    return "mx_" + re.sub(r"[^a-z0-9_.-]+", "_", mxid.lower().lstrip("@").replace(":", "_"))
+    """The Kalandra account name for a Matrix user: ``mx_`` and the MXID without its ``@``,
+    escaped reversibly into ``[a-z0-9._-]``: ``:`` is ``__``, any other character outside
+    ``[a-z0-9.-]`` is ``_`` and the hex of each of its UTF-8 bytes (``_`` is ``_5f``, ``A`` is
+    ``_41``). Two MXIDs never share a name (``@x_y:80`` and ``@x:y:80`` did, once)."""
+    out = ["mx_"]
+    for char in mxid.removeprefix("@"):
+        if char in _PLAIN:
+            out.append(char)
+        elif char == ":":
+            out.append("__")
+        else:
+            out.extend(f"_{byte:02x}" for byte in char.encode())
+    return "".join(out)
+
+
+def mxid_of_member_name(name: str) -> str | None:
+    """The inverse of :func:`member_name` (None: not such a name)."""
+    if not name.startswith("mx_"):
+        return None
+    raw, i, text = bytearray(), 3, name
+    while i < len(text):
+        if text[i] != "_":
+            if text[i] not in _PLAIN:
+                return None
+            raw += text[i].encode()
+            i += 1
+        elif text[i + 1 : i + 2] == "_":
+            raw += b":"
+            i += 2
+        else:
+            pair = text[i + 1 : i + 3]
+            if len(pair) != 2 or any(c not in "0123456789abcdef" for c in pair):
+                return None
+            raw.append(int(pair, 16))
+            i += 3
+    try:
+        return "@" + raw.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 class _Session:
@@ -145,15 +185,16 @@ class BridgedUser:
             return cls(bridge, mxid, row.member_id, row.signing_key, row.device_token)
         assert bridge.kalandra is not None
         store = bridge.kalandra.store
+        # Only an account made here and recorded in bridge_users is ever this user's: one that
+        # merely has the name (made by an operator or anyone else, or by us just before a crash
+        # kept us from recording it) is never adopted; the user gets a fresh one.
         name = member_name(mxid)
-        found = await store.find_member(name)
-        # One made before a crash and never logged in is ours to finish.
-        account = found if found is not None and found.signature_key is None else None
+        account = None
         while account is None:
             try:
                 account = await store.create_member(name)
             except AlreadyExists:
-                name = f"{member_name(mxid)}_{secrets.token_hex(2)}"
+                name = f"{member_name(mxid)}{_RETRY_MARK}{secrets.token_hex(3)}"
         key = bytes(SigningKey.generate())
         await table.put(
             BridgedUserRow(

@@ -90,6 +90,8 @@ class MatrixEphemeral:
         """The user's puppet leaf if it is in the portal's group now."""
         if mxid == self.bridge.az.bot_mxid or self.bridge.is_bridge_ghost(mxid):
             return None
+        if self.bridge.config.permission_level(mxid) not in ("user", "admin"):
+            return None  # demoted: nothing goes out as their member any more (permissions.py)
         if self.bridge.bot.client is None:
             return None  # not started yet
         room = self.bridge.bot.core.rooms.get(portal.room_id)

@@ -45,6 +45,7 @@ from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .message_status import Refused, StatusSender
 from .portal_base import PortalBase
 from .portal_to_matrix import KINDS
+from .redaction_power import check_redaction
 from .relay import relay_content
 from .send_chains import mark_bot_send
 
@@ -362,6 +363,7 @@ class PortalToKalandra(PortalBase):
         found = await MessageTable(self.bridge.db).index_for(mxid, work.redacts)
         if found is None or found[0] != self.room_id:
             return  # not a bridged message
+        await check_redaction(self.bridge, mxid, work.sender, work.redacts)
         if await relations.unreact(self, work, found[1]):
             return  # a bridged user took their reaction off
         client = self.bridge.bot.client

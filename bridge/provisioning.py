@@ -27,6 +27,7 @@ from mautrix.types import Membership, UserID
 from kalandra_core.client.driver import ClientError
 
 from .bridged_user import BridgedUser
+from .commands.account import LOGIN_CODE_TTL, issue_login_code
 from .db.device_token import token_id
 from .db.roster import bridged_member
 from .health import not_ready
@@ -82,6 +83,7 @@ class ProvisioningAPI:
         router.add_post("/v1/rooms/{room}/bridge", rooms.bridge_room)
         router.add_delete("/v1/rooms/{room}/bridge", rooms.unbridge)
         router.add_post("/v1/device-token", self.device_token)
+        router.add_post("/v1/login-code", self.login_code)
 
     def install(self) -> None:
         """Mounted on the appservice's app (before it starts listening)."""
@@ -191,4 +193,16 @@ class ProvisioningAPI:
         log.info("device token %s issued to member %d", token_id(token), user.member_id)
         return web.json_response(
             {"member_id": user.member_id, "token_id": token_id(token), "token": token}
+        )
+
+    async def login_code(self, request: web.Request) -> web.Response:
+        """A single-use login code (10 minutes) for the user's member, as the ``device-token``
+        command gives it in an encrypted chat; here the HTTP answer is the private channel."""
+        user_id, level = self.acting_user(request, "user")
+        self.require_ready()
+        user = await BridgedUser.get(self.bridge, user_id, level)
+        code = await issue_login_code(self.bridge, user)
+        log.info("login code issued to member %d", user.member_id)
+        return web.json_response(
+            {"member_id": user.member_id, "login_code": code, "expires_in": LOGIN_CODE_TTL}
         )

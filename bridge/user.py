@@ -1,7 +1,9 @@
-"""A Matrix user of the bridge: its permission level from the config.
+"""A Matrix user of the bridge: its permission level, read from the config at every use.
 
-For now a user is only its permissions; the Kalandra identity the bridge holds for it (MLS
-leaf, encrypted state) arrives with the bridge's tables.
+The objects are cached (mautrix keeps one per user), their permissions are not: ``level`` and
+the flags derived from it ask the config each time, so a permission changed in the config
+(at a restart, or a reload with SIGHUP: permissions.py) decides the very next command or
+message, and no cached value keeps a demoted user in.
 """
 
 from __future__ import annotations
@@ -22,13 +24,38 @@ class User(BaseUser):
     bridge: KalandraBridge
     by_mxid: ClassVar[dict[UserID, User]] = {}
 
-    def __init__(self, mxid: UserID, level: str) -> None:
+    def __init__(self, mxid: UserID) -> None:
         self.mxid = mxid
         super().__init__()
-        self.level = level
-        self.relay_whitelisted = level in ("relay", "user", "admin")
-        self.is_whitelisted = level in ("user", "admin")
-        self.is_admin = level == "admin"
+
+    @property
+    def level(self) -> str:
+        return self.bridge.config.permission_level(self.mxid)
+
+    # mautrix reads (and BaseUser.__init__ writes) these as attributes: derived, never stored.
+    @property
+    def relay_whitelisted(self) -> bool:
+        return self.level in ("relay", "user", "admin")
+
+    @relay_whitelisted.setter
+    def relay_whitelisted(self, _value: bool) -> None:
+        pass
+
+    @property
+    def is_whitelisted(self) -> bool:
+        return self.level in ("user", "admin")
+
+    @is_whitelisted.setter
+    def is_whitelisted(self, _value: bool) -> None:
+        pass
+
+    @property
+    def is_admin(self) -> bool:
+        return self.level == "admin"
+
+    @is_admin.setter
+    def is_admin(self, _value: bool) -> None:
+        pass
 
     @classmethod
     def init_cls(cls, bridge: KalandraBridge) -> None:
@@ -40,7 +67,7 @@ class User(BaseUser):
     def get_by_mxid(cls, mxid: UserID) -> User:
         user = cls.by_mxid.get(mxid)
         if user is None:
-            user = cls.by_mxid[mxid] = cls(mxid, cls.bridge.config.permission_level(mxid))
+            user = cls.by_mxid[mxid] = cls(mxid)
         return user
 
     async def is_logged_in(self) -> bool:

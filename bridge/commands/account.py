@@ -1,16 +1,18 @@
-"""Your Kalandra identity: fresh room keys (rotate-keys) and device tokens (device-token)."""
+"""Your Kalandra identity: fresh room keys (rotate-keys), and login codes and device tokens
+(device-token)."""
 
 from __future__ import annotations
 
 import time
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from mautrix.api import HTTPAPI, Method, Path
 from mautrix.bridge.commands import CommandEvent, command_handler
 from mautrix.types import EventID, EventType, MessageType, TextMessageEventContent
 
+from .. import e2ee
 from ..bridged_user import BridgedUser
-from ..db.device_token import ID_LENGTH, ActiveToken, DeviceTokenTable, token_hash, token_id
+from ..db.device_token import ID_LENGTH, ActiveToken, DeviceTokenTable, token_hash
 from ..user import User
 from .util import (
     ROOM_ARG,
@@ -22,6 +24,9 @@ from .util import (
     portal_of,
     take_room,
 )
+
+if TYPE_CHECKING:
+    from ..bridge import KalandraBridge
 
 
 @command_handler(
@@ -50,12 +55,25 @@ async def rotate_keys(evt: CommandEvent) -> EventID:
     )
 
 
+LOGIN_CODE_TTL = 600  # seconds: the longest the store allows
+
 _LIMITATION = (
     "The Kalandra server binds one device key per member, and this member's key is the one"
-    " the bridge holds for you (it signs what you send from Matrix). A native client can log"
-    " in with this token only with that key, and the bridge never hands it out: two devices"
-    " on one MLS leaf would reuse its sender keys. So `kalandra login`, which makes a new key,"
-    " is refused (signature key does not match)."
+    " the bridge holds for you (it signs what you send from Matrix). The code logs in only a"
+    " client holding that key, and the bridge never hands the key out: two devices on one MLS"
+    " leaf would reuse its sender keys. So `kalandra login --code`, which makes a new key, is"
+    " refused (signature key does not match), and the code is used up by the attempt."
+)
+NOT_HERE = "Login codes are only given in an end-to-end encrypted direct chat with the bot."
+UNENCRYPTED = (
+    "A login code is a secret, and this chat is not end-to-end encrypted: the code would sit"
+    " readable in the room's history on the homeserver. Start an encrypted direct chat with"
+    " me (or turn on encryption here) and ask again. Nothing was issued."
+)
+NO_ENCRYPTION = (
+    "This bridge has no end-to-end encryption (`bridge.encryption.allow`), so it gives no"
+    " login codes in Matrix chats; a bridge admin can get one for you from the provisioning"
+    " API. Nothing was issued."
 )
 
 
@@ -69,59 +87,73 @@ def _when(ms: int) -> str:
     management_only=True,
     help_section=SECTION_ACCOUNT,
     help_args="[list | revoke <_token id or token_>]",
-    help_text="Issue a device token for the Kalandra member the bridge holds for you (only in"
-    " this management room; it is never logged), list your active tokens, or revoke one."
-    " Limitation: a member has one device key, and yours is the bridge's, so a native client"
-    " bringing its own key (`kalandra login`) is refused with this token.",
+    help_text="A single-use login code (valid 10 minutes) for the Kalandra member the bridge"
+    " holds for you, which `kalandra login --code` exchanges for a device token; given only in"
+    " an end-to-end encrypted direct chat with the bot, never logged. `list` shows the member's"
+    " active device tokens, `revoke` revokes one. Limitation: a member has one device key, and"
+    " yours is the bridge's, so a native client bringing its own key is refused.",
 )
 @answers_failures
 async def device_token(evt: CommandEvent) -> EventID:
     if portal_of(evt) is not None or not evt.is_management:
-        raise CommandFailed("Device tokens are only given in your management room with the bot.")
+        raise CommandFailed(NOT_HERE)
     bridge = bridge_of(evt)
     sender = cast("User", evt.sender)
-    user = await BridgedUser.get(bridge, sender.mxid, sender.level)
-    table = DeviceTokenTable(bridge.db)
     action = evt.args[0].lower() if evt.args else "issue"
     if action == "list" and len(evt.args) == 1:
-        issued = await _issued(table, user)
+        user = await BridgedUser.get(bridge, sender.mxid, sender.level)
+        issued = await _issued(DeviceTokenTable(bridge.db), user)
         if not issued:
             return await evt.reply(f"Member {user.member_id} has no device token from you.")
         lines = [f"Active device tokens of member {user.member_id}:"]
         lines += [f"* `{t.token_id}` issued {_when(t.created_at)}" for t in issued]
         return await evt.reply("\n".join(lines))
     if action == "revoke" and len(evt.args) == 2:
-        return await evt.reply(await _revoke(table, user, evt.args[1]))
+        user = await BridgedUser.get(bridge, sender.mxid, sender.level)
+        return await evt.reply(await _revoke(DeviceTokenTable(bridge.db), user, evt.args[1]))
     if evt.args:
         raise CommandFailed(
             "**Usage:** `$cmdprefix+sp device-token`, `device-token list`"
             " or `device-token revoke <token id>`"
         )
+    # Refused before anything is made (member, token, code) when the chat is not encrypted.
+    if e2ee.manager(bridge) is None:
+        raise CommandFailed(NO_ENCRYPTION)
+    if not await e2ee.room_is_encrypted(bridge, evt.room_id):
+        raise CommandFailed(UNENCRYPTED)
+    user = await BridgedUser.get(bridge, sender.mxid, sender.level)
+    code = await issue_login_code(bridge, user)
+    return await _reply_secret(
+        evt,
+        f"Login code for Kalandra member {user.member_id}, valid for 10 minutes and once:\n\n"
+        f"{code}\n\n`kalandra login --server URL --code {code}` exchanges it for a device"
+        f" token. {_LIMITATION}",
+    )
+
+
+async def issue_login_code(bridge: KalandraBridge, user: BridgedUser) -> str:
+    """A login code for the user's member (also the provisioning API's)."""
     # Bind the bridge's key first: a native login must never bind its own and lock the
     # bridge out of this member.
     await user.connect()
     assert bridge.kalandra is not None
-    token = await bridge.kalandra.store.issue_token(user.member_id)
-    return await _reply_secret(
-        evt,
-        f"Device token for Kalandra member {user.member_id} (token id {token_id(token)}):\n\n"
-        f"{token}\n\nKeep it secret; `device-token revoke {token_id(token)}` revokes it."
-        f" {_LIMITATION}",
-    )
+    return await bridge.kalandra.store.issue_login_code(user.member_id, LOGIN_CODE_TTL)
 
 
 async def _reply_secret(evt: CommandEvent, text: str) -> EventID:
-    """A notice whose content the HTTP client never logs (mautrix logs request bodies at
-    debug level unless they are marked sensitive)."""
+    """An end-to-end encrypted notice whose content the HTTP client never logs (mautrix logs
+    request bodies at debug level unless they are marked sensitive)."""
+    bridge = bridge_of(evt)
     api = evt.az.intent.api
-    content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)
-    path = Path.v3.rooms[evt.room_id].send[EventType.ROOM_MESSAGE.t][api.get_txn_id()]
+    notice = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)
+    event_type, encrypted = await e2ee.encrypt(bridge, evt.room_id, EventType.ROOM_MESSAGE, notice)
+    path = Path.v3.rooms[evt.room_id].send[str(event_type)][api.get_txn_id()]
     # (AppServiceAPI.request does not pass `sensitive` on: the base request, as the bot.)
     response = await HTTPAPI.request(
         api,
         Method.PUT,
         path,
-        content.serialize(),
+        encrypted.serialize(),
         query_params={"user_id": evt.az.bot_mxid},
         sensitive=True,
     )

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
@@ -322,24 +323,30 @@ async def test_set_and_unset_relay(stack: BridgeStack) -> None:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_device_token_logs_in_as_the_bridged_member(stack: BridgeStack) -> None:
+async def test_device_token_list_and_revoke_and_no_code_without_encryption(
+    stack: BridgeStack,
+) -> None:
+    """Login codes come only in an end-to-end encrypted chat with the bot (this bridge has no
+    encryption: refused, see tests/security/test_bridge_matrix_users.py for the encrypted
+    case); `list` and `revoke` manage the member's device tokens anywhere with the bot."""
     address = ServerAddress("tcp", "127.0.0.1", stack.tcp_port)
     async with nio_client(stack.synapse, stack.others["user"]) as bob:
-        # Never in a portal (the token would be shown to the room).
+        # Never in a portal (the code would be shown to the room).
         _, portal = await create_portal(bob, "no tokens here")
         answer = await command(bob, portal, "!kalandra device-token")
-        assert answer == "Device tokens are only given in your management room with the bot."
+        assert (
+            answer
+            == "Login codes are only given in an end-to-end encrypted direct chat with the bot."
+        )
 
         dm = await dm_with_bot(bob)
         answer = await command(bob, dm, "device-token")
-        match = re.search(
-            r"Device token for Kalandra member (\d+) \(token id ([0-9a-f]{12})\):\s+(\S+)",
-            answer,
-        )
+        assert answer.startswith("This bridge has no end-to-end encryption"), answer
+        assert "klc_" not in answer
+        answer = await command(bob, dm, "device-token list")  # makes the member
+        match = re.fullmatch(r"Member (\d+) has no device token from you\.", answer)
         assert match, answer
-        member_id, token_id, token = int(match[1]), match[2], match[3]
-        assert "signature key does not match" in answer  # the limitation is said
-        assert token not in stack.log.read_text(errors="replace")  # never logged
+        member_id = int(match[1])
 
         rows = await query(
             stack,
@@ -350,25 +357,41 @@ async def test_device_token_logs_in_as_the_bridged_member(stack: BridgeStack) ->
         assert rows[0][0] % (1 << 64) == member_id
         key = sealed.unseal(state_key(stack), "user-signing-key", bytes(rows[0][1]))
 
-        # With the member's key (the bridge's), the token logs in as that member...
-        client = Client(ClientCore(member_id, key), address, token, reconnect=False)
-        await client.connect()
-        assert client.core.member_id == member_id
-        assert client.core.session_id
-        await client.close()
-        # ...and a client bringing its own key is refused, as the reply says.
+        # A login code (as the provisioning API gives it) logs in only with the member's key
+        # (the bridge's): a client bringing its own key is refused, as the help says...
+        status, issued = await provisioning_code(stack, bob.user_id)
+        assert status == 200, issued
         own_key = bytes(SigningKey.generate())
-        fresh = Client(ClientCore(0, own_key), address, token, reconnect=False)
+        fresh = Client(ClientCore(0, own_key), address, issued["login_code"], reconnect=False)
         with pytest.raises(ClientError, match="signature key does not match"):
             await fresh.connect()
         await fresh.close()
-
+        # ... and with the key, it becomes a device token the commands list and revoke.
+        status, issued = await provisioning_code(stack, bob.user_id)
+        client = Client(ClientCore(member_id, key), address, issued["login_code"], reconnect=False)
+        await client.connect()
+        assert client.core.member_id == member_id
+        await client.close()
         listed = await command(bob, dm, "device-token list")
-        assert f"`{token_id}`" in listed, listed
+        token_ids = re.findall(r"\* `([0-9a-f]{12})`", listed)
+        assert len(token_ids) == 1, listed
+        token_id = token_ids[0]
         answer = await command(bob, dm, f"device-token revoke {token_id[:8]}")
         assert answer.startswith(f"Revoked device token `{token_id}` of member {member_id}.")
         assert f"`{token_id}`" not in await command(bob, dm, "device-token list")
-        client = Client(ClientCore(member_id, key), address, token, reconnect=False)
         with pytest.raises(ClientError, match="unknown or revoked device token"):
             await client.connect()
         await client.close()
+
+
+async def provisioning_code(stack: BridgeStack, user_id: str) -> tuple[int, dict[str, Any]]:
+    config = YAML(typ="safe").load(stack.config.read_text(encoding="utf-8"))
+    secret = config["bridge"]["provisioning"]["shared_secret"]
+    url = f"http://127.0.0.1:{stack.as_port}/_matrix/provision/v1/login-code"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            url, params={"user_id": user_id}, headers={"Authorization": f"Bearer {secret}"}
+        ) as response,
+    ):
+        return response.status, await response.json()

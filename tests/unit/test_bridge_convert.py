@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mautrix.types import Format, MessageType, TextMessageEventContent
 
-from bridge.bridged_user import member_name
+from bridge.bridged_user import member_name, mxid_of_member_name
 from bridge.portal import kalandra_content, matrix_content
 from kalandra_core.client.content import Content
 
@@ -31,6 +31,12 @@ def test_other_message_types_are_not_bridged_yet() -> None:
     assert kalandra_content(TextMessageEventContent(msgtype=MessageType.IMAGE, body="x")) is None
 
 
-def test_member_names_are_simple() -> None:
-    assert member_name("@Alice.B:example.org") == "mx_alice.b_example.org"
-    assert member_name("@we+ird=name:host:8448") == "mx_we_ird_name_host_8448"
+def test_member_names_are_readable_and_reversible() -> None:
+    assert member_name("@alice.b:example.org") == "mx_alice.b__example.org"
+    assert member_name("@we+ird=name:host:8448") == "mx_we_2bird_3dname__host__8448"
+    # Once "mx_x_y_80" both: the mapping is injective now (it has an inverse).
+    assert member_name("@x_y:80") != member_name("@x:y:80")
+    for mxid in ("@x_y:80", "@x:y:80", "@Alice:Ex.org", "@é_:[::1]:8448", "@a__b:c", "@a:_:b"):
+        assert mxid_of_member_name(member_name(mxid)) == mxid
+    assert mxid_of_member_name("mx_a__b_-0f0f0f") is None  # a retried name (bridged_user.py)
+    assert mxid_of_member_name("alice") is None
