@@ -42,6 +42,7 @@ from kalandra_core.proto.payloads import ErrorCode
 from . import ephemeral, media, relations, room_metadata
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
+from .formatting import formatted_message
 from .message_status import Refused, StatusSender
 from .portal_base import PortalBase
 from .portal_to_matrix import KINDS
@@ -69,8 +70,8 @@ RELAY_REFUSAL = (
 
 
 def kalandra_content(content: MessageEventContent) -> Content | None:
-    """m.room.message text/notice/emote as a Kalandra body (HTML carried; a reply's quoted
-    fallback dropped), a location as text; None otherwise. Relations and mentions:
+    """m.room.message text/notice/emote as a Kalandra body (HTML sanitized, formatting.py; a
+    reply's quoted fallback dropped), a location as text; None otherwise. Relations and mentions:
     relations.py."""
     if isinstance(content, LocationMessageEventContent):
         return Content(body=f"Location: {content.geo_uri or ''}".rstrip())
@@ -81,7 +82,8 @@ def kalandra_content(content: MessageEventContent) -> Content | None:
         return None
     content.trim_reply_fallback()
     html = content.formatted_body if content.format == Format.HTML else None
-    return Content(body=content.body or "", kind=kind, formatted_body=html or None)
+    body, formatted = formatted_message(content.body or "", html)  # sanitized
+    return Content(body=body, kind=kind, formatted_body=formatted)
 
 
 @dataclass(frozen=True, slots=True)
