@@ -22,7 +22,7 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 
-from . import __version__, diagnostics, e2ee, health, metrics
+from . import __version__, as_auth, diagnostics, e2ee, health, metrics
 from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -109,6 +109,7 @@ class KalandraBridge(Bridge):
         TransactionGate(self).install()  # acknowledge transactions only when done
         metrics.install(self)  # after the gate: counts what Synapse is answered
         health.install(self)
+        as_auth.install(self)  # outermost: the token before anything reads a body
         if self.config["bridge.provisioning.enabled"]:
             ProvisioningAPI(self).install()
 
