@@ -17,10 +17,13 @@ from typing import Any
 from mautrix.bridge import BasePortal, BasePuppet, Bridge
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Database, UpgradeTable
+from sqlalchemy.engine import make_url
 
+from kalandra_core.private_files import make_sqlite_private
 from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
+from kalandra_core.storage.urls import sqlalchemy_url
 
 from . import __version__, as_auth, diagnostics, e2ee, health, metrics
 from .bot import KalandraBot
@@ -85,6 +88,11 @@ class KalandraBridge(Bridge):
         url = self.config.mautrix_database_url
         opts: dict[str, Any] = dict(self.config["appservice.database_opts"] or {})
         if url.startswith("sqlite:"):
+            # Created 0600 before SQLite makes it (whatever the umask), and its -wal and -shm
+            # with it (SQLite gives them the database file's mode).
+            path = make_url(sqlalchemy_url(self.config.core.database)).database
+            if path:
+                make_sqlite_private(path)
             # As durable as the Kalandra store on the same file (mautrix defaults to NORMAL).
             opts.setdefault("init_commands", ["PRAGMA synchronous = FULL"])
         else:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import logging
 import os
 import re
 import secrets
@@ -27,6 +29,7 @@ from mautrix.util.config import (
 )
 from ruamel.yaml.comments import CommentedMap
 
+from kalandra_core.private_files import write_private
 from kalandra_core.settings import CoreSettings, load_settings
 
 # Where the example lives: the top of the source tree, or (an installed copy, the container
@@ -37,6 +40,7 @@ EXAMPLE_CONFIG: Final = Path(
 )
 
 GENERATE: Final = "generate"
+log = logging.getLogger("kalandra.bridge.config")
 
 # Round trips keep the user's quoting, and write null as null (ruamel writes nothing), as the
 # example does. (mautrix's yaml instance is shared by every config of the process: ours only.)
@@ -262,7 +266,15 @@ class Config(BaseBridgeConfig):
         return list(self._generated)
 
     def save(self) -> None:
-        super().save()  # atomic (tempfile + rename); logs a warning and returns on failure
+        # mautrix's way (the config through a tempfile and a rename, a failure only logged),
+        # but both files are new 0600 files whatever the umask: they hold the appservice
+        # tokens and the MLS state key (mautrix writes the registration with open("w")).
+        try:
+            write_private(self.path, _dump(self._data))
+            if self._registration and self.registration_path:
+                write_private(self.registration_path, _dump(self._registration))
+        except OSError as exc:
+            log.warning("Failed to write the config or registration: %s", exc.strerror)
         try:
             with open(self.path, encoding="utf-8") as fh:
                 on_disk = RecursiveDict(yaml.load(fh), CommentedMap)
@@ -371,6 +383,12 @@ class Config(BaseBridgeConfig):
 
 
 _ABSENT: Final = object()
+
+
+def _dump(data: Any) -> str:
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
 
 
 def _copy(helper: ConfigUpdateHelper, path: str) -> None:

@@ -63,6 +63,10 @@ _TRANSIENT = frozenset({0, int(ErrorCode.STORAGE_ERROR), int(ErrorCode.RATE_LIMI
 _TRANSIENT_ATTEMPTS = 14
 _MAX_DELAY = 15.0
 
+UNENCRYPTED = (
+    "this bridge requires encryption (bridge.encryption.require): the message was sent"
+    " unencrypted and nothing of it went to Kalandra."
+)
 RELAY_REFUSAL = (
     "you need the `user` permission to speak in Kalandra rooms, or a bridge admin must turn"
     " relaying on in this room (`set-relay`)."
@@ -91,7 +95,8 @@ class FromMatrix:
     """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "leave" (a
     bridged user left, or was kicked or banned), "kick"/"ban"/"unban" (of a native member's
     ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``),
-    "undecryptable" (an encrypted event that fails, ``reason`` saying why)."""
+    "undecryptable" (an encrypted event that fails, ``reason`` saying why), "unencrypted" (a
+    message sent in clear where encryption is required: refused)."""
 
     kind: str
     sender: UserID
@@ -255,7 +260,7 @@ class PortalToKalandra(PortalBase):
         log.info(
             "portal %s: a Matrix %s was not bridged (%s)", self.hex, work.kind, refusal.reason
         )
-        message = work.kind in ("message", "undecryptable")
+        message = work.kind in ("message", "undecryptable", "unencrypted")
         await self.mx_status.failure(mxid, work.event_id, refusal, message=message)
         await DedupeTable(self.bridge.db).record_done(work.event_id, refusal.reason.value)
 
@@ -282,6 +287,8 @@ class PortalToKalandra(PortalBase):
             await room_metadata.meta_to_kalandra(self, work)
         elif work.kind == "undecryptable":  # e2ee.py: ``reason`` says why
             raise Refused(MessageStatusReason.UNDECRYPTABLE, work.reason)
+        elif work.kind == "unencrypted":  # matrix.py, with bridge.encryption.require
+            raise Refused(MessageStatusReason.UNSUPPORTED, work.reason)
 
     async def _mx_message(self, work: FromMatrix) -> None:
         assert work.content is not None
