@@ -311,6 +311,9 @@ class Config(BaseBridgeConfig):
                     f"bridge.permissions[{who}]",
                     f"{level!r} is not one of {', '.join(PERMISSION_LEVELS)}",
                 )
+        if self["bridge.encryption.require"] and not self["bridge.encryption.allow"]:
+            # Without the bot's crypto device nothing could be checked: refuse, not ignore.
+            raise InvalidOption("bridge.encryption.require", "needs bridge.encryption.allow")
         if self["bridge.provisioning.enabled"]:
             secret = self["bridge.provisioning.shared_secret"]
             if not isinstance(secret, str) or len(secret) < 16 or secret == GENERATE:
