@@ -46,9 +46,16 @@ def install(bridge: KalandraBridge) -> None:
     expected = str(bridge.config["appservice.hs_token"]).encode()
     max_body = int(bridge.config["appservice.max_body_size"]) * _MIB
 
-    def refuse(status: int, errcode: str, error: str) -> web.Response:
+    async def refuse(
+        request: web.Request, status: int, errcode: str, error: str
+    ) -> web.StreamResponse:
         response = web.json_response({"errcode": errcode, "error": error}, status=status)
-        response.force_close()  # the unread body stays unread
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        # Then close at once: aiohttp would otherwise read (and discard) the unread body for
+        # up to 10 s before closing ("lingering"). The answer is flushed before the close.
+        request.protocol.force_close()
         return response
 
     @web.middleware
@@ -57,12 +64,12 @@ def install(bridge: KalandraBridge) -> None:
             return await handler(request)
         token = presented_token(request)
         if token is None:
-            return refuse(401, "M_UNAUTHORIZED", "missing homeserver token")
+            return await refuse(request, 401, "M_UNAUTHORIZED", "missing homeserver token")
         if not hmac.compare_digest(token.encode(), expected):
-            return refuse(403, "M_FORBIDDEN", "invalid homeserver token")
+            return await refuse(request, 403, "M_FORBIDDEN", "invalid homeserver token")
         length = request.content_length
         if length is not None and length > max_body:
-            return refuse(413, "M_TOO_LARGE", f"body over {max_body // _MIB} MiB")
+            return await refuse(request, 413, "M_TOO_LARGE", f"body over {max_body // _MIB} MiB")
         return await handler(request)  # aiohttp's client_max_size bounds a chunked body
 
     bridge.az.app.middlewares.insert(0, check_token)
