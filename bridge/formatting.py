@@ -229,10 +229,12 @@ def sanitize(html: str) -> tuple[str, str]:
     return "".join(flat.html), _tidy("".join(flat.text))
 
 
-def formatted_message(body: str, html: str | None) -> tuple[str, str | None]:
+def formatted_message(body: object, html: object) -> tuple[str, str | None]:
     """(plain body, formatted body or None) for a message to send on, either way: the HTML
-    sanitized, and the plain body the HTML's text when the two disagree."""
-    if html is None or not html.strip() or len(html) > MAX_HTML:
+    sanitized, and the plain body the HTML's text when the two disagree. (Either may be
+    anything a hostile sender put in the JSON: what is not a string counts as absent.)"""
+    body = body if isinstance(body, str) else ""
+    if not isinstance(html, str) or not html.strip() or len(html) > MAX_HTML:
         return body, None
     clean, text = sanitize(html)
     if not clean:

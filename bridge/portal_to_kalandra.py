@@ -86,7 +86,7 @@ def kalandra_content(content: MessageEventContent) -> Content | None:
         return None
     content.trim_reply_fallback()
     html = content.formatted_body if content.format == Format.HTML else None
-    body, formatted = formatted_message(content.body or "", html)  # sanitized
+    body, formatted = formatted_message(content.body, html)  # sanitized
     return Content(body=body, kind=kind, formatted_body=formatted)
 
 

@@ -5,7 +5,8 @@ whatever the umask, and never written through a symlink.
 mode does not survive, and a symlink at the path is replaced, not followed);
 ``create_private`` makes a new file that must not exist yet (O_EXCL | O_NOFOLLOW: a file or
 symlink already there is refused); ``make_private`` makes sure a file exists and is 0600
-(SQLite databases, whose -wal and -shm files SQLite creates with the database file's mode).
+(SQLite databases, whose -wal and -shm files SQLite creates with the database file's mode;
+the configured path may be a symlink).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def create_private(path: str | os.PathLike[str], data: str | bytes) -> None:
 
 
 def make_private(path: str | os.PathLike[str]) -> None:
-    """``path`` exists, mode 0600 (created empty if missing; a symlink is refused: OSError)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | _NOFOLLOW, MODE)
+    """``path`` exists, mode 0600 (created empty if missing). A symlink is followed: the
+    operator's configured path, which may well point to another disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, MODE)
     try:
         os.fchmod(fd, MODE)
     finally:
@@ -65,5 +67,5 @@ def make_sqlite_private(path: str | os.PathLike[str]) -> None:
     make_private(path)
     for suffix in ("-wal", "-shm", "-journal"):
         side = Path(f"{os.fspath(path)}{suffix}")
-        if side.exists() and not side.is_symlink():
+        if side.exists():
             os.chmod(side, MODE)

@@ -99,3 +99,9 @@ def test_both_directions_sanitize() -> None:
     assert to_matrix.formatted_body == "<b>bold</b><a>link</a>"
     assert to_matrix.body == "boldlink"
     assert to_matrix.format == Format.HTML
+
+
+def test_what_is_not_a_string_counts_as_absent() -> None:
+    assert formatted_message(None, "<b>x</b>") == ("x", "<b>x</b>")
+    assert formatted_message("x", 42) == ("x", None)
+    assert formatted_message(["x"], {"html": 1}) == ("", None)
