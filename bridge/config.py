@@ -268,11 +268,13 @@ class Config(BaseBridgeConfig):
     def save(self) -> None:
         # mautrix's way (the config through a tempfile and a rename, a failure only logged),
         # but both files are new 0600 files whatever the umask: they hold the appservice
-        # tokens and the MLS state key (mautrix writes the registration with open("w")).
+        # tokens and the MLS state key (mautrix writes the registration with open("w")). A
+        # symlinked file (a registration linked into the homeserver's directory) stays linked.
         try:
-            write_private(self.path, _dump(self._data))
+            write_private(os.path.realpath(self.path), _dump(self._data))
             if self._registration and self.registration_path:
-                write_private(self.registration_path, _dump(self._registration))
+                registration = os.path.realpath(self.registration_path)
+                write_private(registration, _dump(self._registration))
         except OSError as exc:
             log.warning("Failed to write the config or registration: %s", exc.strerror)
         try:

@@ -1,5 +1,5 @@
 """Files that hold secrets (tokens, keys, credentials, the database) are created mode 0600,
-whatever the umask, and never written through a symlink.
+whatever the umask.
 
 ``write_private`` replaces a file atomically with a new 0600 one (an existing file's looser
 mode does not survive, and a symlink at the path is replaced, not followed);
