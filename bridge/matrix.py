@@ -43,9 +43,9 @@ class MatrixHandler(BaseMatrixHandler):
         self.user_id_suffix = f"{suffix}:{bridge.config['homeserver.domain']}"
         super().__init__(command_processor=KalandraCommandProcessor(bridge), bridge=bridge)
         self.ephemeral = MatrixEphemeral(bridge)
-        # bridge.encryption.require is about portals (handle_message): mautrix would drop
-        # unencrypted messages everywhere, the bot's direct chats included, and its portal
-        # path is ours, which would not check at all.
+        # bridge.encryption.require is about portals (handle_message; reactions:
+        # _refused_in_clear): mautrix would drop unencrypted messages everywhere, the bot's
+        # direct chats included, and its portal path is ours, which would not check at all.
         self.require_portal_e2ee = self.require_e2ee
         self.require_e2ee = False
 
@@ -53,9 +53,23 @@ class MatrixHandler(BaseMatrixHandler):
         # Whatever path the event takes, its place in a portal's queue is released at the end
         # if nothing claimed it (transactions.py waits for it).
         try:
+            if not was_encrypted and self._refused_in_clear(evt):
+                return
             await super().int_handle_event(evt, was_encrypted)
         finally:
             release_slot()
+
+    def _refused_in_clear(self, evt: Event) -> bool:
+        """With bridge.encryption.require, a reaction sent in clear in a portal is refused
+        like a message (handle_message); mautrix's reaction path does not know how it came."""
+        if not self.require_portal_e2ee or evt.type != EventType.REACTION:
+            return False
+        portal = Portal.by_mxid(evt.room_id)
+        sender = evt.sender
+        if portal is None or sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
+            return False
+        portal.submit(FromMatrix("unencrypted", sender, evt.event_id, reason=UNENCRYPTED))
+        return True
 
     async def _send_mss(
         self,

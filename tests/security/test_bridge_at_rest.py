@@ -18,6 +18,7 @@ import secrets
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -33,6 +34,7 @@ from matrix.bridge_stack import (
     room_history,
     say,
 )
+from nio import AsyncClient
 
 from bridge.e2ee import RECOVERY_KEY_FILE
 from kalandra_core.client.events import Message
@@ -72,6 +74,44 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.lstat().st_mode)
 
 
+async def send_in_clear(
+    alice: AsyncClient, portal: str, kind: str, content: dict[str, Any]
+) -> str:
+    """The same user's event in clear (as a client without encryption would send it)."""
+    response = await alice.send(
+        "PUT",
+        f"/_matrix/client/v3/rooms/{portal}/send/{kind}/{secrets.token_hex(8)}",
+        json.dumps(content),
+        headers={"Authorization": f"Bearer {alice.access_token}"},
+    )
+    assert response.status == 200, await response.text()
+    return str((await response.json())["event_id"])
+
+
+async def refusal_of(alice: AsyncClient, portal: str, event_id: str) -> tuple[str, str]:
+    """(status, the bot's notice) once the bot has reported ``event_id`` as not bridged."""
+    async with asyncio.timeout(WITHIN):
+        while True:
+            history = await room_history(alice, portal)
+            statuses = [
+                e.source["content"]
+                for e in history
+                if e.sender == BOT
+                and e.source.get("type") == STATUS
+                and e.source["content"].get("m.relates_to", {}).get("event_id") == event_id
+            ]
+            notices = [
+                str(e.source["content"].get("body"))
+                for e in history
+                if e.sender == BOT
+                and e.source.get("type") == "m.room.message"
+                and str(e.source["content"].get("body")).startswith("Not bridged")
+            ]
+            if statuses and notices:
+                return statuses[0]["status"], notices[-1]
+            await asyncio.sleep(0.5)
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_unencrypted_message_in_a_portal_is_refused_when_encryption_is_required(
     stack: BridgeStack,
@@ -81,43 +121,23 @@ async def test_unencrypted_message_in_a_portal_is_refused_when_encryption_is_req
         room_hex, portal = await portal_with_native(alice, native, "required")
         assert alice.rooms[portal].encrypted  # require: new portals are encrypted
         room = bytes.fromhex(room_hex)
-        # The same user's message in clear (a client without encryption, over the API).
-        txn = secrets.token_hex(8)
-        response = await alice.send(
-            "PUT",
-            f"/_matrix/client/v3/rooms/{portal}/send/m.room.message/{txn}",
-            json.dumps({"msgtype": "m.text", "body": CLEAR}),
-            headers={"Authorization": f"Bearer {alice.access_token}"},
+        clear = await send_in_clear(
+            alice, portal, "m.room.message", {"msgtype": "m.text", "body": CLEAR}
         )
-        assert response.status == 200, await response.text()
-        clear_id = (await response.json())["event_id"]
-        # Refused visibly: a failure status for that event, and the bot's notice saying why.
-        async with asyncio.timeout(WITHIN):
-            while True:
-                history = await room_history(alice, portal)
-                statuses = [
-                    e.source["content"]
-                    for e in history
-                    if e.sender == BOT and e.source.get("type") == STATUS
-                ]
-                notices = [
-                    str(e.source["content"].get("body"))
-                    for e in history
-                    if e.sender == BOT and e.source.get("type") == "m.room.message"
-                ]
-                if statuses and any(n.startswith("Not bridged") for n in notices):
-                    break
-                await asyncio.sleep(0.5)
-        assert [(s["m.relates_to"]["event_id"], s["status"]) for s in statuses] == [
-            (clear_id, "FAIL_PERMANENT")
-        ]
-        assert any("requires encryption" in n for n in notices), notices
+        status, notice = await refusal_of(alice, portal, clear)
+        assert status == "FAIL_PERMANENT"
+        assert "requires encryption" in notice, notice
         # Nothing of it reached Kalandra: the native member's next message is the encrypted
         # one sent after it.
-        await say(alice, portal, "encrypted")
+        encrypted = await say(alice, portal, "encrypted")
         got: list[Message] = []
         await asyncio.wait_for(messages_from_others(native, got, 1, room), WITHIN)
         assert [m.content.body for m in got] == ["encrypted"]
+        # A reaction in clear is refused the same way.
+        annotation = {"rel_type": "m.annotation", "event_id": encrypted, "key": "👍"}
+        reaction = await send_in_clear(alice, portal, "m.reaction", {"m.relates_to": annotation})
+        status, _ = await refusal_of(alice, portal, reaction)
+        assert status == "FAIL_PERMANENT"
     await native.close()
     assert CLEAR not in stack.log.read_text(errors="replace")
 
