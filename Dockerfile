@@ -7,13 +7,16 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kalandra_core ./kalandra_core
 COPY bridge ./bridge
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Only the project itself: its dependencies come from the lock file, checked by hash.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 1337 --home-dir /data kalandra \
     && mkdir -p /data /opt/kalandra && chown kalandra /data
+COPY requirements.lock /tmp/requirements.lock
+RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock && rm /tmp/requirements.lock
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 # The migration history and the example config are read from here by the installed package.
 COPY alembic /opt/kalandra/alembic
 COPY example-config.yaml /opt/kalandra/example-config.yaml

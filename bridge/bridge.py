@@ -17,12 +17,15 @@ from typing import Any
 from mautrix.bridge import BasePortal, BasePuppet, Bridge
 from mautrix.types import RoomID, UserID
 from mautrix.util.async_db import Database, UpgradeTable
+from sqlalchemy.engine import make_url
 
+from kalandra_core.private_files import make_sqlite_private
 from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
+from kalandra_core.storage.urls import sqlalchemy_url
 
-from . import __version__, diagnostics, e2ee, health, metrics, permissions
+from . import __version__, as_auth, diagnostics, e2ee, health, metrics, permissions
 from .bot import KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -86,6 +89,11 @@ class KalandraBridge(Bridge):
         url = self.config.mautrix_database_url
         opts: dict[str, Any] = dict(self.config["appservice.database_opts"] or {})
         if url.startswith("sqlite:"):
+            # Created 0600 before SQLite makes it (whatever the umask), and its -wal and -shm
+            # with it (SQLite gives them the database file's mode).
+            path = make_url(sqlalchemy_url(self.config.core.database)).database
+            if path:
+                make_sqlite_private(path)
             # As durable as the Kalandra store on the same file (mautrix defaults to NORMAL).
             opts.setdefault("init_commands", ["PRAGMA synchronous = FULL"])
         else:
@@ -111,6 +119,7 @@ class KalandraBridge(Bridge):
         TransactionGate(self).install()  # acknowledge transactions only when done
         metrics.install(self)  # after the gate: counts what Synapse is answered
         health.install(self)
+        as_auth.install(self)  # outermost: the token before anything reads a body
         if self.config["bridge.provisioning.enabled"]:
             ProvisioningAPI(self).install()
 

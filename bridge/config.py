@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import logging
 import os
 import re
 import secrets
@@ -27,6 +29,7 @@ from mautrix.util.config import (
 )
 from ruamel.yaml.comments import CommentedMap
 
+from kalandra_core.private_files import write_private
 from kalandra_core.settings import CoreSettings, load_settings
 
 # Where the example lives: the top of the source tree, or (an installed copy, the container
@@ -37,6 +40,7 @@ EXAMPLE_CONFIG: Final = Path(
 )
 
 GENERATE: Final = "generate"
+log = logging.getLogger("kalandra.bridge.config")
 
 # Round trips keep the user's quoting, and write null as null (ruamel writes nothing), as the
 # example does. (mautrix's yaml instance is shared by every config of the process: ours only.)
@@ -265,7 +269,17 @@ class Config(BaseBridgeConfig):
         return list(self._generated)
 
     def save(self) -> None:
-        super().save()  # atomic (tempfile + rename); logs a warning and returns on failure
+        # mautrix's way (the config through a tempfile and a rename, a failure only logged),
+        # but both files are new 0600 files whatever the umask: they hold the appservice
+        # tokens and the MLS state key (mautrix writes the registration with open("w")). A
+        # symlinked file (a registration linked into the homeserver's directory) stays linked.
+        try:
+            write_private(os.path.realpath(self.path), _dump(self._data))
+            if self._registration and self.registration_path:
+                registration = os.path.realpath(self.registration_path)
+                write_private(registration, _dump(self._registration))
+        except OSError as exc:
+            log.warning("Failed to write the config or registration: %s", exc.strerror)
         try:
             with open(self.path, encoding="utf-8") as fh:
                 on_disk = RecursiveDict(yaml.load(fh), CommentedMap)
@@ -302,6 +316,9 @@ class Config(BaseBridgeConfig):
                     f"bridge.permissions[{who}]",
                     f"{level!r} is not one of {', '.join(PERMISSION_LEVELS)}",
                 )
+        if self["bridge.encryption.require"] and not self["bridge.encryption.allow"]:
+            # Without the bot's crypto device nothing could be checked: refuse, not ignore.
+            raise InvalidOption("bridge.encryption.require", "needs bridge.encryption.allow")
         if self["bridge.provisioning.enabled"]:
             secret = self["bridge.provisioning.shared_secret"]
             if not isinstance(secret, str) or len(secret) < 16 or secret == GENERATE:
@@ -374,6 +391,12 @@ class Config(BaseBridgeConfig):
 
 
 _ABSENT: Final = object()
+
+
+def _dump(data: Any) -> str:
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
 
 
 def _copy(helper: ConfigUpdateHelper, path: str) -> None:

@@ -54,6 +54,8 @@ from mautrix.types import (
 )
 from mautrix.util.async_db import Database
 
+from kalandra_core.private_files import open_new_private
+
 if TYPE_CHECKING:
     from mautrix.bridge.e2ee import EncryptionManager
 
@@ -186,7 +188,11 @@ def encryption_event(bridge: KalandraBridge) -> RoomEncryptionStateEventContent:
 
 
 def encrypt_new_portals(bridge: KalandraBridge) -> bool:
-    return manager(bridge) is not None and bool(bridge.config["bridge.encryption.default"])
+    # With ``require``, a new portal that was not encrypted could carry no message at all.
+    required = bool(bridge.config["bridge.encryption.require"])
+    return manager(bridge) is not None and (
+        bool(bridge.config["bridge.encryption.default"]) or required
+    )
 
 
 async def room_is_encrypted(bridge: KalandraBridge, room_id: RoomID) -> bool:
@@ -398,18 +404,37 @@ RECOVERY_KEY_FILE = "bot-recovery-key.txt"
 async def self_sign(bridge: KalandraBridge) -> None:
     """With ``bridge.encryption.self_sign``: give the bot cross-signing keys (kept in its
     server-side secret storage) and sign its device with them, once. The recovery key of that
-    storage goes to ``<server.data_dir>/bot-recovery-key.txt`` (mode 0600), never to the log."""
+    storage goes to ``<server.data_dir>/bot-recovery-key.txt`` (a new file, mode 0600), never to
+    the log."""
     e2ee = manager(bridge)
     if e2ee is None or not bridge.e2ee_self_sign:
         return
     if await _device_cross_signed(e2ee):
         log.debug("the bot's device is cross-signed already")
         return
-    recovery_key = await e2ee.crypto.generate_recovery_key()
     path = Path(bridge.config.core.server.data_dir) / RECOVERY_KEY_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(recovery_key + "\n")
+    # The file first (new, 0600, never through a symlink): the keys are made only once the
+    # recovery key has a place, so a refusal leaves the device as it was.
+    try:
+        fd = open_new_private(path)
+    except OSError as exc:
+        log.error(
+            "the bot's device is not cross-signed: %s cannot be created as a new file (%s;"
+            " an existing file or symlink there is never overwritten or followed): move it"
+            " away and restart",
+            path,
+            exc.strerror or type(exc).__name__,
+        )
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            recovery_key = await e2ee.crypto.generate_recovery_key()
+            fh.write(recovery_key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)  # ours (O_EXCL), maybe empty
+        raise
     log.info("the bot's device is cross-signed; the recovery key is in %s", path)
 
 

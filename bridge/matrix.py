@@ -29,7 +29,7 @@ from . import e2ee, room_metadata
 from .commands import REFUSAL, KalandraCommandProcessor
 from .ephemeral import MatrixEphemeral
 from .portal import Portal
-from .portal_to_kalandra import FromMatrix, release_slot
+from .portal_to_kalandra import UNENCRYPTED, FromMatrix, release_slot
 from .user import User
 
 if TYPE_CHECKING:
@@ -43,14 +43,33 @@ class MatrixHandler(BaseMatrixHandler):
         self.user_id_suffix = f"{suffix}:{bridge.config['homeserver.domain']}"
         super().__init__(command_processor=KalandraCommandProcessor(bridge), bridge=bridge)
         self.ephemeral = MatrixEphemeral(bridge)
+        # bridge.encryption.require is about portals (handle_message; reactions:
+        # _refused_in_clear): mautrix would drop unencrypted messages everywhere, the bot's
+        # direct chats included, and its portal path is ours, which would not check at all.
+        self.require_portal_e2ee = self.require_e2ee
+        self.require_e2ee = False
 
     async def int_handle_event(self, evt: Event, was_encrypted: bool = False) -> None:
         # Whatever path the event takes, its place in a portal's queue is released at the end
         # if nothing claimed it (transactions.py waits for it).
         try:
+            if not was_encrypted and self._refused_in_clear(evt):
+                return
             await super().int_handle_event(evt, was_encrypted)
         finally:
             release_slot()
+
+    def _refused_in_clear(self, evt: Event) -> bool:
+        """With bridge.encryption.require, a reaction sent in clear in a portal is refused
+        like a message (handle_message); mautrix's reaction path does not know how it came."""
+        if not self.require_portal_e2ee or evt.type != EventType.REACTION:
+            return False
+        portal = Portal.by_mxid(evt.room_id)
+        sender = evt.sender
+        if portal is None or sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
+            return False
+        portal.submit(FromMatrix("unencrypted", sender, evt.event_id, reason=UNENCRYPTED))
+        return True
 
     async def _send_mss(
         self,
@@ -91,11 +110,17 @@ class MatrixHandler(BaseMatrixHandler):
         """Portal messages go to the portal's queue toward Kalandra; the rest (commands,
         management rooms) is mautrix's."""
         portal = Portal.by_mxid(evt.room_id)
+        sender = evt.sender
+        if portal is not None and not was_encrypted and self.require_portal_e2ee:
+            if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
+                return
+            # Refused in its place in the queue (status event, notice), commands too.
+            portal.submit(FromMatrix("unencrypted", sender, evt.event_id, reason=UNENCRYPTED))
+            return
         if portal is None or self.is_command(evt.content)[0]:
             release_slot()  # a command may take long: the transaction does not wait for it
             await super().handle_message(evt, was_encrypted)
             return
-        sender = evt.sender
         if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
             return  # our own ghosts and bot: never bridged back (no echo loop)
         user = User.get_by_mxid(sender)

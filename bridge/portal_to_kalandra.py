@@ -42,6 +42,7 @@ from kalandra_core.proto.payloads import ErrorCode
 from . import ephemeral, media, relations, room_metadata
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
+from .formatting import formatted_message
 from .message_status import Refused, StatusSender
 from .portal_base import PortalBase
 from .portal_to_matrix import KINDS
@@ -63,6 +64,10 @@ _TRANSIENT = frozenset({0, int(ErrorCode.STORAGE_ERROR), int(ErrorCode.RATE_LIMI
 _TRANSIENT_ATTEMPTS = 14
 _MAX_DELAY = 15.0
 
+UNENCRYPTED = (
+    "this bridge requires encryption (bridge.encryption.require): the message was sent"
+    " unencrypted and nothing of it went to Kalandra."
+)
 RELAY_REFUSAL = (
     "you need the `user` permission to speak in Kalandra rooms, or a bridge admin must turn"
     " relaying on in this room (`set-relay`)."
@@ -70,8 +75,8 @@ RELAY_REFUSAL = (
 
 
 def kalandra_content(content: MessageEventContent) -> Content | None:
-    """m.room.message text/notice/emote as a Kalandra body (HTML carried; a reply's quoted
-    fallback dropped), a location as text; None otherwise. Relations and mentions:
+    """m.room.message text/notice/emote as a Kalandra body (HTML sanitized, formatting.py; a
+    reply's quoted fallback dropped), a location as text; None otherwise. Relations and mentions:
     relations.py."""
     if isinstance(content, LocationMessageEventContent):
         return Content(body=f"Location: {content.geo_uri or ''}".rstrip())
@@ -82,7 +87,8 @@ def kalandra_content(content: MessageEventContent) -> Content | None:
         return None
     content.trim_reply_fallback()
     html = content.formatted_body if content.format == Format.HTML else None
-    return Content(body=content.body or "", kind=kind, formatted_body=html or None)
+    body, formatted = formatted_message(content.body, html)  # sanitized
+    return Content(body=body, kind=kind, formatted_body=formatted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +96,8 @@ class FromMatrix:
     """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "leave" (a
     bridged user left, or was kicked or banned), "kick"/"ban"/"unban" (of a native member's
     ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``),
-    "undecryptable" (an encrypted event that fails, ``reason`` saying why)."""
+    "undecryptable" (an encrypted event that fails, ``reason`` saying why), "unencrypted" (a
+    message sent in clear where encryption is required: refused)."""
 
     kind: str
     sender: UserID
@@ -254,7 +261,7 @@ class PortalToKalandra(PortalBase):
         log.info(
             "portal %s: a Matrix %s was not bridged (%s)", self.hex, work.kind, refusal.reason
         )
-        message = work.kind in ("message", "undecryptable")
+        message = work.kind in ("message", "undecryptable", "unencrypted")
         await self.mx_status.failure(mxid, work.event_id, refusal, message=message)
         await DedupeTable(self.bridge.db).record_done(work.event_id, refusal.reason.value)
 
@@ -281,6 +288,8 @@ class PortalToKalandra(PortalBase):
             await room_metadata.meta_to_kalandra(self, work)
         elif work.kind == "undecryptable":  # e2ee.py: ``reason`` says why
             raise Refused(MessageStatusReason.UNDECRYPTABLE, work.reason)
+        elif work.kind == "unencrypted":  # matrix.py, with bridge.encryption.require
+            raise Refused(MessageStatusReason.UNSUPPORTED, work.reason)
 
     async def _mx_message(self, work: FromMatrix) -> None:
         assert work.content is not None

@@ -54,6 +54,7 @@ from kalandra_core.client.events import Message
 from . import backfill, catch_up, e2ee, ephemeral, media, metrics, relations, room_metadata
 from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
+from .formatting import formatted_message
 from .portal_members import PortalMembers, RosterCheck
 from .puppet import Puppet
 
@@ -85,12 +86,12 @@ Item = (
 
 
 def matrix_content(content: Content) -> TextMessageEventContent:
-    """A Kalandra message body as m.room.message content (HTML carried when present)."""
+    """A Kalandra message body as m.room.message content (HTML sanitized: formatting.py)."""
     out = TextMessageEventContent(msgtype=KINDS.get(content.kind, MessageType.TEXT))
-    out.body = content.body
-    if content.formatted_body is not None:
+    out.body, formatted = formatted_message(content.body, content.formatted_body)
+    if formatted is not None:
         out.format = Format.HTML
-        out.formatted_body = content.formatted_body
+        out.formatted_body = formatted
     return out
 
 

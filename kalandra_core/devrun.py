@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+from .private_files import write_private
 from .server.app import serve_forever
 from .settings import load_settings
 from .storage.sql import SqlStore
@@ -58,10 +59,8 @@ def _read_users(path: Path) -> dict[str, tuple[int, str]]:
 
 
 def _write_users(path: Path, users: dict[str, tuple[int, str]]) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        for name, (member_id, token) in sorted(users.items()):
-            fh.write(f"{name} {member_id} {token}\n")
+    lines = (f"{name} {member_id} {token}\n" for name, (member_id, token) in sorted(users.items()))
+    write_private(path, "".join(lines))  # 0600 whatever the umask
 
 
 def main() -> int:

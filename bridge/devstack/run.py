@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -24,6 +24,7 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from kalandra_core.private_files import write_private
 from kalandra_core.settings import load_settings
 from kalandra_core.storage.sql import SqlStore
 
@@ -37,9 +38,7 @@ READY_TIMEOUT = 90.0
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    write_private(path, text)  # a new 0600 file whatever the umask (an older file's mode goes)
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -66,8 +65,9 @@ def write_bridge_config(path: Path, args: argparse.Namespace) -> None:
         SERVER_NAME: "user",
         f"@{MATRIX_ADMIN}:{SERVER_NAME}": "admin",
     }
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.dump(config, fh)
+    text = io.StringIO()
+    yaml.dump(config, text)
+    _write_private(path, text.getvalue())  # the bridge adds its tokens and keys to it
 
 
 def _bridge_cmd(*args: str) -> list[str]:

@@ -30,6 +30,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from ..private_files import make_sqlite_private
 from . import migrations, sql_log, sql_media
 from . import schema as db
 from .base import (
@@ -106,6 +107,10 @@ class SqlStore:
         full = sqlalchemy_url(url)
         if engine_name(url) == "sqlite" and make_url(full).database in (None, "", ":memory:"):
             raise ValueError("SqlStore needs an SQLite file, not an in-memory database")
+        if engine_name(url) == "sqlite":
+            path = make_url(full).database
+            assert path is not None
+            make_sqlite_private(path)  # 0600 whatever the umask (it holds tokens, sealed keys)
         if migrate:
             await migrations.upgrade(url)
         if engine_name(url) == "sqlite":

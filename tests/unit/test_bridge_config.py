@@ -183,6 +183,16 @@ def test_example_values_and_secrets_are_refused(tmp_path: Path) -> None:
         config.check_default_values()
 
 
+def test_encryption_required_without_encryption_is_refused(tmp_path: Path) -> None:
+    data = example() | SET_UP
+    data["bridge"] = dict(data["bridge"])
+    data["bridge"]["encryption"] = {"allow": False, "require": True}
+    config = upgraded(write_yaml(tmp_path / "config.yaml", data))
+    config._check_tokens = False
+    with pytest.raises(ConfigValueError, match=r"encryption\.require.*allow"):
+        config.check_default_values()
+
+
 def test_running_with_the_example_tokens_is_refused(tmp_path: Path) -> None:
     data = example() | SET_UP
     path = write_yaml(tmp_path / "config.yaml", data)
