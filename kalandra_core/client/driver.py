@@ -260,7 +260,7 @@ class Client:
                 delay = min(delay * 2, self.reconnect_max_delay)
                 try:
                     await self.connect()
-                except (OSError, ClientError, TimeoutError, ConnectionError) as exc:
+                except Exception as exc:  # whatever it was, keep trying (and say why)
                     reason = str(exc) or type(exc).__name__
                     continue
                 if not self._connected.is_set():
