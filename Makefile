@@ -22,7 +22,8 @@ venv: $(VENV)/.installed
 
 # A complete local system on the embedded default, under .data/ (reused by later runs): a
 # throwaway Synapse (its own virtualenv), the bridge with the embedded Kalandra server on SQLite,
-# a Matrix admin account and two native accounts; prints how to use them. Ctrl-C stops it.
+# a Matrix admin account and two native accounts; prints how to use them. Ctrl-C stops it; a
+# bridge that exits by itself is started again (Synapse keeps running; see README.md).
 run: venv
 	@bash bridge/devstack/install_synapse.sh
 	@$(PY) -m bridge.devstack --data $(DATA)

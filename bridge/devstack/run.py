@@ -5,14 +5,14 @@ local Synapse as homeserver, a generated MLS state key and appservice tokens), t
 registration, a Synapse work dir with its own generated secrets, a Matrix admin account (password
 in ``credentials.txt``, mode 0600) and two native Kalandra accounts, alice and bob (device tokens
 in the same file). Later runs reuse all of it. Then it starts Synapse and the bridge, prints how
-to use both sides, and runs until Ctrl-C (or until the bridge exits), stopping both.
+to use both sides, and runs until Ctrl-C or SIGTERM, which stop both (status 0). A bridge that
+exits by itself is started again and Synapse keeps running (supervisor.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import secrets
@@ -29,12 +29,11 @@ from kalandra_core.settings import load_settings
 from kalandra_core.storage.sql import SqlStore
 
 from ..config import EXAMPLE_CONFIG
-from .ready import wait_bridge_ready
+from .supervisor import BridgeSupervisor
 from .synapse import SERVER_NAME, Synapse, SynapseError, start_synapse
 
 MATRIX_ADMIN = "admin"
 NATIVE_USERS = ("alice", "bob")
-READY_TIMEOUT = 90.0
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -102,27 +101,6 @@ async def _matrix_admin(synapse: Synapse, known: dict[str, Any]) -> dict[str, An
     return known
 
 
-async def _wait_bridge(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    if await wait_bridge_ready(proc, port, READY_TIMEOUT, interval=0.3):
-        return
-    raise SystemExit(f"the bridge exited with {proc.returncode}; {log}:\n{_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:]
-
-
-def _spawn_bridge(config: Path, data: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            _bridge_cmd("-c", str(config)),
-            cwd=data,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
     """The data dir's files that only the first run makes: the bridge's config and
     registration, Synapse's secrets. Returns (data dir, Synapse secrets)."""
@@ -152,7 +130,9 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
     return data, hs_secrets
 
 
-def _instructions(data: Path, synapse: Synapse, creds: dict[str, Any], tcp: str) -> str:
+def _instructions(
+    data: Path, synapse: Synapse, creds: dict[str, Any], tcp: str, restart: str
+) -> str:
     kalandra = Path(sys.executable).parent / "kalandra"
     alice, bob = creds["alice"], creds["bob"]
     state = data / "native"
@@ -182,6 +162,8 @@ def _instructions(data: Path, synapse: Synapse, creds: dict[str, Any], tcp: str)
         f"  {kalandra} tail ROOM --state {state}/alice.db",
         "",
         f"Logs: {data / 'bridge.log'}, {synapse.log_path}",
+        f"Restart the bridge alone (Synapse keeps running): {restart}",
+        "  (a bridge that stops or crashes by itself is started again, after a short wait)",
         "Stop everything with Ctrl-C (the next `make run` reuses the accounts and rooms).",
         "",
     ]
@@ -190,11 +172,13 @@ def _instructions(data: Path, synapse: Synapse, creds: dict[str, Any], tcp: str)
 
 async def run(args: argparse.Namespace, data: Path, hs_secrets: dict[str, str]) -> int:
     config, registration = data / "config.yaml", data / "registration.yaml"
-    log = data / "bridge.log"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     synapse = await start_synapse(
         data / "synapse", registrations=[registration], port=args.synapse_port, secrets=hs_secrets
     )
-    bridge: subprocess.Popen[bytes] | None = None
     try:
         creds_file = data / "credentials.json"
         creds = _load_json(creds_file)
@@ -210,29 +194,26 @@ async def run(args: argparse.Namespace, data: Path, hs_secrets: dict[str, str]) 
                 for n in NATIVE_USERS
             ),
         )
-        bridge = _spawn_bridge(config, data, log)
-        await _wait_bridge(bridge, args.appservice_port, log)
-        print(_instructions(data, synapse, creds, f"tcp://127.0.0.1:{args.tcp_port}"), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        while not stop.is_set() and bridge.poll() is None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-        if bridge.poll() is not None:
-            print(f"the bridge exited with {bridge.returncode}; see {log}", file=sys.stderr)
-            return 1
-        print("stopping...", flush=True)
-        return 0
+        bridge = BridgeSupervisor(
+            _bridge_cmd("-c", str(config)),
+            cwd=data,
+            log=data / "bridge.log",
+            pid_file=data / "bridge.pid",
+            port=args.appservice_port,
+            synapse=synapse,
+            stop=stop,
+        )
+        tcp = f"tcp://127.0.0.1:{args.tcp_port}"
+
+        def ready() -> None:
+            print(_instructions(data, synapse, creds, tcp, bridge.restart_hint), flush=True)
+
+        code = await bridge.run(ready)
+        print("stopping Synapse...", flush=True)
+        return code
     finally:
-        if bridge is not None and bridge.poll() is None:
-            bridge.terminate()
-            try:
-                await asyncio.to_thread(bridge.wait, 20)
-            except subprocess.TimeoutExpired:
-                bridge.kill()
         await synapse.stop()
+        print("stopped", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,8 +206,9 @@ def write_registration(
     return path
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the test process dies, so no Synapse outlives a crash."""
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent (a test process, `make run`) dies, so no
+    child outlives a crash."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -250,7 +251,10 @@ class Synapse:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # A Ctrl-C meant for the parent reaches Synapse only as the parent's orderly
+                # stop (see supervisor.py), never at the same time as the parent.
+                start_new_session=True,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
 
     async def _launch(self, startup_timeout: float = STARTUP_TIMEOUT) -> None:

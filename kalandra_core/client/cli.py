@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import mimetypes
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from nacl.signing import SigningKey
 
 from ..media.blob import KINDS as MEDIA_KINDS
 from ..media.blob import MediaError, MediaRef
+from . import events as ev
 from .content import Content
 from .core import ClientCore
 from .driver import Client, ClientError, ServerAddress
@@ -28,6 +30,8 @@ from .room_meta import RoomMeta, check_avatar, meta_content
 from .state import ClientState
 
 DEFAULT_STATE = Path.home() / ".local" / "share" / "kalandra" / "client.db"
+# `tail` reconnects by itself; someone is watching, so it tries again at least this often.
+TAIL_RECONNECT_MAX_DELAY = 5.0
 
 
 class UsageError(Exception):
@@ -96,7 +100,9 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Client], Awaita
             identity.token,
             state=state,
             ca_certificate=identity.ca,
-            reconnect=False,
+            # Only `tail` outlives a connection; other commands fail at once when it drops.
+            reconnect=args.client_command == "tail",
+            reconnect_max_delay=TAIL_RECONNECT_MAX_DELAY,
         )
         await client.connect()
         await client.settle()
@@ -117,6 +123,23 @@ def _drain(client: Client, state: ClientState) -> list[Message]:
         state.store_message(message)
         out.append(message)
     return out
+
+
+async def _report_connection(client: Client) -> None:
+    """One line on stderr for each connection loss and failed reconnect, and one when back
+    (the messages sent meanwhile follow, from the catch-up)."""
+    while True:
+        event = await client.events.get()
+        if isinstance(event, ev.Disconnected):
+            state = "disconnected from" if event.attempt == 0 else "still disconnected from"
+            retry = "" if event.retry_in is None else f"; reconnecting in {event.retry_in:.1f} s"
+            print(
+                f"kalandra: {state} {client.address} ({event.reason}){retry}",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif isinstance(event, ev.Reconnected):
+            print(f"kalandra: reconnected to {client.address}", file=sys.stderr, flush=True)
 
 
 def _room(client: Client, prefix: str) -> bytes:
@@ -232,12 +255,16 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
             room_id = _room(client, args.room)
             for message in client.state.history(room_id, args.limit) if client.state else []:
                 _print_message(message)
-            while True:
-                message = await client.messages.get()
-                if client.state is not None:
-                    client.state.store_message(message)
-                if message.room_id == room_id:
-                    _print_message(message)
+            report = asyncio.create_task(_report_connection(client))
+            try:
+                while True:
+                    message = await client.messages.get()
+                    if client.state is not None:
+                        client.state.store_message(message)
+                    if message.room_id == room_id:
+                        _print_message(message)
+            finally:
+                report.cancel()
         elif command == "epoch":
             room = client.core.rooms[_room(client, args.room)]
             print(f"epoch {room.epoch}")

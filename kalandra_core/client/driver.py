@@ -41,6 +41,8 @@ from .state import ClientState
 
 log = logging.getLogger("kalandra.client")
 
+RECONNECT_FIRST_DELAY = 0.2  # seconds; doubled after each failed attempt, up to the cap
+
 
 class ClientError(Exception):
     def __init__(self, message: str, code: int = 0) -> None:
@@ -141,6 +143,7 @@ class Client:
         state: ClientState | None = None,
         ca_certificate: bytes | None = None,
         reconnect: bool = True,
+        reconnect_max_delay: float = 30.0,
         request_timeout: float = 15.0,
         keepalive: float | None = 15.0,
         connector: Connector | None = None,
@@ -156,6 +159,8 @@ class Client:
         self.state = state
         self._ca = ca_certificate
         self._reconnect = reconnect
+        # The reconnect backoff doubles from RECONNECT_FIRST_DELAY up to this (seconds).
+        self.reconnect_max_delay = reconnect_max_delay
         self._sink: FrameSink | None = None
         self._current: _Session | None = None  # the session of the connection in use
         self._keepalive_task: asyncio.Task[None] | None = None
@@ -190,10 +195,19 @@ class Client:
         sink = await self._connector(self.address, lambda _sink: session, self._ca)
         self._sink = sink
         rid_frame = self.core.hello(self._token)
-        reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
-        payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
-        assert isinstance(payload, HelloReply)
-        self.core.hello_reply(payload)
+        try:
+            reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
+            payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
+            assert isinstance(payload, HelloReply)
+            self.core.hello_reply(payload)
+        except BaseException:
+            # A connection without a session (no answer, a refusal): closed, not leaked; the
+            # next attempt opens a new one.
+            if self._current is session:
+                self._current = None
+                self._sink = None
+            sink.close("hello failed")
+            raise
         if payload.device_token:
             # A login code was redeemed (it works once): reconnect with this token from now on.
             self._token = payload.device_token
@@ -203,6 +217,7 @@ class Client:
         self._handle(self.core.resync_all())
 
     def _connection_lost(self, reason: str) -> None:
+        was_connected = self._connected.is_set()
         self._sink = None
         self._connected.clear()
         self.core.connection_lost()
@@ -219,21 +234,42 @@ class Client:
             self._plain.pop(rid, None)
             if not future.done():
                 future.set_exception(ClientError(f"connection lost: {reason}"))
-        if self._reconnect and not self._closing and self._reconnect_task is None:
-            self._reconnect_task = asyncio.create_task(self._reconnect_loop())
+        if self._closing:
+            return
+        if self._reconnect and self._reconnect_task is None:
+            self._reconnect_task = asyncio.create_task(self._reconnect_loop(reason))
+        elif not self._reconnect and was_connected:
+            self.events.put_nowait(ev.Disconnected(reason))
 
-    async def _reconnect_loop(self) -> None:
-        delay = 0.2
+    async def _reconnect_loop(self, reason: str) -> None:
+        """Reconnect with exponential backoff (jittered, capped at ``reconnect_max_delay``),
+        telling the application through ``events``: Disconnected before each wait, Reconnected
+        once back. The (re)connect syncs every room from its last applied log index, so what
+        was sent meanwhile arrives once, in log order."""
+        delay = RECONNECT_FIRST_DELAY
+        attempt = 0
         try:
             while not self._closing:
-                await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+                wait = min(delay * random.uniform(0.75, 1.25), self.reconnect_max_delay)
+                log.info(
+                    "disconnected from %s (%s); reconnecting in %.1f s", self.address, reason, wait
+                )
+                self.events.put_nowait(ev.Disconnected(reason, attempt, wait))
+                await asyncio.sleep(wait)
+                attempt += 1
+                delay = min(delay * 2, self.reconnect_max_delay)
                 try:
                     await self.connect()
-                    log.info("reconnected to %s", self.address)
-                    return
-                except (OSError, ClientError, TimeoutError, ConnectionError) as exc:
-                    log.info("reconnect failed (%s); retrying", type(exc).__name__)
-                    delay = min(delay * 2, 30.0)
+                except Exception as exc:  # whatever it was, keep trying (and say why)
+                    reason = str(exc) or type(exc).__name__
+                    continue
+                if not self._connected.is_set():
+                    # Lost again before this task resumed: its loss started no new loop.
+                    reason = "connection lost right after connecting"
+                    continue
+                log.info("reconnected to %s", self.address)
+                self.events.put_nowait(ev.Reconnected(attempt))
+                return
         finally:
             self._reconnect_task = None
 

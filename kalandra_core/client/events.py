@@ -151,6 +151,25 @@ class RoomMetaChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The driver lost its connection (``attempt`` 0) or a reconnect attempt failed
+    (``attempt`` 1, 2, ...). ``retry_in``: seconds until the next attempt (None: the client
+    does not reconnect by itself)."""
+
+    reason: str
+    attempt: int = 0
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnected:
+    """The driver is connected again after a loss; every room is being caught up from its
+    last applied log index, and the outbox resent."""
+
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """Persist this room (or, with room_id None, the identity and key packages)."""
 
@@ -172,6 +191,8 @@ Event = (
     | Receipted
     | Typing
     | RoomMetaChanged
+    | Disconnected
+    | Reconnected
     | StateChanged
 )
 

@@ -1,11 +1,14 @@
 """`make run`'s system (python -m bridge.devstack) as a newcomer uses it: it prints how to log in,
 the Matrix admin it made can talk to the bot, the native account's printed `kalandra login` line
-works against the embedded server, Ctrl-C stops everything cleanly, and a second run reuses the
-accounts."""
+works against the embedded server, a crash of the bridge (kill -9) and a stop of the bridge alone
+(the printed restart command) leave Synapse running, say what happened and bring the bridge back,
+Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and SIGTERM stop everything
+cleanly with status 0 and no process left, and a second run reuses the accounts."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -24,37 +27,97 @@ from matrix.synapse import free_port
 RUNNING = "Kalandra Bridge is running"
 
 
-def _spawn(data: Path, ports: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bridge.devstack", "--data", str(data), *ports],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+class Devstack:
+    """The devstack process (in its own process group, as `make run` in a terminal) and what
+    it printed so far."""
+
+    def __init__(self, data: Path, ports: list[str]) -> None:
+        self.data = data
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bridge.devstack", "--data", str(data), *ports],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.out = ""
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await asyncio.to_thread(self.proc.stdout.readline):
+            self.out += line.decode(errors="replace")
+
+    async def until(self, text: str, *, after: int = 0, within: float = 120) -> int:
+        """Wait until ``text`` is printed after offset ``after``; returns the offset after it."""
+        try:
+            async with asyncio.timeout(within):
+                while (found := self.out.find(text, after)) < 0:
+                    assert self.proc.poll() is None or not self._reader.done(), (
+                        f"devstack exited ({self.proc.returncode}) before {text!r}:\n{self.out}"
+                    )
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"no {text!r} after {within} s:\n{self.out}") from None
+        return found + len(text)
+
+    def bridge_pid(self) -> int:
+        pids = _pids(b"bridge", str(self.data / "config.yaml"))
+        assert len(pids) == 1, pids
+        return pids[0]
+
+    async def stop(self, how: str) -> None:
+        """Ctrl-C as a terminal sends it (to the whole group), or SIGTERM to the devstack."""
+        if how == "ctrl-c":
+            os.killpg(self.proc.pid, signal.SIGINT)
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(self.proc.wait, 60)
+        await self._reader
+        assert code == 0, self.out
+        assert "Traceback" not in self.out, self.out
+        assert self.out.rstrip().endswith("stopped"), self.out
 
 
-async def _start(data: Path, ports: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    proc = _spawn(data, ports)
-    assert proc.stdout is not None
-    out = b""
-    async with asyncio.timeout(120):
-        while b"Stop everything with Ctrl-C" not in out:
-            line = await asyncio.to_thread(proc.stdout.readline)
-            assert line, f"devstack exited early:\n{out.decode(errors='replace')}"
-            out += line
-    return proc, out.decode()
+def _pids(module: bytes, config: str) -> list[int]:
+    """The processes running ``python -m MODULE`` with ``config`` on their command line."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if module in argv and any(config.encode() in arg for arg in argv):
+                pids.append(int(entry.name))
+    return pids
 
 
-async def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGINT)
-    code = await asyncio.to_thread(proc.wait, 60)
-    assert code == 0
+def _synapse_pids(data: Path) -> list[int]:
+    return _pids(b"synapse.app.homeserver", str(data / "synapse"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _ping(client: AsyncClient, dm: str, notices: list[str]) -> None:
+    count = len(notices)
+    await say(client, dm, "ping")
+    await sync_until(client, lambda: len(notices) > count, "pong", within=60)
+    assert notices[count].startswith("Pong: the Kalandra server is up"), notices
 
 
 @pytest.mark.asyncio
-async def test_make_run_system_is_usable_and_reused(tmp_path: Path) -> None:
+async def test_make_run_system_is_usable_survives_the_bridge_and_is_reused(
+    tmp_path: Path,
+) -> None:
     data = tmp_path / "data"
     hs_port = free_port()
     ports = [
@@ -63,30 +126,18 @@ async def test_make_run_system_is_usable_and_reused(tmp_path: Path) -> None:
         f"--tcp-port={free_port()}",
         f"--quic-port={free_port()}",
     ]
-    proc, printed = await _start(data, ports)
+    stack = Devstack(data, ports)
     try:
+        mark = await stack.until("Stop everything with Ctrl-C")
+        printed = stack.out
         assert RUNNING in printed
         password = re.search(r"user @admin:localhost  password (\S+)", printed)
         assert password, printed
         creds = json.loads((data / "credentials.json").read_text())
         assert creds["matrix_password"] == password.group(1)
         assert oct((data / "credentials.txt").stat().st_mode & 0o777) == "0o600"
-
-        # The Matrix side: the printed account logs in and the bot answers.
-        client = AsyncClient(f"http://127.0.0.1:{hs_port}", "@admin:localhost")
-        try:
-            assert isinstance(await client.login(password.group(1)), LoginResponse)
-            await client.sync(timeout=0)
-            dm = await open_dm(client)
-            notices = bot_notices(client, dm)
-            await sync_until(client, lambda: len(notices) >= 1, "welcome", within=30)
-            await say(client, dm, "ping")
-            await sync_until(client, lambda: len(notices) >= 2, "pong", within=30)
-            assert notices[1].startswith("Pong: the Kalandra server is up")
-            assert "`admin`" in notices[1]
-        finally:
-            await client.logout()
-            await client.close()
+        restart = re.search(r"Restart the bridge alone \(Synapse keeps running\): (.+)", printed)
+        assert restart, printed
 
         # The native side: the printed login line, as printed.
         login = next(line for line in printed.splitlines() if " login --server " in line)
@@ -96,13 +147,65 @@ async def test_make_run_system_is_usable_and_reused(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert str(creds["alice"]["member_id"]) in done.stdout
-    finally:
-        await _stop(proc)
 
-    # The second run reuses the accounts (same password, same native members).
-    proc, again = await _start(data, ports)
-    try:
-        assert f"password {password.group(1)}" in again
-        assert f"# member {creds['alice']['member_id']}" in again
+        # The Matrix side: the printed account logs in and the bot answers.
+        client = AsyncClient(f"http://127.0.0.1:{hs_port}", "@admin:localhost")
+        try:
+            assert isinstance(await client.login(password.group(1)), LoginResponse)
+            await client.sync(timeout=0)
+            dm = await open_dm(client)
+            notices = bot_notices(client, dm)
+            await sync_until(client, lambda: len(notices) >= 1, "welcome", within=30)
+            await _ping(client, dm, notices)
+            assert "`admin`" in notices[1]
+            synapse = _synapse_pids(data)
+            assert len(synapse) == 1
+
+            # The bridge crashes: Synapse stays, the devstack says so and starts it again.
+            crashed = stack.bridge_pid()
+            os.kill(crashed, signal.SIGKILL)
+            mark = await stack.until("the bridge was killed by SIGKILL;", after=mark)
+            mark = await stack.until("Synapse keeps running", after=mark)
+            mark = await stack.until("starting the bridge again in", after=mark)
+            mark = await stack.until(f"`{restart.group(1)}` restarts the bridge alone", after=mark)
+            mark = await stack.until("the bridge is running again", after=mark)
+            await _ping(client, dm, notices)
+
+            # The printed command restarts the bridge alone.
+            stopped = stack.bridge_pid()
+            assert stopped != crashed
+            done = await asyncio.to_thread(
+                subprocess.run, ["sh", "-c", restart.group(1)], timeout=60, check=False
+            )
+            assert done.returncode == 0
+            mark = await stack.until("Synapse keeps running", after=mark)
+            mark = await stack.until("the bridge is running again", after=mark)
+            assert stack.bridge_pid() != stopped
+            await _ping(client, dm, notices)
+            assert _synapse_pids(data) == synapse  # the same Synapse all along
+        finally:
+            # (nio retries forever while Synapse is unreachable: only if a step above failed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.logout(), 30)
+            await client.close()
+        last_bridge = stack.bridge_pid()
+        await stack.stop("ctrl-c")
+        assert "Synapse stopped" not in stack.out
+        assert not _alive(last_bridge)
+        assert _synapse_pids(data) == []
+        assert not (data / "bridge.pid").exists()
     finally:
-        await _stop(proc)
+        if stack.proc.poll() is None:
+            os.killpg(stack.proc.pid, signal.SIGKILL)
+
+    # The second run reuses the accounts (same password, same native members); SIGTERM stops.
+    stack = Devstack(data, ports)
+    try:
+        await stack.until("Stop everything with Ctrl-C")
+        assert f"password {password.group(1)}" in stack.out
+        assert f"# member {creds['alice']['member_id']}" in stack.out
+        await stack.stop("sigterm")
+        assert _synapse_pids(data) == []
+    finally:
+        if stack.proc.poll() is None:
+            os.killpg(stack.proc.pid, signal.SIGKILL)
