@@ -334,3 +334,31 @@ async def test_native_and_admin_invitations_into_a_room_without_portal(
         await join_and_wait(bob, portal)
         await wait_roster(native, room_id, len(members) + 1)
         assert BEFORE not in texts(await room_history(bob, portal))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_portal_opened_up_by_hand_is_invite_only_again_after_a_restart(
+    stack: BridgeStack, rooms: dict[str, Any]
+) -> None:
+    """Portals made before the policy (or changed since) get its rules at start."""
+    alice: AsyncClient = rooms["alice"]
+    portal = rooms["portal"]
+    for event_type, content in (
+        ("m.room.join_rules", {"join_rule": "public"}),
+        ("m.room.history_visibility", {"history_visibility": "shared"}),
+    ):
+        put = await alice.room_put_state(portal, event_type, content)
+        assert not hasattr(put, "status_code"), put
+    await stack.stop_bridge()
+    await stack.restart()
+
+    async def rules() -> tuple[Any, Any] | None:
+        join = await alice.room_get_state_event(portal, "m.room.join_rules")
+        seen = await alice.room_get_state_event(portal, "m.room.history_visibility")
+        pair = (
+            getattr(join, "content", {}).get("join_rule"),
+            getattr(seen, "content", {}).get("history_visibility"),
+        )
+        return pair if pair == ("invite", "invited") else None
+
+    await wait_until(rules, "the portal's access rules restored")
