@@ -134,6 +134,22 @@ class MatrixHandler(BaseMatrixHandler):
     async def handle_leave(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
         self._removed(room_id, user_id, user_id, event_id, "")
 
+    async def handle_reject(
+        self, room_id: RoomID, user_id: UserID, reason: str, event_id: EventID
+    ) -> None:
+        """A declined invitation ends the grant like a leave (access.py)."""
+        self._removed(room_id, user_id, user_id, event_id, reason)
+
+    async def handle_disinvite(
+        self,
+        room_id: RoomID,
+        user_id: UserID,
+        disinvited_by: UserID,
+        reason: str,
+        event_id: EventID,
+    ) -> None:
+        self._removed(room_id, user_id, disinvited_by, event_id, reason)
+
     async def handle_kick(
         self, room_id: RoomID, user_id: UserID, kicked_by: UserID, reason: str, event_id: EventID
     ) -> None:
