@@ -19,16 +19,18 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from mautrix.types import UserID
 from nacl.signing import SigningKey
 
 from kalandra_core.client import events as ev
+from kalandra_core.client.bridge_invite import invited_mxid
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.mls.keypackage import bundle_is_last_resort
 from kalandra_core.server.loopback import loopback_connector
 
-from . import permissions
+from . import access, permissions, portal_access
 from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
 from .bot_state import BotState
 from .bridged_user import BridgedUser
@@ -111,6 +113,7 @@ class KalandraBot:
         self._tasks: set[asyncio.Task[None]] = set()
         # One commit of the bot's at a time (its group has room for one pending commit).
         self.commit_lock = asyncio.Lock()
+        self._invite_lock = asyncio.Lock()
 
     @property
     def member_id(self) -> int:
@@ -155,6 +158,7 @@ class KalandraBot:
             assert key is not None
             await BackfillTable(self.bridge.db, key).clear()
         await BridgedUser.load_member_ids(self.bridge)
+        await access.load(self.bridge)
         core.commit_for = BridgedUser.member_ids  # the puppet leaves never commit themselves
         for portal in await Portal.load_all(self.bridge):
             portal.start()
@@ -174,6 +178,7 @@ class KalandraBot:
         await client.connect()
         log.info("the bot is connected as member %d (%d rooms)", core.member_id, len(core.rooms))
         self._spawn(self._after_catch_up(client), "bot-catch-up")
+        self._spawn(self._enforce_access_rules(), "bot-access-rules")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -216,12 +221,29 @@ class KalandraBot:
     def route(self, item: Item) -> None:
         self.state.message_routed(item.room_id)
         portal = Portal.by_room.get(item.room_id)
-        if portal is None and self.history is not None and not isinstance(item, RosterCheck):
+        invited = invited_mxid(item.content) if isinstance(item, ev.Message) else None
+        if portal is None and invited is not None:
+            # A native member lets a Matrix user in (access.py), in a room without a portal:
+            # counted done once the grant is recorded.
+            assert isinstance(item, ev.Message)
+            self._spawn(self._invited(item, UserID(invited)), "bot-bridge-invite")
+        elif portal is None and self.history is not None and isinstance(item, ev.Event):
             self.history.put(item)  # counted done once kept
         elif portal is None:
             self.state.message_done(item.room_id)  # no portal: nothing to bridge
         else:
             portal.enqueue(item)
+
+    async def _invited(self, message: ev.Message, mxid: UserID) -> None:
+        async with self._invite_lock:  # one portal made at a time
+            await portal_access.invited_without_portal(self.bridge, message, mxid)
+
+    async def _enforce_access_rules(self) -> None:
+        """Portals made before the access policy get its join rule and history visibility."""
+        await self.bridge.matrix_ready.wait()
+        for portal in list(Portal.by_room.values()):
+            if portal.mxid is not None:
+                await access.enforce_room_rules(self.bridge, portal.mxid)
 
     async def _watch_events(self, client: Client) -> None:
         while True:

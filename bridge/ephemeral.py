@@ -25,6 +25,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from mautrix.client import ClientAPI
+from mautrix.errors import MForbidden
 from mautrix.types import EventID, RoomID, UserID
 
 from kalandra_core.client import events as ev
@@ -61,7 +62,12 @@ async def receipt_to_matrix(portal: PortalToMatrix, item: ev.Receipted) -> None:
         target = await matrix_event(portal, item.target)
         if target is not None:
             intent = await portal._ghost_intent(item.sender_id)
-            await ClientAPI.send_receipt(intent, portal._room_mxid, target)
+            try:
+                await ClientAPI.send_receipt(intent, portal._room_mxid, target)
+            except MForbidden:
+                # The event is from before the ghost's Matrix join, which history visibility
+                # `invited` hides from it (access.py): no receipt, and the queue goes on.
+                log.info("portal %s: a receipt on an event its ghost cannot see", portal.hex)
     await portal._advance(item.log_index, None)
 
 

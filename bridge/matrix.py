@@ -12,6 +12,7 @@ from mautrix.types import (
     EventID,
     EventType,
     MessageEvent,
+    MessageEventContent,
     MessageStatus,
     MessageStatusReason,
     PresenceEvent,
@@ -127,15 +128,52 @@ class MatrixHandler(BaseMatrixHandler):
         portal.submit(FromMatrix("message", sender, evt.event_id, user.level, content=evt.content))
 
     async def handle_join(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
+        """Every join is looked at (access.py): let in, or kicked."""
         portal = Portal.by_mxid(room_id)
         if portal is None or user_id == self.az.bot_mxid or self.bridge.is_bridge_ghost(user_id):
             return
         user = User.get_by_mxid(user_id)
-        if user.is_whitelisted:
-            portal.submit(FromMatrix("join", user_id, event_id, user.level))
+        portal.submit(FromMatrix("join", user_id, event_id, user.level))
+
+    async def handle_invite(
+        self, room_id: RoomID, user_id: UserID, invited_by: BaseUser, evt: StateEvent
+    ) -> None:
+        """An invitation in a portal by someone other than the bot may be a grant
+        (access.py), in the queue before the invitee's join."""
+        portal = Portal.by_mxid(room_id)
+        inviter = invited_by.mxid
+        if portal is None or inviter == self.az.bot_mxid or self.bridge.is_bridge_ghost(inviter):
+            return
+        level = User.get_by_mxid(inviter).level
+        portal.submit(FromMatrix("invite", inviter, evt.event_id, level, target=user_id))
+
+    def is_command(self, message: MessageEventContent) -> tuple[bool, str]:
+        """The prefix is a whole word: ``!kalandrax help`` is a message, not a command."""
+        text = message.body or ""
+        prefix = str(self.config["bridge.command_prefix"])
+        rest = text[len(prefix) :]
+        if not text.startswith(prefix) or (rest and not rest[0].isspace()):
+            return False, text
+        return True, rest.lstrip()
 
     async def handle_leave(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
         self._removed(room_id, user_id, user_id, event_id, "")
+
+    async def handle_reject(
+        self, room_id: RoomID, user_id: UserID, reason: str, event_id: EventID
+    ) -> None:
+        """A declined invitation ends the grant like a leave (access.py)."""
+        self._removed(room_id, user_id, user_id, event_id, reason)
+
+    async def handle_disinvite(
+        self,
+        room_id: RoomID,
+        user_id: UserID,
+        disinvited_by: UserID,
+        reason: str,
+        event_id: EventID,
+    ) -> None:
+        self._removed(room_id, user_id, disinvited_by, event_id, reason)
 
     async def handle_kick(
         self, room_id: RoomID, user_id: UserID, kicked_by: UserID, reason: str, event_id: EventID

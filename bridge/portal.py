@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from mautrix.errors import MNotFound
 from mautrix.types import EventType, RoomID, UserID
 
-from . import e2ee, room_metadata
+from . import access, e2ee, room_metadata
 from .db import PortalRow, PortalTable
 from .portal_base import PROTOCOL
+from .portal_members import MatrixInvite
 from .portal_to_kalandra import PortalToKalandra, kalandra_content
 from .portal_to_matrix import PortalToMatrix, matrix_content
 
@@ -75,6 +76,29 @@ class Portal(PortalToMatrix, PortalToKalandra):
         portal = cls.by_room.setdefault(room_id, cls(bridge, stored))
         portal.start()
         return portal
+
+    @classmethod
+    async def open(cls, bridge: KalandraBridge, room_id: bytes) -> Portal:
+        """The portal of a room the bot is in, made if needed (from the room's current name
+        and topic; what the bot applied already is history)."""
+        room = bridge.bot.core.rooms[room_id]
+        assert bridge.kalandra is not None
+        state = await bridge.kalandra.store.load_room(room_id)
+        name, topic = ("", "") if state is None else (state.room.name, state.room.topic)
+        return await cls.get_or_create(
+            bridge, room_id, name=name, topic=topic, last_log_index=room.last_seen
+        )
+
+    async def let_in(self, user: UserID, *, with_history: bool) -> None:
+        """Invite ``user`` into the portal (made if needed), who may enter (access.py).
+        ``with_history``: invited with the room's creation, before its kept history is sent
+        (for members of the room and admins); else at the end of the portal's queue, so that
+        the newcomer reads from the invitation on (history visibility ``invited``)."""
+        if with_history:
+            await self.ensure_matrix_room(invite=[user])
+            return
+        await self.ensure_matrix_room(invite=[])
+        self.bridge.bot.route(MatrixInvite(self.room_id, user))
 
     @classmethod
     def by_mxid(cls, mxid: RoomID) -> Portal | None:
@@ -142,6 +166,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
             {"type": t.t, "state_key": self.bridge_state_key, "content": info}
             for t in BRIDGE_STATE_TYPES
         ]
+        initial_state += access.initial_state()  # invite only; no history before one's invite
         encryption = e2ee.encryption_event(self.bridge) if self.row.encrypted else None
         if encryption is not None:
             initial_state.append({"type": "m.room.encryption", "content": encryption.serialize()})
@@ -204,6 +229,14 @@ class Portal(PortalToMatrix, PortalToKalandra):
             await intent.add_room_alias(mxid, portal._alias_localpart, override=True)
         except Exception as exc:
             log.warning("portal %s: alias not set (%s)", portal.hex, type(exc).__name__)
+        await access.enforce_room_rules(bridge, mxid)
+        # The admin let this room's present members in (a grant each; joins from now on
+        # are checked like any portal's).
+        members = await _quietly(portal, "member list", intent.get_joined_members(mxid))
+        for user in members or {}:
+            ours = user == intent.mxid or bridge.is_bridge_ghost(user)
+            if not ours and access.level_of(bridge, user) != "none":
+                await access.grant(bridge, room_id, user, "admin:bridge")
         return portal
 
     async def unbridge(self) -> None:

@@ -70,6 +70,16 @@ class RosterCheck:
         return cls(room.room_id, group.epoch, group.tree_hash, members, group.suite)
 
 
+@dataclass(frozen=True, slots=True)
+class MatrixInvite:
+    """Invite a Matrix user who may enter (access.py) at this point of the queue: after the
+    history the portal sends first, which the newcomer then does not read."""
+
+    room_id: bytes
+    mxid: UserID
+    log_index: int = -1  # (no entry of the log)
+
+
 def epoch_content(
     epoch: int, tree_hash: bytes, cipher_suite: int, members: tuple[int, ...]
 ) -> dict[str, Any]:
@@ -141,6 +151,16 @@ class PortalMembers(PortalBase):
             await self._bot.user(ghost).leave_room(self._room())
         if membership != Membership.BAN:
             await self._set_cached(ghost, Membership.LEAVE)
+
+    async def _invite_user(self, user: UserID) -> None:
+        """The bot invites ``user`` unless they are in the portal or invited already; a
+        refusal (banned in the room, an unknown user) is logged, not retried."""
+        if await self._membership(user) in (Membership.JOIN, Membership.INVITE):
+            return
+        try:
+            await self._bot.invite_user(self._room(), user)
+        except (MForbidden, MNotFound) as exc:
+            log.warning("portal %s: invitation not sent (%s)", self.hex, exc.errcode)
 
     # --- commits -------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
 
-from . import ephemeral, media, relations, room_metadata
+from . import access, ephemeral, media, portal_access, relations, room_metadata
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .formatting import formatted_message
@@ -93,7 +93,8 @@ def kalandra_content(content: MessageEventContent) -> Content | None:
 
 @dataclass(frozen=True, slots=True)
 class FromMatrix:
-    """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "leave" (a
+    """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "invite" (of
+    ``target`` by ``sender``: access.py), "leave" (a
     bridged user left, or was kicked or banned), "kick"/"ban"/"unban" (of a native member's
     ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``),
     "undecryptable" (an encrypted event that fails, ``reason`` saying why), "unencrypted" (a
@@ -268,11 +269,18 @@ class PortalToKalandra(PortalBase):
     # --- each kind -------------------------------------------------------------------------------
 
     async def _mx_apply(self, work: FromMatrix) -> None:
+        if work.kind in ("message", "reaction", "meta"):
+            await portal_access.check_sender(self, work)
         if work.kind == "message":
             await self._mx_message(work)
         elif work.kind == "join":
-            user = await BridgedUser.get(self.bridge, work.sender, work.permission)
-            await user.ensure_in_room(self.room_id)
+            # Let in (access.py) or kicked; only `user` and `admin` get an MLS leaf.
+            admitted = await portal_access.admit_join(self, work)
+            if admitted and work.permission in ("user", "admin"):
+                user = await BridgedUser.get(self.bridge, work.sender, work.permission)
+                await user.ensure_in_room(self.room_id)
+        elif work.kind == "invite":
+            await portal_access.matrix_invite(self, work)
         elif work.kind == "leave":
             await self._mx_remove_bridged(work)
         elif work.kind in ("kick", "ban", "unban"):
@@ -347,6 +355,7 @@ class PortalToKalandra(PortalBase):
 
     async def _mx_remove_bridged(self, work: FromMatrix) -> None:
         assert work.target is not None
+        await access.revoke(self.bridge, self.room_id, work.target)  # a new invitation needed
         user = BridgedUser.by_mxid.get(work.target)
         member_id = user.member_id if user is not None else None
         if member_id is None:

@@ -48,14 +48,25 @@ from mautrix.types import (
 )
 
 from kalandra_core.client import events as ev
+from kalandra_core.client.bridge_invite import invited_mxid
 from kalandra_core.client.content import Content
 from kalandra_core.client.events import Message
 
-from . import backfill, catch_up, e2ee, ephemeral, media, metrics, relations, room_metadata
+from . import (
+    backfill,
+    catch_up,
+    e2ee,
+    ephemeral,
+    media,
+    metrics,
+    portal_access,
+    relations,
+    room_metadata,
+)
 from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
 from .formatting import formatted_message
-from .portal_members import PortalMembers, RosterCheck
+from .portal_members import MatrixInvite, PortalMembers, RosterCheck
 from .puppet import Puppet
 
 if TYPE_CHECKING:
@@ -82,6 +93,7 @@ Item = (
     | ev.Typing
     | ev.RoomMetaChanged
     | RosterCheck
+    | MatrixInvite
 )
 
 
@@ -227,6 +239,8 @@ class PortalToMatrix(PortalMembers):
             await self._moderated(item)
         elif isinstance(item, RosterCheck):
             await self._roster_check(item)
+        elif isinstance(item, MatrixInvite):
+            await self._invite_user(item.mxid)
         elif isinstance(item, ev.Left):
             await self._left(item)
         elif isinstance(item, ev.Reacted):
@@ -247,6 +261,11 @@ class PortalToMatrix(PortalMembers):
             return None  # the bot's own (relayed) messages came from Matrix
         if message.sender_id in BridgedUser.member_ids:
             return None  # a bridged Matrix user's message: it came from Matrix (no echo)
+        invited = invited_mxid(message.content)  # a native member lets a Matrix user in?
+        if invited is not None and await portal_access.native_invite(
+            self, message, UserID(invited)
+        ):
+            await self._invite_user(UserID(invited))
         mxid = self._room_mxid
         puppet = await self._ghost(message.sender_id)
         if self._unsure == message.log_index:

@@ -1,5 +1,6 @@
 """The provisioning API's portal endpoints: the ``list``, ``create``, ``open``, ``bridge`` and
-``unbridge`` commands over HTTP (provisioning.py has the rest: auth, errors, whoami)."""
+``unbridge`` commands over HTTP (provisioning.py has the rest: auth, errors, whoami), with the
+commands' access policy (access.py): a user lists and opens only the rooms they are in."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mautrix.types import EventType, MessageType, RoomID, TextMessageEventConten
 
 from kalandra_core.client.room import ClientRoom
 
+from . import access
 from .portal import Portal
 from .provisioning import ApiError, room_json
 
@@ -60,9 +62,14 @@ class RoomEndpoints:
     # --- endpoints ------------------------------------------------------------------------------
 
     async def list_rooms(self, request: web.Request) -> web.Response:
-        self.api.acting_user(request, "user")
+        """The portals of the rooms the user is in (admins: all, ``"admin_view": true``)."""
+        user_id, _ = self.api.acting_user(request, "user")
         portals = await Portal.load_all(self.bridge)
-        return web.json_response({"rooms": [room_json(p) for p in portals]})
+        admin = access.is_admin(self.bridge, user_id)
+        if not admin:
+            mine = set(await access.rooms_of(self.bridge, user_id, [p.room_id for p in portals]))
+            portals = [p for p in portals if p.room_id in mine]
+        return web.json_response({"rooms": [room_json(p) for p in portals], "admin_view": admin})
 
     async def create_room(self, request: web.Request) -> web.Response:
         """A new Kalandra room and its portal, the user invited (as ``create``)."""
@@ -83,6 +90,7 @@ class RoomEndpoints:
             topic="",
             last_log_index=bot.core.rooms[room_id].last_seen,
         )
+        await access.grant(self.bridge, room_id, user_id, f"creator:{user_id}")
         await portal.ensure_matrix_room(invite=[user_id])
         return web.json_response(room_json(portal), status=201)
 
@@ -92,12 +100,17 @@ class RoomEndpoints:
         user_id, _ = self.api.acting_user(request, "user")
         room_id = self._room_id(request)
         self.api.require_ready()
-        room = self._active_room(room_id)
-        name, topic = await self._name_topic(room_id)
-        portal = await Portal.get_or_create(
-            self.bridge, room_id, name=name, topic=topic, last_log_index=room.last_seen
+        if not await access.may_see(self.bridge, room_id, user_id):
+            # The same answer as for a room that does not exist.
+            raise ApiError(
+                404, "M_NOT_FOUND", f"{room_id.hex()} is not a Kalandra room you are in"
+            )
+        self._active_room(room_id)
+        portal = await Portal.open(self.bridge, room_id)
+        member = access.is_admin(self.bridge, user_id) or await access.member_in_room(
+            self.bridge, room_id, user_id
         )
-        await portal.ensure_matrix_room(invite=[user_id])
+        await portal.let_in(user_id, with_history=member)  # (as the open command)
         return web.json_response(room_json(portal))
 
     async def bridge_room(self, request: web.Request) -> web.Response:

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 )
 @answers_failures
 async def rotate_keys(evt: CommandEvent) -> EventID:
-    room_id, _ = take_room(evt, evt.args)
+    room_id, _ = await take_room(evt, evt.args)
     before = active_room(evt, room_id).epoch
     bot = bridge_of(evt).bot
     assert bot.client is not None

@@ -24,7 +24,7 @@ _MEMBER = "[_room id_] <_member id_ | _Matrix user_>"
 
 
 async def _moderate(evt: CommandEvent, action: str, *, reason_allowed: bool) -> EventID:
-    room_id, rest = take_room(evt, evt.args)
+    room_id, rest = await take_room(evt, evt.args)
     if not rest or (len(rest) > 1 and not reason_allowed):
         usage = f"{_MEMBER} [_reason_]" if reason_allowed else _MEMBER
         raise CommandFailed(f"**Usage:** `$cmdprefix+sp {action} {usage}`")
@@ -84,7 +84,7 @@ async def unban(evt: CommandEvent) -> EventID:
 )
 @answers_failures
 async def redact(evt: CommandEvent) -> EventID:
-    room_id, rest = take_room(evt, evt.args)
+    room_id, rest = await take_room(evt, evt.args)
     if not rest or not rest[0].isdigit():
         raise CommandFailed("**Usage:** `$cmdprefix+sp redact [room id] <log index> [reason]`")
     active_room(evt, room_id)

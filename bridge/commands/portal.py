@@ -1,31 +1,26 @@
-"""Portal commands: create, open, list, and (admin, for now) invite a native member."""
+"""Portal commands: create, open, list, and (admins) invite a native member or a Matrix user.
+
+Who may open and list which room is the access policy's (access.py)."""
 
 from __future__ import annotations
 
-import binascii
-from typing import TYPE_CHECKING, cast
-
 from mautrix.bridge.commands import SECTION_ADMIN, CommandEvent, HelpSection, command_handler
-from mautrix.types import EventID
+from mautrix.types import EventID, UserID
 
+from kalandra_core.client.bridge_invite import is_matrix_user
+
+from .. import access
 from ..portal import Portal
-
-if TYPE_CHECKING:
-    from ..bridge import KalandraBridge
+from .util import (
+    CommandFailed,
+    active_room,
+    answers_failures,
+    bridge_of,
+    check_access,
+    parse_room_id,
+)
 
 SECTION_PORTALS = HelpSection._make(("Portals", 20, ""))  # (mypy misreads its NamedTuple)
-
-
-def _bridge(evt: CommandEvent) -> KalandraBridge:
-    return cast("KalandraBridge", evt.bridge)
-
-
-def _room_id(text: str) -> bytes | None:
-    try:
-        room_id = bytes.fromhex(text.removeprefix("0x"))
-    except (ValueError, binascii.Error):
-        return None
-    return room_id if len(room_id) == 16 else None
 
 
 @command_handler(
@@ -38,7 +33,7 @@ async def create(evt: CommandEvent) -> EventID:
     name = " ".join(evt.args).strip()
     if not name:
         return await evt.reply("**Usage:** `$cmdprefix+sp create <name>`")
-    bridge = _bridge(evt)
+    bridge = bridge_of(evt)
     bot = bridge.bot
     assert bot.client is not None
     room_id = await bot.client.create_room(name=name)
@@ -46,6 +41,7 @@ async def create(evt: CommandEvent) -> EventID:
     portal = await Portal.get_or_create(
         bridge, room_id, name=name, topic="", last_log_index=bot.core.rooms[room_id].last_seen
     )
+    await access.grant(bridge, room_id, evt.sender.mxid, f"creator:{evt.sender.mxid}")
     await portal.ensure_matrix_room(invite=[evt.sender.mxid])
     return await evt.reply(f"Created Kalandra room `{portal.hex}`: {portal.alias}")
 
@@ -54,23 +50,27 @@ async def create(evt: CommandEvent) -> EventID:
     needs_auth=False,
     help_section=SECTION_PORTALS,
     help_args="<_room id_>",
-    help_text="Open the Matrix portal of a Kalandra room the bridge is in, and invite you.",
+    help_text="Open the Matrix portal of a Kalandra room you are in (or were invited to), and"
+    " invite you. Bridge admins: any room the bridge is in.",
 )
+@answers_failures
 async def open(evt: CommandEvent) -> EventID:
-    room_id = _room_id(evt.args[0]) if evt.args else None
+    room_id = parse_room_id(evt.args[0]) if evt.args else None
     if room_id is None:
-        return await evt.reply("**Usage:** `$cmdprefix+sp open <room id in hex>`")
-    bridge = _bridge(evt)
-    room = bridge.bot.core.rooms.get(room_id)
-    if room is None or not room.active:
-        return await evt.reply(f"The bridge is not a member of Kalandra room `{room_id.hex()}`.")
-    assert bridge.kalandra is not None
-    state = await bridge.kalandra.store.load_room(room_id)
-    name, topic = ("", "") if state is None else (state.room.name, state.room.topic)
-    portal = await Portal.get_or_create(
-        bridge, room_id, name=name, topic=topic, last_log_index=room.last_seen
+        raise CommandFailed("**Usage:** `$cmdprefix+sp open <room id in hex>`")
+    bridge = bridge_of(evt)
+    sender = evt.sender.mxid
+    if access.level_of(bridge, sender) not in ("user", "admin"):
+        raise CommandFailed("Opening portals needs the `user` permission.")
+    await check_access(evt, room_id)
+    active_room(evt, room_id)
+    portal = await Portal.open(bridge, room_id)
+    # A member of the room (or an admin) reads the history the bridge kept; someone only
+    # invited reads from the invitation on.
+    member = access.is_admin(bridge, sender) or await access.member_in_room(
+        bridge, room_id, sender
     )
-    await portal.ensure_matrix_room(invite=[evt.sender.mxid])
+    await portal.let_in(sender, with_history=member)
     return await evt.reply(f"Portal of `{portal.hex}`: {portal.alias}")
 
 
@@ -78,17 +78,28 @@ async def open(evt: CommandEvent) -> EventID:
     name="list",
     needs_auth=False,
     help_section=SECTION_PORTALS,
-    help_text="List the bridged Kalandra rooms.",
+    help_text="List the bridged Kalandra rooms you are in (bridge admins: all of them).",
 )
 async def list_portals(evt: CommandEvent) -> EventID:
-    portals = await Portal.load_all(_bridge(evt))
+    bridge = bridge_of(evt)
+    portals = await Portal.load_all(bridge)
+    sender = evt.sender.mxid
+    admin = access.is_admin(bridge, sender)
+    if not admin:
+        mine = set(await access.rooms_of(bridge, sender, [p.room_id for p in portals]))
+        portals = [p for p in portals if p.room_id in mine]
     if not portals:
-        return await evt.reply("No portals yet. Make one with `$cmdprefix+sp create <name>`.")
+        return await evt.reply(
+            "You are in no bridged Kalandra room yet. Make one with"
+            " `$cmdprefix+sp create <name>`, or ask a member of a room to invite you."
+        )
     lines = [
         f"* `{p.hex}` {p.row.name or '(no name)'}: {p.alias}"
         + ("" if p.mxid else " (Matrix room not created yet)")
         for p in portals
     ]
+    if admin:
+        lines.insert(0, "All portals (you are a bridge admin, so you see every one):")
     return await evt.reply("\n".join(lines))
 
 
@@ -96,15 +107,31 @@ async def list_portals(evt: CommandEvent) -> EventID:
     needs_auth=False,
     needs_admin=True,
     help_section=SECTION_ADMIN,
-    help_args="<_room id_> <_member id_>",
-    help_text="Add a native Kalandra member to a room (from its published KeyPackage).",
+    help_args="<_room id_> <_member id_ | _Matrix user_>",
+    help_text="Add a native Kalandra member to a room (from its published KeyPackage), or let"
+    " a Matrix user into the room's portal (invited; their bridged member joins the room when"
+    " they join).",
 )
+@answers_failures
 async def invite(evt: CommandEvent) -> EventID:
-    room_id = _room_id(evt.args[0]) if len(evt.args) == 2 else None
-    if room_id is None or not evt.args[1].isdigit():
-        return await evt.reply("**Usage:** `$cmdprefix+sp invite <room id in hex> <member id>`")
-    member_id = int(evt.args[1])
-    bot = _bridge(evt).bot
+    room_id = parse_room_id(evt.args[0]) if len(evt.args) == 2 else None
+    who = evt.args[1] if len(evt.args) == 2 else ""
+    if room_id is None or not (who.isdigit() or is_matrix_user(who)):
+        raise CommandFailed(
+            "**Usage:** `$cmdprefix+sp invite <room id in hex> <member id | @user:domain>`"
+        )
+    bridge = bridge_of(evt)
+    if who.startswith("@"):
+        active_room(evt, room_id)
+        user = UserID(who)
+        if access.level_of(bridge, user) == "none":
+            raise CommandFailed(f"{user} has no permission to use this bridge.")
+        await access.grant(bridge, room_id, user, f"admin:{evt.sender.mxid}")
+        portal = await Portal.open(bridge, room_id)
+        await portal.let_in(user, with_history=False)
+        return await evt.reply(f"Invited {user} into the portal of `{room_id.hex()}`.")
+    member_id = int(who)
+    bot = bridge.bot
     assert bot.client is not None
     if room_id not in bot.core.rooms:
         return await evt.reply(f"The bridge is not a member of Kalandra room `{room_id.hex()}`.")

@@ -13,7 +13,7 @@ from mautrix.bridge.commands import SECTION_ADMIN, CommandEvent, command_handler
 from mautrix.types import EventID
 
 from ..user import User
-from .util import CommandFailed, answers_failures, bridge_of, portal_of
+from .util import CommandFailed, answers_failures, bridge_of, check_access, portal_of
 
 
 async def _set(evt: CommandEvent, enabled: bool) -> EventID:
@@ -26,6 +26,7 @@ async def _set(evt: CommandEvent, enabled: bool) -> EventID:
     portal = portal_of(evt)
     if portal is None:
         raise CommandFailed("Run this command in a portal room.")
+    await check_access(evt, portal.room_id)
     if portal.row.relay_enabled == enabled:
         state = "on" if enabled else "off"
         return await evt.reply(f"Relay mode is already {state} in this portal.")

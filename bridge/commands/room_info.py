@@ -35,7 +35,7 @@ _ROLES = {Role.OWNER: "owner", Role.MODERATOR: "moderator"}
 )
 @answers_failures
 async def members(evt: CommandEvent) -> EventID:
-    room_id, _ = take_room(evt, evt.args)
+    room_id, _ = await take_room(evt, evt.args)
     room = active_room(evt, room_id)
     bridge = bridge_of(evt)
     assert bridge.kalandra is not None
@@ -69,7 +69,7 @@ async def members(evt: CommandEvent) -> EventID:
 )
 @answers_failures
 async def epoch(evt: CommandEvent) -> EventID:
-    room_id, _ = take_room(evt, evt.args)
+    room_id, _ = await take_room(evt, evt.args)
     room = active_room(evt, room_id)
     group = room.group
     suite = SUITE_NAMES.get(group.suite, f"0x{group.suite:04x}")
@@ -88,7 +88,7 @@ async def epoch(evt: CommandEvent) -> EventID:
 )
 @answers_failures
 async def sync(evt: CommandEvent) -> EventID:
-    room_id, _ = take_room(evt, evt.args)
+    room_id, _ = await take_room(evt, evt.args)
     before = active_room(evt, room_id).last_seen
     client = bridge_of(evt).bot.client
     assert client is not None

@@ -14,6 +14,7 @@ from mautrix.types import EventID, UserID
 from kalandra_core.client.driver import ClientError
 from kalandra_core.client.room import ClientRoom
 
+from .. import access
 from ..db.roster import bridged_member
 from ..portal import Portal
 
@@ -57,31 +58,49 @@ def active_room(evt: CommandEvent, room_id: bytes) -> ClientRoom:
     return room
 
 
-def _by_prefix(evt: CommandEvent, prefix: str) -> bytes:
+async def _by_prefix(evt: CommandEvent, prefix: str) -> bytes:
+    """The one active room whose id starts with ``prefix`` among those the asker may see (so
+    the answer is the same whether other rooms match or not)."""
     prefix = prefix.removeprefix("0x").lower()
-    rooms = bridge_of(evt).bot.core.rooms
-    matches = [r for r, room in rooms.items() if room.active and r.hex().startswith(prefix)]
+    bridge = bridge_of(evt)
+    candidates = [
+        r
+        for r, room in bridge.bot.core.rooms.items()
+        if room.active and r.hex().startswith(prefix)
+    ]
+    matches = await access.rooms_of(bridge, evt.sender.mxid, candidates)
     if len(matches) != 1 or len(prefix) < 4:
         raise CommandFailed(
-            f"`{prefix}` does not name one Kalandra room the bridge is in"
+            f"`{prefix}` does not name one Kalandra room you are in"
             " (give the room id in hex, or a unique prefix of it)."
         )
     return matches[0]
 
 
-def take_room(evt: CommandEvent, args: list[str]) -> tuple[bytes, list[str]]:
-    """The room a command is about, and the arguments after it.
+async def check_access(evt: CommandEvent, room_id: bytes) -> None:
+    """Refused unless the asker is in the room or a bridge admin (access.py); the refusal is
+    the same whether the room exists or not."""
+    if not await access.may_see(bridge_of(evt), room_id, evt.sender.mxid):
+        raise CommandFailed(access.NOT_IN_ROOM.format(room=room_id.hex()))
+
+
+async def take_room(evt: CommandEvent, args: list[str]) -> tuple[bytes, list[str]]:
+    """The room a command is about, and the arguments after it; refused (check_access) when
+    the asker is not in it.
 
     In a portal the room may be omitted (the portal's room); a first argument is taken as a
     room only when it is a full room id. Elsewhere the first argument is the room: its id in
     hex, or a unique prefix of it."""
     portal = portal_of(evt)
     if args and (_FULL_ROOM.fullmatch(args[0]) or portal is None):
-        room_id = parse_room_id(args[0]) or _by_prefix(evt, args[0])
-        return room_id, args[1:]
-    if portal is None:
+        room_id = parse_room_id(args[0]) or await _by_prefix(evt, args[0])
+        rest = args[1:]
+    elif portal is None:
         raise CommandFailed("Which Kalandra room? Give its id (or run this in its portal).")
-    return portal.room_id, args
+    else:
+        room_id, rest = portal.room_id, args
+    await check_access(evt, room_id)
+    return room_id, rest
 
 
 async def member_id_of(evt: CommandEvent, who: str) -> int:

@@ -22,6 +22,7 @@ from nacl.signing import SigningKey
 from ..media.blob import KINDS as MEDIA_KINDS
 from ..media.blob import MediaError, MediaRef
 from . import events as ev
+from .bridge_invite import invite_content
 from .content import Content
 from .core import ClientCore
 from .driver import Client, ClientError, ServerAddress
@@ -207,8 +208,14 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
             print(f"{await client.publish_key_packages(args.count)} KeyPackages on the server")
         elif command == "invite":
             room_id = _room(client, args.room)
-            index = await client.invite(room_id, [int(m) for m in args.members])
-            print(f"added at log index {index}; epoch {client.core.rooms[room_id].epoch}")
+            matrix = [m for m in args.members if m.startswith("@")]
+            members = [int(m) for m in args.members if not m.startswith("@")]
+            if members:
+                index = await client.invite(room_id, members)
+                print(f"added at log index {index}; epoch {client.core.rooms[room_id].epoch}")
+            for mxid in matrix:  # asks the room's bridge, in an encrypted message (see module)
+                index = await client.send(room_id, invite_content(mxid))
+                print(f"invited {mxid} through the bridge at log index {index}")
         elif command == "join":
             await asyncio.sleep(args.wait)  # Welcomes from the mailbox arrive after Hello
             await client.settle()
@@ -310,9 +317,11 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     parser("rooms", "list your rooms")
     p = parser("publish-key-packages", "publish KeyPackages so others can add you")
     p.add_argument("--count", type=int, default=5)
-    p = parser("invite", "add members to a room")
+    p = parser("invite", "add members to a room, or invite Matrix users through its bridge")
     p.add_argument("room")
-    p.add_argument("members", nargs="+", help="member ids")
+    p.add_argument(
+        "members", nargs="+", help="member ids, or Matrix user ids (@user:domain) for the bridge"
+    )
     p = parser("join", "accept pending invitations (Welcomes)")
     p.add_argument("--wait", type=float, default=1.0, help="seconds to wait for Welcomes")
     p = parser("send", "send a text message")
