@@ -163,7 +163,7 @@ class KalandraBot:
             core,
             _EMBEDDED,
             identity.token,
-            state=self.state,  # type: ignore[arg-type]  # ClientState's save/save_all
+            state=self.state,  # type: ignore[arg-type]  # ClientState's save, save_all, durable
             connector=loopback_connector(self.server.hub.session_factory),
             keepalive=max(1.0, min(30.0, limits.idle_timeout / 3)),
         )

@@ -76,7 +76,7 @@ class ClientStateTable:
     async def load_into(self, core: ClientCore) -> None:
         rows = await self.db.fetch(
             "SELECT kind, key, value FROM bridge_client_state"
-            " WHERE owner = $1 AND kind <> 'identity'",
+            " WHERE owner = $1 AND kind IN ('room', 'bundles', 'outbox')",
             self.owner,
         )
         for row in rows:
@@ -90,8 +90,7 @@ class ClientStateTable:
                     core.bundles[bundle.ref] = bundle
             elif kind == "outbox":
                 for state in cbor2.loads(value):
-                    pending = Pending.from_state(state)
-                    core.outbox[pending.request_id] = pending
+                    core.load_pending(Pending.from_state(state))
 
     async def write(
         self,
@@ -129,4 +128,5 @@ def bundles_blob(core: ClientCore) -> bytes:
 
 
 def outbox_blob(core: ClientCore) -> bytes:
-    return cbor2.dumps([p.to_state() for p in core.outbox.values()])
+    """The outbox and our merged commits that no saved room state includes yet."""
+    return cbor2.dumps([p.to_state() for p in [*core.outbox.values(), *core.merged.values()]])
