@@ -3,7 +3,9 @@ for its own), sealed, in the bridge database: what ``kalandra_core.client.state.
 keeps in a native client's SQLite file, here on the deployment's one database (PostgreSQL
 included).
 
-Rows: ``identity`` (member id, token, device signing key), one ``room`` row per room (MLS group,
+Rows: ``identity`` (member id, token, device signing key), ``claim`` (the device signing key of
+an account being made, written before the account exists: see bridge/bot.py), one ``room`` row
+per room (MLS group,
 sender keys, last applied log index), ``bundles`` (unused KeyPackage private parts) and
 ``outbox``. Values are sealed with the purpose ``client-<kind>``.
 """
@@ -69,6 +71,28 @@ class ClientStateTable:
             "identity",
             _NO_KEY,
             self._seal("identity", blob),
+        )
+
+    async def load_claim(self) -> bytes | None:
+        value = await self.db.fetchval(
+            "SELECT value FROM bridge_client_state WHERE owner = $1 AND kind = 'claim'",
+            self.owner,
+        )
+        return None if value is None else self._unseal("claim", value)
+
+    async def save_claim(self, signing_key: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO bridge_client_state (owner, kind, key, value) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value",
+            self.owner,
+            "claim",
+            _NO_KEY,
+            self._seal("claim", signing_key),
+        )
+
+    async def drop_claim(self) -> None:
+        await self.db.execute(
+            "DELETE FROM bridge_client_state WHERE owner = $1 AND kind = 'claim'", self.owner
         )
 
     # --- rooms, bundles, outbox ------------------------------------------------------------------
