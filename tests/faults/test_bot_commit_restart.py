@@ -5,7 +5,8 @@ The bot's saved room state waits until the portal has mirrored what the group ap
 state barrier, bridge/bot_state.py), so it can be older than a commit of the bot's that the log
 holds. Before the fix, the restarted bot met its own commit in the log without its pending
 state ("log index N undecryptable"), stayed at the old epoch, and every later commit of its
-was refused (STALE_EPOCH): the room was stuck for the bridge. The bridge runs here with
+was refused (STALE_EPOCH): the room was stuck for the bridge. The same after a demotion
+reloaded with SIGHUP (the bot's Remove commit). The bridge runs here with
 ``KALANDRA_TEST_STATE_LAG`` (items count as mirrored seconds late), so the stop always falls
 inside that window, without a race.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -30,10 +32,13 @@ from matrix.bridge_stack import (
     nio_client,
     portal_with_native,
     say,
+    sync_until,
     tail,
 )
 from nio import AsyncClient
+from ruamel.yaml import YAML
 
+from kalandra_core.client import events as ev
 from kalandra_core.client.driver import Client
 from kalandra_core.client.events import Message
 
@@ -48,7 +53,8 @@ async def stack(
     before = os.environ.get("KALANDRA_TEST_STATE_LAG")
     os.environ["KALANDRA_TEST_STATE_LAG"] = LAG  # read by the bridge processes started here
     try:
-        async with bridge_stack(tmp_path_factory.mktemp("botcommit"), request.param) as stack:
+        work = tmp_path_factory.mktemp("botcommit")
+        async with bridge_stack(work, request.param, others=("user",)) as stack:
             yield stack
     finally:
         if before is None:
@@ -80,18 +86,56 @@ async def in_portal(alice: AsyncClient, portal: str, native: Client, body: str) 
     return bodies
 
 
+def demote(stack: BridgeStack, mxid: str) -> None:
+    """`relay` for ``mxid`` in the config file, and SIGHUP: the bridge reloads permissions and
+    removes the demoted user's member from the room (a Remove commit of the bot's)."""
+    yaml = YAML()
+    config = yaml.load(stack.config.read_text(encoding="utf-8"))
+    config["bridge"]["permissions"][mxid] = "relay"
+    with open(stack.config, "w", encoding="utf-8") as fh:
+        yaml.dump(config, fh)
+    assert stack.bridge is not None
+    stack.bridge.send_signal(signal.SIGHUP)
+
+
+async def removed(native: Client, member_id: int) -> None:
+    while True:
+        event = await native.events.get()
+        if isinstance(event, ev.EpochChanged) and member_id in event.removed:
+            return
+
+
 @pytest.mark.asyncio(loop_scope="module")
 async def test_stop_or_kill9_right_after_a_bot_commit_leaves_the_room_working(
     stack: BridgeStack,
 ) -> None:
+    """Three times a commit of the bot's, then at once a stop: rotate-keys and SIGTERM,
+    rotate-keys and kill -9, a demotion reloaded with SIGHUP (the bot removes the user's
+    member) and kill -9. After each restart the bot commits again, and messages go both ways,
+    each exactly once."""
     native = await native_client(stack)
     seen: list[Message] = []
-    async with nio_client(stack.synapse, stack.user) as alice:
+    async with (
+        nio_client(stack.synapse, stack.user) as alice,
+        nio_client(stack.synapse, stack.others["user"]) as bob,
+    ):
         room_hex, portal = await portal_with_native(alice, native, "commit then stop")
         room = bytes.fromhex(room_hex)
-        for round_, stop in enumerate((stack.stop_bridge, stack.kill9)):
-            before, after = await rotate(alice, portal)
-            assert after == before + 1
+        await alice.room_invite(portal, bob.user_id)
+        await bob.join(portal)
+        await sync_until(bob, lambda: portal in bob.rooms, "the join")
+        await say(bob, portal, "bob speaking")  # bob's own member says it
+        await asyncio.wait_for(received(native, "bob speaking", seen), 45)
+        bob_member = seen[-1].sender_id
+
+        rounds = [("rotate", stack.stop_bridge), ("rotate", stack.kill9), ("demote", stack.kill9)]
+        for round_, (commit, stop) in enumerate(rounds):
+            if commit == "rotate":
+                before, after = await rotate(alice, portal)
+                assert after == before + 1
+            else:
+                demote(stack, bob.user_id)
+                await asyncio.wait_for(removed(native, bob_member), 45)  # sequenced
             await stop()  # at once: the portal has not mirrored the commit in saved state
             await stack.restart()
 
@@ -105,6 +149,7 @@ async def test_stop_or_kill9_right_after_a_bot_commit_leaves_the_room_working(
             await say(alice, portal, f"matrix {round_}")
             await asyncio.wait_for(received(native, f"matrix {round_}", seen), 45)
             await in_portal(alice, portal, native, f"native {round_}")
+        assert bob_member not in native.core.rooms[room].roster()
 
         # Nothing twice: each message once on the other side (a last one each way, so that
         # anything duplicated late has arrived before the count).
@@ -112,8 +157,9 @@ async def test_stop_or_kill9_right_after_a_bot_commit_leaves_the_room_working(
         await say(alice, portal, "matrix last")
         await asyncio.wait_for(received(native, "matrix last", seen), 45)
         bodies = await in_portal(alice, portal, native, "native last")
-        assert bodies == ["native 0", "native 1", "native last"], bodies
+        assert bodies == ["native 0", "native 1", "native 2", "native last"], bodies
         from_matrix = [m.content.body for m in seen if m.room_id == room]
-        assert from_matrix == ["matrix 0", "matrix 1", "matrix last"], from_matrix
+        expected = ["bob speaking", "matrix 0", "matrix 1", "matrix 2", "matrix last"]
+        assert from_matrix == expected, from_matrix
     await native.close()
     assert "undecryptable" not in stack.log.read_text(errors="replace"), tail(stack.log)
