@@ -66,8 +66,9 @@ class BotState:
         self._core: ClientCore | None = None
         self._pending = _Batch()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._queued = 0  # batches queued so far
+        self._written = 0  # of those, the ones written
+        self._progress = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None
 
@@ -134,7 +135,7 @@ class BotState:
 
     def _queue(self, batch: _Batch) -> None:
         self._pending.merge(batch)
-        self._idle.clear()
+        self._queued += 1
         self._wake.set()
 
     def start(self) -> None:
@@ -144,7 +145,7 @@ class BotState:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, _Batch()
+            batch, self._pending, taken = self._pending, _Batch(), self._queued
             while True:
                 try:
                     await self.table.write(batch.rooms, bundles=batch.bundles, outbox=batch.outbox)
@@ -153,14 +154,17 @@ class BotState:
                     log.warning("saving the bot's state failed (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(0.5)
                     batch.merge(self._pending)
-                    self._pending = _Batch()
-            if not self._wake.is_set():
-                self._idle.set()
+                    self._pending, taken = _Batch(), self._queued
+            async with self._progress:
+                self._written = taken
+                self._progress.notify_all()
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is written."""
-        while not self._idle.is_set():
-            await self._idle.wait()
+        """Wait until everything queued so far is written (not for later batches: a busy
+        writer never keeps this waiting)."""
+        target = self._queued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target)
 
     async def durable(self) -> None:
         """(The client's write-ahead of its commits.)"""
