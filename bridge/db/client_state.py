@@ -5,9 +5,9 @@ included).
 
 Rows: ``identity`` (member id, token, device signing key), ``claim`` (the device signing key of
 an account being made, written before the account exists: see bridge/bot.py), one ``room`` row
-per room (MLS group,
-sender keys, last applied log index), ``bundles`` (unused KeyPackage private parts) and
-``outbox``. Values are sealed with the purpose ``client-<kind>``.
+per room (MLS group, sender keys, last applied log index), ``bundles`` (unused KeyPackage
+private parts) and ``outbox`` (with our merged commits that no saved room state includes yet).
+Values are sealed with the purpose ``client-<kind>``.
 """
 
 from __future__ import annotations
