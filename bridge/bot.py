@@ -2,7 +2,13 @@
 
 At the first start the bot's account is created in the embedded server's store
 (``kalandrabot``), a device token is issued and a signing key generated; all three are stored
-sealed in bridge_client_state, then the rooms' MLS state follows (bot_state.py). The bot's
+sealed in bridge_client_state, then the rooms' MLS state follows (bot_state.py).
+
+Only an account the bridge made is ever the bot's: the signing key is recorded (a "claim")
+before the account is created, and bound to it right after; an account with the bot's name
+that is not bound to that key (made by an operator or anyone else) is never adopted, and the
+bridge refuses to start (BotAccountTaken) rather than run under another name: native members
+look the bridge up by this name, and would add the other account's holder to their rooms. The bot's
 ``Client`` talks to the embedded Hub through the in-process loopback connection, so the server
 checks the bot like any native client. Its decrypted messages and room events (commits,
 moderation, failures) are routed to the portals in log order, one ordered queue each, and each
@@ -29,6 +35,7 @@ from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.mls.keypackage import bundle_is_last_resort
 from kalandra_core.server.loopback import loopback_connector
+from kalandra_core.storage.base import AlreadyExists
 
 from . import access, permissions, portal_access
 from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
@@ -64,6 +71,10 @@ _ROUTED = (
 
 
 class BotIdentityLost(RuntimeError):
+    pass
+
+
+class BotAccountTaken(BotIdentityLost):
     pass
 
 
@@ -131,19 +142,33 @@ class KalandraBot:
         if identity is not None:
             return identity
         store = self.server.store
+        # The key of an account we started making (a start interrupted before it was saved).
+        key = await table.load_claim()
         account = await store.find_member(BOT_MEMBER_NAME)
         if account is None:
-            account = await store.create_member(BOT_MEMBER_NAME)
-        elif account.signature_key is not None:
-            # Its device key was bound at a first login, and the sealed copy is gone.
-            raise BotIdentityLost(
-                f"the Kalandra account {BOT_MEMBER_NAME!r} exists with a device key, but the"
-                " bridge database has no identity for it (restored without it?)"
-            )
+            if key is None:
+                key = bytes(SigningKey.generate())
+                await table.save_claim(key)  # recorded before the account exists
+            try:
+                account = await store.create_member(BOT_MEMBER_NAME)
+            except AlreadyExists:  # made by someone else meanwhile
+                account = await store.find_member(BOT_MEMBER_NAME)
+                assert account is not None
+                raise _taken(account.member_id) from None
+            await store.set_signature_key(account.member_id, _public(key))
+            log.info("created the bot's Kalandra account, member %d", account.member_id)
+        elif key is None or account.signature_key != _public(key):
+            if key is None and account.signature_key is not None:
+                # Its device key was bound at a first login, and the sealed copy is gone.
+                raise BotIdentityLost(
+                    f"the Kalandra account {BOT_MEMBER_NAME!r} exists with a device key, but"
+                    " the bridge database has no identity for it (restored without it?)"
+                )
+            raise _taken(account.member_id)
         token = await store.issue_token(account.member_id)
-        identity = SealedIdentity(account.member_id, token, bytes(SigningKey.generate()))
+        identity = SealedIdentity(account.member_id, token, key)
         await table.save_identity(identity)
-        log.info("created the bot's Kalandra account, member %d", account.member_id)
+        await table.drop_claim()
         return identity
 
     async def start(self) -> None:
@@ -167,7 +192,7 @@ class KalandraBot:
             core,
             _EMBEDDED,
             identity.token,
-            state=self.state,  # type: ignore[arg-type]  # ClientState's save/save_all
+            state=self.state,  # type: ignore[arg-type]  # ClientState's save, save_all, durable
             connector=loopback_connector(self.server.hub.session_factory),
             keepalive=max(1.0, min(30.0, limits.idle_timeout / 3)),
         )
@@ -274,3 +299,19 @@ class KalandraBot:
             await self.client.close()
         with contextlib.suppress(TimeoutError):
             await self.state.stop()
+
+
+def _public(signing_key: bytes) -> bytes:
+    return bytes(SigningKey(signing_key).verify_key)
+
+
+def _taken(member_id: int) -> BotAccountTaken:
+    return BotAccountTaken(
+        f"the Kalandra account {BOT_MEMBER_NAME!r} (member {member_id}) is not one this bridge"
+        " made and bound its key to, so it is not adopted as the bot: whoever made it may hold"
+        " its device tokens,"
+        " and native members who add the bridge by that name would let them into their rooms."
+        " The bridge does not start under another name either. Delete that account (`DELETE"
+        f" FROM members WHERE name = '{BOT_MEMBER_NAME}'` in the database, after checking who"
+        " made it and why), then start the bridge again: it makes its own."
+    )

@@ -13,12 +13,24 @@ failures: whatever the portal mirrors) has been bridged and recorded (:meth:`mes
 :meth:`message_done` count them); until then it is parked,
 and only the newest eligible snapshot is written. The outbox and KeyPackage bundles are written
 right away.
+
+So the saved state of a room may be older than the bot's own commits, which the log holds. The
+outbox carries them: a commit of the bot's is written (its pending MLS state, with the outbox)
+before it goes out (the client waits for :meth:`durable`), and stays in the written outbox
+after it is merged until a room snapshot that includes it is written (``ClientCore.merged``,
+pruned here in the same batch as that snapshot). A restart from the older snapshot replays the
+log and merges the commit again instead of failing on it (a member cannot process its own
+commit) and staying behind the room's epoch for good.
+
+Tests only: ``KALANDRA_TEST_STATE_LAG`` (seconds) delays counting routed items done, so a test
+can stop the bridge while a snapshot is parked, deterministically.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -28,6 +40,7 @@ from kalandra_core.client.core import ClientCore
 from .db.client_state import ClientStateTable, bundles_blob, outbox_blob
 
 log = logging.getLogger("kalandra.bridge.state")
+_LAG = float(os.environ.get("KALANDRA_TEST_STATE_LAG", "0") or 0)  # tests only (see above)
 
 
 @dataclass(slots=True)
@@ -47,12 +60,15 @@ class BotState:
         self.table = table
         self._routed: defaultdict[bytes, int] = defaultdict(int)
         self._done: defaultdict[bytes, int] = defaultdict(int)
-        # room -> [(messages routed when taken, state or None)], oldest first
-        self._parked: defaultdict[bytes, list[tuple[int, bytes | None]]] = defaultdict(list)
+        # room -> [(messages routed when taken, state or None, its last applied log index)],
+        # oldest first
+        self._parked: defaultdict[bytes, list[tuple[int, bytes | None, int]]] = defaultdict(list)
+        self._core: ClientCore | None = None
         self._pending = _Batch()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._queued = 0  # batches queued so far
+        self._written = 0  # of those, the ones written
+        self._progress = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None
 
@@ -63,6 +79,12 @@ class BotState:
 
     def message_done(self, room_id: bytes) -> None:
         """A routed message of this room is bridged and recorded (or deliberately skipped)."""
+        if _LAG:
+            asyncio.get_running_loop().call_later(_LAG, self._count_done, room_id)
+        else:
+            self._count_done(room_id)
+
+    def _count_done(self, room_id: bytes) -> None:
         self._done[room_id] += 1
         parked = self._parked.get(room_id)
         if not parked:
@@ -71,7 +93,13 @@ class BotState:
         ready = [entry for entry in parked if entry[0] <= done]
         if ready:
             self._parked[room_id] = [entry for entry in parked if entry[0] > done]
-            self._queue(_Batch(rooms={room_id: ready[-1][1]}))
+            _, snapshot, seen = ready[-1]
+            batch = _Batch(rooms={room_id: snapshot})
+            if self._core is not None and self._core.merged:
+                # Our commits this snapshot includes leave the written outbox with it.
+                self._core.forget_merged(room_id, seen)
+                batch.outbox = outbox_blob(self._core)
+            self._queue(batch)
 
     def room_released(self, room_id: bytes) -> None:
         """The room's portal is gone (unbridged): what was routed to it will never be bridged,
@@ -82,18 +110,22 @@ class BotState:
     # --- what Client calls -----------------------------------------------------------------------
 
     def save(self, core: ClientCore, rooms: Iterable[bytes | None]) -> None:
-        batch = _Batch(outbox=outbox_blob(core))
+        self._core = core
+        batch = _Batch()
         for room_id in rooms:
             if room_id is None:
                 batch.bundles = bundles_blob(core)
                 continue
             room = core.rooms.get(room_id)
             snapshot = None if room is None else room.to_bytes()
+            seen = (1 << 62) if room is None else room.last_seen
             routed = self._routed[room_id]
             if self._done[room_id] >= routed and not self._parked.get(room_id):
                 batch.rooms[room_id] = snapshot
+                core.forget_merged(room_id, seen)
             else:
-                self._parked[room_id].append((routed, snapshot))
+                self._parked[room_id].append((routed, snapshot, seen))
+        batch.outbox = outbox_blob(core)  # (after forget_merged: the same batch as the rooms)
         self._queue(batch)
 
     def save_all(self, core: ClientCore) -> None:
@@ -103,7 +135,7 @@ class BotState:
 
     def _queue(self, batch: _Batch) -> None:
         self._pending.merge(batch)
-        self._idle.clear()
+        self._queued += 1
         self._wake.set()
 
     def start(self) -> None:
@@ -113,7 +145,7 @@ class BotState:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._pending = self._pending, _Batch()
+            batch, self._pending, taken = self._pending, _Batch(), self._queued
             while True:
                 try:
                     await self.table.write(batch.rooms, bundles=batch.bundles, outbox=batch.outbox)
@@ -122,14 +154,21 @@ class BotState:
                     log.warning("saving the bot's state failed (%s); retrying", type(exc).__name__)
                     await asyncio.sleep(0.5)
                     batch.merge(self._pending)
-                    self._pending = _Batch()
-            if not self._wake.is_set():
-                self._idle.set()
+                    self._pending, taken = _Batch(), self._queued
+            async with self._progress:
+                self._written = taken
+                self._progress.notify_all()
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is written."""
-        while not self._idle.is_set():
-            await self._idle.wait()
+        """Wait until everything queued so far is written (not for later batches: a busy
+        writer never keeps this waiting)."""
+        target = self._queued
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._written >= target)
+
+    async def durable(self) -> None:
+        """(The client's write-ahead of its commits.)"""
+        await self.flush()
 
     async def stop(self) -> None:
         await asyncio.wait_for(self.flush(), 10)

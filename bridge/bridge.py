@@ -26,7 +26,7 @@ from kalandra_core.storage import migrations
 from kalandra_core.storage.urls import sqlalchemy_url
 
 from . import __version__, as_auth, diagnostics, e2ee, health, metrics, permissions
-from .bot import KalandraBot
+from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
 from .portal import Portal
@@ -159,7 +159,11 @@ class KalandraBridge(Bridge):
         # its client connects and resyncs now; portals send once matrix_ready is set.
         assert self.kalandra is not None
         self.bot = KalandraBot(self, self.kalandra)
-        await self.bot.start()
+        try:
+            await self.bot.start()
+        except BotIdentityLost as exc:  # an operator's decision, not a crash: no traceback
+            self.log.fatal("Cannot start the bridge's bot: %s", exc)
+            sys.exit(13)
 
     async def stop(self) -> None:
         await self._stop_bot()

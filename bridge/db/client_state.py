@@ -3,9 +3,11 @@ for its own), sealed, in the bridge database: what ``kalandra_core.client.state.
 keeps in a native client's SQLite file, here on the deployment's one database (PostgreSQL
 included).
 
-Rows: ``identity`` (member id, token, device signing key), one ``room`` row per room (MLS group,
-sender keys, last applied log index), ``bundles`` (unused KeyPackage private parts) and
-``outbox``. Values are sealed with the purpose ``client-<kind>``.
+Rows: ``identity`` (member id, token, device signing key), ``claim`` (the device signing key of
+an account being made, written before the account exists: see bridge/bot.py), one ``room`` row
+per room (MLS group, sender keys, last applied log index), ``bundles`` (unused KeyPackage
+private parts) and ``outbox`` (with our merged commits that no saved room state includes yet).
+Values are sealed with the purpose ``client-<kind>``.
 """
 
 from __future__ import annotations
@@ -71,12 +73,34 @@ class ClientStateTable:
             self._seal("identity", blob),
         )
 
+    async def load_claim(self) -> bytes | None:
+        value = await self.db.fetchval(
+            "SELECT value FROM bridge_client_state WHERE owner = $1 AND kind = 'claim'",
+            self.owner,
+        )
+        return None if value is None else self._unseal("claim", value)
+
+    async def save_claim(self, signing_key: bytes) -> None:
+        await self.db.execute(
+            "INSERT INTO bridge_client_state (owner, kind, key, value) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value",
+            self.owner,
+            "claim",
+            _NO_KEY,
+            self._seal("claim", signing_key),
+        )
+
+    async def drop_claim(self) -> None:
+        await self.db.execute(
+            "DELETE FROM bridge_client_state WHERE owner = $1 AND kind = 'claim'", self.owner
+        )
+
     # --- rooms, bundles, outbox ------------------------------------------------------------------
 
     async def load_into(self, core: ClientCore) -> None:
         rows = await self.db.fetch(
             "SELECT kind, key, value FROM bridge_client_state"
-            " WHERE owner = $1 AND kind <> 'identity'",
+            " WHERE owner = $1 AND kind IN ('room', 'bundles', 'outbox')",
             self.owner,
         )
         for row in rows:
@@ -90,8 +114,7 @@ class ClientStateTable:
                     core.bundles[bundle.ref] = bundle
             elif kind == "outbox":
                 for state in cbor2.loads(value):
-                    pending = Pending.from_state(state)
-                    core.outbox[pending.request_id] = pending
+                    core.load_pending(Pending.from_state(state))
 
     async def write(
         self,
@@ -129,4 +152,5 @@ def bundles_blob(core: ClientCore) -> bytes:
 
 
 def outbox_blob(core: ClientCore) -> bytes:
-    return cbor2.dumps([p.to_state() for p in core.outbox.values()])
+    """The outbox and our merged commits that no saved room state includes yet."""
+    return cbor2.dumps([p.to_state() for p in [*core.outbox.values(), *core.merged.values()]])

@@ -8,7 +8,10 @@ The epoch rules of DESIGN section 3, as this core keeps them:
    process the missing commits, re-encrypt and resend, up to 3 attempts, without surfacing an
    error. A commit of ours that lost the race is discarded and rebuilt on the new epoch.
 4. Opening a room or reconnecting always syncs from the last applied log index.
-5. Our own commit, echoed back by the sequencer, is merged, never reprocessed.
+5. Our own commit, echoed back by the sequencer, is merged, never reprocessed. A commit of
+   ours is saved (its pending MLS state with the outbox) before it goes out (``write_ahead``),
+   and kept in the saved outbox after it is merged until a saved room state includes it
+   (``merged``): a room state saved before the commit, restored after a crash, merges it too.
 6. Welcomes of a commit go out only after that commit is in the log.
 
 Room frames are applied strictly in log order: a frame that arrives early (QUIC delivers server
@@ -97,6 +100,12 @@ class ClientCore:
         self.rooms: dict[bytes, ClientRoom] = {}
         self.bundles: dict[bytes, KeyPackageBundle] = {}  # KeyPackageRef -> bundle
         self.outbox: dict[int, Pending] = {}
+        # Our commits merged from the log, by request id, kept until the saved state of their
+        # room includes them (forget_merged); replayed after a restart, they merge again.
+        self.merged: dict[int, Pending] = {}
+        # With a state store: a commit goes out only once its build is saved (the driver
+        # clears ``Pending.unsaved``). Without one there is nothing to wait for.
+        self.write_ahead = False
         self.server_key: bytes | None = None
         self.session_id: int | None = None
         # Welcomes for rooms we still think we are in (we may have been removed meanwhile).
@@ -160,11 +169,27 @@ class ClientCore:
         self.session_id = reply.session_id
         self.server_key = reply.server_key
 
+    def load_pending(self, pending: Pending) -> None:
+        """A request read back from saved state: the outbox, or a merged commit of ours."""
+        if pending.log_index >= 0:
+            self.merged[pending.request_id] = pending
+        else:
+            self.outbox[pending.request_id] = pending
+
+    def forget_merged(self, room_id: bytes, last_seen: int) -> None:
+        """A state of the room that has applied the log up to ``last_seen`` is saved (or about
+        to be, in the same transaction as the outbox): our commits it includes are done."""
+        for rid, pending in list(self.merged.items()):
+            if pending.room_id == room_id and pending.log_index <= last_seen:
+                del self.merged[rid]
+
     def resync_all(self) -> list[ev.Event]:
         """After (re)connecting: catch up every room from its last applied log index, then
         resend the outbox through the window."""
         out: list[ev.Event] = []
         self.connected = True
+        for room in self.rooms.values():
+            self.forget_merged(room.room_id, room.last_seen)
         self.window.reset()
         for pending in self.outbox.values():
             pending.sent_size = 0
@@ -287,6 +312,8 @@ class ClientCore:
             out = group.self_update()
         pending.welcomes = dict(out.welcomes)
         pending.epoch = room.epoch
+        pending.mls = group.pending_commit()
+        pending.unsaved = self.write_ahead
         self.outbox[pending.request_id] = pending
         pending.frame = self._frame(
             Opcode.COMMIT, RawPayload(out.commit), room=room, request_id=pending.request_id
@@ -380,13 +407,19 @@ class ClientCore:
         room.last_seen = h.context_id
         out: list[ev.Event] = [ev.StateChanged(room.room_id)]
         pending = self.outbox.pop(h.request_id, None) if h.sender_id == self.member_id else None
+        replayed = None
         if pending is not None:
             self._answered(pending)
             out.append(ev.Acked(h.request_id, room.room_id, h.context_id))
+        elif h.sender_id == self.member_id:
+            # A commit of ours merged before a restart, met again by a state saved before it.
+            replayed = self.merged.get(h.request_id)
         opcode = h.opcode
         try:
             if opcode == Opcode.APP_MESSAGE:
                 out += self._app_message(room, frame)
+            elif opcode == Opcode.COMMIT and replayed is not None:
+                out += self._commit_frame(room, frame, replayed, replayed=True)
             elif opcode == Opcode.COMMIT:
                 out += self._commit_frame(room, frame, pending)
             elif opcode == Opcode.PROPOSAL:
@@ -418,8 +451,12 @@ class ClientCore:
         return [room_meta.applied(room, message) or message]
 
     def _commit_frame(
-        self, room: ClientRoom, frame: Frame, pending: Pending | None
+        self, room: ClientRoom, frame: Frame, pending: Pending | None, *, replayed: bool = False
     ) -> list[ev.Event]:
+        if pending is not None:
+            # Our saved room state may predate this commit of ours (saved before it was made,
+            # a crash since): take its pending state back, so it is merged, not reprocessed.
+            self._resume(room, pending)
         result = room.group.process(frame.payload)
         out: list[ev.Event] = []
         if result.removed_self:
@@ -440,6 +477,10 @@ class ClientCore:
         if result.kind == "own_commit" and pending is not None and pending.kind in _PATH_COMMITS:
             room.updates.leaf_updated(self.clock())  # our leaf got a fresh HPKE key
         if pending is not None and result.kind == "own_commit":
+            pending.log_index = frame.header.context_id
+            if self.write_ahead:
+                self.merged[pending.request_id] = pending  # until a saved room state has it
+        if pending is not None and result.kind == "own_commit" and not replayed:
             # Rule 6. Each Welcome stays in the outbox until the server confirms it is in the
             # recipient's mailbox (a connection lost meanwhile would lose it for good).
             for recipient, welcome in pending.welcomes.items():
@@ -738,10 +779,11 @@ class ClientCore:
                     not stale
                     and pending.frame is not None
                     and pending.epoch == room.epoch
-                    and room.group.has_pending_commit
+                    and (room.group.has_pending_commit or self._resume(room, pending))
                 ):
-                    # Still valid (a reconnect, not a StaleEpoch): the same commit again. The
-                    # server may hold the first copy still; a rebuilt one would differ from it.
+                    # Still valid (a reconnect or a restart, not a StaleEpoch): the same commit
+                    # again. The server may hold the first copy still; a rebuilt one would
+                    # differ from it.
                     pass
                 else:
                     room.group.discard_pending()
@@ -750,6 +792,12 @@ class ClientCore:
                 del self.outbox[pending.request_id]
                 out.append(ev.Failed(pending.request_id, room.room_id, 0, str(exc)))
         return out
+
+    @staticmethod
+    def _resume(room: ClientRoom, pending: Pending) -> bool:
+        """Give the group back the pending state of this commit of ours, saved with the outbox
+        (after a restart, the room state may have been saved before the commit was made)."""
+        return pending.mls is not None and room.group.resume_pending(pending.mls)
 
     # --- pacing ----------------------------------------------------------------------------------
 

@@ -157,6 +157,8 @@ class Client:
         self.address = address
         self._token = token
         self.state = state
+        core.write_ahead = state is not None  # our commits go out once saved
+        self._saving: asyncio.Task[None] | None = None  # the write-ahead of commits
         self._ca = ca_certificate
         self._reconnect = reconnect
         # The reconnect backoff doubles from RECONNECT_FIRST_DELAY up to this (seconds).
@@ -300,7 +302,7 @@ class Client:
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
-        for task in (self._reconnect_task, self._keepalive_task):
+        for task in (self._reconnect_task, self._keepalive_task, self._saving):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -389,11 +391,39 @@ class Client:
                 self.events.put_nowait(event)
         if self.state is not None and dirty:
             self.state.save(self.core, dirty)
+        self._write_ahead()
         self._schedule_wake()
         if not any(r.syncing for r in self.core.rooms.values()):
             self._idle.set()
         else:
             self._idle.clear()
+
+    def _write_ahead(self) -> None:
+        """Save the commits of ours that wait to be (their pending MLS state, with the outbox),
+        then let them go out: a commit the server may have taken is always in saved state."""
+        if self.state is None or self._saving is not None or self._closing:
+            return
+        builds = {p.request_id: p.frame for p in self.core.outbox.values() if p.unsaved}
+        if builds:
+            self.state.save(self.core, ())
+            self._saving = asyncio.create_task(self._saved(builds), name="client-write-ahead")
+
+    async def _saved(self, builds: dict[int, bytes | None]) -> None:
+        assert self.state is not None
+        try:
+            await self.state.durable()
+        except Exception as exc:  # not saved: the commits wait, and saving is tried again
+            log.warning("saving the client state failed (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(0.5)
+            self._saving = None
+            self._write_ahead()
+            return
+        self._saving = None
+        for rid, frame in builds.items():
+            pending = self.core.outbox.get(rid)
+            if pending is not None and pending.frame is frame:  # (not rebuilt meanwhile)
+                pending.unsaved = False
+        self._handle(self.core.transmit())  # (and saves what was built meanwhile)
 
     def _resolve(self, request_id: int, value: Any) -> None:
         self._plain.pop(request_id, None)

@@ -5,8 +5,9 @@ window (``window.py``) admits. Per room the order of the queue holds: nothing is
 frame that still waits (for the window, a catch-up, the end of a RATE_LIMITED pause), nor past
 a commit of ours in flight (it will move the epoch: what follows is encrypted once it is
 merged), nor on a newer epoch than a frame in flight (that one will come back StaleEpoch and
-go out again, behind), nor past any frame in flight while the window restarts after a pause
-(so a refusal cannot let a later frame of the room overtake the refused one). A message
+go out again, behind), nor a commit of ours not saved yet (write-ahead), nor past any frame in
+flight while the window restarts after a pause (so a refusal cannot let a later frame of the
+room overtake the refused one). A message
 encrypted on an epoch the room has left is re-encrypted first: a frame never goes out on
 another epoch as it was built. Welcomes are not logged and go out independently of the order.
 
@@ -54,6 +55,9 @@ def transmit(core: ClientCore) -> list[ev.Event]:
             continue
         room = core.rooms.get(room_id)
         if room is None or (not welcome and (room_id in blocked or not room.active)):
+            continue
+        if pending.unsaved:  # a commit goes out once saved (write-ahead, see core.py)
+            blocked.add(room_id)
             continue
         epoch = room.epoch if pending.kind == "message" else pending.epoch
         if not welcome and room_id in flying and (recovering or flying[room_id] < epoch):

@@ -36,9 +36,18 @@ class Pending:
     # The epoch of the frame last built for it (-1: unknown). A StaleEpoch reply naming a
     # current epoch not above it answers an older transmission, already superseded.
     epoch: int = -1
-    # The frame to transmit (not persisted). Commits: resent as is while still valid, so a
-    # transmission the server may already hold is never replaced by a different commit.
+    # The frame to transmit. Commits: resent as is while still valid, so a transmission the
+    # server may already hold is never replaced by a different commit (persisted for commits
+    # only: messages are encrypted again after a restart).
     frame: bytes | None = None
+    # Commits: the group's pending state of this build (MlsGroup.pending_commit), persisted, so
+    # a group state saved before the commit can still merge it when the log shows it.
+    mls: list[Any] | None = None
+    # Commits the log showed and we merged (-1: not yet): their log index. They stay in the
+    # saved outbox until a saved room state includes them (ClientCore.merged).
+    log_index: int = -1
+    # Commits: this build is not saved yet, so it must not go out (write-ahead; not persisted).
+    unsaved: bool = False
     # Pacing (not persisted): the size of the copy in flight on this connection (0: none), and
     # the clock time of the last transmission (None: never transmitted since it was queued).
     sent_size: int = 0
@@ -55,12 +64,20 @@ class Pending:
             self.member_ids,
             self.welcomes,
             self.epoch,
+            self.frame if self.kind not in NOT_COMMITS else None,
+            self.mls,
+            self.log_index,
         ]
 
     @classmethod
     def from_state(cls, s: list[Any]) -> Pending:
-        epoch = s[8] if len(s) > 8 else -1
-        return cls(s[0], s[1], s[2], s[3], s[4], list(s[5]), list(s[6]), dict(s[7]), epoch=epoch)
+        # (Fields 8-11 are absent in states saved by older versions.)
+        pending = cls(s[0], s[1], s[2], s[3], s[4], list(s[5]), list(s[6]), dict(s[7]))
+        if len(s) > 8:
+            pending.epoch = s[8]
+        if len(s) > 11:
+            pending.frame, pending.mls, pending.log_index = s[9], s[10], s[11]
+        return pending
 
 
 class ClientRoom:

@@ -102,7 +102,7 @@ class ClientState:
             core.bundles[ref] = KeyPackageBundle.from_bytes(sealed.unseal(self._key, "kp", blob))
         for (blob,) in self._db.execute("SELECT state FROM outbox"):
             pending = Pending.from_state(cbor2.loads(sealed.unseal(self._key, "outbox", blob)))
-            core.outbox[pending.request_id] = pending
+            core.load_pending(pending)
 
     def save(self, core: ClientCore, rooms: Iterable[bytes | None]) -> None:
         """Persist the given rooms (None: bundles) and the whole outbox, in one transaction."""
@@ -121,6 +121,7 @@ class ClientState:
                     )
                     continue
                 room = core.rooms.get(room_id)
+                core.forget_merged(room_id, room.last_seen if room is not None else 1 << 62)
                 if room is None:
                     db.execute("DELETE FROM rooms WHERE room_id = ?", (room_id,))
                 else:
@@ -134,13 +135,16 @@ class ClientState:
                 "INSERT INTO outbox (request_id, state) VALUES (?, ?)",
                 [
                     (rid, sealed.seal(self._key, "outbox", cbor2.dumps(p.to_state())))
-                    for rid, p in core.outbox.items()
+                    for rid, p in [*core.outbox.items(), *core.merged.items()]
                 ],
             )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    async def durable(self) -> None:
+        """Writes are synchronous here (``synchronous=FULL``): saved is durable."""
 
     def save_all(self, core: ClientCore) -> None:
         self.save(core, [None, *core.rooms])

@@ -461,6 +461,23 @@ class MlsGroup:
         """Our commit lost the race (StaleEpoch): forget it and its Welcomes."""
         self._pending = None
 
+    def pending_commit(self) -> list[Any] | None:
+        """Our pending commit as plain data (secrets included: seal it), for
+        :meth:`resume_pending` on a copy of this group saved before the commit was made."""
+        p = self._pending
+        return None if p is None else [p.commit, p.state, p.output.epoch, p.output.welcomes]
+
+    def resume_pending(self, saved: list[Any]) -> bool:
+        """Take back a pending commit of ours (from :meth:`pending_commit`) if this group is
+        at the epoch it was built on and holds no other; returns whether it did. A state saved
+        before the commit then merges it when the log shows it, like the live one would."""
+        commit, new_state, epoch, welcomes = saved
+        if self._pending is not None or not self._active or epoch != self.epoch:
+            return False
+        output = CommitOutput(commit=commit, epoch=epoch, welcomes=dict(welcomes))
+        self._pending = _Pending(commit, new_state, output)
+        return True
+
     # --- receiving ----------------------------------------------------------------------------
 
     def process(self, message: bytes) -> ProcessResult:

@@ -199,12 +199,14 @@ async def bridge_stack(
     bridge_options: dict[str, Any] | None = None,
     default_level: str = "relay",
     options: dict[str, Any] | None = None,
+    start: bool = True,
 ) -> AsyncIterator[BridgeStack]:
     """Synapse + the bridge process. ``stack.user`` (a registered localpart) is a bridge admin;
     each role in ``others`` gets a registered localpart (``stack.others[role]``): "relay",
     "user" and "admin" with that permission level, any other name ("stranger") with the
     default, ``default_level``. ``bridge_options`` set options under ``bridge.``, ``options``
-    any option by its full dotted path ("metrics.enabled")."""
+    any option by its full dotted path ("metrics.enabled"). ``start=False``: the bridge is not
+    started (``stack.restart()`` does), so a test can prepare its database first."""
     if not SYNAPSE_PYTHON.exists():
         pytest.fail(f"{SYNAPSE_PYTHON} is missing: run tests/matrix/install_synapse.sh")
     async with contextlib.AsyncExitStack() as exits:
@@ -246,7 +248,8 @@ async def bridge_stack(
             named,
         )
         exits.push_async_callback(stack.stop_bridge)
-        await stack.restart()
+        if start:
+            await stack.restart()
         for localpart in (user, *named.values()):
             await synapse.register_user(localpart, PASSWORD)
         yield stack

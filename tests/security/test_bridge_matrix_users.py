@@ -449,10 +449,8 @@ async def test_demoted_user_loses_their_member_and_is_no_longer_bridged_as_thems
         assert stack.bridge is not None
         stack.bridge.send_signal(signal.SIGHUP)
         await next_event(native, lambda e: removed(e, members[erin]))
-        # The portal shows it before the bridge stops. (Known gap, not this test's subject: a
-        # stop within milliseconds of a bot commit, before its portal has mirrored it, leaves
-        # the bot's saved group state before that commit, and the restarted bot cannot
-        # process its own commit from the log.)
+        # The portal shows it before the bridge stops (a stop before that is the subject of
+        # tests/faults/test_bot_commit_restart.py).
         await wait_until(
             lambda: epoch_without(alice, portal, members[erin]), "the removal in the portal"
         )
