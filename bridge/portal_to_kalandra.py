@@ -48,7 +48,7 @@ from .portal_base import PortalBase
 from .portal_to_matrix import KINDS
 from .redaction_power import check_redaction
 from .relay import relay_content
-from .send_chains import mark_bot_send
+from .send_chains import ensure_send_floors
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
@@ -350,7 +350,7 @@ class PortalToKalandra(PortalBase):
         )
         client = self.bridge.bot.client
         assert client is not None
-        await mark_bot_send(self.bridge, self.room_id)
+        await ensure_send_floors(self.bridge, self.room_id)
         return await client.send(self.room_id, content)
 
     async def _mx_remove_bridged(self, work: FromMatrix) -> None:

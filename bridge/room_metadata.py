@@ -47,7 +47,7 @@ from kalandra_core.media.blob import MediaError, MediaRef
 from . import media
 from .bridged_user import BridgedUser
 from .message_status import Refused
-from .send_chains import mark_bot_send
+from .send_chains import ensure_send_floors
 
 if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
@@ -205,7 +205,7 @@ async def meta_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
     else:
         client = bridge.bot.client
         assert client is not None
-        await mark_bot_send(bridge, portal.room_id)
+        await ensure_send_floors(bridge, portal.room_id)
         index = await client.send(portal.room_id, content)
     log.info("portal %s: room metadata from Matrix at log index %d", portal.hex, index)
 
