@@ -408,7 +408,11 @@ class ClientCore:
             # The server's answer to a resend of a request it had sequenced (a message resent
             # after a restart under its recorded request id): the stored frame, applied already.
             pending = self.outbox.get(h.request_id)
-            if pending is not None and pending.room_id == room.room_id:
+            if (
+                pending is not None
+                and pending.kind == "message"
+                and pending.room_id == room.room_id
+            ):
                 self._answered(self.outbox.pop(h.request_id))
                 return [ev.Acked(h.request_id, room.room_id, index)]
         if index <= room.last_seen or not room.active:

@@ -24,6 +24,7 @@ from nacl.signing import SigningKey
 
 from bridge.bot_state import BotState
 from bridge.db.client_state import ClientStateTable
+from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.state import ClientState
@@ -159,4 +160,39 @@ async def test_a_bot_message_re_encrypted_after_stale_epoch_is_never_keyed_twice
         for client in clients:
             await client.close()
         await db.stop()
+        await server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_message_sent_again_under_its_request_id_is_the_first_one(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """What the bridge relies on for a relayed message replayed after a crash (bridge/
+    bot_send.py): sent again under the request id it was recorded with, the message is not
+    sequenced twice, and the sender gets the first one's log index, even when its log already
+    holds it."""
+    await migrations.upgrade(sqlite_url)
+    server = await start_server(
+        ServerConfig(database=sqlite_url, tcp_port=0, quic_port=None, data_dir=tmp_path)
+    )
+    try:
+        account = await server.store.create_member("sender")
+        token = await server.store.issue_token(account.member_id)
+        client = _client(
+            server, ClientCore(account.member_id, bytes(SigningKey.generate())), token, None
+        )
+        await client.connect()
+        room_id = await client.create_room()
+        request_id = client.core._request_id()
+        first = await client.send(room_id, Content("once"), request_id=request_id)
+        await client.settle()
+        assert client.core.rooms[room_id].last_seen == first
+        again = await asyncio.wait_for(
+            client.send(room_id, Content("once"), request_id=request_id), 10
+        )
+        assert again == first
+        frames = await server.store.load_frames(room_id, 0, 100)
+        assert [f.log_index for f in frames if f.opcode == Opcode.APP_MESSAGE] == [first]
+        await client.close()
+    finally:
         await server.close()
