@@ -57,6 +57,3 @@ class SendMarks:
             marks = self._marks.setdefault(bytes(room_id), {})
             key = (int(epoch), int(leaf))
             marks[key] = max(marks.get(key, -1), int(generation))
-
-    def get(self, room_id: bytes, epoch: int, leaf: int) -> int | None:
-        return self._marks.get(room_id, {}).get((epoch, leaf))
