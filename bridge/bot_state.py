@@ -11,8 +11,9 @@ side), and once the group has moved on they cannot be decrypted again. So a room
 written only when every item of that room handed out before it (messages, commits, moderation,
 failures: whatever the portal mirrors) has been bridged and recorded (:meth:`message_routed` /
 :meth:`message_done` count them); until then it is parked,
-and only the newest eligible snapshot is written. The outbox and KeyPackage bundles are written
-right away.
+and only the newest eligible snapshot is written. The outbox, the send marks (the generations
+the client's encryptions used: a restored room state may be older than them) and KeyPackage
+bundles are written right away.
 
 So the saved state of a room may be older than the bot's own commits, which the log holds. The
 outbox carries them: a commit of the bot's is written (its pending MLS state, with the outbox)
@@ -48,11 +49,13 @@ class _Batch:
     rooms: dict[bytes, bytes | None] = field(default_factory=dict)
     bundles: bytes | None = None
     outbox: bytes | None = None
+    marks: bytes | None = None
 
     def merge(self, other: _Batch) -> None:
         self.rooms.update(other.rooms)
         self.bundles = other.bundles if other.bundles is not None else self.bundles
         self.outbox = other.outbox if other.outbox is not None else self.outbox
+        self.marks = other.marks if other.marks is not None else self.marks
 
 
 class BotState:
@@ -126,6 +129,7 @@ class BotState:
             else:
                 self._parked[room_id].append((routed, snapshot, seen))
         batch.outbox = outbox_blob(core)  # (after forget_merged: the same batch as the rooms)
+        batch.marks = core.send_marks.to_bytes()  # written right away, like the outbox
         self._queue(batch)
 
     def save_all(self, core: ClientCore) -> None:
@@ -148,7 +152,9 @@ class BotState:
             batch, self._pending, taken = self._pending, _Batch(), self._queued
             while True:
                 try:
-                    await self.table.write(batch.rooms, bundles=batch.bundles, outbox=batch.outbox)
+                    await self.table.write(
+                        batch.rooms, bundles=batch.bundles, outbox=batch.outbox, marks=batch.marks
+                    )
                     break
                 except Exception as exc:  # a busy database: retry, never drop state
                     log.warning("saving the bot's state failed (%s); retrying", type(exc).__name__)

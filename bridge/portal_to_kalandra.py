@@ -12,6 +12,9 @@ are recognised in the database and skipped.
 Messages of users with the ``user`` permission go out as their own MLS leaf
 (bridged_user.py); of users with only ``relay``, through the bot's leaf when the portal has
 relaying on (relay.py), else they fail visibly.
+
+Tests only: ``KALANDRA_TEST_RECORD_LAG`` (seconds) delays recording a Matrix message once it is
+sequenced in Kalandra, so a test can kill the bridge in between, deterministically.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +44,7 @@ from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
 
 from . import access, ephemeral, media, portal_access, relations, room_metadata
+from .bot_send import bot_send
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .formatting import formatted_message
@@ -48,7 +53,6 @@ from .portal_base import PortalBase
 from .portal_to_matrix import KINDS
 from .redaction_power import check_redaction
 from .relay import relay_content
-from .send_chains import mark_bot_send
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
@@ -63,6 +67,7 @@ _ATTEMPTS = 5  # for failures that may pass (a lost connection, a busy database)
 _TRANSIENT = frozenset({0, int(ErrorCode.STORAGE_ERROR), int(ErrorCode.RATE_LIMITED)})
 _TRANSIENT_ATTEMPTS = 14
 _MAX_DELAY = 15.0
+_RECORD_LAG = float(os.environ.get("KALANDRA_TEST_RECORD_LAG", "0") or 0)  # tests only
 
 UNENCRYPTED = (
     "this bridge requires encryption (bridge.encryption.require): the message was sent"
@@ -324,6 +329,8 @@ class PortalToKalandra(PortalBase):
             index = await self._mx_relay(work, body)
         else:
             raise Refused(MessageStatusReason.NO_PERMISSION, RELAY_REFUSAL)
+        if _RECORD_LAG:  # tests only (see the module's docstring)
+            await asyncio.sleep(_RECORD_LAG)
         await MessageTable(self.bridge.db).record_to_kalandra(
             self.room_id, index, mxid, work.event_id
         )
@@ -348,10 +355,7 @@ class PortalToKalandra(PortalBase):
             extra=body.extra,
             media=body.media,
         )
-        client = self.bridge.bot.client
-        assert client is not None
-        await mark_bot_send(self.bridge, self.room_id)
-        return await client.send(self.room_id, content)
+        return await bot_send(self.bridge, self.room_id, content, work.event_id)
 
     async def _mx_remove_bridged(self, work: FromMatrix) -> None:
         assert work.target is not None

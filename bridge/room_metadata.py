@@ -45,9 +45,9 @@ from kalandra_core.client.room_meta import (
 from kalandra_core.media.blob import MediaError, MediaRef
 
 from . import media
+from .bot_send import bot_send
 from .bridged_user import BridgedUser
 from .message_status import Refused
-from .send_chains import mark_bot_send
 
 if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
@@ -203,10 +203,7 @@ async def meta_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
         user = await BridgedUser.get(bridge, work.sender, work.permission)
         index = await user.send(portal.room_id, content, work.event_id)
     else:
-        client = bridge.bot.client
-        assert client is not None
-        await mark_bot_send(bridge, portal.room_id)
-        index = await client.send(portal.room_id, content)
+        index = await bot_send(bridge, portal.room_id, content, work.event_id)
     log.info("portal %s: room metadata from Matrix at log index %d", portal.hex, index)
 
 

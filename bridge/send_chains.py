@@ -5,7 +5,8 @@ first send in each (room, epoch) after a start, every chain the bridge sent on i
 is moved past the highest generation recorded for it (db/outgoing.py), once per process. Each
 encryption checks the epoch it is about to use: a start can restore a snapshot from an epoch
 before the last commit, and the first send that meets STALE_EPOCH is encrypted again in the newer
-epoch, whose chains the bridge may also have used before the crash.
+epoch, whose chains the bridge may also have used before the crash. (The bot's own messages,
+encrypted by its client core, are covered there: kalandra_core/client/send_marks.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from kalandra_core.crypto import SenderKeyError
 
-from .db import OutgoingTable, SendMark
+from .db import OutgoingTable
 
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
@@ -53,12 +54,3 @@ async def ensure_send_floors(bridge: KalandraBridge, room_id: bytes) -> None:
                 )
         _applied.add((room_id, epoch))
         return
-
-
-async def mark_bot_send(bridge: KalandraBridge, room_id: bytes) -> None:
-    """Before the bot's own client sends in the room: record the generation it will use."""
-    await ensure_send_floors(bridge, room_id)
-    room = bridge.bot.core.rooms[room_id]
-    leaf = room.keys.own_index
-    mark = SendMark(room.keys.epoch, leaf, room.keys.send_generation(leaf))
-    await OutgoingTable(bridge.db).mark(room_id, mark)

@@ -6,7 +6,8 @@ included).
 Rows: ``identity`` (member id, token, device signing key), ``claim`` (the device signing key of
 an account being made, written before the account exists: see bridge/bot.py), one ``room`` row
 per room (MLS group, sender keys, last applied log index), ``bundles`` (unused KeyPackage
-private parts) and ``outbox`` (with our merged commits that no saved room state includes yet).
+private parts), ``outbox`` (with our merged commits that no saved room state includes yet) and
+``marks`` (the generations the client's encryptions used: kalandra_core/client/send_marks.py).
 Values are sealed with the purpose ``client-<kind>``.
 """
 
@@ -100,7 +101,7 @@ class ClientStateTable:
     async def load_into(self, core: ClientCore) -> None:
         rows = await self.db.fetch(
             "SELECT kind, key, value FROM bridge_client_state"
-            " WHERE owner = $1 AND kind IN ('room', 'bundles', 'outbox')",
+            " WHERE owner = $1 AND kind IN ('room', 'bundles', 'outbox', 'marks')",
             self.owner,
         )
         for row in rows:
@@ -115,6 +116,8 @@ class ClientStateTable:
             elif kind == "outbox":
                 for state in cbor2.loads(value):
                     core.load_pending(Pending.from_state(state))
+            elif kind == "marks":
+                core.send_marks.load(value)
 
     async def write(
         self,
@@ -122,15 +125,17 @@ class ClientStateTable:
         *,
         bundles: bytes | None = None,
         outbox: bytes | None = None,
+        marks: bytes | None = None,
     ) -> None:
-        """One transaction: room states (None deletes the room), and the bundles and outbox
-        blobs when given (cbor lists, as :func:`bundles_blob` and :func:`outbox_blob` make)."""
+        """One transaction: room states (None deletes the room), and the bundles, outbox and
+        send-mark blobs when given (cbor lists, as :func:`bundles_blob`, :func:`outbox_blob` and
+        ``SendMarks.to_bytes`` make)."""
         upsert = (
             "INSERT INTO bridge_client_state (owner, kind, key, value) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value"
         )
         async with transaction(self.db) as conn:
-            for kind, blob in (("bundles", bundles), ("outbox", outbox)):
+            for kind, blob in (("bundles", bundles), ("outbox", outbox), ("marks", marks)):
                 if blob is not None:
                     await conn.execute(upsert, self.owner, kind, _NO_KEY, self._seal(kind, blob))
             for room_id, state in rooms.items():

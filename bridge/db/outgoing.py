@@ -5,8 +5,10 @@ the exact signed frame (with its request id) under the Matrix event id, and the 
 sender-key generation used for (room, epoch, leaf). A Matrix event replayed after a crash
 resends those bytes (the server answers a resend of a sequenced frame from its log), and a bot
 state restored from an older snapshot moves its send chains past the recorded generations, so
-no message key is ever used for two plaintexts. The row goes when the event is recorded
-(message.py) or recorded as failed (dedupe.py).
+no message key is ever used for two plaintexts. The bot's own messages for a Matrix event
+(bot_send.py) are recorded with their request id only (an empty frame): the bot's client keeps
+its outbox and send marks itself. The row goes when the event is recorded (message.py) or
+recorded as failed (dedupe.py).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class OutgoingTable:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def prepare(self, item: Outgoing, mark: SendMark) -> None:
+    async def prepare(self, item: Outgoing, mark: SendMark | None = None) -> None:
         async with transaction(self.db) as conn:
             await conn.execute(
                 "INSERT INTO bridge_outgoing"
@@ -64,7 +66,8 @@ class OutgoingTable:
                 item.frame,
                 now_ms(),
             )
-            await _mark(conn, item.room_id, mark)
+            if mark is not None:
+                await _mark(conn, item.room_id, mark)
 
     async def mark(self, room_id: bytes, mark: SendMark) -> None:
         """Only the high-water mark (the bot's own sends, through its client)."""

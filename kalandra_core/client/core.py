@@ -13,6 +13,9 @@ The epoch rules of DESIGN section 3, as this core keeps them:
    and kept in the saved outbox after it is merged until a saved room state includes it
    (``merged``): a room state saved before the commit, restored after a crash, merges it too.
 6. Welcomes of a commit go out only after that commit is in the log.
+7. A message key is used once: every encryption (the first, and each re-encryption after a
+   StaleEpoch or a restart) goes past and records the send mark of its epoch, and the message
+   goes out once the marks are saved (``send_marks.py``).
 
 Room frames are applied strictly in log order: a frame that arrives early (QUIC delivers server
 frames on independent streams) waits, and a gap triggers a sync.
@@ -66,6 +69,7 @@ from . import events as ev
 from . import pacing, room_meta
 from .content import Content
 from .room import NOT_COMMITS, ClientRoom, Pending
+from .send_marks import SendMarks
 from .window import DEFAULT_BYTES, DEFAULT_FRAMES, SendWindow
 
 MAX_ATTEMPTS = 3
@@ -106,6 +110,9 @@ class ClientCore:
         # With a state store: a commit goes out only once its build is saved (the driver
         # clears ``Pending.unsaved``). Without one there is nothing to wait for.
         self.write_ahead = False
+        # The generations our encryptions used (send_marks.py): saved with the outbox, and
+        # saved before a message goes out (the write-ahead covers messages too).
+        self.send_marks = SendMarks()
         self.server_key: bytes | None = None
         self.session_id: int | None = None
         # Welcomes for rooms we still think we are in (we may have been removed meanwhile).
@@ -250,9 +257,13 @@ class ClientCore:
             out.append(bundle.key_package)
         return out
 
-    def send_message(self, room_id: bytes, content: Content) -> tuple[int, bytes]:
+    def send_message(
+        self, room_id: bytes, content: Content, *, request_id: int | None = None
+    ) -> tuple[int, bytes]:
+        """``request_id``: one the caller reserved (``_request_id``) and recorded, so that a
+        resend after a crash is recognised by the server as the same request."""
         room = self._room(room_id)
-        rid = self._request_id()
+        rid = self._request_id() if request_id is None else request_id
         pending = Pending(rid, room_id, "message", plaintext=content.encode())
         self.outbox[rid] = pending
         room.updates.message_sent()
@@ -279,11 +290,12 @@ class ClientCore:
 
     def _encrypt(self, room: ClientRoom, pending: Pending) -> bytes:
         assert pending.plaintext is not None
-        envelope = room.keys.encrypt(pending.plaintext)
+        envelope = self.send_marks.encrypt(room.room_id, room.keys, pending.plaintext)
         pending.epoch = room.epoch
         pending.frame = self._frame(
             Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id
         )[1]
+        pending.unsaved = self.write_ahead  # out once its send mark is saved
         return pending.frame
 
     def add_members(self, room_id: bytes, key_packages: list[bytes]) -> tuple[int, bytes]:
@@ -391,6 +403,18 @@ class ClientCore:
 
     def _ordered(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
         index = frame.header.context_id
+        h = frame.header
+        if index <= room.last_seen and h.sender_id == self.member_id and room.active:
+            # The server's answer to a resend of a request it had sequenced (a message resent
+            # after a restart under its recorded request id): the stored frame, applied already.
+            pending = self.outbox.get(h.request_id)
+            if (
+                pending is not None
+                and pending.kind == "message"
+                and pending.room_id == room.room_id
+            ):
+                self._answered(self.outbox.pop(h.request_id))
+                return [ev.Acked(h.request_id, room.room_id, index)]
         if index <= room.last_seen or not room.active:
             return []  # already applied (a duplicate, or an echo we synced first)
         if not room.anchored or index != room.last_seen + 1:

@@ -399,8 +399,9 @@ class Client:
             self._idle.clear()
 
     def _write_ahead(self) -> None:
-        """Save the commits of ours that wait to be (their pending MLS state, with the outbox),
-        then let them go out: a commit the server may have taken is always in saved state."""
+        """Save the commits of ours that wait to be (their pending MLS state, with the outbox)
+        and the send marks of our messages, then let them go out: a commit the server may have
+        taken is always in saved state, and a message key used once is never used again."""
         if self.state is None or self._saving is not None or self._closing:
             return
         builds = {p.request_id: p.frame for p in self.core.outbox.values() if p.unsaved}
@@ -524,8 +525,18 @@ class Client:
     async def send_text(self, room_id: bytes, text: str) -> int:
         return await self.send(room_id, Content(body=text))
 
-    async def send(self, room_id: bytes, content: Content) -> int:
-        rid, data = self.core.send_message(room_id, content)
+    async def send(
+        self, room_id: bytes, content: Content, *, request_id: int | None = None
+    ) -> int:
+        """Send a message; returns its log index. ``request_id``: one reserved with
+        ``core._request_id()`` and recorded by the caller before this call; sent again after a
+        crash, the server answers with the message it sequenced under it, if any (at most one
+        message per request id), and a request of the restored outbox is awaited, not doubled.
+        """
+        pending = self.core.outbox.get(request_id) if request_id is not None else None
+        if pending is not None and pending.kind == "message" and pending.room_id == room_id:
+            return int(await self._await(pending.request_id, pending.frame or b""))
+        rid, data = self.core.send_message(room_id, content, request_id=request_id)
         # A self-update due after this message goes out behind it (post-compromise security).
         return int(await self._await(rid, data, then=self.maintain))
 

@@ -5,7 +5,8 @@ window (``window.py``) admits. Per room the order of the queue holds: nothing is
 frame that still waits (for the window, a catch-up, the end of a RATE_LIMITED pause), nor past
 a commit of ours in flight (it will move the epoch: what follows is encrypted once it is
 merged), nor on a newer epoch than a frame in flight (that one will come back StaleEpoch and
-go out again, behind), nor a commit of ours not saved yet (write-ahead), nor past any frame in
+go out again, behind), nor a frame of ours not saved yet (write-ahead: a commit, or a
+message whose send mark is not saved yet), nor past any frame in
 flight while the window restarts after a pause (so a refusal cannot let a later frame of the
 room overtake the refused one). A message
 encrypted on an epoch the room has left is re-encrypted first: a frame never goes out on
@@ -68,6 +69,9 @@ def transmit(core: ClientCore) -> list[ev.Event]:
             frame = core._welcome_frame(room, pending)
         elif pending.kind == "message" and (frame is None or pending.epoch != room.epoch):
             frame = core._encrypt(room, pending)
+            if core.write_ahead:  # its send mark is saved first (``unsaved``: write-ahead)
+                blocked.add(room_id)
+                continue
         if frame is None:  # (not rebuilt yet: a catch-up will)
             blocked.add(room_id)
             continue

@@ -46,7 +46,8 @@ class Pending:
     # Commits the log showed and we merged (-1: not yet): their log index. They stay in the
     # saved outbox until a saved room state includes them (ClientCore.merged).
     log_index: int = -1
-    # Commits: this build is not saved yet, so it must not go out (write-ahead; not persisted).
+    # This build (a commit, or a message's send mark) is not saved yet, so it must not go out
+    # (write-ahead; not persisted).
     unsaved: bool = False
     # Pacing (not persisted): the size of the copy in flight on this connection (0: none), and
     # the clock time of the last transmission (None: never transmitted since it was queued).

@@ -1,7 +1,8 @@
 """The client's local state: one SQLite file, every secret sealed under a local key.
 
 Identity (member id, device signing key, token, server), each room (MLS group, sender keys,
-last applied log index), unused KeyPackage bundles and the outbox. The sealing key lives in a
+last applied log index), unused KeyPackage bundles, the outbox and the send marks
+(send_marks.py). The sealing key lives in a
 separate file (mode 0600) beside the database, so a copied database alone reveals nothing.
 """
 
@@ -28,6 +29,7 @@ CREATE TABLE IF NOT EXISTS identity (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS rooms (room_id BLOB PRIMARY KEY, state BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS bundles (ref BLOB PRIMARY KEY, bundle BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (request_id INTEGER PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS send_marks (id INTEGER PRIMARY KEY, state BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
     room_id BLOB NOT NULL, log_index INTEGER NOT NULL, sender_id INTEGER NOT NULL,
     timestamp_ms INTEGER NOT NULL, content BLOB NOT NULL, PRIMARY KEY (room_id, log_index)
@@ -103,9 +105,12 @@ class ClientState:
         for (blob,) in self._db.execute("SELECT state FROM outbox"):
             pending = Pending.from_state(cbor2.loads(sealed.unseal(self._key, "outbox", blob)))
             core.load_pending(pending)
+        for (blob,) in self._db.execute("SELECT state FROM send_marks"):
+            core.send_marks.load(sealed.unseal(self._key, "send-marks", blob))
 
     def save(self, core: ClientCore, rooms: Iterable[bytes | None]) -> None:
-        """Persist the given rooms (None: bundles) and the whole outbox, in one transaction."""
+        """Persist the given rooms (None: bundles), the whole outbox and the send marks, in one
+        transaction."""
         db = self._db
         db.execute("BEGIN")
         try:
@@ -137,6 +142,10 @@ class ClientState:
                     (rid, sealed.seal(self._key, "outbox", cbor2.dumps(p.to_state())))
                     for rid, p in [*core.outbox.items(), *core.merged.items()]
                 ],
+            )
+            db.execute(
+                "INSERT OR REPLACE INTO send_marks (id, state) VALUES (0, ?)",
+                (sealed.seal(self._key, "send-marks", core.send_marks.to_bytes()),),
             )
             db.execute("COMMIT")
         except BaseException:
