@@ -111,6 +111,9 @@ class MatrixHandler(BaseMatrixHandler):
         management rooms) is mautrix's."""
         portal = Portal.by_mxid(evt.room_id)
         sender = evt.sender
+        if not isinstance(evt.content.get("body"), str):
+            # Redacted before Synapse sent it (a replayed transaction): nothing left to bridge.
+            return
         if portal is not None and not was_encrypted and self.require_portal_e2ee:
             if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
                 return
