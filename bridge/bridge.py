@@ -145,6 +145,10 @@ class KalandraBridge(Bridge):
         watch = catch_up.watch(self, self.gate.catch_up)
         self._catch_up = asyncio.create_task(watch, name="catch-up")
         e2ee.refresh_device_lists(self)  # device changes while the bridge was down
+        try:
+            await e2ee.resume_key_waits(self)  # room keys still missing before the restart
+        except Exception as exc:  # the bridge runs on; those messages stay failed
+            self.log.warning("waits for room keys not resumed (%s)", type(exc).__name__)
         # Portals whose Matrix room was not finished before a stop (found by alias or made).
         for portal in list(Portal.by_room.values()):
             if portal.mxid is None:
