@@ -25,7 +25,7 @@ from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
 from kalandra_core.storage.urls import sqlalchemy_url
 
-from . import __version__, as_auth, diagnostics, e2ee, health, metrics, permissions
+from . import __version__, as_auth, catch_up, diagnostics, e2ee, health, metrics, permissions
 from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -55,6 +55,8 @@ class KalandraBridge(Bridge):
     bot: KalandraBot
     matrix_ready: asyncio.Event  # set once the homeserver connection is checked
     _reloads: set[asyncio.Task[None]]  # SIGHUP reloads running (kept referenced)
+    gate: TransactionGate
+    _catch_up: asyncio.Task[None] | None = None  # catch_up.watch
     e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]
 
@@ -116,7 +118,8 @@ class KalandraBridge(Bridge):
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
         self.matrix_ready = asyncio.Event()
         self._reloads = set()
-        TransactionGate(self).install()  # acknowledge transactions only when done
+        self.gate = TransactionGate(self)
+        self.gate.install()  # acknowledge transactions only when done
         metrics.install(self)  # after the gate: counts what Synapse is answered
         health.install(self)
         as_auth.install(self)  # outermost: the token before anything reads a body
@@ -138,7 +141,14 @@ class KalandraBridge(Bridge):
         await super().start()
         await e2ee.self_sign(self)
         self.matrix_ready.set()
+        # What Matrix users sent while the bridge was down: now, and after every outage.
+        watch = catch_up.watch(self, self.gate.catch_up)
+        self._catch_up = asyncio.create_task(watch, name="catch-up")
         e2ee.refresh_device_lists(self)  # device changes while the bridge was down
+        try:
+            await e2ee.resume_key_waits(self)  # room keys still missing before the restart
+        except Exception as exc:  # the bridge runs on; those messages stay failed
+            self.log.warning("waits for room keys not resumed (%s)", type(exc).__name__)
         # Portals whose Matrix room was not finished before a stop (found by alias or made).
         for portal in list(Portal.by_room.values()):
             if portal.mxid is None:
@@ -166,6 +176,8 @@ class KalandraBridge(Bridge):
             sys.exit(13)
 
     async def stop(self) -> None:
+        if self._catch_up is not None:
+            self._catch_up.cancel()
         await self._stop_bot()
         await e2ee.stop()
         await super().stop()

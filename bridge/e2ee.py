@@ -20,7 +20,10 @@ to-device events and drops new transactions that hold no room events, so a room 
 bot's device then is lost for good. The bridge therefore asks the sending device for the key
 (again, with backoff, since an answer can be dropped the same way), answers the transaction
 with a status event and a notice, and bridges the message once if the key comes
-(``LATE_KEY_WAIT``, while the process runs), in the order of the portal's events.
+(``LATE_KEY_WAIT``), in the order of the portal's events; its failure reports are then
+withdrawn (message_status.py). The wait outlives a restart: an event failed this way is recorded
+so in the database, and at start-up the bridge fetches it again from its room and resumes
+asking for its key (:func:`resume_key_waits`, for events failed within ``KEPT_WAITS``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mautrix.types import (
     EventID,
     EventType,
     MessageEvent,
+    MessageStatusReason,
     RoomEncryptionStateEventContent,
     RoomID,
     Serializable,
@@ -68,6 +72,7 @@ KEY_WAIT = 1  # for a room key being stored (mautrix handles to-device events fi
 LATE_KEY_WAIT = 600.0  # for a key that comes after the event failed: it is bridged then
 REFRESH_WAIT = 10.0  # at most, for the device lists at startup before encrypting
 KEY_REQUEST_RETRIES = (5.0, 15.0, 45.0, 120.0, 300.0)  # seconds before asking again
+KEPT_WAITS = 86400.0  # seconds after its failure a key is still waited for at start-up
 
 UNDECRYPTABLE = (
     "the bridge could not decrypt it: it never received the message's room key from the"
@@ -374,7 +379,57 @@ async def _bridge_late(bridge: KalandraBridge, room_id: RoomID) -> None:
                 event_id,
             )
             log.info("room key of event %s arrived late: bridging it now", event_id)
+            portal.mx_status.late.add(event_id)  # its failure reports are withdrawn
             await _hand_on(bridge, portal, decrypted)
+
+
+async def resume_key_waits(bridge: KalandraBridge) -> None:
+    """At start-up: the events of encrypted portals that failed for a missing room key
+    (recorded so, within ``KEPT_WAITS``) are waited for again, oldest first (see the module)."""
+    from .db.util import now_ms
+    from .portal import Portal
+
+    e2ee = manager(bridge)
+    if e2ee is None:
+        return
+    rows = await bridge.db.fetch(
+        "SELECT event_id FROM bridge_matrix_events WHERE failure = $1 AND processed_at > $2"
+        " ORDER BY processed_at LIMIT 500",
+        MessageStatusReason.UNDECRYPTABLE.value,
+        now_ms() - int(KEPT_WAITS * 1000),
+    )
+    if not rows:
+        return
+    rooms = [
+        portal.row.mxid
+        for portal in list(Portal.by_room.values())
+        if portal.row.mxid is not None and await room_is_encrypted(bridge, portal.row.mxid)
+    ]
+    resumed = 0
+    for row in rows:
+        evt = await _fetch_encrypted(bridge, rooms, EventID(row["event_id"]))
+        if evt is None:
+            continue  # not a missing key (another failure), or its room is gone
+        failed = asyncio.get_running_loop().create_future()
+        failed.set_result(None)  # recorded before the restart
+        _late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
+        resumed += 1
+        if evt.content.session_id not in _requested:
+            _requested.add(evt.content.session_id)
+            _spawn(_request_key(bridge, evt), f"key-request-{evt.event_id}")
+    log.info("waiting again for the room keys of %d failed events", resumed)
+
+
+async def _fetch_encrypted(
+    bridge: KalandraBridge, rooms: list[RoomID], event_id: EventID
+) -> EncryptedEvent | None:
+    for room in rooms:
+        try:
+            evt = await bridge.az.intent.get_event(room, event_id)
+        except MatrixError:
+            continue  # in another portal
+        return evt if isinstance(evt, EncryptedEvent) else None
+    return None
 
 
 _tasks: set[asyncio.Task[None]] = set()

@@ -28,6 +28,7 @@ from mautrix.types import (
 
 from . import e2ee, room_metadata
 from .commands import REFUSAL, KalandraCommandProcessor
+from .db import DedupeTable
 from .ephemeral import MatrixEphemeral
 from .portal import Portal
 from .portal_to_kalandra import UNENCRYPTED, FromMatrix, release_slot
@@ -112,6 +113,9 @@ class MatrixHandler(BaseMatrixHandler):
         management rooms) is mautrix's."""
         portal = Portal.by_mxid(evt.room_id)
         sender = evt.sender
+        if not isinstance(evt.content.get("body"), str):
+            # Redacted before Synapse sent it (a replayed transaction): nothing left to bridge.
+            return
         if portal is not None and not was_encrypted and self.require_portal_e2ee:
             if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
                 return
@@ -120,6 +124,10 @@ class MatrixHandler(BaseMatrixHandler):
             return
         if portal is None or self.is_command(evt.content)[0]:
             release_slot()  # a command may take long: the transaction does not wait for it
+            if portal is not None and not await DedupeTable(self.bridge.db).claim_event(
+                evt.event_id
+            ):
+                return  # answered before (a replay, or caught up again): once or never
             await super().handle_message(evt, was_encrypted)
             return
         if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):

@@ -5,10 +5,15 @@ be bridged (``bridge.message_status_events``) and, if asked, for every bridged o
 (``bridge.delivery_error_reports``).
 
 Successes are sent by a background task of the portal (they must not slow its queue down; one
-lost in a crash is harmless). Failures are sent before the event is recorded as failed, with
-transaction ids derived from the event id, so a replay repeats rather than duplicates them.
-In encrypted portals both are encrypted by the bot's device (mautrix's appservice intent sends
-what it is given as it is).
+lost in a crash is harmless). A message reported failed and bridged later (its room key came
+late: e2ee.py) is corrected: the bot's failure reports about it (the notice refers to the event
+with an ``m.reference``, kept in clear when encrypted, so they are found by its relations after a
+restart too) are redacted, and a success status follows whatever ``message_status_success``
+says, so the last status of each event is its outcome.
+
+Failures are sent before the event is recorded as failed, with transaction ids derived from the
+event id, so a replay repeats rather than duplicates them. In encrypted portals both are
+encrypted by the bot's device (mautrix's appservice intent sends what it is given as it is).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, cast
 
+from mautrix.api import Method, Path
 from mautrix.types import (
     BeeperMessageStatusEventContent,
     EventContent,
@@ -54,7 +60,8 @@ class StatusSender:
     def __init__(self, bridge: KalandraBridge, label: str) -> None:
         self.bridge = bridge
         self.label = label
-        self._successes: asyncio.Queue[tuple[RoomID, EventID]] = asyncio.Queue()
+        self._successes: asyncio.Queue[tuple[RoomID, EventID, bool]] = asyncio.Queue()
+        self.late: set[EventID] = set()  # reported failed, being bridged late (e2ee.py)
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -76,14 +83,19 @@ class StatusSender:
 
     def success(self, room: RoomID, event_id: EventID) -> None:
         metrics.bridged_to_kalandra(event_id)
-        if self.success_enabled:
-            self._successes.put_nowait((room, event_id))
+        corrected = event_id in self.late
+        self.late.discard(event_id)
+        if self.success_enabled or corrected:
+            self._successes.put_nowait((room, event_id, corrected))
 
     async def _run(self) -> None:
         while True:
-            room, event_id = await self._successes.get()
+            room, event_id, corrected = await self._successes.get()
             try:
-                await self._status(room, event_id, MessageStatus.SUCCESS)
+                if corrected:
+                    await self._withdraw_failure(room, event_id)
+                if self.enabled:
+                    await self._status(room, event_id, MessageStatus.SUCCESS)
             except Exception as exc:
                 log.debug(
                     "portal %s: success status not sent (%s)", self.label, type(exc).__name__
@@ -102,6 +114,7 @@ class StatusSender:
                     notice = TextMessageEventContent(
                         msgtype=MessageType.NOTICE,
                         body=f"Not bridged to Kalandra: {refusal.text}",
+                        relates_to=RelatesTo(rel_type=RelationType.REFERENCE, event_id=event_id),
                     )
                     await self._send(
                         room, EventType.ROOM_MESSAGE, notice, f"kalandra-fail-{event_id}"
@@ -112,6 +125,19 @@ class StatusSender:
                     "portal %s: failure report not sent (%s)", self.label, type(exc).__name__
                 )
                 await asyncio.sleep(0.5 * (attempt + 1))
+
+    async def _withdraw_failure(self, room: RoomID, event_id: EventID) -> None:
+        """Redact the bot's failure notice and status events about ``event_id``."""
+        bot = self.bridge.az.bot_mxid
+        path = Path.v1.rooms[room].relations[event_id]
+        query = {"limit": "50"}
+        answer = await self.bridge.az.intent.api.request(Method.GET, path, query_params=query)
+        for related in answer.get("chunk", []):
+            if related.get("sender") != bot or related.get("unsigned", {}).get("redacted_because"):
+                continue
+            await self.bridge.az.intent.redact(
+                room, related["event_id"], reason="bridged after all"
+            )
 
     async def _status(
         self,

@@ -22,6 +22,7 @@ not wait for them (a long command must not hold back the room's events).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kalandra.bridge.transactions")
 _EMPTY = JSON({})
+_FIRST_CATCH_UP = 60.0  # seconds a transaction waits at most for the start-up catch-up
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,6 +69,10 @@ class TransactionGate:
         # Events of a transaction still in progress when Synapse sent it again.
         self._in_flight: dict[EventID, EventSlot] = {}
         self._order: TxnOrder | None = None  # from the database at the first transaction
+        # Events are given their places in portal queues one batch at a time (a transaction's,
+        # or a catch-up's), and the first catch-up's before any transaction's: older first.
+        self._dispatch = asyncio.Lock()
+        self._started = asyncio.Event()
 
     def install(self) -> None:
         self.az.handle_transaction = self.handle_transaction  # type: ignore[method-assign]
@@ -113,12 +119,13 @@ class TransactionGate:
                 )
                 txn.failed = True
                 return _EMPTY
-            if catch_up.due(txn_id):  # Synapse may have restarted: messages it lost first
-                portals = list(Portal.by_room.values())
-                await catch_up.catch_up(
-                    self.bridge, portals, self._in_flight.__contains__, self.handle_matrix_event
-                )
-            output = await self._handle_transaction(txn_id, **kwargs)
+            with contextlib.suppress(TimeoutError):  # never held for good by a slow start
+                async with asyncio.timeout(_FIRST_CATCH_UP):
+                    await self._started.wait()
+            async with self._dispatch:
+                if catch_up.due(txn_id):  # Synapse may have restarted: events it lost first
+                    await self._catch_up()
+                output = await self._handle_transaction(txn_id, **kwargs)
             if txn.slots:
                 # asyncio.wait, not gather: giving up (Synapse hung up) must not cancel them.
                 await asyncio.wait([slot.done for slot in txn.slots])
@@ -132,6 +139,23 @@ class TransactionGate:
             log.warning("transaction %s not acknowledged (%s)", txn_id, type(exc).__name__)
             txn.failed = True
             return _EMPTY
+
+    async def catch_up(self) -> None:
+        """Queue every portal's events Synapse did not send (catch_up.py), outside any
+        transaction: nothing waits for them here, each is done once in its place."""
+        token = _CURRENT.set(_Transaction())
+        try:
+            async with self._dispatch:
+                await self._catch_up()
+        finally:
+            _CURRENT.reset(token)
+            self._started.set()
+
+    async def _catch_up(self) -> None:
+        portals = list(Portal.by_room.values())
+        await catch_up.catch_up(
+            self.bridge, portals, self._in_flight.__contains__, self.handle_matrix_event
+        )
 
     async def handle_matrix_event(self, event: Event, ephemeral: bool = False) -> None:
         txn = _CURRENT.get()

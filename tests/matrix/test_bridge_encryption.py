@@ -322,3 +322,71 @@ async def test_bridging_an_existing_encrypted_room(stack: BridgeStack) -> None:
         await receive(native, got, 1, room_id)
         assert [m.content.body for m in got] == ["out of the encrypted room"]
     await native.close()
+
+
+def reports_about(history: list[Any], event_id: str) -> tuple[list[str], list[str], int]:
+    """The bot's statuses (in order) and notices about ``event_id`` still shown, and how many
+    of the bot's events were redacted."""
+    statuses, notices, redacted = [], [], 0
+    for event in history:
+        if event.sender != BOT:
+            continue
+        if "redacted_because" in event.source.get("unsigned", {}):
+            redacted += 1
+            continue
+        content = event.source.get("content", {})
+        if content.get("m.relates_to", {}).get("event_id") != event_id:
+            continue
+        if event.source.get("type") == "com.beeper.message_send_status":
+            statuses.append(content["status"])
+        elif str(content.get("body")).startswith("Not bridged"):
+            notices.append(content["body"])
+    return statuses, notices, redacted
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_key_that_comes_after_a_restart_bridges_its_message_and_withdraws_the_failure(
+    stack: BridgeStack,
+) -> None:
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "keys after a restart")
+        room_id = bytes.fromhex(room_hex)
+        await stack.stop_bridge()
+        async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
+            requests = answer_key_requests(phone, answering=lambda: False)
+            await sync_until(phone, lambda: portal in phone.rooms, "the portal")
+            lost = await say(phone, portal, "its key comes after a restart")
+            await phone.sync(timeout=0)
+            notices = bot_notices(phone, portal)
+            async with syncing(phone):
+                await stack.restart()
+                async with asyncio.timeout(WITHIN):
+                    while not notices or not requests:  # noqa: ASYNC110
+                        await asyncio.sleep(0.5)
+                # A further restart: the bridge still waits for the key, and asks again.
+                await stack.stop_bridge()
+                asked = len(requests)
+                await stack.restart()
+                async with asyncio.timeout(WITHIN):
+                    while len(requests) == asked:  # noqa: ASYNC110
+                        await asyncio.sleep(0.5)
+                await forward_key(phone, requests[-1])
+                got: list[Message] = []
+                await receive(native, got, 1, room_id)
+                await say(phone, portal, "next")
+                await receive(native, got, 2, room_id)
+            assert [m.content.body for m in got] == ["its key comes after a restart", "next"]
+            # Element stops showing it failed: the failure reports are withdrawn, and the last
+            # status says it was delivered.
+            async with asyncio.timeout(WITHIN):
+                while True:
+                    history = await room_history(phone, portal)
+                    statuses, shown, redacted = reports_about(history, lost)
+                    if statuses and statuses[-1] == "SUCCESS":
+                        break
+                    await asyncio.sleep(0.5)
+            assert statuses == ["SUCCESS"], statuses
+            assert shown == [], shown
+            assert redacted == 2  # the failure notice and the failure status
+    await native.close()
