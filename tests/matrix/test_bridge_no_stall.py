@@ -238,6 +238,22 @@ async def test_a_banned_ghosts_message_is_set_aside_and_the_next_message_follows
         assert ghost_of(member) in notices[0], notices
         assert f"log index {refused_index}" in notices[0], notices
         assert "M_FORBIDDEN" in notices[0], notices
+
+        # Recorded: after a kill -9 the bridge neither tries it again nor forgets it.
+        aside = f"(log index {refused_index}) set aside"
+        assert stack.log.read_text(errors="replace").count(aside) == 1
+        await stack.kill9()
+        await stack.restart()
+        await owner.send_text(kalandra_room, "after the restart")
+
+        async def after_restart() -> bool:
+            texts = await ghost_texts(alice, room, ghost_of(owner))
+            return [t.body for t in texts] == ["after the ban", "after the restart"]
+
+        await wait_until(after_restart, "the owner's message after the restart", WITHIN)
+        again = [n for n in await bot_notices(alice, room) if "could not be bridged" in n]
+        assert again == notices
+        assert stack.log.read_text(errors="replace").count(aside) == 1
     for client in (owner, member):
         await client.close()
 
