@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from . import health
+
 if TYPE_CHECKING:
     from .bridge import KalandraBridge
 
@@ -69,6 +71,9 @@ def install(bridge: KalandraBridge) -> None:
             return await refuse(request, 403, "M_FORBIDDEN", "invalid homeserver token")
         length = request.content_length
         if length is not None and length > max_body:
+            if "/transactions/" in request.path:  # Synapse will send it again: say so loudly
+                txn_id = request.path.rpartition("/")[2]
+                health.TRANSACTIONS.refuse(txn_id, f"{length} bytes, over max_body_size")
             return await refuse(request, 413, "M_TOO_LARGE", f"body over {max_body // _MIB} MiB")
         return await handler(request)  # aiohttp's client_max_size bounds a chunked body
 

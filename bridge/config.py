@@ -50,6 +50,8 @@ yaml.representer.add_representer(
 )
 PERMISSION_LEVELS: Final = ("none", "relay", "user", "admin")  # each includes the ones before
 
+OLD_MAX_BODY_SIZE: Final = 1  # MiB: appservice.max_body_size's default before 32 (see do_update)
+
 # Options whose value is a map the user owns (keys are not the example's): copied whole.
 _USER_MAPS: Final = ("bridge.permissions", "logging", "bridge.relay.message_formats")
 
@@ -247,8 +249,14 @@ class Config(BaseBridgeConfig):
     def do_update(self, helper: ConfigUpdateHelper) -> None:
         # Not super().do_update(): mautrix copies options we do not document (manhole, asmux,
         # appservice.database); OPTIONS is the complete list of ours.
+        max_body_size = helper.base["appservice.max_body_size"]  # the example's
         for option in OPTIONS:
             _copy(helper, option)
+        if helper.source.get("appservice.max_body_size", None) == OLD_MAX_BODY_SIZE:
+            # The old default refused what one Synapse transaction can carry (100 events of
+            # 64 KiB, plus to-device and ephemeral data), and Synapse resends a refused one
+            # forever: a config that kept it gets the example's new default.
+            helper.base["appservice.max_body_size"] = max_body_size
         _copy_map(helper, "bridge.permissions")
         helper.copy_dict("bridge.relay.message_formats", override_existing_map=False)
         helper.copy("logging")

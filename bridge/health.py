@@ -4,10 +4,18 @@ mautrix's probe says ready once its own start-up is over, and stays so during a 
 also needs the embedded Kalandra server running, the bot's Kalandra client up and the
 homeserver connection checked (portals send to Matrix only then); otherwise 503, naming what
 is missing. ``/_matrix/mau/live`` stays mautrix's.
+
+A transaction the bridge refuses (too large, or not processed) is sent again by Synapse, and
+nothing after it reaches the bridge until one is accepted: from the refusal until a later
+transaction is acknowledged the probe answers 503 with ``transactions`` among what it waits for
+and the refused transaction's id and reason, and the refusal is logged at error level, once per
+transaction id (no content).
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -17,6 +25,39 @@ if TYPE_CHECKING:
     from .transactions import Handler
 
 READY_PATH = "/_matrix/mau/ready"
+log = logging.getLogger("kalandra.bridge.health")
+_LOGGED_LIMIT = 1000  # refused transaction ids remembered for "once per id"
+
+
+class Transactions:
+    """The last refused appservice transaction, until one is acknowledged after it."""
+
+    def __init__(self) -> None:
+        self.refused: tuple[str, str] | None = None  # (transaction id, reason)
+        self._logged: OrderedDict[str, None] = OrderedDict()
+
+    def refuse(self, txn_id: str, reason: str) -> None:
+        self.refused = (txn_id, reason)
+        if txn_id in self._logged:
+            return
+        self._logged[txn_id] = None
+        while len(self._logged) > _LOGGED_LIMIT:
+            self._logged.popitem(last=False)
+        log.error(
+            "appservice transaction %s refused (%s): the homeserver will send it again, and"
+            " nothing after it is bridged until it is accepted",
+            txn_id,
+            reason,
+        )
+
+    def acknowledged(self, txn_id: str) -> None:
+        if self.refused is not None:
+            log.info("appservice transaction %s accepted: transactions flow again", txn_id)
+        self.refused = None
+        self._logged.pop(txn_id, None)
+
+
+TRANSACTIONS = Transactions()  # one appservice per process
 
 
 def not_ready(bridge: KalandraBridge) -> list[str]:
@@ -38,8 +79,14 @@ def install(bridge: KalandraBridge) -> None:
         if request.path != READY_PATH or request.method != "GET":
             return await handler(request)
         missing = not_ready(bridge)
+        if TRANSACTIONS.refused is not None:  # (provisioning still works meanwhile)
+            missing.append("transactions")
         if missing:
-            return web.json_response({"ready": False, "waiting_for": missing}, status=503)
+            body: dict[str, object] = {"ready": False, "waiting_for": missing}
+            if TRANSACTIONS.refused is not None:
+                txn_id, reason = TRANSACTIONS.refused
+                body["refused_transaction"] = {"id": txn_id, "reason": reason}
+            return web.json_response(body, status=503)
         return web.json_response({"ready": True})
 
     bridge.az.app.middlewares.append(readiness)

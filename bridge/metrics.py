@@ -56,6 +56,11 @@ FAILURES = Counter(
     "Failed sends, by direction and reason",
     ["direction", "reason"],
 )
+SET_ASIDE = Counter(
+    "kalandra_bridge_set_aside",
+    "Items the homeserver refused for good, set aside with a notice, by direction and errcode",
+    ["direction", "reason"],
+)
 TRANSACTIONS = Counter(
     "kalandra_bridge_appservice_transactions",
     "Appservice transactions from the homeserver, by the HTTP status answered",
@@ -107,6 +112,11 @@ def failed_to_matrix(exc: BaseException) -> None:
     """A send to Matrix failed (it is retried in place)."""
     errcode = getattr(exc, "errcode", None)
     FAILURES.labels(TO_MATRIX, errcode if isinstance(errcode, str) else type(exc).__name__).inc()
+
+
+def set_aside_to_matrix(reason: str) -> None:
+    """A Kalandra item the homeserver refused for good (set_aside.py)."""
+    SET_ASIDE.labels(TO_MATRIX, reason).inc()
 
 
 def epoch_changed() -> None:

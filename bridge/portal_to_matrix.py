@@ -7,8 +7,10 @@ index>`` (Synapse answers a repeat with the first event), records (room, log ind
 and advances ``last_log_index`` in one transaction, and only then counts the message as done
 (which lets the bot's room state be saved past it, see bot_state.py). After a restart the client
 resyncs from its saved state and the portal skips what ``last_log_index`` says is bridged. A
-failed send is retried, in place, so the order holds. Entries that are not messages advance
-``last_log_index`` the same way, once mirrored.
+failed send is retried, in place, so the order holds, unless the homeserver refuses it for good:
+then the item is set aside with a notice and the queue goes on (set_aside.py, which also says
+how oversized text is split). Entries that are not messages advance ``last_log_index`` the same
+way, once mirrored.
 
 Recording is pipelined with sending (Synapse is the slow side; a durable commit per message
 would otherwise add its fsync to every send): the sender hands (message, event id) to a
@@ -22,7 +24,8 @@ Synapse keeps the transaction ids of appservice users (no device) in memory only
 answer was lost when Synapse crashed may have made the event, and the same transaction id would
 make a second one once Synapse is back. So each message carries its log index
 (``org.kalandra.log_index``), and before sending again after a failed attempt the portal looks
-for it among the ghost's latest events in the room.
+for it among the ghost's latest events in the room; a split message looks for the parts it
+sent before every time (a crash in the middle of one is the case to cover).
 """
 
 from __future__ import annotations
@@ -35,12 +38,13 @@ from typing import TYPE_CHECKING
 from mautrix.api import Method, Path
 from mautrix.appservice import IntentAPI
 from mautrix.client import ClientAPI
-from mautrix.errors import MatrixConnectionError
+from mautrix.errors import MatrixConnectionError, MForbidden
 from mautrix.types import (
     JSON,
     EventID,
     EventType,
     Format,
+    Membership,
     MessageType,
     RoomID,
     TextMessageEventContent,
@@ -62,6 +66,7 @@ from . import (
     portal_access,
     relations,
     room_metadata,
+    set_aside,
 )
 from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
@@ -79,6 +84,7 @@ _RETRY_MAX = 30.0
 _PIPELINE = 32  # messages sent to Matrix but not yet recorded, at most
 LOG_INDEX_KEY = "org.kalandra.log_index"  # in each bridged message's content
 _LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_before)
+_PART_LIMIT = set_aside.PART_LIMIT
 
 # What the bot routes to a portal, in log order (RosterCheck: a point of the queue, no entry;
 # Typing: ephemeral, never logged).
@@ -119,8 +125,11 @@ class PortalToMatrix(PortalMembers):
         super().__init__(bridge, row)
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        # (message, its Matrix event id, or None: nothing to record, only count it done)
-        self._records: asyncio.Queue[tuple[Message, EventID | None]] = asyncio.Queue(_PIPELINE)
+        # (message, its Matrix event id, or None: nothing to record, only count it done;
+        # delivered: False for a message set aside, whose event id is the notice's)
+        self._records: asyncio.Queue[tuple[Message, EventID | None, bool]] = asyncio.Queue(
+            _PIPELINE
+        )
         self._recorder: asyncio.Task[None] | None = None
         self._ghosts_in_room: set[UserID] = set()  # joined by this process (see _to_matrix)
         self._unsure: int | None = None  # log index of a send that failed: made or not?
@@ -158,7 +167,7 @@ class PortalToMatrix(PortalMembers):
             item = await self.queue.get()
             if not isinstance(item, Message):
                 await self._records.join()  # what came before it is recorded first
-            delay = 0.5
+            delay, refused = 0.5, 0
             while True:
                 try:
                     if isinstance(item, Message):
@@ -170,6 +179,11 @@ class PortalToMatrix(PortalMembers):
                     raise
                 except Exception as exc:
                     metrics.failed_to_matrix(exc)
+                    reason = set_aside.permanent_reason(exc)
+                    refused = refused + 1 if reason is not None else 0
+                    if reason is not None and refused >= set_aside.PERMANENT_ATTEMPTS:
+                        await self._set_aside(item, reason)
+                        break
                     log.warning(
                         "portal %s: %s (log index %d) not bridged yet (%s); retrying",
                         self.hex,
@@ -185,7 +199,7 @@ class PortalToMatrix(PortalMembers):
     async def _record(self) -> None:
         """Records sent messages in log order, then counts them done (see the module doc)."""
         while True:
-            message, event_id = await self._records.get()
+            message, event_id, delivered = await self._records.get()
             delay = 0.5
             while event_id is not None:
                 try:
@@ -206,7 +220,7 @@ class PortalToMatrix(PortalMembers):
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _RETRY_MAX)
-            if event_id is not None and self._delivery is not None:
+            if event_id is not None and delivered and self._delivery is not None:
                 self._delivery.delivered(message.log_index)
             self.bridge.bot.state.message_done(self.room_id)
             self._records.task_done()
@@ -224,7 +238,60 @@ class PortalToMatrix(PortalMembers):
             event_id = await self._to_matrix(message)
             if event_id is not None:
                 metrics.bridged_to_matrix(message.timestamp_ms)
-        await self._records.put((message, event_id))
+        await self._records.put((message, event_id, True))
+
+    async def _set_aside(self, item: Item, reason: str) -> None:
+        """The homeserver refused ``item`` for good: a notice takes its place (set_aside.py)."""
+        index = getattr(item, "log_index", -1)
+        metrics.set_aside_to_matrix(reason)
+        log.error(
+            "portal %s: %s (log index %d) set aside: the homeserver refused it (%s)",
+            self.hex,
+            type(item).__name__,
+            index,
+            reason,
+        )
+        self._unsure = None
+        if not isinstance(item, Message):
+            if index > self.row.last_log_index:
+                try:
+                    await self._advance(index, None)
+                except Exception as exc:  # not advanced: tried (and set aside) again at start
+                    log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
+            return
+        delay, notice = 0.5, None
+        while True:
+            try:
+                notice = await self._aside_notice(item, reason)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if set_aside.permanent_reason(exc) is not None:
+                    log.error("portal %s: no set-aside notice (%s)", self.hex, type(exc).__name__)
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+        await self._records.put((item, notice, False))
+
+    async def _aside_notice(self, message: Message, reason: str) -> EventID:
+        ghost = (await Puppet.get(self.bridge, message.sender_id)).mxid
+        text = set_aside.notice_text(ghost, message.log_index, message.timestamp_ms, reason)
+        content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text).serialize()
+        content[set_aside.SET_ASIDE_KEY] = {
+            "log_index": message.log_index,
+            "sender": ghost,
+            "reason": reason,
+        }
+        event_type = EventType.ROOM_MESSAGE
+        if self.row.encrypted and e2ee.manager(self.bridge) is not None:
+            event_type, encrypted = await e2ee.encrypt(
+                self.bridge, self._room_mxid, event_type, content
+            )
+            content = encrypted.serialize()
+        return await self._bot.send_message_event(
+            self._room_mxid, event_type, content, txn_id=self._txn(message.log_index, "aside")
+        )
 
     async def _mirror(self, item: Item) -> None:
         """An entry that is not a message (commits, moderation, ...)."""
@@ -266,33 +333,74 @@ class PortalToMatrix(PortalMembers):
             self, message, UserID(invited)
         ):
             await self._invite_user(UserID(invited))
-        mxid = self._room_mxid
         puppet = await self._ghost(message.sender_id)
-        if self._unsure == message.log_index:
-            found = await self._sent_before(puppet.mxid, message.log_index)
-            if found is not None:
-                return found
         event_type, base = EventType.ROOM_MESSAGE, matrix_content(message.content)
         if message.content.media is not None:  # the file first, uploaded by the ghost
             event_type, base = await media.to_matrix(self, puppet.intent, message.content)
-        content = (await relations.decorate(self, message.content, base)).serialize()
+        plain = base.body
+        parts = [(await relations.decorate(self, message.content, base)).serialize()]
+        if message.content.media is None and set_aside.content_size(parts[0]) > _PART_LIMIT:
+            parts = await self._split(message, base.msgtype, plain)
+        sent: dict[int, EventID] = {}
+        if self._unsure == message.log_index or len(parts) > 1:
+            sent = await self._sent_before(puppet.mxid, message.log_index)
+        self._unsure = message.log_index  # until Synapse has answered every part
+        first = None
+        for number, content in enumerate(parts):
+            event_id = sent.get(number)
+            if event_id is None:
+                event_id = await self._send_part(puppet, message, event_type, content, timestamp)
+            first = first or event_id
+        self._unsure = None
+        return first  # the message's event, for what refers to it (replies, reactions)
+
+    async def _split(self, message: Message, msgtype: MessageType, text: str) -> list[JSON]:
+        """Plain parts of an oversized text, numbered; only the first replies (set_aside.py)."""
+        pieces = set_aside.split_text(text, _PART_LIMIT // 2)  # room for an edit's copy
+        parts = []
+        for number, piece in enumerate(pieces):
+            out = TextMessageEventContent(msgtype=msgtype, body=piece)
+            if number == 0:
+                out = await relations.decorate(self, message.content, out)
+            content = out.serialize()
+            content[set_aside.PART_KEY] = number
+            content[set_aside.PARTS_KEY] = len(pieces)
+            parts.append(content)
+        log.info("portal %s: log index %d split in %d", self.hex, message.log_index, len(parts))
+        return parts
+
+    async def _send_part(
+        self,
+        puppet: Puppet,
+        message: Message,
+        event_type: EventType,
+        content: JSON,
+        timestamp: int | None,
+    ) -> EventID:
+        mxid = self._room_mxid
+        number = content.get(set_aside.PART_KEY, 0)
         content[LOG_INDEX_KEY] = message.log_index
         if self.row.encrypted and e2ee.manager(self.bridge) is not None:
             event_type, encrypted = await e2ee.encrypt(self.bridge, mxid, event_type, content)
-            # The log index in clear as well: _sent_before must find it without decrypting.
-            content = JSON({**encrypted.serialize(), LOG_INDEX_KEY: message.log_index})
-        self._unsure = message.log_index  # until Synapse answers
+            # The log index (and part) in clear as well: _sent_before must find it without
+            # decrypting.
+            clear = {LOG_INDEX_KEY: message.log_index}
+            for key in (set_aside.PART_KEY, set_aside.PARTS_KEY):
+                if key in content:
+                    clear[key] = content[key]
+            content = JSON({**encrypted.serialize(), **clear})
+        txn_id = f"kalandra-{self.hex}-{message.log_index}"
         try:
             # The ghost is in the room and may speak (messages need power level 0 in portals):
             # the plain client-server call, without the intent's join and power-level checks,
             # four state-store reads per message on the path that bounds the portal's rate.
             # No retries inside: each retry must look for the event first (see the module doc).
-            event_id = await ClientAPI.send_message_event(
+            return await ClientAPI.send_message_event(
                 puppet.intent,
                 mxid,
                 event_type,
                 content,
-                txn_id=f"kalandra-{self.hex}-{message.log_index}",
+                txn_id=f"{txn_id}-part{number}" if number else txn_id,
                 retry_count=0,
                 timestamp=timestamp,
             )
@@ -301,14 +409,16 @@ class PortalToMatrix(PortalMembers):
             if isinstance(exc, MatrixConnectionError):
                 catch_up.homeserver_unreachable()
             raise
-        self._unsure = None
-        return event_id
 
     async def _ghost(self, member_id: int) -> Puppet:
         """The member's ghost, registered and in the room (joined once per process)."""
         puppet = await Puppet.get(self.bridge, member_id)
         if puppet.mxid not in self._ghosts_in_room:
             await puppet.ensure_ready()
+            if await self._membership(puppet.mxid) == Membership.BAN:
+                # A Matrix moderator's ban stands (ensure_joined would have the bot lift it):
+                # what the ghost says is set aside (set_aside.py).
+                raise MForbidden(403, "the ghost is banned from the portal")
             await puppet.intent.ensure_joined(self._room_mxid)
             self._ghosts_in_room.add(puppet.mxid)
         return puppet
@@ -316,9 +426,10 @@ class PortalToMatrix(PortalMembers):
     async def _ghost_intent(self, member_id: int) -> IntentAPI:
         return (await self._ghost(member_id)).intent
 
-    async def _sent_before(self, ghost: UserID, log_index: int) -> EventID | None:
-        """The ghost's event for ``log_index`` if an earlier attempt made it: searched from the
-        newest back to the first of the ghost's bridged messages with a lower log index."""
+    async def _sent_before(self, ghost: UserID, log_index: int) -> dict[int, EventID]:
+        """The ghost's events for ``log_index`` that earlier attempts made, by part number:
+        searched from the newest back to the first of the ghost's bridged messages with a lower
+        log index, or until every part is found."""
         path = Path.v3.rooms[self._room_mxid].messages
         query = {
             "dir": "b",
@@ -334,18 +445,23 @@ class PortalToMatrix(PortalMembers):
                 }
             ),
         }
+        found: dict[int, EventID] = {}
         for _ in range(_LOOKBACK_PAGES):
             page = await self._bot.api.request(Method.GET, path, query_params=query)
             for event in page.get("chunk", []):
-                index = event.get("content", {}).get(LOG_INDEX_KEY)
+                content = event.get("content", {})
+                index = content.get(LOG_INDEX_KEY)
                 if not isinstance(index, int) or event.get("sender") != ghost:
                     continue
-                if index == log_index:
-                    log.info("portal %s: log index %d was sent before", self.hex, log_index)
-                    return EventID(event["event_id"])
                 if index < log_index:
-                    return None
+                    return found
+                part = content.get(set_aside.PART_KEY, 0)
+                if index == log_index and isinstance(part, int):
+                    log.info("portal %s: log index %d was sent before", self.hex, log_index)
+                    found.setdefault(part, EventID(event["event_id"]))
+                    if len(found) >= content.get(set_aside.PARTS_KEY, 1):
+                        return found
             if not page.get("chunk") or not page.get("end"):
-                return None
+                return found
             query["from"] = page["end"]
-        return None
+        return found

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from mautrix.types import JSON, Event, EventID
 
-from . import catch_up
+from . import catch_up, health
 from .db import DedupeTable
 from .portal import Portal
 from .portal_to_kalandra import CURRENT_SLOT, EventSlot
@@ -55,6 +55,7 @@ class _Transaction:
     key: str = ""  # what bridge_appservice_txns records (see _txn_key)
     slots: list[EventSlot] = field(default_factory=list)
     failed: bool = False
+    reason: str | None = None  # why it failed, when it is not the deliberate reordering refusal
 
 
 _CURRENT: ContextVar[_Transaction | None] = ContextVar("kalandra_transaction", default=None)
@@ -84,7 +85,12 @@ class TransactionGate:
         if request.method != "PUT" or "/transactions/" not in request.path:
             return await handler(request)
         txn_id = request.match_info.get("transaction_id", "")
-        txn = _Transaction(key=await _txn_key(request, txn_id))
+        try:
+            key = await _txn_key(request, txn_id)
+        except web.HTTPRequestEntityTooLarge:  # a chunked body over max_body_size
+            health.TRANSACTIONS.refuse(txn_id, "body over max_body_size")
+            raise
+        txn = _Transaction(key=key)
         self.az.transactions.discard(txn_id)  # the id alone is not the transaction
         token = _CURRENT.set(txn)
         try:
@@ -94,6 +100,8 @@ class TransactionGate:
         if txn.failed:
             # mautrix marked it seen in memory: forget that, Synapse will send it again.
             self.az.transactions.discard(txn_id)
+            if txn.reason is not None:
+                health.TRANSACTIONS.refuse(txn_id, txn.reason)
             return web.json_response(
                 {"errcode": "M_UNKNOWN", "error": "transaction not processed; retry"}, status=500
             )
@@ -109,6 +117,7 @@ class TransactionGate:
                 last = await dedupe.last_txn()
                 self._order = TxnOrder(None if last is None else TxnOrder.number(last))
             if await dedupe.txn_seen(txn.key or txn_id):
+                health.TRANSACTIONS.acknowledged(txn_id)
                 return _EMPTY
             if not self._order.admit(txn_id):
                 log.warning(
@@ -134,10 +143,12 @@ class TransactionGate:
                         raise RuntimeError("an event of the transaction was not recorded")
             await dedupe.mark_txn(txn.key or txn_id)
             self._order.acknowledged(txn_id)
+            health.TRANSACTIONS.acknowledged(txn_id)
             return output
         except Exception as exc:
             log.warning("transaction %s not acknowledged (%s)", txn_id, type(exc).__name__)
             txn.failed = True
+            txn.reason = f"not processed: {type(exc).__name__}"
             return _EMPTY
 
     async def catch_up(self) -> None:

@@ -389,4 +389,26 @@ async def test_a_key_that_comes_after_a_restart_bridges_its_message_and_withdraw
             assert statuses == ["SUCCESS"], statuses
             assert shown == [], shown
             assert redacted == 2  # the failure notice and the failure status
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_oversized_text_arrives_split_in_an_encrypted_portal(stack: BridgeStack) -> None:
+    # Megolm makes an event a third larger: the parts must fit once encrypted too.
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "secret and long")
+        room_id = bytes.fromhex(room_hex)
+        big = "".join(f"ligne {i:05d} : « déjà vu » — naïve café\n" for i in range(2500))
+        assert len(big.encode()) > 100 * 1024
+        await native.send_text(room_id, big)
+        await native.send_text(room_id, "after the long one")
+        async with asyncio.timeout(WITHIN):
+            while True:
+                seen = await wait_decrypted(alice, portal, ghost_of(native), 1)
+                if seen[-1].body == "after the long one":
+                    break
+                await asyncio.sleep(0.5)
+        assert len(seen) > 2
+        assert "".join(e.body for e in seen[:-1]) == big
+        assert all(e.decrypted for e in seen)
     await native.close()

@@ -167,7 +167,7 @@ async def test_wrong_hs_token_is_refused_before_the_body_is_read(
     stack: BridgeStack, portal: tuple[AsyncClient, Client, str, str]
 ) -> None:
     token = hs_token(stack)
-    big = 512 * 1024  # under max_body_size (1 MiB): only the token can refuse it early
+    big = 512 * 1024  # under max_body_size (32 MiB): only the token can refuse it early
     bearer = {"Authorization": f"Bearer {token[:-1]}x"}
     cases: list[tuple[str, str, dict[str, str], int]] = [
         ("PUT", f"/_matrix/app/v1/transactions/t1-{MARK}", bearer, 403),
@@ -189,11 +189,11 @@ async def test_wrong_hs_token_is_refused_before_the_body_is_read(
     for method, target, headers, expected in cases:
         status, rest = await partial_request(stack, method, target, headers, big)
         assert status == expected, (method, target, status, rest[-200:])
-    # max_body_size stays enforced: the right token with a declared 2 MiB body is refused
+    # max_body_size stays enforced: the right token with a declared 64 MiB body is refused
     # before the body is read too.
     right = {"Authorization": f"Bearer {token}"}
     target = f"/_matrix/app/v1/transactions/t6-{MARK}"
-    status, _ = await partial_request(stack, "PUT", target, right, 2 * 1024 * 1024)
+    status, _ = await partial_request(stack, "PUT", target, right, 64 * 1024 * 1024)
     assert status == 413
 
     # Nothing of those requests was bridged: the native member's next message is this one.

@@ -127,6 +127,17 @@ def test_an_explicit_null_is_a_user_value(tmp_path: Path) -> None:
     assert "quic_port: null" in path.read_text()
 
 
+def test_the_old_max_body_size_default_is_raised_and_other_values_kept(tmp_path: Path) -> None:
+    # 1 MiB refused what one Synapse transaction can carry, and Synapse resends it forever.
+    new = example()["appservice"]["max_body_size"]
+    assert new >= 10
+    for old, expected in ((1, new), (64, 64), (2, 2)):
+        data = {**SET_UP, "appservice": {"max_body_size": old}}
+        path = write_yaml(tmp_path / f"config-{old}.yaml", data)
+        upgraded(path)
+        assert load_yaml(path)["appservice"]["max_body_size"] == expected, old
+
+
 def test_the_example_itself_round_trips_unchanged_but_for_secrets(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(EXAMPLE_CONFIG.read_text())

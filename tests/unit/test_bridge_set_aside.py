@@ -1,0 +1,66 @@
+"""What the queue toward Matrix retries and what it sets aside, and how oversized text is split
+(bridge/set_aside.py); the queue itself is tested against Synapse (test_bridge_no_stall.py)."""
+
+from __future__ import annotations
+
+import pytest
+from mautrix.errors import (
+    IntentError,
+    MatrixConnectionError,
+    MatrixStandardRequestError,
+    MForbidden,
+    MLimitExceeded,
+    MTooLarge,
+    MUnknownToken,
+)
+
+from bridge.set_aside import content_size, permanent_reason, split_text
+
+
+def refused_join() -> IntentError:
+    try:
+        try:
+            raise MForbidden(403, "banned")
+        except MForbidden as exc:
+            raise IntentError("Failed to join") from exc
+    except IntentError as error:
+        return error
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (MForbidden(403, "banned"), "M_FORBIDDEN"),
+        (MTooLarge(413, "too large"), "M_TOO_LARGE"),
+        (MatrixStandardRequestError(400, "bad"), "HTTP 400"),
+        (refused_join(), "M_FORBIDDEN"),
+        (MLimitExceeded(429, "slow down"), None),
+        (MUnknownToken(401, "who"), None),  # the bridge's own token: not the item's fault
+        (MatrixStandardRequestError(502, "bad gateway"), None),
+        (MatrixConnectionError("down"), None),
+        (TimeoutError(), None),
+        (OSError("database"), None),
+    ],
+)
+def test_transient_and_permanent_failures(exc: BaseException, reason: str | None) -> None:
+    assert permanent_reason(exc) == reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x" * 100_000,
+        "word " * 30_000,
+        'é😀"\\\n' * 20_000,  # escapes count: each piece fits once encoded as JSON
+        "short",
+        "",
+    ],
+)
+def test_split_text_keeps_every_character_in_order_and_each_piece_fits(text: str) -> None:
+    limit = 15_000
+    pieces = split_text(text, limit)
+    assert "".join(pieces) == text
+    assert all(content_size(piece) <= limit + 2 for piece in pieces)  # (+ the quotes)
+    assert all(pieces) or pieces == [""]
+    if " " in text:  # cut after a space, not inside a word
+        assert all(piece.endswith(" ") for piece in pieces[:-1])
