@@ -43,6 +43,7 @@ from matrix.bridge_stack import (
     bridge_stack,
     command,
     ghost_of,
+    open_dm,
     portal_with_native,
     sync_until,
 )
@@ -292,13 +293,13 @@ async def syncing(client: AsyncClient) -> AsyncIterator[None]:
 
 
 async def matrix_send(
-    soak: Soak, portal: Portal, kind: str, content: dict[str, Any], tx: str
+    soak: Soak, room_id: str, kind: str, content: dict[str, Any], tx: str
 ) -> str:
     """Send until Synapse acknowledges (same transaction id each time); the event id."""
     while True:
         try:
             sent = await soak.alice.room_send(
-                portal.room_id, kind, content, tx_id=tx, ignore_unverified_devices=True
+                room_id, kind, content, tx_id=tx, ignore_unverified_devices=True
             )
         except Exception:  # Synapse is down: again
             sent = None
@@ -320,20 +321,20 @@ async def matrix_upload(soak: Soak, data: bytes, name: str) -> str:
         await asyncio.sleep(0.5)
 
 
-async def matrix_sender(soak: Soak, portal: Portal) -> None:
+async def matrix_sender(soak: Soak, portal: Portal, *, final: bool = False) -> None:
     """Text, an image every 10th (plain portals), a reaction to its own last message every
-    7th; a final text once the soak stops."""
+    7th, until the soak stops; ``final``: only the final text."""
     last_event: str | None = None
     i = 0
     while True:
         i += 1
-        final = soak.stop.is_set()
+        if soak.stop.is_set() and not final:
+            return
         body = f"m{portal.index}.final" if final else f"m{portal.index}.{i}"
-        tx = f"soak-{portal.index}-{i}"
         if not final and i % 7 == 0 and last_event is not None:
             key = f"m{portal.index}.r{i}"
             relates = {"rel_type": "m.annotation", "event_id": last_event, "key": key}
-            await matrix_send(soak, portal, "m.reaction", {"m.relates_to": relates}, tx)
+            await matrix_send(soak, portal.room_id, "m.reaction", {"m.relates_to": relates}, key)
             portal.matrix_sent.append(("r", key))
         else:
             content: dict[str, Any] = {"msgtype": "m.text", "body": body}
@@ -342,7 +343,7 @@ async def matrix_sender(soak: Soak, portal: Portal) -> None:
                 uri = await matrix_upload(soak, data, f"{body}.png")
                 info = {"mimetype": "image/png", "size": len(data), "w": 8, "h": 8}
                 content = {"msgtype": "m.image", "body": body, "url": uri, "info": info}
-            last_event = await matrix_send(soak, portal, "m.room.message", content, tx)
+            last_event = await matrix_send(soak, portal.room_id, "m.room.message", content, body)
             portal.matrix_sent.append(("m", body))
             portal.matrix_acked_at[body] = time.monotonic()
         if final:
@@ -372,13 +373,15 @@ async def native_again(native: Client, action: Callable[[], Awaitable[int]]) -> 
                 await asyncio.wait_for(native.wait_connected(), 30)
 
 
-async def native_sender(soak: Soak, portal: Portal) -> None:
+async def native_sender(soak: Soak, portal: Portal, *, final: bool = False) -> None:
+    """As :func:`matrix_sender`, from the native member."""
     native, room = portal.native, portal.room
     last_index: int | None = None
     i = 0
     while True:
         i += 1
-        final = soak.stop.is_set()
+        if soak.stop.is_set() and not final:
+            return
         body = f"n{portal.index}.final" if final else f"n{portal.index}.{i}"
         if not final and i % 7 == 0 and last_index is not None:
             key, target = f"n{portal.index}.r{i}", last_index
@@ -486,7 +489,7 @@ async def oversized_file(soak: Soak, portal: Portal) -> None:
         "info": {"mimetype": "application/octet-stream", "size": len(data)},
     }
     tx = f"soak-bad-{portal.index}-{len(portal.set_aside)}"
-    portal.set_aside.append(await matrix_send(soak, portal, "m.room.message", content, tx))
+    portal.set_aside.append(await matrix_send(soak, portal.room_id, "m.room.message", content, tx))
 
 
 # Bad items injected after each fault (into the portals in turn). Waiting on branch `no-stall`
@@ -495,6 +498,49 @@ async def oversized_file(soak: Soak, portal: Portal) -> None:
 # once that is merged.
 Injector = Callable[[Soak, Portal], Awaitable[None]]
 INJECTORS: list[Injector] = [oversized_file]
+
+
+QUIET_WAIT = 30.0  # issue 12's target for catching up after a restart with no other traffic
+
+
+async def quiet_restart(soak: Soak, dm: str) -> str:
+    """With no other traffic: kill -9 the bridge, the Matrix user sends two messages into each
+    portal, the bridge starts again; how it caught up (a line for the summary)."""
+    await soak.stack.kill9()
+    killed = time.monotonic()
+    missed = []
+    for portal in soak.portals:
+        for k in range(2):
+            body = f"m{portal.index}.quiet{k}"
+            content = {"msgtype": "m.text", "body": body}
+            await matrix_send(soak, portal.room_id, "m.room.message", content, body)
+            portal.matrix_sent.append(("m", body))
+            portal.matrix_acked_at[body] = time.monotonic()
+            missed.append((portal, body))
+    await soak.stack.restart()
+    ready = time.monotonic()
+    soak.restarts.append((killed, ready))
+
+    def arrived() -> bool:
+        return all(body in portal.arrived_at for portal, body in missed)
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(QUIET_WAIT):
+            while not arrived():  # noqa: ASYNC110 - the native clients' tasks fill arrived_at
+                await asyncio.sleep(0.2)
+    if arrived():
+        last = max(portal.arrived_at[body] for portal, body in missed) - ready
+        return f"caught up by itself in {last:.1f} s"
+    # WORKAROUND, waits for branch `catch-up` (issue 12, "Restarts of any part lose nothing and
+    # need no nudge"): today the bridge catches up only when Synapse sends it a transaction,
+    # and Synapse sends none until a new event comes. An event in the bot's DM makes one; the
+    # check that everything arrives exactly once stays. Remove this nudge once that is merged.
+    got = sum(body in portal.arrived_at for portal, body in missed)
+    await matrix_send(soak, dm, "m.room.message", {"msgtype": "m.text", "body": "nudge"}, "nudge")
+    return (
+        f"NOT caught up by itself within {QUIET_WAIT:.0f} s ({got} of {len(missed)} arrived); "
+        "nudged with an event in the bot's DM (waits for branch catch-up)"
+    )
 
 
 # --- the checks ---------------------------------------------------------------------------------
@@ -581,6 +627,9 @@ async def test_soak(stack: BridgeStack) -> None:
             room = bytes.fromhex(room_hex)
             portals.append(Portal(index, room, room_id, native, ghost_of(native), encrypted))
         soak = Soak(stack, alice, portals)
+        dm = await open_dm(alice)  # for the nudge of quiet_restart
+        welcome = bot_notices(alice, dm)
+        await sync_until(alice, lambda: bool(welcome), "the bot's welcome")
         if alice.should_query_keys:
             await alice.keys_query()
 
@@ -608,9 +657,18 @@ async def test_soak(stack: BridgeStack) -> None:
                     if task.done():
                         task.result()  # a sender that failed fails the soak
                 soak.stop.set()
-                # The final message each way of every portal: no queue is stuck.
                 async with asyncio.timeout(WITHIN):
                     await asyncio.gather(*senders)
+                quiet = await quiet_restart(soak, dm)
+                # The final message each way of every portal: no queue is stuck.
+                async with asyncio.timeout(WITHIN):
+                    await asyncio.gather(
+                        *(
+                            sender(soak, p, final=True)
+                            for p in portals
+                            for sender in (matrix_sender, native_sender)
+                        )
+                    )
                 drained = time.monotonic()
                 try:
                     async with asyncio.timeout(WITHIN):
@@ -641,6 +699,7 @@ async def test_soak(stack: BridgeStack) -> None:
             f"{drain:.1f} s after the traffic\n"
             "worst catch-up after a bridge restart (ready -> first/last missed message): "
             + (f"{worst[0]:.1f} s / {worst[1]:.1f} s" if worst else "no message was missed")
+            + f"\nkilled with no traffic: {quiet}"
         )
         if found:
             await fail(soak, "\n".join(found))
