@@ -48,8 +48,13 @@ test: lint unit
 bench: venv
 	$(PY) -m bench
 
+# The full benchmarks, then the soak (tests/faults/test_bridge_soak.py) for 10 minutes on each
+# database; `make test` runs it for 1 minute on SQLite.
 bench-full: venv
 	$(PY) -m bench --full
+	@bash tests/ensure_postgres.sh
+	@bash bridge/devstack/install_synapse.sh
+	KALANDRA_SOAK_SECONDS=600 $(PY) -m pytest -q -s tests/faults/test_bridge_soak.py
 
 clean:
 	rm -rf $(VENV) .venv-synapse $(DATA) .pytest_cache .mypy_cache .ruff_cache .hypothesis
