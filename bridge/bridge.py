@@ -181,8 +181,10 @@ class KalandraBridge(Bridge):
             except DatabaseRefused as exc:
                 self.log.fatal("Cannot use the database: %s", exc)
             except Exception as exc:
-                if outage(exc):
-                    continue  # gone again since the probe: wait again
+                if outage(exc):  # gone again since the probe: wait again (not in a busy loop)
+                    self.log.warning("Database lost during start-up (%s)", type(exc).__name__)
+                    await asyncio.sleep(1.0)
+                    continue
                 if not isinstance(exc, SQLAlchemyError | CommandError):
                     raise
                 self.log.fatal(

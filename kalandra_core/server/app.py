@@ -126,7 +126,9 @@ async def serve_forever(config: ServerConfig, *, ready_file: Path | None = None)
         except Exception as exc:
             if not outage(exc):
                 raise
-            # gone again since the probe: wait again
+            # gone again since the probe: wait again (not in a busy loop)
+            log.warning("Database lost during start-up (%s)", type(exc).__name__)
+            await asyncio.sleep(1.0)
     try:
         if ready_file is not None:
             ports = f"{running.tcp_port or 0} {running.quic_port or 0}\n"
