@@ -14,15 +14,23 @@ import signal
 import sys
 from typing import Any
 
+from alembic.util import CommandError
 from mautrix.bridge import BasePortal, BasePuppet, Bridge
 from mautrix.types import RoomID, UserID
-from mautrix.util.async_db import Database, UpgradeTable
+from mautrix.util.async_db import Database, PostgresDatabase, UpgradeTable
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from kalandra_core.private_files import make_sqlite_private
 from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.settings import ConfigError
 from kalandra_core.storage import migrations
+from kalandra_core.storage.reachable import (
+    DatabaseRefused,
+    masked,
+    outage,
+    wait_for_database,
+)
 from kalandra_core.storage.urls import sqlalchemy_url
 
 from . import __version__, as_auth, catch_up, diagnostics, e2ee, health, metrics, permissions
@@ -33,6 +41,10 @@ from .portal import Portal
 from .provisioning import ProvisioningAPI
 from .transactions import TransactionGate
 from .user import User
+
+
+class _DatabaseGone(Exception):
+    """mautrix's database start met an outage: wait for the database and start it again."""
 
 
 class KalandraBridge(Bridge):
@@ -136,8 +148,8 @@ class KalandraBridge(Bridge):
             loop.add_signal_handler(signum, self._stop_requested)
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested)
         core = self.config.core
-        await migrations.upgrade(core.database)
-        self.kalandra = await start_server(core.server)
+        if not await self._start_kalandra(core.database):
+            sys.exit(0)  # stopped while waiting for the database: a clean stop
         await super().start()
         await e2ee.self_sign(self)
         self.matrix_ready.set()
@@ -154,6 +166,35 @@ class KalandraBridge(Bridge):
             if portal.mxid is None:
                 await portal.ensure_matrix_room(invite=[])
 
+    async def _start_kalandra(self, url: str) -> bool:
+        """Wait for the database (PostgreSQL down at start-up is an outage, not an error),
+        migrate it and start the Kalandra server; False if a stop was requested meanwhile. A
+        database that refuses us, or a migration that fails, is a configuration error: exit 25
+        with the reason, no retry."""
+        while True:
+            try:
+                if not await wait_for_database(url, self._stop_task):
+                    return False
+                await migrations.upgrade(url)
+                self.kalandra = await start_server(self.config.core.server)
+                return True
+            except DatabaseRefused as exc:
+                self.log.fatal("Cannot use the database: %s", exc)
+            except Exception as exc:
+                if outage(exc):  # gone again since the probe: wait again (not in a busy loop)
+                    self.log.warning("Database lost during start-up (%s)", type(exc).__name__)
+                    await asyncio.sleep(1.0)
+                    continue
+                if not isinstance(exc, SQLAlchemyError | CommandError):
+                    raise
+                self.log.fatal(
+                    "Migrating or opening the database %s failed: %s: %s",
+                    masked(url),
+                    type(exc).__name__,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                )
+            sys.exit(25)
+
     def _reload_requested(self) -> None:
         task = asyncio.create_task(permissions.reload(self), name="reload-permissions")
         self._reloads.add(task)
@@ -163,8 +204,22 @@ class KalandraBridge(Bridge):
         if not self._stop_task.done():
             self.manual_stop(0)
 
+    def _log_db_error(self, e: Exception) -> None:
+        if outage(e):  # mautrix's stores met the database gone again since ours started
+            raise _DatabaseGone from e
+        super()._log_db_error(e)  # a refusal: mautrix's message, exit 25
+
     async def start_db(self) -> None:
-        await super().start_db()
+        while True:
+            try:
+                await super().start_db()
+                break
+            except _DatabaseGone:
+                if isinstance(self.db, PostgresDatabase):  # its pool made before the cut
+                    await self.db.stop()
+                    self.db._pool = None  # start() refuses to run twice otherwise
+                if not await wait_for_database(self.config.core.database, self._stop_task):
+                    sys.exit(0)
         # The bot's Kalandra side needs the database (its state, the portals), not Matrix:
         # its client connects and resyncs now; portals send once matrix_ready is set.
         assert self.kalandra is not None

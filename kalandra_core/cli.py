@@ -21,7 +21,7 @@ from pathlib import Path
 from .proto import Frame, ProtocolError
 from .proto.inspect import frame_from_json, frame_to_json
 from .storage.base import LOGIN_CODE_MAX_TTL, StoreError
-from .storage.urls import DatabaseUrlError
+from .storage.urls import DatabaseRefused, DatabaseUrlError
 
 EXIT_USAGE = 2
 
@@ -78,7 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
     )
     settings = load_settings(Path(args.config))
     ready = Path(args.ready_file) if args.ready_file else None
-    asyncio.run(serve_forever(settings.server, ready_file=ready))
+    from alembic.util import CommandError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        asyncio.run(serve_forever(settings.server, ready_file=ready))
+    except (SQLAlchemyError, CommandError) as exc:  # a failed migration: the reason, no trace
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        why = f"{type(exc).__name__}: {first}"
+        raise CliError(f"migrating or opening the database failed: {why}") from None
     return 0
 
 
@@ -194,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (CliError, ProtocolError, DatabaseUrlError, StoreError, OSError, ValueError) as exc:
+    except (
+        CliError,
+        ProtocolError,
+        DatabaseUrlError,
+        DatabaseRefused,
+        StoreError,
+        OSError,
+        ValueError,
+    ) as exc:
         print(f"kalandra: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

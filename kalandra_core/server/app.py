@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey
 
+from ..storage.reachable import outage, wait_for_database
 from ..storage.sql import SqlStore
 from . import tls
 from .config import ServerConfig
@@ -104,16 +105,34 @@ async def start_server(config: ServerConfig) -> RunningServer:
 
 
 async def serve_forever(config: ServerConfig, *, ready_file: Path | None = None) -> None:
-    """Run until SIGINT/SIGTERM. ``ready_file`` gets "tcp_port quic_port" once listening."""
-    running = await start_server(config)
-    if ready_file is not None:
-        ports = f"{running.tcp_port or 0} {running.quic_port or 0}\n"
-        await asyncio.to_thread(ready_file.write_text, ports)
-    stop = asyncio.Event()
+    """Run until SIGINT/SIGTERM. ``ready_file`` gets "tcp_port quic_port" once listening.
+    A database server not up yet is waited for (a stop meanwhile returns quietly); one that
+    refuses raises :class:`DatabaseRefused`."""
     loop = asyncio.get_running_loop()
+    stopped: asyncio.Future[None] = loop.create_future()
+
+    def stop() -> None:
+        if not stopped.done():
+            stopped.set_result(None)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop)
+    while True:
+        if not await wait_for_database(config.database, stopped):
+            return
+        try:
+            running = await start_server(config)
+            break
+        except Exception as exc:
+            if not outage(exc):
+                raise
+            # gone again since the probe: wait again (not in a busy loop)
+            log.warning("Database lost during start-up (%s)", type(exc).__name__)
+            await asyncio.sleep(1.0)
     try:
-        await stop.wait()
+        if ready_file is not None:
+            ports = f"{running.tcp_port or 0} {running.quic_port or 0}\n"
+            await asyncio.to_thread(ready_file.write_text, ports)
+        await stopped
     finally:
         await running.close()

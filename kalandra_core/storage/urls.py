@@ -19,6 +19,10 @@ class DatabaseUrlError(ValueError):
     pass
 
 
+class DatabaseRefused(Exception):
+    """The database answered but refused us: a configuration error, not an outage."""
+
+
 def sqlalchemy_url(url: str) -> str:
     """``sqlite:///x.db`` -> ``sqlite+aiosqlite:///x.db``; ``postgres://`` -> asyncpg."""
     scheme, sep, rest = url.partition("://")
