@@ -92,6 +92,9 @@ def pg_ctl(action: str) -> None:
     )
 
 
+OUTAGE_SECONDS = 20.0
+
+
 def pg_start() -> None:
     """Whatever happened, leave PostgreSQL running (other tests need it)."""
     subprocess.run(
@@ -106,7 +109,9 @@ async def restart_postgres(_stack: BridgeStack, down: asyncio.Event) -> None:
     try:
         await asyncio.to_thread(pg_ctl, "stop")
         down.set()
-        await asyncio.sleep(8)  # connections are gone and new ones are refused for a while
+        # Connections are gone and new ones are refused for a while: longer than any fixed
+        # retry budget of the bridge (an outage is waited out, whatever its length).
+        await asyncio.sleep(OUTAGE_SECONDS)
     finally:
         await asyncio.to_thread(pg_start)
 
