@@ -29,17 +29,15 @@ from matrix.bridge_stack import (
     DATABASES,
     BridgeStack,
     bridge_stack,
+    native_client,
     nio_client,
     portal_with_native,
     room_history,
 )
-from nacl.signing import SigningKey
 from nio import AsyncClient, RoomRedactResponse, RoomSendResponse, UploadResponse
 
 from kalandra_core.client import events as ev
-from kalandra_core.client.driver import Client, ServerAddress
-from kalandra_core.client.extras import ExtendedCore
-from kalandra_core.storage.sql import SqlStore
+from kalandra_core.client.driver import Client
 
 WITHIN = 120.0  # seconds from the bridge being ready (the target is 30 s; a loaded machine)
 
@@ -77,17 +75,7 @@ async def wait_status(alice: AsyncClient, room: str, event_id: str) -> None:
 
 async def native_member(stack: BridgeStack) -> Client:
     """A native member whose client reports reactions and moderation."""
-    store = await SqlStore.open(stack.store_url, migrate=False)
-    try:
-        account = await store.create_member(f"native_{secrets.token_hex(3)}")
-        token = await store.issue_token(account.member_id)
-    finally:
-        await store.close()
-    core = ExtendedCore(account.member_id, bytes(SigningKey.generate()))
-    client = Client(core, ServerAddress("tcp", "127.0.0.1", stack.tcp_port), token)
-    await client.connect()
-    await client.publish_key_packages(2)
-    return client
+    return await native_client(stack, 2, extended=True)
 
 
 def png() -> bytes:

@@ -22,7 +22,6 @@ import contextlib
 import functools
 import io
 import os
-import secrets
 import signal
 import struct
 import time
@@ -43,10 +42,10 @@ from matrix.bridge_stack import (
     bridge_stack,
     command,
     ghost_of,
+    native_client,
     portal_with_native,
     sync_until,
 )
-from nacl.signing import SigningKey
 from nio import (
     AsyncClient,
     AsyncClientConfig,
@@ -63,10 +62,9 @@ from test_bridge_faults import pg_start, restart_postgres
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
-from kalandra_core.client.driver import Client, ClientError, NotYetConfirmed, ServerAddress
-from kalandra_core.client.extras import ExtendedCore, react
+from kalandra_core.client.driver import Client, ClientError, NotYetConfirmed
+from kalandra_core.client.extras import react
 from kalandra_core.mls.errors import PendingCommitExists
-from kalandra_core.storage.sql import SqlStore
 
 SECONDS = float(os.environ.get("KALANDRA_SOAK_SECONDS", "60"))
 SOAK_DATABASES = tuple(
@@ -157,18 +155,8 @@ class Soak:
 
 
 async def native_member(stack: BridgeStack) -> Client:
-    """A native member whose client reports reactions (ExtendedCore)."""
-    store = await SqlStore.open(stack.store_url, migrate=False)
-    try:
-        account = await store.create_member(f"native_{secrets.token_hex(3)}")
-        token = await store.issue_token(account.member_id)
-    finally:
-        await store.close()
-    core = ExtendedCore(account.member_id, bytes(SigningKey.generate()))
-    client = Client(core, ServerAddress("tcp", "127.0.0.1", stack.tcp_port), token)
-    await client.connect()
-    await client.publish_key_packages(4)
-    return client
+    """A native member whose client reports reactions."""
+    return await native_client(stack, 4, extended=True)
 
 
 @contextlib.asynccontextmanager

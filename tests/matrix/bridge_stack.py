@@ -46,6 +46,7 @@ from bridge.devstack.ready import wait_bridge_ready
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.events import Message
+from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.storage.sql import SqlStore
 from matrix.synapse import SYNAPSE_PYTHON, Synapse, free_port, start_synapse
 
@@ -363,15 +364,19 @@ async def wait_history(
 # --- native members ---------------------------------------------------------------------------
 
 
-async def native_client(stack: BridgeStack, key_packages: int = 2) -> Client:
-    """A new native member (account made in the bridge's database), connected over TCP."""
+async def native_client(
+    stack: BridgeStack, key_packages: int = 2, *, extended: bool = False
+) -> Client:
+    """A new native member (account made in the bridge's database), connected over TCP;
+    ``extended``: its client also reports reactions, receipts, typing and moderation."""
     store = await SqlStore.open(stack.store_url, migrate=False)
     try:
         account = await store.create_member(f"native_{secrets.token_hex(3)}")
         token = await store.issue_token(account.member_id)
     finally:
         await store.close()
-    core = ClientCore(account.member_id, bytes(SigningKey.generate()))
+    make = ExtendedCore if extended else ClientCore
+    core = make(account.member_id, bytes(SigningKey.generate()))
     client = Client(core, ServerAddress("tcp", "127.0.0.1", stack.tcp_port), token)
     await client.connect()
     await client.publish_key_packages(key_packages)
