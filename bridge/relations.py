@@ -53,6 +53,7 @@ from kalandra_core.client.core import ClientCore
 from kalandra_core.client.extras import reaction_frame
 from kalandra_core.proto import ErrorCode, Frame, Opcode, Reaction, decode_payload
 
+from . import e2ee
 from .bridged_user import BridgedUser, SendFailed, _raise_error
 from .db import BridgedUserTable, MessageTable
 from .db.progress import bridged_mxid
@@ -320,13 +321,28 @@ async def _member_of_mxid(bridge: KalandraBridge, mxid: str) -> int | None:
     return None if row is None else row.member_id
 
 
+class Held(Exception):  # not an error: the portal records it and moves on
+    """A relation held until its target, which waits for its room key, is bridged (e2ee.hold)."""
+
+
+LOST_TARGET = (
+    "the message it relates to could not be decrypted by the bridge (its room key never"
+    " came), so it has nothing to point at in Kalandra."
+)
+
+
 async def reaction_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
     """A Matrix user's reaction, as their puppet leaf's AppReaction (relay-only users' are
-    refused: a reaction has no text to name them in)."""
+    refused: a reaction has no text to name them in). One to a message that waits for its room
+    key is held until that message is bridged, and fails if it never is (e2ee.py)."""
     mxid = portal.row.mxid
     assert mxid is not None
     target = await _index(portal, work.relates_to)
     if target is None:
+        if work.relates_to is not None and e2ee.hold(mxid, work.relates_to, work):
+            raise Held
+        if work.held:
+            raise Refused(MessageStatusReason.GENERIC_ERROR, LOST_TARGET)
         return  # not a bridged message
     if work.permission not in ("user", "admin"):
         raise Refused(MessageStatusReason.NO_PERMISSION, REACTION_REFUSAL)
