@@ -363,9 +363,19 @@ def _drop_late(room_id: RoomID, session_id: SessionID) -> None:
 _held: dict[EventID, list[FromMatrix]] = {}
 
 
+# The targets released lately (their relations looked at again after them), in order.
+_released: dict[EventID, None] = {}
+_RELEASED_KEPT = 1000
+
+
 def hold(room_id: RoomID, target: EventID, work: FromMatrix) -> bool:
     """Hold ``work`` (a relation to ``target``) if ``target`` waits for its room key; False if
-    it does not. Synchronous: a target cannot be released between the check and the hold."""
+    it does not. Synchronous: a target cannot be released between the check and the hold. A
+    target released while ``work`` was looking it up is in the queue already: ``work`` goes
+    again after it (once)."""
+    if target in _released and not work.held:
+        _requeue(room_id, [work])
+        return True
     if target not in _late.get(room_id, {}):
         return False
     held = _held.setdefault(target, [])
@@ -377,11 +387,17 @@ def hold(room_id: RoomID, target: EventID, work: FromMatrix) -> bool:
 def _release(room_id: RoomID, target: EventID) -> None:
     """Hand the relations held for ``target`` to its portal's queue again, at its end: after
     the target when it was just handed on, else (its key never came) they fail there."""
+    _released[target] = None
+    while len(_released) > _RELEASED_KEPT:
+        del _released[next(iter(_released))]
+    _requeue(room_id, _held.pop(target, []))
+
+
+def _requeue(room_id: RoomID, works: list[FromMatrix]) -> None:
     import dataclasses
 
     from .portal import Portal
 
-    works = _held.pop(target, [])
     portal = Portal.by_mxid(room_id)
     if portal is None:
         return

@@ -316,6 +316,8 @@ class PortalToKalandra(PortalBase):
         assert work.content is not None
         mxid = self.row.mxid
         assert mxid is not None
+        if relations.held_for_target(self, work, await relations.unbridged_target(self, work)):
+            raise relations.Held  # a reply or edit follows its target
         if media.is_media(work.content):
             relayed = work.permission == "relay" and self.row.relay_enabled
             if work.permission not in ("user", "admin") and not relayed:

@@ -4,7 +4,8 @@ A Kalandra message points at another by its log index (``reply_to``, ``edit_of``
 a Matrix event points at another by event id (``m.in_reply_to``, ``m.replace``). Both sides of
 every bridged message are in bridge_messages (db/message.py), so each pointer is translated
 there; one that names a message the bridge never saw is dropped (the message still goes, as a
-plain one).
+plain one). A relation to a message that waits for its room key (e2ee.py) is held until that
+message is bridged.
 
 Mentions: a Kalandra message lists the member ids it mentions in its content (``"mentions":
 [ids]``, kept by Content.extra); in Matrix they are ``m.mentions`` and pills. Toward Matrix each
@@ -280,6 +281,26 @@ async def from_matrix(
         edit_of=edit_of,
         extra=extra,
     )
+
+
+async def unbridged_target(portal: PortalToKalandra, work: FromMatrix) -> EventID | None:
+    """The message a Matrix message replies to or edits, if the bridge has not bridged it."""
+    content = work.content
+    get_edit = getattr(content, "get_edit", None)
+    get_reply = getattr(content, "get_reply_to", None)
+    target = get_edit() if get_edit is not None else None
+    if target is None and get_reply is not None:
+        target = get_reply()
+    if target is None or await _index(portal, target) is not None:
+        return None
+    return EventID(target)
+
+
+def held_for_target(portal: PortalToKalandra, work: FromMatrix, target: EventID | None) -> bool:
+    """Whether ``work`` is held until ``target`` (waiting for its room key) is bridged; a
+    message held before whose target never came goes without the pointer (as any other)."""
+    mxid = portal.row.mxid
+    return target is not None and mxid is not None and e2ee.hold(mxid, target, work)
 
 
 async def _index(portal: PortalToKalandra, event_id: EventID | None) -> int | None:

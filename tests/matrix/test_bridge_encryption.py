@@ -405,6 +405,9 @@ async def test_a_reaction_to_a_message_whose_key_comes_late_is_bridged_after_it(
     async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
         room_hex, portal = await portal_with_native(alice, native, "late reaction")
         room_id = bytes.fromhex(room_hex)
+        await say(alice, portal, "first")  # the bridge has alice's room key
+        got: list[Message] = []
+        await receive(native, got, 1, room_id)
         await stack.stop_bridge()
         async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
             requests = answer_key_requests(phone, answering=lambda: False)
@@ -414,6 +417,16 @@ async def test_a_reaction_to_a_message_whose_key_comes_late_is_bridged_after_it(
             relates = {"rel_type": "m.annotation", "event_id": target, "key": "late"}
             sent = await phone.room_send(portal, "m.reaction", {"m.relates_to": relates})
             assert isinstance(sent, RoomSendResponse), sent
+            # A reply from another device, whose key the bridge has: it follows its target too.
+            answer = {
+                "msgtype": "m.text",
+                "body": "a reply to it",
+                "m.relates_to": {"m.in_reply_to": {"event_id": target}},
+            }
+            replied = await alice.room_send(
+                portal, "m.room.message", answer, ignore_unverified_devices=True
+            )
+            assert isinstance(replied, RoomSendResponse), replied
             notices = bot_notices(phone, portal)
             async with syncing(phone):
                 await stack.restart()
@@ -427,13 +440,14 @@ async def test_a_reaction_to_a_message_whose_key_comes_late_is_bridged_after_it(
                     while len(requests) == asked:  # noqa: ASYNC110
                         await asyncio.sleep(0.5)
                 await forward_key(phone, requests[-1])
-                got: list[Message] = []
-                await receive(native, got, 1, room_id)
+                await receive(native, got, 3, room_id)
                 reacted = await asyncio.wait_for(late_reaction(native), WITHIN)
                 await say(phone, portal, "after")
-                await receive(native, got, 2, room_id)
-        assert [m.content.body for m in got] == ["its key comes late", "after"]
-        assert (reacted.target, reacted.add) == (got[0].log_index, True)
+                await receive(native, got, 4, room_id)
+        bodies = [m.content.body for m in got]
+        assert bodies == ["first", "its key comes late", "a reply to it", "after"]
+        assert (reacted.target, reacted.add) == (got[1].log_index, True)
+        assert got[2].content.reply_to == got[1].log_index
         assert notices == [notices[0]], notices  # the target's notice only (since withdrawn)
     await native.close()
 
