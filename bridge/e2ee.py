@@ -24,6 +24,12 @@ with a status event and a notice, and bridges the message once if the key comes
 withdrawn (message_status.py). The wait outlives a restart: an event failed this way is recorded
 so in the database, and at start-up the bridge fetches it again from its room and resumes
 asking for its key (:func:`resume_key_waits`, for events failed within ``KEPT_WAITS``).
+
+A relation to such an event (a reaction, which clients send in clear even in encrypted rooms;
+a redaction) would find no bridged message to point at: it is held instead (:func:`hold`,
+recorded as ``HELD`` so it is held again after a restart) and handed to its portal's queue
+again right after its target (:func:`_release`), at the queue's end: nothing waits for it. If
+the key never comes, the relation then fails visibly (relations.py).
 """
 
 from __future__ import annotations
@@ -65,14 +71,18 @@ if TYPE_CHECKING:
 
     from .bridge import KalandraBridge
     from .portal import Portal
+    from .portal_to_kalandra import FromMatrix
 
 log = logging.getLogger("kalandra.bridge.e2ee")
 
 KEY_WAIT = 1  # for a room key being stored (mautrix handles to-device events first)
-LATE_KEY_WAIT = 600.0  # for a key that comes after the event failed: it is bridged then
+# For a key that comes after the event failed: it is bridged then (tests only: shorter with
+# KALANDRA_TEST_LATE_KEY_WAIT, in seconds, to see a wait give up).
+LATE_KEY_WAIT = float(os.environ.get("KALANDRA_TEST_LATE_KEY_WAIT", "") or 600.0)
 REFRESH_WAIT = 10.0  # at most, for the device lists at startup before encrypting
 KEY_REQUEST_RETRIES = (5.0, 15.0, 45.0, 120.0, 300.0)  # seconds before asking again
 KEPT_WAITS = 86400.0  # seconds after its failure a key is still waited for at start-up
+HELD = "com.kalandra.awaiting_target"  # the record of a relation held for its target (hold)
 
 UNDECRYPTABLE = (
     "the bridge could not decrypt it: it never received the message's room key from the"
@@ -341,15 +351,63 @@ async def _request_key(bridge: KalandraBridge, evt: EncryptedEvent) -> None:
 
 
 def _drop_late(room_id: RoomID, session_id: SessionID) -> None:
+    """The key wait for ``session_id`` is over: its relations held fail (see _release)."""
     late = _late.get(room_id, {})
     for event_id in [e for e, (evt, _) in late.items() if evt.content.session_id == session_id]:
         del late[event_id]
+        _release(room_id, event_id)
+
+
+# Per target event (failed for a missing room key), the relations to it held until it is
+# bridged or given up, in arrival order.
+_held: dict[EventID, list[FromMatrix]] = {}
+
+
+# The targets released lately (their relations looked at again after them), in order.
+_released: dict[EventID, None] = {}
+_RELEASED_KEPT = 1000
+
+
+def hold(room_id: RoomID, target: EventID, work: FromMatrix) -> bool:
+    """Hold ``work`` (a relation to ``target``) if ``target`` waits for its room key; False if
+    it does not. Synchronous: a target cannot be released between the check and the hold. A
+    target released while ``work`` was looking it up is in the queue already: ``work`` goes
+    again after it (once)."""
+    if target in _released and not work.held:
+        _requeue(room_id, [work])
+        return True
+    if target not in _late.get(room_id, {}):
+        return False
+    held = _held.setdefault(target, [])
+    if all(w.event_id != work.event_id for w in held):  # (a transaction replayed)
+        held.append(work)
+    return True
+
+
+def _release(room_id: RoomID, target: EventID) -> None:
+    """Hand the relations held for ``target`` to its portal's queue again, at its end: after
+    the target when it was just handed on, else (its key never came) they fail there."""
+    _released[target] = None
+    while len(_released) > _RELEASED_KEPT:
+        del _released[next(iter(_released))]
+    _requeue(room_id, _held.pop(target, []))
+
+
+def _requeue(room_id: RoomID, works: list[FromMatrix]) -> None:
+    import dataclasses
+
+    from .portal import Portal
+
+    portal = Portal.by_mxid(room_id)
+    if portal is None:
+        return
+    for work in works:
+        portal.submit(dataclasses.replace(work, held=True))
 
 
 async def _bridge_late(bridge: KalandraBridge, room_id: RoomID) -> None:
     """Bridge, in queue order, the portal's failed events whose room keys are now here: each
     at the end of the portal's queue, once."""
-    from .portal import Portal
     from .portal_to_kalandra import CURRENT_SLOT
 
     CURRENT_SLOT.set(None)  # their own places in the queue were filled by the failures
@@ -361,26 +419,41 @@ async def _bridge_late(bridge: KalandraBridge, room_id: RoomID) -> None:
             store = e2ee.crypto.crypto_store
             if not await store.has_group_session(room_id, evt.content.session_id):
                 continue
-            del late[event_id]
-            await asyncio.wait([failed])
-            if failed.cancelled() or failed.exception() is not None:
-                continue  # the failure was not recorded: the transaction is retried, and this
             try:
-                decrypted = await e2ee.decrypt(evt, wait_session_timeout=0)
-            except DecryptionError as exc:
-                log.warning("event %s not decrypted late (%s)", event_id, type(exc).__name__)
-                continue
-            portal = Portal.by_mxid(room_id)
-            if portal is None:
-                continue  # unbridged meanwhile
-            # The failure record would make the portal skip the event: this is its one late try.
-            await bridge.db.execute(
-                "DELETE FROM bridge_matrix_events WHERE event_id = $1 AND failure IS NOT NULL",
-                event_id,
-            )
-            log.info("room key of event %s arrived late: bridging it now", event_id)
-            portal.mx_status.late.add(event_id)  # its failure reports are withdrawn
-            await _hand_on(bridge, portal, decrypted)
+                await _bridge_one_late(bridge, evt, failed)
+            finally:
+                # Waited for until handed on, so that a relation to it is held meanwhile.
+                late.pop(event_id, None)
+                _release(room_id, event_id)  # its relations held: after it, or they fail
+
+
+async def _bridge_one_late(
+    bridge: KalandraBridge, evt: EncryptedEvent, failed: asyncio.Future[None]
+) -> None:
+    from .portal import Portal
+
+    e2ee = manager(bridge)
+    assert e2ee is not None
+    event_id = evt.event_id
+    await asyncio.wait([failed])
+    if failed.cancelled() or failed.exception() is not None:
+        return  # the failure was not recorded: the transaction is retried, and this
+    try:
+        decrypted = await e2ee.decrypt(evt, wait_session_timeout=0)
+    except DecryptionError as exc:
+        log.warning("event %s not decrypted late (%s)", event_id, type(exc).__name__)
+        return
+    portal = Portal.by_mxid(evt.room_id)
+    if portal is None:
+        return  # unbridged meanwhile
+    # The failure record would make the portal skip the event: this is its one late try.
+    await bridge.db.execute(
+        "DELETE FROM bridge_matrix_events WHERE event_id = $1 AND failure IS NOT NULL",
+        event_id,
+    )
+    log.info("room key of event %s arrived late: bridging it now", event_id)
+    portal.mx_status.late.add(event_id)  # its failure reports are withdrawn
+    await _hand_on(bridge, portal, decrypted)
 
 
 async def resume_key_waits(bridge: KalandraBridge) -> None:
@@ -393,9 +466,10 @@ async def resume_key_waits(bridge: KalandraBridge) -> None:
     if e2ee is None:
         return
     rows = await bridge.db.fetch(
-        "SELECT event_id FROM bridge_matrix_events WHERE failure = $1 AND processed_at > $2"
-        " ORDER BY processed_at LIMIT 500",
+        "SELECT event_id, failure FROM bridge_matrix_events WHERE failure IN ($1, $2)"
+        " AND processed_at > $3 ORDER BY processed_at LIMIT 500",
         MessageStatusReason.UNDECRYPTABLE.value,
+        HELD,
         now_ms() - int(KEPT_WAITS * 1000),
     )
     if not rows:
@@ -406,8 +480,14 @@ async def resume_key_waits(bridge: KalandraBridge) -> None:
         if portal.row.mxid is not None and await room_is_encrypted(bridge, portal.row.mxid)
     ]
     resumed = 0
+    held: list[Event] = []
     for row in rows:
-        evt = await _fetch_encrypted(bridge, rooms, EventID(row["event_id"]))
+        found = await _fetch(bridge, rooms, EventID(row["event_id"]))
+        if row["failure"] == HELD:
+            if found is not None:
+                held.append(found)
+            continue
+        evt = found if isinstance(found, EncryptedEvent) else None
         if evt is None:
             continue  # not a missing key (another failure), or its room is gone
         failed = asyncio.get_running_loop().create_future()
@@ -418,17 +498,18 @@ async def resume_key_waits(bridge: KalandraBridge) -> None:
             _requested.add(evt.content.session_id)
             _spawn(_request_key(bridge, evt), f"key-request-{evt.event_id}")
     log.info("waiting again for the room keys of %d failed events", resumed)
+    # The relations held for those (or for events no longer waited for: they fail now), handed
+    # to their portals' queues again: held again, or failed (relations.py).
+    for event in held:
+        await bridge.matrix.int_handle_event(event)
 
 
-async def _fetch_encrypted(
-    bridge: KalandraBridge, rooms: list[RoomID], event_id: EventID
-) -> EncryptedEvent | None:
+async def _fetch(bridge: KalandraBridge, rooms: list[RoomID], event_id: EventID) -> Event | None:
     for room in rooms:
         try:
-            evt = await bridge.az.intent.get_event(room, event_id)
+            return await bridge.az.intent.get_event(room, event_id)
         except MatrixError:
             continue  # in another portal
-        return evt if isinstance(evt, EncryptedEvent) else None
     return None
 
 

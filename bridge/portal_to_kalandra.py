@@ -43,7 +43,7 @@ from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
 
-from . import access, ephemeral, media, portal_access, relations, room_metadata
+from . import access, e2ee, ephemeral, media, portal_access, relations, room_metadata
 from .bot_send import bot_send
 from .bridged_user import BridgedUser, SendFailed
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
@@ -117,6 +117,7 @@ class FromMatrix:
     relates_to: EventID | None = None
     key: str = ""
     meta: RoomMeta | room_metadata.MatrixAvatar | None = None  # "meta": room_metadata.py
+    held: bool = False  # held before for its target's room key (e2ee.hold), handed on again
 
 
 class EventSlot:
@@ -211,7 +212,11 @@ class PortalToKalandra(PortalBase):
     async def _mx_handle(self, work: FromMatrix) -> None:
         dedupe = DedupeTable(self.bridge.db)
         if await dedupe.event_seen(work.event_id):
-            return  # handled before (a replayed transaction)
+            if await dedupe.failure(work.event_id) != e2ee.HELD:
+                return  # handled before (a replayed transaction)
+            # Held for its target (e2ee.hold): handled now, or held again.
+            await dedupe.forget(work.event_id, e2ee.HELD)
+            work = dataclasses.replace(work, held=True)
         mxid = self.row.mxid
         assert mxid is not None
         delay, attempt = 0.5, 0
@@ -224,6 +229,9 @@ class PortalToKalandra(PortalBase):
                 raise
             except Refused as refusal:
                 await self._mx_fail(work, refusal)
+                return
+            except relations.Held:
+                await dedupe.record_done(work.event_id, e2ee.HELD)  # (see e2ee.resume_key_waits)
                 return
             except NotYetConfirmed:
                 # Queued in the bot's outbox, delivered once: never sent a second time.
@@ -267,7 +275,7 @@ class PortalToKalandra(PortalBase):
         log.info(
             "portal %s: a Matrix %s was not bridged (%s)", self.hex, work.kind, refusal.reason
         )
-        message = work.kind in ("message", "undecryptable", "unencrypted")
+        message = work.kind in ("message", "undecryptable", "unencrypted") or work.held
         await self.mx_status.failure(mxid, work.event_id, refusal, message=message)
         await DedupeTable(self.bridge.db).record_done(work.event_id, refusal.reason.value)
 
@@ -308,6 +316,8 @@ class PortalToKalandra(PortalBase):
         assert work.content is not None
         mxid = self.row.mxid
         assert mxid is not None
+        if relations.held_for_target(self, work, await relations.unbridged_target(self, work)):
+            raise relations.Held  # a reply or edit follows its target
         if media.is_media(work.content):
             relayed = work.permission == "relay" and self.row.relay_enabled
             if work.permission not in ("user", "admin") and not relayed:
@@ -384,7 +394,9 @@ class PortalToKalandra(PortalBase):
         assert mxid is not None
         found = await MessageTable(self.bridge.db).index_for(mxid, work.redacts)
         if found is None or found[0] != self.room_id:
-            return  # not a bridged message
+            if e2ee.hold(mxid, work.redacts, work):
+                raise relations.Held  # redacted once it is bridged
+            return  # not a bridged message (or never bridged: nothing to erase)
         await check_redaction(self.bridge, mxid, work.sender, work.redacts)
         if await relations.unreact(self, work, found[1]):
             return  # a bridged user took their reaction off

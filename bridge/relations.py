@@ -4,7 +4,8 @@ A Kalandra message points at another by its log index (``reply_to``, ``edit_of``
 a Matrix event points at another by event id (``m.in_reply_to``, ``m.replace``). Both sides of
 every bridged message are in bridge_messages (db/message.py), so each pointer is translated
 there; one that names a message the bridge never saw is dropped (the message still goes, as a
-plain one).
+plain one). A relation to a message that waits for its room key (e2ee.py) is held until that
+message is bridged.
 
 Mentions: a Kalandra message lists the member ids it mentions in its content (``"mentions":
 [ids]``, kept by Content.extra); in Matrix they are ``m.mentions`` and pills. Toward Matrix each
@@ -53,6 +54,7 @@ from kalandra_core.client.core import ClientCore
 from kalandra_core.client.extras import reaction_frame
 from kalandra_core.proto import ErrorCode, Frame, Opcode, Reaction, decode_payload
 
+from . import e2ee
 from .bridged_user import BridgedUser, SendFailed, _raise_error
 from .db import BridgedUserTable, MessageTable
 from .db.progress import bridged_mxid
@@ -281,6 +283,26 @@ async def from_matrix(
     )
 
 
+async def unbridged_target(portal: PortalToKalandra, work: FromMatrix) -> EventID | None:
+    """The message a Matrix message replies to or edits, if the bridge has not bridged it."""
+    content = work.content
+    get_edit = getattr(content, "get_edit", None)
+    get_reply = getattr(content, "get_reply_to", None)
+    target = get_edit() if get_edit is not None else None
+    if target is None and get_reply is not None:
+        target = get_reply()
+    if target is None or await _index(portal, target) is not None:
+        return None
+    return EventID(target)
+
+
+def held_for_target(portal: PortalToKalandra, work: FromMatrix, target: EventID | None) -> bool:
+    """Whether ``work`` is held until ``target`` (waiting for its room key) is bridged; a
+    message held before whose target never came goes without the pointer (as any other)."""
+    mxid = portal.row.mxid
+    return target is not None and mxid is not None and e2ee.hold(mxid, target, work)
+
+
 async def _index(portal: PortalToKalandra, event_id: EventID | None) -> int | None:
     mxid = portal.row.mxid
     if event_id is None or mxid is None:
@@ -320,13 +342,28 @@ async def _member_of_mxid(bridge: KalandraBridge, mxid: str) -> int | None:
     return None if row is None else row.member_id
 
 
+class Held(Exception):  # not an error: the portal records it and moves on
+    """A relation held until its target, which waits for its room key, is bridged (e2ee.hold)."""
+
+
+LOST_TARGET = (
+    "the message it relates to could not be decrypted by the bridge (its room key never"
+    " came), so it has nothing to point at in Kalandra."
+)
+
+
 async def reaction_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
     """A Matrix user's reaction, as their puppet leaf's AppReaction (relay-only users' are
-    refused: a reaction has no text to name them in)."""
+    refused: a reaction has no text to name them in). One to a message that waits for its room
+    key is held until that message is bridged, and fails if it never is (e2ee.py)."""
     mxid = portal.row.mxid
     assert mxid is not None
     target = await _index(portal, work.relates_to)
     if target is None:
+        if work.relates_to is not None and e2ee.hold(mxid, work.relates_to, work):
+            raise Held
+        if work.held:
+            raise Refused(MessageStatusReason.GENERIC_ERROR, LOST_TARGET)
         return  # not a bridged message
     if work.permission not in ("user", "admin"):
         raise Refused(MessageStatusReason.NO_PERMISSION, REACTION_REFUSAL)

@@ -59,6 +59,14 @@ class DedupeTable:
             )
             await conn.execute("DELETE FROM bridge_outgoing WHERE event_id = $1", event_id)
 
+    async def forget(self, event_id: EventID, failure: str) -> None:
+        """Drop the record of an event set aside with ``failure`` (it is handled again)."""
+        await self.db.execute(
+            "DELETE FROM bridge_matrix_events WHERE event_id = $1 AND failure = $2",
+            event_id,
+            failure,
+        )
+
     async def failure(self, event_id: EventID) -> str | None:
         value = await self.db.fetchval(
             "SELECT failure FROM bridge_matrix_events WHERE event_id = $1", event_id

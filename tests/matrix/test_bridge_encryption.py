@@ -28,9 +28,12 @@ from nio import (
     RoomCreateResponse,
     RoomKeyRequest,
     RoomMessageText,
+    RoomSendResponse,
     SyncResponse,
 )
 
+from bridge import relations
+from kalandra_core.client import events as ev
 from kalandra_core.client.events import Message
 from matrix.bridge_stack import (
     BOT,
@@ -48,6 +51,7 @@ from matrix.bridge_stack import (
     say,
     sync_until,
 )
+from matrix.test_bridge_relations import native_member
 
 WITHIN = 60.0
 REPORTS = {"m.room.message", "com.beeper.message_send_status"}  # the bot's failure reports
@@ -392,6 +396,70 @@ async def test_a_key_that_comes_after_a_restart_bridges_its_message_and_withdraw
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_a_reaction_to_a_message_whose_key_comes_late_is_bridged_after_it(
+    stack: BridgeStack,
+) -> None:
+    # nio and Element send m.reaction unencrypted: it is handled at once, while its target still
+    # waits for its room key (across a further restart here). It must follow its target.
+    native, _ = await native_member(stack)
+    async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "late reaction")
+        room_id = bytes.fromhex(room_hex)
+        await say(alice, portal, "first")  # the bridge has alice's room key
+        got: list[Message] = []
+        await receive(native, got, 1, room_id)
+        await stack.stop_bridge()
+        async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
+            requests = answer_key_requests(phone, answering=lambda: False)
+            await sync_until(phone, lambda: portal in phone.rooms, "the portal")
+            target = await say(phone, portal, "its key comes late")
+            await phone.sync(timeout=0)
+            relates = {"rel_type": "m.annotation", "event_id": target, "key": "late"}
+            sent = await phone.room_send(portal, "m.reaction", {"m.relates_to": relates})
+            assert isinstance(sent, RoomSendResponse), sent
+            # A reply from another device, whose key the bridge has: it follows its target too.
+            answer = {
+                "msgtype": "m.text",
+                "body": "a reply to it",
+                "m.relates_to": {"m.in_reply_to": {"event_id": target}},
+            }
+            replied = await alice.room_send(
+                portal, "m.room.message", answer, ignore_unverified_devices=True
+            )
+            assert isinstance(replied, RoomSendResponse), replied
+            notices = bot_notices(phone, portal)
+            async with syncing(phone):
+                await stack.restart()
+                async with asyncio.timeout(WITHIN):
+                    while not notices or not requests:  # noqa: ASYNC110
+                        await asyncio.sleep(0.5)
+                await stack.stop_bridge()  # the reaction waits with its target
+                asked = len(requests)
+                await stack.restart()
+                async with asyncio.timeout(WITHIN):
+                    while len(requests) == asked:  # noqa: ASYNC110
+                        await asyncio.sleep(0.5)
+                await forward_key(phone, requests[-1])
+                await receive(native, got, 3, room_id)
+                reacted = await asyncio.wait_for(late_reaction(native), WITHIN)
+                await say(phone, portal, "after")
+                await receive(native, got, 4, room_id)
+        bodies = [m.content.body for m in got]
+        assert bodies == ["first", "its key comes late", "a reply to it", "after"]
+        assert (reacted.target, reacted.add) == (got[1].log_index, True)
+        assert got[2].content.reply_to == got[1].log_index
+        assert notices == [notices[0]], notices  # the target's notice only (since withdrawn)
+    await native.close()
+
+
+async def late_reaction(native: Any) -> ev.Reacted:
+    while True:
+        event = await native.events.get()
+        if isinstance(event, ev.Reacted) and event.key == "late":
+            return event
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_an_oversized_text_arrives_split_in_an_encrypted_portal(stack: BridgeStack) -> None:
     # Megolm makes an event a third larger: the parts must fit once encrypted too.
     native = await native_client(stack)
@@ -411,4 +479,48 @@ async def test_an_oversized_text_arrives_split_in_an_encrypted_portal(stack: Bri
         assert len(seen) > 2
         assert "".join(e.body for e in seen[:-1]) == big
         assert all(e.decrypted for e in seen)
+    await native.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_reaction_to_a_message_whose_key_never_comes_fails_visibly(
+    stack: BridgeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Last in the module: the bridge restarted here gives up its key waits within seconds.
+    native, _ = await native_member(stack)
+    async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "lost reaction")
+        room_id = bytes.fromhex(room_hex)
+        await stack.stop_bridge()
+        monkeypatch.setenv("KALANDRA_TEST_LATE_KEY_WAIT", "2")  # read by the bridge restarted
+        async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
+            answer_key_requests(phone, answering=lambda: False)
+            await sync_until(phone, lambda: portal in phone.rooms, "the portal")
+            target = await say(phone, portal, "its key never comes")
+            relates = {"rel_type": "m.annotation", "event_id": target, "key": "never"}
+            sent = await phone.room_send(portal, "m.reaction", {"m.relates_to": relates})
+            assert isinstance(sent, RoomSendResponse), sent
+            async with syncing(phone):
+                await stack.restart()
+                async with asyncio.timeout(WITHIN):
+                    while True:
+                        history = await room_history(phone, portal)
+                        statuses, shown, _ = reports_about(history, sent.event_id)
+                        if statuses and shown:
+                            break
+                        await asyncio.sleep(0.5)
+                assert statuses == ["FAIL_PERMANENT"], statuses
+                assert shown == [f"Not bridged to Kalandra: {relations.LOST_TARGET}"], shown
+                # The portal flows on (the phone's later messages share the lost key: alice
+                # speaks), and nothing of the reaction reached the native side.
+                await say(alice, portal, "after")
+                got: list[Message] = []
+                await receive(native, got, 1, room_id)
+        assert [m.content.body for m in got] == ["after"]
+        reactions = []
+        while not native.events.empty():
+            event = native.events.get_nowait()
+            if isinstance(event, ev.Reacted):
+                reactions.append(event)
+        assert reactions == []
     await native.close()
