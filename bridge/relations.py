@@ -35,6 +35,7 @@ from mautrix.api import HTTPAPI, Method, Path
 from mautrix.client import ClientAPI
 from mautrix.errors import MatrixRequestError
 from mautrix.types import (
+    BaseMessageEventContent,
     EventID,
     EventType,
     Format,
@@ -286,11 +287,11 @@ async def from_matrix(
 async def unbridged_target(portal: PortalToKalandra, work: FromMatrix) -> EventID | None:
     """The message a Matrix message replies to or edits, if the bridge has not bridged it."""
     content = work.content
-    get_edit = getattr(content, "get_edit", None)
-    get_reply = getattr(content, "get_reply_to", None)
-    target = get_edit() if get_edit is not None else None
-    if target is None and get_reply is not None:
-        target = get_reply()
+    # Only parsed message contents have relations to read: an unknown msgtype arrives as a
+    # generic Obj, whose every attribute is another Obj (nothing to call).
+    if not isinstance(content, BaseMessageEventContent):
+        return None
+    target = content.get_edit() or content.get_reply_to()
     if target is None or await _index(portal, target) is not None:
         return None
     return EventID(target)
