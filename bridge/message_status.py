@@ -19,10 +19,12 @@ encrypted by the bot's device (mautrix's appservice intent sends what it is give
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING, cast
 
 from mautrix.api import Method, Path
+from mautrix.errors import MatrixStandardRequestError
 from mautrix.types import (
     BeeperMessageStatusEventContent,
     EventContent,
@@ -106,20 +108,32 @@ class StatusSender:
     ) -> None:
         """A status event (for messages) and a notice; best effort, a few attempts each."""
         metrics.failed_to_kalandra(event_id, refusal.reason.value)
+        reference: RelatesTo | None = RelatesTo(rel_type=RelationType.REFERENCE, event_id=event_id)
+        status_sent = not (message and self.enabled)
         for attempt in range(3):
             try:
-                if message and self.enabled:
-                    await self._status(room, event_id, MessageStatus.FAIL, refusal)
+                if not status_sent:
+                    # Refused for good (see below): the notice still says it.
+                    with contextlib.suppress(MatrixStandardRequestError):
+                        await self._status(room, event_id, MessageStatus.FAIL, refusal)
+                    status_sent = True
                 if self.bridge.config["bridge.delivery_error_reports"]:
                     notice = TextMessageEventContent(
                         msgtype=MessageType.NOTICE,
                         body=f"Not bridged to Kalandra: {refusal.text}",
-                        relates_to=RelatesTo(rel_type=RelationType.REFERENCE, event_id=event_id),
+                        relates_to=reference,
                     )
                     await self._send(
                         room, EventType.ROOM_MESSAGE, notice, f"kalandra-fail-{event_id}"
                     )
                 return
+            except MatrixStandardRequestError as exc:
+                # The homeserver refused the notice itself: a reference to an event it does
+                # not hold (a remote event it never stored) is refused, so say it without one.
+                log.warning(
+                    "portal %s: failure report refused (%s)", self.label, type(exc).__name__
+                )
+                reference = None
             except Exception as exc:
                 log.warning(
                     "portal %s: failure report not sent (%s)", self.label, type(exc).__name__
