@@ -45,6 +45,7 @@ from matrix.bridge_stack import (
     native_client,
     portal_with_native,
     sync_until,
+    timeline,
 )
 from nio import (
     AsyncClient,
@@ -52,7 +53,6 @@ from nio import (
     LoginResponse,
     RoomCreateResponse,
     RoomKeyRequest,
-    RoomMessagesResponse,
     RoomSendResponse,
     SyncResponse,
     UploadResponse,
@@ -211,15 +211,7 @@ async def encrypted_portal(alice: AsyncClient, native: Client, name: str) -> tup
 async def history(client: AsyncClient, room_id: str) -> list[Any]:
     """The room's timeline, oldest first, from the background sync's position (no sync here:
     :func:`syncing` owns the client's syncs)."""
-    token, events = client.next_batch, []
-    while True:
-        page = await client.room_messages(room_id, start=token, limit=100)
-        assert isinstance(page, RoomMessagesResponse), page
-        events += page.chunk
-        if not page.chunk or page.end is None:
-            break
-        token = page.end
-    return list(reversed(events))
+    return await timeline(client, room_id)
 
 
 def matrix_item(event: Any) -> Item | None:

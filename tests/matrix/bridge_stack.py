@@ -327,6 +327,12 @@ async def room_history(client: AsyncClient, room_id: str) -> list[Any]:
     """Every event of the room's timeline, oldest first (a sync's timeline is cut to its last
     events after a burst, so callbacks alone would miss some)."""
     await client.sync(timeout=0)
+    return await timeline(client, room_id)
+
+
+async def timeline(client: AsyncClient, room_id: str) -> list[Any]:
+    """The room's timeline, oldest first, back from the client's last sync position (for a
+    client whose syncs run elsewhere)."""
     token, events = client.next_batch, []
     while True:
         page = await client.room_messages(room_id, start=token, limit=100)
