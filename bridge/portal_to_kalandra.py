@@ -42,6 +42,7 @@ from kalandra_core.client.content import Content
 from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
+from kalandra_core.storage.reachable import outage
 
 from . import access, e2ee, ephemeral, media, portal_access, relations, room_metadata
 from .bot_send import bot_send
@@ -210,6 +211,32 @@ class PortalToKalandra(PortalBase):
                     slot.done.set_result(None)
 
     async def _mx_handle(self, work: FromMatrix) -> None:
+        """Handle ``work`` once; an outage of the bridge's database is waited out, however
+        long (the work is then tried again from its start: a message that reached Kalandra
+        is recognised there by its send mark and not sent twice)."""
+        delay, waiting = 0.5, False
+        while True:
+            try:
+                await self._mx_handle_once(work)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not outage(exc):
+                    raise
+                if not waiting:
+                    log.warning(
+                        "portal %s: database unreachable (%s): waiting for it",
+                        self.hex,
+                        type(exc).__name__,
+                    )
+                    waiting = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_DELAY)
+        if waiting:
+            log.info("portal %s: database back: %s handled", self.hex, work.kind)
+
+    async def _mx_handle_once(self, work: FromMatrix) -> None:
         dedupe = DedupeTable(self.bridge.db)
         if await dedupe.event_seen(work.event_id):
             if await dedupe.failure(work.event_id) != e2ee.HELD:
@@ -249,6 +276,8 @@ class PortalToKalandra(PortalBase):
                 await self._mx_fail(work, Refused(MessageStatusReason.NETWORK_ERROR, text))
                 return
             except Exception as exc:
+                if outage(exc):
+                    raise  # waited out by _mx_handle
                 if attempt >= _ATTEMPTS:
                     text = f"an internal error ({type(exc).__name__})."
                     await self._mx_fail(work, Refused(MessageStatusReason.GENERIC_ERROR, text))

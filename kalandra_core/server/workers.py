@@ -123,6 +123,11 @@ class RoomWorker:
                 await self._process(batch)
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # a read of the log (a duplicate's answer) met an outage
+                log.error("room %s: read failed: %s", self.room_id.hex(), exc)
+                for item in batch:
+                    self._error(item, ErrorCode.STORAGE_ERROR, "could not read the log; retry")
+                await self._reload()
             except Exception:
                 log.exception("room %s: batch failed", self.room_id.hex())
                 for item in batch:

@@ -62,6 +62,8 @@ def unreachable(exc: BaseException) -> bool:
             return True
         # asyncio's create_connection, every address of a host failed
         return exc.errno is None and str(exc).startswith("Multiple exceptions")
+    if isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc):
+        return True  # a pooled connection the server closed while it was down
     return isinstance(
         exc,
         asyncpg.CannotConnectNowError  # starting up or shutting down

@@ -109,8 +109,11 @@ def run_bridge(*args: str, cwd: Path, log: Path | None = None) -> subprocess.Pop
 
 
 async def wait_ready(bridge: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    if await wait_bridge_ready(bridge, port, READY_TIMEOUT):
-        return
+    try:
+        if await wait_bridge_ready(bridge, port, READY_TIMEOUT):
+            return
+    except TimeoutError:
+        raise AssertionError(f"bridge not ready in {READY_TIMEOUT} s:\n{tail(log)}") from None
     raise AssertionError(f"bridge exited with {bridge.returncode}:\n{tail(log)}")
 
 
@@ -119,18 +122,19 @@ def tail(log: Path) -> str:
 
 
 @asynccontextmanager
-async def fresh_postgres() -> AsyncIterator[str]:
-    """A brand-new PostgreSQL database (its URL), dropped afterwards."""
+async def fresh_postgres(admin_dsn: str = PG_ADMIN_DSN) -> AsyncIterator[str]:
+    """A brand-new PostgreSQL database (its URL) on the server of ``admin_dsn``, dropped
+    afterwards."""
     name = f"kalandra_bridge_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     try:
-        yield f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
+        yield f"{admin_dsn.rsplit('/', 1)[0]}/{name}"
     finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        admin = await asyncpg.connect(admin_dsn)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
@@ -201,18 +205,20 @@ async def bridge_stack(
     default_level: str = "relay",
     options: dict[str, Any] | None = None,
     start: bool = True,
+    pg_admin: str = PG_ADMIN_DSN,
 ) -> AsyncIterator[BridgeStack]:
     """Synapse + the bridge process. ``stack.user`` (a registered localpart) is a bridge admin;
     each role in ``others`` gets a registered localpart (``stack.others[role]``): "relay",
     "user" and "admin" with that permission level, any other name ("stranger") with the
     default, ``default_level``. ``bridge_options`` set options under ``bridge.``, ``options``
     any option by its full dotted path ("metrics.enabled"). ``start=False``: the bridge is not
-    started (``stack.restart()`` does), so a test can prepare its database first."""
+    started (``stack.restart()`` does), so a test can prepare its database first. ``pg_admin``:
+    the PostgreSQL server to make the database on (a test's own, to stop it)."""
     if not SYNAPSE_PYTHON.exists():
         pytest.fail(f"{SYNAPSE_PYTHON} is missing: run tests/matrix/install_synapse.sh")
     async with contextlib.AsyncExitStack() as exits:
         if database == "postgres":
-            database_url = await exits.enter_async_context(fresh_postgres())
+            database_url = await exits.enter_async_context(fresh_postgres(pg_admin))
         else:
             database_url = "sqlite:///kalandra.db"
         hs_port, as_port = free_port(), free_port()
