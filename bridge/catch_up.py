@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kalandra.bridge.catch_up")
 
 _PAGES = 10  # of 100 events per portal, at most
-_WATCH_EVERY = 5.0  # seconds between two checks that the homeserver answers
+# Seconds between two checks that the homeserver answers: shorter than any restart of Synapse
+# (its start-up alone takes seconds), so that no restart goes unseen; one cheap GET each.
+_WATCH_EVERY = 1.0
+_ANSWER_WITHIN = 10.0  # a busy homeserver is slow, not gone
 _state: dict[str, Any] = {"suspect": False, "last_txn": None}
 
 
@@ -150,7 +153,7 @@ async def catch_up(
 
 async def _answers(bridge: KalandraBridge) -> bool:
     try:
-        async with asyncio.timeout(_WATCH_EVERY * 2):
+        async with asyncio.timeout(_ANSWER_WITHIN):
             await bridge.az.intent.api.request(Method.GET, Path.versions, retry_count=0)
     except Exception:
         return False
