@@ -34,8 +34,8 @@ from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.mls.keypackage import bundle_is_last_resort
-from kalandra_core.server.loopback import loopback_connector
 from kalandra_core.storage.base import AlreadyExists
+from kalandra_core.transport.loopback import loopback_connector
 
 from . import access, permissions, portal_access
 from .backfill import BackfillSettings, BackfillTable, HistoryBuffer

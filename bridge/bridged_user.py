@@ -37,9 +37,9 @@ from kalandra_core.proto import (
     ProtocolError,
     decode_payload,
 )
-from kalandra_core.server.loopback import connect_loopback
-from kalandra_core.server.transport import FrameSink
 from kalandra_core.storage.base import AlreadyExists
+from kalandra_core.transport.interface import FrameSink
+from kalandra_core.transport.loopback import connect_loopback
 
 from .db import BridgedUserRow, BridgedUserTable, Outgoing, OutgoingTable, SendMark
 from .send_chains import ensure_send_floors

@@ -32,7 +32,7 @@ from ..proto import (
     ProtocolError,
     decode_payload,
 )
-from ..server.transport import FrameSink, SessionFactory
+from ..transport.interface import FrameSink, SessionFactory
 from . import events as ev
 from . import media
 from .content import Content
@@ -62,8 +62,8 @@ async def connect_transport(
     address: ServerAddress, factory: SessionFactory, ca_certificate: bytes | None
 ) -> FrameSink:
     """The real transports: TCP, or QUIC (verifying against ``ca_certificate`` when given)."""
-    from ..server.quic import connect_quic
-    from ..server.tcp import connect_tcp
+    from ..transport.quic import connect_quic
+    from ..transport.tcp import connect_tcp
 
     if address.scheme == "quic":
         return await connect_quic(

@@ -13,10 +13,10 @@ from nacl.signing import SigningKey
 
 from ..storage.reachable import outage, wait_for_database
 from ..storage.sql import SqlStore
+from ..transport.interface import Listener
 from . import tls
 from .config import ServerConfig
 from .hub import Hub
-from .transport import Listener
 
 log = logging.getLogger("kalandra.server")
 
@@ -71,13 +71,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
     buffered = config.limits.send_buffer
     try:
         if config.tcp_port is not None:
-            from .tcp import serve_tcp
+            from ..transport.tcp import serve_tcp
 
             running.listeners["tcp"] = await serve_tcp(
                 config.tcp_host, config.tcp_port, hub.session_factory, max_buffered=buffered
             )
         if config.quic_port is not None:
-            from .quic import serve_quic
+            from ..transport.quic import serve_quic
 
             cert, private = tls.load_or_create(
                 config.certificate or data / "server.crt",

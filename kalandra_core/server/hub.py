@@ -33,12 +33,12 @@ from ..proto.hello_proof import ReplayCache
 from ..proto.hlc import skew_ms
 from ..proto.payloads import GroupInfoData
 from ..storage.base import AlreadyExists, Handshake, Role, Room, RoomMember, Store
+from ..transport.interface import FrameSink
 from . import replies
 from .config import ServerConfig
 from .ratelimit import TokenBucket
 from .room import RoomSequencer
 from .session import ServerSession
-from .transport import FrameSink
 from .workers import RoomWorker
 
 log = logging.getLogger("kalandra.server")

@@ -36,9 +36,9 @@ from ..proto import (
 from ..proto.hello_proof import verify_hello_proof
 from ..proto.payloads import PROTOCOL_VERSION
 from ..storage.base import StoreError, normalize_login_code
+from ..transport.interface import FrameSink
 from . import cas, replies
 from .ratelimit import TokenBucket
-from .transport import FrameSink
 
 if TYPE_CHECKING:
     from .hub import Hub

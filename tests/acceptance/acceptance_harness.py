@@ -40,10 +40,10 @@ from kalandra_core.proto import (
     hlc,
 )
 from kalandra_core.proto.hello_proof import signed_hello
-from kalandra_core.server.quic import connect_quic
-from kalandra_core.server.tcp import connect_tcp
-from kalandra_core.server.transport import FrameSink
 from kalandra_core.storage.sql import SqlStore
+from kalandra_core.transport.interface import FrameSink
+from kalandra_core.transport.quic import connect_quic
+from kalandra_core.transport.tcp import connect_tcp
 
 T = TypeVar("T")
 

@@ -37,8 +37,8 @@ from kalandra_core.proto import (
 from kalandra_core.proto.hello_proof import signed_hello
 from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.server.config import Limits, ServerConfig
-from kalandra_core.server.tcp import connect_tcp
-from kalandra_core.server.transport import FrameSink
+from kalandra_core.transport.interface import FrameSink
+from kalandra_core.transport.tcp import connect_tcp
 
 
 @dataclass

@@ -26,10 +26,10 @@ from kalandra_core.proto import (
     Opcode,
     ProtocolError,
 )
-from kalandra_core.server.quic import connect_quic, serve_quic
-from kalandra_core.server.tcp import connect_tcp, serve_tcp
 from kalandra_core.server.tls import load_or_create, self_signed_certificate
-from kalandra_core.server.transport import FrameSink, Listener, SessionFactory
+from kalandra_core.transport.interface import FrameSink, Listener, SessionFactory
+from kalandra_core.transport.quic import connect_quic, serve_quic
+from kalandra_core.transport.tcp import connect_tcp, serve_tcp
 
 T = TypeVar("T")
 TIMEOUT = 10.0

@@ -36,10 +36,10 @@ from kalandra_core.proto import (
 )
 from kalandra_core.proto.hello_proof import signed_hello
 from kalandra_core.server.app import RunningServer
-from kalandra_core.server.tcp import connect_tcp
-from kalandra_core.server.transport import FrameSink
 from kalandra_core.storage import schema
 from kalandra_core.storage.urls import sqlalchemy_url
+from kalandra_core.transport.interface import FrameSink
+from kalandra_core.transport.tcp import connect_tcp
 
 TIMEOUT = 15.0  # any single wait (a loaded 2-core machine); never a timing assertion
 

@@ -1,7 +1,7 @@
 """An in-memory network between simulated clients and the real server, on virtual time.
 
 Every connection has two ends that implement the transport contract's ``FrameSink``
-(``kalandra_core/server/transport.py``); the server end is handed to ``Hub.session_factory`` and
+(``kalandra_core/transport/interface.py``); the server end is handed to ``Hub.session_factory`` and
 the client end to the client driver's session factory, exactly as TCP/QUIC do.
 
 What "packet loss" means here. Kalandra runs over reliable streams (TCP, QUIC): a lost packet
@@ -37,7 +37,7 @@ from typing import Protocol
 
 from kalandra_core.client.driver import Connector, ServerAddress
 from kalandra_core.proto import Frame, ProtocolError
-from kalandra_core.server.transport import FrameSink, Session, SessionFactory
+from kalandra_core.transport.interface import FrameSink, Session, SessionFactory
 
 
 @dataclass(frozen=True, slots=True)

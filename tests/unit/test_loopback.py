@@ -1,4 +1,4 @@
-"""The in-process connection (kalandra_core/server/loopback.py): ordering, closing, flow
+"""The in-process connection (kalandra_core/transport/loopback.py): ordering, closing, flow
 control, and two real clients talking through a real Hub over it."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.proto import Frame, FrameHeader, Opcode, ProtocolError
 from kalandra_core.server.config import ServerConfig
 from kalandra_core.server.hub import Hub
-from kalandra_core.server.loopback import connect_loopback, loopback_connector
-from kalandra_core.server.transport import FrameSink
 from kalandra_core.storage.memory import MemoryStore
+from kalandra_core.transport.interface import FrameSink
+from kalandra_core.transport.loopback import connect_loopback, loopback_connector
 
 
 class Recorder:

@@ -32,8 +32,7 @@ from aioquic.quic.stream import QuicStream
 from aioquic.tls import load_pem_private_key, load_pem_x509_certificates
 
 from ..proto import Frame, FrameDecoder, ProtocolError
-from .tcp import may_queue
-from .transport import (
+from .interface import (
     ALPN,
     DEFAULT_MAX_BUFFERED,
     FrameSink,
@@ -42,6 +41,7 @@ from .transport import (
     SessionFactory,
     read_limit_of,
 )
+from .tcp import may_queue
 
 log = logging.getLogger(__name__)
 

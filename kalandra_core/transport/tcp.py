@@ -14,7 +14,7 @@ import socket
 from typing import Any
 
 from ..proto import FrameDecoder, ProtocolError
-from .transport import (
+from .interface import (
     DEFAULT_MAX_BUFFERED,
     FrameSink,
     Listener,

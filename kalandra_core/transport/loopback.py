@@ -5,13 +5,13 @@ own MLS state), so the server checks the bridge exactly like any native client.
 :func:`loopback_connector` is a :data:`~kalandra_core.client.driver.Connector` for
 ``Client(connector=...)``.
 
-A connection is two in-memory :class:`~kalandra_core.server.transport.FrameSink` ends. A frame
+A connection is two in-memory :class:`~kalandra_core.transport.interface.FrameSink` ends. A frame
 is passed as bytes (decoded on arrival, as a transport would) and delivered on a later turn of
 the event loop (``loop.call_soon``), so a session never re-enters its peer while sending, and
 FIFO scheduling keeps each direction in order. ``close`` on either end delivers what is already
 queued, then calls ``connection_lost`` on both sessions, each exactly once (as TCP does: the
 closing side's transport reports the loss too). Flow control follows the TCP rule
-(:func:`~kalandra_core.server.tcp.may_queue`): ``buffered`` counts bytes sent and not yet
+(:func:`~kalandra_core.transport.tcp.may_queue`): ``buffered`` counts bytes sent and not yet
 delivered.
 """
 
@@ -25,10 +25,10 @@ from typing import Any
 
 from ..proto import Frame, ProtocolError
 from ..proto.header import HEADER_SIZE
+from .interface import DEFAULT_MAX_BUFFERED, FrameSink, Session, SessionFactory
 from .tcp import may_queue
-from .transport import DEFAULT_MAX_BUFFERED, FrameSink, Session, SessionFactory
 
-log = logging.getLogger("kalandra.server.loopback")
+log = logging.getLogger("kalandra.transport.loopback")
 _ids = itertools.count(1)
 
 
