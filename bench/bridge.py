@@ -459,7 +459,8 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     steady = f"{rate:g} msgs/s"
     distributions = [
         Distribution("native->Matrix", tuple(n2m_lat), steady, P99_TARGET_MS, "p99 target"),
-        # No DESIGN target this way; the other direction's is drawn for scale.
+        # No target this way (docs/performance-targets.md); the other direction's is drawn
+        # for scale.
         Distribution(
             "Matrix->native", tuple(m2n_lat), steady, P99_TARGET_MS, "n->M target, for scale"
         ),

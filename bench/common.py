@@ -13,7 +13,7 @@ class Figure:
     name: str
     value: float
     unit: str
-    target: str  # the DESIGN target, as text ("-" if none)
+    target: str  # docs/performance-targets.md's target, as text ("-" if none)
     limit_name: str  # what the ratio is held against
     limit_value: float
     decimals: int = 0  # digits after the point when printing value and limit

@@ -1,7 +1,8 @@
 """Message encryption and decryption through the SenderKeyStore (ratchet step + envelope).
 
 The limit is raw libsodium XChaCha20-Poly1305 on the same plaintext, measured in the same run.
-Target (DESIGN section 9): under 0.1 ms per message, i.e. more than 10,000 messages per second.
+Target (docs/performance-targets.md): under 0.1 ms per message, i.e. more than 10,000
+messages per second.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Wire-format rates: header parse, full frame decode, encode and stream decoding.
 
 The limit is ``struct.unpack_from`` of all header fields from 128 bytes: the least any Python
-header parser must do. Target (DESIGN section 9): at least 1,000,000 header parses per second.
+header parser must do. Target (docs/performance-targets.md): at least 1,000,000 header
+parses per second.
 """
 
 from __future__ import annotations

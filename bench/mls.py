@@ -10,11 +10,11 @@ Figures, all in ms (N = 1000 with ``--full``, N = 100 in quick mode, so CI stays
 
 * processing a self-update / a remove commit made by another member: the median over all
   (commit, receiving member) pairs, each checked to advance the receiver's epoch by one.
-  Target (DESIGN): under 100 ms per commit at 1000 members; the limit is that target itself,
-  so a ratio under 1 is within target.
+  Target (docs/performance-targets.md): under 100 ms per commit at 1000 members; the limit
+  is that target itself, so a ratio under 1 is within target.
 * joining from the Welcome (``MlsGroup.join``), saving (serializing the library state, which
   every processed commit does for its rollback point) and loading
-  (``MlsGroup.from_bytes``) a member's state: best of several runs. There is no DESIGN target;
+  (``MlsGroup.from_bytes``) a member's state: best of several runs. There is no target;
   the limit is N x one Ed25519 signature verification (``nacl.signing.VerifyKey.verify``),
   measured in the same run: the physical floor of checking every leaf's signature once.
 """

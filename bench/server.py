@@ -12,8 +12,8 @@ Figures:
 * sequencer throughput, one room: M AppMessage frames (M = 2,000 quick / 20,000 full),
   pre-built and signed by A's ClientCore, written over A's connection all at once
   (pipelined); timed until A has received the echo of every one (or an Error frame for it).
-  Target (DESIGN): >= 10k msgs/s; the limit is single-core Ed25519 verification
-  (``VerifyKey.verify`` of a 56-byte message), measured in the same run.
+  Target (docs/performance-targets.md): >= 10k msgs/s; the limit is single-core Ed25519
+  verification (``VerifyKey.verify`` of a 56-byte message), measured in the same run.
 * native -> native latency: A sends at a paced 1,000 msgs/s (2 s quick / 10 s full) and a
   session of B notes the arrival of each; both ends live in this process, so one clock.
   Target: p99 < 10 ms; the limit is that target itself. Printed alongside: the Ping -> Pong

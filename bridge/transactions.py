@@ -2,7 +2,7 @@
 
 mautrix answers 200 to a transaction as soon as it has dispatched the events to background
 tasks (even when a handler fails), and remembers transaction ids in memory only. Here
-(DESIGN section 6):
+(docs/architecture.md, Exactly once):
 
 - a transaction already in ``bridge_appservice_txns`` is answered at once, after a restart
   too. It is known by its id and its events' ids: Synapse on SQLite numbers transactions from 1

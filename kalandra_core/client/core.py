@@ -1,6 +1,6 @@
 """The native client, sans-IO: commands in, frames and events out; frames in, events out.
 
-The epoch rules of DESIGN section 3, as this core keeps them:
+The epoch rules (docs/architecture.md, Epoch rules), as this core keeps them:
 
 1. The epoch comes only from our MLS state; server replies never set it.
 2. Every frame we send carries our MLS epoch; the server checks it.

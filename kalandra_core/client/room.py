@@ -108,7 +108,7 @@ class ClientRoom:
         self.anchor_request: int | None = None  # the request id of that lookup
         self.active = True
         self._roster: dict[int, tuple[int, bytes]] | None = None
-        # Post-compromise security: when our leaf is due for a fresh key (DESIGN section 4).
+        # Post-compromise security: when our leaf is due for a fresh key (update_tracker.py).
         self.updates = UpdateTracker(policy, now)
         # Name, topic and avatar as the members agree on them (room_meta.py; unset until known).
         self.name = ""

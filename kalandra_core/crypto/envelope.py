@@ -1,4 +1,6 @@
-"""The AppMessage envelope: XChaCha20-Poly1305 under a sender-key message key (digest 10.3).
+"""The AppMessage envelope: XChaCha20-Poly1305 under a sender-key message key.
+
+See docs/wire-protocol.md, Envelope.
 
 Nonce (24 bytes) = epoch u64 BE || sender_index u32 BE || generation u32 BE || 8 random bytes.
 No associated data, as the reference. On receipt we also check that the nonce's first 16 bytes

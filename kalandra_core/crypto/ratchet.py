@@ -1,4 +1,6 @@
-"""The per-sender symmetric ratchet (digest section 10.2), with a bounded skipped-key store.
+"""The per-sender symmetric ratchet, with a bounded skipped-key store.
+
+See docs/wire-protocol.md, Ratchet.
 
     message_key = HMAC-SHA256(chain_key, "message")
     next_chain  = HMAC-SHA256(chain_key, "chain")

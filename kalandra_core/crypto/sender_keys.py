@@ -1,4 +1,4 @@
-"""Per-sender seeds derived from the MLS epoch (digest section 10.1).
+"""Per-sender seeds derived from the MLS epoch (docs/wire-protocol.md, Sender seeds).
 
     epoch_secret = MLS-Exporter("kalandra sender keys v1", "", 32)
     seed_i       = HKDF-SHA256(salt=none, ikm=epoch_secret,

@@ -5,7 +5,7 @@ Each correction first checks that the code it works around is still byte-for-byt
 1.3.0 source and raises :class:`LibraryChangedError` otherwise: a silently changed library could
 make a correction wrong (or double-apply a fix upstream already made).
 
-Corrections and gap fills so far (numbers as in shared/notes/mls-library-evaluation.md §7):
+Corrections and gap fills so far (defect numbers as in docs/mls-library.md):
 
 * defect 4, exporter: ``KeySchedule.export`` feeds the exporter Context unhashed; RFC 9420 §8.5
   says ``ExpandWithLabel(DeriveSecret(exporter_secret, Label), "exported", Hash(Context), L)``.

@@ -1,4 +1,4 @@
-"""Send-side corrections of rfc9420 1.3.0 (defects 1-3, 5-9 of the library evaluation).
+"""Send-side corrections of rfc9420 1.3.0 (defects 1-3, 5-9 of docs/mls-library.md).
 
 Each correction first checks that the library code it replaces or relies on is byte-for-byte the
 audited 1.3.0 source, and raises LibraryChangedError otherwise: an upstream change could make a

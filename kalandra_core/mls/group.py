@@ -1,6 +1,6 @@
 """One member's view of one MLS group: the operations Kalandra needs, over corrected rfc9420.
 
-Discipline (DESIGN section 3, epoch rules):
+Discipline (docs/architecture.md, Epoch rules):
 
 * Our own commits are *pending* until the sequencer accepts them. ``add``/``remove``/
   ``self_update`` return the commit to send and leave the group at its epoch; when the commit

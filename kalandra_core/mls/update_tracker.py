@@ -1,7 +1,7 @@
 """When to self-update our leaf: post-compromise security on a message/time budget.
 
 A member that sends N messages or lives T seconds in the group since its leaf last changed asks
-for a self-update commit (DESIGN section 4: standard 100 messages / 24 h, high 10 / 1 h). Any
+for a self-update commit (standard: 100 messages / 24 h, high: 10 / 1 h). Any
 commit of ours with an UpdatePath refreshes the leaf, so it resets the budget too. Sans-IO: the
 caller passes the clock in.
 """

@@ -1,4 +1,5 @@
-"""The five epoch scenarios every release must pass (notes/epoch-desync.md), end to end.
+"""The five epoch scenarios every release must pass (docs/architecture.md, The five epoch
+scenarios), end to end.
 
 A real server process, real sockets (TCP, QUIC) and real databases (SQLite, PostgreSQL); the
 native ``Client`` over ``ClientCore`` with its state persisted in ``ClientState``.

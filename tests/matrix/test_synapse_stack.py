@@ -87,7 +87,7 @@ async def nio_client(
         yield client
     finally:
         if client.logged_in:
-            await client.logout()  # deletes the device: they pile up otherwise (notes §6.6)
+            await client.logout()  # deletes the device: each new room key goes to every one left
         await client.close()
 
 

@@ -1,4 +1,5 @@
-"""Deterministic simulation of the real server and client code (DESIGN section 8).
+"""Deterministic simulation of the real server and client code (docs/architecture.md, How it
+is tested).
 
 Each case runs one seed at one packet-loss level (see ``sim_world`` and ``sim_net`` for what is
 modelled) and asserts every property of ``sim_world.PROPERTIES``; a failure prints the seed,

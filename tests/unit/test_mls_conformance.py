@@ -17,7 +17,7 @@ from kalandra_core.mls.conformance import UnknownVectorFileError, run_directory
 MLS_VECTORS = Path(__file__).parent.parent / "vectors" / "mls"
 REPO = Path(__file__).parent.parent.parent
 
-# Cases per file in mlswg/mls-implementations test-vectors (see the library evaluation note).
+# Cases per file in mlswg/mls-implementations test-vectors (docs/mls-library.md).
 EXPECTED_CASES = {
     "tree-math.json": 10,
     "crypto-basics.json": 7,
