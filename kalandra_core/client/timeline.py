@@ -156,12 +156,12 @@ class Timeline:
             return f"#{index} (not in this history)"
         if target.removed:
             return f"#{index} (message removed)"
-        text = " ".join(self._text(target).split())
+        text = " ".join(self._text(target, ansi=False).split())  # (cut: no styles to break)
         if len(text) > QUOTE_WIDTH:
             text = text[: QUOTE_WIDTH - 1] + "…"
         return f"#{target.message.log_index} <{self.name(target.message.sender_id)}> {text}"
 
-    def _text(self, shown: _Shown) -> str:
+    def _text(self, shown: _Shown, *, ansi: bool | None = None) -> str:
         if shown.removed:
             return "(message removed)"
         content = shown.edits[-1].content if shown.edits else shown.message.content
@@ -169,7 +169,8 @@ class Timeline:
         if meta is not None:
             return _meta_text(meta.name, meta.topic, meta.avatar is not None, meta.remove_avatar)
         if content.formatted_body is not None:
-            text = html_to_terminal(content.formatted_body, ansi=self.ansi)
+            styled = self.ansi if ansi is None else ansi
+            text = html_to_terminal(content.formatted_body, ansi=styled)
         else:
             text = clean(content.body)
         media = shown.message.content.media
