@@ -5,7 +5,7 @@ for every command) in a portal with Alice, a Matrix user. Matrix to CLI: what `h
 `tail` print for Alice's display name and MXID, formatted text, a reply, an edit, a reaction, a
 redaction and room name and topic changes. CLI to Matrix: `send --markdown`, `reply`, `edit`,
 `react` and `unreact` as Alice's client sees them (HTML body, m.in_reply_to, m.replace,
-m.annotation, the reaction redacted).
+m.annotation, the reaction redacted). A relayed message: from the bridge's bot, by its name.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from nio import AsyncClient, RoomSendResponse
 
 from kalandra_core.storage.sql import SqlStore
 from matrix.bridge_stack import (
+    BOT,
     BridgeStack,
     bridge_stack,
     command,
@@ -33,6 +34,7 @@ from matrix.bridge_stack import (
     nio_client,
     room_history,
     say,
+    sync_until,
 )
 
 WITHIN = 60.0
@@ -75,7 +77,8 @@ class Portal:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def room(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Portal]:
     work = tmp_path_factory.mktemp("cli")
-    async with bridge_stack(work, "sqlite") as stack:
+    relay = {"relay.enabled": True}
+    async with bridge_stack(work, "sqlite", others=("relay",), bridge_options=relay) as stack:
         store = await SqlStore.open(stack.store_url, migrate=False)
         try:
             account = await store.create_member(f"native_{secrets.token_hex(3)}")
@@ -84,9 +87,8 @@ async def room(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Portal
             await store.close()
         async with nio_client(stack.synapse, stack.user) as alice:
             room_hex, portal = await create_portal(alice, "cli")
-            it = Portal(
-                stack, alice, work / "native.db", room_hex, portal, ""
-            )  # (the ghost: below)
+            ghost = f"@kalandra_{account.member_id}:localhost"
+            it = Portal(stack, alice, work / "native.db", room_hex, portal, ghost)
             await it.cli(
                 "login", "--server", f"tcp://127.0.0.1:{stack.tcp_port}", "--token", token
             )
@@ -95,7 +97,6 @@ async def room(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Portal
             )
             assert answer.startswith("Added member"), answer
             assert room_hex in await it.cli("join", "--wait", "2")
-            it.ghost = f"@kalandra_{account.member_id}:localhost"
             # The ghost is in the portal before anyone speaks (history visibility `invited`).
             async with asyncio.timeout(WITHIN):
                 while True:
@@ -243,18 +244,10 @@ async def _ghost_texts(room: Portal, count: int) -> list[tuple[str, str]]:
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_cli_sends_what_matrix_shows(room: Portal) -> None:
-    pytest.importorskip("markdown_it")
-    alice = room.alice
-    hello = await say(alice, room.portal, "hello native")
-    shown = await room.history_until(lambda text: "hello native" in text)
-    (target,) = [
-        int(m.group(1)) for m in re.finditer(r"^#(\d+) .* hello native$", shown, re.MULTILINE)
-    ]
-
-    md = await room.sent(
-        "send", room.room, "--markdown", "**strong** and [a link](https://example.org) `code`"
-    )
+async def test_send_markdown(room: Portal) -> None:
+    pytest.importorskip("markdown_it")  # (an optional dependency, imported only for this)
+    text = "**strong** and [a link](https://example.org) `code`"
+    await room.sent("send", room.room, "--markdown", text)
     formatted = await ghost_event(
         room, "m.room.message", lambda e: "<strong>" in e["content"].get("formatted_body", "")
     )
@@ -266,18 +259,35 @@ async def test_cli_sends_what_matrix_shows(room: Portal) -> None:
     )
     # The bridge gives Matrix the HTML's text as the plain body.
     assert content["body"] == "strong and a link (https://example.org) code"
+    shown = await room.cli("history", room.room)
+    assert "<Nat Native> **strong** and a link <https://example.org> `code`" in shown
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_cli_sends_what_matrix_shows(room: Portal) -> None:
+    alice = room.alice
+    hello = await say(alice, room.portal, "hello native")
+    shown = await room.history_until(lambda text: "hello native" in text)
+    (target,) = [
+        int(m.group(1)) for m in re.finditer(r"^#(\d+) .* hello native$", shown, re.MULTILINE)
+    ]
+
+    draft = await room.sent("send", room.room, "first draft")
+    original = await ghost_event(
+        room, "m.room.message", lambda e: e["content"].get("body") == "first draft"
+    )
 
     await room.sent("reply", room.room, str(target), "a reply")
     replied = await ghost_event(
-        room, "m.room.message", lambda e: e["content"]["body"] == "a reply"
+        room, "m.room.message", lambda e: e["content"].get("body") == "a reply"
     )
     assert replied["content"]["m.relates_to"] == {"m.in_reply_to": {"event_id": hello}}
 
-    await room.sent("edit", room.room, str(md), "edited", "text")
+    await room.sent("edit", room.room, str(draft), "edited", "text")
     edited = await ghost_event(room, "m.room.message", lambda e: "m.new_content" in e["content"])
     assert edited["content"]["m.relates_to"] == {
         "rel_type": "m.replace",
-        "event_id": formatted["event_id"],
+        "event_id": original["event_id"],
     }
     assert edited["content"]["m.new_content"]["body"] == "edited text"
 
@@ -297,6 +307,20 @@ async def test_cli_sends_what_matrix_shows(room: Portal) -> None:
     # The CLI's own view agrees: the edit applied, the reaction gone, the reply quoted.
     shown = await room.cli("history", room.room, "--limit", "100")
     assert f"> #{target} <Alice Liddell ({alice.user_id})> hello native" in shown
-    assert "<Nat Native> **strong** and a link <https://example.org> `code`" not in shown
+    assert "first draft" not in shown
     assert "<Nat Native> edited text (edited)" in shown
     assert "🎉" not in shown.split("hello native", 1)[1].split("\n#", 1)[0]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_relayed_message_is_the_bots_by_its_name(room: Portal) -> None:
+    async with nio_client(room.stack.synapse, room.stack.others["relay"]) as bob:
+        await bob.set_displayname("Bob Relay")
+        await room.alice.room_invite(room.portal, bob.user_id)
+        await bob.join(room.portal)
+        await sync_until(bob, lambda: room.portal in bob.rooms, "the join")
+        answer = await command(room.alice, room.portal, "!kalandra set-relay")
+        assert answer.startswith("Relay mode is on"), answer
+        await say(bob, room.portal, "relayed hello")
+        shown = await room.history_until(lambda text: "relayed hello" in text)
+        assert f"<Kalandra bridge bot ({BOT})> Bob Relay: relayed hello" in shown
