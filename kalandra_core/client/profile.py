@@ -6,7 +6,8 @@ member (it is read only from that member's own messages) and the server never se
 bridge sets it on the messages of bridged Matrix users (their Matrix display name in the portal,
 and their MXID); a native client sets a display name its user chose (``kalandra
 set-displayname``). Clients show a member by the profile of its latest message; members that
-never sent one are shown by their member id.
+never sent one are shown by their member id. It is a claim, like a Matrix display name (a native
+member could say it is any MXID): the timeline adds the member id to a name two members use.
 """
 
 from __future__ import annotations

@@ -125,9 +125,18 @@ class Timeline:
         return out
 
     def name(self, member_id: int) -> str:
+        """The member's label; with its member id when another member says the same (a
+        profile is the member's own claim, like a Matrix display name: never let two look
+        alike)."""
         profile = self.profiles.get(member_id)
         label = profile.label() if profile is not None else None
-        return label or str(member_id)
+        if not label:
+            return str(member_id)
+        folded = label.casefold()
+        for other, theirs in self.profiles.items():
+            if other != member_id and (theirs.label() or "").casefold() == folded:
+                return f"{label} [{member_id}]"
+        return label
 
     def _render(self, index: int, *, quote: bool = True) -> list[str]:
         shown = self._shown[index]

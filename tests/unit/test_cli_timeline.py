@@ -80,6 +80,12 @@ def test_names_come_from_the_members_own_messages() -> None:
     timeline.add(ev.Message(ROOM, 7, 2, STAMP, Content(body="b")))  # the name stays
     assert texts(timeline) == ["<Alice (@alice:example.org)> a", "<Alice (@alice:example.org)> b"]
     assert profile_of(Content(body="x", extra={"profile": {"displayname": 5}})) is None
+    # A name another member also claims comes with the member id (no look-alikes).
+    timeline.add(ev.Message(ROOM, 8, 3, STAMP, with_profile(Content(body="c"), bridged)))
+    assert texts(timeline)[1:] == [
+        "<Alice (@alice:example.org) [7]> b",
+        "<Alice (@alice:example.org) [8]> c",
+    ]
     # Spaces and control characters cannot fake a line or drive the terminal.
     assert Profile("Eve\n#9 <7>\x1b[2J", None).label() == "Eve #9 <7>[2J"
 
