@@ -3,6 +3,8 @@ names) and the HTML renderer for terminals (the bridge tests run them end to end
 
 from __future__ import annotations
 
+import pytest
+
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.client.profile import Profile, profile_of, with_profile
@@ -111,3 +113,13 @@ def test_html_for_a_terminal() -> None:
     )
     coloured = html_to_terminal("<b>x</b> <img src='mxc://a/b' alt='cat'>", ansi=True)
     assert coloured == "\x1b[1mx\x1b[22m [image: cat]"
+
+
+def test_markdown_bodies() -> None:
+    pytest.importorskip("markdown_it")
+    from kalandra_core.client.markdown import render
+
+    assert render("just text & more") == ("just text & more", None)  # no HTML body
+    body, html = render("**hi** <b>raw</b> ~~old~~")
+    assert body == "**hi** <b>raw</b> ~~old~~"  # as typed, as Matrix clients send it
+    assert html == "<p><strong>hi</strong> &lt;b&gt;raw&lt;/b&gt; <s>old</s></p>"
