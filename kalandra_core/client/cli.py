@@ -271,14 +271,21 @@ async def _follow(client: Client, room_id: bytes, timeline: Timeline) -> None:
                 _print(timeline.add(entry))
 
 
-def _text_content(client: Client, args: argparse.Namespace, **relation: int) -> Content:
+def _text_content(
+    client: Client,
+    args: argparse.Namespace,
+    *,
+    reply_to: int | None = None,
+    edit_of: int | None = None,
+) -> Content:
+    """The message of `send`, `reply` or `edit`, with our display name (if one is set)."""
     text = " ".join(args.text)
     formatted = None
     if args.markdown:
         from .markdown import render
 
         text, formatted = render(text)
-    content = Content(body=text, formatted_body=formatted, **relation)  # type: ignore[arg-type]
+    content = Content(body=text, formatted_body=formatted, reply_to=reply_to, edit_of=edit_of)
     name = client.state.load_displayname() if client.state else None
     return with_profile(content, Profile(displayname=name) if name else None)
 
