@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from mautrix.types import EventID
 
 from kalandra_core.client.content import Content
+from kalandra_core.client.profile import Profile, with_profile
 
 from .db import Outgoing, OutgoingTable
 from .send_chains import ensure_send_floors
@@ -26,7 +27,11 @@ if TYPE_CHECKING:
 async def bot_send(
     bridge: KalandraBridge, room_id: bytes, content: Content, event_id: EventID
 ) -> int:
-    """Send ``content`` through the bot's leaf for ``event_id``; returns its log index."""
+    """Send ``content`` through the bot's leaf for ``event_id``; returns its log index. It
+    carries the bot's profile (its display name and MXID), as a bridged user's message does."""
+    name = bridge.config["appservice.bot_displayname"]
+    name = name if isinstance(name, str) and name != "remove" else None
+    content = with_profile(content, Profile(displayname=name, mxid=bridge.az.bot_mxid))
     client = bridge.bot.client
     assert client is not None
     outgoing = OutgoingTable(bridge.db)

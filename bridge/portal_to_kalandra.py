@@ -40,6 +40,7 @@ from mautrix.types import (
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import ClientError, NotYetConfirmed
+from kalandra_core.client.profile import Profile, with_profile
 from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
 from kalandra_core.storage.reachable import outage
@@ -363,6 +364,7 @@ class PortalToKalandra(PortalBase):
         body = await relations.from_matrix(self, work.content, body)
         if work.permission in ("user", "admin"):
             user = await BridgedUser.get(self.bridge, work.sender, work.permission)
+            body = with_profile(body, await self.profile(work.sender))
             index = await user.send(self.room_id, body, work.event_id)
         elif work.permission == "relay" and self.row.relay_enabled:
             index = await self._mx_relay(work, body)
@@ -376,17 +378,26 @@ class PortalToKalandra(PortalBase):
         if self.bridge.config["bridge.delivery_receipts"]:
             await ephemeral.delivered_to_kalandra(self.bridge, mxid, work.event_id)
 
-    async def _mx_relay(self, work: FromMatrix, body: Content) -> int:
-        """Through the bot's own leaf, the sender named in the text."""
-        assert work.content is not None
+    async def _displayname(self, sender: UserID) -> str | None:
+        """The sender's display name in the portal (None: none, or not known)."""
         mxid = self.row.mxid
         assert mxid is not None
         try:
-            member = await self.bridge.az.intent.get_room_member_info(mxid, work.sender)
-        except Exception as exc:  # the name is a nicety: the localpart stands in
+            member = await self.bridge.az.intent.get_room_member_info(mxid, sender)
+        except Exception as exc:  # the name is a nicety: the MXID or localpart stands in
             log.debug("portal %s: no member info (%s)", self.hex, type(exc).__name__)
-            member = None
-        name = member.displayname if member is not None and member.displayname else None
+            return None
+        return member.displayname if member is not None and member.displayname else None
+
+    async def profile(self, sender: UserID) -> Profile:
+        """Who a bridged Matrix user is, for the native members (client/profile.py): carried
+        by each message their member sends."""
+        return Profile(displayname=await self._displayname(sender), mxid=sender)
+
+    async def _mx_relay(self, work: FromMatrix, body: Content) -> int:
+        """Through the bot's own leaf, the sender named in the text."""
+        assert work.content is not None
+        name = await self._displayname(work.sender)
         content = dataclasses.replace(
             relay_content(self.bridge.config, work.sender, name, body),
             reply_to=body.reply_to,

@@ -35,6 +35,7 @@ from mautrix.types import JSON, ContentURI, EventType, MessageStatusReason, Stat
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.driver import ClientError
+from kalandra_core.client.profile import with_profile
 from kalandra_core.client.room_meta import (
     MAX_AVATAR,
     InvalidRoomMeta,
@@ -201,6 +202,7 @@ async def meta_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
     bridge = portal.bridge
     if work.permission in ("user", "admin"):
         user = await BridgedUser.get(bridge, work.sender, work.permission)
+        content = with_profile(content, await portal.profile(work.sender))
         index = await user.send(portal.room_id, content, work.event_id)
     else:
         index = await bot_send(bridge, portal.room_id, content, work.event_id)

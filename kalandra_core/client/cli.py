@@ -13,7 +13,6 @@ import asyncio
 import mimetypes
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -27,8 +26,12 @@ from .content import Content
 from .core import ClientCore
 from .driver import Client, ClientError, ServerAddress
 from .events import Message
-from .room_meta import RoomMeta, check_avatar, meta_content
+from .extras import ExtendedCore, react
+from .markdown import MarkdownUnavailable
+from .profile import Profile, with_profile
+from .room_meta import InvalidRoomMeta, RoomMeta, check_avatar, meta_content
 from .state import ClientState
+from .timeline import Entry, Timeline
 
 DEFAULT_STATE = Path.home() / ".local" / "share" / "kalandra" / "client.db"
 # `tail` reconnects by itself; someone is watching, so it tries again at least this often.
@@ -50,11 +53,15 @@ def _ca(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def _print_message(m: Message, *, room: bool = False) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.timestamp_ms / 1000))
-    where = f"{m.room_id.hex()} " if room else ""
-    kind = "" if m.content.kind == "text" else f"[{m.content.kind}] "
-    print(f"{where}#{m.log_index} {stamp} <{m.sender_id}> {kind}{m.content.body}", flush=True)
+def _ansi(args: argparse.Namespace) -> bool:
+    if args.color == "auto":
+        return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    return bool(args.color == "always")
+
+
+def _print(lines: list[str]) -> None:
+    for line in lines:
+        print(line, flush=True)
 
 
 async def _login(args: argparse.Namespace) -> int:
@@ -93,7 +100,8 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Client], Awaita
         identity = state.load_identity()
         if identity is None:
             raise UsageError("not logged in: run `kalandra login --server URL --code C` first")
-        core = ClientCore(identity.member_id, identity.signing_key)
+        # It also reports reactions, which the history shows.
+        core = ExtendedCore(identity.member_id, identity.signing_key)
         state.load_into(core)
         client = Client(
             core,
@@ -117,30 +125,84 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Client], Awaita
         state.close()
 
 
-def _drain(client: Client, state: ClientState) -> list[Message]:
-    out = []
+def _drain(
+    client: Client, state: ClientState, got: list[Message | ev.Event] | None = None
+) -> tuple[list[Entry], list[ev.Event]]:
+    """Keep what arrived (``got``, then the client's queues): the history's entries (messages,
+    reactions, redactions, room changes), stored and in log order, and the other events."""
+    items = list(got or [])
     while not client.messages.empty():
-        message = client.messages.get_nowait()
-        state.store_message(message)
-        out.append(message)
-    return out
+        items.append(client.messages.get_nowait())
+    while not client.events.empty():
+        items.append(client.events.get_nowait())
+    entries: list[Entry] = []
+    others: list[ev.Event] = []
+    for item in items:
+        entry = _entry(item)
+        if entry is None:
+            others.append(item)
+            continue
+        if isinstance(entry, Message):
+            state.store_message(entry)
+        else:
+            state.store_event(entry)
+        entries.append(entry)
+    entries.sort(key=lambda e: e.log_index)
+    return entries, others
 
 
-async def _report_connection(client: Client) -> None:
+async def _next(client: Client) -> list[Message | ev.Event]:
+    """What comes next on either of the client's queues (waits for one)."""
+    waits: list[asyncio.Future[Message | ev.Event]] = [
+        asyncio.ensure_future(client.messages.get()),
+        asyncio.ensure_future(client.events.get()),
+    ]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            if not wait.done():
+                wait.cancel()  # (a cancelled get leaves its item in the queue)
+    return [wait.result() for wait in waits if wait.done() and not wait.cancelled()]
+
+
+def _entry(event: Message | ev.Event) -> Entry | None:
+    """The history entry an event makes (None: it makes none)."""
+    if isinstance(event, Message | ev.Reacted):
+        return event
+    if isinstance(event, ev.Moderated):
+        return event if event.action == "redact" else None
+    if isinstance(event, ev.RoomMetaChanged):
+        # The core applied the change and dropped the message; the history keeps what it said.
+        try:
+            content = meta_content(
+                RoomMeta(
+                    name=event.name if "name" in event.changed else None,
+                    topic=event.topic if "topic" in event.changed else None,
+                    avatar=event.avatar if "avatar" in event.changed else None,
+                    remove_avatar="avatar" in event.changed and event.avatar is None,
+                )
+            )
+        except InvalidRoomMeta:
+            return None
+        stamp = event.timestamp_ms
+        return Message(event.room_id, event.sender_id, event.log_index, stamp, content)
+    return None
+
+
+def _report_connection(client: Client, event: ev.Event) -> None:
     """One line on stderr for each connection loss and failed reconnect, and one when back
     (the messages sent meanwhile follow, from the catch-up)."""
-    while True:
-        event = await client.events.get()
-        if isinstance(event, ev.Disconnected):
-            state = "disconnected from" if event.attempt == 0 else "still disconnected from"
-            retry = "" if event.retry_in is None else f"; reconnecting in {event.retry_in:.1f} s"
-            print(
-                f"kalandra: {state} {client.address} ({event.reason}){retry}",
-                file=sys.stderr,
-                flush=True,
-            )
-        elif isinstance(event, ev.Reconnected):
-            print(f"kalandra: reconnected to {client.address}", file=sys.stderr, flush=True)
+    if isinstance(event, ev.Disconnected):
+        state = "disconnected from" if event.attempt == 0 else "still disconnected from"
+        retry = "" if event.retry_in is None else f"; reconnecting in {event.retry_in:.1f} s"
+        print(
+            f"kalandra: {state} {client.address} ({event.reason}){retry}",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif isinstance(event, ev.Reconnected):
+        print(f"kalandra: reconnected to {client.address}", file=sys.stderr, flush=True)
 
 
 def _room(client: Client, prefix: str) -> bytes:
@@ -190,6 +252,83 @@ async def _upload_avatar(client: Client, room_id: bytes, path: Path) -> MediaRef
         )
 
 
+def _timeline(client: Client, room_id: bytes, *, ansi: bool = False) -> Timeline:
+    timeline = Timeline(ansi=ansi)
+    for entry in client.state.entries(room_id) if client.state else []:
+        timeline.add(entry)
+    return timeline
+
+
+async def _follow(client: Client, room_id: bytes, timeline: Timeline) -> None:
+    """`tail`: each new entry of the room as it arrives (with connection reports on stderr)."""
+    assert client.state is not None
+    while True:
+        entries, others = _drain(client, client.state, await _next(client))
+        for event in others:
+            _report_connection(client, event)
+        for entry in entries:
+            if entry.room_id == room_id:
+                _print(timeline.add(entry))
+
+
+def _text_content(
+    client: Client,
+    args: argparse.Namespace,
+    *,
+    reply_to: int | None = None,
+    edit_of: int | None = None,
+) -> Content:
+    """The message of `send`, `reply` or `edit`, with our display name (if one is set)."""
+    text = " ".join(args.text)
+    formatted = None
+    if args.markdown:
+        from .markdown import render
+
+        text, formatted = render(text)
+    content = Content(body=text, formatted_body=formatted, reply_to=reply_to, edit_of=edit_of)
+    name = client.state.load_displayname() if client.state else None
+    return with_profile(content, Profile(displayname=name) if name else None)
+
+
+def _message_at(client: Client, room_id: bytes, log_index: int) -> Message:
+    entries = client.state.entries(room_id) if client.state else []
+    found = [e for e in entries if isinstance(e, Message) and e.log_index == log_index]
+    if not found:
+        raise UsageError(f"no message at log index {log_index} (see `kalandra history`)")
+    return found[0]
+
+
+async def _send_command(client: Client, args: argparse.Namespace) -> None:
+    """send, reply, edit, react, unreact, set-displayname."""
+    command = args.client_command
+    if command == "set-displayname":
+        name = " ".join(args.name).strip() if args.name else None
+        assert client.state is not None
+        client.state.save_displayname(name or None)
+        print(f"display name {name!r}; sent with your messages" if name else "display name off")
+        return
+    room_id = _room(client, args.room)
+    if command == "send":
+        index = await client.send(room_id, _text_content(client, args))
+        print(f"sent at log index {index}")
+        return
+    target = int(args.log_index)
+    message = _message_at(client, room_id, target)
+    if command == "reply":
+        index = await client.send(room_id, _text_content(client, args, reply_to=target))
+        print(f"replied at log index {index}")
+    elif command == "edit":
+        if message.sender_id != client.core.member_id:
+            raise UsageError(f"the message at log index {target} is not yours")
+        if message.content.edit_of is not None:
+            target = message.content.edit_of  # (an edit always names the original)
+        index = await client.send(room_id, _text_content(client, args, edit_of=target))
+        print(f"edited at log index {index}")
+    else:
+        index = await react(client, room_id, target, args.key, add=command == "react")
+        print(f"{'reacted' if command == 'react' else 'reaction taken back'} at log index {index}")
+
+
 def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
     command = args.client_command
 
@@ -222,10 +361,8 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
             joined = [r for r in client.core.rooms if client.core.rooms[r].active]
             for room_id in joined:
                 print(f"{room_id.hex()}  epoch {client.core.rooms[room_id].epoch}")
-        elif command == "send":
-            room_id = _room(client, args.room)
-            index = await client.send(room_id, Content(body=" ".join(args.text)))
-            print(f"sent at log index {index}")
+        elif command in ("send", "reply", "edit", "react", "unreact", "set-displayname"):
+            await _send_command(client, args)
         elif command in ("set-name", "set-topic"):
             room_id = _room(client, args.room)
             text = " ".join(args.text)
@@ -254,33 +391,24 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
         elif command == "download":
             room_id = _room(client, args.room)
             await _download(client, room_id, int(args.log_index), Path(args.path))
-        elif command == "history":
+        elif command in ("history", "tail"):
             room_id = _room(client, args.room)
-            for message in client.state.history(room_id, args.limit) if client.state else []:
-                _print_message(message)
-        elif command == "tail":
-            room_id = _room(client, args.room)
-            for message in client.state.history(room_id, args.limit) if client.state else []:
-                _print_message(message)
-            report = asyncio.create_task(_report_connection(client))
-            try:
-                while True:
-                    message = await client.messages.get()
-                    if client.state is not None:
-                        client.state.store_message(message)
-                    if message.room_id == room_id:
-                        _print_message(message)
-            finally:
-                report.cancel()
+            timeline = _timeline(client, room_id, ansi=_ansi(args))
+            _print(timeline.lines(args.limit))
+            if command == "tail":
+                await _follow(client, room_id, timeline)
         elif command == "epoch":
             room = client.core.rooms[_room(client, args.room)]
             print(f"epoch {room.epoch}")
             print(f"authenticator {room.group.epoch_authenticator.hex()}")
         elif command == "members":
             room = client.core.rooms[_room(client, args.room)]
+            names = _timeline(client, room.room_id).profiles
             for member_id, (leaf, _) in sorted(room.roster().items(), key=lambda i: i[1][0]):
                 me = "  (you)" if member_id == client.core.member_id else ""
-                print(f"leaf {leaf}\t{member_id}{me}")
+                label = names[member_id].label() if member_id in names else None
+                name = f"\t{label}" if label else ""
+                print(f"leaf {leaf}\t{member_id}{name}{me}")
         elif command == "leave":
             await client.leave(_room(client, args.room))
             print("leave proposed; a remaining member commits it")
@@ -324,9 +452,24 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p = parser("join", "accept pending invitations (Welcomes)")
     p.add_argument("--wait", type=float, default=1.0, help="seconds to wait for Welcomes")
+    markdown = "the text is Markdown (CommonMark; needs markdown-it-py)"
     p = parser("send", "send a text message")
     p.add_argument("room")
     p.add_argument("text", nargs="+")
+    p.add_argument("--markdown", action="store_true", help=markdown)
+    for name, text in (("reply", "reply to a message"), ("edit", "edit a message of yours")):
+        p = parser(name, text)
+        p.add_argument("room")
+        p.add_argument("log_index")
+        p.add_argument("text", nargs="+")
+        p.add_argument("--markdown", action="store_true", help=markdown)
+    for name, text in (("react", "react to a message"), ("unreact", "take a reaction back")):
+        p = parser(name, text)
+        p.add_argument("room")
+        p.add_argument("log_index")
+        p.add_argument("key", help="the reaction, e.g. an emoji")
+    p = parser("set-displayname", "the name others see on your messages (none: stop sending one)")
+    p.add_argument("name", nargs="*")
     p = parser("send-file", "send a file (encrypted, in blocks; image/audio/video by type)")
     p.add_argument("room")
     p.add_argument("path")
@@ -349,6 +492,9 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         p = parser(name, text)
         p.add_argument("room")
         p.add_argument("--limit", type=int, default=20)
+        p.add_argument(
+            "--color", choices=("auto", "always", "never"), default="auto", help="bold, links"
+        )
     for name, text in (("epoch", "show the room's epoch"), ("members", "list members")):
         parser(name, text).add_argument("room")
     parser("leave", "leave a room").add_argument("room")
@@ -374,6 +520,7 @@ def main_client(args: argparse.Namespace) -> int:
         UsageError,
         ClientError,
         MediaError,
+        MarkdownUnavailable,
         TimeoutError,
         ConnectionError,
         OSError,

@@ -21,7 +21,7 @@ from ..crypto import sealed
 from ..mls.keypackage import KeyPackageBundle
 from .content import Content
 from .core import ClientCore
-from .events import Message
+from .events import Message, Moderated, Reacted
 from .room import ClientRoom, Pending
 
 _SCHEMA: Final = """
@@ -33,6 +33,10 @@ CREATE TABLE IF NOT EXISTS send_marks (id INTEGER PRIMARY KEY, state BLOB NOT NU
 CREATE TABLE IF NOT EXISTS messages (
     room_id BLOB NOT NULL, log_index INTEGER NOT NULL, sender_id INTEGER NOT NULL,
     timestamp_ms INTEGER NOT NULL, content BLOB NOT NULL, PRIMARY KEY (room_id, log_index)
+);
+CREATE TABLE IF NOT EXISTS room_events (
+    room_id BLOB NOT NULL, log_index INTEGER NOT NULL, sender_id INTEGER NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (room_id, log_index)
 );
 """
 
@@ -189,6 +193,52 @@ class ClientState:
             )
             for index, sender, stamp, blob in reversed(rows)
         ]
+
+    def store_event(self, event: Reacted | Moderated) -> None:
+        """A reaction (or its removal) or a redaction, for the history; a redaction also drops
+        the redacted message's content from this file."""
+        data: dict[str, object]
+        if isinstance(event, Reacted):
+            data = {"reaction": [event.target, event.key, event.add]}
+            row = (event.room_id, event.log_index, event.sender_id)
+        else:
+            data = {"redact": event.target}
+            row = (event.room_id, event.log_index, event.moderator_id)
+            tombstone = sealed.seal(self._key, "message", Content(body="", kind="notice").encode())
+            self._db.execute(
+                "UPDATE messages SET content = ? WHERE room_id = ? AND log_index = ?",
+                (tombstone, event.room_id, event.target),
+            )
+        blob = sealed.seal(self._key, "room-event", cbor2.dumps(data))
+        self._db.execute(
+            "INSERT OR IGNORE INTO room_events VALUES (?, ?, ?, ?)",
+            (row[0], row[1], _signed(row[2]), blob),
+        )
+
+    def entries(self, room_id: bytes) -> list[Message | Reacted | Moderated]:
+        """Every message, reaction and redaction kept of the room, in log order."""
+        out: list[Message | Reacted | Moderated] = list(self.history(room_id, -1))
+        for index, sender, blob in self._db.execute(
+            "SELECT log_index, sender_id, data FROM room_events WHERE room_id = ?", (room_id,)
+        ):
+            data = cbor2.loads(sealed.unseal(self._key, "room-event", blob))
+            sender = _unsigned(sender)
+            if "reaction" in data:
+                target, key, add = data["reaction"]
+                out.append(Reacted(room_id, sender, index, int(target), str(key), bool(add)))
+            else:
+                out.append(Moderated(room_id, index, "redact", sender, int(data["redact"])))
+        return sorted(out, key=lambda e: e.log_index)
+
+    def save_displayname(self, name: str | None) -> None:
+        if name is None:
+            self._db.execute("DELETE FROM identity WHERE key = 'displayname'")
+            return
+        self._put("identity", "key", "displayname", sealed.seal(self._key, "name", name.encode()))
+
+    def load_displayname(self) -> str | None:
+        row = self._db.execute("SELECT value FROM identity WHERE key = 'displayname'").fetchone()
+        return None if row is None else sealed.unseal(self._key, "name", row[0]).decode()
 
     def _put(self, table: str, key_column: str, key: str, value: bytes) -> None:
         self._db.execute(
