@@ -117,6 +117,11 @@ async def wait_ready(bridge: subprocess.Popen[bytes], port: int, log: Path) -> N
     raise AssertionError(f"bridge exited with {bridge.returncode}:\n{tail(log)}")
 
 
+def _append(log: Path, text: str) -> None:
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(text)
+
+
 def tail(log: Path) -> str:
     return log.read_text(errors="replace")[-4000:]
 
@@ -193,8 +198,8 @@ class BridgeStack:
             await asyncio.to_thread(self.bridge.wait, 15)
         except subprocess.TimeoutExpired:
             # A stop that hangs is a defect of its own: said in the log, which tests show.
-            with open(self.log, "a", encoding="utf-8") as fh:
-                fh.write("TEST HARNESS: SIGTERM did not stop the bridge in 15 s: killed\n")
+            note = "TEST HARNESS: SIGTERM did not stop the bridge in 15 s: killed\n"
+            await asyncio.to_thread(_append, self.log, note)
             self.bridge.kill()
             await asyncio.to_thread(self.bridge.wait, 15)
 
