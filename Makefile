@@ -40,6 +40,7 @@ lint: venv
 unit: venv
 	@bash tests/ensure_postgres.sh
 	@bash bridge/devstack/install_synapse.sh
+	@bash tests/jsclient/install.sh
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
