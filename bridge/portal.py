@@ -17,7 +17,7 @@ from mautrix.types import EventType, RoomID, UserID
 from . import access, e2ee, room_metadata
 from .db import PortalRow, PortalTable
 from .portal_base import PROTOCOL
-from .portal_members import MatrixInvite
+from .portal_members import MatrixInvite, invited_by_bot
 from .portal_to_kalandra import PortalToKalandra, kalandra_content
 from .portal_to_matrix import PortalToMatrix, matrix_content
 
@@ -134,6 +134,8 @@ class Portal(PortalToMatrix, PortalToKalandra):
                     await intent.invite_user(mxid, user)
                 except Exception as exc:  # already in the room, or invited
                     log.debug("invite to %s not sent: %s", mxid, type(exc).__name__)
+                else:
+                    await invited_by_bot(self.bridge, mxid)
             await self._grant_admins(mxid, invite)
             return mxid
 

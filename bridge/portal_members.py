@@ -35,6 +35,7 @@ from mautrix.types import MessageType as MxMessageType
 
 from kalandra_core.client import events as ev
 
+from . import e2ee
 from .bridged_user import BridgedUser
 from .db import MessageTable
 from .db.progress import advance, bridged_mxid
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
 
     from kalandra_core.client.room import ClientRoom
+
+    from .bridge import KalandraBridge
 
 log = logging.getLogger("kalandra.bridge.portal")
 
@@ -161,6 +164,8 @@ class PortalMembers(PortalBase):
             await self._bot.invite_user(self._room(), user)
         except (MForbidden, MNotFound) as exc:
             log.warning("portal %s: invitation not sent (%s)", self.hex, exc.errcode)
+            return
+        await invited_by_bot(self.bridge, self._room())
 
     # --- commits -------------------------------------------------------------------------------
 
@@ -282,3 +287,11 @@ def _epoch_line(event: ev.EpochChanged) -> str:
     if event.removed:
         changes.append("removed " + ", ".join(str(m) for m in event.removed))
     return f"{line} ({'; '.join(changes)})" if changes else line
+
+
+async def invited_by_bot(bridge: KalandraBridge, room: RoomID) -> None:
+    """After the bot's own invitation: a new Megolm session for the room's next message, which
+    the invitee gets too. mautrix starts one on every membership change, but takes the member
+    event of an invitation its intent made for a duplicate (the intent cached the membership
+    first), so the invitee would never get the key of the current session."""
+    await e2ee.discard_outbound_session(bridge, room)

@@ -165,13 +165,6 @@ async def test_ghost_messages_show_a_red_mismatched_sender_shield_today(portal: 
     assert (message.shield_colour, message.shield_reason) == ("RED", "MISMATCHED_SENDER")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="defect: the bot's own invitation does not end its outbound Megolm session (mautrix"
-    " takes the invite event, already in its state cache, for a duplicate), so the invited"
-    " user's devices never get that session's key; remove this mark with the fix",
-)
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_user_the_bot_lets_in_after_a_ghost_spoke_decrypts_the_ghosts_next_messages(
     portal: Portal,
