@@ -103,8 +103,10 @@ class Config(BaseBridgeConfig):
 
     @cached_property
     def core(self) -> CoreSettings:
-        """database.url and the server section, exactly as ``kalandra serve`` reads them."""
-        return load_settings(Path(self.path))
+        """database.url and the server section, exactly as ``kalandra serve`` reads them (a
+        wrong value: ConfigError). Unknown options are not logged here: the update's
+        ``dropped`` has them (check_config logs it)."""
+        return load_settings(Path(self.path), warn_unknown=False)
 
     @property
     def mautrix_database_url(self) -> str:
