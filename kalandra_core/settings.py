@@ -1,15 +1,23 @@
-"""The config file (YAML) as the core reads it: ``database.url`` and the ``server`` section."""
+"""The config file (YAML) as the core reads it: ``database.url`` and the ``server`` section.
+
+Both are checked on load: a wrong value is a ConfigError naming the option, what it takes and
+what the file has; an option these sections do not have is a warning (a typo), not an error.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from .config_check import OptionErrors, load_section
 from .server.config import ServerConfig
+
+log = logging.getLogger("kalandra.config")
 
 
 class ConfigError(ValueError):
@@ -17,9 +25,15 @@ class ConfigError(ValueError):
 
 
 @dataclass(slots=True)
+class DatabaseSection:
+    url: str  # no default: required
+
+
+@dataclass(slots=True)
 class CoreSettings:
     database: str
     server: ServerConfig
+    unknown: list[str] = field(default_factory=list)  # options these sections do not have
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -37,18 +51,29 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_settings(path: Path) -> CoreSettings:
+def load_settings(path: Path, *, warn_unknown: bool = True) -> CoreSettings:
+    """The ``database`` and ``server`` sections of the file; unknown options are logged as a
+    warning unless ``warn_unknown`` is false (the bridge reports them itself)."""
     data = read_yaml(path)
-    database = (data.get("database") or {}).get("url")
-    if not isinstance(database, str):
-        raise ConfigError(f"{path}: no database.url")
     base = path.resolve().parent
+    problems: list[str] = []
+    unknown: list[str] = []
     try:
-        server = ServerConfig.from_mapping(data.get("server") or {}, base=base)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        section, unknown = load_section(DatabaseSection, data.get("database"), "database")
+        database = section.url
+    except OptionErrors as exc:
+        problems += exc.problems
+    try:
+        server, unknown_server = ServerConfig.from_mapping(data.get("server"), base=base)
+        unknown += unknown_server
+    except OptionErrors as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(f"{path}: {'; '.join(problems)}")
+    if unknown and warn_unknown:
+        log.warning("%s: unknown option(s) ignored: %s", path, ", ".join(unknown))
     if database.startswith("sqlite:///") and not database.startswith("sqlite:////"):
         # Relative SQLite paths are relative to the config file, not the working directory.
         database = f"sqlite:///{base / database.removeprefix('sqlite:///')}"
     server.database = database
-    return CoreSettings(database=database, server=server)
+    return CoreSettings(database=database, server=server, unknown=unknown)

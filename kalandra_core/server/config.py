@@ -1,29 +1,37 @@
-"""Server settings (the ``server`` section of the config file) with production defaults."""
+"""Server settings (the ``server`` section of the config file) with production defaults.
+
+The fields are the options: their types and ranges are checked when the file is loaded
+(kalandra_core.config_check). A range refuses only what cannot work (a negative size, a rate
+or a timeout of 0, a sync of 0 frames).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_check import bounded, load_section, not_an_option
 from ..proto import MAX_PAYLOAD_SIZE
 
 
 @dataclass(slots=True)
 class Limits:
-    max_connections: int = 10_000
-    max_payload_size: int = MAX_PAYLOAD_SIZE
-    rate_per_second: float = 200.0  # frames per session, sustained
-    rate_burst: int = 400
-    send_buffer: int = 8 * 1024 * 1024  # bytes queued per connection before it is dropped
-    handshake_timeout: float = 30.0
-    idle_timeout: float = 120.0
-    batch_max: int = 256  # frames per storage transaction
-    sync_max: int = 500  # frames per SyncResponse
-    max_clock_skew_ms: int = 5 * 60 * 1000  # HLC stamps this far in the future are refused
+    max_connections: int = bounded(10_000, low=0)
+    max_payload_size: int = bounded(MAX_PAYLOAD_SIZE, low=1)
+    rate_per_second: float = bounded(200.0, low=0, above=True)  # frames per session, sustained
+    rate_burst: int = bounded(400, low=1)
+    # Bytes queued per connection before it is dropped (an idle one always takes one frame).
+    send_buffer: int = bounded(8 * 1024 * 1024, low=0)
+    handshake_timeout: float = bounded(30.0, low=0, above=True)
+    idle_timeout: float = bounded(120.0, low=0, above=True)
+    batch_max: int = bounded(256, low=1)  # frames per storage transaction
+    sync_max: int = bounded(500, low=1)  # frames per SyncResponse
+    # HLC stamps this far in the future are refused.
+    max_clock_skew_ms: int = bounded(5 * 60 * 1000, low=0)
     # KeyPackage fetches per requesting member (all its sessions): sustained rate and burst.
-    key_package_fetch_per_second: float = 0.5
-    key_package_fetch_burst: int = 50
+    key_package_fetch_per_second: float = bounded(0.5, low=0, above=True)
+    key_package_fetch_burst: int = bounded(50, low=1)
 
 
 @dataclass(slots=True)
@@ -35,17 +43,17 @@ class MediaConfig:
     it already holds in that room costs nothing, and a deletion (its own, or a moderator's
     of its blocks) frees the bytes at once."""
 
-    max_size: int = 100 * 1024 * 1024
-    quota_per_member: int = 1024 * 1024 * 1024
+    max_size: int = bounded(100 * 1024 * 1024, low=0)
+    quota_per_member: int = bounded(1024 * 1024 * 1024, low=0)
 
 
 @dataclass(slots=True)
 class ServerConfig:
-    database: str = "sqlite:///kalandra.db"
+    database: str = not_an_option("sqlite:///kalandra.db")  # the file's database.url
     tcp_host: str = "127.0.0.1"
-    tcp_port: int | None = 4434  # None: TCP off
+    tcp_port: int | None = bounded(4434, low=0, high=65535)  # None: TCP off; 0: any free port
     quic_host: str = "127.0.0.1"
-    quic_port: int | None = 4433  # None: QUIC off
+    quic_port: int | None = bounded(4433, low=0, high=65535)  # None: QUIC off
     certificate: Path | None = None  # PEM; None: self-signed, created next to the database
     private_key: Path | None = None
     server_key: Path | None = None  # Ed25519 seed file; created when missing
@@ -54,25 +62,15 @@ class ServerConfig:
     media: MediaConfig = field(default_factory=MediaConfig)
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any], *, base: Path = Path(".")) -> ServerConfig:
-        """Build from the YAML ``server`` section; unknown keys are an error (typos)."""
-        data = dict(data)
-        limits = Limits(**_known(Limits, data.pop("limits", {}) or {}, "server.limits"))
-        media = MediaConfig(**_known(MediaConfig, data.pop("media", {}) or {}, "server.media"))
-        known = _known(cls, data, "server")
+    def from_mapping(cls, data: Any, *, base: Path = Path(".")) -> tuple[ServerConfig, list[str]]:
+        """Built from the YAML ``server`` section (null: the defaults), with the options it has
+        that are unknown here (typos: the caller warns). A wrong value raises
+        config_check.OptionErrors naming it. Relative paths are relative to ``base``."""
+        config, unknown = load_section(cls, data, "server")
         for key in ("certificate", "private_key", "server_key", "data_dir"):
-            if known.get(key) is not None:
-                path = Path(known[key])
-                known[key] = path if path.is_absolute() else base / path
-        config = cls(**known, limits=limits, media=media)
-        if "data_dir" not in known:
+            path = getattr(config, key)
+            if path is not None and not path.is_absolute():
+                setattr(config, key, base / path)
+        if not isinstance(data, dict) or "data_dir" not in data:
             config.data_dir = base
-        return config
-
-
-def _known(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)} - {"limits", "media"}
-    unknown = set(data) - names
-    if unknown:
-        raise ValueError(f"{where}: unknown option(s) {', '.join(sorted(unknown))}")
-    return dict(data)
+        return config, unknown

@@ -129,6 +129,6 @@ def test_db_commands_read_the_config_file(tmp_path: Any) -> None:
     config.write_text("database: {}\n")
     bad = kalandra("db", "current", "-c", str(config))
     assert bad.returncode == 2
-    assert "no database.url" in bad.stderr
+    assert "database.url: missing; expected a string" in bad.stderr
     missing = kalandra("db", "current", "-c", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2

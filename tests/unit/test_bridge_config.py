@@ -12,7 +12,7 @@ import pytest
 from mautrix.util.config import ConfigValueError
 from ruamel.yaml import YAML
 
-from bridge.config import EXAMPLE_CONFIG, OPTIONS, Config, leaf_paths
+from bridge.config import EXAMPLE_CONFIG, Config, example_options, leaf_paths
 
 REPO = Path(__file__).resolve().parents[2]
 SET_UP = {"homeserver": {"address": "http://127.0.0.1:8008", "domain": "localhost"}}
@@ -65,10 +65,33 @@ def run_bridge(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_options_list_every_option_of_the_example() -> None:
-    user_maps = {"bridge.permissions", "bridge.relay.message_formats", "logging"}
-    assert set(leaf_paths(example())) == set(OPTIONS) | user_maps
-    assert len(OPTIONS) == len(set(OPTIONS))
+USER_MAPS = {"bridge.permissions", "bridge.relay.message_formats", "logging"}
+
+
+def test_the_options_are_every_leaf_of_the_example_but_the_user_maps() -> None:
+    options = example_options(example())
+    assert set(leaf_paths(example())) == set(options) | USER_MAPS
+    assert USER_MAPS.isdisjoint(options)
+    assert len(options) == len(set(options)) > 90
+    assert options[:2] == ["database.url", "server.tcp_host"]  # the example's order
+    assert "server.limits.key_package_fetch_burst" in options
+    assert "bridge.encryption.rotation.disable_device_change_key_rotation" in options
+
+
+def test_an_option_added_to_the_example_is_an_option(tmp_path: Path) -> None:
+    # Nothing else to update: the example is the list.
+    base = example()
+    base["bridge"]["new_option"] = {"depth": 1}
+    data = {**SET_UP, "bridge": {"new_option": {"depth": 7}, "command_prefix": "!k"}}
+    path = write_yaml(tmp_path / "config.yaml", data)
+    config = Config(
+        str(path), str(tmp_path / "r.yaml"), str(write_yaml(tmp_path / "example.yaml", base))
+    )
+    config.load()
+    config.update(save=True)
+    assert config.dropped == []
+    assert load_yaml(path)["bridge"]["new_option"] == {"depth": 7}
+    assert load_yaml(path)["bridge"]["command_prefix"] == "!k"
 
 
 def test_a_config_missing_options_gains_them_and_keeps_its_values(tmp_path: Path) -> None:
@@ -104,14 +127,15 @@ def test_a_config_missing_options_gains_them_and_keeps_its_values(tmp_path: Path
 
 def test_every_user_value_survives_the_upgrade(tmp_path: Path) -> None:
     data = example()
-    for n, option in enumerate(OPTIONS):
+    options = example_options(example())
+    for n, option in enumerate(options):
         set_path(data, option, f"value {n}")
     data["bridge"]["permissions"] = {"*": "user"}
     data["logging"] = {"version": 1, "root": {"level": "DEBUG"}}
     path = write_yaml(tmp_path / "config.yaml", data)
     upgraded(path)
     saved = load_yaml(path)
-    for n, option in enumerate(OPTIONS):
+    for n, option in enumerate(options):
         assert get_path(saved, option) == f"value {n}", option
     assert saved["bridge"]["permissions"] == {"*": "user"}
     assert saved["logging"] == {"version": 1, "root": {"level": "DEBUG"}}
