@@ -24,8 +24,10 @@ Synapse keeps the transaction ids of appservice users (no device) in memory only
 answer was lost when Synapse crashed may have made the event, and the same transaction id would
 make a second one once Synapse is back. So each message carries its log index
 (``org.kalandra.log_index``), and before sending again after a failed attempt the portal looks
-for it among the ghost's latest events in the room; a split message looks for the parts it
-sent before every time (a crash in the middle of one is the case to cover).
+for it among the ghost's latest events in the room; so does each of the first ``_PIPELINE``
+messages after a start (sent, maybe, by the process before, not recorded, and Synapse may have
+restarted since); a split message looks for the parts it sent before every time (a crash in
+the middle of one is the case to cover).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from mautrix.api import Method, Path
@@ -84,6 +87,9 @@ _RETRY_MAX = 30.0
 _PIPELINE = 32  # messages sent to Matrix but not yet recorded, at most
 LOG_INDEX_KEY = "org.kalandra.log_index"  # in each bridged message's content
 _LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_before)
+# Tests only: seconds a sent message waits before it is recorded, so that a test can kill the
+# bridge in between, deterministically.
+_RECORD_LAG = float(os.environ.get("KALANDRA_TEST_MATRIX_RECORD_LAG", "0") or 0)
 _PART_LIMIT = set_aside.PART_LIMIT
 
 # What the bot routes to a portal, in log order (RosterCheck: a point of the queue, no entry;
@@ -133,6 +139,10 @@ class PortalToMatrix(PortalMembers):
         self._recorder: asyncio.Task[None] | None = None
         self._ghosts_in_room: set[UserID] = set()  # joined by this process (see _to_matrix)
         self._unsure: int | None = None  # log index of a send that failed: made or not?
+        # The first messages after a start may have been sent by the previous process, ahead
+        # of their records (the pipeline), to a Synapse that has restarted since and forgot
+        # their transaction ids: each is looked for in the room before it is sent.
+        self._unsure_from_start = _PIPELINE
         on = bool(bridge.config["bridge.delivery_receipts"])
         self._delivery = ephemeral.KalandraDelivery(self) if on else None
 
@@ -200,6 +210,8 @@ class PortalToMatrix(PortalMembers):
         """Records sent messages in log order, then counts them done (see the module doc)."""
         while True:
             message, event_id, delivered = await self._records.get()
+            if _RECORD_LAG and event_id is not None:  # tests only
+                await asyncio.sleep(_RECORD_LAG)
             delay = 0.5
             while event_id is not None:
                 try:
@@ -342,8 +354,9 @@ class PortalToMatrix(PortalMembers):
         if message.content.media is None and set_aside.content_size(parts[0]) > _PART_LIMIT:
             parts = await self._split(message, base.msgtype, plain)
         sent: dict[int, EventID] = {}
-        if self._unsure == message.log_index or len(parts) > 1:
+        if self._unsure == message.log_index or self._unsure_from_start > 0 or len(parts) > 1:
             sent = await self._sent_before(puppet.mxid, message.log_index)
+            self._unsure_from_start -= 1
         self._unsure = message.log_index  # until Synapse has answered every part
         first = None
         for number, content in enumerate(parts):
