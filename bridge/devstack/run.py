@@ -73,6 +73,14 @@ def write_bridge_config(path: Path, args: argparse.Namespace) -> None:
     _write_private(path, text.getvalue())  # the bridge adds its tokens and keys to it
 
 
+def _encrypts(path: Path) -> bool:
+    """Whether the bridge's config encrypts new portals (a data dir of an older `make run`
+    keeps its config)."""
+    with open(path, encoding="utf-8") as fh:
+        encryption = YAML(typ="safe").load(fh)["bridge"]["encryption"]
+    return bool(encryption.get("allow") and encryption.get("default"))
+
+
 def _bridge_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bridge", *args]
 
@@ -156,7 +164,13 @@ async def bot_member_id(database: str) -> int | None:
 
 
 def _instructions(
-    data: Path, synapse: Synapse, creds: dict[str, Any], tcp: str, restart: str, bot: int | None
+    data: Path,
+    synapse: Synapse,
+    creds: dict[str, Any],
+    tcp: str,
+    restart: str,
+    bot: int | None,
+    encrypted: bool,
 ) -> str:
     kalandra = Path(sys.executable).parent / "kalandra"
     state = data / "native"
@@ -164,8 +178,13 @@ def _instructions(
     lines = [
         "",
         "Kalandra Bridge is running (SQLite in " + str(data) + ").",
-        f"The bridge's Kalandra member id is {bot} (Matrix: @{BOT_MEMBER_NAME}:{SERVER_NAME});"
-        " portals are end-to-end encrypted up to the bridge.",
+        f"The bridge's Kalandra member id is {bot} (Matrix: @{BOT_MEMBER_NAME}:{SERVER_NAME})."
+        if bot is not None
+        else "The bridge's Kalandra member id: say `whoami` to the bot.",
+        "New portals are end-to-end encrypted up to the bridge."
+        if encrypted
+        else "New portals are not encrypted: this data dir's config.yaml predates encrypted"
+        " trials (remove the data dir to start over).",
         "",
         f"Matrix: log in with any Matrix client (e.g. Element) at {synapse.url}",
         f"  user {admin}  password {creds['matrix_password']}"
@@ -242,7 +261,9 @@ async def run(args: argparse.Namespace, data: Path, hs_secrets: dict[str, str]) 
 
         async def ready() -> None:
             bot = await bot_member_id(settings.database)
-            text = _instructions(data, synapse, creds, tcp, bridge.restart_hint, bot)
+            text = _instructions(
+                data, synapse, creds, tcp, bridge.restart_hint, bot, _encrypts(config)
+            )
             print(text, flush=True)
 
         code = await bridge.run(ready)
