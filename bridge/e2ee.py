@@ -164,13 +164,31 @@ def _encrypt_bot_sends(bridge: KalandraBridge) -> None:
         async def send_message_event(
             room_id: RoomID, event_type: EventType, content: Any, **kw: Any
         ) -> EventID:
-            if event_type != EventType.ROOM_ENCRYPTED and await room_is_encrypted(bridge, room_id):
+            if event_type != EventType.ROOM_ENCRYPTED and await _bot_room_encrypted(
+                bridge, room_id
+            ):
                 event_type, content = await encrypt(bridge, room_id, event_type, content)
             return await send(room_id, event_type, content, **kw)
 
         setattr(intent, "send_message_event", send_message_event)  # noqa: B010 (mypy)
 
     setattr(az, "start", start_and_wrap)  # noqa: B010 (mypy: assigning to a method)
+
+
+# Rooms whose state the bot fetched and found unencrypted: mautrix's state store records only
+# that a room is encrypted (set when its m.room.encryption comes, which ends the exemption).
+_seen_clear: set[RoomID] = set()
+
+
+async def _bot_room_encrypted(bridge: KalandraBridge, room_id: RoomID) -> bool:
+    if await bridge.az.state_store.is_encrypted(room_id):
+        return True
+    if room_id in _seen_clear:
+        return False
+    encrypted = await room_is_encrypted(bridge, room_id)  # a failure fails the send
+    if not encrypted:
+        _seen_clear.add(room_id)
+    return encrypted
 
 
 _refreshed: asyncio.Event | None = None  # set once the device lists are queried at startup
