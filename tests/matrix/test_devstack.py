@@ -283,6 +283,7 @@ async def test_make_run_system_is_usable_survives_the_bridge_and_is_reused(
             assert "`admin`" in notices[1]
             assert f"member id is `{bot.group(1)}`" in notices[1]
             assert await _bot_cross_signed(client)
+            assert oct((data / "bot-recovery-key.txt").stat().st_mode & 0o777) == "0o600"
             alice_ghost = f"@kalandra_{creds['alice']['member_id']}:localhost"
             await _first_conversation(printed, client, alice_ghost)
             synapse = _synapse_pids(data)
