@@ -34,6 +34,7 @@ from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.extras import ExtendedCore
 from kalandra_core.mls.keypackage import bundle_is_last_resort
+from kalandra_core.proto import ErrorCode
 from kalandra_core.storage.base import AlreadyExists
 from kalandra_core.transport.loopback import loopback_connector
 
@@ -67,6 +68,18 @@ _ROUTED = (
     ev.Receipted,
     ev.Typing,
     ev.RoomMetaChanged,
+)
+
+
+# Refusals of a request that names something that is not there (a member, a message): the
+# command that asked answers them; nothing for the operator to do.
+_USERS_MISTAKES = frozenset(
+    {
+        ErrorCode.MEMBER_NOT_FOUND,
+        ErrorCode.MESSAGE_NOT_FOUND,
+        ErrorCode.ROOM_NOT_FOUND,
+        ErrorCode.ALREADY_EXISTS,
+    }
 )
 
 
@@ -173,6 +186,8 @@ class KalandraBot:
 
     async def start(self) -> None:
         identity = await self._identity()
+        # Native clients learn who the bridge is from the server (`kalandra invite ROOM bridge`).
+        self.server.hub.bridge_bot = (identity.member_id, str(self.bridge.az.bot_mxid))
         core = ExtendedCore(identity.member_id, identity.signing_key)  # + reactions, typing
         await self.state.table.load_into(core)
         self.state.start()
@@ -274,8 +289,14 @@ class KalandraBot:
         while True:
             event = await client.events.get()
             if isinstance(event, ev.Failed):
-                log.warning(
-                    "bot request failed in room %s: code %d", event.room_id.hex(), event.code
+                # A refusal about what a user named (a typo in a command) is answered to them;
+                # the rest may need the operator.
+                level = logging.INFO if event.code in _USERS_MISTAKES else logging.WARNING
+                log.log(
+                    level,
+                    "bot request failed in room %s: code %d",
+                    event.room_id.hex(),
+                    event.code,
                 )
             elif isinstance(event, ev.Undecryptable):
                 log.warning(

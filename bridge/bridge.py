@@ -33,7 +33,17 @@ from kalandra_core.storage.reachable import (
 )
 from kalandra_core.storage.urls import sqlalchemy_url
 
-from . import __version__, as_auth, catch_up, diagnostics, e2ee, health, metrics, permissions
+from . import (
+    __version__,
+    as_auth,
+    catch_up,
+    diagnostics,
+    e2ee,
+    health,
+    log_noise,
+    metrics,
+    permissions,
+)
 from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .matrix import MatrixHandler
@@ -124,6 +134,7 @@ class KalandraBridge(Bridge):
 
     def prepare_bridge(self) -> None:
         super().prepare_bridge()
+        log_noise.install()  # after the logging config
         e2ee.install(self)  # the crypto state store reads our portals' room state
         User.init_cls(self)
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix

@@ -135,6 +135,7 @@ def install(bridge: KalandraBridge) -> None:
     # ourselves after its start (self_sign below), with the key in a file, not in the log.
     bridge.e2ee_self_sign = e2ee.self_sign
     e2ee.self_sign = False
+    _encrypt_bot_sends(bridge)
     store = CryptoStateStore(e2ee.crypto_db)
     e2ee.state_store = store
     e2ee.crypto.state_store = store
@@ -146,6 +147,48 @@ def install(bridge: KalandraBridge) -> None:
             _spawn(handle_device_lists(lists), "device-lists")
 
         bridge.az.device_list_handler = device_lists
+
+
+def _encrypt_bot_sends(bridge: KalandraBridge) -> None:
+    """What the bot itself sends into an encrypted room (command replies, its welcome, refusals,
+    mautrix's notices) goes encrypted: mautrix encrypts only what its own portal class sends.
+    The bot's intent exists once the appservice starts, so it is wrapped then."""
+    az = bridge.az
+    start = az.start
+
+    async def start_and_wrap(*args: Any, **kwargs: Any) -> None:
+        await start(*args, **kwargs)
+        intent = az.intent
+        send = intent.send_message_event
+
+        async def send_message_event(
+            room_id: RoomID, event_type: EventType, content: Any, **kw: Any
+        ) -> EventID:
+            if event_type != EventType.ROOM_ENCRYPTED and await _bot_room_encrypted(
+                bridge, room_id
+            ):
+                event_type, content = await encrypt(bridge, room_id, event_type, content)
+            return await send(room_id, event_type, content, **kw)
+
+        setattr(intent, "send_message_event", send_message_event)  # noqa: B010 (mypy)
+
+    setattr(az, "start", start_and_wrap)  # noqa: B010 (mypy: assigning to a method)
+
+
+# Rooms whose state the bot fetched and found unencrypted: mautrix's state store records only
+# that a room is encrypted (set when its m.room.encryption comes, which ends the exemption).
+_seen_clear: set[RoomID] = set()
+
+
+async def _bot_room_encrypted(bridge: KalandraBridge, room_id: RoomID) -> bool:
+    if await bridge.az.state_store.is_encrypted(room_id):
+        return True
+    if room_id in _seen_clear:
+        return False
+    encrypted = await room_is_encrypted(bridge, room_id)  # a failure fails the send
+    if not encrypted:
+        _seen_clear.add(room_id)
+    return encrypted
 
 
 _refreshed: asyncio.Event | None = None  # set once the device lists are queried at startup

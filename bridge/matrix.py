@@ -38,6 +38,16 @@ if TYPE_CHECKING:
     from .bridge import KalandraBridge
 
 
+ENCRYPTION_OFF = (
+    "This message is encrypted and the bridge cannot read it: end-to-bridge encryption is off"
+    " in the bridge's config. Write to me in a room without encryption, or ask the bridge's"
+    " operator to set `bridge.encryption.allow: true` in its config and restart it (its"
+    " Synapse needs `msc2409_to_device_messages_enabled` and"
+    " `msc3202_transaction_extensions` under `experimental_features`; see"
+    " example-config.yaml)."
+)
+
+
 class MatrixHandler(BaseMatrixHandler):
     def __init__(self, bridge: KalandraBridge) -> None:
         prefix, _, suffix = bridge.config["bridge.username_template"].partition("{userid}")
@@ -236,9 +246,26 @@ class MatrixHandler(BaseMatrixHandler):
         portal = Portal.by_mxid(evt.room_id)
         if portal is None:
             release_slot()
+            if self.e2ee is None:
+                await self._encryption_off(evt)
+                return
             await super().handle_encrypted(evt)
             return
         await e2ee.decrypt_for_portal(cast("KalandraBridge", self.bridge), portal, evt)
+
+    async def _encryption_off(self, evt: EncryptedEvent) -> None:
+        """An encrypted message to the bot while end-to-bridge encryption is off: a notice
+        that says what the operator must change (mautrix's says only that it is off)."""
+        try:
+            await self.az.intent.send_notice(evt.room_id, ENCRYPTION_OFF)
+        except Exception as exc:  # not in the room any more, or the homeserver refused
+            self.log.debug("encryption notice not sent: %s", type(exc).__name__)
+        await self._send_mss(
+            cast(Event, evt),
+            MessageStatus.FAIL,
+            MessageStatusReason.UNDECRYPTABLE,
+            "encryption is not enabled on this bridge",
+        )
 
     async def handle_encryption(self, evt: StateEvent) -> None:
         content = cast(RoomEncryptionStateEventContent, evt.content)

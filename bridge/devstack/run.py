@@ -16,6 +16,7 @@ import asyncio
 import io
 import json
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,10 +25,12 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from kalandra_core.client.state import ClientState
 from kalandra_core.private_files import write_private
 from kalandra_core.settings import load_settings
 from kalandra_core.storage.sql import SqlStore
 
+from ..bot import BOT_MEMBER_NAME
 from ..config import EXAMPLE_CONFIG
 from .supervisor import BridgeSupervisor
 from .synapse import SERVER_NAME, Synapse, SynapseError, start_synapse
@@ -57,9 +60,10 @@ def write_bridge_config(path: Path, args: argparse.Namespace) -> None:
     config["homeserver"]["domain"] = SERVER_NAME
     config["appservice"]["address"] = f"http://127.0.0.1:{args.appservice_port}"
     config["appservice"]["port"] = args.appservice_port
-    # Portals are not encrypted on the Matrix side in the local trial (end-to-bridge
-    # encryption needs the bot's crypto device; see README, Status).
-    config["bridge"]["encryption"]["allow"] = False
+    # The product as meant: encrypted portals, and the bot's device cross-signed (its recovery
+    # key goes to the data dir), so a Matrix client trusts what the bridge sends.
+    encryption = config["bridge"]["encryption"]
+    encryption["allow"] = encryption["default"] = encryption["self_sign"] = True
     config["bridge"]["permissions"] = {
         SERVER_NAME: "user",
         f"@{MATRIX_ADMIN}:{SERVER_NAME}": "admin",
@@ -67,6 +71,14 @@ def write_bridge_config(path: Path, args: argparse.Namespace) -> None:
     text = io.StringIO()
     yaml.dump(config, text)
     _write_private(path, text.getvalue())  # the bridge adds its tokens and keys to it
+
+
+def _encrypts(path: Path) -> bool:
+    """Whether the bridge's config encrypts new portals (a data dir of an older `make run`
+    keeps its config)."""
+    with open(path, encoding="utf-8") as fh:
+        encryption = YAML(typ="safe").load(fh)["bridge"]["encryption"]
+    return bool(encryption.get("allow") and encryption.get("default"))
 
 
 def _bridge_cmd(*args: str) -> list[str]:
@@ -130,36 +142,78 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, str]]:
     return data, hs_secrets
 
 
+def _logged_in(state_file: Path) -> bool:
+    if not state_file.exists():
+        return False
+    state = ClientState(state_file)
+    try:
+        return state.load_identity() is not None
+    finally:
+        state.close()
+
+
+async def bot_member_id(database: str) -> int | None:
+    """The bridge's Kalandra member (the bridge makes it at its first start, and does not start
+    with an account of that name it did not make: once it is ready, this is its own)."""
+    store = await SqlStore.open(database, migrate=False)
+    try:
+        account = await store.find_member(BOT_MEMBER_NAME)
+        return None if account is None else account.member_id
+    finally:
+        await store.close()
+
+
 def _instructions(
-    data: Path, synapse: Synapse, creds: dict[str, Any], tcp: str, restart: str
+    data: Path,
+    synapse: Synapse,
+    creds: dict[str, Any],
+    tcp: str,
+    restart: str,
+    bot: int | None,
+    encrypted: bool,
 ) -> str:
     kalandra = Path(sys.executable).parent / "kalandra"
-    alice, bob = creds["alice"], creds["bob"]
     state = data / "native"
+    admin = f"@{MATRIX_ADMIN}:{SERVER_NAME}"
     lines = [
         "",
         "Kalandra Bridge is running (SQLite in " + str(data) + ").",
+        f"The bridge's Kalandra member id is {bot} (Matrix: @{BOT_MEMBER_NAME}:{SERVER_NAME})."
+        if bot is not None
+        else "The bridge's Kalandra member id: say `whoami` to the bot.",
+        "New portals are end-to-end encrypted up to the bridge."
+        if encrypted
+        else "New portals are not encrypted: this data dir's config.yaml predates encrypted"
+        " trials (remove the data dir to start over).",
         "",
         f"Matrix: log in with any Matrix client (e.g. Element) at {synapse.url}",
-        f"  user @{MATRIX_ADMIN}:{SERVER_NAME}  password {creds['matrix_password']}"
+        f"  user {admin}  password {creds['matrix_password']}"
         f"  (also in {data / 'credentials.txt'})",
-        f"  then start a chat with @kalandrabot:{SERVER_NAME} and say `help`;",
-        "  `create demo` makes a Kalandra room and invites you to its portal.",
+        f"  A direct chat with @{BOT_MEMBER_NAME}:{SERVER_NAME} takes the bridge's commands"
+        " (say `help`).",
         "",
-        f"Native Kalandra users (server {tcp}):",
+        f"Native Kalandra users (server {tcp}); each logs in once, its state file keeps it:",
     ]
-    for name, who in (("alice", alice), ("bob", bob)):
-        lines.append(
-            f"  {kalandra} login --server {tcp} --token {who['token']} --state {state}/{name}.db"
-            f"   # member {who['member_id']}"
-        )
+    for name in NATIVE_USERS:
+        who, path = creds[name], state / f"{name}.db"
+        if _logged_in(path):
+            lines.append(f"  {name}: member {who['member_id']}, logged in (--state {path})")
+        else:
+            lines.append(
+                f"  {kalandra} login --server {tcp} --token {who['token']} --state {path}"
+                f"   # member {who['member_id']}"
+            )
     lines += [
-        "  then, for example:",
-        f"  {kalandra} publish-key-packages --state {state}/alice.db",
-        f"  in the bot's chat:  invite ROOM {alice['member_id']}   (ROOM from `create`/`list`)",
-        f"  {kalandra} join --state {state}/alice.db",
-        f"  {kalandra} send ROOM 'hello Matrix' --state {state}/alice.db",
-        f"  {kalandra} tail ROOM --state {state}/alice.db",
+        "",
+        "A first conversation: alice (native) makes a room, lets the bridge and you in.",
+        "Paste these lines into a shell, in order (after alice's login above):",
+        f"  K={shlex.quote(str(kalandra))}; ALICE={shlex.quote(str(state / 'alice.db'))}",
+        '  ROOM=$("$K" create-room --name demo --state "$ALICE") && echo "$ROOM"',
+        f'  "$K" invite "$ROOM" bridge {admin} --state "$ALICE"',
+        "In the Matrix client: accept the invitation to the room `demo`, open it and type:"
+        " hello from Matrix",
+        '  "$K" tail "$ROOM" --state "$ALICE"   # alice reads it; Ctrl-C ends tail',
+        '  "$K" send "$ROOM" hello from Kalandra --state "$ALICE"   # shows in the Matrix room',
         "",
         f"Logs: {data / 'bridge.log'}, {synapse.log_path}",
         f"Restart the bridge alone (Synapse keeps running): {restart}",
@@ -205,8 +259,12 @@ async def run(args: argparse.Namespace, data: Path, hs_secrets: dict[str, str]) 
         )
         tcp = f"tcp://127.0.0.1:{args.tcp_port}"
 
-        def ready() -> None:
-            print(_instructions(data, synapse, creds, tcp, bridge.restart_hint), flush=True)
+        async def ready() -> None:
+            bot = await bot_member_id(settings.database)
+            text = _instructions(
+                data, synapse, creds, tcp, bridge.restart_hint, bot, _encrypts(config)
+            )
+            print(text, flush=True)
 
         code = await bridge.run(ready)
         print("stopping Synapse...", flush=True)

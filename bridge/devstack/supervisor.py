@@ -20,7 +20,7 @@ import contextlib
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .ready import wait_bridge_ready
@@ -115,7 +115,7 @@ class BridgeSupervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), POLL)
 
-    async def run(self, on_first_ready: Callable[[], None]) -> int:
+    async def run(self, on_first_ready: Callable[[], Awaitable[None]]) -> int:
         """Supervise until ``stop`` (0) or until Synapse exits (1)."""
         loop = asyncio.get_running_loop()
         delay, announced = FIRST_DELAY, False
@@ -125,7 +125,7 @@ class BridgeSupervisor:
                 self.proc = proc = self._spawn()
                 if await self._ready(proc):
                     if not announced:
-                        on_first_ready()
+                        await on_first_ready()
                         announced = True
                     else:
                         print(f"the bridge is running again (pid {proc.pid})", flush=True)

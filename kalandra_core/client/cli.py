@@ -329,6 +329,29 @@ async def _send_command(client: Client, args: argparse.Namespace) -> None:
         print(f"{'reacted' if command == 'react' else 'reaction taken back'} at log index {index}")
 
 
+BRIDGE = "bridge"  # `kalandra invite ROOM bridge`: the server's embedded Matrix bridge
+
+
+def _invitees(core: ClientCore, names: list[str]) -> tuple[list[int], list[str]]:
+    """(member ids to add, Matrix users to invite through the bridge). ``bridge`` and the
+    bridge bot's own Matrix id are the bridge's member, as the server names it in HelloReply
+    (the server is the account directory: it names every member id anyway)."""
+    members: list[int] = []
+    matrix: list[str] = []
+    for name in names:
+        if name == BRIDGE or (name.startswith("@") and name == core.bridge_mxid):
+            if core.bridge_member_id is None:
+                raise UsageError("this server runs no Matrix bridge (it names no bridge member)")
+            members.append(core.bridge_member_id)
+        elif name.startswith("@"):
+            matrix.append(name)
+        elif name.isdigit():
+            members.append(int(name))
+        else:
+            raise UsageError(f"{name!r} is not a member id, `bridge` or a Matrix user id")
+    return members, matrix
+
+
 def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
     command = args.client_command
 
@@ -347,8 +370,7 @@ def _commands(args: argparse.Namespace) -> Callable[[Client], Awaitable[int]]:
             print(f"{await client.publish_key_packages(args.count)} KeyPackages on the server")
         elif command == "invite":
             room_id = _room(client, args.room)
-            matrix = [m for m in args.members if m.startswith("@")]
-            members = [int(m) for m in args.members if not m.startswith("@")]
+            members, matrix = _invitees(client.core, args.members)
             if members:
                 index = await client.invite(room_id, members)
                 print(f"added at log index {index}; epoch {client.core.rooms[room_id].epoch}")
@@ -448,7 +470,10 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p = parser("invite", "add members to a room, or invite Matrix users through its bridge")
     p.add_argument("room")
     p.add_argument(
-        "members", nargs="+", help="member ids, or Matrix user ids (@user:domain) for the bridge"
+        "members",
+        nargs="+",
+        help="member ids, `bridge` (the server's Matrix bridge), or Matrix user ids"
+        " (@user:domain) to let in through the bridge",
     )
     p = parser("join", "accept pending invitations (Welcomes)")
     p.add_argument("--wait", type=float, default=1.0, help="seconds to wait for Welcomes")

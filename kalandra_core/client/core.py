@@ -114,6 +114,8 @@ class ClientCore:
         # saved before a message goes out (the write-ahead covers messages too).
         self.send_marks = SendMarks()
         self.server_key: bytes | None = None
+        self.bridge_member_id: int | None = None
+        self.bridge_mxid: str | None = None
         self.session_id: int | None = None
         # Welcomes for rooms we still think we are in (we may have been removed meanwhile).
         self.parked_welcomes: dict[bytes, Frame] = {}
@@ -175,6 +177,9 @@ class ClientCore:
             raise ValueError("the server authenticated a different member than this state's")
         self.session_id = reply.session_id
         self.server_key = reply.server_key
+        # The server's embedded bridge, if any (as trusted as the server's account directory).
+        self.bridge_member_id = reply.bridge_member_id
+        self.bridge_mxid = reply.bridge_mxid
 
     def load_pending(self, pending: Pending) -> None:
         """A request read back from saved state: the outbox, or a merged commit of ours."""

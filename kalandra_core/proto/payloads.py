@@ -120,9 +120,11 @@ class Hello(StructPayload):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloReply(StructPayload):
-    """``member_id``, ``server_key`` and ``device_token`` are ours: who the token authenticated,
-    the server's Ed25519 key (the external sender of its moderation Remove proposals) and, after
-    a Hello with a login code, the device token the client uses from then on."""
+    """``member_id``, ``server_key``, ``device_token`` and ``bridge_*`` are ours: who the token
+    authenticated, the server's Ed25519 key (the external sender of its moderation Remove
+    proposals), after a Hello with a login code the device token the client uses from then on,
+    and, on a server that embeds a Matrix bridge, the bridge's bot: its member id and its
+    Matrix user id (``kalandra invite ROOM bridge``)."""
 
     session_id: int = wire(UInt(64))
     capabilities: list[str] = wire(ListOf(Text()), default_factory=list)
@@ -130,6 +132,8 @@ class HelloReply(StructPayload):
     member_id: int | None = wire(UInt(64), optional=True)
     server_key: bytes | None = wire(Bytes(32), optional=True)
     device_token: str | None = wire(Text(), optional=True)  # when a login code was redeemed
+    bridge_member_id: int | None = wire(UInt(64), optional=True)
+    bridge_mxid: str | None = wire(Text(), optional=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

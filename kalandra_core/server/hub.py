@@ -88,6 +88,9 @@ class Hub:
         # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
         self.hello_replays = ReplayCache(config.limits.max_clock_skew_ms)
         self._sweeper: asyncio.Task[None] | None = None
+        # (member id, Matrix user id) of the bot of the Matrix bridge that embeds this server,
+        # told to every client in HelloReply; None for a server alone.
+        self.bridge_bot: tuple[int, str] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -320,6 +320,7 @@ class ServerSession:
             return
         self.member_id = member_id
         self.authenticated = True
+        bridge = self.hub.bridge_bot
         self.send(
             replies.reply(
                 Opcode.HELLO_REPLY,
@@ -329,6 +330,8 @@ class ServerSession:
                     member_id=member_id,
                     server_key=self.hub.server_public_key,
                     device_token=device_token,
+                    bridge_member_id=bridge[0] if bridge else None,
+                    bridge_mxid=bridge[1] if bridge else None,
                 ),
                 request_id=h.request_id,
             )

@@ -26,6 +26,7 @@ from nio import (
 from ruamel.yaml import YAML
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from bridge.matrix import ENCRYPTION_OFF
 from kalandra_core.client import events as ev
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ClientError, ServerAddress
@@ -395,3 +396,29 @@ async def provisioning_code(stack: BridgeStack, user_id: str) -> tuple[int, dict
         ) as response,
     ):
         return response.status, await response.json()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_encrypted_chat_without_encryption_says_what_the_operator_must_do(
+    stack: BridgeStack,
+) -> None:
+    async with nio_client(stack.synapse, stack.others["user"], encrypted=True) as bob:
+        await bob.sync(timeout=0)
+        created = await bob.room_create(
+            invite=[BOT],
+            is_direct=True,
+            initial_state=[
+                {
+                    "type": "m.room.encryption",
+                    "state_key": "",
+                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+                }
+            ],
+        )
+        assert isinstance(created, RoomCreateResponse), created
+        dm = created.room_id
+        notices = bot_notices(bob, dm)
+        await sync_until(bob, lambda: len(notices) >= 1, "welcome from the bot")
+        answer = await command(bob, dm, "ping")  # encrypted: the bridge cannot read it
+        assert answer == ENCRYPTION_OFF  # a notice (bot_notices), in clear: nothing else works
+        assert "`bridge.encryption.allow: true`" in answer

@@ -122,11 +122,6 @@ async def test_messages_both_ways_between_element_and_a_native_member(portal: Po
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the bot's command replies go out in clear in encrypted portals (mautrix"
-    " encrypts only what its portal class sends); remove this mark with the fix",
-)
 @pytest.mark.asyncio(loop_scope="module")
 async def test_command_replies_in_an_encrypted_portal_arrive_encrypted(portal: Portal) -> None:
     js = portal.js

@@ -1,9 +1,12 @@
 """`make run`'s system (python -m bridge.devstack) as a newcomer uses it: it prints how to log in,
 the Matrix admin it made can talk to the bot, the native account's printed `kalandra login` line
-works against the embedded server, a crash of the bridge (kill -9) and a stop of the bridge alone
-(the printed restart command) leave Synapse running, say what happened and bring the bridge back,
-Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and SIGTERM stop everything
-cleanly with status 0 and no process left, and a second run reuses the accounts."""
+works against the embedded server, the printed first conversation works as printed (its shell lines
+run in a shell, the Matrix side done by an E2EE client: the portal is encrypted, the bot's device
+cross-signed, and the bridge's member id printed is the bot's), a crash of the bridge (kill -9) and
+a stop of the bridge alone (the printed restart command) leave Synapse running, say what happened
+and bring the bridge back, Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and
+SIGTERM stop everything cleanly with status 0 and no process left, and a second run reuses the
+accounts."""
 
 from __future__ import annotations
 
@@ -19,9 +22,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from nio import AsyncClient, LoginResponse
+from nio import (
+    AsyncClient,
+    AsyncClientConfig,
+    InviteMemberEvent,
+    LoginResponse,
+    MatrixRoom,
+    RoomMessageText,
+)
+from nio.store import SqliteMemoryStore
 
-from matrix.bridge_stack import REPO, bot_notices, open_dm, say, sync_until
+from matrix.bridge_stack import BOT, REPO, bot_notices, open_dm, say, sync_until
 from matrix.synapse import free_port
 
 RUNNING = "Kalandra Bridge is running"
@@ -114,6 +125,112 @@ async def _ping(client: AsyncClient, dm: str, notices: list[str]) -> None:
     assert notices[count].startswith("Pong: the Kalandra server is up"), notices
 
 
+def _conversation(printed: str) -> tuple[list[str], list[str]]:
+    """The printed first conversation's shell lines: before the Matrix step, and after it."""
+    text = printed.split("Paste these lines into a shell", 1)[1].split("\n", 1)[1]
+    before, after = text.split("In the Matrix client:", 1)
+    after = after.split("\n\n", 1)[0].split("\n", 1)[1]
+
+    def shell(block: str) -> list[str]:
+        return [line.strip() for line in block.splitlines() if line.startswith("  ")]
+
+    return shell(before), shell(after)
+
+
+async def _shell(script: str) -> str:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-ec", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, f"{script}\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+async def _bot_cross_signed(client: AsyncClient) -> bool:
+    response = await client.send(
+        "POST",
+        "/_matrix/client/v3/keys/query",
+        json.dumps({"device_keys": {BOT: []}}),
+        headers={"Authorization": f"Bearer {client.access_token}"},
+    )
+    keys = await response.json()
+    self_signing = keys.get("self_signing_keys", {}).get(BOT, {}).get("keys", {})
+    devices = keys["device_keys"].get(BOT, {})
+    return len(devices) == 1 and any(
+        key_id in device["signatures"].get(BOT, {})
+        for device in devices.values()
+        for key_id in self_signing
+    )
+
+
+async def _first_conversation(printed: str, client: AsyncClient, alice_ghost: str) -> None:
+    """Runs the printed first conversation: its shell lines as printed, the Matrix side as the
+    printed account in an E2EE client."""
+    before, after = _conversation(printed)
+    assert len(before) == 3, before
+    assert before[0].startswith("K="), before
+    assert not any("publish-key-packages" in line for line in before + after)
+    invites: list[str] = []
+
+    async def on_invite(room: MatrixRoom, event: InviteMemberEvent) -> None:
+        if event.state_key == client.user_id and event.membership == "invite":
+            invites.append(room.room_id)
+
+    client.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    out = await _shell("\n".join(before))
+    room = out.strip().splitlines()[0]
+    assert re.fullmatch(r"[0-9a-f]{32}", room), out
+    assert "invited @admin:localhost through the bridge" in out, out
+
+    # "accept the invitation to the room `demo`, open it and type: hello from Matrix"
+    await sync_until(client, lambda: bool(invites), "the invitation to demo", within=60)
+    portal = invites[0]
+    await client.join(portal)
+    await sync_until(client, lambda: portal in client.rooms, "the join", within=30)
+    assert client.rooms[portal].encrypted
+    assert client.rooms[portal].name == "demo"
+    await say(client, portal, "hello from Matrix")
+
+    # Then the lines after it, in the same shell variables: tail shows it, send goes over.
+    prefix = f"{before[0]}\nROOM={room}\n"
+    tail_line, send_line = after
+    assert " tail " in tail_line, after
+    assert " send " in send_line, after
+    tail = await asyncio.create_subprocess_exec(
+        "bash",
+        "-ec",
+        prefix + "exec " + tail_line,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        seen = b""
+        async with asyncio.timeout(60):
+            assert tail.stdout is not None
+            while b"hello from Matrix" not in seen:
+                line = await tail.stdout.readline()
+                assert line, seen
+                seen += line
+    finally:
+        tail.send_signal(signal.SIGINT)  # Ctrl-C ends tail
+        assert await asyncio.wait_for(tail.wait(), 30) == 0
+    texts: list[RoomMessageText] = []
+
+    async def on_text(room: MatrixRoom, event: RoomMessageText) -> None:
+        if room.room_id == portal and event.sender == alice_ghost:
+            texts.append(event)
+
+    client.add_event_callback(on_text, RoomMessageText)  # type: ignore[arg-type]
+    await _shell(prefix + send_line)
+    await sync_until(client, lambda: bool(texts), "alice's message", within=60)
+    assert texts[0].body == "hello from Kalandra"
+    assert texts[0].decrypted  # encrypted up to the bridge, and readable
+
+
 @pytest.mark.asyncio
 async def test_make_run_system_is_usable_survives_the_bridge_and_is_reused(
     tmp_path: Path,
@@ -148,16 +265,27 @@ async def test_make_run_system_is_usable_survives_the_bridge_and_is_reused(
         assert done.returncode == 0, done.stdout + done.stderr
         assert str(creds["alice"]["member_id"]) in done.stdout
 
-        # The Matrix side: the printed account logs in and the bot answers.
-        client = AsyncClient(f"http://127.0.0.1:{hs_port}", "@admin:localhost")
+        # The Matrix side: the printed account logs in (an E2EE client, as Element) and the
+        # bot answers, naming the member id printed.
+        bot = re.search(r"The bridge's Kalandra member id is (\d+) ", printed)
+        assert bot, printed
+        assert "New portals are end-to-end encrypted up to the bridge." in printed
+        config = AsyncClientConfig(encryption_enabled=True, store=SqliteMemoryStore)
+        client = AsyncClient(f"http://127.0.0.1:{hs_port}", "@admin:localhost", config=config)
         try:
             assert isinstance(await client.login(password.group(1)), LoginResponse)
+            await client.keys_upload()
             await client.sync(timeout=0)
             dm = await open_dm(client)
             notices = bot_notices(client, dm)
             await sync_until(client, lambda: len(notices) >= 1, "welcome", within=30)
             await _ping(client, dm, notices)
             assert "`admin`" in notices[1]
+            assert f"member id is `{bot.group(1)}`" in notices[1]
+            assert await _bot_cross_signed(client)
+            assert oct((data / "bot-recovery-key.txt").stat().st_mode & 0o777) == "0o600"
+            alice_ghost = f"@kalandra_{creds['alice']['member_id']}:localhost"
+            await _first_conversation(printed, client, alice_ghost)
             synapse = _synapse_pids(data)
             assert len(synapse) == 1
 
@@ -203,7 +331,9 @@ async def test_make_run_system_is_usable_survives_the_bridge_and_is_reused(
     try:
         await stack.until("Stop everything with Ctrl-C")
         assert f"password {password.group(1)}" in stack.out
-        assert f"# member {creds['alice']['member_id']}" in stack.out
+        # alice logged in with the printed line: not printed again, her state file keeps it.
+        assert f"alice: member {creds['alice']['member_id']}, logged in" in stack.out
+        assert f"# member {creds['bob']['member_id']}" in stack.out
         await stack.stop("sigterm")
         assert _synapse_pids(data) == []
     finally:
