@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,7 +62,7 @@ from nio import (
     UploadResponse,
 )
 from nio.store import SqliteMemoryStore
-from test_bridge_faults import pg_start, restart_postgres
+from private_postgres import PrivatePostgres, private_postgres
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
@@ -84,6 +85,7 @@ MEDIA_LIMIT = 256 * 1024  # server.media.max_size of this stack: the oversized f
 STATUS = "com.beeper.message_send_status"
 NOT_BRIDGED = "Not bridged to Kalandra:"
 PORTALS = 3  # the last one is encrypted
+SERVERS: dict[Path, PrivatePostgres | None] = {}  # the stack's own PostgreSQL server, by stack
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=SOAK_DATABASES)
@@ -93,16 +95,20 @@ async def stack(
     # asyncpg logs each failed reconnect of its pools with a traceback (at WARNING) while
     # PostgreSQL is down: that is the outage this soak makes.
     options = {"server.media.max_size": MEDIA_LIMIT, "logging.loggers.asyncpg": {"level": "ERROR"}}
-    try:
+    with contextlib.ExitStack() as servers:
+        # A PostgreSQL server of the soak's own: it stops it (others may use the shared one).
+        postgres = (
+            servers.enter_context(private_postgres()) if request.param == "postgres" else None
+        )
         async with bridge_stack(
             tmp_path_factory.mktemp("soak"),
             request.param,
             bridge_options={"encryption.allow": True},
             options=options,
+            **({"pg_admin": postgres.admin_dsn} if postgres is not None else {}),
         ) as stack:
+            SERVERS[stack.work] = postgres
             yield stack
-    finally:
-        await asyncio.to_thread(pg_start)
 
 
 def png(side: int) -> bytes:
@@ -465,10 +471,18 @@ async def kill9_synapse(soak: Soak) -> None:
     await soak.stack.synapse.restart()
 
 
+OUTAGE_SECONDS = 20.0  # longer than any fixed retry budget: an outage is waited out
+
+
 async def restart_pg(soak: Soak) -> None:
-    """The whole server stops and starts again, as the PostgreSQL fault test does (the soak's
-    database is the only one in use meanwhile: tests do not run in parallel)."""
-    await restart_postgres(soak.stack, asyncio.Event())
+    """The soak's PostgreSQL server stops (connections cut) and starts again."""
+    postgres = SERVERS[soak.stack.work]
+    assert postgres is not None
+    await asyncio.to_thread(postgres.stop)
+    try:
+        await asyncio.sleep(OUTAGE_SECONDS)
+    finally:
+        await asyncio.to_thread(postgres.start)
 
 
 Fault = Callable[[Soak], Awaitable[None]]
