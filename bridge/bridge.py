@@ -43,6 +43,7 @@ from . import (
     log_noise,
     metrics,
     permissions,
+    self_ping,
 )
 from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
@@ -145,6 +146,7 @@ class KalandraBridge(Bridge):
         self.gate.install()  # acknowledge transactions only when done
         metrics.install(self)  # after the gate: counts what Synapse is answered
         health.install(self)
+        self_ping.install(self)  # the start-up check: a ping that arrived is proof enough
         as_auth.install(self)  # outermost: the token before anything reads a body
         if self.config["bridge.provisioning.enabled"]:
             ProvisioningAPI(self).install()
