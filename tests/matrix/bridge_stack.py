@@ -325,6 +325,23 @@ async def open_dm(client: AsyncClient) -> str:
     return created.room_id
 
 
+async def encrypted_dm(client: AsyncClient) -> str:
+    """A new end-to-end encrypted DM with the bot (its room id)."""
+    created = await client.room_create(
+        invite=[BOT],
+        is_direct=True,
+        initial_state=[
+            {
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }
+        ],
+    )
+    assert isinstance(created, RoomCreateResponse), created
+    return created.room_id
+
+
 async def say(client: AsyncClient, room_id: str, body: str) -> str:
     if client.should_query_keys:  # devices that changed since (nio checks only new rooms)
         await client.keys_query()

@@ -40,6 +40,7 @@ from matrix.bridge_stack import (
     bridge_stack,
     command,
     create_portal,
+    encrypted_dm,
     ghost_of,
     native_client,
     nio_client,
@@ -404,19 +405,7 @@ async def test_an_encrypted_chat_without_encryption_says_what_the_operator_must_
 ) -> None:
     async with nio_client(stack.synapse, stack.others["user"], encrypted=True) as bob:
         await bob.sync(timeout=0)
-        created = await bob.room_create(
-            invite=[BOT],
-            is_direct=True,
-            initial_state=[
-                {
-                    "type": "m.room.encryption",
-                    "state_key": "",
-                    "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-                }
-            ],
-        )
-        assert isinstance(created, RoomCreateResponse), created
-        dm = created.room_id
+        dm = await encrypted_dm(bob)
         notices = bot_notices(bob, dm)
         await sync_until(bob, lambda: len(notices) >= 1, "welcome from the bot")
         answer = await command(bob, dm, "ping")  # encrypted: the bridge cannot read it

@@ -24,7 +24,6 @@ from nio import (
     AsyncClient,
     InviteMemberEvent,
     MatrixRoom,
-    RoomCreateResponse,
     RoomMessageNotice,
 )
 
@@ -37,6 +36,7 @@ from matrix.bridge_stack import (
     BridgeStack,
     bridge_stack,
     create_portal,
+    encrypted_dm,
     messages_from_others,
     native_client,
     nio_client,
@@ -69,22 +69,6 @@ async def bot_member(stack: BridgeStack) -> int:
         return account.member_id
     finally:
         await store.close()
-
-
-async def encrypted_dm(client: AsyncClient) -> str:
-    created = await client.room_create(
-        invite=[BOT],
-        is_direct=True,
-        initial_state=[
-            {
-                "type": "m.room.encryption",
-                "state_key": "",
-                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-            }
-        ],
-    )
-    assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
 
 
 def bot_replies(client: AsyncClient, room_id: str) -> list[RoomMessageNotice]:

@@ -36,6 +36,7 @@ from matrix.bridge_stack import (
     bot_notices,
     bridge_stack,
     command,
+    encrypted_dm,
     native_client,
     nio_client,
     open_dm,
@@ -44,7 +45,7 @@ from matrix.bridge_stack import (
     say,
     sync_until,
 )
-from nio import AsyncClient, MatrixRoom, RoomCreateResponse, RoomMessageNotice, RoomRedactResponse
+from nio import AsyncClient, MatrixRoom, RoomMessageNotice, RoomRedactResponse
 from ruamel.yaml import YAML
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -297,22 +298,6 @@ async def bridged_key(stack: BridgeStack, mxid: str) -> bytes:
     config = YAML(typ="safe").load(stack.config.read_text(encoding="utf-8"))
     state_key = base64.b64decode(config["bridge"]["mls_state_key"])
     return sealed.unseal(state_key, "user-signing-key", bytes(sealed_key))
-
-
-async def encrypted_dm(client: AsyncClient) -> str:
-    created = await client.room_create(
-        invite=[BOT],
-        is_direct=True,
-        initial_state=[
-            {
-                "type": "m.room.encryption",
-                "state_key": "",
-                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
-            }
-        ],
-    )
-    assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
 
 
 async def welcomed(client: AsyncClient, room_id: str) -> None:
