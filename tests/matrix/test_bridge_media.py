@@ -409,3 +409,58 @@ async def test_encrypted_portal_media_both_ways(stack: BridgeStack) -> None:
             )
             assert plain == expected
     await native.close()
+
+
+def decoded_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_native_images_get_their_layout_info_and_a_thumbnail(stack: BridgeStack) -> None:
+    """Images whose sender said no size get w/h read from the file; an image larger than
+    Element's thumbnail box (800x600) gets a thumbnail; a video keeps its size and duration."""
+    from PIL import Image
+
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "layout")
+        room, ghost = bytes.fromhex(room_hex), ghost_of(native)
+        large = png(1000, 700)
+        gif = io.BytesIO()
+        Image.new("RGB", (30, 40), (200, 10, 10)).save(gif, format="GIF")
+        jpeg = io.BytesIO()
+        Image.new("RGB", (33, 17), (10, 200, 10)).save(jpeg, format="JPEG")
+        sent = [
+            ("image", large, "image/png", "large.png", {}),
+            ("image", gif.getvalue(), "image/gif", "small.gif", {}),
+            ("image", jpeg.getvalue(), "image/jpeg", "small.jpg", {}),
+            ("video", os.urandom(4000), "video/mp4", "v.mp4", {"width": 320, "height": 240}),
+        ]
+        sent[3][4]["duration_ms"] = 4500
+        for kind, data, mimetype, name, extra in sent:
+            ref = await native.upload_media(
+                room, data, mimetype=mimetype, name=name, kind=kind, **extra
+            )
+            await native.send(room, Content(body=name, kind=kind, media=ref))
+        events = await wait_events(alice, portal, ghost, len(sent))
+        infos = [e["content"]["info"] for e in events]
+        for info, (_, data, mimetype, _, _) in zip(infos, sent, strict=True):
+            assert (info["mimetype"], info["size"]) == (mimetype, len(data))
+        assert [(i["w"], i["h"]) for i in infos] == [(1000, 700), (30, 40), (33, 17), (320, 240)]
+        assert infos[3]["duration"] == 4500
+        # The large image's thumbnail: at most 800x600, its info true to its bytes.
+        thumb = await download(alice, infos[0]["thumbnail_url"])
+        assert decoded_size(thumb) == (800, 560)
+        assert infos[0]["thumbnail_info"] == {
+            "mimetype": "image/jpeg",
+            "size": len(thumb),
+            "w": 800,
+            "h": 560,
+        }
+        assert await download(alice, events[0]["content"]["url"]) == large
+        # Small images are their own thumbnail.
+        assert all("thumbnail_url" not in i for i in infos[1:])
+    await native.close()
