@@ -273,7 +273,7 @@ async def test_undecryptable_message_fails_visibly_then_is_bridged_when_the_key_
                 if e.source["type"] == "com.beeper.message_send_status"
             ]
             assert [(s["m.relates_to"]["event_id"], s["status"]) for s in statuses] == [
-                (lost, "FAIL_PERMANENT")
+                (lost, "FAIL_RETRIABLE")  # (sent again, it would carry its key)
             ], statuses
             assert statuses[0]["reason"] == "com.beeper.undecryptable_event"
             assert requests, "the bridge did not ask for the key"
