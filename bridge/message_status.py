@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from mautrix.api import Method, Path
@@ -82,9 +83,14 @@ class Refused(Exception):
 
 
 class StatusSender:
-    def __init__(self, bridge: KalandraBridge, label: str) -> None:
+    def __init__(
+        self, bridge: KalandraBridge, label: str, encrypted: Callable[[], bool] = lambda: True
+    ) -> None:
+        """``encrypted``: whether the portal is encrypted, as the bridge knows it without a
+        database query (for PENDING statuses)."""
         self.bridge = bridge
         self.label = label
+        self._encrypted = encrypted
         self._successes: asyncio.Queue[tuple[RoomID, EventID, bool, _Pending | None]] = (
             asyncio.Queue()
         )
@@ -122,10 +128,19 @@ class StatusSender:
     async def _send_pending(self, room: RoomID, event_id: EventID, pending: _Pending) -> None:
         await asyncio.sleep(PENDING_AFTER)
         pending.sent = True  # from here on the final status waits for this one
-        try:
-            await self._status(room, event_id, MessageStatus.PENDING)
-        except Exception as exc:
-            log.debug("portal %s: pending status not sent (%s)", self.label, type(exc).__name__)
+        delay = 0.5
+        while True:  # (the homeserver or, in encrypted portals, the database may be away)
+            try:
+                await self._status(room, event_id, MessageStatus.PENDING, direct=True)
+                return
+            except Exception as exc:
+                log.debug(
+                    "portal %s: pending status not sent (%s)", self.label, type(exc).__name__
+                )
+                if pending.settled:
+                    return  # its final status is due: it says more
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     def forget(self, event_id: EventID) -> None:
         """No status is due for ``event_id`` (handled before: a replayed transaction)."""
@@ -137,6 +152,7 @@ class StatusSender:
         pending = self._pending.pop(event_id, None)
         if pending is None:
             return None
+        pending.settled = True
         if not pending.sent:
             pending.task.cancel()
             return None
@@ -228,6 +244,8 @@ class StatusSender:
         event_id: EventID,
         status: MessageStatus,
         refusal: Refused | None = None,
+        *,
+        direct: bool = False,
     ) -> None:
         content = BeeperMessageStatusEventContent(
             network=NETWORK,
@@ -239,6 +257,12 @@ class StatusSender:
         )
         # Per status: a replay repeats each one rather than adding another.
         txn_id = f"kalandra-status-{status.value}-{event_id}"
+        if direct and not self._encrypted():
+            # Straight to the homeserver: the intent's own checks read the bridge's database,
+            # which may be what the message waits for.
+            path = Path.v3.rooms[room].send[str(EventType.BEEPER_MESSAGE_STATUS)][txn_id]
+            await self.bridge.az.intent.api.request(Method.PUT, path, content.serialize())
+            return
         await self._send(room, EventType.BEEPER_MESSAGE_STATUS, content, txn_id)
 
     async def _send(
@@ -260,10 +284,11 @@ class StatusSender:
 class _Pending:
     """A PENDING status due for an event: ``sent`` once it is being sent."""
 
-    __slots__ = ("sent", "task")
+    __slots__ = ("sent", "settled", "task")
 
     def __init__(self) -> None:
         self.sent = False
+        self.settled = False  # the event's final status is due
         self.task: asyncio.Task[None]
 
     async def done(self) -> None:

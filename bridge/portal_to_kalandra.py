@@ -162,7 +162,7 @@ class PortalToKalandra(PortalBase):
     def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
         super().__init__(bridge, row)
         self.outgoing: asyncio.Queue[EventSlot] = asyncio.Queue()
-        self.mx_status = StatusSender(bridge, self.hex)
+        self.mx_status = StatusSender(bridge, self.hex, lambda: self.row.encrypted)
         self._out_task: asyncio.Task[None] | None = None
 
     def _start_to_kalandra(self) -> None:
@@ -269,6 +269,8 @@ class PortalToKalandra(PortalBase):
                 # Queued in the bot's outbox, delivered once: never sent a second time.
                 log.warning("portal %s: %s queued, not confirmed yet", self.hex, work.kind)
                 await dedupe.record_done(work.event_id)
+                if work.kind == "message":  # (it goes out: a PENDING must not stay the last)
+                    self.mx_status.success(mxid, work.event_id)
                 return
             except (SendFailed, ClientError) as exc:
                 if exc.code in _TRANSIENT and attempt < _TRANSIENT_ATTEMPTS:

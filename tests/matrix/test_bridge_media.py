@@ -7,7 +7,8 @@ uploaded by the member's ghost, with their info, and the Matrix user downloads e
 and a notice with the limit, both when the event states its size and when only the download
 finds out. A relay user's image goes out through the bot's leaf with the file. In an encrypted
 portal the files are Matrix encrypted attachments both ways (the Matrix user's decrypted by the
-bridge, the ghost's decrypted by nio).
+bridge, the ghost's decrypted by nio), thumbnails included. Native images whose sender gave no
+size get w/h from the file, and those over 800x600 a thumbnail.
 """
 
 from __future__ import annotations
@@ -408,6 +409,39 @@ async def test_encrypted_portal_media_both_ways(stack: BridgeStack) -> None:
                 ciphertext, event.key["k"], event.hashes["sha256"], event.iv
             )
             assert plain == expected
+
+        # A large image's thumbnail is an encrypted attachment too (thumbnail_file).
+        large = png(1000, 700)
+        ref = await native.upload_media(
+            room, large, mimetype="image/png", name="l.png", kind="image"
+        )
+        await native.send(room, Content(body="l.png", kind="image", media=ref))
+        async with asyncio.timeout(WITHIN):
+            while True:
+                images = [
+                    e
+                    for e in await room_history(alice, portal)
+                    if isinstance(e, RoomEncryptedImage) and e.sender == ghost
+                ]
+                if len(images) >= 2:
+                    break
+                await asyncio.sleep(0.5)
+        event = images[1]
+        assert event.thumbnail_url is not None
+        assert event.thumbnail_key is not None
+        assert event.thumbnail_hashes is not None
+        assert event.thumbnail_iv is not None
+        ciphertext = await download(alice, event.thumbnail_url)
+        thumb = decrypt_attachment(
+            ciphertext,
+            event.thumbnail_key["k"],
+            event.thumbnail_hashes["sha256"],
+            event.thumbnail_iv,
+        )
+        assert decoded_size(thumb) == (800, 560)
+        info = event.source["content"]["info"]
+        assert (info["w"], info["h"], info["thumbnail_info"]["size"]) == (1000, 700, len(thumb))
+        assert "thumbnail_url" not in info  # (only inside thumbnail_file)
     await native.close()
 
 
