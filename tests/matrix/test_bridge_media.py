@@ -144,6 +144,7 @@ async def wait_status(client: AsyncClient, room: str, event_id: str) -> dict[str
                 if (
                     e.source.get("type") == STATUS
                     and content.get("m.relates_to", {}).get("event_id") == event_id
+                    and content.get("status") != "PENDING"  # (a slow queue shows one first)
                 ):
                     return dict(content)
             await asyncio.sleep(0.5)
