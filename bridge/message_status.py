@@ -116,8 +116,9 @@ class StatusSender:
 
     def watch(self, room: RoomID, event_id: EventID) -> None:
         """``event_id`` (a message) is in the portal's queue: a PENDING status goes out if it
-        has no final one within ``PENDING_AFTER`` seconds."""
-        if not self.enabled or event_id in self._pending:
+        has no final one within ``PENDING_AFTER`` seconds (not for a message already reported
+        failed and bridged late: its success follows, the failure withdrawn)."""
+        if not self.enabled or event_id in self._pending or event_id in self.late:
             return
         pending = _Pending()
         pending.task = asyncio.create_task(
