@@ -18,6 +18,7 @@ or relay). A file over ``server.media.max_size`` is refused with the limit in th
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -44,6 +45,7 @@ from mautrix.types import (
     MessageType,
     SpecVersions,
     TextMessageEventContent,
+    ThumbnailInfo,
     VideoInfo,
 )
 
@@ -51,7 +53,7 @@ from kalandra_core.client.content import Content
 from kalandra_core.client.driver import ClientError
 from kalandra_core.media.blob import BLOCK_SIZE, MediaError, MediaRef
 
-from . import e2ee
+from . import e2ee, media_info
 from .message_status import Refused
 
 if TYPE_CHECKING:
@@ -130,7 +132,9 @@ class _AttachmentDecryptor:
     def finish(self) -> None:
         if not hmac.compare_digest(self._hash.digest(), self.expected):
             raise Refused(
-                MessageStatusReason.UNDECRYPTABLE, "the encrypted file does not match its hash."
+                MessageStatusReason.UNDECRYPTABLE,
+                "the encrypted file does not match its hash.",
+                retriable=False,  # (the same file would fail again)
             )
 
 
@@ -214,11 +218,13 @@ class _Source:
     """The plaintext blocks of a reference, encrypted on the way when ``encrypt``; remembers
     why reading failed (the upload only sees its body end early)."""
 
-    def __init__(self, blocks: AsyncIterator[bytes], encrypt: bool) -> None:
+    def __init__(self, blocks: AsyncIterator[bytes], encrypt: bool, keep: int = 0) -> None:
         self.blocks = blocks
         self.failure: MediaError | ClientError | None = None
         self.file: EncryptedFile | None = None
+        self.kept = bytearray()  # the first ``keep`` bytes of the plaintext
         self._encrypt = encrypt
+        self._keep = keep
 
     async def stream(self) -> AsyncIterator[bytes]:
         key, iv = os.urandom(32), os.urandom(8) + bytes(8)
@@ -226,6 +232,8 @@ class _Source:
         digest = hashlib.sha256()
         try:
             async for block in self.blocks:
+                if len(self.kept) < self._keep:
+                    self.kept += block[: self._keep - len(self.kept)]
                 if self._encrypt:
                     block = cipher.update(block)
                     digest.update(block)
@@ -241,13 +249,20 @@ class _Source:
             )
 
 
-def _info(ref: MediaRef) -> FileInfo | ImageInfo | VideoInfo | AudioInfo:
+def _info(
+    ref: MediaRef, size: tuple[int, int] | None = None
+) -> FileInfo | ImageInfo | VideoInfo | AudioInfo:
+    """``size``: the image's (width, height) read from its file, where the sender gave none."""
+
     def given(**values: int | None) -> dict[str, Any]:
         return {name: value for name, value in values.items() if value is not None}
 
     common: dict[str, Any] = {"mimetype": ref.mimetype, "size": ref.size}
     if ref.kind in ("image", "sticker"):
-        return ImageInfo(**common, **given(width=ref.width, height=ref.height))
+        width, height = ref.width, ref.height
+        if (width is None or height is None) and size is not None:
+            width, height = size
+        return ImageInfo(**common, **given(width=width, height=height))
     if ref.kind == "video":
         sizes = given(width=ref.width, height=ref.height, duration=ref.duration_ms)
         return VideoInfo(**common, **sizes)
@@ -276,7 +291,12 @@ async def to_matrix(
     client = bridge.bot.client
     assert client is not None
     encrypt = portal.row.encrypted and e2ee.manager(bridge) is not None
-    source = _Source(client.stream_media(portal.room_id, ref), encrypt)
+    image = ref.kind in ("image", "sticker")
+    # An image's first bytes tell its size; a whole one (not too large) makes its thumbnail.
+    keep = 0
+    if image:
+        keep = ref.size if ref.size <= media_info.THUMBNAIL_MAX_FILE else media_info.HEAD
+    source = _Source(client.stream_media(portal.room_id, ref), encrypt, keep)
     try:
         data: AsyncIterator[bytes] | bytes
         if ref.size:
@@ -304,11 +324,12 @@ async def to_matrix(
             return EventType.ROOM_MESSAGE, _unavailable(content, why)
         raise
     msgtype = MSGTYPES[ref.kind]
+    info = _info(ref, media_info.dimensions(bytes(source.kept[: media_info.HEAD])))
     out = MediaMessageEventContent(
-        msgtype=msgtype,
-        body=content.body or ref.name or ref.kind,
-        info=_info(ref),
+        msgtype=msgtype, body=content.body or ref.name or ref.kind, info=info
     )
+    if msgtype == MessageType.IMAGE and len(source.kept) == ref.size and ref.size:
+        await _add_thumbnail(portal, intent, bytes(source.kept), info, encrypt)
     if ref.name:
         out.filename = ref.name
     if encrypt:
@@ -323,3 +344,38 @@ async def to_matrix(
         )  # (m.sticker is an event type; its content has no msgtype)
         return EventType.STICKER, out
     return EventType.ROOM_MESSAGE, out
+
+
+async def _add_thumbnail(
+    portal: PortalToMatrix, intent: IntentAPI, image: bytes, info: Any, encrypt: bool
+) -> None:
+    """A thumbnail of ``image`` uploaded by the ghost into ``info`` (an encrypted attachment
+    in an encrypted portal); nothing when there is none to make or it cannot be uploaded."""
+    thumb = await asyncio.to_thread(media_info.thumbnail, image)
+    if thumb is None:
+        return
+    source = _Source(_once(thumb.data), encrypt)
+    try:
+        data = b"".join([block async for block in source.stream()])
+        mxc = await intent.upload_media(
+            data,
+            mime_type="application/octet-stream" if encrypt else thumb.mimetype,
+            filename="thumbnail.jpg" if thumb.mimetype == "image/jpeg" else "thumbnail.png",
+            size=len(data),
+        )
+    except MatrixStandardRequestError as exc:  # (the image itself went: it stands in)
+        log.warning("portal %s: thumbnail not uploaded (%s)", portal.hex, exc.errcode)
+        return
+    info.thumbnail_info = ThumbnailInfo(
+        mimetype=thumb.mimetype, size=len(thumb.data), width=thumb.width, height=thumb.height
+    )
+    if encrypt:
+        assert source.file is not None
+        source.file.url = mxc
+        info.thumbnail_file = source.file
+    else:
+        info.thumbnail_url = mxc
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data

@@ -4,6 +4,15 @@ be bridged (``bridge.message_status_events``) and, if asked, for every bridged o
 (``bridge.message_status_success``), and a notice explaining a failure
 (``bridge.delivery_error_reports``).
 
+The semantics are Beeper's: PENDING while the bridge still works on a message, then one final
+status: SUCCESS, FAIL_RETRIABLE (sending it again may work: the Kalandra server did not answer,
+an internal error, a missing room key) or FAIL_PERMANENT (it never will: not allowed, not
+supported, too large), each failure with ``reason`` and a readable ``message``. A message still
+waiting after ``PENDING_AFTER`` seconds (its portal busy with earlier events, the Kalandra server
+or the bridge's database being retried) gets one PENDING status; its final status then always
+follows, SUCCESS included whatever ``message_status_success`` says, so no client is left
+showing it in progress.
+
 Successes are sent by a background task of the portal (they must not slow its queue down; one
 lost in a crash is harmless). A message reported failed and bridged later (its room key came
 late: e2ee.py) is corrected: the bot's failure reports about it (the notice refers to the event
@@ -21,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from mautrix.api import Method, Path
@@ -49,21 +59,43 @@ log = logging.getLogger("kalandra.bridge.status")
 NETWORK = "kalandra"
 
 
-class Refused(Exception):
-    """A Matrix event that will not reach Kalandra, for a reason its sender should read."""
+PENDING_AFTER = 2.0  # seconds a message waits before its sender is told it is in progress
 
-    def __init__(self, reason: MessageStatusReason, text: str) -> None:
+
+class Refused(Exception):
+    """A Matrix event that will not reach Kalandra, for a reason its sender should read.
+    ``retriable``: sending it again may work (FAIL_RETRIABLE); by default only what could
+    not be decrypted (its room key may come: sent again, it is readable)."""
+
+    def __init__(
+        self, reason: MessageStatusReason, text: str, *, retriable: bool | None = None
+    ) -> None:
         super().__init__(text)
         self.reason = reason
         self.text = text
+        if retriable is None:
+            retriable = reason == MessageStatusReason.UNDECRYPTABLE
+        self.retriable = retriable
+
+    @property
+    def status(self) -> MessageStatus:
+        return MessageStatus.RETRIABLE if self.retriable else MessageStatus.FAIL
 
 
 class StatusSender:
-    def __init__(self, bridge: KalandraBridge, label: str) -> None:
+    def __init__(
+        self, bridge: KalandraBridge, label: str, encrypted: Callable[[], bool] = lambda: True
+    ) -> None:
+        """``encrypted``: whether the portal is encrypted, as the bridge knows it without a
+        database query (for PENDING statuses)."""
         self.bridge = bridge
         self.label = label
-        self._successes: asyncio.Queue[tuple[RoomID, EventID, bool]] = asyncio.Queue()
+        self._encrypted = encrypted
+        self._successes: asyncio.Queue[tuple[RoomID, EventID, bool, _Pending | None]] = (
+            asyncio.Queue()
+        )
         self.late: set[EventID] = set()  # reported failed, being bridged late (e2ee.py)
+        self._pending: dict[EventID, _Pending] = {}
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -78,6 +110,54 @@ class StatusSender:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        for pending in self._pending.values():
+            pending.task.cancel()
+        self._pending.clear()
+
+    def watch(self, room: RoomID, event_id: EventID) -> None:
+        """``event_id`` (a message) is in the portal's queue: a PENDING status goes out if it
+        has no final one within ``PENDING_AFTER`` seconds (not for a message already reported
+        failed and bridged late: its success follows, the failure withdrawn)."""
+        if not self.enabled or event_id in self._pending or event_id in self.late:
+            return
+        pending = _Pending()
+        pending.task = asyncio.create_task(
+            self._send_pending(room, event_id, pending), name=f"pending-{self.label}"
+        )
+        self._pending[event_id] = pending
+
+    async def _send_pending(self, room: RoomID, event_id: EventID, pending: _Pending) -> None:
+        await asyncio.sleep(PENDING_AFTER)
+        pending.sent = True  # from here on the final status waits for this one
+        delay = 0.5
+        while True:  # (the homeserver or, in encrypted portals, the database may be away)
+            try:
+                await self._status(room, event_id, MessageStatus.PENDING, direct=True)
+                return
+            except Exception as exc:
+                log.debug(
+                    "portal %s: pending status not sent (%s)", self.label, type(exc).__name__
+                )
+                if pending.settled:
+                    return  # its final status is due: it says more
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def forget(self, event_id: EventID) -> None:
+        """No status is due for ``event_id`` (handled before: a replayed transaction)."""
+        self._settle(event_id)
+
+    def _settle(self, event_id: EventID) -> _Pending | None:
+        """The event's final status is decided: its PENDING, if it went out (to be awaited
+        before the final one), else None (a PENDING not due yet is called off)."""
+        pending = self._pending.pop(event_id, None)
+        if pending is None:
+            return None
+        pending.settled = True
+        if not pending.sent:
+            pending.task.cancel()
+            return None
+        return pending
 
     @property
     def success_enabled(self) -> bool:
@@ -87,13 +167,16 @@ class StatusSender:
         metrics.bridged_to_kalandra(event_id)
         corrected = event_id in self.late
         self.late.discard(event_id)
-        if self.success_enabled or corrected:
-            self._successes.put_nowait((room, event_id, corrected))
+        pending = self._settle(event_id)
+        if self.success_enabled or corrected or pending is not None:
+            self._successes.put_nowait((room, event_id, corrected, pending))
 
     async def _run(self) -> None:
         while True:
-            room, event_id, corrected = await self._successes.get()
+            room, event_id, corrected, pending = await self._successes.get()
             try:
+                if pending is not None:
+                    await pending.done()
                 if corrected:
                     await self._withdraw_failure(room, event_id)
                 if self.enabled:
@@ -108,6 +191,9 @@ class StatusSender:
     ) -> None:
         """A status event (for messages) and a notice; best effort, a few attempts each."""
         metrics.failed_to_kalandra(event_id, refusal.reason.value)
+        pending = self._settle(event_id)
+        if pending is not None:
+            await pending.done()
         reference: RelatesTo | None = RelatesTo(rel_type=RelationType.REFERENCE, event_id=event_id)
         status_sent = not (message and self.enabled)
         for attempt in range(3):
@@ -115,7 +201,7 @@ class StatusSender:
                 if not status_sent:
                     # Refused for good (see below): the notice still says it.
                     with contextlib.suppress(MatrixStandardRequestError):
-                        await self._status(room, event_id, MessageStatus.FAIL, refusal)
+                        await self._status(room, event_id, refusal.status, refusal)
                     status_sent = True
                 if self.bridge.config["bridge.delivery_error_reports"]:
                     notice = TextMessageEventContent(
@@ -159,6 +245,8 @@ class StatusSender:
         event_id: EventID,
         status: MessageStatus,
         refusal: Refused | None = None,
+        *,
+        direct: bool = False,
     ) -> None:
         content = BeeperMessageStatusEventContent(
             network=NETWORK,
@@ -168,7 +256,14 @@ class StatusSender:
             error=None if refusal is None else refusal.reason.value,
             message=None if refusal is None else refusal.text,
         )
+        # Per status: a replay repeats each one rather than adding another.
         txn_id = f"kalandra-status-{status.value}-{event_id}"
+        if direct and not self._encrypted():
+            # Straight to the homeserver: the intent's own checks read the bridge's database,
+            # which may be what the message waits for.
+            path = Path.v3.rooms[room].send[str(EventType.BEEPER_MESSAGE_STATUS)][txn_id]
+            await self.bridge.az.intent.api.request(Method.PUT, path, content.serialize())
+            return
         await self._send(room, EventType.BEEPER_MESSAGE_STATUS, content, txn_id)
 
     async def _send(
@@ -185,3 +280,18 @@ class StatusSender:
             event_type, encrypted = await e2ee.encrypt(self.bridge, room, event_type, content)
             sent = cast("EventContent", encrypted)
         await self.bridge.az.intent.send_message_event(room, event_type, sent, txn_id=txn_id)
+
+
+class _Pending:
+    """A PENDING status due for an event: ``sent`` once it is being sent."""
+
+    __slots__ = ("sent", "settled", "task")
+
+    def __init__(self) -> None:
+        self.sent = False
+        self.settled = False  # the event's final status is due
+        self.task: asyncio.Task[None]
+
+    async def done(self) -> None:
+        if not self.task.done():
+            await asyncio.wait([self.task])  # (its outcome, even a cancellation, is not ours)

@@ -172,6 +172,9 @@ class Portal(PortalToMatrix, PortalToKalandra):
         encryption = e2ee.encryption_event(self.bridge) if self.row.encrypted else None
         if encryption is not None:
             initial_state.append({"type": "m.room.encryption", "content": encryption.serialize()})
+        avatar = await room_metadata.initial_avatar(self)  # (changed before the portal)
+        if avatar is not None:
+            initial_state.append({"type": "m.room.avatar", "content": avatar})
         # No power level override: the creator (the bot) gets 100 in room versions up to 11,
         # and outranks every power level in 12+ (where listing it in "users" is refused).
         mxid = await self.bridge.az.intent.create_room(

@@ -69,6 +69,7 @@ _ATTEMPTS = 5  # for failures that may pass (a lost connection, a busy database)
 _TRANSIENT = frozenset({0, int(ErrorCode.STORAGE_ERROR), int(ErrorCode.RATE_LIMITED)})
 _TRANSIENT_ATTEMPTS = 14
 _MAX_DELAY = 15.0
+_MESSAGES = frozenset({"message", "undecryptable", "unencrypted"})  # (get status events)
 _RECORD_LAG = float(os.environ.get("KALANDRA_TEST_RECORD_LAG", "0") or 0)  # tests only
 
 UNENCRYPTED = (
@@ -161,7 +162,7 @@ class PortalToKalandra(PortalBase):
     def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
         super().__init__(bridge, row)
         self.outgoing: asyncio.Queue[EventSlot] = asyncio.Queue()
-        self.mx_status = StatusSender(bridge, self.hex)
+        self.mx_status = StatusSender(bridge, self.hex, lambda: self.row.encrypted)
         self._out_task: asyncio.Task[None] | None = None
 
     def _start_to_kalandra(self) -> None:
@@ -188,6 +189,8 @@ class PortalToKalandra(PortalBase):
         if slot is None or slot.event_id != work.event_id or slot.work.done():
             slot = self.reserve(work.event_id)
         slot.fill(work)
+        if work.kind in _MESSAGES and self.row.mxid is not None:
+            self.mx_status.watch(self.row.mxid, work.event_id)
         return slot.done
 
     # --- the queue -------------------------------------------------------------------------------
@@ -241,6 +244,7 @@ class PortalToKalandra(PortalBase):
         dedupe = DedupeTable(self.bridge.db)
         if await dedupe.event_seen(work.event_id):
             if await dedupe.failure(work.event_id) != e2ee.HELD:
+                self.mx_status.forget(work.event_id)  # its final status went out before
                 return  # handled before (a replayed transaction)
             # Held for its target (e2ee.hold): handled now, or held again.
             await dedupe.forget(work.event_id, e2ee.HELD)
@@ -265,6 +269,8 @@ class PortalToKalandra(PortalBase):
                 # Queued in the bot's outbox, delivered once: never sent a second time.
                 log.warning("portal %s: %s queued, not confirmed yet", self.hex, work.kind)
                 await dedupe.record_done(work.event_id)
+                if work.kind == "message":  # (it goes out: a PENDING must not stay the last)
+                    self.mx_status.success(mxid, work.event_id)
                 return
             except (SendFailed, ClientError) as exc:
                 if exc.code in _TRANSIENT and attempt < _TRANSIENT_ATTEMPTS:
@@ -273,15 +279,22 @@ class PortalToKalandra(PortalBase):
                     delay = min(delay * 2, _MAX_DELAY)
                     continue
                 # The Kalandra server's answer: say it as it is.
-                text = f"the Kalandra server refused it ({exc})."
-                await self._mx_fail(work, Refused(MessageStatusReason.NETWORK_ERROR, text))
+                if exc.code in _TRANSIENT:  # still no answer, or still "retry": maybe later
+                    text = f"the Kalandra server did not take it in time ({exc})."
+                else:
+                    text = f"the Kalandra server refused it ({exc})."
+                failed = Refused(
+                    MessageStatusReason.NETWORK_ERROR, text, retriable=exc.code in _TRANSIENT
+                )
+                await self._mx_fail(work, failed)
                 return
             except Exception as exc:
                 if outage(exc):
                     raise  # waited out by _mx_handle
                 if attempt >= _ATTEMPTS:
                     text = f"an internal error ({type(exc).__name__})."
-                    await self._mx_fail(work, Refused(MessageStatusReason.GENERIC_ERROR, text))
+                    failed = Refused(MessageStatusReason.GENERIC_ERROR, text, retriable=True)
+                    await self._mx_fail(work, failed)
                     return
                 await self._mx_wait_retry(work, exc, delay)
                 delay = min(delay * 2, _MAX_DELAY)
@@ -305,7 +318,7 @@ class PortalToKalandra(PortalBase):
         log.info(
             "portal %s: a Matrix %s was not bridged (%s)", self.hex, work.kind, refusal.reason
         )
-        message = work.kind in ("message", "undecryptable", "unencrypted") or work.held
+        message = work.kind in _MESSAGES or work.held
         await self.mx_status.failure(mxid, work.event_id, refusal, message=message)
         await DedupeTable(self.bridge.db).record_done(work.event_id, refusal.reason.value)
 

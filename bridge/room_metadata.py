@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
 
     from .bridge import KalandraBridge
+    from .portal_base import PortalBase
     from .portal_to_kalandra import FromMatrix, PortalToKalandra
     from .portal_to_matrix import PortalToMatrix
 
@@ -161,12 +162,38 @@ async def _set_avatar(portal: PortalToMatrix, sender_id: int, ref: MediaRef | No
             log.warning("portal %s: the room avatar could not be read (%s)", portal.hex, exc)
             return
         mxc = await intent.upload_media(image, mime_type=ref.mimetype, filename=ref.name or None)
-        info: dict[str, Any] = {"mimetype": ref.mimetype, "size": ref.size}
-        if ref.width is not None and ref.height is not None:
-            info |= {"w": ref.width, "h": ref.height}
-        content = {"url": mxc, "info": info, AVATAR_KEY: ref.manifest.hex()}
+        content = _avatar_content(mxc, ref)
     await intent.send_state_event(portal._room(), EventType.ROOM_AVATAR, JSON(content))
     log.info("portal %s: avatar changed from Kalandra", portal.hex)
+
+
+def _avatar_content(mxc: ContentURI, ref: MediaRef) -> dict[str, Any]:
+    info: dict[str, Any] = {"mimetype": ref.mimetype, "size": ref.size}
+    if ref.width is not None and ref.height is not None:
+        info |= {"w": ref.width, "h": ref.height}
+    return {"url": mxc, "info": info, AVATAR_KEY: ref.manifest.hex()}
+
+
+async def initial_avatar(portal: PortalBase) -> dict[str, Any] | None:
+    """The m.room.avatar content a new portal starts with: the room's avatar as the bot's
+    client has applied it (the members' latest change, like the name in :func:`current`), the
+    image uploaded by the bot. None: no avatar, or it cannot be read now (the portal is made
+    without it rather than not at all)."""
+    bridge = portal.bridge
+    client = bridge.bot.client
+    room = None if client is None else client.core.rooms.get(portal.room_id)
+    ref = None if room is None else room.avatar
+    if client is None or ref is None:
+        return None
+    try:
+        image = await client.download_media(portal.room_id, ref)
+        mxc = await bridge.az.intent.upload_media(
+            image, mime_type=ref.mimetype, filename=ref.name or None
+        )
+    except Exception as exc:
+        log.warning("portal %s: new portal without its avatar (%s)", portal.hex, exc)
+        return None
+    return _avatar_content(mxc, ref)
 
 
 # --- Matrix -> Kalandra ---------------------------------------------------------------------

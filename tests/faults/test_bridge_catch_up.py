@@ -63,6 +63,7 @@ async def statuses(alice: AsyncClient, room: str, event_id: str) -> list[str]:
         for event in await room_history(alice, room)
         if event.source.get("type") == "com.beeper.message_send_status"
         and event.source["content"].get("m.relates_to", {}).get("event_id") == event_id
+        and event.source["content"].get("status") != "PENDING"  # (a slow queue shows one)
     ]
 
 

@@ -6,7 +6,8 @@ meets the outage. The bridge used to retry such an "internal error" five times (
 seconds), then report the message failed in Matrix (status event and notice) although it had
 reached Kalandra, and leave Synapse to resend the transaction. An outage is waited out, however
 long: the message is recorded once the database is back, nothing is reported failed and
-nothing is sent twice. ``KALANDRA_TEST_RECORD_LAG`` holds the recording back a few seconds so
+nothing is sent twice; its sender sees it in progress (PENDING), then bridged (SUCCESS).
+``KALANDRA_TEST_RECORD_LAG`` holds the recording back a few seconds so
 the outage always starts in that window, without a race.
 """
 
@@ -26,6 +27,7 @@ from matrix.bridge_stack import (
     native_client,
     nio_client,
     portal_with_native,
+    room_history,
     say,
 )
 from private_postgres import PrivatePostgres, private_postgres
@@ -78,7 +80,7 @@ async def test_database_outage_while_recording_a_message_neither_fails_nor_doubl
         room = bytes.fromhex(room_hex)
         await alice.sync(timeout=0)
         notices = bot_notices(alice, portal)
-        await say(alice, portal, "sequenced, then the database goes")
+        first = await say(alice, portal, "sequenced, then the database goes")
         async with asyncio.timeout(60):
             await messages_from_others(native, got, 1, room)
         await asyncio.to_thread(postgres.stop)  # within the record lag
@@ -91,6 +93,15 @@ async def test_database_outage_while_recording_a_message_neither_fails_nor_doubl
         async with asyncio.timeout(60):
             await messages_from_others(native, got, 3, room)
         await alice.sync(timeout=0)
+        # The wait showed as in progress (PENDING), then one SUCCESS: the outcome, although
+        # bridge.message_status_success is off.
+        statuses = [
+            e.source["content"]["status"]
+            for e in await room_history(alice, portal)
+            if e.source.get("type") == "com.beeper.message_send_status"
+            and e.source["content"]["m.relates_to"]["event_id"] == first
+        ]
+        assert statuses == ["PENDING", "SUCCESS"], statuses
     await native.close()
     assert [m.content.body for m in got] == [
         "sequenced, then the database goes",

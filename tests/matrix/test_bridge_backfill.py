@@ -2,7 +2,8 @@
 but no portal, gets 1,000 messages (and one that is redacted before the portal exists); the
 portal opened afterwards shows all 1,000, once each, in log order, with each message's original
 time as its origin_server_ts, progress notices, and live messages after them. A backfill cut
-by kill -9 resumes after a restart without sending anything twice.
+by kill -9 resumes after a restart without sending anything twice. An image in the history
+arrives as an m.image with its file and info.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import pytest_asyncio
 from nio import AsyncClient, RoomMessageNotice, RoomMessageText
 
+from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client
 from kalandra_core.client.events import Message
 from matrix.bridge_members import account_id, native_room, open_portal
@@ -28,6 +30,7 @@ from matrix.bridge_stack import (
     room_history,
 )
 from matrix.test_bridge_epochs import BOT_NAME
+from matrix.test_bridge_media import download, png
 
 COUNT = 1000
 INTERVAL = 250  # example-config.yaml's bridge.backfill.progress_interval
@@ -125,3 +128,38 @@ async def test_backfill_cut_by_kill9_resumes_without_duplicates(stack: BridgeSta
         await asyncio.sleep(3)  # a resent message would show up by now
         texts = await ghost_texts(alice, portal, ghost_of(owner))
         assert as_sent(texts) == expected
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_image_in_the_history_arrives_with_its_file(stack: BridgeStack) -> None:
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "history with media")
+    image = png(40, 30)
+    ref = await owner.upload_media(
+        room_id, image, mimetype="image/png", name="old.png", kind="image"
+    )
+    await owner.send(room_id, Content(body="old.png", kind="image", media=ref))
+    await send_many(owner, room_id, ["after the image"])
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        texts = await wait_texts(alice, portal, ghost_of(owner), 1, within=60)
+        assert [t.body for t in texts] == ["after the image"]
+        images = [
+            e.source
+            for e in await room_history(alice, portal)
+            if e.source.get("sender") == ghost_of(owner)
+            and e.source["content"].get("msgtype") == "m.image"
+        ]
+        assert len(images) == 1, images
+        content = images[0]["content"]
+        assert content["body"] == "old.png"
+        assert content["info"] == {"mimetype": "image/png", "size": len(image), "w": 40, "h": 30}
+        assert await download(alice, content["url"]) == image
+        # Before the text, in log order, at its original time.
+        assert images[0]["origin_server_ts"] <= texts[0].server_timestamp
+        assert (
+            content["org.kalandra.log_index"]
+            < texts[0].source["content"]["org.kalandra.log_index"]
+        )
+    await owner.close()

@@ -259,6 +259,7 @@ async def test_undecryptable_message_fails_visibly_then_is_bridged_when_the_key_
                 e
                 for e in history
                 if e.sender == BOT
+                and e.source.get("content", {}).get("status") != "PENDING"  # (a slow queue)
                 and (
                     e.source.get("type") == "com.beeper.message_send_status"
                     or str(e.source.get("content", {}).get("body")).startswith("Not bridged")
@@ -273,7 +274,7 @@ async def test_undecryptable_message_fails_visibly_then_is_bridged_when_the_key_
                 if e.source["type"] == "com.beeper.message_send_status"
             ]
             assert [(s["m.relates_to"]["event_id"], s["status"]) for s in statuses] == [
-                (lost, "FAIL_PERMANENT")
+                (lost, "FAIL_RETRIABLE")  # (sent again, it would carry its key)
             ], statuses
             assert statuses[0]["reason"] == "com.beeper.undecryptable_event"
             assert requests, "the bridge did not ask for the key"
@@ -342,7 +343,8 @@ def reports_about(history: list[Any], event_id: str) -> tuple[list[str], list[st
         if content.get("m.relates_to", {}).get("event_id") != event_id:
             continue
         if event.source.get("type") == "com.beeper.message_send_status":
-            statuses.append(content["status"])
+            if content["status"] != "PENDING":  # (a slow queue shows one first)
+                statuses.append(content["status"])
         elif str(content.get("body")).startswith("Not bridged"):
             notices.append(content["body"])
     return statuses, notices, redacted

@@ -7,7 +7,8 @@ uploaded by the member's ghost, with their info, and the Matrix user downloads e
 and a notice with the limit, both when the event states its size and when only the download
 finds out. A relay user's image goes out through the bot's leaf with the file. In an encrypted
 portal the files are Matrix encrypted attachments both ways (the Matrix user's decrypted by the
-bridge, the ghost's decrypted by nio).
+bridge, the ghost's decrypted by nio), thumbnails included. Native images whose sender gave no
+size get w/h from the file, and those over 800x600 a thumbnail.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ async def wait_status(client: AsyncClient, room: str, event_id: str) -> dict[str
                 if (
                     e.source.get("type") == STATUS
                     and content.get("m.relates_to", {}).get("event_id") == event_id
+                    and content.get("status") != "PENDING"  # (a slow queue shows one first)
                 ):
                     return dict(content)
             await asyncio.sleep(0.5)
@@ -408,4 +410,92 @@ async def test_encrypted_portal_media_both_ways(stack: BridgeStack) -> None:
                 ciphertext, event.key["k"], event.hashes["sha256"], event.iv
             )
             assert plain == expected
+
+        # A large image's thumbnail is an encrypted attachment too (thumbnail_file).
+        large = png(1000, 700)
+        ref = await native.upload_media(
+            room, large, mimetype="image/png", name="l.png", kind="image"
+        )
+        await native.send(room, Content(body="l.png", kind="image", media=ref))
+        async with asyncio.timeout(WITHIN):
+            while True:
+                images = [
+                    e
+                    for e in await room_history(alice, portal)
+                    if isinstance(e, RoomEncryptedImage) and e.sender == ghost
+                ]
+                if len(images) >= 2:
+                    break
+                await asyncio.sleep(0.5)
+        event = images[1]
+        assert event.thumbnail_url is not None
+        assert event.thumbnail_key is not None
+        assert event.thumbnail_hashes is not None
+        assert event.thumbnail_iv is not None
+        ciphertext = await download(alice, event.thumbnail_url)
+        thumb = decrypt_attachment(
+            ciphertext,
+            event.thumbnail_key["k"],
+            event.thumbnail_hashes["sha256"],
+            event.thumbnail_iv,
+        )
+        assert decoded_size(thumb) == (800, 560)
+        info = event.source["content"]["info"]
+        assert (info["w"], info["h"], info["thumbnail_info"]["size"]) == (1000, 700, len(thumb))
+        assert "thumbnail_url" not in info  # (only inside thumbnail_file)
+    await native.close()
+
+
+def decoded_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_native_images_get_their_layout_info_and_a_thumbnail(stack: BridgeStack) -> None:
+    """Images whose sender said no size get w/h read from the file; an image larger than
+    Element's thumbnail box (800x600) gets a thumbnail; a video keeps its size and duration."""
+    from PIL import Image
+
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "layout")
+        room, ghost = bytes.fromhex(room_hex), ghost_of(native)
+        large = png(1000, 700)
+        gif = io.BytesIO()
+        Image.new("RGB", (30, 40), (200, 10, 10)).save(gif, format="GIF")
+        jpeg = io.BytesIO()
+        Image.new("RGB", (33, 17), (10, 200, 10)).save(jpeg, format="JPEG")
+        sent = [
+            ("image", large, "image/png", "large.png", {}),
+            ("image", gif.getvalue(), "image/gif", "small.gif", {}),
+            ("image", jpeg.getvalue(), "image/jpeg", "small.jpg", {}),
+            ("video", os.urandom(4000), "video/mp4", "v.mp4", {"width": 320, "height": 240}),
+        ]
+        sent[3][4]["duration_ms"] = 4500
+        for kind, data, mimetype, name, extra in sent:
+            ref = await native.upload_media(
+                room, data, mimetype=mimetype, name=name, kind=kind, **extra
+            )
+            await native.send(room, Content(body=name, kind=kind, media=ref))
+        events = await wait_events(alice, portal, ghost, len(sent))
+        infos = [e["content"]["info"] for e in events]
+        for info, (_, data, mimetype, _, _) in zip(infos, sent, strict=True):
+            assert (info["mimetype"], info["size"]) == (mimetype, len(data))
+        assert [(i["w"], i["h"]) for i in infos] == [(1000, 700), (30, 40), (33, 17), (320, 240)]
+        assert infos[3]["duration"] == 4500
+        # The large image's thumbnail: at most 800x600, its info true to its bytes.
+        thumb = await download(alice, infos[0]["thumbnail_url"])
+        assert decoded_size(thumb) == (800, 560)
+        assert infos[0]["thumbnail_info"] == {
+            "mimetype": "image/jpeg",
+            "size": len(thumb),
+            "w": 800,
+            "h": 560,
+        }
+        assert await download(alice, events[0]["content"]["url"]) == large
+        # Small images are their own thumbnail.
+        assert all("thumbnail_url" not in i for i in infos[1:])
     await native.close()

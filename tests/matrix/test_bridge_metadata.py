@@ -2,8 +2,8 @@
 shows in the portal (sent by the bot while the member's ghost lacks the power, by the ghost once
 the room gives it), a Matrix user's change reaches native members as the room's new name and
 topic (from the user's own Kalandra member), nothing bounces back, and a portal opened after a
-change starts with the changed name. An avatar arrives as the exact image bytes either way, and
-its removal too.
+change starts with the changed name and avatar. An avatar arrives as the exact image bytes
+either way, and its removal too.
 """
 
 from __future__ import annotations
@@ -156,6 +156,24 @@ async def test_a_new_portal_starts_with_the_latest_name(stack: BridgeStack) -> N
         portal = await open_portal(alice, room_id)
         content = await state_of(alice, portal, "m.room.name")
         assert content.get("name") == "Changed before the portal"
+    await owner.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_new_portal_starts_with_the_latest_avatar(stack: BridgeStack) -> None:
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "avatar before the portal")
+    image = png(24, 16)
+    ref = await owner.upload_media(
+        room_id, image, mimetype="image/png", name="early.png", kind="image", width=24, height=16
+    )
+    await owner.send(room_id, meta_content(RoomMeta(avatar=ref)))
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        content = await state_of(alice, portal, "m.room.avatar")
+        assert content["info"] == {"mimetype": "image/png", "size": len(image), "w": 24, "h": 16}
+        assert await download(alice, content["url"]) == image
     await owner.close()
 
 

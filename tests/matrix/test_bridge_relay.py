@@ -51,7 +51,8 @@ async def statuses(client: AsyncClient, room_id: str) -> dict[str, dict[str, Any
     for event in await room_history(client, room_id):
         if isinstance(event, UnknownEvent) and event.type == STATUS:
             content = event.source["content"]
-            found[content["m.relates_to"]["event_id"]] = content
+            if content.get("status") != "PENDING":  # (a slow queue shows one first)
+                found[content["m.relates_to"]["event_id"]] = content
     return found
 
 

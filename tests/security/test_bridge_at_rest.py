@@ -99,6 +99,7 @@ async def refusal_of(alice: AsyncClient, portal: str, event_id: str) -> tuple[st
                 if e.sender == BOT
                 and e.source.get("type") == STATUS
                 and e.source["content"].get("m.relates_to", {}).get("event_id") == event_id
+                and e.source["content"].get("status") != "PENDING"  # (a slow queue)
             ]
             notices = [
                 str(e.source["content"].get("body"))
