@@ -394,7 +394,9 @@ async def test_a_key_that_comes_after_a_restart_bridges_its_message_and_withdraw
                     await asyncio.sleep(0.5)
             assert statuses == ["SUCCESS"], statuses
             assert shown == [], shown
-            assert redacted == 2  # the failure notice and the failure status
+            # The failure notice and the failure status (and, on a slow queue, the PENDING
+            # status of the same failed attempt before them).
+            assert 2 <= redacted <= 3, redacted
 
 
 @pytest.mark.asyncio(loop_scope="module")
