@@ -147,6 +147,7 @@ class Portal:
     matrix_sent: list[Item] = field(default_factory=list)  # acknowledged by Synapse
     matrix_acked_at: dict[str, float] = field(default_factory=dict)  # body -> time of the ack
     matrix_events: dict[str, str] = field(default_factory=dict)  # event id -> body
+    reaction_targets: dict[str, str] = field(default_factory=dict)  # reaction key -> event id
     received: list[tuple[int, Item]] = field(default_factory=list)  # (log index, item), native
     arrived_at: dict[str, float] = field(default_factory=dict)  # body -> arrival, native side
     set_aside: list[str] = field(default_factory=list)  # Matrix event ids of the bad items
@@ -334,6 +335,7 @@ async def matrix_sender(soak: Soak, portal: Portal, *, final: bool = False) -> N
             key = f"m{portal.index}.r{i}"
             relates = {"rel_type": "m.annotation", "event_id": last_event, "key": key}
             await matrix_send(soak, portal.room_id, "m.reaction", {"m.relates_to": relates}, key)
+            portal.reaction_targets[key] = last_event
             portal.matrix_sent.append(("r", key))
         else:
             content: dict[str, Any] = {"msgtype": "m.text", "body": body}
@@ -605,12 +607,12 @@ LATE = re.compile(r"room key of event (\S+) arrived late: bridging it now")
 def bridged_late(soak: Soak, portal: Portal) -> set[Item]:
     """The Matrix messages whose room key came after later messages were bridged (see the
     README: a key lost while the bridge was down is asked for again; its message is bridged
-    when it comes, after the rest)."""
+    when it comes, after the rest), and the reactions to them (held, then bridged right after
+    their target)."""
     log = soak.stack.log.read_text(errors="replace")
-    return {
-        ("m", portal.matrix_events[event_id])
-        for event_id in LATE.findall(log)
-        if event_id in portal.matrix_events
+    late = {event_id for event_id in LATE.findall(log) if event_id in portal.matrix_events}
+    return {("m", portal.matrix_events[event_id]) for event_id in late} | {
+        ("r", key) for key, target in portal.reaction_targets.items() if target in late
     }
 
 
