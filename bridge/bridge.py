@@ -47,6 +47,7 @@ from . import (
 )
 from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
+from .ghost_devices import GhostDevices
 from .matrix import MatrixHandler
 from .portal import Portal
 from .provisioning import ProvisioningAPI
@@ -80,6 +81,7 @@ class KalandraBridge(Bridge):
     _reloads: set[asyncio.Task[None]]  # SIGHUP reloads running (kept referenced)
     gate: TransactionGate
     _catch_up: asyncio.Task[None] | None = None  # catch_up.watch
+    ghost_devices: GhostDevices | None = None  # bridge.encryption.ghost_devices (e2ee.install)
     e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]
 
@@ -164,6 +166,8 @@ class KalandraBridge(Bridge):
         if not await self._start_kalandra(core.database):
             sys.exit(0)  # stopped while waiting for the database: a clean stop
         await super().start()
+        if self.ghost_devices is not None:
+            await self.ghost_devices.start()
         await e2ee.self_sign(self)
         self.matrix_ready.set()
         # What Matrix users sent while the bridge was down: now, and after every outage.

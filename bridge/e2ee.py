@@ -66,6 +66,9 @@ from mautrix.util.async_db import Database
 
 from kalandra_core.private_files import open_new_private
 
+from . import ghost_devices
+from .ghost_devices import GhostDevices
+
 if TYPE_CHECKING:
     from mautrix.bridge.e2ee import EncryptionManager
 
@@ -147,6 +150,9 @@ def install(bridge: KalandraBridge) -> None:
             _spawn(handle_device_lists(lists), "device-lists")
 
         bridge.az.device_list_handler = device_lists
+        if bridge.config["bridge.encryption.ghost_devices"]:
+            bridge.ghost_devices = GhostDevices(e2ee, e2ee.crypto_db)
+            ghost_devices.install(e2ee, bridge.ghost_devices)
 
 
 def _encrypt_bot_sends(bridge: KalandraBridge) -> None:
@@ -274,9 +280,14 @@ async def set_portal_encrypted(portal: Portal, encrypted: bool) -> None:
 
 
 async def encrypt(
-    bridge: KalandraBridge, room_id: RoomID, event_type: EventType, content: Serializable | JSON
+    bridge: KalandraBridge,
+    room_id: RoomID,
+    event_type: EventType,
+    content: Serializable | JSON,
+    sender: UserID | None = None,
 ) -> tuple[EventType, EncryptedMegolmEventContent]:
-    """The event as it goes into ``room_id``: Megolm-encrypted by the bot's device."""
+    """The event as it goes into ``room_id``: Megolm-encrypted by the device of ``sender`` (a
+    ghost) with ``bridge.encryption.ghost_devices``, else by the bot's device."""
     e2ee = manager(bridge)
     if e2ee is None:
         raise RuntimeError("the portal is encrypted but bridge.encryption.allow is off")
@@ -284,6 +295,9 @@ async def encrypt(
         # Keys go to the devices the bridge knows: first learn those added while it was down.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_refreshed.wait(), REFRESH_WAIT)
+    if sender is not None and bridge.ghost_devices is not None:
+        encrypted = await bridge.ghost_devices.encrypt(sender, room_id, event_type, content)
+        return EventType.ROOM_ENCRYPTED, encrypted
     return await e2ee.encrypt(room_id, event_type, content)
 
 
@@ -293,6 +307,8 @@ async def discard_outbound_session(bridge: KalandraBridge, room_id: RoomID) -> b
     if e2ee is None:
         return False
     await e2ee.crypto.crypto_store.remove_outbound_group_session(room_id)
+    if bridge.ghost_devices is not None:
+        await bridge.ghost_devices.discard_outbound_sessions([room_id])
     return True
 
 

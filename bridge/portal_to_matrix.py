@@ -394,7 +394,9 @@ class PortalToMatrix(PortalMembers):
         number = content.get(set_aside.PART_KEY, 0)
         content[LOG_INDEX_KEY] = message.log_index
         if self.row.encrypted and e2ee.manager(self.bridge) is not None:
-            event_type, encrypted = await e2ee.encrypt(self.bridge, mxid, event_type, content)
+            event_type, encrypted = await e2ee.encrypt(
+                self.bridge, mxid, event_type, content, sender=puppet.mxid
+            )
             # The log index (and part) in clear as well: _sent_before must find it without
             # decrypting.
             clear = {LOG_INDEX_KEY: message.log_index}
