@@ -1,0 +1,133 @@
+"""Ghosts' own devices in encrypted portals (``bridge.encryption.ghost_devices``), as Matrix
+clients see them: a nio client (vodozemac) and matrix-js-sdk with the Rust crypto (Element's)
+decrypt what a native member sends, the ghost has one device, signed by the ghost's own
+self-signing key (Element then shows no shield), and a restart of the bridge keeps that device.
+With the switch off, the bot's device encrypts for the ghosts, as before (a red shield).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from nio import AsyncClient, RoomInviteResponse
+
+from kalandra_core.client.driver import Client
+from matrix.bridge_stack import (
+    BridgeStack,
+    bridge_stack,
+    ghost_of,
+    native_client,
+    nio_client,
+    portal_with_native,
+)
+from matrix.jsclient import JsClient, JsEvent, js_client
+from matrix.test_bridge_encryption import wait_decrypted
+
+
+@dataclass
+class Portal:
+    stack: BridgeStack
+    alice: AsyncClient  # bridge admin (nio)
+    native: Client
+    js: JsClient
+    room_id: bytes  # the Kalandra room
+    portal: str  # its Matrix room
+
+
+@contextlib.asynccontextmanager
+async def encrypted_portal(work: Path, ghost_devices: bool) -> AsyncIterator[Portal]:
+    async with bridge_stack(
+        work,
+        others=("user",),
+        bridge_options={
+            "encryption.allow": True,
+            "encryption.default": True,
+            "encryption.ghost_devices": ghost_devices,
+        },
+    ) as stack:
+        native = await native_client(stack)
+        async with (
+            nio_client(stack.synapse, stack.user, encrypted=True) as alice,
+            js_client(stack.synapse, stack.others["user"]) as js,
+        ):
+            room_hex, portal = await portal_with_native(alice, native, "ghost devices")
+            invited = await alice.room_invite(portal, js.user_id)
+            assert isinstance(invited, RoomInviteResponse), invited
+            assert await js.join(portal), "the portal is not encrypted for the js client"
+            yield Portal(stack, alice, native, js, bytes.fromhex(room_hex), portal)
+        await native.close()
+
+
+async def keys_of(alice: AsyncClient, user_id: str) -> dict[str, Any]:
+    """The homeserver's answer to /keys/query for ``user_id`` (as ``alice`` asks it)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{alice.homeserver}/_matrix/client/v3/keys/query",
+            json={"device_keys": {user_id: []}},
+            headers={"Authorization": f"Bearer {alice.access_token}"},
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        keys: dict[str, Any] = await resp.json()
+        return keys
+
+
+def signed_by_self_signing_key(keys: dict[str, Any], user_id: str, device_id: str) -> bool:
+    self_signing = keys.get("self_signing_keys", {}).get(user_id)
+    if self_signing is None:
+        return False
+    device = keys["device_keys"][user_id][device_id]
+    return any(key_id in device["signatures"].get(user_id, {}) for key_id in self_signing["keys"])
+
+
+async def sent_and_seen(p: Portal, text: str) -> JsEvent:
+    """``text`` from the native member, decrypted by the nio client and the js client; the js
+    client's view of it."""
+    ghost = ghost_of(p.native)
+    before = len(await wait_decrypted(p.alice, p.portal, ghost, 0))
+    await p.native.send_text(p.room_id, text)
+    seen = await wait_decrypted(p.alice, p.portal, ghost, before + 1)
+    assert text in [e.body for e in seen]
+
+    def arrived(events: list[JsEvent]) -> bool:
+        return any(e.sender == ghost and e.body == text for e in events)
+
+    events = await p.js.wait_timeline(p.portal, arrived, f"the ghost's {text!r}")
+    [message] = [e for e in events if e.sender == ghost and e.body == text]
+    assert (message.wire_type, message.decryption_failure) == ("m.room.encrypted", False)
+    return message
+
+
+@pytest.mark.asyncio
+async def test_a_ghost_gets_one_cross_signed_device_that_a_restart_keeps(tmp_path: Path) -> None:
+    async with encrypted_portal(tmp_path, ghost_devices=True) as p:
+        ghost = ghost_of(p.native)
+        message = await sent_and_seen(p, "first, from my own device")
+        assert (message.shield_colour, message.shield_reason) == ("NONE", None)
+        keys = await keys_of(p.alice, ghost)
+        [device_id] = keys["device_keys"][ghost]
+        assert signed_by_self_signing_key(keys, ghost, device_id)
+
+        await p.stack.stop_bridge()
+        await p.stack.restart()
+        message = await sent_and_seen(p, "after the restart, the same device")
+        assert (message.shield_colour, message.shield_reason) == ("NONE", None)
+        keys = await keys_of(p.alice, ghost)
+        assert list(keys["device_keys"][ghost]) == [device_id]
+
+
+@pytest.mark.asyncio
+async def test_with_the_switch_off_the_bots_device_encrypts_for_the_ghosts(tmp_path: Path) -> None:
+    async with encrypted_portal(tmp_path, ghost_devices=False) as p:
+        ghost = ghost_of(p.native)
+        message = await sent_and_seen(p, "from the bot's device")
+        # The Megolm session's owner (the bot) is not the sender (the ghost): red, as before.
+        assert (message.shield_colour, message.shield_reason) == ("RED", "MISMATCHED_SENDER")
+        assert (await keys_of(p.alice, ghost))["device_keys"].get(ghost, {}) == {}
