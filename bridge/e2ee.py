@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -66,7 +67,7 @@ from mautrix.util.async_db import Database
 
 from kalandra_core.private_files import open_new_private
 
-from . import ghost_devices
+from . import ghost_devices, metrics
 from .ghost_devices import GhostDevices
 
 if TYPE_CHECKING:
@@ -295,10 +296,14 @@ async def encrypt(
         # Keys go to the devices the bridge knows: first learn those added while it was down.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_refreshed.wait(), REFRESH_WAIT)
+    started = time.perf_counter()
     if sender is not None and bridge.ghost_devices is not None:
         encrypted = await bridge.ghost_devices.encrypt(sender, room_id, event_type, content)
+        metrics.ENCRYPT.labels("ghost").observe(time.perf_counter() - started)
         return EventType.ROOM_ENCRYPTED, encrypted
-    return await e2ee.encrypt(room_id, event_type, content)
+    result = await e2ee.encrypt(room_id, event_type, content)
+    metrics.ENCRYPT.labels("bot").observe(time.perf_counter() - started)
+    return result
 
 
 async def discard_outbound_session(bridge: KalandraBridge, room_id: RoomID) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, cast
 
 from mautrix.api import Method, Path
@@ -54,6 +55,8 @@ from mautrix.types import (
     UserID,
 )
 from mautrix.util.async_db import Database
+
+from . import metrics
 
 if TYPE_CHECKING:
     from mautrix.bridge.e2ee import EncryptionManager
@@ -131,7 +134,9 @@ class GhostDevices:
             # again at the next try (the PUT below is idempotent), not a second one.
             device_id = DeviceID(f"KB{secrets.token_hex(5).upper()}")
             await store.put_device_id(device_id)
-        if not machine.account.shared:
+        started = time.perf_counter()
+        created = not machine.account.shared
+        if created:
             # (Without the device in the query: Synapse refuses a device it does not know.)
             await client.create_device_msc4190(device_id, DEVICE_NAME)
             await machine.share_keys()  # device keys and one-time keys
@@ -140,6 +145,9 @@ class GhostDevices:
         client.api.as_device_id = device_id
         if not await self._cross_signed(machine):
             await self._cross_sign(machine)
+            created = True
+        if created:
+            metrics.GHOST_DEVICE_SETUP.observe(time.perf_counter() - started)
         self._devices[ghost] = device_id
         return machine
 

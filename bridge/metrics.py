@@ -61,6 +61,19 @@ SET_ASIDE = Counter(
     "Items the homeserver refused for good, set aside with a notice, by direction and errcode",
     ["direction", "reason"],
 )
+ENCRYPT = Histogram(
+    "kalandra_bridge_megolm_encrypt_seconds",
+    "Encrypting one event for an encrypted portal (with the sharing of a new Megolm session"
+    " when one starts), by the device that encrypts: a ghost's own, or the bot's",
+    ["device"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+GHOST_DEVICE_SETUP = Histogram(
+    "kalandra_bridge_ghost_device_setup_seconds",
+    "Making a ghost's device: MSC4190 device, Olm account and keys uploaded, cross-signing"
+    " keys uploaded and the device signed",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 TRANSACTIONS = Counter(
     "kalandra_bridge_appservice_transactions",
     "Appservice transactions from the homeserver, by the HTTP status answered",

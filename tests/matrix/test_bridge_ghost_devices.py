@@ -3,6 +3,10 @@ clients see them: a nio client (vodozemac) and matrix-js-sdk with the Rust crypt
 decrypt what a native member sends, the ghost has one device, signed by the ghost's own
 self-signing key (Element then shows no shield), and a restart of the bridge keeps that device.
 With the switch off, the bot's device encrypts for the ghosts, as before (a red shield).
+
+Each test also prints what encryption costs the bridge (its metrics: a new ghost's device, the
+first message of a ghost in a portal, then each message), the measure of ghost devices against
+the bot's device: ``pytest -s`` shows it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from nio import AsyncClient, RoomInviteResponse
+from prometheus_client.parser import text_string_to_metric_families
 
 from kalandra_core.client.driver import Client
 from matrix.bridge_stack import (
@@ -27,6 +32,7 @@ from matrix.bridge_stack import (
     portal_with_native,
 )
 from matrix.jsclient import JsClient, JsEvent, js_client
+from matrix.synapse import free_port
 from matrix.test_bridge_encryption import wait_decrypted
 
 
@@ -38,12 +44,15 @@ class Portal:
     js: JsClient
     room_id: bytes  # the Kalandra room
     portal: str  # its Matrix room
+    metrics_port: int
 
 
 @contextlib.asynccontextmanager
 async def encrypted_portal(work: Path, ghost_devices: bool) -> AsyncIterator[Portal]:
+    port = free_port()
     async with bridge_stack(
         work,
+        options={"metrics.enabled": True, "metrics.listen_port": port},
         others=("user",),
         bridge_options={
             "encryption.allow": True,
@@ -60,7 +69,7 @@ async def encrypted_portal(work: Path, ghost_devices: bool) -> AsyncIterator[Por
             invited = await alice.room_invite(portal, js.user_id)
             assert isinstance(invited, RoomInviteResponse), invited
             assert await js.join(portal), "the portal is not encrypted for the js client"
-            yield Portal(stack, alice, native, js, bytes.fromhex(room_hex), portal)
+            yield Portal(stack, alice, native, js, bytes.fromhex(room_hex), portal, port)
         await native.close()
 
 
@@ -105,6 +114,54 @@ async def sent_and_seen(p: Portal, text: str) -> JsEvent:
     return message
 
 
+async def costs(port: int) -> dict[str, float]:
+    """The bridge's encryption metrics so far: {"<device>_count" / "<device>_sum": value},
+    device "ghost" or "bot" (encryptions), "setup" (ghost devices made)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{port}/metrics") as resp,
+    ):
+        text = await resp.text()
+    names = {
+        "kalandra_bridge_megolm_encrypt_seconds": None,
+        "kalandra_bridge_ghost_device_setup_seconds": "setup",
+    }
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name not in names:
+            continue
+        for sample in family.samples:
+            suffix = sample.name.rpartition("_")[2]
+            if suffix in ("count", "sum"):
+                device = names[family.name] or sample.labels["device"]
+                out[f"{device}_{suffix}"] = sample.value
+    return out
+
+
+async def measure(p: Portal, device: str, first: JsEvent) -> JsEvent:
+    """Prints the bridge's cost of the ghost's first message (``first``, sent already) and of
+    each of ``N`` more, encrypted by ``device`` ("ghost" or "bot"); returns the last one."""
+    after_first = await costs(p.metrics_port)
+    last = first
+    for i in range(MEASURED):
+        last = await sent_and_seen(p, f"measured {i}")
+    after = await costs(p.metrics_port)
+    count = after[f"{device}_count"] - after_first[f"{device}_count"]
+    each = (after[f"{device}_sum"] - after_first[f"{device}_sum"]) / count
+    setup = after_first.get("setup_sum", 0.0)
+    print(
+        f"\n[cost, {device} device] new ghost's device: {setup * 1000:.1f} ms"
+        f" ({after_first.get('setup_count', 0):.0f} made); first message (the device setup,"
+        " if any, and the session shared):"
+        f" {after_first[f'{device}_sum'] * 1000:.1f} ms; each next message:"
+        f" {each * 1000:.2f} ms (mean of {count:.0f})"
+    )
+    return last
+
+
+MEASURED = 10
+
+
 @pytest.mark.asyncio
 async def test_a_ghost_gets_one_cross_signed_device_that_a_restart_keeps(tmp_path: Path) -> None:
     async with encrypted_portal(tmp_path, ghost_devices=True) as p:
@@ -114,6 +171,8 @@ async def test_a_ghost_gets_one_cross_signed_device_that_a_restart_keeps(tmp_pat
         keys = await keys_of(p.alice, ghost)
         [device_id] = keys["device_keys"][ghost]
         assert signed_by_self_signing_key(keys, ghost, device_id)
+        last = await measure(p, "ghost", message)
+        assert (last.shield_colour, last.shield_reason) == ("NONE", None)
 
         await p.stack.stop_bridge()
         await p.stack.restart()
@@ -131,3 +190,4 @@ async def test_with_the_switch_off_the_bots_device_encrypts_for_the_ghosts(tmp_p
         # The Megolm session's owner (the bot) is not the sender (the ghost): red, as before.
         assert (message.shield_colour, message.shield_reason) == ("RED", "MISMATCHED_SENDER")
         assert (await keys_of(p.alice, ghost))["device_keys"].get(ghost, {}) == {}
+        await measure(p, "bot", message)
