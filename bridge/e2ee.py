@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from mautrix.crypto import StateStore
-from mautrix.errors import DecryptionError, MatrixError, SessionNotFound
+from mautrix.errors import (
+    DecryptionError,
+    EncryptionError,
+    MatrixError,
+    MatrixRequestError,
+    SessionNotFound,
+)
 from mautrix.types import (
     JSON,
     DeviceID,
@@ -298,9 +304,20 @@ async def encrypt(
             await asyncio.wait_for(_refreshed.wait(), REFRESH_WAIT)
     started = time.perf_counter()
     if sender is not None and bridge.ghost_devices is not None:
-        encrypted = await bridge.ghost_devices.encrypt(sender, room_id, event_type, content)
-        metrics.ENCRYPT.labels("ghost").observe(time.perf_counter() - started)
-        return EventType.ROOM_ENCRYPTED, encrypted
+        try:
+            encrypted = await bridge.ghost_devices.encrypt(sender, room_id, event_type, content)
+        except (MatrixRequestError, EncryptionError) as exc:
+            # Refused by the homeserver (e.g. the ghost's device deleted there), not unreachable
+            # (that is retried like any send): the message goes out from the bot's device,
+            # with the mismatched-sender shield, rather than not at all.
+            log.warning(
+                "ghost %s: its own device failed (%s): the bot's device encrypts instead",
+                sender,
+                type(exc).__name__,
+            )
+        else:
+            metrics.ENCRYPT.labels("ghost").observe(time.perf_counter() - started)
+            return EventType.ROOM_ENCRYPTED, encrypted
     result = await e2ee.encrypt(room_id, event_type, content)
     metrics.ENCRYPT.labels("bot").observe(time.perf_counter() - started)
     return result

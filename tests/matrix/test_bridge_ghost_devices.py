@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kalandra_core.client.driver import Client
 from matrix.bridge_stack import (
+    DATABASES,
     BridgeStack,
     bridge_stack,
     ghost_of,
@@ -48,10 +49,13 @@ class Portal:
 
 
 @contextlib.asynccontextmanager
-async def encrypted_portal(work: Path, ghost_devices: bool) -> AsyncIterator[Portal]:
+async def encrypted_portal(
+    work: Path, ghost_devices: bool, database: str = "sqlite"
+) -> AsyncIterator[Portal]:
     port = free_port()
     async with bridge_stack(
         work,
+        database,
         options={"metrics.enabled": True, "metrics.listen_port": port},
         others=("user",),
         bridge_options={
@@ -163,8 +167,11 @@ MEASURED = 10
 
 
 @pytest.mark.asyncio
-async def test_a_ghost_gets_one_cross_signed_device_that_a_restart_keeps(tmp_path: Path) -> None:
-    async with encrypted_portal(tmp_path, ghost_devices=True) as p:
+@pytest.mark.parametrize("database", DATABASES)
+async def test_a_ghost_gets_one_cross_signed_device_that_a_restart_keeps(
+    tmp_path: Path, database: str
+) -> None:
+    async with encrypted_portal(tmp_path, ghost_devices=True, database=database) as p:
         ghost = ghost_of(p.native)
         message = await sent_and_seen(p, "first, from my own device")
         assert (message.shield_colour, message.shield_reason) == ("NONE", None)
