@@ -11,7 +11,9 @@ the bot's device: ``pytest -s`` shows it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from nio import AsyncClient, RoomInviteResponse
+from nio import AsyncClient, RoomInviteResponse, SyncResponse, UnknownToDeviceEvent
 from prometheus_client.parser import text_string_to_metric_families
 
 from kalandra_core.client.driver import Client
@@ -118,6 +120,48 @@ async def sent_and_seen(p: Portal, text: str) -> JsEvent:
     return message
 
 
+async def key_request_answer(p: Portal, ghost: str, device_id: str) -> dict[str, Any]:
+    """alice asks the ghost's device for the room key of its last message (as a client asks
+    the sending device for a key it lacks); the answer that comes to alice's device."""
+    seen = await wait_decrypted(p.alice, p.portal, ghost, 1)
+    session_id, sender_key = seen[-1].session_id, seen[-1].sender_key
+    request = {
+        "action": "request",
+        "request_id": secrets.token_hex(8),
+        "requesting_device_id": p.alice.device_id,
+        "body": {
+            "algorithm": "m.megolm.v1.aes-sha2",
+            "room_id": p.portal,
+            "session_id": session_id,
+            "sender_key": sender_key,
+        },
+    }
+    await p.alice.sync(timeout=0)  # what came before is not the answer
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(
+            f"{p.alice.homeserver}/_matrix/client/v3/sendToDevice/m.room_key_request/"
+            f"{secrets.token_hex(8)}",
+            json={"messages": {ghost: {device_id: request}}},
+            headers={"Authorization": f"Bearer {p.alice.access_token}"},
+        ) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    async with asyncio.timeout(30):  # (a TimeoutError: no answer from the ghost's device)
+        while True:
+            response = await p.alice.sync(timeout=1000)
+            assert isinstance(response, SyncResponse), response
+            for event in response.to_device_events:
+                if (
+                    isinstance(event, UnknownToDeviceEvent)
+                    and event.type == "m.room_key.withheld"
+                    and event.sender == ghost
+                    and event.source["content"].get("session_id") == session_id
+                ):
+                    content: dict[str, Any] = event.source["content"]
+                    return content
+
+
 async def costs(port: int) -> dict[str, float]:
     """The bridge's encryption metrics so far: {"<device>_count" / "<device>_sum": value},
     device "ghost" or "bot" (encryptions), "setup" (ghost devices made)."""
@@ -178,6 +222,10 @@ async def test_a_ghost_gets_one_cross_signed_device_that_a_restart_keeps(
         keys = await keys_of(p.alice, ghost)
         [device_id] = keys["device_keys"][ghost]
         assert signed_by_self_signing_key(keys, ghost, device_id)
+        # To-device events for the ghost's device reach its machine: a key request from a
+        # device the bridge does not trust (not cross-signed) is refused by the ghost's device.
+        answer = await key_request_answer(p, ghost, device_id)
+        assert answer["code"] == "m.unverified", answer
         last = await measure(p, "ghost", message)
         assert (last.shield_colour, last.shield_reason) == ("NONE", None)
 
