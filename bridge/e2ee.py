@@ -7,7 +7,8 @@ bridge with its own portal table needs:
 
 - a crypto state store that knows which rooms are encrypted from the room state mautrix already
   caches (``mx_room_state``), not from mautrix's own ``portal`` table, which this bridge lacks;
-- encryption of what ghosts send in encrypted portals (:func:`encrypt`);
+- encryption of what ghosts send in encrypted portals (:func:`encrypt`), by each ghost's own
+  device (ghost_devices.py, ``bridge.encryption.ghost_devices``) or else by the bot's;
 - decryption of Matrix events in portals that always fills the event's place in the portal's
   queue exactly once (:func:`decrypt_for_portal`), and bridges late what could only be
   decrypted late (:func:`_request_key`).
@@ -157,9 +158,16 @@ def install(bridge: KalandraBridge) -> None:
             _spawn(handle_device_lists(lists), "device-lists")
 
         bridge.az.device_list_handler = device_lists
-        if bridge.config["bridge.encryption.ghost_devices"]:
+    if bridge.config["bridge.encryption.ghost_devices"]:
+        # Ghosts' devices are made with MSC4190 and get their to-device events in transactions.
+        if e2ee.appservice_mode and e2ee.msc4190:
             bridge.ghost_devices = GhostDevices(e2ee, e2ee.crypto_db)
             ghost_devices.install(e2ee, bridge.ghost_devices)
+        else:
+            log.warning(
+                "bridge.encryption.ghost_devices needs bridge.encryption.appservice and msc4190:"
+                " the bot's device encrypts for the ghosts"
+            )
 
 
 def _encrypt_bot_sends(bridge: KalandraBridge) -> None:

@@ -91,9 +91,6 @@ class GhostDevices:
         self._started.set()
         log.info("%d ghosts have a device of their own", len(self._devices))
 
-    def has_device(self, ghost: UserID) -> bool:
-        return ghost in self._devices
-
     # --- machines -------------------------------------------------------------------------
 
     async def machine(self, ghost: UserID, create: bool) -> OlmMachine | None:
