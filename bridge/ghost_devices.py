@@ -299,11 +299,16 @@ class GhostDevices:
     ) -> dict[UserID, dict[DeviceID, DeviceOTKCount]]:
         """Handle the counts of ghosts' devices; the others are returned."""
         rest: dict[UserID, dict[DeviceID, DeviceOTKCount]] = {}
-        await self._started.wait()
+        if any(self.e2ee._ignore_user(user_id) for user_id in counts):  # (ghosts)
+            await self._started.wait()
         for user_id, devices in counts.items():
+            if user_id not in self._devices:
+                rest[user_id] = devices
+                continue
             for device_id, count in devices.items():
-                if self._devices.get(user_id) != device_id:
-                    rest.setdefault(user_id, {})[device_id] = count
+                if self._devices[user_id] != device_id:
+                    # Synapse keeps a user's cross-signing keys as hidden devices, and
+                    # counts those too: nothing to do.
                     continue
                 machine = self._machines.get(user_id)
                 if machine is None and _low(count):  # loaded only when it has work
