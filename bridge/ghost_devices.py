@@ -303,7 +303,9 @@ class GhostDevices:
             await self._started.wait()
         for user_id, devices in counts.items():
             if user_id not in self._devices:
-                rest[user_id] = devices
+                if not self.e2ee._ignore_user(user_id):
+                    rest[user_id] = devices
+                # (else a ghost whose device is being made: nothing to replenish yet)
                 continue
             for device_id, count in devices.items():
                 if self._devices[user_id] != device_id:
