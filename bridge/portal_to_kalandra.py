@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from contextvars import ContextVar
@@ -43,7 +44,7 @@ from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.profile import Profile, with_profile
 from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
-from kalandra_core.storage.reachable import outage
+from kalandra_core.storage.reachable import outage, through_outage
 
 from . import access, e2ee, ephemeral, media, portal_access, relations, room_metadata
 from .bot_send import bot_send
@@ -218,27 +219,8 @@ class PortalToKalandra(PortalBase):
         """Handle ``work`` once; an outage of the bridge's database is waited out, however
         long (the work is then tried again from its start: a message that reached Kalandra
         is recognised there by its send mark and not sent twice)."""
-        delay, waiting = 0.5, False
-        while True:
-            try:
-                await self._mx_handle_once(work)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not outage(exc):
-                    raise
-                if not waiting:
-                    log.warning(
-                        "portal %s: database unreachable (%s): waiting for it",
-                        self.hex,
-                        type(exc).__name__,
-                    )
-                    waiting = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_DELAY)
-        if waiting:
-            log.info("portal %s: database back: %s handled", self.hex, work.kind)
+        what = f"portal {self.hex}: a Matrix {work.kind}"
+        await through_outage(functools.partial(self._mx_handle_once, work), what, log)
 
     async def _mx_handle_once(self, work: FromMatrix) -> None:
         dedupe = DedupeTable(self.bridge.db)

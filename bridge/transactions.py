@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from mautrix.types import JSON, Event, EventID
+
+from kalandra_core.storage.reachable import through_outage
 
 from . import catch_up, health
 from .db import DedupeTable
@@ -113,10 +116,14 @@ class TransactionGate:
             return await self._handle_transaction(txn_id, **kwargs)
         dedupe = DedupeTable(self.bridge.db)
         try:
+            # An outage of the database is waited out here, not answered with a failure: Synapse
+            # resends a failed transaction without its to-device events (room keys), which
+            # would be lost.
             if self._order is None:
-                last = await dedupe.last_txn()
+                last = await through_outage(dedupe.last_txn, "a transaction", log)
                 self._order = TxnOrder(None if last is None else TxnOrder.number(last))
-            if await dedupe.txn_seen(txn.key or txn_id):
+            seen = functools.partial(dedupe.txn_seen, txn.key or txn_id)
+            if await through_outage(seen, "a transaction", log):
                 health.TRANSACTIONS.acknowledged(txn_id)
                 return _EMPTY
             if not self._order.admit(txn_id):
@@ -141,7 +148,8 @@ class TransactionGate:
                 for slot in txn.slots:
                     if slot.done.cancelled() or slot.done.exception() is not None:
                         raise RuntimeError("an event of the transaction was not recorded")
-            await dedupe.mark_txn(txn.key or txn_id)
+            mark = functools.partial(dedupe.mark_txn, txn.key or txn_id)
+            await through_outage(mark, "a transaction", log)
             self._order.acknowledged(txn_id)
             health.TRANSACTIONS.acknowledged(txn_id)
             return output

@@ -1,4 +1,4 @@
-"""Waiting for the database at start-up.
+"""Waiting for the database: at start-up, and for an operation that met an outage.
 
 A service started before its PostgreSQL server (a reboot, a container started first, a database
 restart) waits for it: one log line per attempt, retried with a capped backoff. A server that
@@ -12,14 +12,24 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
 from .urls import DatabaseRefused, engine_name, sqlalchemy_url
 
-__all__ = ["DatabaseRefused", "masked", "outage", "unreachable", "wait_for_database"]
+__all__ = [
+    "DatabaseRefused",
+    "masked",
+    "outage",
+    "through_outage",
+    "unreachable",
+    "wait_for_database",
+]
+
+T = TypeVar("T")
 
 log = logging.getLogger("kalandra.storage")
 
@@ -139,3 +149,27 @@ async def wait_for_database(url: str, stopping: asyncio.Future[Any] | None = Non
             if done:
                 return False
         delay, attempt = min(delay * 2, MAX_DELAY), attempt + 1
+
+
+async def through_outage(
+    operation: Callable[[], Awaitable[T]], what: str, logger: logging.Logger = log
+) -> T:
+    """``operation()``, done again after a pause (capped backoff) each time it fails for an
+    outage of the database, however long; any other failure is raised. One warning when the
+    wait starts, one line when it is over."""
+    delay, waiting = 0.5, False
+    while True:
+        try:
+            result = await operation()
+        except Exception as exc:
+            if not outage(exc):
+                raise
+            if not waiting:
+                logger.warning("%s waits for the database (%s)", what, type(exc).__name__)
+                waiting = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY / 2)
+            continue
+        if waiting:
+            logger.info("%s done: the database is back", what)
+        return result
