@@ -14,11 +14,13 @@ import logging
 import re
 
 # The records demoted to DEBUG: (logger, pattern their message matches from its start).
-DEMOTED = (
-    ("mau.crypto", re.compile(r"Didn't find cross-signing key ")),
-    ("mau.crypto", re.compile(r"Device \S+ isn't cross-signed$")),
-    ("mau.crypto", re.compile(r"No one-time keys nor device keys got when trying to share keys")),
+_PATTERNS = (
+    re.compile(r"Didn't find cross-signing key "),
+    re.compile(r"Device \S+ isn't cross-signed$"),
+    re.compile(r"No one-time keys nor device keys got when trying to share keys"),
 )
+# The bot's device logs as mau.crypto, the ghosts' devices (ghost_devices.py) as mau.crypto.ghost.
+DEMOTED = tuple((name, p) for name in ("mau.crypto", "mau.crypto.ghost") for p in _PATTERNS)
 
 
 class Demote(logging.Filter):
