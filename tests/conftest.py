@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import asyncpg
 import pytest
 
 VECTORS = Path(__file__).parent / "vectors"
+
+# Tests end `kalandra tail` (and other children) with SIGINT, as Ctrl-C does. A test run started
+# in the background by a shell without job control inherits SIGINT *ignored*, and so would every
+# child (an ignored signal stays ignored across exec), which then never ends: a handler here
+# (not SIG_IGN) is reset to the default in each child instead.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The PostgreSQL server the tests use (trust auth on these machines; override for others).
 PG_ADMIN_DSN = os.environ.get("KALANDRA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
