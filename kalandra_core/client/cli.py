@@ -27,7 +27,6 @@ from .core import ClientCore
 from .driver import Client, ClientError, ServerAddress
 from .events import Message
 from .extras import ExtendedCore, react
-from .markdown import MarkdownUnavailable
 from .profile import Profile, with_profile
 from .room_meta import InvalidRoomMeta, RoomMeta, check_avatar, meta_content
 from .state import ClientState
@@ -282,7 +281,7 @@ def _text_content(
     text = " ".join(args.text)
     formatted = None
     if args.markdown:
-        from .markdown import render
+        from .markdown import render  # (markdown-it-py loaded only for --markdown)
 
         text, formatted = render(text)
     content = Content(body=text, formatted_body=formatted, reply_to=reply_to, edit_of=edit_of)
@@ -545,7 +544,6 @@ def main_client(args: argparse.Namespace) -> int:
         UsageError,
         ClientError,
         MediaError,
-        MarkdownUnavailable,
         TimeoutError,
         ConnectionError,
         OSError,

@@ -1,8 +1,8 @@
 """``kalandra send --markdown``: CommonMark to the HTML body Matrix clients show.
 
-markdown-it-py is imported only here, when a message is sent with ``--markdown`` (the rest of the
-client does not need it). Raw HTML in the text is not passed through (it shows as typed), and
-strikethrough (``~~text~~``) is on, as in Matrix clients. The plain body is the Markdown as
+The CLI imports this module only when a message is sent with ``--markdown``, so the other
+commands do not load markdown-it-py. Raw HTML in the text is not passed through (it shows as
+typed), and strikethrough (``~~text~~``) is on, as in Matrix clients. The plain body is the Markdown as
 typed, as Matrix clients send it (the bridge gives Matrix the HTML's text as the plain body when
 the two differ). Text with no formatting gets no HTML body.
 """
@@ -12,9 +12,7 @@ from __future__ import annotations
 import html
 import re
 
-
-class MarkdownUnavailable(RuntimeError):
-    pass
+from markdown_it import MarkdownIt
 
 
 def _plain_paragraph(rendered: str, text: str) -> bool:
@@ -25,12 +23,6 @@ def _plain_paragraph(rendered: str, text: str) -> bool:
 
 def render(text: str) -> tuple[str, str | None]:
     """(plain body, HTML body or None) of Markdown ``text``."""
-    try:
-        from markdown_it import MarkdownIt  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:  # an optional dependency: only this command needs it
-        raise MarkdownUnavailable(
-            "--markdown needs the markdown-it-py package (pip install markdown-it-py)"
-        ) from None
     md = MarkdownIt("commonmark", {"html": False}).enable("strikethrough")
     rendered = md.render(text)
     if _plain_paragraph(rendered, text):

@@ -245,7 +245,6 @@ async def _ghost_texts(room: Portal, count: int) -> list[tuple[str, str]]:
 
 @pytest.mark.asyncio(loop_scope="module")
 async def test_send_markdown(room: Portal) -> None:
-    pytest.importorskip("markdown_it")  # (an optional dependency, imported only for this)
     text = "**strong** and [a link](https://example.org) `code`"
     await room.sent("send", room.room, "--markdown", text)
     formatted = await ghost_event(

@@ -3,8 +3,6 @@ names) and the HTML renderer for terminals (the bridge tests run them end to end
 
 from __future__ import annotations
 
-import pytest
-
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.client.profile import Profile, profile_of, with_profile
@@ -116,7 +114,6 @@ def test_html_for_a_terminal() -> None:
 
 
 def test_markdown_bodies() -> None:
-    pytest.importorskip("markdown_it")
     from kalandra_core.client.markdown import render
 
     assert render("just text & more") == ("just text & more", None)  # no HTML body
