@@ -2,9 +2,9 @@
 
 The CLI imports this module only when a message is sent with ``--markdown``, so the other
 commands do not load markdown-it-py. Raw HTML in the text is not passed through (it shows as
-typed), and strikethrough (``~~text~~``) is on, as in Matrix clients. The plain body is the Markdown as
-typed, as Matrix clients send it (the bridge gives Matrix the HTML's text as the plain body when
-the two differ). Text with no formatting gets no HTML body.
+typed), and strikethrough (``~~text~~``) is on, as in Matrix clients. The plain body is the
+Markdown as typed, as Matrix clients send it (the bridge gives Matrix the HTML's text as the
+plain body when the two differ). Text with no formatting gets no HTML body.
 """
 
 from __future__ import annotations
