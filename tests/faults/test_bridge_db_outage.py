@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -30,18 +30,12 @@ from matrix.bridge_stack import (
     room_history,
     say,
 )
-from private_postgres import PrivatePostgres, private_postgres
+from private_postgres import PrivatePostgres
 
 from kalandra_core.client.events import Message
 
 LAG = "4"  # seconds between the message's sequencing and its record
 OUTAGE = 25.0  # seconds: far beyond the bridge's old retry budget for an internal error
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    with private_postgres() as server:
-        yield server
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

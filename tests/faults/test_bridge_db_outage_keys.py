@@ -12,7 +12,7 @@ and the message is bridged, with no failure reported.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -27,17 +27,11 @@ from matrix.bridge_stack import (
     say,
     sync_until,
 )
-from private_postgres import PrivatePostgres, private_postgres
+from private_postgres import PrivatePostgres
 
 from kalandra_core.client.events import Message
 
 OUTAGE = 15.0  # seconds
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PrivatePostgres]:
-    with private_postgres() as server:
-        yield server
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
