@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import functools
 import re
-import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -68,13 +67,8 @@ Fault = Callable[[BridgeStack, asyncio.Event], Awaitable[None]]
 
 async def kill9_synapse(stack: BridgeStack, down: asyncio.Event) -> None:
     """SIGKILL Synapse, leave it down a moment, start it again on the same port and data."""
-    process = stack.synapse.process
-    assert process is not None
-    process.send_signal(signal.SIGKILL)
-    await asyncio.to_thread(process.wait, 15)
-    down.set()
-    await asyncio.sleep(3)  # an outage, not a blip: sends on both sides fail meanwhile
-    await stack.synapse.restart()
+    # An outage, not a blip: sends on both sides fail meanwhile.
+    await stack.kill9_synapse(down=3, gone=down)
 
 
 def pg_version() -> str:

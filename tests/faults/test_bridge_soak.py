@@ -25,7 +25,6 @@ import functools
 import io
 import os
 import re
-import signal
 import struct
 import time
 import zlib
@@ -465,12 +464,7 @@ async def kill9_bridge(soak: Soak) -> None:
 
 async def kill9_synapse(soak: Soak) -> None:
     """SIGKILL Synapse (it forgets its unsent appservice queue), start it again."""
-    process = soak.stack.synapse.process
-    assert process is not None
-    process.send_signal(signal.SIGKILL)
-    await asyncio.to_thread(process.wait, 15)
-    await asyncio.sleep(3)
-    await soak.stack.synapse.restart()
+    await soak.stack.kill9_synapse(down=3)
 
 
 OUTAGE_SECONDS = 20.0  # longer than any fixed retry budget: an outage is waited out

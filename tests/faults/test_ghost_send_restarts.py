@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -67,11 +66,7 @@ async def test_messages_sent_before_both_restarts_are_not_sent_again(stack: Brid
                 await asyncio.sleep(0.3)
         # In Matrix, not yet recorded (the lag): both processes go, Synapse's ids with it.
         await stack.kill9()
-        process = stack.synapse.process
-        assert process is not None
-        process.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(process.wait, 15)
-        await stack.synapse.restart()
+        await stack.kill9_synapse()
         await stack.restart()
 
         await native.send_text(room, "after both restarts")

@@ -182,6 +182,19 @@ class BridgeStack:
         self.bridge.send_signal(signal.SIGKILL)
         await asyncio.to_thread(self.bridge.wait, 15)
 
+    async def kill9_synapse(self, down: float = 0.0, gone: asyncio.Event | None = None) -> None:
+        """SIGKILL Synapse (it forgets its unsent appservice queue and the appservice's
+        transaction ids), leave it down ``down`` seconds (``gone`` set meanwhile), start it again
+        on the same port and data."""
+        process = self.synapse.process
+        assert process is not None
+        process.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(process.wait, 15)
+        if gone is not None:
+            gone.set()
+        await asyncio.sleep(down)
+        await self.synapse.restart()
+
     async def task_dump(self) -> str:
         """The bridge's log after it wrote what each of its tasks waits on (SIGUSR1)."""
         if self.bridge is None or self.bridge.poll() is not None:
