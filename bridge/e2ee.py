@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from mautrix.crypto import StateStore
+from mautrix.crypto import OlmMachine, StateStore
 from mautrix.errors import (
     DecryptionError,
     EncryptionError,
@@ -95,6 +95,7 @@ KEY_WAIT = 1  # for a room key being stored (mautrix handles to-device events fi
 LATE_KEY_WAIT = float(os.environ.get("KALANDRA_TEST_LATE_KEY_WAIT", "") or 600.0)
 REFRESH_WAIT = 10.0  # at most, for the device lists at startup before encrypting
 KEY_REQUEST_RETRIES = (5.0, 15.0, 45.0, 120.0, 300.0)  # seconds before asking again
+KEY_POLL = 1.0  # seconds between looks at the store while a key is waited for
 KEPT_WAITS = 86400.0  # seconds after its failure a key is still waited for at start-up
 HELD = "com.kalandra.awaiting_target"  # the record of a relation held for its target (hold)
 
@@ -449,13 +450,27 @@ async def _request_key(bridge: KalandraBridge, evt: EncryptedEvent) -> None:
         pause = min(pause, deadline - asyncio.get_running_loop().time())
         if pause <= 0:
             break
-        if await e2ee.crypto.wait_for_session(evt.room_id, content.session_id, pause):
+        if await _wait_for_session(e2ee.crypto, evt.room_id, content.session_id, pause):
             break
     _requested.discard(content.session_id)  # a later event of the session may ask again
     if await e2ee.crypto.crypto_store.has_group_session(evt.room_id, content.session_id):
         await _bridge_late(bridge, evt.room_id)
     else:
         _drop_late(evt.room_id, content.session_id)
+
+
+async def _wait_for_session(
+    crypto: OlmMachine, room_id: RoomID, session_id: SessionID, within: float
+) -> bool:
+    """Whether the session's key came ``within`` seconds. mautrix wakes a waiter only if it is
+    waiting when the key is stored: a key stored while the request was being sent would go
+    unseen until the end of a long pause, so the store is looked at every ``KEY_POLL`` too."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    while (left := end - loop.time()) > 0:
+        if await crypto.wait_for_session(room_id, session_id, min(left, KEY_POLL)):
+            return True
+    return False
 
 
 def _drop_late(room_id: RoomID, session_id: SessionID) -> None:

@@ -8,7 +8,7 @@ bridge's). The Synapse is loop-independent, so function-scoped async tests can u
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +83,20 @@ async def synapse(
         yield homeserver
     finally:
         await homeserver.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that ran on a bridge stack shows the end of the bridge's log: a failure
+    seen once in CI (a timeout, say) is then explained by what the bridge did meanwhile."""
+    report = yield
+    if not report.failed:
+        return report
+    for name, value in getattr(item, "funcargs", {}).items():
+        log = getattr(value, "log", None)  # a BridgeStack's
+        if isinstance(log, Path) and log.name == "bridge.log" and log.exists():
+            text = log.read_text(errors="replace")[-12000:]
+            report.sections.append((f"bridge log of {name} (end)", text))
+    return report
