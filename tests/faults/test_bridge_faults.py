@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import functools
 import re
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from matrix.bridge_stack import (
     nio_client,
 )
 from nio import AsyncClient, AsyncClientConfig, LoginResponse, RoomSendResponse
+from private_postgres import PrivatePostgres
 
 from kalandra_core.client.driver import Client, ClientError, NotYetConfirmed
 from kalandra_core.client.events import Message
@@ -71,43 +71,24 @@ async def kill9_synapse(stack: BridgeStack, down: asyncio.Event) -> None:
     await stack.kill9_synapse(down=3, gone=down)
 
 
-def pg_version() -> str:
-    return sorted(Path("/etc/postgresql").iterdir(), key=lambda p: [*map(int, p.name.split("."))])[
-        -1
-    ].name
-
-
-def pg_ctl(action: str) -> None:
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", pg_version(), "main", action, "-m", "fast"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
 OUTAGE_SECONDS = 20.0
 
 
-def pg_start() -> None:
-    """Whatever happened, leave PostgreSQL running (other tests need it)."""
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", pg_version(), "main", "start"],
-        check=False,
-        capture_output=True,
-        timeout=120,
-    )
+def restart_postgres(server: PrivatePostgres) -> Fault:
+    """Stop the bridge's PostgreSQL server (connections kicked), start it again later."""
 
+    async def fault(_stack: BridgeStack, down: asyncio.Event) -> None:
+        try:
+            await asyncio.to_thread(server.stop)
+            down.set()
+            # Connections are gone and new ones are refused for a while: longer than any fixed
+            # retry budget of the bridge (an outage is waited out, whatever its length).
+            await asyncio.sleep(OUTAGE_SECONDS)
+        finally:
+            if not server.running():
+                await asyncio.to_thread(server.start)
 
-async def restart_postgres(_stack: BridgeStack, down: asyncio.Event) -> None:
-    try:
-        await asyncio.to_thread(pg_ctl, "stop")
-        down.set()
-        # Connections are gone and new ones are refused for a while: longer than any fixed
-        # retry budget of the bridge (an outage is waited out, whatever its length).
-        await asyncio.sleep(OUTAGE_SECONDS)
-    finally:
-        await asyncio.to_thread(pg_start)
+    return fault
 
 
 # --- the two sides -----------------------------------------------------------------------------
@@ -289,15 +270,16 @@ async def test_synapse_killed_in_the_middle_of_traffic(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 @pytest.mark.asyncio
-async def test_postgres_restarted_in_the_middle_of_traffic(tmp_path: Path) -> None:
-    try:
-        # asyncpg logs each failed reconnect of its pools with a traceback (at WARNING): that
-        # is the outage this test makes, not a failure of the bridge's.
-        quiet = {"logging.loggers.asyncpg": {"level": "ERROR"}}
-        async with bridge_stack(tmp_path, "postgres", options=quiet) as stack:
-            _, refused = await traffic_through(stack, restart_postgres)
-    finally:
-        await asyncio.to_thread(pg_start)
+async def test_postgres_restarted_in_the_middle_of_traffic(
+    tmp_path: Path, postgres: PrivatePostgres
+) -> None:
+    # asyncpg logs each failed reconnect of its pools with a traceback (at WARNING): that is
+    # the outage this test makes, not a failure of the bridge's.
+    quiet = {"logging.loggers.asyncpg": {"level": "ERROR"}}
+    async with bridge_stack(
+        tmp_path, "postgres", options=quiet, pg_admin=postgres.admin_dsn
+    ) as stack:
+        _, refused = await traffic_through(stack, restart_postgres(postgres))
     # The outage really hit the room's appends: the first frame to meet it is refused (the
     # native member's, or the bridge's for the Matrix user) and the rest wait for the reload.
     assert refused or "append failed" in stack.log.read_text(errors="replace")

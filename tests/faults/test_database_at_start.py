@@ -1,9 +1,9 @@
 """A database that is not up yet when a service starts is waited for; one that refuses fails fast.
 
-* The bridge (`python -m bridge`) started while PostgreSQL is stopped logs "waiting for the
-  database" (one line per attempt, its password masked, no traceback) and keeps running; a
-  SIGTERM meanwhile is a clean stop (status 0). Once PostgreSQL is started it becomes ready by
-  itself and bridges both ways.
+* The bridge (`python -m bridge`) started while its PostgreSQL server (the test's own) is
+  stopped logs "waiting for the database" (one line per attempt, its password masked, no
+  traceback) and keeps running; a SIGTERM meanwhile is a clean stop (status 0). Once PostgreSQL
+  is started it becomes ready by itself and bridges both ways.
 * A database that answers but refuses (here: no such database) is a configuration error: the
   bridge and `kalandra serve` exit at once, non-zero, with the reason and no traceback.
 * `kalandra serve` waits the same way for a database server that is not there.
@@ -33,8 +33,8 @@ from matrix.bridge_stack import (
     write_config,
 )
 from matrix.synapse import free_port
+from private_postgres import PrivatePostgres
 from ruamel.yaml import YAML
-from test_bridge_faults import pg_ctl, pg_start
 
 from kalandra_core.client.events import Message
 
@@ -102,11 +102,15 @@ async def both_ways(stack: BridgeStack) -> None:
 
 @pytest.mark.postgres
 @pytest.mark.asyncio
-async def test_bridge_waits_for_postgres_down_at_its_start(tmp_path: Path) -> None:
-    async with bridge_stack(tmp_path, "postgres", start=False) as stack:
+async def test_bridge_waits_for_postgres_down_at_its_start(
+    tmp_path: Path, postgres: PrivatePostgres
+) -> None:
+    async with bridge_stack(
+        tmp_path, "postgres", start=False, pg_admin=postgres.admin_dsn
+    ) as stack:
         set_database_url(stack.config, with_password(stack.database_url))
-        try:  # the outage hits every test using PostgreSQL: keep it short, always end it
-            await asyncio.to_thread(pg_ctl, "stop")
+        try:
+            await asyncio.to_thread(postgres.stop)
             stack.start_bridge()
             assert stack.bridge is not None
             await log_count(stack.log, WAITING, 1, stack.bridge)
@@ -117,7 +121,8 @@ async def test_bridge_waits_for_postgres_down_at_its_start(tmp_path: Path) -> No
             before = text_of(stack.log).count(WAITING)
             await log_count(stack.log, WAITING, before + 2, stack.bridge)  # attempts go on
         finally:
-            await asyncio.to_thread(pg_start)
+            if not postgres.running():
+                await asyncio.to_thread(postgres.start)
         await stack.wait_ready()  # by itself, once PostgreSQL answers
         check(text_of(stack.log), has=("attempt 2",), lacks=("Traceback", SECRET))
         await both_ways(stack)
