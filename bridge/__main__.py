@@ -1,3 +1,3 @@
-from .bridge import KalandraBridge
+from .app import KalandraBridge
 
 KalandraBridge().run()

@@ -43,7 +43,7 @@ from .db.access import AccessTable
 from .db.roster import bridged_member
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.access")
 
@@ -61,14 +61,14 @@ KICK_REASON = (
 _granted: dict[bytes, set[UserID]] = {}
 
 
-async def load(bridge: KalandraBridge) -> None:
+async def load(bridge: BridgeContext) -> None:
     _granted.clear()
     for room_id, mxid in await AccessTable(bridge.db).all():
         _granted.setdefault(room_id, set()).add(mxid)
 
 
 async def grant(
-    bridge: KalandraBridge,
+    bridge: BridgeContext,
     room_id: bytes,
     mxid: UserID,
     granted_by: str,
@@ -80,7 +80,7 @@ async def grant(
     log.info("room %s: a Matrix user was let in by %s", room_id.hex(), granted_by.split(":")[0])
 
 
-async def revoke(bridge: KalandraBridge, room_id: bytes, mxid: UserID) -> None:
+async def revoke(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> None:
     if mxid not in _granted.get(room_id, ()):
         return
     await AccessTable(bridge.db).revoke(room_id, mxid)
@@ -91,15 +91,15 @@ def is_granted(room_id: bytes, mxid: UserID) -> bool:
     return mxid in _granted.get(room_id, ())
 
 
-def is_admin(bridge: KalandraBridge, mxid: str) -> bool:
+def is_admin(bridge: BridgeContext, mxid: str) -> bool:
     return bool(bridge.config.permission_level(mxid) == "admin")
 
 
-def level_of(bridge: KalandraBridge, mxid: str) -> str:
+def level_of(bridge: BridgeContext, mxid: str) -> str:
     return str(bridge.config.permission_level(mxid))
 
 
-async def member_in_room(bridge: KalandraBridge, room_id: bytes, mxid: UserID) -> bool:
+async def member_in_room(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> bool:
     """The user's bridged member is in the room's roster (the bot's MLS state)."""
     bot = getattr(bridge, "bot", None)
     if bot is None or bot.client is None:
@@ -111,24 +111,24 @@ async def member_in_room(bridge: KalandraBridge, room_id: bytes, mxid: UserID) -
     return member is not None and member in room.roster()
 
 
-async def in_room(bridge: KalandraBridge, room_id: bytes, mxid: UserID) -> bool:
+async def in_room(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> bool:
     """The user is in the room (see the module doc): a roster member or granted entry."""
     if level_of(bridge, mxid) == "none":
         return False
     return is_granted(room_id, mxid) or await member_in_room(bridge, room_id, mxid)
 
 
-async def may_see(bridge: KalandraBridge, room_id: bytes, mxid: UserID) -> bool:
+async def may_see(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> bool:
     """What room commands ask: admins see every room, others the rooms they are in."""
     return is_admin(bridge, mxid) or await in_room(bridge, room_id, mxid)
 
 
-async def rooms_of(bridge: KalandraBridge, mxid: UserID, rooms: list[bytes]) -> list[bytes]:
+async def rooms_of(bridge: BridgeContext, mxid: UserID, rooms: list[bytes]) -> list[bytes]:
     """Those of ``rooms`` the user may see, in the same order."""
     return [room_id for room_id in rooms if await may_see(bridge, room_id, mxid)]
 
 
-async def has_invite_power(bridge: KalandraBridge, portal_mxid: RoomID, inviter: UserID) -> bool:
+async def has_invite_power(bridge: BridgeContext, portal_mxid: RoomID, inviter: UserID) -> bool:
     """Invite power in the portal as the bridge counts it (see the module doc)."""
     try:
         levels = await bridge.az.intent.get_power_levels(portal_mxid, ignore_cache=True)
@@ -139,7 +139,7 @@ async def has_invite_power(bridge: KalandraBridge, portal_mxid: RoomID, inviter:
     return bool(level >= INVITE_POWER and level >= (levels.invite or 0))
 
 
-async def _state(bridge: KalandraBridge, mxid: RoomID, event_type: EventType) -> dict[str, Any]:
+async def _state(bridge: BridgeContext, mxid: RoomID, event_type: EventType) -> dict[str, Any]:
     path = Path.v3.rooms[mxid].state[str(event_type)][""]
     try:
         content = await bridge.az.intent.api.request(Method.GET, path)
@@ -148,7 +148,7 @@ async def _state(bridge: KalandraBridge, mxid: RoomID, event_type: EventType) ->
     return dict(content)
 
 
-async def enforce_room_rules(bridge: KalandraBridge, mxid: RoomID) -> None:
+async def enforce_room_rules(bridge: BridgeContext, mxid: RoomID) -> None:
     """The portal's join rule is ``invite`` and its history visibility ``invited`` (or the
     narrower ``joined``): set them if someone changed them, or the portal predates the rule."""
     intent = bridge.az.intent

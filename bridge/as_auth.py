@@ -15,17 +15,16 @@ The token is read as mautrix reads it: the ``access_token`` query parameter firs
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from . import health
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _LEGACY = ("/transactions/", "/users/", "/rooms/")
 _MIB = 1024 * 1024
 
@@ -44,7 +43,7 @@ def presented_token(request: web.Request) -> str | None:
     return header.removeprefix("Bearer ")
 
 
-def install(bridge: KalandraBridge) -> None:
+def install(bridge: BridgeContext) -> None:
     expected = str(bridge.config["appservice.hs_token"]).encode()
     max_body = int(bridge.config["appservice.max_body_size"]) * _MIB
 

@@ -36,7 +36,7 @@ from .db.util import now_ms, transaction, u64_from_db, u64_to_db
 
 if TYPE_CHECKING:
     from .bot_state import BotState
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal_to_matrix import PortalToMatrix
 
 log = logging.getLogger("kalandra.bridge.backfill")
@@ -53,7 +53,7 @@ class BackfillSettings:
     progress_interval: int
 
     @classmethod
-    def of(cls, bridge: KalandraBridge) -> BackfillSettings:
+    def of(cls, bridge: BridgeContext) -> BackfillSettings:
         config = bridge.config
         return cls(
             enabled=bool(config["bridge.backfill.enabled"]),
@@ -166,7 +166,7 @@ class HistoryBuffer:
     """Takes what the bot routes for rooms without a portal (bot.py) and writes it on its own
     task, batched, in order; each item is counted done once written."""
 
-    def __init__(self, bridge: KalandraBridge, state: BotState) -> None:
+    def __init__(self, bridge: BridgeContext, state: BotState) -> None:
         key = bridge.config.mls_state_key
         assert key is not None  # checked with the config
         self.settings = BackfillSettings.of(bridge)
@@ -221,8 +221,8 @@ class HistoryBuffer:
 async def backfill(portal: PortalToMatrix) -> None:
     """Send the portal's kept history (see the module doc); returns once none is left."""
     history = portal.bridge.bot.history
-    if history is None:
-        return
+    if not isinstance(history, HistoryBuffer):
+        return  # (None: backfill is off)
     await history.flush()  # what was routed before the portal existed is in the table
     table, interval = history.table, history.settings.progress_interval
     total = await table.count(portal.room_id)

@@ -44,13 +44,12 @@ from .bot_state import BotState
 from .bridged_user import BridgedUser
 from .db import ClientStateTable, SealedIdentity
 from .portal import Portal
-from .portal_members import RosterCheck
-from .portal_to_matrix import Item
+from .routed import Item, RosterCheck
 
 if TYPE_CHECKING:
     from kalandra_core.server.app import RunningServer
 
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.bot")
 
@@ -122,7 +121,7 @@ class _EventRouter(asyncio.Queue[ev.Event]):
 
 
 class KalandraBot:
-    def __init__(self, bridge: KalandraBridge, server: RunningServer) -> None:
+    def __init__(self, bridge: BridgeContext, server: RunningServer) -> None:
         self.bridge = bridge
         self.server = server
         key = bridge.config.mls_state_key

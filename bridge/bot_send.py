@@ -21,11 +21,11 @@ from .db import Outgoing, OutgoingTable
 from .send_chains import ensure_send_floors
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 
 async def bot_send(
-    bridge: KalandraBridge, room_id: bytes, content: Content, event_id: EventID
+    bridge: BridgeContext, room_id: bytes, content: Content, event_id: EventID
 ) -> int:
     """Send ``content`` through the bot's leaf for ``event_id``; returns its log index. It
     carries the bot's profile (its display name and MXID), as a bridged user's message does."""

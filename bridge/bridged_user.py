@@ -47,7 +47,7 @@ from .send_chains import ensure_send_floors
 if TYPE_CHECKING:
     from mautrix.types import EventID, UserID
 
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.user")
 
@@ -140,7 +140,7 @@ class BridgedUser:
 
     def __init__(
         self,
-        bridge: KalandraBridge,
+        bridge: BridgeContext,
         mxid: UserID,
         member_id: int,
         key: bytes,
@@ -159,11 +159,11 @@ class BridgedUser:
     # --- identity ------------------------------------------------------------------------------
 
     @classmethod
-    async def load_member_ids(cls, bridge: KalandraBridge) -> None:
+    async def load_member_ids(cls, bridge: BridgeContext) -> None:
         cls.member_ids.update(await _table(bridge).member_ids())
 
     @classmethod
-    async def get(cls, bridge: KalandraBridge, mxid: UserID, permission: str) -> BridgedUser:
+    async def get(cls, bridge: BridgeContext, mxid: UserID, permission: str) -> BridgedUser:
         user = cls.by_mxid.get(mxid)
         if user is not None:
             return user
@@ -177,7 +177,7 @@ class BridgedUser:
 
     @classmethod
     async def _load_or_create(
-        cls, bridge: KalandraBridge, mxid: UserID, permission: str
+        cls, bridge: BridgeContext, mxid: UserID, permission: str
     ) -> BridgedUser:
         table = _table(bridge)
         row = await table.get(mxid)
@@ -337,7 +337,7 @@ class BridgedUser:
             await user.close()
 
 
-def _table(bridge: KalandraBridge) -> BridgedUserTable:
+def _table(bridge: BridgeContext) -> BridgedUserTable:
     key = bridge.config.mls_state_key
     assert key is not None
     return BridgedUserTable(bridge.db, key)

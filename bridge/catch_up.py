@@ -31,7 +31,7 @@ from mautrix.types import Event, EventID, EventType, RoomID, UserID
 from .db import DedupeTable, MessageTable
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal import Portal
 
 log = logging.getLogger("kalandra.bridge.catch_up")
@@ -60,11 +60,11 @@ def due(txn_id: str) -> bool:
     return bool(suspect or restarted)
 
 
-def _ours(bridge: KalandraBridge, user_id: str) -> bool:
+def _ours(bridge: BridgeContext, user_id: str) -> bool:
     return user_id == bridge.az.bot_mxid or bridge.is_bridge_ghost(UserID(user_id))
 
 
-def _before_portal(bridge: KalandraBridge, raw: dict[str, Any]) -> bool:
+def _before_portal(bridge: BridgeContext, raw: dict[str, Any]) -> bool:
     """The room's creation, or the bot's joining it: the portal's history starts after."""
     if raw.get("type") == str(EventType.ROOM_CREATE):
         return True
@@ -74,7 +74,7 @@ def _before_portal(bridge: KalandraBridge, raw: dict[str, Any]) -> bool:
     return raw.get("content", {}).get("membership") == "join" and prev.get("membership") != "join"
 
 
-def _wanted(bridge: KalandraBridge, raw: dict[str, Any], prefix: str) -> bool:
+def _wanted(bridge: BridgeContext, raw: dict[str, Any], prefix: str) -> bool:
     """Whether the bridge would act on ``raw`` (see the module's docstring)."""
     if _ours(bridge, raw.get("sender", "")):
         return False
@@ -93,7 +93,7 @@ def _wanted(bridge: KalandraBridge, raw: dict[str, Any], prefix: str) -> bool:
 
 
 async def missed(
-    bridge: KalandraBridge, portal: Portal, known: Callable[[EventID], bool]
+    bridge: BridgeContext, portal: Portal, known: Callable[[EventID], bool]
 ) -> list[dict[str, Any]]:
     """The portal's events from Matrix users the bridge has not handled, oldest first."""
     room = portal.row.mxid
@@ -127,7 +127,7 @@ async def missed(
 
 
 async def catch_up(
-    bridge: KalandraBridge,
+    bridge: BridgeContext,
     portals: list[Portal],
     known: Callable[[EventID], bool],
     handle: Callable[[Event], Awaitable[None]],
@@ -151,7 +151,7 @@ async def catch_up(
             await handle(event)
 
 
-async def _answers(bridge: KalandraBridge) -> bool:
+async def _answers(bridge: BridgeContext) -> bool:
     try:
         async with asyncio.timeout(_ANSWER_WITHIN):
             await bridge.az.intent.api.request(Method.GET, Path.versions, retry_count=0)
@@ -160,7 +160,7 @@ async def _answers(bridge: KalandraBridge) -> bool:
     return True
 
 
-async def watch(bridge: KalandraBridge, run: Callable[[], Awaitable[None]]) -> None:
+async def watch(bridge: BridgeContext, run: Callable[[], Awaitable[None]]) -> None:
     """Catch up now (start-up), then each time the homeserver answers again after the bridge
     saw it unreachable: ``run`` catches every portal up."""
     pending, lost = True, False

@@ -83,7 +83,7 @@ from .ghost_devices import GhostDevices
 if TYPE_CHECKING:
     from mautrix.bridge.e2ee import EncryptionManager
 
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal import Portal
     from .portal_to_kalandra import FromMatrix
 
@@ -136,11 +136,11 @@ class CryptoStateStore(StateStore):
         return [RoomID(row["room_id"]) for row in rows]
 
 
-def manager(bridge: KalandraBridge) -> EncryptionManager | None:
+def manager(bridge: BridgeContext) -> EncryptionManager | None:
     return bridge.matrix.e2ee
 
 
-def install(bridge: KalandraBridge) -> None:
+def install(bridge: BridgeContext) -> None:
     """Our crypto state store in place of mautrix's (which reads a ``portal`` table)."""
     e2ee = manager(bridge)
     if e2ee is None:
@@ -190,7 +190,7 @@ def _outage_waited(handle: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], A
     return handled
 
 
-def _encrypt_bot_sends(bridge: KalandraBridge) -> None:
+def _encrypt_bot_sends(bridge: BridgeContext) -> None:
     """What the bot itself sends into an encrypted room (command replies, its welcome, refusals,
     mautrix's notices) goes encrypted: mautrix encrypts only what its own portal class sends.
     The bot's intent exists once the appservice starts, so it is wrapped then."""
@@ -221,7 +221,7 @@ def _encrypt_bot_sends(bridge: KalandraBridge) -> None:
 _seen_clear: set[RoomID] = set()
 
 
-async def _bot_room_encrypted(bridge: KalandraBridge, room_id: RoomID) -> bool:
+async def _bot_room_encrypted(bridge: BridgeContext, room_id: RoomID) -> bool:
     if await bridge.az.state_store.is_encrypted(room_id):
         return True
     if room_id in _seen_clear:
@@ -235,7 +235,7 @@ async def _bot_room_encrypted(bridge: KalandraBridge, room_id: RoomID) -> bool:
 _refreshed: asyncio.Event | None = None  # set once the device lists are queried at startup
 
 
-def refresh_device_lists(bridge: KalandraBridge) -> None:
+def refresh_device_lists(bridge: BridgeContext) -> None:
     """Query again the devices of the users in encrypted portals. Device list changes come in
     transactions (MSC3202), and those Synapse sends while it recovers from an outage of the
     appservice lack them: without this, a device added meanwhile would not get the bridge's
@@ -277,7 +277,7 @@ async def stop() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def encryption_event(bridge: KalandraBridge) -> RoomEncryptionStateEventContent:
+def encryption_event(bridge: BridgeContext) -> RoomEncryptionStateEventContent:
     """The m.room.encryption content of new encrypted portals (rotation per config)."""
     content = RoomEncryptionStateEventContent(EncryptionAlgorithm.MEGOLM_V1)
     if bridge.config["bridge.encryption.rotation.enable_custom"]:
@@ -286,7 +286,7 @@ def encryption_event(bridge: KalandraBridge) -> RoomEncryptionStateEventContent:
     return content
 
 
-def encrypt_new_portals(bridge: KalandraBridge) -> bool:
+def encrypt_new_portals(bridge: BridgeContext) -> bool:
     # With ``require``, a new portal that was not encrypted could carry no message at all.
     required = bool(bridge.config["bridge.encryption.require"])
     return manager(bridge) is not None and (
@@ -294,7 +294,7 @@ def encrypt_new_portals(bridge: KalandraBridge) -> bool:
     )
 
 
-async def room_is_encrypted(bridge: KalandraBridge, room_id: RoomID) -> bool:
+async def room_is_encrypted(bridge: BridgeContext, room_id: RoomID) -> bool:
     """From the cached room state; fetched from the homeserver if the bridge has none (a room
     the bot joined after its m.room.encryption event)."""
     state_store = bridge.az.state_store
@@ -315,7 +315,7 @@ async def set_portal_encrypted(portal: Portal, encrypted: bool) -> None:
 
 
 async def encrypt(
-    bridge: KalandraBridge,
+    bridge: BridgeContext,
     room_id: RoomID,
     event_type: EventType,
     content: Serializable | JSON,
@@ -351,7 +351,7 @@ async def encrypt(
     return result
 
 
-async def discard_outbound_session(bridge: KalandraBridge, room_id: RoomID) -> bool:
+async def discard_outbound_session(bridge: BridgeContext, room_id: RoomID) -> bool:
     """Forget the room's outbound Megolm session: the next message starts a new one."""
     e2ee = manager(bridge)
     if e2ee is None:
@@ -365,7 +365,7 @@ async def discard_outbound_session(bridge: KalandraBridge, room_id: RoomID) -> b
 # --- decryption in portals -------------------------------------------------------------------
 
 
-async def decrypt_for_portal(bridge: KalandraBridge, portal: Portal, evt: EncryptedEvent) -> None:
+async def decrypt_for_portal(bridge: BridgeContext, portal: Portal, evt: EncryptedEvent) -> None:
     """Decrypt ``evt`` and hand it on (mautrix's handler), or fail it in the portal's queue;
     see the module doc. Returns once the event's place in the queue is filled."""
     e2ee = manager(bridge)
@@ -395,7 +395,7 @@ async def decrypt_for_portal(bridge: KalandraBridge, portal: Portal, evt: Encryp
     await _hand_on(bridge, portal, decrypted)
 
 
-async def _hand_on(bridge: KalandraBridge, portal: Portal, decrypted: MessageEvent) -> None:
+async def _hand_on(bridge: BridgeContext, portal: Portal, decrypted: MessageEvent) -> None:
     e2ee = manager(bridge)
     assert e2ee is not None
     trust: TrustState = decrypted["mautrix"]["trust_state"]
@@ -425,7 +425,7 @@ _late: dict[RoomID, _Late] = {}
 _late_locks: dict[RoomID, asyncio.Lock] = {}
 
 
-async def _request_key(bridge: KalandraBridge, evt: EncryptedEvent) -> None:
+async def _request_key(bridge: BridgeContext, evt: EncryptedEvent) -> None:
     """Ask the sending device for the event's room key until it comes (or ``LATE_KEY_WAIT``
     is over), then bridge what it unlocks."""
     e2ee = manager(bridge)
@@ -528,7 +528,7 @@ def _requeue(room_id: RoomID, works: list[FromMatrix]) -> None:
         portal.submit(dataclasses.replace(work, held=True))
 
 
-async def _bridge_late(bridge: KalandraBridge, room_id: RoomID) -> None:
+async def _bridge_late(bridge: BridgeContext, room_id: RoomID) -> None:
     """Bridge, in queue order, the portal's failed events whose room keys are now here: each
     at the end of the portal's queue, once."""
     from .portal_to_kalandra import CURRENT_SLOT
@@ -551,7 +551,7 @@ async def _bridge_late(bridge: KalandraBridge, room_id: RoomID) -> None:
 
 
 async def _bridge_one_late(
-    bridge: KalandraBridge, evt: EncryptedEvent, failed: asyncio.Future[None]
+    bridge: BridgeContext, evt: EncryptedEvent, failed: asyncio.Future[None]
 ) -> None:
     from .portal import Portal
 
@@ -579,7 +579,7 @@ async def _bridge_one_late(
     await _hand_on(bridge, portal, decrypted)
 
 
-async def resume_key_waits(bridge: KalandraBridge) -> None:
+async def resume_key_waits(bridge: BridgeContext) -> None:
     """At start-up: the events of encrypted portals that failed for a missing room key
     (recorded so, within ``KEPT_WAITS``) are waited for again, oldest first (see the module)."""
     from .db.util import now_ms
@@ -627,7 +627,7 @@ async def resume_key_waits(bridge: KalandraBridge) -> None:
         await bridge.matrix.int_handle_event(event)
 
 
-async def _fetch(bridge: KalandraBridge, rooms: list[RoomID], event_id: EventID) -> Event | None:
+async def _fetch(bridge: BridgeContext, rooms: list[RoomID], event_id: EventID) -> Event | None:
     for room in rooms:
         try:
             return await bridge.az.intent.get_event(room, event_id)
@@ -660,7 +660,7 @@ def _done(task: asyncio.Task[None]) -> None:
 RECOVERY_KEY_FILE = "bot-recovery-key.txt"
 
 
-async def self_sign(bridge: KalandraBridge) -> None:
+async def self_sign(bridge: BridgeContext) -> None:
     """With ``bridge.encryption.self_sign``: give the bot cross-signing keys (kept in its
     server-side secret storage) and sign its device with them, once. The recovery key of that
     storage goes to ``<server.data_dir>/bot-recovery-key.txt`` (a new file, mode 0600), never to

@@ -38,7 +38,7 @@ from .db import BridgedUserTable, MessageTable
 from .relations import matrix_event, send_logged
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal import Portal
     from .portal_to_matrix import PortalToMatrix
 
@@ -52,7 +52,7 @@ _MATRIX_TYPING_MS = 120_000
 # --- Kalandra -> Matrix ---------------------------------------------------------------------
 
 
-def _from_matrix(bridge: KalandraBridge, member_id: int) -> bool:
+def _from_matrix(bridge: BridgeContext, member_id: int) -> bool:
     return member_id == bridge.bot.member_id or member_id in BridgedUser.member_ids
 
 
@@ -85,7 +85,7 @@ class MatrixEphemeral:
     """Per-process memory of what was sent: each bridged user's read position per room, and
     who is typing in each portal (Matrix sends the whole typing list at every change)."""
 
-    def __init__(self, bridge: KalandraBridge) -> None:
+    def __init__(self, bridge: BridgeContext) -> None:
         self.bridge = bridge
         self._read: dict[tuple[bytes, UserID], int] = {}
         self._typing: dict[RoomID, set[UserID]] = {}
@@ -174,7 +174,7 @@ class MatrixEphemeral:
             log.info("portal %s: typing not bridged (%s)", portal.hex, type(exc).__name__)
 
 
-async def _newest_bridged(bridge: KalandraBridge, room_id: bytes) -> int | None:
+async def _newest_bridged(bridge: BridgeContext, room_id: bytes) -> int | None:
     value = await bridge.db.fetchval(
         "SELECT MAX(log_index) FROM bridge_messages WHERE room_id = $1", room_id
     )
@@ -184,7 +184,7 @@ async def _newest_bridged(bridge: KalandraBridge, room_id: bytes) -> int | None:
 # --- delivery receipts ----------------------------------------------------------------------
 
 
-async def delivered_to_kalandra(bridge: KalandraBridge, room: RoomID, event_id: EventID) -> None:
+async def delivered_to_kalandra(bridge: BridgeContext, room: RoomID, event_id: EventID) -> None:
     """The bot's read receipt on a Matrix message now in the Kalandra log (best effort)."""
     try:
         await ClientAPI.send_receipt(bridge.az.intent, room, event_id)

@@ -19,10 +19,10 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
-    from .transactions import Handler
+    from .context import BridgeContext
 
 READY_PATH = "/_matrix/mau/ready"
 log = logging.getLogger("kalandra.bridge.health")
@@ -60,7 +60,7 @@ class Transactions:
 TRANSACTIONS = Transactions()  # one appservice per process
 
 
-def not_ready(bridge: KalandraBridge) -> list[str]:
+def not_ready(bridge: BridgeContext) -> list[str]:
     """What the service still waits for (empty: ready)."""
     missing = []
     if bridge.kalandra is None:
@@ -73,7 +73,7 @@ def not_ready(bridge: KalandraBridge) -> list[str]:
     return missing
 
 
-def install(bridge: KalandraBridge) -> None:
+def install(bridge: BridgeContext) -> None:
     @web.middleware
     async def readiness(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != READY_PATH or request.method != "GET":

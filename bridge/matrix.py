@@ -35,7 +35,9 @@ from .portal_to_kalandra import UNENCRYPTED, FromMatrix, release_slot
 from .user import User
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from mautrix.bridge import Bridge
+
+    from .context import BridgeContext
 
 
 ENCRYPTION_OFF = (
@@ -49,11 +51,15 @@ ENCRYPTION_OFF = (
 
 
 class MatrixHandler(BaseMatrixHandler):
-    def __init__(self, bridge: KalandraBridge) -> None:
+    def __init__(self, bridge: BridgeContext) -> None:
         prefix, _, suffix = bridge.config["bridge.username_template"].partition("{userid}")
         self.user_id_prefix = f"@{prefix}"
         self.user_id_suffix = f"{suffix}:{bridge.config['homeserver.domain']}"
-        super().__init__(command_processor=KalandraCommandProcessor(bridge), bridge=bridge)
+        self.context = bridge
+        # The process is mautrix's Bridge as well, which mautrix's handler is typed for.
+        super().__init__(
+            command_processor=KalandraCommandProcessor(bridge), bridge=cast("Bridge", bridge)
+        )
         self.ephemeral = MatrixEphemeral(bridge)
         # bridge.encryption.require is about portals (handle_message; reactions:
         # _refused_in_clear): mautrix would drop unencrypted messages everywhere, the bot's
@@ -78,7 +84,7 @@ class MatrixHandler(BaseMatrixHandler):
             return False
         portal = Portal.by_mxid(evt.room_id)
         sender = evt.sender
-        if portal is None or sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
+        if portal is None or sender == self.az.bot_mxid or self.context.is_bridge_ghost(sender):
             return False
         portal.submit(FromMatrix("unencrypted", sender, evt.event_id, reason=UNENCRYPTED))
         return True
@@ -113,7 +119,7 @@ class MatrixHandler(BaseMatrixHandler):
 
     def member_of_ghost(self, user_id: UserID) -> int | None:
         """The native member id behind a ghost's user id (None: not a ghost)."""
-        if not self.bridge.is_bridge_ghost(user_id):
+        if not self.context.is_bridge_ghost(user_id):
             return None
         inner = user_id[len(self.user_id_prefix) : len(user_id) - len(self.user_id_suffix)]
         return int(inner) if inner.isdigit() else None
@@ -127,20 +133,20 @@ class MatrixHandler(BaseMatrixHandler):
             # Redacted before Synapse sent it (a replayed transaction): nothing left to bridge.
             return
         if portal is not None and not was_encrypted and self.require_portal_e2ee:
-            if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
+            if sender == self.az.bot_mxid or self.context.is_bridge_ghost(sender):
                 return
             # Refused in its place in the queue (status event, notice), commands too.
             portal.submit(FromMatrix("unencrypted", sender, evt.event_id, reason=UNENCRYPTED))
             return
         if portal is None or self.is_command(evt.content)[0]:
             release_slot()  # a command may take long: the transaction does not wait for it
-            if portal is not None and not await DedupeTable(self.bridge.db).claim_event(
+            if portal is not None and not await DedupeTable(self.context.db).claim_event(
                 evt.event_id
             ):
                 return  # answered before (a replay, or caught up again): once or never
             await super().handle_message(evt, was_encrypted)
             return
-        if sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(sender):
+        if sender == self.az.bot_mxid or self.context.is_bridge_ghost(sender):
             return  # our own ghosts and bot: never bridged back (no echo loop)
         user = User.get_by_mxid(sender)
         portal.submit(FromMatrix("message", sender, evt.event_id, user.level, content=evt.content))
@@ -148,7 +154,7 @@ class MatrixHandler(BaseMatrixHandler):
     async def handle_join(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
         """Every join is looked at (access.py): let in, or kicked."""
         portal = Portal.by_mxid(room_id)
-        if portal is None or user_id == self.az.bot_mxid or self.bridge.is_bridge_ghost(user_id):
+        if portal is None or user_id == self.az.bot_mxid or self.context.is_bridge_ghost(user_id):
             return
         user = User.get_by_mxid(user_id)
         portal.submit(FromMatrix("join", user_id, event_id, user.level))
@@ -160,7 +166,7 @@ class MatrixHandler(BaseMatrixHandler):
         (access.py), in the queue before the invitee's join."""
         portal = Portal.by_mxid(room_id)
         inviter = invited_by.mxid
-        if portal is None or inviter == self.az.bot_mxid or self.bridge.is_bridge_ghost(inviter):
+        if portal is None or inviter == self.az.bot_mxid or self.context.is_bridge_ghost(inviter):
             return
         level = User.get_by_mxid(inviter).level
         portal.submit(FromMatrix("invite", inviter, evt.event_id, level, target=user_id))
@@ -236,7 +242,7 @@ class MatrixHandler(BaseMatrixHandler):
         self, room_id: RoomID, target: UserID, sender: UserID, event_id: EventID, reason: str
     ) -> None:
         portal = Portal.by_mxid(room_id)
-        if portal is None or target == self.az.bot_mxid or self.bridge.is_bridge_ghost(target):
+        if portal is None or target == self.az.bot_mxid or self.context.is_bridge_ghost(target):
             return
         portal.submit(FromMatrix("leave", sender, event_id, target=target, reason=reason))
 
@@ -251,7 +257,7 @@ class MatrixHandler(BaseMatrixHandler):
                 return
             await super().handle_encrypted(evt)
             return
-        await e2ee.decrypt_for_portal(cast("KalandraBridge", self.bridge), portal, evt)
+        await e2ee.decrypt_for_portal(self.context, portal, evt)
 
     async def _encryption_off(self, evt: EncryptedEvent) -> None:
         """An encrypted message to the bot while end-to-bridge encryption is off: a notice
@@ -281,7 +287,7 @@ class MatrixHandler(BaseMatrixHandler):
         meta = room_metadata.meta_of_state(evt)
         if portal is None or meta is None:
             return
-        if evt.sender == self.az.bot_mxid or self.bridge.is_bridge_ghost(evt.sender):
+        if evt.sender == self.az.bot_mxid or self.context.is_bridge_ghost(evt.sender):
             return
         level = User.get_by_mxid(evt.sender).level
         portal.submit(FromMatrix("meta", evt.sender, evt.event_id, level, meta=meta))
@@ -341,7 +347,7 @@ class MatrixHandler(BaseMatrixHandler):
             self.log.exception("Failed to join %s as the bridge bot", room_id)
             return
         if self.e2ee is not None:  # what happened before the bot joined (encryption, members)
-            await e2ee.room_is_encrypted(cast("KalandraBridge", self.bridge), room_id)
+            await e2ee.room_is_encrypted(self.context, room_id)
         if not inviter.is_whitelisted:
             # Join, say why, leave: the inviter sees the refusal in the room they made.
             await self.send_permission_error(room_id)

@@ -57,7 +57,7 @@ from . import e2ee, media_info
 from .message_status import Refused
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal_to_kalandra import PortalToKalandra
     from .portal_to_matrix import PortalToMatrix
 
@@ -78,7 +78,7 @@ def is_media(content: MessageEventContent) -> bool:
     return isinstance(content, MediaMessageEventContent) and content.msgtype in KIND_OF
 
 
-def max_size(bridge: KalandraBridge) -> int:
+def max_size(bridge: BridgeContext) -> int:
     return int(bridge.config["server.media.max_size"])
 
 

@@ -52,7 +52,7 @@ from mautrix.types import (
 from . import e2ee, metrics
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.status")
 
@@ -84,7 +84,7 @@ class Refused(Exception):
 
 class StatusSender:
     def __init__(
-        self, bridge: KalandraBridge, label: str, encrypted: Callable[[], bool] = lambda: True
+        self, bridge: BridgeContext, label: str, encrypted: Callable[[], bool] = lambda: True
     ) -> None:
         """``encrypted``: whether the portal is encrypted, as the bridge knows it without a
         database query (for PENDING statuses)."""

@@ -19,13 +19,15 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from mautrix.types import Event
+    from collections.abc import Callable
 
-    from .bridge import KalandraBridge
-    from .transactions import Handler
+    from mautrix.appservice import AppService
+    from mautrix.types import Event, RoomID
+
 
 TO_MATRIX = "to_matrix"
 TO_KALANDRA = "to_kalandra"
@@ -136,18 +138,16 @@ def epoch_changed() -> None:
     EPOCH_CHANGES.inc()
 
 
-def install(bridge: KalandraBridge) -> None:
-    """Queue depths, Matrix origin timestamps and transaction outcomes, read from the bridge.
-    After the transaction gate is installed: its answer (500 when not processed) is counted."""
-    from .portal import Portal  # (the portal modules import this one)
-
-    QUEUE_DEPTH.labels(TO_MATRIX).set_function(
-        lambda: sum(p.queue.qsize() for p in list(Portal.by_room.values()))
-    )
-    QUEUE_DEPTH.labels(TO_KALANDRA).set_function(
-        lambda: sum(p.outgoing.qsize() for p in list(Portal.by_room.values()))
-    )
-    az = bridge.az
+def install(
+    az: AppService,
+    depths: Callable[[], tuple[int, int]],
+    is_portal: Callable[[RoomID], bool],
+) -> None:
+    """Queue depths (``depths()``: toward Matrix, toward Kalandra), Matrix origin timestamps of
+    portal events (``is_portal``) and transaction outcomes, read from the bridge. After the
+    transaction gate is installed: its answer (500 when not processed) is counted."""
+    QUEUE_DEPTH.labels(TO_MATRIX).set_function(lambda: depths()[0])
+    QUEUE_DEPTH.labels(TO_KALANDRA).set_function(lambda: depths()[1])
     inner = az.handle_matrix_event
 
     async def handle_matrix_event(event: Event, ephemeral: bool = False) -> None:
@@ -155,7 +155,7 @@ def install(bridge: KalandraBridge) -> None:
         origin = getattr(event, "timestamp", None)
         if not ephemeral and event_id and isinstance(origin, int):
             room_id = getattr(event, "room_id", None)
-            if room_id is not None and Portal.by_mxid(room_id) is not None:
+            if room_id is not None and is_portal(room_id):
                 matrix_event_seen(event_id, origin)
         await inner(event, ephemeral)
 

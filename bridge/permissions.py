@@ -24,14 +24,14 @@ from .config import PERMISSION_LEVELS
 from .db.roster import bridged_mxids
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.permissions")
 
 MEMBER_LEVELS = frozenset({"user", "admin"})
 
 
-async def remove_unpermitted(bridge: KalandraBridge) -> int:
+async def remove_unpermitted(bridge: BridgeContext) -> int:
     """Remove from the bot's rooms the members of Matrix users without ``user`` now; returns
     how many removals were committed. A failed room is logged and left for the next time."""
     bot = bridge.bot
@@ -59,7 +59,7 @@ async def remove_unpermitted(bridge: KalandraBridge) -> int:
     return removed
 
 
-async def _remove(bridge: KalandraBridge, room_id: bytes, member_id: int) -> int:
+async def _remove(bridge: BridgeContext, room_id: bytes, member_id: int) -> int:
     bot = bridge.bot
     assert bot.client is not None
     async with bot.commit_lock:
@@ -90,7 +90,7 @@ def read_permissions(path: str) -> dict[str, str]:
     return {str(who): str(level) for who, level in permissions.items()}
 
 
-async def reload(bridge: KalandraBridge) -> None:
+async def reload(bridge: BridgeContext) -> None:
     """SIGHUP: take ``bridge.permissions`` from the config file again (nothing else), then
     remove the members of users who lost ``user``. A bad file changes nothing."""
     try:

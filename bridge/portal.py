@@ -17,12 +17,13 @@ from mautrix.types import EventType, RoomID, UserID
 from . import access, e2ee, room_metadata
 from .db import PortalRow, PortalTable
 from .portal_base import PROTOCOL
-from .portal_members import MatrixInvite, invited_by_bot
+from .portal_members import invited_by_bot
 from .portal_to_kalandra import PortalToKalandra, kalandra_content
 from .portal_to_matrix import PortalToMatrix, matrix_content
+from .routed import MatrixInvite
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.portal")
 T = TypeVar("T")
@@ -38,14 +39,14 @@ __all__ = ["Portal", "kalandra_content", "matrix_content"]
 class Portal(PortalToMatrix, PortalToKalandra):
     by_room: ClassVar[dict[bytes, Portal]] = {}
 
-    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+    def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
         super().__init__(bridge, row)
         self._create_lock = asyncio.Lock()
 
     # --- loading and creating --------------------------------------------------------------------
 
     @classmethod
-    async def load_all(cls, bridge: KalandraBridge) -> list[Portal]:
+    async def load_all(cls, bridge: BridgeContext) -> list[Portal]:
         for row in await PortalTable(bridge.db).all():
             if row.room_id not in cls.by_room:
                 cls.by_room[row.room_id] = cls(bridge, row)
@@ -53,7 +54,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
 
     @classmethod
     async def get_or_create(
-        cls, bridge: KalandraBridge, room_id: bytes, *, name: str, topic: str, last_log_index: int
+        cls, bridge: BridgeContext, room_id: bytes, *, name: str, topic: str, last_log_index: int
     ) -> Portal:
         """The portal of a room the bot is in; a new one starts bridging after
         ``last_log_index`` (what the bot has applied already is history, not new messages)."""
@@ -78,7 +79,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
         return portal
 
     @classmethod
-    async def open(cls, bridge: KalandraBridge, room_id: bytes) -> Portal:
+    async def open(cls, bridge: BridgeContext, room_id: bytes) -> Portal:
         """The portal of a room the bot is in, made if needed (from the room's current name
         and topic; what the bot applied already is history)."""
         room = bridge.bot.core.rooms[room_id]
@@ -197,7 +198,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
     @classmethod
     async def bridge_existing(
         cls,
-        bridge: KalandraBridge,
+        bridge: BridgeContext,
         room_id: bytes,
         mxid: RoomID,
         *,

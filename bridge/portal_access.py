@@ -22,7 +22,7 @@ from .bridged_user import BridgedUser
 from .message_status import Refused
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal_base import PortalBase
     from .portal_to_kalandra import FromMatrix
 
@@ -39,14 +39,14 @@ class RoomRef(Protocol):
     """A portal, or a room that has none yet."""
 
     @property
-    def bridge(self) -> KalandraBridge: ...
+    def bridge(self) -> BridgeContext: ...
     @property
     def room_id(self) -> bytes: ...
     @property
     def hex(self) -> str: ...
 
 
-def _is_native(bridge: KalandraBridge, member_id: int) -> bool:
+def _is_native(bridge: BridgeContext, member_id: int) -> bool:
     return member_id != bridge.bot.member_id and member_id not in BridgedUser.member_ids
 
 
@@ -64,9 +64,7 @@ async def native_invite(portal: RoomRef, message: ev.Message, mxid: UserID) -> b
     return True
 
 
-async def invited_without_portal(
-    bridge: KalandraBridge, message: ev.Message, mxid: UserID
-) -> None:
+async def invited_without_portal(bridge: BridgeContext, message: ev.Message, mxid: UserID) -> None:
     """(a) in a room that has no portal yet: the grant first (retried: the message is counted
     done only after it, so a crash replays it), then the message goes where such messages go
     (kept history, or nowhere), then the portal is made and the user invited behind that
@@ -102,7 +100,7 @@ async def invited_without_portal(
 class _Standin:
     """What native_invite needs of a portal, for a room that has none yet."""
 
-    def __init__(self, bridge: KalandraBridge, room_id: bytes) -> None:
+    def __init__(self, bridge: BridgeContext, room_id: bytes) -> None:
         self.bridge = bridge
         self.room_id = room_id
         self.hex = room_id.hex()

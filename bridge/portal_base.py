@@ -15,13 +15,13 @@ from mautrix.types import RoomAlias, RoomID
 from .db import PortalRow
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 PROTOCOL: dict[str, Any] = {"id": "kalandra", "displayname": "Kalandra"}
 
 
 class PortalBase:
-    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+    def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
         self.bridge = bridge
         self.row = row
         self.room_ready = asyncio.Event()

@@ -18,7 +18,6 @@ The bot itself and bridged Matrix users (puppet leaves) never get ghosts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mautrix.api import Method, Path
@@ -41,46 +40,17 @@ from .db import MessageTable
 from .db.progress import advance, bridged_mxid
 from .portal_base import PortalBase
 from .puppet import Puppet, member_of, mxid_of
+from .routed import RosterCheck
 
 if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
 
-    from kalandra_core.client.room import ClientRoom
-
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.portal")
 
 EPOCH_EVENT = EventType.find("org.kalandra.epoch", EventType.Class.STATE)
 _PRESENT = (Membership.JOIN, Membership.INVITE, Membership.KNOCK)
-
-
-@dataclass(frozen=True, slots=True)
-class RosterCheck:
-    """The group as the bot held it at one point of the queue (start-up, a new portal): the
-    portal's ghosts and epoch state are made to match it when the queue reaches it."""
-
-    room_id: bytes
-    epoch: int
-    tree_hash: bytes
-    members: tuple[int, ...]
-    cipher_suite: int
-
-    @classmethod
-    def of(cls, room: ClientRoom) -> RosterCheck:
-        group = room.group
-        members = tuple(sorted(room.roster()))
-        return cls(room.room_id, group.epoch, group.tree_hash, members, group.suite)
-
-
-@dataclass(frozen=True, slots=True)
-class MatrixInvite:
-    """Invite a Matrix user who may enter (access.py) at this point of the queue: after the
-    history the portal sends first, which the newcomer then does not read."""
-
-    room_id: bytes
-    mxid: UserID
-    log_index: int = -1  # (no entry of the log)
 
 
 def epoch_content(
@@ -289,7 +259,7 @@ def _epoch_line(event: ev.EpochChanged) -> str:
     return f"{line} ({'; '.join(changes)})" if changes else line
 
 
-async def invited_by_bot(bridge: KalandraBridge, room: RoomID) -> None:
+async def invited_by_bot(bridge: BridgeContext, room: RoomID) -> None:
     """After the bot's own invitation: a new Megolm session for the room's next message, which
     the invitee gets too. mautrix starts one on every membership change, but takes the member
     event of an invitation its intent made for a duplicate (the intent cached the membership

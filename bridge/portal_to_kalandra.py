@@ -58,7 +58,7 @@ from .redaction_power import check_redaction
 from .relay import relay_content
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.portal")
 
@@ -160,7 +160,7 @@ def release_slot() -> None:
 
 
 class PortalToKalandra(PortalBase):
-    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+    def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
         super().__init__(bridge, row)
         self.outgoing: asyncio.Queue[EventSlot] = asyncio.Queue()
         self.mx_status = StatusSender(bridge, self.hex, lambda: self.row.encrypted)

@@ -74,11 +74,12 @@ from . import (
 from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
 from .formatting import formatted_message
-from .portal_members import MatrixInvite, PortalMembers, RosterCheck
+from .portal_members import PortalMembers
 from .puppet import Puppet
+from .routed import Item, MatrixInvite, RosterCheck
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.portal")
 
@@ -91,22 +92,6 @@ _LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_be
 # bridge in between, deterministically.
 _RECORD_LAG = float(os.environ.get("KALANDRA_TEST_MATRIX_RECORD_LAG", "0") or 0)
 _PART_LIMIT = set_aside.PART_LIMIT
-
-# What the bot routes to a portal, in log order (RosterCheck: a point of the queue, no entry;
-# Typing: ephemeral, never logged).
-Item = (
-    Message
-    | ev.EpochChanged
-    | ev.Moderated
-    | ev.Left
-    | ev.Undecryptable
-    | ev.Reacted
-    | ev.Receipted
-    | ev.Typing
-    | ev.RoomMetaChanged
-    | RosterCheck
-    | MatrixInvite
-)
 
 
 def matrix_content(content: Content) -> TextMessageEventContent:
@@ -127,7 +112,7 @@ def _report_death(task: asyncio.Task[None]) -> None:
 
 
 class PortalToMatrix(PortalMembers):
-    def __init__(self, bridge: KalandraBridge, row: PortalRow) -> None:
+    def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
         super().__init__(bridge, row)
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None

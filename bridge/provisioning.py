@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import hmac
 import logging
-import re
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from mautrix.types import Membership, UserID
+from mautrix.types import Membership
 
 from kalandra_core.client.driver import ClientError
 
@@ -30,51 +28,24 @@ from .bridged_user import BridgedUser
 from .commands.account import LOGIN_CODE_TTL, issue_login_code
 from .db.device_token import token_id
 from .db.roster import bridged_member
-from .health import not_ready
 from .portal import Portal
+from .provisioning_requests import ApiError, Endpoint, Requests, error_response, room_json
+from .provisioning_rooms import RoomEndpoints
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.provisioning")
 
-LEVELS = ("none", "relay", "user", "admin")
-_MXID = re.compile(r"@[^:\s]+:[^\s]+")
-
-Endpoint = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, errcode: str, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.errcode = errcode
-        self.error = error
-
-
-def error_response(status: int, errcode: str, error: str) -> web.Response:
-    return web.json_response({"errcode": errcode, "error": error}, status=status)
-
-
-def room_json(portal: Portal) -> dict[str, Any]:
-    return {
-        "room_id": portal.hex,
-        "matrix_room_id": portal.mxid,
-        "alias": portal.alias,
-        "name": portal.row.name,
-        "relay": bool(portal.row.relay_enabled),
-    }
-
 
 class ProvisioningAPI:
-    def __init__(self, bridge: KalandraBridge) -> None:
+    def __init__(self, bridge: BridgeContext) -> None:
         self.bridge = bridge
         self.prefix = str(bridge.config["bridge.provisioning.prefix"])
         self._secret = str(bridge.config["bridge.provisioning.shared_secret"]).encode()
+        self.requests = Requests(bridge)
         self.app = web.Application(middlewares=[self._errors, self._auth])
-        from .provisioning_rooms import RoomEndpoints  # (they use this module's helpers)
-
-        rooms = RoomEndpoints(self)
+        rooms = RoomEndpoints(self.requests)
         router = self.app.router
         router.add_get("/v1/whoami", self.whoami)
         router.add_get("/v1/rooms", rooms.list_rooms)
@@ -118,38 +89,12 @@ class ProvisioningAPI:
             raise ApiError(401, "M_UNKNOWN_TOKEN", "Invalid shared secret")
         return await handler(request)
 
-    # --- what every endpoint needs ---------------------------------------------------------------
-
-    def acting_user(self, request: web.Request, needs: str = "none") -> tuple[UserID, str]:
-        """The user the call is for, and its permission level (at least ``needs``)."""
-        user_id = request.query.get("user_id", "")
-        if not _MXID.fullmatch(user_id):
-            raise ApiError(400, "M_INVALID_PARAM", "user_id must be a Matrix user id")
-        level = self.bridge.config.permission_level(user_id)
-        if LEVELS.index(level) < LEVELS.index(needs):
-            raise ApiError(403, "M_FORBIDDEN", f"This needs the {needs} permission")
-        return UserID(user_id), level
-
-    def require_ready(self) -> None:
-        if not_ready(self.bridge):
-            raise ApiError(503, "KALANDRA_NOT_READY", "The bridge is starting or stopping")
-
-    @staticmethod
-    async def json_body(request: web.Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "M_NOT_JSON", "The body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "M_BAD_JSON", "The body must be a JSON object")
-        return body
-
     # --- whoami and device tokens ----------------------------------------------------------------
 
     async def whoami(self, request: web.Request) -> web.Response:
         """The user's permission, its Kalandra member (when the bridge holds one), and the
         portals it is in on either side."""
-        user_id, level = self.acting_user(request)
+        user_id, level = self.requests.acting_user(request)
         member_id = await bridged_member(self.bridge.db, user_id)
         state_store = self.bridge.az.state_store
         bot = getattr(self.bridge, "bot", None)
@@ -182,8 +127,8 @@ class ProvisioningAPI:
     async def device_token(self, request: web.Request) -> web.Response:
         """A device token for the Kalandra member the bridge holds for the user (made now if
         there is none yet), as the ``device-token`` command gives it."""
-        user_id, level = self.acting_user(request, "user")
-        self.require_ready()
+        user_id, level = self.requests.acting_user(request, "user")
+        self.requests.require_ready()
         bridge = self.bridge
         user = await BridgedUser.get(bridge, user_id, level)
         # The bridge's key is bound first: a native login must never bind its own.
@@ -198,8 +143,8 @@ class ProvisioningAPI:
     async def login_code(self, request: web.Request) -> web.Response:
         """A single-use login code (10 minutes) for the user's member, as the ``device-token``
         command gives it in an encrypted chat; here the HTTP answer is the private channel."""
-        user_id, level = self.acting_user(request, "user")
-        self.require_ready()
+        user_id, level = self.requests.acting_user(request, "user")
+        self.requests.require_ready()
         user = await BridgedUser.get(self.bridge, user_id, level)
         code = await issue_login_code(self.bridge, user)
         log.info("login code issued to member %d", user.member_id)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import binascii
 import logging
 import re
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from mautrix.errors import IntentError, MatrixRequestError
@@ -17,10 +16,7 @@ from kalandra_core.client.room import ClientRoom
 
 from . import access
 from .portal import Portal
-from .provisioning import ApiError, room_json
-
-if TYPE_CHECKING:
-    from .provisioning import ProvisioningAPI
+from .provisioning_requests import ApiError, Requests, room_json
 
 log = logging.getLogger("kalandra.bridge.provisioning")
 
@@ -29,7 +25,7 @@ _MAX_NAME = 255
 
 
 class RoomEndpoints:
-    def __init__(self, api: ProvisioningAPI) -> None:
+    def __init__(self, api: Requests) -> None:
         self.api = api
         self.bridge = api.bridge
 

@@ -16,14 +16,14 @@ from mautrix.types import UserID
 from .db import PuppetRow, PuppetTable
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 
 class Puppet:
     by_member: ClassVar[dict[int, Puppet]] = {}
 
     def __init__(
-        self, bridge: KalandraBridge, member_id: int, row: PuppetRow | None, name: str | None
+        self, bridge: BridgeContext, member_id: int, row: PuppetRow | None, name: str | None
     ) -> None:
         self.bridge = bridge
         self.member_id = member_id
@@ -36,7 +36,7 @@ class Puppet:
         self._ready = row is not None and row.displayname == self.displayname
 
     @classmethod
-    async def get(cls, bridge: KalandraBridge, member_id: int) -> Puppet:
+    async def get(cls, bridge: BridgeContext, member_id: int) -> Puppet:
         puppet = cls.by_member.get(member_id)
         if puppet is None:
             row = await PuppetTable(bridge.db).get(member_id)
@@ -59,14 +59,14 @@ class Puppet:
         self._ready = True
 
 
-def mxid_of(bridge: KalandraBridge, member_id: int) -> UserID:
+def mxid_of(bridge: BridgeContext, member_id: int) -> UserID:
     """The ghost's MXID of a member (no lookup: the username template decides)."""
     config = bridge.config
     localpart = config["bridge.username_template"].format(userid=member_id)
     return UserID(f"@{localpart}:{config['homeserver.domain']}")
 
 
-def member_of(bridge: KalandraBridge, mxid: str) -> int | None:
+def member_of(bridge: BridgeContext, mxid: str) -> int | None:
     """The member id a ghost's MXID stands for; None for any other MXID."""
     prefix, suffix = bridge.matrix.user_id_prefix, bridge.matrix.user_id_suffix
     if not (mxid.startswith(prefix) and mxid.endswith(suffix)):

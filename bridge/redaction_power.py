@@ -25,11 +25,11 @@ from mautrix.types import (
 from .message_status import Refused
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 
 async def check_redaction(
-    bridge: KalandraBridge, room: RoomID, sender: UserID, redacts: EventID
+    bridge: BridgeContext, room: RoomID, sender: UserID, redacts: EventID
 ) -> None:
     """Raise Refused unless ``sender`` may redact ``redacts`` in ``room`` (read now, from
     Synapse: the bot's cached power levels could be older than a demotion)."""

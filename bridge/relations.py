@@ -63,7 +63,7 @@ from .message_status import Refused
 from .puppet import Puppet, member_of
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal_to_kalandra import FromMatrix, PortalToKalandra
     from .portal_to_matrix import PortalToMatrix
 
@@ -254,7 +254,7 @@ async def _ghost_reaction(
         query["from"] = page["next_batch"]
 
 
-def _from_matrix(bridge: KalandraBridge, member_id: int) -> bool:
+def _from_matrix(bridge: BridgeContext, member_id: int) -> bool:
     """The bot's or a bridged Matrix user's: it came from Matrix (no echo)."""
     return member_id == bridge.bot.member_id or member_id in BridgedUser.member_ids
 
@@ -312,7 +312,7 @@ async def _index(portal: PortalToKalandra, event_id: EventID | None) -> int | No
     return found[1] if found is not None and found[0] == portal.room_id else None
 
 
-async def _mentioned_members(bridge: KalandraBridge, content: MessageEventContent) -> list[int]:
+async def _mentioned_members(bridge: BridgeContext, content: MessageEventContent) -> list[int]:
     mxids: list[str] = []
     mentions = content.get("m.mentions") if hasattr(content, "get") else None
     if isinstance(mentions, dict) and isinstance(mentions.get("user_ids"), list):
@@ -328,7 +328,7 @@ async def _mentioned_members(bridge: KalandraBridge, content: MessageEventConten
     return out
 
 
-async def _member_of_mxid(bridge: KalandraBridge, mxid: str) -> int | None:
+async def _member_of_mxid(bridge: BridgeContext, mxid: str) -> int | None:
     """The member a Matrix user stands for: a ghost's native member, or a bridged user's
     puppet leaf (None: a Matrix user who is no Kalandra member)."""
     member_id = member_of(bridge, mxid)

@@ -53,7 +53,7 @@ from .message_status import Refused
 if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
 
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
     from .portal_base import PortalBase
     from .portal_to_kalandra import FromMatrix, PortalToKalandra
     from .portal_to_matrix import PortalToMatrix
@@ -83,7 +83,7 @@ class MatrixAvatar:
     mimetype: str | None
 
 
-def current(bridge: KalandraBridge, room_id: bytes, name: str, topic: str) -> tuple[str, str]:
+def current(bridge: BridgeContext, room_id: bytes, name: str, topic: str) -> tuple[str, str]:
     """The room's name and topic for a new portal: the members' latest change where the bot
     saw one, else ``name``/``topic`` (the server's copy from creation)."""
     client = bridge.bot.client

@@ -21,15 +21,15 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from mautrix.api import Method, Path
 from mautrix.errors import MatrixError
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.self_ping")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ATTEMPTS = 30  # one a second: then the error stands (mautrix exits 16)
 _PATHS = ("/_matrix/app/v1/ping", "/_matrix/app/unstable/fi.mau.msc2659/ping")
 
@@ -80,7 +80,7 @@ async def ping_self(
     raise AssertionError("unreachable")
 
 
-def install(bridge: KalandraBridge) -> None:
+def install(bridge: BridgeContext) -> None:
     az = bridge.az
     pings = Pings()
     az.app.middlewares.append(pings.middleware)

@@ -19,14 +19,14 @@ from kalandra_core.crypto import SenderKeyError
 from .db import OutgoingTable
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.keys")
 
 _applied: set[tuple[bytes, int]] = set()  # (room, epoch) whose floors are applied
 
 
-async def ensure_send_floors(bridge: KalandraBridge, room_id: bytes) -> None:
+async def ensure_send_floors(bridge: BridgeContext, room_id: bytes) -> None:
     """Move the room's send chains past the generations recorded for its current epoch, once.
     Call it right before encrypting (no await in between): it returns only when the floors of
     the epoch the room is in *now* are applied, so a send re-encrypted after a stale epoch gets

@@ -27,12 +27,12 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from mautrix.types import JSON, Event, EventID
 
 from kalandra_core.storage.reachable import through_outage
@@ -44,13 +44,11 @@ from .portal_to_kalandra import CURRENT_SLOT, EventSlot
 from .txn_order import TxnOrder
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from .context import BridgeContext
 
 log = logging.getLogger("kalandra.bridge.transactions")
 _EMPTY = JSON({})
 _FIRST_CATCH_UP = 60.0  # seconds a transaction waits at most for the start-up catch-up
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(slots=True)
@@ -65,7 +63,7 @@ _CURRENT: ContextVar[_Transaction | None] = ContextVar("kalandra_transaction", d
 
 
 class TransactionGate:
-    def __init__(self, bridge: KalandraBridge) -> None:
+    def __init__(self, bridge: BridgeContext) -> None:
         self.bridge = bridge
         self.az = bridge.az
         self._handle_transaction = self.az.handle_transaction

@@ -8,7 +8,7 @@ message, and no cached value keeps a demoted user in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from mautrix.bridge import BasePortal, BasePuppet, BaseUser
 from mautrix.types import UserID
@@ -17,11 +17,13 @@ from mautrix.util.bridge_state import BridgeState, BridgeStateEvent
 from .db.roster import bridged_member
 
 if TYPE_CHECKING:
-    from .bridge import KalandraBridge
+    from mautrix.bridge import Bridge
+
+    from .context import BridgeContext
 
 
 class User(BaseUser):
-    bridge: KalandraBridge
+    context: ClassVar[BridgeContext]  # the bridge as ours sees it (mautrix's own: ``bridge``)
     by_mxid: ClassVar[dict[UserID, User]] = {}
 
     def __init__(self, mxid: UserID) -> None:
@@ -30,7 +32,7 @@ class User(BaseUser):
 
     @property
     def level(self) -> str:
-        return self.bridge.config.permission_level(self.mxid)
+        return self.context.config.permission_level(self.mxid)
 
     # mautrix reads (and BaseUser.__init__ writes) these as attributes: derived, never stored.
     @property
@@ -58,8 +60,9 @@ class User(BaseUser):
         pass
 
     @classmethod
-    def init_cls(cls, bridge: KalandraBridge) -> None:
-        cls.bridge = bridge
+    def init_cls(cls, bridge: BridgeContext) -> None:
+        cls.context = bridge
+        cls.bridge = cast("Bridge", bridge)  # the process is mautrix's Bridge as well
         cls.az = bridge.az
         cls.loop = bridge.loop
 
@@ -76,7 +79,7 @@ class User(BaseUser):
     async def get_bridge_states(self) -> list[BridgeState]:
         """For mautrix's bridge-state endpoint: the Kalandra member the bridge holds for this
         user, if any (its remote id is the member id)."""
-        member_id = await bridged_member(self.bridge.db, self.mxid)
+        member_id = await bridged_member(self.context.db, self.mxid)
         if member_id is None:
             return []
         return [BridgeState(state_event=BridgeStateEvent.CONNECTED, remote_id=str(member_id))]

@@ -26,7 +26,7 @@ from .util import (
 )
 
 if TYPE_CHECKING:
-    from ..bridge import KalandraBridge
+    from ..context import BridgeContext
 
 
 @command_handler(
@@ -131,7 +131,7 @@ async def device_token(evt: CommandEvent) -> EventID:
     )
 
 
-async def issue_login_code(bridge: KalandraBridge, user: BridgedUser) -> str:
+async def issue_login_code(bridge: BridgeContext, user: BridgedUser) -> str:
     """A login code for the user's member (also the provisioning API's)."""
     # Bind the bridge's key first: a native login must never bind its own and lock the
     # bridge out of this member.

@@ -9,7 +9,7 @@ from mautrix.bridge.commands import CommandEvent, CommandProcessor
 from mautrix.types import EventID, MessageEventContent, RoomID
 
 if TYPE_CHECKING:
-    from ..bridge import KalandraBridge
+    from ..context import BridgeContext
 
 REFUSAL = (
     "You are not allowed to use this bridge. A bridge admin can give you the `user` permission"
@@ -18,7 +18,7 @@ REFUSAL = (
 
 
 class KalandraCommandProcessor(CommandProcessor):
-    def __init__(self, bridge: KalandraBridge) -> None:
+    def __init__(self, bridge: BridgeContext) -> None:
         super().__init__(bridge=bridge)
 
     async def handle(

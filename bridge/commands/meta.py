@@ -9,10 +9,11 @@ from mautrix.bridge.commands import SECTION_GENERAL, CommandEvent, command_handl
 from mautrix.bridge.commands.meta import help_cmd
 from mautrix.types import EventID
 
+from .. import __version__
 from ..db.roster import bridged_member
 
 if TYPE_CHECKING:
-    from ..bridge import KalandraBridge
+    from ..context import BridgeContext
     from ..user import User
 
 
@@ -20,8 +21,7 @@ if TYPE_CHECKING:
     needs_auth=False, help_section=SECTION_GENERAL, help_text="Show the bridge's version."
 )
 async def version(evt: CommandEvent) -> EventID:
-    bridge = cast("KalandraBridge", evt.bridge)
-    return await evt.reply(f"Kalandra Bridge {bridge.version} (mautrix-python {mautrix_version})")
+    return await evt.reply(f"Kalandra Bridge {__version__} (mautrix-python {mautrix_version})")
 
 
 @command_handler(
@@ -30,7 +30,7 @@ async def version(evt: CommandEvent) -> EventID:
     help_text="Check that the bridge and its Kalandra server are up.",
 )
 async def ping(evt: CommandEvent) -> EventID:
-    bridge = cast("KalandraBridge", evt.bridge)
+    bridge = cast("BridgeContext", evt.bridge)
     level = cast("User", evt.sender).level
     server = bridge.kalandra
     if server is None:
@@ -57,7 +57,7 @@ async def whoami(evt: CommandEvent) -> EventID:
 async def _identities(evt: CommandEvent) -> str:
     """The bot's member id (what a native member needs to let the bridge into a room) and the
     asker's own bridged member, if they have one."""
-    bridge = cast("KalandraBridge", evt.bridge)
+    bridge = cast("BridgeContext", evt.bridge)
     bot = getattr(bridge, "bot", None)
     if bot is None or bot.client is None:
         said = "The bridge's Kalandra member is not running."

@@ -19,7 +19,7 @@ from ..db.roster import bridged_member
 from ..portal import Portal
 
 if TYPE_CHECKING:
-    from ..bridge import KalandraBridge
+    from ..context import BridgeContext
 
 # (mypy misreads HelpSection's NamedTuple constructor)
 SECTION_ROOMS = HelpSection._make(("Kalandra rooms", 30, ""))
@@ -35,8 +35,8 @@ class CommandFailed(Exception):
     """A reply for the user instead of a result (bad argument, unknown room, ...)."""
 
 
-def bridge_of(evt: CommandEvent) -> KalandraBridge:
-    return cast("KalandraBridge", evt.bridge)
+def bridge_of(evt: CommandEvent) -> BridgeContext:
+    return cast("BridgeContext", evt.bridge)
 
 
 def portal_of(evt: CommandEvent) -> Portal | None:

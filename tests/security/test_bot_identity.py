@@ -34,7 +34,7 @@ from kalandra_core.storage import schema as db
 from kalandra_core.storage.sql import SqlStore
 from kalandra_core.storage.urls import sqlalchemy_url
 
-REFUSED = 13  # the bridge's exit status when its bot cannot start (bridge/bridge.py)
+REFUSED = 13  # the bridge's exit status when its bot cannot start (bridge/app.py)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)

@@ -55,6 +55,11 @@ from .transactions import TransactionGate
 from .user import User
 
 
+def _queue_depths() -> tuple[int, int]:
+    portals = list(Portal.by_room.values())
+    return sum(p.queue.qsize() for p in portals), sum(p.outgoing.qsize() for p in portals)
+
+
 class _DatabaseGone(Exception):
     """mautrix's database start met an outage: wait for the database and start it again."""
 
@@ -146,7 +151,8 @@ class KalandraBridge(Bridge):
         self._reloads = set()
         self.gate = TransactionGate(self)
         self.gate.install()  # acknowledge transactions only when done
-        metrics.install(self)  # after the gate: counts what Synapse is answered
+        # After the gate: counts what Synapse is answered.
+        metrics.install(self.az, _queue_depths, lambda mxid: Portal.by_mxid(mxid) is not None)
         health.install(self)
         self_ping.install(self)  # the start-up check: a ping that arrived is proof enough
         as_auth.install(self)  # outermost: the token before anything reads a body
