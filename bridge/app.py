@@ -49,15 +49,10 @@ from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .ghost_devices import GhostDevices
 from .matrix import MatrixHandler
-from .portal import Portal
+from .portal import Portals
 from .provisioning import ProvisioningAPI
 from .transactions import TransactionGate
 from .user import User
-
-
-def _queue_depths() -> tuple[int, int]:
-    portals = list(Portal.by_room.values())
-    return sum(p.queue.qsize() for p in portals), sum(p.outgoing.qsize() for p in portals)
 
 
 class _DatabaseGone(Exception):
@@ -148,11 +143,14 @@ class KalandraBridge(Bridge):
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
         self.matrix_ready = asyncio.Event()
+        self.portals = Portals(self)
         self._reloads = set()
         self.gate = TransactionGate(self)
         self.gate.install()  # acknowledge transactions only when done
         # After the gate: counts what Synapse is answered.
-        metrics.install(self.az, _queue_depths, lambda mxid: Portal.by_mxid(mxid) is not None)
+        metrics.install(
+            self.az, self._queue_depths, lambda mxid: self.portals.by_mxid(mxid) is not None
+        )
         health.install(self)
         self_ping.install(self)  # the start-up check: a ping that arrived is proof enough
         as_auth.install(self)  # outermost: the token before anything reads a body
@@ -185,7 +183,7 @@ class KalandraBridge(Bridge):
         except Exception as exc:  # the bridge runs on; those messages stay failed
             self.log.warning("waits for room keys not resumed (%s)", type(exc).__name__)
         # Portals whose Matrix room was not finished before a stop (found by alias or made).
-        for portal in list(Portal.by_room.values()):
+        for portal in self.portals.all():
             if portal.mxid is None:
                 await portal.ensure_matrix_room(invite=[])
 
@@ -290,6 +288,10 @@ class KalandraBridge(Bridge):
 
     async def get_double_puppet(self, user_id: UserID) -> BasePuppet | None:
         return None
+
+    def _queue_depths(self) -> tuple[int, int]:
+        depths = [p.queue_depths() for p in self.portals.all()]
+        return sum(d[0] for d in depths), sum(d[1] for d in depths)
 
     def is_bridge_ghost(self, user_id: UserID) -> bool:
         return self._ghost.fullmatch(user_id) is not None

@@ -36,8 +36,7 @@ from .db.util import now_ms, transaction, u64_from_db, u64_to_db
 
 if TYPE_CHECKING:
     from .bot_state import BotState
-    from .context import BridgeContext
-    from .portal_to_matrix import PortalToMatrix
+    from .context import BridgeContext, PortalFace
 
 log = logging.getLogger("kalandra.bridge.backfill")
 
@@ -218,7 +217,7 @@ class HistoryBuffer:
             self._task = None
 
 
-async def backfill(portal: PortalToMatrix) -> None:
+async def backfill(portal: PortalFace) -> None:
     """Send the portal's kept history (see the module doc); returns once none is left."""
     history = portal.bridge.bot.history
     if not isinstance(history, HistoryBuffer):
@@ -244,11 +243,11 @@ async def backfill(portal: PortalToMatrix) -> None:
     log.info("portal %s: backfill done (%d messages)", portal.hex, sent)
 
 
-async def _send(portal: PortalToMatrix, message: ev.Message) -> EventID | None:
+async def _send(portal: PortalFace, message: ev.Message) -> EventID | None:
     delay = 0.5
     while True:
         try:
-            return await portal._to_matrix(message, timestamp=message.timestamp_ms)
+            return await portal.to_matrix(message, timestamp=message.timestamp_ms)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -262,7 +261,7 @@ async def _send(portal: PortalToMatrix, message: ev.Message) -> EventID | None:
             delay = min(delay * 2, _RETRY_MAX)
 
 
-async def _progress(portal: PortalToMatrix, text: str) -> None:
+async def _progress(portal: PortalFace, text: str) -> None:
     mxid = portal.row.mxid
     assert mxid is not None
     content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text)

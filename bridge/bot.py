@@ -43,13 +43,12 @@ from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
 from .bot_state import BotState
 from .bridged_user import BridgedUser
 from .db import ClientStateTable, SealedIdentity
-from .portal import Portal
 from .routed import Item, RosterCheck
 
 if TYPE_CHECKING:
     from kalandra_core.server.app import RunningServer
 
-    from .context import BridgeContext
+    from .context import BridgeContext, PortalFace
 
 log = logging.getLogger("kalandra.bridge.bot")
 
@@ -112,7 +111,7 @@ class _EventRouter(asyncio.Queue[ev.Event]):
         self._bot = bot
 
     def put_nowait(self, item: ev.Event) -> None:
-        if isinstance(item, _ROUTED) and item.room_id in Portal.by_room:
+        if isinstance(item, _ROUTED) and self._bot.bridge.portals.get(item.room_id) is not None:
             self._bot.route(item)
         elif isinstance(item, (ev.Moderated, ev.Left)) and self._bot.history is not None:
             self._bot.route(item)  # a redaction or a leave changes the kept history
@@ -199,7 +198,7 @@ class KalandraBot:
         await BridgedUser.load_member_ids(self.bridge)
         await access.load(self.bridge)
         core.commit_for = BridgedUser.member_ids  # the puppet leaves never commit themselves
-        for portal in await Portal.load_all(self.bridge):
+        for portal in await self.bridge.portals.load_all():
             portal.start()
         limits = self.server.hub.config.limits
         client = Client(
@@ -231,14 +230,14 @@ class KalandraBot:
             await client.settle()
         except TimeoutError:
             log.info("rooms still syncing; checking the portals against the state so far")
-        for portal in list(Portal.by_room.values()):
+        for portal in self.bridge.portals.all():
             self.check_roster(portal)
         await self._key_packages()
         # Users demoted while the bridge was down lose their memberships (on the caught-up
         # group: a commit on an older epoch would be refused).
         await permissions.remove_unpermitted(self.bridge)
 
-    def check_roster(self, portal: Portal) -> None:
+    def check_roster(self, portal: PortalFace) -> None:
         """Queue a check of the portal's ghosts and epoch state against the group as it is
         now (behind everything routed so far, so the queue is consistent with it)."""
         room = self.core.rooms.get(portal.room_id)
@@ -259,7 +258,7 @@ class KalandraBot:
 
     def route(self, item: Item) -> None:
         self.state.message_routed(item.room_id)
-        portal = Portal.by_room.get(item.room_id)
+        portal = self.bridge.portals.get(item.room_id)
         invited = invited_mxid(item.content) if isinstance(item, ev.Message) else None
         if portal is None and invited is not None:
             # A native member lets a Matrix user in (access.py), in a room without a portal:
@@ -280,7 +279,7 @@ class KalandraBot:
     async def _enforce_access_rules(self) -> None:
         """Portals made before the access policy get its join rule and history visibility."""
         await self.bridge.matrix_ready.wait()
-        for portal in list(Portal.by_room.values()):
+        for portal in self.bridge.portals.all():
             if portal.mxid is not None:
                 await access.enforce_room_rules(self.bridge, portal.mxid)
 
@@ -310,7 +309,7 @@ class KalandraBot:
             self._events.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for portal in Portal.by_room.values():
+        for portal in self.bridge.portals.all():
             await portal.stop()
         await BridgedUser.close_all()
         if self.history is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mautrix.api import Method, Path
@@ -31,8 +31,7 @@ from mautrix.types import Event, EventID, EventType, RoomID, UserID
 from .db import DedupeTable, MessageTable
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
-    from .portal import Portal
+    from .context import BridgeContext, PortalFace
 
 log = logging.getLogger("kalandra.bridge.catch_up")
 
@@ -93,7 +92,7 @@ def _wanted(bridge: BridgeContext, raw: dict[str, Any], prefix: str) -> bool:
 
 
 async def missed(
-    bridge: BridgeContext, portal: Portal, known: Callable[[EventID], bool]
+    bridge: BridgeContext, portal: PortalFace, known: Callable[[EventID], bool]
 ) -> list[dict[str, Any]]:
     """The portal's events from Matrix users the bridge has not handled, oldest first."""
     room = portal.row.mxid
@@ -128,7 +127,7 @@ async def missed(
 
 async def catch_up(
     bridge: BridgeContext,
-    portals: list[Portal],
+    portals: Sequence[PortalFace],
     known: Callable[[EventID], bool],
     handle: Callable[[Event], Awaitable[None]],
 ) -> None:

@@ -9,22 +9,27 @@ it uses. Everything here is a type; importing this module costs nothing at run t
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from mautrix.appservice import AppService
+    from mautrix.appservice import AppService, IntentAPI
     from mautrix.bridge.e2ee import EncryptionManager
-    from mautrix.types import Event, UserID
+    from mautrix.types import Event, EventID, RoomAlias, RoomID, UserID
     from mautrix.util.async_db import Database
 
     from kalandra_core.client import events as ev
     from kalandra_core.client.core import ClientCore
     from kalandra_core.client.driver import Client
+    from kalandra_core.client.events import Message
+    from kalandra_core.client.profile import Profile
     from kalandra_core.server.app import RunningServer
 
     from .bot_state import BotState
     from .config import Config
+    from .db import PortalRow
     from .ghost_devices import GhostDevices
+    from .portal_work import EventSlot, FromMatrix
     from .routed import Item
 
 
@@ -64,6 +69,122 @@ class MatrixSide(Protocol):
     async def int_handle_event(self, evt: Event, was_encrypted: bool = False) -> None: ...
 
 
+class Ghost(Protocol):
+    """A native member's Matrix user (a ghost of the appservice)."""
+
+    @property
+    def mxid(self) -> UserID: ...
+
+    @property
+    def intent(self) -> IntentAPI: ...
+
+
+class LateReports(Protocol):
+    """A portal's status reports, as far as a late room key corrects them (e2ee.py)."""
+
+    @property
+    def late(self) -> set[EventID]: ...  # reported failed, being bridged late
+
+
+class PortalFace(Protocol):
+    """A portal (a Kalandra room and its Matrix room) as everything outside it sees it: the
+    portal's features (relations, media, metadata, ...) and the Matrix and Kalandra sides work
+    through these members only, never through the portal's own internals."""
+
+    @property
+    def bridge(self) -> BridgeContext: ...
+
+    @property
+    def row(self) -> PortalRow: ...  # the portal's database row, kept current
+
+    @property
+    def room_id(self) -> bytes: ...  # the Kalandra room
+
+    @property
+    def hex(self) -> str: ...
+
+    @property
+    def mxid(self) -> RoomID | None: ...  # the Matrix room, once made
+
+    @property
+    def room_mxid(self) -> RoomID: ...  # the Matrix room, where it must exist
+
+    @property
+    def alias(self) -> RoomAlias: ...
+
+    @property
+    def mx_status(self) -> LateReports: ...
+
+    # --- the queue toward Matrix ---------------------------------------------------------------
+
+    def enqueue(self, item: Item) -> None: ...
+
+    async def to_matrix(self, message: Message, timestamp: int | None = None) -> EventID | None:
+        """Send ``message`` from its sender's ghost (None: not for Matrix)."""
+
+    async def records_flushed(self) -> None:
+        """Return once every message sent to Matrix so far is recorded."""
+
+    async def advance(self, log_index: int, event_id: EventID | None) -> None:
+        """Record the log as bridged up to ``log_index`` (``event_id``: what it became)."""
+
+    def is_native(self, member_id: int) -> bool: ...  # a member with a ghost
+
+    async def ghost(self, member_id: int) -> Ghost: ...  # registered and in the room
+
+    async def ghost_intent(self, member_id: int) -> IntentAPI: ...
+
+    # --- the queue toward Kalandra -------------------------------------------------------------
+
+    def reserve(self, event_id: EventID) -> EventSlot: ...
+
+    def submit(self, work: FromMatrix) -> asyncio.Future[None]: ...
+
+    async def profile(self, sender: UserID) -> Profile: ...
+
+    # --- the Matrix room and the portal's life -----------------------------------------------
+
+    async def ensure_matrix_room(self, invite: list[UserID]) -> RoomID: ...
+
+    async def let_in(self, user: UserID, *, with_history: bool) -> None: ...
+
+    async def set_relay(self, enabled: bool, mxid: UserID | None) -> None: ...
+
+    async def unbridge(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def queue_depths(self) -> tuple[int, int]: ...  # waiting toward Matrix, toward Kalandra
+
+
+class PortalDirectory(Protocol):
+    """The bridge's portals (one directory per bridge process)."""
+
+    def get(self, room_id: bytes) -> PortalFace | None: ...
+
+    def by_mxid(self, mxid: RoomID) -> PortalFace | None: ...
+
+    def all(self) -> Sequence[PortalFace]: ...
+
+    def forget(self, portal: PortalFace) -> None: ...
+
+    async def load_all(self) -> Sequence[PortalFace]: ...
+
+    async def get_or_create(
+        self, room_id: bytes, *, name: str, topic: str, last_log_index: int
+    ) -> PortalFace: ...
+
+    async def open(self, room_id: bytes) -> PortalFace:
+        """The portal of a room the bot is in, made if needed."""
+
+    async def bridge_existing(
+        self, room_id: bytes, mxid: RoomID, *, name: str, topic: str, last_log_index: int
+    ) -> PortalFace:
+        """Make an existing Matrix room the portal of a room the bot is in."""
+
+
 class BridgeContext(Protocol):
     """The bridge as its components see it."""
 
@@ -93,5 +214,8 @@ class BridgeContext(Protocol):
 
     @property
     def matrix_ready(self) -> asyncio.Event: ...
+
+    @property
+    def portals(self) -> PortalDirectory: ...
 
     def is_bridge_ghost(self, user_id: UserID) -> bool: ...

@@ -79,13 +79,12 @@ from kalandra_core.storage.reachable import through_outage
 
 from . import ghost_devices, metrics
 from .ghost_devices import GhostDevices
+from .portal_work import CURRENT_SLOT, FromMatrix
 
 if TYPE_CHECKING:
     from mautrix.bridge.e2ee import EncryptionManager
 
-    from .context import BridgeContext
-    from .portal import Portal
-    from .portal_to_kalandra import FromMatrix
+    from .context import BridgeContext, PortalFace
 
 log = logging.getLogger("kalandra.bridge.e2ee")
 
@@ -305,7 +304,7 @@ async def room_is_encrypted(bridge: BridgeContext, room_id: RoomID) -> bool:
     return bool(encrypted)
 
 
-async def set_portal_encrypted(portal: Portal, encrypted: bool) -> None:
+async def set_portal_encrypted(portal: PortalFace, encrypted: bool) -> None:
     if portal.row.encrypted == encrypted:
         return
     portal.row.encrypted = encrypted
@@ -365,7 +364,9 @@ async def discard_outbound_session(bridge: BridgeContext, room_id: RoomID) -> bo
 # --- decryption in portals -------------------------------------------------------------------
 
 
-async def decrypt_for_portal(bridge: BridgeContext, portal: Portal, evt: EncryptedEvent) -> None:
+async def decrypt_for_portal(
+    bridge: BridgeContext, portal: PortalFace, evt: EncryptedEvent
+) -> None:
     """Decrypt ``evt`` and hand it on (mautrix's handler), or fail it in the portal's queue;
     see the module doc. Returns once the event's place in the queue is filled."""
     e2ee = manager(bridge)
@@ -395,7 +396,7 @@ async def decrypt_for_portal(bridge: BridgeContext, portal: Portal, evt: Encrypt
     await _hand_on(bridge, portal, decrypted)
 
 
-async def _hand_on(bridge: BridgeContext, portal: Portal, decrypted: MessageEvent) -> None:
+async def _hand_on(bridge: BridgeContext, portal: PortalFace, decrypted: MessageEvent) -> None:
     e2ee = manager(bridge)
     assert e2ee is not None
     trust: TrustState = decrypted["mautrix"]["trust_state"]
@@ -409,10 +410,10 @@ async def _hand_on(bridge: BridgeContext, portal: Portal, decrypted: MessageEven
     await bridge.matrix.int_handle_event(cast("Event", decrypted), was_encrypted=True)
 
 
-def _fail(portal: Portal, evt: MessageEvent | EncryptedEvent, text: str) -> asyncio.Future[None]:
+def _fail(
+    portal: PortalFace, evt: MessageEvent | EncryptedEvent, text: str
+) -> asyncio.Future[None]:
     """The event fails in its place in the queue: status event, notice, recorded as failed."""
-    from .portal_to_kalandra import FromMatrix  # (the portal modules import this one)
-
     return portal.submit(FromMatrix("undecryptable", evt.sender, evt.event_id, reason=text))
 
 
@@ -456,7 +457,7 @@ async def _request_key(bridge: BridgeContext, evt: EncryptedEvent) -> None:
     if await e2ee.crypto.crypto_store.has_group_session(evt.room_id, content.session_id):
         await _bridge_late(bridge, evt.room_id)
     else:
-        _drop_late(evt.room_id, content.session_id)
+        _drop_late(bridge, evt.room_id, content.session_id)
 
 
 async def _wait_for_session(
@@ -473,12 +474,12 @@ async def _wait_for_session(
     return False
 
 
-def _drop_late(room_id: RoomID, session_id: SessionID) -> None:
+def _drop_late(bridge: BridgeContext, room_id: RoomID, session_id: SessionID) -> None:
     """The key wait for ``session_id`` is over: its relations held fail (see _release)."""
     late = _late.get(room_id, {})
     for event_id in [e for e, (evt, _) in late.items() if evt.content.session_id == session_id]:
         del late[event_id]
-        _release(room_id, event_id)
+        _release(bridge, room_id, event_id)
 
 
 # Per target event (failed for a missing room key), the relations to it held until it is
@@ -491,15 +492,15 @@ _released: dict[EventID, None] = {}
 _RELEASED_KEPT = 1000
 
 
-def hold(room_id: RoomID, target: EventID, work: FromMatrix) -> bool:
-    """Hold ``work`` (a relation to ``target``) if ``target`` waits for its room key; False if
-    it does not. Synchronous: a target cannot be released between the check and the hold. A
-    target released while ``work`` was looking it up is in the queue already: ``work`` goes
-    again after it (once)."""
+def hold(portal: PortalFace, target: EventID, work: FromMatrix) -> bool:
+    """Hold ``work`` (a relation to ``target`` in ``portal``) if ``target`` waits for its room
+    key; False if it does not. Synchronous: a target cannot be released between the check and
+    the hold. A target released while ``work`` was looking it up is in the queue already:
+    ``work`` goes again after it (once)."""
     if target in _released and not work.held:
-        _requeue(room_id, [work])
+        _requeue(portal, [work])
         return True
-    if target not in _late.get(room_id, {}):
+    if target not in _late.get(portal.room_mxid, {}):
         return False
     held = _held.setdefault(target, [])
     if all(w.event_id != work.event_id for w in held):  # (a transaction replayed)
@@ -507,23 +508,21 @@ def hold(room_id: RoomID, target: EventID, work: FromMatrix) -> bool:
     return True
 
 
-def _release(room_id: RoomID, target: EventID) -> None:
+def _release(bridge: BridgeContext, room_id: RoomID, target: EventID) -> None:
     """Hand the relations held for ``target`` to its portal's queue again, at its end: after
     the target when it was just handed on, else (its key never came) they fail there."""
     _released[target] = None
     while len(_released) > _RELEASED_KEPT:
         del _released[next(iter(_released))]
-    _requeue(room_id, _held.pop(target, []))
+    portal = bridge.portals.by_mxid(room_id)
+    works = _held.pop(target, [])
+    if portal is not None:
+        _requeue(portal, works)
 
 
-def _requeue(room_id: RoomID, works: list[FromMatrix]) -> None:
+def _requeue(portal: PortalFace, works: list[FromMatrix]) -> None:
     import dataclasses
 
-    from .portal import Portal
-
-    portal = Portal.by_mxid(room_id)
-    if portal is None:
-        return
     for work in works:
         portal.submit(dataclasses.replace(work, held=True))
 
@@ -531,8 +530,6 @@ def _requeue(room_id: RoomID, works: list[FromMatrix]) -> None:
 async def _bridge_late(bridge: BridgeContext, room_id: RoomID) -> None:
     """Bridge, in queue order, the portal's failed events whose room keys are now here: each
     at the end of the portal's queue, once."""
-    from .portal_to_kalandra import CURRENT_SLOT
-
     CURRENT_SLOT.set(None)  # their own places in the queue were filled by the failures
     e2ee = manager(bridge)
     assert e2ee is not None
@@ -547,13 +544,12 @@ async def _bridge_late(bridge: BridgeContext, room_id: RoomID) -> None:
             finally:
                 # Waited for until handed on, so that a relation to it is held meanwhile.
                 late.pop(event_id, None)
-                _release(room_id, event_id)  # its relations held: after it, or they fail
+                _release(bridge, room_id, event_id)  # its relations held: after it, or fail
 
 
 async def _bridge_one_late(
     bridge: BridgeContext, evt: EncryptedEvent, failed: asyncio.Future[None]
 ) -> None:
-    from .portal import Portal
 
     e2ee = manager(bridge)
     assert e2ee is not None
@@ -566,7 +562,7 @@ async def _bridge_one_late(
     except DecryptionError as exc:
         log.warning("event %s not decrypted late (%s)", event_id, type(exc).__name__)
         return
-    portal = Portal.by_mxid(evt.room_id)
+    portal = bridge.portals.by_mxid(evt.room_id)
     if portal is None:
         return  # unbridged meanwhile
     # The failure record would make the portal skip the event: this is its one late try.
@@ -583,7 +579,6 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
     """At start-up: the events of encrypted portals that failed for a missing room key
     (recorded so, within ``KEPT_WAITS``) are waited for again, oldest first (see the module)."""
     from .db.util import now_ms
-    from .portal import Portal
 
     e2ee = manager(bridge)
     if e2ee is None:
@@ -599,7 +594,7 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
         return
     rooms = [
         portal.row.mxid
-        for portal in list(Portal.by_room.values())
+        for portal in bridge.portals.all()
         if portal.row.mxid is not None and await room_is_encrypted(bridge, portal.row.mxid)
     ]
     resumed = 0

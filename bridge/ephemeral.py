@@ -38,9 +38,7 @@ from .db import BridgedUserTable, MessageTable
 from .relations import matrix_event, send_logged
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
-    from .portal import Portal
-    from .portal_to_matrix import PortalToMatrix
+    from .context import BridgeContext, PortalFace
 
 log = logging.getLogger("kalandra.bridge.ephemeral")
 
@@ -56,26 +54,26 @@ def _from_matrix(bridge: BridgeContext, member_id: int) -> bool:
     return member_id == bridge.bot.member_id or member_id in BridgedUser.member_ids
 
 
-async def receipt_to_matrix(portal: PortalToMatrix, item: ev.Receipted) -> None:
+async def receipt_to_matrix(portal: PortalFace, item: ev.Receipted) -> None:
     bridge = portal.bridge
     if item.kind == _READ and not _from_matrix(bridge, item.sender_id):
         target = await matrix_event(portal, item.target)
         if target is not None:
-            intent = await portal._ghost_intent(item.sender_id)
+            intent = await portal.ghost_intent(item.sender_id)
             try:
-                await ClientAPI.send_receipt(intent, portal._room_mxid, target)
+                await ClientAPI.send_receipt(intent, portal.room_mxid, target)
             except MForbidden:
                 # The event is from before the ghost's Matrix join, which history visibility
                 # `invited` hides from it (access.py): no receipt, and the queue goes on.
                 log.info("portal %s: a receipt on an event its ghost cannot see", portal.hex)
-    await portal._advance(item.log_index, None)
+    await portal.advance(item.log_index, None)
 
 
-async def typing_to_matrix(portal: PortalToMatrix, item: ev.Typing) -> None:
+async def typing_to_matrix(portal: PortalFace, item: ev.Typing) -> None:
     if _from_matrix(portal.bridge, item.sender_id):
         return
-    intent = await portal._ghost_intent(item.sender_id)
-    await ClientAPI.set_typing(intent, portal._room_mxid, item.timeout_ms if item.typing else 0)
+    intent = await portal.ghost_intent(item.sender_id)
+    await ClientAPI.set_typing(intent, portal.room_mxid, item.timeout_ms if item.typing else 0)
 
 
 # --- Matrix -> Kalandra ---------------------------------------------------------------------
@@ -92,7 +90,7 @@ class MatrixEphemeral:
         self._locks: dict[tuple[bytes, UserID], asyncio.Lock] = {}
         self._strangers: set[UserID] = set()  # Matrix users with no Kalandra member
 
-    async def _member(self, portal: Portal, mxid: UserID) -> BridgedUser | None:
+    async def _member(self, portal: PortalFace, mxid: UserID) -> BridgedUser | None:
         """The user's puppet leaf if it is in the portal's group now."""
         if mxid == self.bridge.az.bot_mxid or self.bridge.is_bridge_ghost(mxid):
             return None
@@ -116,7 +114,7 @@ class MatrixEphemeral:
             user = await BridgedUser.get(self.bridge, mxid, row.permission)
         return user if user.member_id in room.roster() else None
 
-    async def read(self, portal: Portal, mxid: UserID, event_id: EventID) -> None:
+    async def read(self, portal: PortalFace, mxid: UserID, event_id: EventID) -> None:
         user = await self._member(portal, mxid)
         if user is None or portal.mxid is None:
             return
@@ -143,7 +141,7 @@ class MatrixEphemeral:
                 return
             self._read[key] = target
 
-    async def typing(self, portal: Portal, typing: list[UserID]) -> None:
+    async def typing(self, portal: PortalFace, typing: list[UserID]) -> None:
         assert portal.mxid is not None
         now = set(typing)
         before = self._typing.get(portal.mxid, set())
@@ -154,7 +152,7 @@ class MatrixEphemeral:
             if user is not None:
                 await self._send_typing(user, portal, state)
 
-    async def _send_typing(self, user: BridgedUser, portal: Portal, typing: bool) -> None:
+    async def _send_typing(self, user: BridgedUser, portal: PortalFace, typing: bool) -> None:
         room = self.bridge.bot.core.rooms.get(portal.room_id)
         if room is None:
             return
@@ -195,7 +193,7 @@ async def delivered_to_kalandra(bridge: BridgeContext, room: RoomID, event_id: E
 class KalandraDelivery:
     """Delivered receipts from the bot's member for native messages now in Matrix."""
 
-    def __init__(self, portal: PortalToMatrix) -> None:
+    def __init__(self, portal: PortalFace) -> None:
         self.portal = portal
         self.newest = -1
         self.sent = -1

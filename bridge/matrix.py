@@ -30,8 +30,8 @@ from . import e2ee, room_metadata
 from .commands import REFUSAL, KalandraCommandProcessor
 from .db import DedupeTable
 from .ephemeral import MatrixEphemeral
-from .portal import Portal
-from .portal_to_kalandra import UNENCRYPTED, FromMatrix, release_slot
+from .portal_to_kalandra import UNENCRYPTED
+from .portal_work import FromMatrix, release_slot
 from .user import User
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class MatrixHandler(BaseMatrixHandler):
         like a message (handle_message); mautrix's reaction path does not know how it came."""
         if not self.require_portal_e2ee or evt.type != EventType.REACTION:
             return False
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         sender = evt.sender
         if portal is None or sender == self.az.bot_mxid or self.context.is_bridge_ghost(sender):
             return False
@@ -127,7 +127,7 @@ class MatrixHandler(BaseMatrixHandler):
     async def handle_message(self, evt: MessageEvent, was_encrypted: bool = False) -> None:
         """Portal messages go to the portal's queue toward Kalandra; the rest (commands,
         management rooms) is mautrix's."""
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         sender = evt.sender
         if not isinstance(evt.content.get("body"), str):
             # Redacted before Synapse sent it (a replayed transaction): nothing left to bridge.
@@ -153,7 +153,7 @@ class MatrixHandler(BaseMatrixHandler):
 
     async def handle_join(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
         """Every join is looked at (access.py): let in, or kicked."""
-        portal = Portal.by_mxid(room_id)
+        portal = self.context.portals.by_mxid(room_id)
         if portal is None or user_id == self.az.bot_mxid or self.context.is_bridge_ghost(user_id):
             return
         user = User.get_by_mxid(user_id)
@@ -164,7 +164,7 @@ class MatrixHandler(BaseMatrixHandler):
     ) -> None:
         """An invitation in a portal by someone other than the bot may be a grant
         (access.py), in the queue before the invitee's join."""
-        portal = Portal.by_mxid(room_id)
+        portal = self.context.portals.by_mxid(room_id)
         inviter = invited_by.mxid
         if portal is None or inviter == self.az.bot_mxid or self.context.is_bridge_ghost(inviter):
             return
@@ -212,7 +212,7 @@ class MatrixHandler(BaseMatrixHandler):
     async def handle_unban(
         self, room_id: RoomID, user_id: UserID, unbanned_by: UserID, reason: str, event_id: EventID
     ) -> None:
-        portal = Portal.by_mxid(room_id)
+        portal = self.context.portals.by_mxid(room_id)
         member = self.member_of_ghost(user_id)
         if portal is not None and member is not None:
             portal.submit(FromMatrix("unban", unbanned_by, event_id, member_id=member))
@@ -229,7 +229,7 @@ class MatrixHandler(BaseMatrixHandler):
         """A kick or ban by someone with the power to do it in the Matrix room (Synapse
         checked): of a ghost, the native member is kicked or banned in Kalandra; of a bridged
         user, the bridge removes its member."""
-        portal = Portal.by_mxid(room_id)
+        portal = self.context.portals.by_mxid(room_id)
         member = self.member_of_ghost(target)
         if portal is None:
             return
@@ -241,7 +241,7 @@ class MatrixHandler(BaseMatrixHandler):
     def _removed(
         self, room_id: RoomID, target: UserID, sender: UserID, event_id: EventID, reason: str
     ) -> None:
-        portal = Portal.by_mxid(room_id)
+        portal = self.context.portals.by_mxid(room_id)
         if portal is None or target == self.az.bot_mxid or self.context.is_bridge_ghost(target):
             return
         portal.submit(FromMatrix("leave", sender, event_id, target=target, reason=reason))
@@ -249,7 +249,7 @@ class MatrixHandler(BaseMatrixHandler):
     async def handle_encrypted(self, evt: EncryptedEvent) -> None:
         """In portals, decryption fills the event's place in the queue (e2ee.py); elsewhere
         (the bot's management rooms), mautrix's handling."""
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         if portal is None:
             release_slot()
             if self.e2ee is None:
@@ -276,14 +276,14 @@ class MatrixHandler(BaseMatrixHandler):
     async def handle_encryption(self, evt: StateEvent) -> None:
         content = cast(RoomEncryptionStateEventContent, evt.content)
         await self.az.state_store.set_encryption_info(evt.room_id, content)
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         if portal is not None:
             await e2ee.set_portal_encrypted(portal, True)
 
     async def handle_state_event(self, evt: StateEvent) -> None:
         """A name or topic change in a portal (room_metadata.py); the bridge's own are not
         sent back."""
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         meta = room_metadata.meta_of_state(evt)
         if portal is None or meta is None:
             return
@@ -298,7 +298,7 @@ class MatrixHandler(BaseMatrixHandler):
             return
         if evt.type != EventType.ROOM_REDACTION or not isinstance(evt, RedactionEvent):
             return
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         if portal is None or evt.redacts is None:
             return
         reason = evt.content.reason or ""
@@ -307,7 +307,7 @@ class MatrixHandler(BaseMatrixHandler):
         )
 
     def _reaction(self, evt: ReactionEvent) -> None:
-        portal = Portal.by_mxid(evt.room_id)
+        portal = self.context.portals.by_mxid(evt.room_id)
         relates = evt.content.relates_to
         if portal is None or not relates.event_id or not relates.key:
             return
@@ -327,7 +327,11 @@ class MatrixHandler(BaseMatrixHandler):
         self, evt: ReceiptEvent | PresenceEvent | TypingEvent
     ) -> None:
         """Read receipts and typing of bridged users in portals (ephemeral.py)."""
-        portal = Portal.by_mxid(evt.room_id) if not isinstance(evt, PresenceEvent) else None
+        portal = (
+            self.context.portals.by_mxid(evt.room_id)
+            if not isinstance(evt, PresenceEvent)
+            else None
+        )
         if portal is None:
             return
         if isinstance(evt, TypingEvent):

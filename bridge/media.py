@@ -57,9 +57,7 @@ from . import e2ee, media_info
 from .message_status import Refused
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
-    from .portal_to_kalandra import PortalToKalandra
-    from .portal_to_matrix import PortalToMatrix
+    from .context import BridgeContext, PortalFace
 
 log = logging.getLogger("kalandra.bridge.media")
 
@@ -177,7 +175,7 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-async def to_kalandra(portal: PortalToKalandra, content: MediaMessageEventContent) -> Content:
+async def to_kalandra(portal: PortalFace, content: MediaMessageEventContent) -> Content:
     """The Matrix message's file stored as blocks in the portal's room: the Kalandra content
     that shares it (reply, edit and mentions: relations.py)."""
     bridge = portal.bridge
@@ -281,7 +279,7 @@ def _unavailable(content: Content, why: str) -> TextMessageEventContent:
 
 
 async def to_matrix(
-    portal: PortalToMatrix, intent: IntentAPI, content: Content
+    portal: PortalFace, intent: IntentAPI, content: Content
 ) -> tuple[EventType, TextMessageEventContent]:
     """The message's file uploaded by the ghost (``intent``): the event type and content that
     share it (m.room.message, or m.sticker), or a notice when the file cannot be bridged."""
@@ -347,7 +345,7 @@ async def to_matrix(
 
 
 async def _add_thumbnail(
-    portal: PortalToMatrix, intent: IntentAPI, image: bytes, info: Any, encrypt: bool
+    portal: PortalFace, intent: IntentAPI, image: bytes, info: Any, encrypt: bool
 ) -> None:
     """A thumbnail of ``image`` uploaded by the ghost into ``info`` (an encrypted attachment
     in an encrypted portal); nothing when there is none to make or it cannot be uploaded."""

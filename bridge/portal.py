@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mautrix.errors import MNotFound
 from mautrix.types import EventType, RoomID, UserID
@@ -23,7 +23,7 @@ from .portal_to_matrix import PortalToMatrix, matrix_content
 from .routed import MatrixInvite
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
+    from .context import BridgeContext, PortalDirectory, PortalFace
 
 log = logging.getLogger("kalandra.bridge.portal")
 T = TypeVar("T")
@@ -33,34 +33,45 @@ BRIDGE_STATE_TYPES = (
     EventType.find("uk.half-shot.bridge", EventType.Class.STATE),
 )
 
-__all__ = ["Portal", "kalandra_content", "matrix_content"]
+__all__ = ["Portal", "Portals", "kalandra_content", "matrix_content"]
 
 
-class Portal(PortalToMatrix, PortalToKalandra):
-    by_room: ClassVar[dict[bytes, Portal]] = {}
+class Portals:
+    """The bridge's portals, by Kalandra room: one directory per bridge process (app.py)."""
 
-    def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
-        super().__init__(bridge, row)
-        self._create_lock = asyncio.Lock()
+    def __init__(self, bridge: BridgeContext) -> None:
+        self.bridge = bridge
+        self._by_room: dict[bytes, Portal] = {}
 
-    # --- loading and creating --------------------------------------------------------------------
+    def get(self, room_id: bytes) -> Portal | None:
+        return self._by_room.get(room_id)
 
-    @classmethod
-    async def load_all(cls, bridge: BridgeContext) -> list[Portal]:
-        for row in await PortalTable(bridge.db).all():
-            if row.room_id not in cls.by_room:
-                cls.by_room[row.room_id] = cls(bridge, row)
-        return list(cls.by_room.values())
+    def by_mxid(self, mxid: RoomID) -> Portal | None:
+        return next((p for p in self._by_room.values() if p.mxid == mxid), None)
 
-    @classmethod
+    def all(self) -> list[Portal]:
+        return list(self._by_room.values())
+
+    def forget(self, portal: PortalFace) -> None:
+        """``portal`` is no longer bridged (unbridge)."""
+        if self._by_room.get(portal.room_id) is portal:
+            del self._by_room[portal.room_id]
+
+    async def load_all(self) -> list[Portal]:
+        for row in await PortalTable(self.bridge.db).all():
+            if row.room_id not in self._by_room:
+                self._by_room[row.room_id] = Portal(self.bridge, row)
+        return self.all()
+
     async def get_or_create(
-        cls, bridge: BridgeContext, room_id: bytes, *, name: str, topic: str, last_log_index: int
+        self, room_id: bytes, *, name: str, topic: str, last_log_index: int
     ) -> Portal:
         """The portal of a room the bot is in; a new one starts bridging after
         ``last_log_index`` (what the bot has applied already is history, not new messages)."""
-        portal = cls.by_room.get(room_id)
+        portal = self._by_room.get(room_id)
         if portal is not None:
             return portal
+        bridge = self.bridge
         name, topic = room_metadata.current(bridge, room_id, name, topic)
         row = PortalRow(
             room_id=room_id,
@@ -74,21 +85,76 @@ class Portal(PortalToMatrix, PortalToKalandra):
         await table.insert(row)
         stored = await table.get(room_id)
         assert stored is not None
-        portal = cls.by_room.setdefault(room_id, cls(bridge, stored))
+        portal = self._by_room.setdefault(room_id, Portal(bridge, stored))
         portal.start()
         return portal
 
-    @classmethod
-    async def open(cls, bridge: BridgeContext, room_id: bytes) -> Portal:
+    async def open(self, room_id: bytes) -> Portal:
         """The portal of a room the bot is in, made if needed (from the room's current name
         and topic; what the bot applied already is history)."""
+        bridge = self.bridge
         room = bridge.bot.core.rooms[room_id]
         assert bridge.kalandra is not None
         state = await bridge.kalandra.store.load_room(room_id)
         name, topic = ("", "") if state is None else (state.room.name, state.room.topic)
-        return await cls.get_or_create(
-            bridge, room_id, name=name, topic=topic, last_log_index=room.last_seen
+        return await self.get_or_create(
+            room_id, name=name, topic=topic, last_log_index=room.last_seen
         )
+
+    async def bridge_existing(
+        self,
+        room_id: bytes,
+        mxid: RoomID,
+        *,
+        name: str,
+        topic: str,
+        last_log_index: int,
+    ) -> Portal:
+        """Make an existing Matrix room the portal of a room the bot is in (neither bridged
+        yet, checked by the caller): the bridge state first (it fails without the power to
+        send state, and then nothing is stored), then the row."""
+        bridge = self.bridge
+        row = PortalRow(
+            room_id=room_id,
+            mxid=mxid,
+            encrypted=await e2ee.room_is_encrypted(bridge, mxid),
+            name=name,
+            topic=topic,
+            last_log_index=last_log_index,
+        )
+        portal = Portal(bridge, row)
+        intent = bridge.az.intent
+        for event_type in BRIDGE_STATE_TYPES:
+            await intent.send_state_event(
+                mxid, event_type, portal.bridge_info(), state_key=portal.bridge_state_key
+            )
+        table = PortalTable(bridge.db)
+        await table.delete(room_id)  # a row left without a Matrix room (create half-way)
+        await table.insert(row)
+        stored = await table.get(room_id)
+        assert stored is not None
+        portal.row = stored
+        self._by_room[room_id] = portal
+        portal.start()
+        try:  # the alias names the portal's room; the appservice owns its namespace
+            await intent.add_room_alias(mxid, portal.alias_localpart, override=True)
+        except Exception as exc:
+            log.warning("portal %s: alias not set (%s)", portal.hex, type(exc).__name__)
+        await access.enforce_room_rules(bridge, mxid)
+        # The admin let this room's present members in (a grant each; joins from now on
+        # are checked like any portal's).
+        members = await _quietly(portal, "member list", intent.get_joined_members(mxid))
+        for user in members or {}:
+            ours = user == intent.mxid or bridge.is_bridge_ghost(user)
+            if not ours and access.level_of(bridge, user) != "none":
+                await access.grant(bridge, room_id, user, "admin:bridge")
+        return portal
+
+
+class Portal(PortalToMatrix, PortalToKalandra):
+    def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
+        super().__init__(bridge, row)
+        self._create_lock = asyncio.Lock()
 
     async def let_in(self, user: UserID, *, with_history: bool) -> None:
         """Invite ``user`` into the portal (made if needed), who may enter (access.py).
@@ -101,11 +167,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
         await self.ensure_matrix_room(invite=[])
         self.bridge.bot.route(MatrixInvite(self.room_id, user))
 
-    @classmethod
-    def by_mxid(cls, mxid: RoomID) -> Portal | None:
-        return next((p for p in cls.by_room.values() if p.mxid == mxid), None)
-
-    def _bridge_info(self) -> dict[str, Any]:
+    def bridge_info(self) -> dict[str, Any]:
         bot = self.bridge.az.bot_mxid
         return {
             "bridgebot": bot,
@@ -164,7 +226,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
         return f"org.kalandra.bridge://kalandra/{self.hex}"
 
     async def _create(self, invite: list[UserID]) -> RoomID:
-        info = self._bridge_info()
+        info = self.bridge_info()
         initial_state = [
             {"type": t.t, "state_key": self.bridge_state_key, "content": info}
             for t in BRIDGE_STATE_TYPES
@@ -173,13 +235,13 @@ class Portal(PortalToMatrix, PortalToKalandra):
         encryption = e2ee.encryption_event(self.bridge) if self.row.encrypted else None
         if encryption is not None:
             initial_state.append({"type": "m.room.encryption", "content": encryption.serialize()})
-        avatar = await room_metadata.initial_avatar(self)  # (changed before the portal)
+        avatar = await room_metadata.initial_avatar(self.face)  # (changed before the portal)
         if avatar is not None:
             initial_state.append({"type": "m.room.avatar", "content": avatar})
         # No power level override: the creator (the bot) gets 100 in room versions up to 11,
         # and outranks every power level in 12+ (where listing it in "users" is refused).
         mxid = await self.bridge.az.intent.create_room(
-            alias_localpart=self._alias_localpart,
+            alias_localpart=self.alias_localpart,
             name=self.row.name or None,
             topic=self.row.topic or None,
             invitees=invite,
@@ -190,67 +252,16 @@ class Portal(PortalToMatrix, PortalToKalandra):
         return mxid
 
     @property
-    def _alias_localpart(self) -> str:
+    def alias_localpart(self) -> str:
         return self.alias[1:].split(":", 1)[0]
 
     # --- bridging an existing Matrix room, and unbridging ------------------------------------
-
-    @classmethod
-    async def bridge_existing(
-        cls,
-        bridge: BridgeContext,
-        room_id: bytes,
-        mxid: RoomID,
-        *,
-        name: str,
-        topic: str,
-        last_log_index: int,
-    ) -> Portal:
-        """Make an existing Matrix room the portal of a room the bot is in (neither bridged
-        yet, checked by the caller): the bridge state first (it fails without the power to
-        send state, and then nothing is stored), then the row."""
-        row = PortalRow(
-            room_id=room_id,
-            mxid=mxid,
-            encrypted=await e2ee.room_is_encrypted(bridge, mxid),
-            name=name,
-            topic=topic,
-            last_log_index=last_log_index,
-        )
-        portal = cls(bridge, row)
-        intent = bridge.az.intent
-        for event_type in BRIDGE_STATE_TYPES:
-            await intent.send_state_event(
-                mxid, event_type, portal._bridge_info(), state_key=portal.bridge_state_key
-            )
-        table = PortalTable(bridge.db)
-        await table.delete(room_id)  # a row left without a Matrix room (create half-way)
-        await table.insert(row)
-        stored = await table.get(room_id)
-        assert stored is not None
-        portal.row = stored
-        cls.by_room[room_id] = portal
-        portal.start()
-        try:  # the alias names the portal's room; the appservice owns its namespace
-            await intent.add_room_alias(mxid, portal._alias_localpart, override=True)
-        except Exception as exc:
-            log.warning("portal %s: alias not set (%s)", portal.hex, type(exc).__name__)
-        await access.enforce_room_rules(bridge, mxid)
-        # The admin let this room's present members in (a grant each; joins from now on
-        # are checked like any portal's).
-        members = await _quietly(portal, "member list", intent.get_joined_members(mxid))
-        for user in members or {}:
-            ours = user == intent.mxid or bridge.is_bridge_ghost(user)
-            if not ours and access.level_of(bridge, user) != "none":
-                await access.grant(bridge, room_id, user, "admin:bridge")
-        return portal
 
     async def unbridge(self) -> None:
         """Disconnect: nothing more crosses, the row and message map are forgotten (the room
         can be bridged again), the bridge state, alias, ghosts and bot leave the Matrix room.
         The Kalandra room stays, with the bot in it."""
-        if Portal.by_room.get(self.room_id) is self:
-            del Portal.by_room[self.room_id]
+        self.bridge.portals.forget(self)
         await self.stop()
         self.bridge.bot.state.room_released(self.room_id)
         await PortalTable(self.bridge.db).delete(self.room_id)
@@ -264,7 +275,7 @@ class Portal(PortalToMatrix, PortalToKalandra):
                 f"bridge state {event_type.t}",
                 intent.send_state_event(mxid, event_type, {}, state_key=self.bridge_state_key),
             )
-        await _quietly(self, "alias", intent.remove_room_alias(self._alias_localpart))
+        await _quietly(self, "alias", intent.remove_room_alias(self.alias_localpart))
         members = await _quietly(self, "member list", intent.get_joined_members(mxid))
         for user in members or {}:
             if self.bridge.is_bridge_ghost(user):
@@ -286,6 +297,9 @@ class Portal(PortalToMatrix, PortalToKalandra):
         self._stop_to_matrix()
         self._stop_to_kalandra()
 
+    def queue_depths(self) -> tuple[int, int]:
+        return self.queue.qsize(), self.outgoing.qsize()
+
 
 async def _quietly(portal: Portal, what: str, step: Awaitable[T]) -> T | None:
     """Best-effort Matrix cleanup: a failed step is logged, not raised."""
@@ -294,3 +308,12 @@ async def _quietly(portal: Portal, what: str, step: Awaitable[T]) -> T | None:
     except Exception as exc:
         log.warning("portal %s: %s failed (%s)", portal.hex, what, type(exc).__name__)
         return None
+
+
+if TYPE_CHECKING:
+
+    def _implements_the_face(portal: Portal) -> PortalFace:
+        return portal  # mypy: Portal has every member of PortalFace, with its types
+
+    def _implements_the_directory(portals: Portals) -> PortalDirectory:
+        return portals

@@ -22,9 +22,8 @@ from .bridged_user import BridgedUser
 from .message_status import Refused
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
-    from .portal_base import PortalBase
-    from .portal_to_kalandra import FromMatrix
+    from .context import BridgeContext, PortalFace
+    from .portal_work import FromMatrix
 
 log = logging.getLogger("kalandra.bridge.access")
 
@@ -69,7 +68,6 @@ async def invited_without_portal(bridge: BridgeContext, message: ev.Message, mxi
     done only after it, so a crash replays it), then the message goes where such messages go
     (kept history, or nowhere), then the portal is made and the user invited behind that
     history (the history sends the invitation again at its own place in the log)."""
-    from .portal import Portal  # (portal.py imports this module's users)
 
     delay = 0.5
     while True:
@@ -91,7 +89,7 @@ async def invited_without_portal(bridge: BridgeContext, message: ev.Message, mxi
     if room is None or not room.active:
         return
     try:
-        portal = await Portal.open(bridge, message.room_id)
+        portal = await bridge.portals.open(message.room_id)
         await portal.let_in(mxid, with_history=False)
     except Exception as exc:  # the grant stands: the user can `open` the portal
         log.warning("portal %s: not made (%s)", message.room_id.hex(), type(exc).__name__)
@@ -106,7 +104,7 @@ class _Standin:
         self.hex = room_id.hex()
 
 
-async def matrix_invite(portal: PortalBase, work: FromMatrix) -> None:
+async def matrix_invite(portal: PortalFace, work: FromMatrix) -> None:
     """(b): an invitation in the portal by a user with invite power who is in the room
     themselves is a grant; any other leaves the invitee's join to be refused."""
     bridge = portal.bridge
@@ -122,7 +120,7 @@ async def matrix_invite(portal: PortalBase, work: FromMatrix) -> None:
     await access.grant(bridge, portal.room_id, work.target, f"matrix:{inviter}")
 
 
-async def admit_join(portal: PortalBase, work: FromMatrix) -> bool:
+async def admit_join(portal: PortalFace, work: FromMatrix) -> bool:
     """A Matrix join: True when it may stand (then ``user``/``admin`` get their MLS leaf);
     else the joiner is kicked at once, before anything more of the room reaches them."""
     bridge = portal.bridge
@@ -147,7 +145,7 @@ async def admit_join(portal: PortalBase, work: FromMatrix) -> bool:
     return False
 
 
-async def check_sender(portal: PortalBase, work: FromMatrix) -> None:
+async def check_sender(portal: PortalFace, work: FromMatrix) -> None:
     """Only who is in the room sends into it (a joiner not let in may speak before the kick
     lands): refused otherwise, and nothing is sent."""
     if not await access.may_see(portal.bridge, portal.room_id, work.sender):

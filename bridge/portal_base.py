@@ -8,14 +8,14 @@ creating and the Matrix room itself (portal.py).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from mautrix.types import RoomAlias, RoomID
 
 from .db import PortalRow
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
+    from .context import BridgeContext, PortalFace
 
 PROTOCOL: dict[str, Any] = {"id": "kalandra", "displayname": "Kalandra"}
 
@@ -29,6 +29,12 @@ class PortalBase:
             self.room_ready.set()
 
     @property
+    def face(self) -> PortalFace:
+        """This portal as its features see it. The queues and members are parts of one class
+        (Portal, portal.py, which implements PortalFace: mypy checks it there)."""
+        return cast("PortalFace", self)
+
+    @property
     def room_id(self) -> bytes:
         return self.row.room_id
 
@@ -39,6 +45,12 @@ class PortalBase:
     @property
     def mxid(self) -> RoomID | None:
         return self.row.mxid
+
+    @property
+    def room_mxid(self) -> RoomID:
+        mxid = self.row.mxid
+        assert mxid is not None, "the portal has no Matrix room yet"
+        return mxid
 
     @property
     def alias(self) -> RoomAlias:

@@ -72,12 +72,7 @@ class PortalMembers(PortalBase):
     def _bot(self) -> IntentAPI:
         return self.bridge.az.intent
 
-    def _room(self) -> RoomID:
-        mxid = self.row.mxid
-        assert mxid is not None
-        return mxid
-
-    def _native(self, member_id: int) -> bool:
+    def is_native(self, member_id: int) -> bool:
         """A member that has a ghost: not the bot, not a bridged Matrix user."""
         return member_id != self.bridge.bot.member_id and member_id not in BridgedUser.member_ids
 
@@ -86,7 +81,7 @@ class PortalMembers(PortalBase):
 
     async def _membership(self, user: UserID) -> Membership:
         """The user's membership in the portal as the homeserver has it now."""
-        path = Path.v3.rooms[self._room()].state[str(EventType.ROOM_MEMBER)][user]
+        path = Path.v3.rooms[self.room_mxid].state[str(EventType.ROOM_MEMBER)][user]
         try:
             content = await self._bot.api.request(Method.GET, path)
         except MNotFound:
@@ -96,15 +91,15 @@ class PortalMembers(PortalBase):
     async def _set_cached(self, user: UserID, membership: Membership) -> None:
         # Our own change, before the homeserver's transaction tells mautrix's state store:
         # ensure_joined (message sends) must not trust a stale "joined".
-        await self._bot.state_store.set_membership(self._room(), user, membership)
+        await self._bot.state_store.set_membership(self.room_mxid, user, membership)
 
     async def _notice(self, text: str, txn_id: str) -> EventID:
         content = TextMessageEventContent(msgtype=MxMessageType.NOTICE, body=text)
         return await self._bot.send_message_event(
-            self._room(), EventType.ROOM_MESSAGE, content, txn_id=txn_id
+            self.room_mxid, EventType.ROOM_MESSAGE, content, txn_id=txn_id
         )
 
-    async def _advance(self, log_index: int, event_id: EventID | None) -> None:
+    async def advance(self, log_index: int, event_id: EventID | None) -> None:
         await advance(self.bridge.db, self.room_id, log_index, event_id)
         self.row.last_log_index = max(self.row.last_log_index, log_index)
         if event_id is not None:
@@ -116,12 +111,12 @@ class PortalMembers(PortalBase):
         puppet = await Puppet.get(self.bridge, member_id)
         await puppet.ensure_ready()
         if await self._membership(puppet.mxid) != Membership.JOIN:
-            await puppet.intent.ensure_joined(self._room(), ignore_cache=True)
+            await puppet.intent.ensure_joined(self.room_mxid, ignore_cache=True)
 
     async def _ghost_leave(self, ghost: UserID) -> None:
         membership = await self._membership(ghost)
         if membership in _PRESENT:
-            await self._bot.user(ghost).leave_room(self._room())
+            await self._bot.user(ghost).leave_room(self.room_mxid)
         if membership != Membership.BAN:
             await self._set_cached(ghost, Membership.LEAVE)
 
@@ -131,32 +126,32 @@ class PortalMembers(PortalBase):
         if await self._membership(user) in (Membership.JOIN, Membership.INVITE):
             return
         try:
-            await self._bot.invite_user(self._room(), user)
+            await self._bot.invite_user(self.room_mxid, user)
         except (MForbidden, MNotFound) as exc:
             log.warning("portal %s: invitation not sent (%s)", self.hex, exc.errcode)
             return
-        await invited_by_bot(self.bridge, self._room())
+        await invited_by_bot(self.bridge, self.room_mxid)
 
     # --- commits -------------------------------------------------------------------------------
 
     async def _epoch_changed(self, event: ev.EpochChanged) -> None:
         for member_id in event.added:
-            if self._native(member_id):
+            if self.is_native(member_id):
                 await self._ghost_join(member_id)
         for member_id in event.removed:
-            if self._native(member_id):
+            if self.is_native(member_id):
                 await self._ghost_leave(mxid_of(self.bridge, member_id))
         content = epoch_content(event.epoch, event.tree_hash, event.cipher_suite, event.members)
-        event_id = await self._bot.send_state_event(self._room(), EPOCH_EVENT, content)
+        event_id = await self._bot.send_state_event(self.room_mxid, EPOCH_EVENT, content)
         if self.bridge.config["bridge.epoch_notices"]:
             event_id = await self._notice(_epoch_line(event), self._txn(event.log_index, "epoch"))
-        await self._advance(event.log_index, event_id)
+        await self.advance(event.log_index, event_id)
 
     async def _roster_check(self, check: RosterCheck) -> None:
         """Ghosts of members no longer in the group leave, present members' ghosts join, and
         the epoch state is the group's."""
-        present = {m for m in check.members if self._native(m)}
-        joined = await self._bot.get_joined_members(self._room())
+        present = {m for m in check.members if self.is_native(m)}
+        joined = await self._bot.get_joined_members(self.room_mxid)
         for user in joined:
             member_id = member_of(self.bridge, user)
             if member_id is not None and member_id not in present:
@@ -165,7 +160,7 @@ class PortalMembers(PortalBase):
             if mxid_of(self.bridge, member_id) not in joined:
                 await self._ghost_join(member_id)
         content = epoch_content(check.epoch, check.tree_hash, check.cipher_suite, check.members)
-        await self._bot.send_state_event(self._room(), EPOCH_EVENT, content)
+        await self._bot.send_state_event(self.room_mxid, EPOCH_EVENT, content)
 
     # --- moderation ----------------------------------------------------------------------------
 
@@ -177,7 +172,7 @@ class PortalMembers(PortalBase):
             target = await self._target(event.target)
             if target is not None:
                 await self._moderate(event.action, target, event.reason)
-        await self._advance(event.log_index, event_id)
+        await self.advance(event.log_index, event_id)
 
     async def _target(self, member_id: int) -> UserID | None:
         if member_id in BridgedUser.member_ids:
@@ -186,7 +181,7 @@ class PortalMembers(PortalBase):
 
     async def _moderate(self, action: str, target: UserID, reason: str) -> None:
         membership = await self._membership(target)
-        room = self._room()
+        room = self.room_mxid
         if action == "kick":
             if membership in _PRESENT:
                 await self._bot.kick_user(room, target, reason)
@@ -201,7 +196,7 @@ class PortalMembers(PortalBase):
 
     async def _redact(self, event: ev.Moderated) -> EventID | None:
         """Redact the Matrix event of a bridged message; None when there is nothing to do."""
-        room = self._room()
+        room = self.room_mxid
         target = await MessageTable(self.bridge.db).event_for(self.room_id, event.target)
         if target is None:
             return None  # never bridged (before the portal, or not a message)
@@ -246,7 +241,7 @@ class PortalMembers(PortalBase):
                 f"A Kalandra message (log index {event.log_index}) could not be decrypted.",
                 self._txn(event.log_index, "undecryptable"),
             )
-        await self._advance(event.log_index, event_id)
+        await self.advance(event.log_index, event_id)
 
 
 def _epoch_line(event: ev.EpochChanged) -> str:

@@ -24,8 +24,6 @@ import dataclasses
 import functools
 import logging
 import os
-from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mautrix.types import (
@@ -42,7 +40,6 @@ from mautrix.types import (
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.profile import Profile, with_profile
-from kalandra_core.client.room_meta import RoomMeta
 from kalandra_core.proto.payloads import ErrorCode
 from kalandra_core.storage.reachable import outage, through_outage
 
@@ -54,6 +51,7 @@ from .formatting import formatted_message
 from .message_status import Refused, StatusSender
 from .portal_base import PortalBase
 from .portal_to_matrix import KINDS
+from .portal_work import CURRENT_SLOT, EventSlot, FromMatrix
 from .redaction_power import check_redaction
 from .relay import relay_content
 
@@ -98,65 +96,6 @@ def kalandra_content(content: MessageEventContent) -> Content | None:
     html = content.formatted_body if content.format == Format.HTML else None
     body, formatted = formatted_message(content.body, html)  # sanitized
     return Content(body=body, kind=kind, formatted_body=formatted)
-
-
-@dataclass(frozen=True, slots=True)
-class FromMatrix:
-    """One Matrix event's work toward Kalandra. ``kind``: "message", "join", "invite" (of
-    ``target`` by ``sender``: access.py), "leave" (a
-    bridged user left, or was kicked or banned), "kick"/"ban"/"unban" (of a native member's
-    ghost: ``member_id``), "redact" (``redacts``), "reaction" (``key`` on ``relates_to``),
-    "undecryptable" (an encrypted event that fails, ``reason`` saying why), "unencrypted" (a
-    message sent in clear where encryption is required: refused)."""
-
-    kind: str
-    sender: UserID
-    event_id: EventID
-    permission: str = "none"
-    content: MessageEventContent | None = None
-    target: UserID | None = None
-    member_id: int | None = None
-    redacts: EventID | None = None
-    reason: str = ""
-    relates_to: EventID | None = None
-    key: str = ""
-    meta: RoomMeta | room_metadata.MatrixAvatar | None = None  # "meta": room_metadata.py
-    held: bool = False  # held before for its target's room key (e2ee.hold), handed on again
-
-
-class EventSlot:
-    """An event's place in its portal's queue: ``work`` is filled by the event's handler (None:
-    nothing to do), ``done`` by the portal once the event is handled for good."""
-
-    __slots__ = ("done", "event_id", "work")
-
-    def __init__(self, event_id: EventID) -> None:
-        loop = asyncio.get_running_loop()
-        self.event_id = event_id
-        self.work: asyncio.Future[FromMatrix | None] = loop.create_future()
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.done.add_done_callback(_retrieve)
-
-    def fill(self, work: FromMatrix | None) -> None:
-        if not self.work.done():
-            self.work.set_result(work)
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()  # read (a transaction that gave up waiting may never look)
-
-
-# The slot of the event being handled (set around mautrix's dispatch of each portal event; its
-# handler tasks inherit it).
-CURRENT_SLOT: ContextVar[EventSlot | None] = ContextVar("kalandra_event_slot", default=None)
-
-
-def release_slot() -> None:
-    """The event being handled has no work toward Kalandra (or its handler is over)."""
-    slot = CURRENT_SLOT.get()
-    if slot is not None:
-        slot.fill(None)
 
 
 class PortalToKalandra(PortalBase):
@@ -308,17 +247,17 @@ class PortalToKalandra(PortalBase):
 
     async def _mx_apply(self, work: FromMatrix) -> None:
         if work.kind in ("message", "reaction", "meta"):
-            await portal_access.check_sender(self, work)
+            await portal_access.check_sender(self.face, work)
         if work.kind == "message":
             await self._mx_message(work)
         elif work.kind == "join":
             # Let in (access.py) or kicked; only `user` and `admin` get an MLS leaf.
-            admitted = await portal_access.admit_join(self, work)
+            admitted = await portal_access.admit_join(self.face, work)
             if admitted and work.permission in ("user", "admin"):
                 user = await BridgedUser.get(self.bridge, work.sender, work.permission)
                 await user.ensure_in_room(self.room_id)
         elif work.kind == "invite":
-            await portal_access.matrix_invite(self, work)
+            await portal_access.matrix_invite(self.face, work)
         elif work.kind == "leave":
             await self._mx_remove_bridged(work)
         elif work.kind in ("kick", "ban", "unban"):
@@ -329,9 +268,9 @@ class PortalToKalandra(PortalBase):
         elif work.kind == "redact":
             await self._mx_redact(work)
         elif work.kind == "reaction":
-            await relations.reaction_to_kalandra(self, work)
+            await relations.reaction_to_kalandra(self.face, work)
         elif work.kind == "meta":
-            await room_metadata.meta_to_kalandra(self, work)
+            await room_metadata.meta_to_kalandra(self.face, work)
         elif work.kind == "undecryptable":  # e2ee.py: ``reason`` says why
             raise Refused(MessageStatusReason.UNDECRYPTABLE, work.reason)
         elif work.kind == "unencrypted":  # matrix.py, with bridge.encryption.require
@@ -341,14 +280,16 @@ class PortalToKalandra(PortalBase):
         assert work.content is not None
         mxid = self.row.mxid
         assert mxid is not None
-        if relations.held_for_target(self, work, await relations.unbridged_target(self, work)):
+        if relations.held_for_target(
+            self.face, work, await relations.unbridged_target(self.face, work)
+        ):
             raise relations.Held  # a reply or edit follows its target
         if media.is_media(work.content):
             relayed = work.permission == "relay" and self.row.relay_enabled
             if work.permission not in ("user", "admin") and not relayed:
                 raise Refused(MessageStatusReason.NO_PERMISSION, RELAY_REFUSAL)  # (no download)
             assert isinstance(work.content, MediaMessageEventContent)
-            body: Content | None = await media.to_kalandra(self, work.content)
+            body: Content | None = await media.to_kalandra(self.face, work.content)
         else:
             body = kalandra_content(work.content)
         if body is None:
@@ -356,7 +297,7 @@ class PortalToKalandra(PortalBase):
             raise Refused(
                 MessageStatusReason.UNSUPPORTED, f"{kind} is not supported by the bridge yet."
             )
-        body = await relations.from_matrix(self, work.content, body)
+        body = await relations.from_matrix(self.face, work.content, body)
         if work.permission in ("user", "admin"):
             user = await BridgedUser.get(self.bridge, work.sender, work.permission)
             body = with_profile(body, await self.profile(work.sender))
@@ -429,11 +370,11 @@ class PortalToKalandra(PortalBase):
         assert mxid is not None
         found = await MessageTable(self.bridge.db).index_for(mxid, work.redacts)
         if found is None or found[0] != self.room_id:
-            if e2ee.hold(mxid, work.redacts, work):
+            if e2ee.hold(self.face, work.redacts, work):
                 raise relations.Held  # redacted once it is bridged
             return  # not a bridged message (or never bridged: nothing to erase)
         await check_redaction(self.bridge, mxid, work.sender, work.redacts)
-        if await relations.unreact(self, work, found[1]):
+        if await relations.unreact(self.face, work, found[1]):
             return  # a bridged user took their reaction off
         client = self.bridge.bot.client
         assert client is not None

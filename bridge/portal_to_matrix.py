@@ -49,7 +49,6 @@ from mautrix.types import (
     Format,
     Membership,
     MessageType,
-    RoomID,
     TextMessageEventContent,
     UserID,
 )
@@ -129,7 +128,7 @@ class PortalToMatrix(PortalMembers):
         # their transaction ids: each is looked for in the room before it is sent.
         self._unsure_from_start = _PIPELINE
         on = bool(bridge.config["bridge.delivery_receipts"])
-        self._delivery = ephemeral.KalandraDelivery(self) if on else None
+        self._delivery = ephemeral.KalandraDelivery(self.face) if on else None
 
     def _start_to_matrix(self) -> None:
         if self._task is None:
@@ -154,14 +153,17 @@ class PortalToMatrix(PortalMembers):
     def enqueue(self, item: Item) -> None:
         self.queue.put_nowait(item)
 
+    async def records_flushed(self) -> None:
+        await self._records.join()
+
     async def _run(self) -> None:
         await self.room_ready.wait()
         await self.bridge.matrix_ready.wait()
-        await backfill.backfill(self)  # history first, before anything live
+        await backfill.backfill(self.face)  # history first, before anything live
         while True:
             item = await self.queue.get()
             if not isinstance(item, Message):
-                await self._records.join()  # what came before it is recorded first
+                await self.records_flushed()  # what came before it is recorded first
             delay, refused = 0.5, 0
             while True:
                 try:
@@ -201,7 +203,7 @@ class PortalToMatrix(PortalMembers):
             while event_id is not None:
                 try:
                     await MessageTable(self.bridge.db).record_to_matrix(
-                        self.room_id, message.log_index, self._room_mxid, event_id
+                        self.room_id, message.log_index, self.room_mxid, event_id
                     )
                     self.row.last_log_index = message.log_index
                     self.row.last_event_id = event_id
@@ -222,17 +224,12 @@ class PortalToMatrix(PortalMembers):
             self.bridge.bot.state.message_done(self.room_id)
             self._records.task_done()
 
-    @property
-    def _room_mxid(self) -> RoomID:
-        assert self.row.mxid is not None
-        return self.row.mxid
-
     async def _send(self, message: Message) -> None:
         """A message to Matrix (unless it was bridged before, or came from Matrix), handed to
         the recorder."""
         event_id = None
         if message.log_index > self.row.last_log_index:
-            event_id = await self._to_matrix(message)
+            event_id = await self.to_matrix(message)
             if event_id is not None:
                 metrics.bridged_to_matrix(message.timestamp_ms)
         await self._records.put((message, event_id, True))
@@ -252,7 +249,7 @@ class PortalToMatrix(PortalMembers):
         if not isinstance(item, Message):
             if index > self.row.last_log_index:
                 try:
-                    await self._advance(index, None)
+                    await self.advance(index, None)
                 except Exception as exc:  # not advanced: tried (and set aside) again at start
                     log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
             return
@@ -283,11 +280,11 @@ class PortalToMatrix(PortalMembers):
         event_type = EventType.ROOM_MESSAGE
         if self.row.encrypted and e2ee.manager(self.bridge) is not None:
             event_type, encrypted = await e2ee.encrypt(
-                self.bridge, self._room_mxid, event_type, content
+                self.bridge, self.room_mxid, event_type, content
             )
             content = encrypted.serialize()
         return await self._bot.send_message_event(
-            self._room_mxid, event_type, content, txn_id=self._txn(message.log_index, "aside")
+            self.room_mxid, event_type, content, txn_id=self._txn(message.log_index, "aside")
         )
 
     async def _mirror(self, item: Item) -> None:
@@ -308,17 +305,17 @@ class PortalToMatrix(PortalMembers):
         elif isinstance(item, ev.Left):
             await self._left(item)
         elif isinstance(item, ev.Reacted):
-            await relations.reaction_to_matrix(self, item)
+            await relations.reaction_to_matrix(self.face, item)
         elif isinstance(item, ev.Receipted):
-            await ephemeral.receipt_to_matrix(self, item)
+            await ephemeral.receipt_to_matrix(self.face, item)
         elif isinstance(item, ev.Typing):
-            await ephemeral.typing_to_matrix(self, item)
+            await ephemeral.typing_to_matrix(self.face, item)
         elif isinstance(item, ev.RoomMetaChanged):
-            await room_metadata.meta_to_matrix(self, item)
+            await room_metadata.meta_to_matrix(self.face, item)
         else:
             await self._undecryptable(item)
 
-    async def _to_matrix(self, message: Message, timestamp: int | None = None) -> EventID | None:
+    async def to_matrix(self, message: Message, timestamp: int | None = None) -> EventID | None:
         """Send the message from its sender's ghost; its event id (None: not for Matrix).
         ``timestamp``: the event's time (ms) instead of now (history, backfill.py)."""
         if message.sender_id == self.bridge.bot.member_id:
@@ -330,12 +327,12 @@ class PortalToMatrix(PortalMembers):
             self, message, UserID(invited)
         ):
             await self._invite_user(UserID(invited))
-        puppet = await self._ghost(message.sender_id)
+        puppet = await self.ghost(message.sender_id)
         event_type, base = EventType.ROOM_MESSAGE, matrix_content(message.content)
         if message.content.media is not None:  # the file first, uploaded by the ghost
-            event_type, base = await media.to_matrix(self, puppet.intent, message.content)
+            event_type, base = await media.to_matrix(self.face, puppet.intent, message.content)
         plain = base.body
-        parts = [(await relations.decorate(self, message.content, base)).serialize()]
+        parts = [(await relations.decorate(self.face, message.content, base)).serialize()]
         if message.content.media is None and set_aside.content_size(parts[0]) > _PART_LIMIT:
             parts = await self._split(message, base.msgtype, plain)
         sent: dict[int, EventID] = {}
@@ -359,7 +356,7 @@ class PortalToMatrix(PortalMembers):
         for number, piece in enumerate(pieces):
             out = TextMessageEventContent(msgtype=msgtype, body=piece)
             if number == 0:
-                out = await relations.decorate(self, message.content, out)
+                out = await relations.decorate(self.face, message.content, out)
             content = out.serialize()
             content[set_aside.PART_KEY] = number
             content[set_aside.PARTS_KEY] = len(pieces)
@@ -375,7 +372,7 @@ class PortalToMatrix(PortalMembers):
         content: JSON,
         timestamp: int | None,
     ) -> EventID:
-        mxid = self._room_mxid
+        mxid = self.room_mxid
         number = content.get(set_aside.PART_KEY, 0)
         content[LOG_INDEX_KEY] = message.log_index
         if self.row.encrypted and e2ee.manager(self.bridge) is not None:
@@ -410,7 +407,7 @@ class PortalToMatrix(PortalMembers):
                 catch_up.homeserver_unreachable()
             raise
 
-    async def _ghost(self, member_id: int) -> Puppet:
+    async def ghost(self, member_id: int) -> Puppet:
         """The member's ghost, registered and in the room (joined once per process)."""
         puppet = await Puppet.get(self.bridge, member_id)
         if puppet.mxid not in self._ghosts_in_room:
@@ -419,18 +416,18 @@ class PortalToMatrix(PortalMembers):
                 # A Matrix moderator's ban stands (ensure_joined would have the bot lift it):
                 # what the ghost says is set aside (set_aside.py).
                 raise MForbidden(403, "the ghost is banned from the portal")
-            await puppet.intent.ensure_joined(self._room_mxid)
+            await puppet.intent.ensure_joined(self.room_mxid)
             self._ghosts_in_room.add(puppet.mxid)
         return puppet
 
-    async def _ghost_intent(self, member_id: int) -> IntentAPI:
-        return (await self._ghost(member_id)).intent
+    async def ghost_intent(self, member_id: int) -> IntentAPI:
+        return (await self.ghost(member_id)).intent
 
     async def _sent_before(self, ghost: UserID, log_index: int) -> dict[int, EventID]:
         """The ghost's events for ``log_index`` that earlier attempts made, by part number:
         searched from the newest back to the first of the ghost's bridged messages with a lower
         log index, or until every part is found."""
-        path = Path.v3.rooms[self._room_mxid].messages
+        path = Path.v3.rooms[self.room_mxid].messages
         query = {
             "dir": "b",
             "limit": "100",

@@ -28,7 +28,6 @@ from .bridged_user import BridgedUser
 from .commands.account import LOGIN_CODE_TTL, issue_login_code
 from .db.device_token import token_id
 from .db.roster import bridged_member
-from .portal import Portal
 from .provisioning_requests import ApiError, Endpoint, Requests, error_response, room_json
 from .provisioning_rooms import RoomEndpoints
 
@@ -100,7 +99,7 @@ class ProvisioningAPI:
         bot = getattr(self.bridge, "bot", None)
         rooms = {} if bot is None or bot.client is None else bot.core.rooms
         portals = []
-        for portal in list(Portal.by_room.values()):
+        for portal in self.bridge.portals.all():
             matrix = None
             if portal.mxid is not None:
                 membership = await state_store.get_membership(portal.mxid, user_id)

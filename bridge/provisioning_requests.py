@@ -13,8 +13,7 @@ from mautrix.types import UserID
 from .health import not_ready
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
-    from .portal import Portal
+    from .context import BridgeContext, PortalFace
 
 LEVELS = ("none", "relay", "user", "admin")
 _MXID = re.compile(r"@[^:\s]+:[^\s]+")
@@ -34,7 +33,7 @@ def error_response(status: int, errcode: str, error: str) -> web.Response:
     return web.json_response({"errcode": errcode, "error": error}, status=status)
 
 
-def room_json(portal: Portal) -> dict[str, Any]:
+def room_json(portal: PortalFace) -> dict[str, Any]:
     return {
         "room_id": portal.hex,
         "matrix_room_id": portal.mxid,

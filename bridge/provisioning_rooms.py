@@ -15,7 +15,6 @@ from mautrix.types import EventType, MessageType, RoomID, TextMessageEventConten
 from kalandra_core.client.room import ClientRoom
 
 from . import access
-from .portal import Portal
 from .provisioning_requests import ApiError, Requests, room_json
 
 log = logging.getLogger("kalandra.bridge.provisioning")
@@ -60,7 +59,7 @@ class RoomEndpoints:
     async def list_rooms(self, request: web.Request) -> web.Response:
         """The portals of the rooms the user is in (admins: all, ``"admin_view": true``)."""
         user_id, _ = self.api.acting_user(request, "user")
-        portals = await Portal.load_all(self.bridge)
+        portals = await self.bridge.portals.load_all()
         admin = access.is_admin(self.bridge, user_id)
         if not admin:
             mine = set(await access.rooms_of(self.bridge, user_id, [p.room_id for p in portals]))
@@ -79,8 +78,7 @@ class RoomEndpoints:
         assert bot.client is not None
         room_id = await bot.client.create_room(name=name.strip())
         await bot.state.flush()  # the room's MLS state is saved before the portal points at it
-        portal = await Portal.get_or_create(
-            self.bridge,
+        portal = await self.bridge.portals.get_or_create(
             room_id,
             name=name.strip(),
             topic="",
@@ -102,7 +100,7 @@ class RoomEndpoints:
                 404, "M_NOT_FOUND", f"{room_id.hex()} is not a Kalandra room you are in"
             )
         self._active_room(room_id)
-        portal = await Portal.open(self.bridge, room_id)
+        portal = await self.bridge.portals.open(room_id)
         member = access.is_admin(self.bridge, user_id) or await access.member_in_room(
             self.bridge, room_id, user_id
         )
@@ -121,9 +119,9 @@ class RoomEndpoints:
         matrix_room = RoomID(mxid)
         self.api.require_ready()
         room = self._active_room(room_id)
-        if Portal.by_mxid(matrix_room) is not None:
+        if self.bridge.portals.by_mxid(matrix_room) is not None:
             raise ApiError(409, "KALANDRA_ALREADY_BRIDGED", f"{mxid} is a portal already")
-        existing = Portal.by_room.get(room_id)
+        existing = self.bridge.portals.get(room_id)
         if existing is not None and existing.mxid is not None:
             raise ApiError(
                 409,
@@ -141,12 +139,11 @@ class RoomEndpoints:
         if user_id not in members:
             raise ApiError(403, "M_FORBIDDEN", f"{user_id} is not in that room")
         if existing is not None:  # a portal whose Matrix room was never made: replaced
-            del Portal.by_room[room_id]
+            self.bridge.portals.forget(existing)
             await existing.stop()
         name, topic = await self._name_topic(room_id)
         try:
-            portal = await Portal.bridge_existing(
-                self.bridge,
+            portal = await self.bridge.portals.bridge_existing(
                 room_id,
                 matrix_room,
                 name=name,
@@ -168,7 +165,7 @@ class RoomEndpoints:
         user_id, _ = self.api.acting_user(request, "admin")
         room_id = self._room_id(request)
         self.api.require_ready()
-        portal = Portal.by_room.get(room_id)
+        portal = self.bridge.portals.get(room_id)
         if portal is None or portal.mxid is None:
             raise ApiError(404, "M_NOT_FOUND", f"Kalandra room {room_id.hex()} is not bridged")
         answer = room_json(portal)

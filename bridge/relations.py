@@ -63,9 +63,8 @@ from .message_status import Refused
 from .puppet import Puppet, member_of
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
-    from .portal_to_kalandra import FromMatrix, PortalToKalandra
-    from .portal_to_matrix import PortalToMatrix
+    from .context import BridgeContext, PortalFace
+    from .portal_work import FromMatrix
 
 log = logging.getLogger("kalandra.bridge.relations")
 
@@ -83,7 +82,7 @@ FrameBuilder = Callable[[ClientCore, int, int], tuple[int, bytes]]
 
 
 async def decorate(
-    portal: PortalToMatrix, content: Content, out: TextMessageEventContent
+    portal: PortalFace, content: Content, out: TextMessageEventContent
 ) -> TextMessageEventContent:
     """Add the reply, edit and mentions of a Kalandra message to its Matrix content."""
     mentions = await _mention_pills(portal, content)
@@ -104,13 +103,13 @@ async def decorate(
     return out
 
 
-async def matrix_event(portal: PortalToMatrix, log_index: int) -> EventID | None:
+async def matrix_event(portal: PortalFace, log_index: int) -> EventID | None:
     """The Matrix event of the message at ``log_index`` (None: the bridge never bridged it).
 
     Either side may still be recording it: a message toward Matrix is sent before it is
     recorded (pipelined), and a Matrix user's message is recorded just after the log took it,
     when the native members may already be answering it."""
-    await portal._records.join()
+    await portal.records_flushed()
     table = MessageTable(portal.bridge.db)
     found = await table.event_for(portal.room_id, log_index)
     if found is not None or not await _sent_from_matrix(portal, log_index):
@@ -123,7 +122,7 @@ async def matrix_event(portal: PortalToMatrix, log_index: int) -> EventID | None
     return found
 
 
-async def _sent_from_matrix(portal: PortalToMatrix, log_index: int) -> bool:
+async def _sent_from_matrix(portal: PortalFace, log_index: int) -> bool:
     """Whether the log entry was sent by the bridge (the bot or a bridged user's leaf)."""
     store = portal.bridge.kalandra.store if portal.bridge.kalandra is not None else None
     if store is None:
@@ -137,7 +136,7 @@ async def _sent_from_matrix(portal: PortalToMatrix, log_index: int) -> bool:
 Pill = tuple[UserID, str, str]  # MXID, the name shown, the member's account name
 
 
-async def _mention_pills(portal: PortalToMatrix, content: Content) -> list[Pill]:
+async def _mention_pills(portal: PortalFace, content: Content) -> list[Pill]:
     """Each mentioned member as a Matrix user."""
     ids = content.extra.get(MENTIONS)
     if not isinstance(ids, list):
@@ -161,9 +160,9 @@ async def _mention_pills(portal: PortalToMatrix, content: Content) -> list[Pill]
     return out
 
 
-async def _matrix_name(portal: PortalToMatrix, mxid: UserID) -> str:
+async def _matrix_name(portal: PortalFace, mxid: UserID) -> str:
     try:
-        member = await portal.bridge.az.intent.get_room_member_info(portal._room_mxid, mxid)
+        member = await portal.bridge.az.intent.get_room_member_info(portal.room_mxid, mxid)
     except Exception:  # the name is a nicety: the MXID stands in
         member = None
     return member.displayname if member is not None and member.displayname else mxid
@@ -200,19 +199,19 @@ def _free(text: str, needle: str, spans: list[tuple[int, int, str]]) -> int | No
     return None
 
 
-async def reaction_to_matrix(portal: PortalToMatrix, item: ev.Reacted) -> None:
+async def reaction_to_matrix(portal: PortalFace, item: ev.Reacted) -> None:
     """A native member's reaction added (the ghost reacts) or taken off (its reaction is
     redacted); the bridge's own members' reactions came from Matrix."""
     bridge = portal.bridge
     if _from_matrix(bridge, item.sender_id):
         return
-    room = portal._room_mxid
+    room = portal.room_mxid
     table = MessageTable(bridge.db)
     target = await matrix_event(portal, item.target)
     if target is None:
-        await portal._advance(item.log_index, None)  # a message the bridge never saw
+        await portal.advance(item.log_index, None)  # a message the bridge never saw
         return
-    intent = await portal._ghost_intent(item.sender_id)
+    intent = await portal.ghost_intent(item.sender_id)
     txn = f"kalandra-{portal.hex}-{item.log_index}"
     if item.add:
         content = ReactionEventContent(
@@ -225,7 +224,7 @@ async def reaction_to_matrix(portal: PortalToMatrix, item: ev.Reacted) -> None:
         except MatrixRequestError as exc:
             if exc.errcode != "M_DUPLICATE_ANNOTATION":
                 raise
-            await portal._advance(item.log_index, None)  # the ghost reacted so already
+            await portal.advance(item.log_index, None)  # the ghost reacted so already
             return
         await table.record_to_matrix(portal.room_id, item.log_index, room, event_id)
         portal.row.last_log_index = max(portal.row.last_log_index, item.log_index)
@@ -234,7 +233,7 @@ async def reaction_to_matrix(portal: PortalToMatrix, item: ev.Reacted) -> None:
     if found is not None:
         path = Path.v3.rooms[room].redact[found][txn]
         await intent.api.request(Method.PUT, path, content={})
-    await portal._advance(item.log_index, None)
+    await portal.advance(item.log_index, None)
 
 
 async def _ghost_reaction(
@@ -262,9 +261,7 @@ def _from_matrix(bridge: BridgeContext, member_id: int) -> bool:
 # --- Matrix -> Kalandra ---------------------------------------------------------------------
 
 
-async def from_matrix(
-    portal: PortalToKalandra, content: MessageEventContent, body: Content
-) -> Content:
+async def from_matrix(portal: PortalFace, content: MessageEventContent, body: Content) -> Content:
     """Add the reply, edit and mentions of a Matrix message to its Kalandra content."""
     mxid = portal.row.mxid
     assert mxid is not None
@@ -284,7 +281,7 @@ async def from_matrix(
     )
 
 
-async def unbridged_target(portal: PortalToKalandra, work: FromMatrix) -> EventID | None:
+async def unbridged_target(portal: PortalFace, work: FromMatrix) -> EventID | None:
     """The message a Matrix message replies to or edits, if the bridge has not bridged it."""
     content = work.content
     # Only parsed message contents have relations to read: an unknown msgtype arrives as a
@@ -297,14 +294,14 @@ async def unbridged_target(portal: PortalToKalandra, work: FromMatrix) -> EventI
     return EventID(target)
 
 
-def held_for_target(portal: PortalToKalandra, work: FromMatrix, target: EventID | None) -> bool:
+def held_for_target(portal: PortalFace, work: FromMatrix, target: EventID | None) -> bool:
     """Whether ``work`` is held until ``target`` (waiting for its room key) is bridged; a
     message held before whose target never came goes without the pointer (as any other)."""
     mxid = portal.row.mxid
-    return target is not None and mxid is not None and e2ee.hold(mxid, target, work)
+    return target is not None and mxid is not None and e2ee.hold(portal, target, work)
 
 
-async def _index(portal: PortalToKalandra, event_id: EventID | None) -> int | None:
+async def _index(portal: PortalFace, event_id: EventID | None) -> int | None:
     mxid = portal.row.mxid
     if event_id is None or mxid is None:
         return None
@@ -353,7 +350,7 @@ LOST_TARGET = (
 )
 
 
-async def reaction_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
+async def reaction_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
     """A Matrix user's reaction, as their puppet leaf's AppReaction (relay-only users' are
     refused: a reaction has no text to name them in). One to a message that waits for its room
     key is held until that message is bridged, and fails if it never is (e2ee.py)."""
@@ -361,7 +358,7 @@ async def reaction_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> No
     assert mxid is not None
     target = await _index(portal, work.relates_to)
     if target is None:
-        if work.relates_to is not None and e2ee.hold(mxid, work.relates_to, work):
+        if work.relates_to is not None and e2ee.hold(portal, work.relates_to, work):
             raise Held
         if work.held:
             raise Refused(MessageStatusReason.GENERIC_ERROR, LOST_TARGET)
@@ -382,7 +379,7 @@ async def reaction_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> No
     )
 
 
-async def unreact(portal: PortalToKalandra, work: FromMatrix, log_index: int) -> bool:
+async def unreact(portal: PortalFace, work: FromMatrix, log_index: int) -> bool:
     """The redaction of a bridged user's reaction (by that user): the member takes it off.
     False when ``log_index`` is not such a reaction (the caller redacts it as moderation)."""
     bridge = portal.bridge

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from mautrix.api import Method, Path
@@ -49,14 +48,13 @@ from . import media
 from .bot_send import bot_send
 from .bridged_user import BridgedUser
 from .message_status import Refused
+from .portal_work import MatrixAvatar
 
 if TYPE_CHECKING:
     from mautrix.appservice import IntentAPI
 
-    from .context import BridgeContext
-    from .portal_base import PortalBase
-    from .portal_to_kalandra import FromMatrix, PortalToKalandra
-    from .portal_to_matrix import PortalToMatrix
+    from .context import BridgeContext, PortalFace
+    from .portal_work import FromMatrix
 
 log = logging.getLogger("kalandra.bridge.metadata")
 
@@ -75,14 +73,6 @@ _MAGIC: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class MatrixAvatar:
-    """An m.room.avatar set in Matrix: its image is fetched in the portal's queue."""
-
-    url: ContentURI
-    mimetype: str | None
-
-
 def current(bridge: BridgeContext, room_id: bytes, name: str, topic: str) -> tuple[str, str]:
     """The room's name and topic for a new portal: the members' latest change where the bot
     saw one, else ``name``/``topic`` (the server's copy from creation)."""
@@ -96,7 +86,7 @@ def current(bridge: BridgeContext, room_id: bytes, name: str, topic: str) -> tup
 # --- Kalandra -> Matrix ---------------------------------------------------------------------
 
 
-async def meta_to_matrix(portal: PortalToMatrix, item: ev.RoomMetaChanged) -> None:
+async def meta_to_matrix(portal: PortalFace, item: ev.RoomMetaChanged) -> None:
     bridge = portal.bridge
     await bridge.db.execute(
         "UPDATE bridge_portals SET name = $2, topic = $3 WHERE room_id = $1",
@@ -105,45 +95,45 @@ async def meta_to_matrix(portal: PortalToMatrix, item: ev.RoomMetaChanged) -> No
         item.topic,
     )
     portal.row.name, portal.row.topic = item.name, item.topic
-    if portal._native(item.sender_id):
+    if portal.is_native(item.sender_id):
         for field in item.changed:
             if field == "avatar":
                 await _set_avatar(portal, item.sender_id, item.avatar)
                 continue
             value = item.name if field == "name" else item.topic
             await _set_state(portal, item.sender_id, field, value)
-    await portal._advance(item.log_index, None)
+    await portal.advance(item.log_index, None)
 
 
-async def _state_now(portal: PortalToMatrix, event_type: EventType) -> dict[str, Any]:
+async def _state_now(portal: PortalFace, event_type: EventType) -> dict[str, Any]:
     try:
         now: dict[str, Any] = await portal.bridge.az.intent.api.request(
-            Method.GET, Path.v3.rooms[portal._room()].state[str(event_type)]
+            Method.GET, Path.v3.rooms[portal.room_mxid].state[str(event_type)]
         )
     except MNotFound:
         now = {}
     return now
 
 
-async def _sender(portal: PortalToMatrix, sender_id: int, event_type: EventType) -> IntentAPI:
+async def _sender(portal: PortalFace, sender_id: int, event_type: EventType) -> IntentAPI:
     """The member's ghost when the room lets it send ``event_type``, else the bot."""
     bot = portal.bridge.az.intent
-    ghost = await portal._ghost(sender_id)
-    levels = await bot.get_power_levels(portal._room(), ignore_cache=True)  # (changes are rare)
+    ghost = await portal.ghost(sender_id)
+    levels = await bot.get_power_levels(portal.room_mxid, ignore_cache=True)  # (changes are rare)
     may = levels.get_user_level(ghost.mxid) >= levels.get_event_level(event_type)
     return ghost.intent if may else bot
 
 
-async def _set_state(portal: PortalToMatrix, sender_id: int, field: str, value: str) -> None:
+async def _set_state(portal: PortalFace, sender_id: int, field: str, value: str) -> None:
     event_type = _TYPES[field]
     if ((await _state_now(portal, event_type)).get(field) or "") == value:
         return  # Matrix has it already
     intent = await _sender(portal, sender_id, event_type)
-    await intent.send_state_event(portal._room(), event_type, JSON({field: value}))
+    await intent.send_state_event(portal.room_mxid, event_type, JSON({field: value}))
     log.info("portal %s: %s changed from Kalandra", portal.hex, field)
 
 
-async def _set_avatar(portal: PortalToMatrix, sender_id: int, ref: MediaRef | None) -> None:
+async def _set_avatar(portal: PortalFace, sender_id: int, ref: MediaRef | None) -> None:
     now = await _state_now(portal, EventType.ROOM_AVATAR)
     if ref is None and not now.get("url"):
         return  # Matrix has no avatar either
@@ -163,7 +153,7 @@ async def _set_avatar(portal: PortalToMatrix, sender_id: int, ref: MediaRef | No
             return
         mxc = await intent.upload_media(image, mime_type=ref.mimetype, filename=ref.name or None)
         content = _avatar_content(mxc, ref)
-    await intent.send_state_event(portal._room(), EventType.ROOM_AVATAR, JSON(content))
+    await intent.send_state_event(portal.room_mxid, EventType.ROOM_AVATAR, JSON(content))
     log.info("portal %s: avatar changed from Kalandra", portal.hex)
 
 
@@ -174,7 +164,7 @@ def _avatar_content(mxc: ContentURI, ref: MediaRef) -> dict[str, Any]:
     return {"url": mxc, "info": info, AVATAR_KEY: ref.manifest.hex()}
 
 
-async def initial_avatar(portal: PortalBase) -> dict[str, Any] | None:
+async def initial_avatar(portal: PortalFace) -> dict[str, Any] | None:
     """The m.room.avatar content a new portal starts with: the room's avatar as the bot's
     client has applied it (the members' latest change, like the name in :func:`current`), the
     image uploaded by the bot. None: no avatar, or it cannot be read now (the portal is made
@@ -217,7 +207,7 @@ def meta_of_state(evt: StateEvent) -> RoomMeta | MatrixAvatar | None:
     return None
 
 
-async def meta_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
+async def meta_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
     assert work.meta is not None
     meta = work.meta
     try:
@@ -236,7 +226,7 @@ async def meta_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> None:
     log.info("portal %s: room metadata from Matrix at log index %d", portal.hex, index)
 
 
-async def _avatar_to_kalandra(portal: PortalToKalandra, avatar: MatrixAvatar) -> MediaRef:
+async def _avatar_to_kalandra(portal: PortalFace, avatar: MatrixAvatar) -> MediaRef:
     """The Matrix avatar's image stored as the room's blocks (through the bot's client)."""
     bridge = portal.bridge
     client = bridge.bot.client

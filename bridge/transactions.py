@@ -39,8 +39,7 @@ from kalandra_core.storage.reachable import through_outage
 
 from . import catch_up, health
 from .db import DedupeTable
-from .portal import Portal
-from .portal_to_kalandra import CURRENT_SLOT, EventSlot
+from .portal_work import CURRENT_SLOT, EventSlot
 from .txn_order import TxnOrder
 
 if TYPE_CHECKING:
@@ -169,7 +168,7 @@ class TransactionGate:
             self._started.set()
 
     async def _catch_up(self) -> None:
-        portals = list(Portal.by_room.values())
+        portals = self.bridge.portals.all()
         await catch_up.catch_up(
             self.bridge, portals, self._in_flight.__contains__, self.handle_matrix_event
         )
@@ -178,7 +177,8 @@ class TransactionGate:
         txn = _CURRENT.get()
         event_id = getattr(event, "event_id", None)
         room_id = getattr(event, "room_id", None)
-        portal = None if txn is None or ephemeral or room_id is None else Portal.by_mxid(room_id)
+        portals = self.bridge.portals
+        portal = None if txn is None or ephemeral or room_id is None else portals.by_mxid(room_id)
         if txn is None or portal is None or event_id is None:
             await self._handle_matrix_event(event, ephemeral)
             return

@@ -6,7 +6,6 @@ from mautrix.bridge.commands import SECTION_ADMIN, CommandEvent, command_handler
 from mautrix.errors import MatrixRequestError
 from mautrix.types import EventID
 
-from ..portal import Portal
 from .util import CommandFailed, active_room, answers_failures, bridge_of, parse_room_id, portal_of
 
 
@@ -28,20 +27,19 @@ async def bridge_room(evt: CommandEvent) -> EventID:
         raise CommandFailed("This Matrix room is a portal already (`unbridge` it first).")
     room = active_room(evt, room_id)
     bridge = bridge_of(evt)
-    existing = Portal.by_room.get(room_id)
+    existing = bridge.portals.get(room_id)
     if existing is not None and existing.mxid is not None:
         raise CommandFailed(
             f"Kalandra room `{room_id.hex()}` is bridged already, to {existing.mxid}."
         )
     if existing is not None:  # a portal whose Matrix room was never made: replaced
-        del Portal.by_room[room_id]
+        bridge.portals.forget(existing)
         await existing.stop()
     assert bridge.kalandra is not None
     state = await bridge.kalandra.store.load_room(room_id)
     name, topic = ("", "") if state is None else (state.room.name, state.room.topic)
     try:
-        await Portal.bridge_existing(
-            bridge,
+        await bridge.portals.bridge_existing(
             room_id,
             evt.room_id,
             name=name,

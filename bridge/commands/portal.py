@@ -10,7 +10,6 @@ from mautrix.types import EventID, UserID
 from kalandra_core.client.bridge_invite import is_matrix_user
 
 from .. import access
-from ..portal import Portal
 from .util import (
     CommandFailed,
     active_room,
@@ -38,8 +37,8 @@ async def create(evt: CommandEvent) -> EventID:
     assert bot.client is not None
     room_id = await bot.client.create_room(name=name)
     await bot.state.flush()  # the room's MLS state is saved before the portal points at it
-    portal = await Portal.get_or_create(
-        bridge, room_id, name=name, topic="", last_log_index=bot.core.rooms[room_id].last_seen
+    portal = await bridge.portals.get_or_create(
+        room_id, name=name, topic="", last_log_index=bot.core.rooms[room_id].last_seen
     )
     await access.grant(bridge, room_id, evt.sender.mxid, f"creator:{evt.sender.mxid}")
     await portal.ensure_matrix_room(invite=[evt.sender.mxid])
@@ -64,7 +63,7 @@ async def open(evt: CommandEvent) -> EventID:
         raise CommandFailed("Opening portals needs the `user` permission.")
     await check_access(evt, room_id)
     active_room(evt, room_id)
-    portal = await Portal.open(bridge, room_id)
+    portal = await bridge.portals.open(room_id)
     # A member of the room (or an admin) reads the history the bridge kept; someone only
     # invited reads from the invitation on.
     member = access.is_admin(bridge, sender) or await access.member_in_room(
@@ -82,7 +81,7 @@ async def open(evt: CommandEvent) -> EventID:
 )
 async def list_portals(evt: CommandEvent) -> EventID:
     bridge = bridge_of(evt)
-    portals = await Portal.load_all(bridge)
+    portals = await bridge.portals.load_all()
     sender = evt.sender.mxid
     admin = access.is_admin(bridge, sender)
     if not admin:
@@ -127,7 +126,7 @@ async def invite(evt: CommandEvent) -> EventID:
         if access.level_of(bridge, user) == "none":
             raise CommandFailed(f"{user} has no permission to use this bridge.")
         await access.grant(bridge, room_id, user, f"admin:{evt.sender.mxid}")
-        portal = await Portal.open(bridge, room_id)
+        portal = await bridge.portals.open(room_id)
         await portal.let_in(user, with_history=False)
         return await evt.reply(f"Invited {user} into the portal of `{room_id.hex()}`.")
     member_id = int(who)

@@ -16,10 +16,9 @@ from kalandra_core.client.room import ClientRoom
 
 from .. import access
 from ..db.roster import bridged_member
-from ..portal import Portal
 
 if TYPE_CHECKING:
-    from ..context import BridgeContext
+    from ..context import BridgeContext, PortalFace
 
 # (mypy misreads HelpSection's NamedTuple constructor)
 SECTION_ROOMS = HelpSection._make(("Kalandra rooms", 30, ""))
@@ -39,8 +38,8 @@ def bridge_of(evt: CommandEvent) -> BridgeContext:
     return cast("BridgeContext", evt.bridge)
 
 
-def portal_of(evt: CommandEvent) -> Portal | None:
-    return Portal.by_mxid(evt.room_id)
+def portal_of(evt: CommandEvent) -> PortalFace | None:
+    return bridge_of(evt).portals.by_mxid(evt.room_id)
 
 
 def parse_room_id(text: str) -> bytes | None:
