@@ -212,7 +212,8 @@ class BridgedUser:
             if not future.done():
                 future.set_exception(SendFailed("connection lost"))
 
-    async def _request(self, request_id: int, data: bytes) -> Frame:
+    async def request(self, request_id: int, data: bytes) -> Frame:
+        """Send a frame of this member's (built by its core) and wait for the answer."""
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
         self.futures[request_id] = future
         try:
@@ -221,6 +222,10 @@ class BridgedUser:
             return await asyncio.wait_for(future, _TIMEOUT)
         finally:
             self.futures.pop(request_id, None)
+
+    def send_unanswered(self, data: bytes) -> bool:
+        """Send a frame nothing answers (typing); False when not connected."""
+        return self._sink is not None and self._sink.send(data)
 
     async def connect(self) -> None:
         async with self._connect_lock:
@@ -248,7 +253,7 @@ class BridgedUser:
         self._sink = connect_loopback(hub.session_factory, lambda _sink: _Session(self))
         hello = self.core.hello(token)
         try:
-            reply = await self._request(Frame.decode(hello).header.request_id, hello)
+            reply = await self.request(Frame.decode(hello).header.request_id, hello)
             _raise_error(reply)
         except BaseException:
             await self.close()  # not authenticated: the next connect starts over
@@ -295,7 +300,7 @@ class BridgedUser:
         await self.ensure_in_room(room_id)
         if prepared is not None and prepared.sender_id == self.member_id:
             log.info("member %d: resending the recorded frame of a replayed event", self.member_id)
-            reply = await self._request(prepared.request_id, prepared.frame)
+            reply = await self.request(prepared.request_id, prepared.frame)
             if reply.header.opcode == Opcode.APP_MESSAGE:
                 return reply.header.context_id  # sequenced before the crash, or just now
             try:
@@ -320,7 +325,7 @@ class BridgedUser:
                 Outgoing(event_id, room_id, self.member_id, rid, data),
                 SendMark(envelope.epoch, leaf, envelope.generation),
             )
-            reply = await self._request(rid, data)
+            reply = await self.request(rid, data)
             try:
                 _raise_error(reply)
             except SendFailed as exc:

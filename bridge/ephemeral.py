@@ -165,9 +165,7 @@ class MatrixEphemeral:
                 typing=typing,
                 timeout_ms=_MATRIX_TYPING_MS,
             )
-            sink = user._sink
-            if sink is not None:
-                sink.send(data)  # ephemeral: nothing answers it
+            user.send_unanswered(data)  # ephemeral: nothing answers it
         except Exception as exc:
             log.info("portal %s: typing not bridged (%s)", portal.hex, type(exc).__name__)
 

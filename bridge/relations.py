@@ -422,7 +422,7 @@ async def send_logged(user: BridgedUser, room_id: bytes, build: FrameBuilder) ->
     for attempt in range(_ATTEMPTS):
         room = bot.core.rooms[room_id]
         rid, data = build(user.core, room.room_int, room.epoch)
-        reply: Frame = await user._request(rid, data)
+        reply: Frame = await user.request(rid, data)
         try:
             _raise_error(reply)
         except SendFailed as exc:

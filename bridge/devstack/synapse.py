@@ -257,7 +257,7 @@ class Synapse:
                 preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
 
-    async def _launch(self, startup_timeout: float = STARTUP_TIMEOUT) -> None:
+    async def launch(self, startup_timeout: float = STARTUP_TIMEOUT) -> None:
         self._spawn()
         try:
             async with asyncio.timeout(startup_timeout):
@@ -304,7 +304,7 @@ class Synapse:
     async def restart(self) -> None:
         """Stop and start again on the same port and database (about 2 s)."""
         await self.stop()
-        await self._launch()
+        await self.launch()
 
     @property
     def running(self) -> bool:
@@ -444,5 +444,5 @@ async def start_synapse(
     synapse = _prepare(workdir, port, registrations, secrets)
     if not (synapse.workdir / "data" / f"{SERVER_NAME}.signing.key").exists():
         await _generate_keys(synapse)
-    await synapse._launch(startup_timeout)
+    await synapse.launch(startup_timeout)
     return synapse
