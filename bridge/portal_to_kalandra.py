@@ -38,14 +38,13 @@ from mautrix.types import (
 )
 
 from kalandra_core.client.content import Content
-from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.client.profile import Profile, with_profile
-from kalandra_core.proto.payloads import ErrorCode
-from kalandra_core.storage.reachable import outage, through_outage
+from kalandra_core.storage.reachable import through_outage
 
 from . import access, e2ee, ephemeral, media, portal_access, relations, room_metadata
+from . import portal_errors as errors
 from .bot_send import bot_send
-from .bridged_user import BridgedUser, SendFailed
+from .bridged_user import BridgedUser
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .formatting import formatted_message
 from .message_status import Refused, StatusSender
@@ -61,12 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kalandra.bridge.portal")
 
 _MX_KINDS = {v: k for k, v in KINDS.items()}
-_ATTEMPTS = 5  # for failures that may pass (a lost connection, a busy database)
-# Answers of the Kalandra server that mean "not now": no answer at all, its storage failing
-# (a database restart: the frame was not sequenced), over the session's rate. Retried for
-# about two and a half minutes before the message is reported as failed.
-_TRANSIENT = frozenset({0, int(ErrorCode.STORAGE_ERROR), int(ErrorCode.RATE_LIMITED)})
-_TRANSIENT_ATTEMPTS = 14
 _MAX_DELAY = 15.0
 _MESSAGES = frozenset({"message", "undecryptable", "unencrypted"})  # (get status events)
 _RECORD_LAG = float(os.environ.get("KALANDRA_TEST_RECORD_LAG", "0") or 0)  # tests only
@@ -180,45 +173,25 @@ class PortalToKalandra(PortalBase):
                 break
             except asyncio.CancelledError:
                 raise
-            except Refused as refusal:
-                await self._mx_fail(work, refusal)
+            except Exception as exc:
+                error, decision = exc, errors.verdict(exc, attempt)
+            if isinstance(decision, errors.Fail):
+                await self._mx_fail(work, decision.refusal)
                 return
-            except relations.Held:
+            if isinstance(decision, errors.Hold):
                 await dedupe.record_done(work.event_id, e2ee.HELD)  # (see e2ee.resume_key_waits)
                 return
-            except NotYetConfirmed:
+            if isinstance(decision, errors.Queued):
                 # Queued in the bot's outbox, delivered once: never sent a second time.
                 log.warning("portal %s: %s queued, not confirmed yet", self.hex, work.kind)
                 await dedupe.record_done(work.event_id)
                 if work.kind == "message":  # (it goes out: a PENDING must not stay the last)
                     self.mx_status.success(mxid, work.event_id)
                 return
-            except (SendFailed, ClientError) as exc:
-                if exc.code in _TRANSIENT and attempt < _TRANSIENT_ATTEMPTS:
-                    # No answer, or "retry" (its database restarting, over its rate).
-                    await self._mx_wait_retry(work, exc, delay)
-                    delay = min(delay * 2, _MAX_DELAY)
-                    continue
-                # The Kalandra server's answer: say it as it is.
-                if exc.code in _TRANSIENT:  # still no answer, or still "retry": maybe later
-                    text = f"the Kalandra server did not take it in time ({exc})."
-                else:
-                    text = f"the Kalandra server refused it ({exc})."
-                failed = Refused(
-                    MessageStatusReason.NETWORK_ERROR, text, retriable=exc.code in _TRANSIENT
-                )
-                await self._mx_fail(work, failed)
-                return
-            except Exception as exc:
-                if outage(exc):
-                    raise  # waited out by _mx_handle
-                if attempt >= _ATTEMPTS:
-                    text = f"an internal error ({type(exc).__name__})."
-                    failed = Refused(MessageStatusReason.GENERIC_ERROR, text, retriable=True)
-                    await self._mx_fail(work, failed)
-                    return
-                await self._mx_wait_retry(work, exc, delay)
-                delay = min(delay * 2, _MAX_DELAY)
+            if isinstance(decision, errors.WaitOut):
+                raise error  # waited out by _mx_handle
+            await self._mx_wait_retry(work, error, delay)
+            delay = min(delay * 2, _MAX_DELAY)
         if work.kind == "message":
             self.mx_status.success(mxid, work.event_id)
         else:
