@@ -46,11 +46,13 @@ from . import (
     self_ping,
 )
 from .bot import BotIdentityLost, KalandraBot
+from .bridged_user import BridgedUsers
 from .config import EXAMPLE_CONFIG, Config
 from .ghost_devices import GhostDevices
 from .matrix import MatrixHandler
 from .portal import Portals
 from .provisioning import ProvisioningAPI
+from .puppet import Puppets
 from .transactions import TransactionGate
 from .user import User
 
@@ -144,6 +146,8 @@ class KalandraBridge(Bridge):
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
         self.matrix_ready = asyncio.Event()
         self.portals = Portals(self)
+        self.bridged_users = BridgedUsers(self)
+        self.puppets = Puppets(self)
         self._reloads = set()
         self.gate = TransactionGate(self)
         self.gate.install()  # acknowledge transactions only when done

@@ -41,7 +41,6 @@ from kalandra_core.transport.loopback import loopback_connector
 from . import access, permissions, portal_access
 from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
 from .bot_state import BotState
-from .bridged_user import BridgedUser
 from .db import ClientStateTable, SealedIdentity
 from .routed import Item, RosterCheck
 
@@ -195,9 +194,10 @@ class KalandraBot:
             key = self.bridge.config.mls_state_key
             assert key is not None
             await BackfillTable(self.bridge.db, key).clear()
-        await BridgedUser.load_member_ids(self.bridge)
+        await self.bridge.bridged_users.load_member_ids()
         await access.load(self.bridge)
-        core.commit_for = BridgedUser.member_ids  # the puppet leaves never commit themselves
+        # The puppet leaves never commit themselves.
+        core.commit_for = self.bridge.bridged_users.member_ids
         for portal in await self.bridge.portals.load_all():
             portal.start()
         limits = self.server.hub.config.limits
@@ -311,7 +311,7 @@ class KalandraBot:
             task.cancel()
         for portal in self.bridge.portals.all():
             await portal.stop()
-        await BridgedUser.close_all()
+        await self.bridge.bridged_users.close_all()
         if self.history is not None:
             self.history.stop()
         if self.client is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
 
@@ -133,11 +133,68 @@ class _Session:
         self.owner.lost()
 
 
-class BridgedUser:
-    by_mxid: ClassVar[dict[str, BridgedUser]] = {}
-    member_ids: ClassVar[set[int]] = set()  # every bridged user's member id (echo filter)
-    _locks: ClassVar[dict[str, asyncio.Lock]] = {}
+class BridgedUsers:
+    """The Matrix users the bridge holds Kalandra members for: one directory per bridge
+    process (app.py), made at their first need and kept."""
 
+    def __init__(self, bridge: BridgeContext) -> None:
+        self.bridge = bridge
+        self._by_mxid: dict[str, BridgedUser] = {}
+        self.member_ids: set[int] = set()  # every bridged user's member id (echo filter)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def load_member_ids(self) -> None:
+        self.member_ids.update(await _table(self.bridge).member_ids())
+
+    def find(self, mxid: str) -> BridgedUser | None:
+        """The user's bridged member if this process has it loaded already."""
+        return self._by_mxid.get(mxid)
+
+    async def get(self, mxid: UserID, permission: str) -> BridgedUser:
+        user = self._by_mxid.get(mxid)
+        if user is not None:
+            return user
+        async with self._locks.setdefault(mxid, asyncio.Lock()):
+            user = self._by_mxid.get(mxid)
+            if user is None:
+                user = await _load_or_create(self.bridge, mxid, permission)
+                self._by_mxid[mxid] = user
+                self.member_ids.add(user.member_id)
+            return user
+
+    async def close_all(self) -> None:
+        for user in self._by_mxid.values():
+            await user.close()
+
+
+async def _load_or_create(bridge: BridgeContext, mxid: UserID, permission: str) -> BridgedUser:
+    table = _table(bridge)
+    row = await table.get(mxid)
+    if row is not None and row.member_id is not None and row.signing_key is not None:
+        return BridgedUser(bridge, mxid, row.member_id, row.signing_key, row.device_token)
+    assert bridge.kalandra is not None
+    store = bridge.kalandra.store
+    # Only an account made here and recorded in bridge_users is ever this user's: one that
+    # merely has the name (made by an operator or anyone else, or by us just before a crash
+    # kept us from recording it) is never adopted; the user gets a fresh one.
+    name = member_name(mxid)
+    account = None
+    while account is None:
+        try:
+            account = await store.create_member(name)
+        except AlreadyExists:
+            name = f"{member_name(mxid)}{_RETRY_MARK}{secrets.token_hex(3)}"
+    key = bytes(SigningKey.generate())
+    await table.put(
+        BridgedUserRow(
+            mxid=mxid, permission=permission, member_id=account.member_id, signing_key=key
+        )
+    )
+    log.info("created Kalandra member %d for a bridged Matrix user", account.member_id)
+    return BridgedUser(bridge, mxid, account.member_id, key)
+
+
+class BridgedUser:
     def __init__(
         self,
         bridge: BridgeContext,
@@ -155,54 +212,6 @@ class BridgedUser:
         self.futures: dict[int, asyncio.Future[Frame]] = {}
         self._sink: FrameSink | None = None
         self._connect_lock = asyncio.Lock()
-
-    # --- identity ------------------------------------------------------------------------------
-
-    @classmethod
-    async def load_member_ids(cls, bridge: BridgeContext) -> None:
-        cls.member_ids.update(await _table(bridge).member_ids())
-
-    @classmethod
-    async def get(cls, bridge: BridgeContext, mxid: UserID, permission: str) -> BridgedUser:
-        user = cls.by_mxid.get(mxid)
-        if user is not None:
-            return user
-        async with cls._locks.setdefault(mxid, asyncio.Lock()):
-            user = cls.by_mxid.get(mxid)
-            if user is None:
-                user = await cls._load_or_create(bridge, mxid, permission)
-                cls.by_mxid[mxid] = user
-                cls.member_ids.add(user.member_id)
-            return user
-
-    @classmethod
-    async def _load_or_create(
-        cls, bridge: BridgeContext, mxid: UserID, permission: str
-    ) -> BridgedUser:
-        table = _table(bridge)
-        row = await table.get(mxid)
-        if row is not None and row.member_id is not None and row.signing_key is not None:
-            return cls(bridge, mxid, row.member_id, row.signing_key, row.device_token)
-        assert bridge.kalandra is not None
-        store = bridge.kalandra.store
-        # Only an account made here and recorded in bridge_users is ever this user's: one that
-        # merely has the name (made by an operator or anyone else, or by us just before a crash
-        # kept us from recording it) is never adopted; the user gets a fresh one.
-        name = member_name(mxid)
-        account = None
-        while account is None:
-            try:
-                account = await store.create_member(name)
-            except AlreadyExists:
-                name = f"{member_name(mxid)}{_RETRY_MARK}{secrets.token_hex(3)}"
-        key = bytes(SigningKey.generate())
-        await table.put(
-            BridgedUserRow(
-                mxid=mxid, permission=permission, member_id=account.member_id, signing_key=key
-            )
-        )
-        log.info("created Kalandra member %d for a bridged Matrix user", account.member_id)
-        return cls(bridge, mxid, account.member_id, key)
 
     # --- the session ---------------------------------------------------------------------------
 
@@ -335,11 +344,6 @@ class BridgedUser:
                 continue
             return reply.header.context_id
         raise SendFailed("stale epoch")  # not reached
-
-    @classmethod
-    async def close_all(cls) -> None:
-        for user in cls.by_mxid.values():
-            await user.close()
 
 
 def _table(bridge: BridgeContext) -> BridgedUserTable:

@@ -19,10 +19,12 @@ if TYPE_CHECKING:
     from mautrix.util.async_db import Database
 
     from kalandra_core.client import events as ev
+    from kalandra_core.client.content import Content
     from kalandra_core.client.core import ClientCore
     from kalandra_core.client.driver import Client
     from kalandra_core.client.events import Message
     from kalandra_core.client.profile import Profile
+    from kalandra_core.proto.frame import Frame
     from kalandra_core.server.app import RunningServer
 
     from .bot_state import BotState
@@ -73,10 +75,64 @@ class Ghost(Protocol):
     """A native member's Matrix user (a ghost of the appservice)."""
 
     @property
+    def member_id(self) -> int: ...
+
+    @property
     def mxid(self) -> UserID: ...
 
     @property
     def intent(self) -> IntentAPI: ...
+
+    @property
+    def displayname(self) -> str: ...
+
+    async def ensure_ready(self) -> None:
+        """Registered on the homeserver, with its display name."""
+
+
+class GhostDirectory(Protocol):
+    async def get(self, member_id: int) -> Ghost: ...
+
+
+class BridgedMember(Protocol):
+    """A Matrix user's Kalandra member, whose keys the bridge holds (its puppet leaf)."""
+
+    @property
+    def mxid(self) -> UserID: ...
+
+    @property
+    def member_id(self) -> int: ...
+
+    @property
+    def core(self) -> ClientCore: ...  # frames only: no rooms, no MLS state
+
+    token: str | None  # its device token, once issued
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ensure_in_room(self, room_id: bytes) -> None: ...
+
+    async def send(self, room_id: bytes, content: Content, event_id: EventID) -> int:
+        """Send as this member's leaf; the message's log index."""
+
+    async def request(self, request_id: int, data: bytes) -> Frame: ...
+
+    def send_unanswered(self, data: bytes) -> bool: ...
+
+
+class BridgedUserDirectory(Protocol):
+    @property
+    def member_ids(self) -> set[int]: ...  # every bridged user's member id
+
+    def find(self, mxid: str) -> BridgedMember | None: ...
+
+    async def get(self, mxid: UserID, permission: str) -> BridgedMember: ...
+
+    async def load_member_ids(self) -> None: ...
+
+    async def close_all(self) -> None: ...
 
 
 class LateReports(Protocol):
@@ -217,5 +273,11 @@ class BridgeContext(Protocol):
 
     @property
     def portals(self) -> PortalDirectory: ...
+
+    @property
+    def bridged_users(self) -> BridgedUserDirectory: ...
+
+    @property
+    def puppets(self) -> GhostDirectory: ...
 
     def is_bridge_ghost(self, user_id: UserID) -> bool: ...

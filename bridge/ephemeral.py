@@ -33,12 +33,11 @@ from kalandra_core.client.core import ClientCore
 from kalandra_core.client.extras import receipt_frame, send_receipt, typing_frame
 from kalandra_core.proto import ReceiptKind
 
-from .bridged_user import BridgedUser
 from .db import BridgedUserTable, MessageTable
 from .relations import matrix_event, send_logged
 
 if TYPE_CHECKING:
-    from .context import BridgeContext, PortalFace
+    from .context import BridgeContext, BridgedMember, PortalFace
 
 log = logging.getLogger("kalandra.bridge.ephemeral")
 
@@ -51,7 +50,7 @@ _MATRIX_TYPING_MS = 120_000
 
 
 def _from_matrix(bridge: BridgeContext, member_id: int) -> bool:
-    return member_id == bridge.bot.member_id or member_id in BridgedUser.member_ids
+    return member_id == bridge.bot.member_id or member_id in bridge.bridged_users.member_ids
 
 
 async def receipt_to_matrix(portal: PortalFace, item: ev.Receipted) -> None:
@@ -90,7 +89,7 @@ class MatrixEphemeral:
         self._locks: dict[tuple[bytes, UserID], asyncio.Lock] = {}
         self._strangers: set[UserID] = set()  # Matrix users with no Kalandra member
 
-    async def _member(self, portal: PortalFace, mxid: UserID) -> BridgedUser | None:
+    async def _member(self, portal: PortalFace, mxid: UserID) -> BridgedMember | None:
         """The user's puppet leaf if it is in the portal's group now."""
         if mxid == self.bridge.az.bot_mxid or self.bridge.is_bridge_ghost(mxid):
             return None
@@ -101,7 +100,7 @@ class MatrixEphemeral:
         room = self.bridge.bot.core.rooms.get(portal.room_id)
         if room is None or not room.active:
             return None
-        user = BridgedUser.by_mxid.get(mxid)
+        user = self.bridge.bridged_users.find(mxid)
         if user is None and mxid in self._strangers:
             return None
         if user is None:  # not loaded since the start: a member made by an earlier run?
@@ -111,7 +110,7 @@ class MatrixEphemeral:
             if row is None or row.member_id is None:
                 self._strangers.add(mxid)  # until they speak (then by_mxid has them)
                 return None
-            user = await BridgedUser.get(self.bridge, mxid, row.permission)
+            user = await self.bridge.bridged_users.get(mxid, row.permission)
         return user if user.member_id in room.roster() else None
 
     async def read(self, portal: PortalFace, mxid: UserID, event_id: EventID) -> None:
@@ -135,7 +134,7 @@ class MatrixEphemeral:
                 return receipt_frame(core, room_int=room_int, epoch=epoch, target=target)
 
             try:
-                await send_logged(user, portal.room_id, build)
+                await send_logged(portal.bridge, user, portal.room_id, build)
             except Exception as exc:  # a receipt is not worth a retry loop
                 log.info("portal %s: read receipt not bridged (%s)", portal.hex, exc)
                 return
@@ -152,7 +151,7 @@ class MatrixEphemeral:
             if user is not None:
                 await self._send_typing(user, portal, state)
 
-    async def _send_typing(self, user: BridgedUser, portal: PortalFace, typing: bool) -> None:
+    async def _send_typing(self, user: BridgedMember, portal: PortalFace, typing: bool) -> None:
         room = self.bridge.bot.core.rooms.get(portal.room_id)
         if room is None:
             return

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from mautrix.util.config import yaml
 from ruamel.yaml.error import YAMLError
 
-from .bridged_user import BridgedUser
 from .config import PERMISSION_LEVELS
 from .db.roster import bridged_mxids
 
@@ -41,7 +40,7 @@ async def remove_unpermitted(bridge: BridgeContext) -> int:
     for member_id, mxid in (await bridged_mxids(bridge.db)).items():
         if bridge.config.permission_level(mxid) in MEMBER_LEVELS:
             continue
-        user = BridgedUser.by_mxid.get(mxid)
+        user = bridge.bridged_users.find(mxid)
         if user is not None:
             await user.close()  # its loopback session: nothing more goes out as it
         assert bridge.kalandra is not None

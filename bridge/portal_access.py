@@ -18,7 +18,6 @@ from mautrix.types import EventType, Membership, MessageStatusReason, UserID
 from kalandra_core.client import events as ev
 
 from . import access
-from .bridged_user import BridgedUser
 from .message_status import Refused
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ class RoomRef(Protocol):
 
 
 def _is_native(bridge: BridgeContext, member_id: int) -> bool:
-    return member_id != bridge.bot.member_id and member_id not in BridgedUser.member_ids
+    return member_id != bridge.bot.member_id and member_id not in bridge.bridged_users.member_ids
 
 
 async def native_invite(portal: RoomRef, message: ev.Message, mxid: UserID) -> bool:

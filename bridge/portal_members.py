@@ -35,11 +35,10 @@ from mautrix.types import MessageType as MxMessageType
 from kalandra_core.client import events as ev
 
 from . import e2ee
-from .bridged_user import BridgedUser
 from .db import MessageTable
 from .db.progress import advance, bridged_mxid
 from .portal_base import PortalBase
-from .puppet import Puppet, member_of, mxid_of
+from .puppet import member_of, mxid_of
 from .routed import RosterCheck
 
 if TYPE_CHECKING:
@@ -74,7 +73,10 @@ class PortalMembers(PortalBase):
 
     def is_native(self, member_id: int) -> bool:
         """A member that has a ghost: not the bot, not a bridged Matrix user."""
-        return member_id != self.bridge.bot.member_id and member_id not in BridgedUser.member_ids
+        return (
+            member_id != self.bridge.bot.member_id
+            and member_id not in self.bridge.bridged_users.member_ids
+        )
 
     def _txn(self, log_index: int, what: str) -> str:
         return f"kalandra-{self.hex}-{log_index}-{what}"
@@ -108,7 +110,7 @@ class PortalMembers(PortalBase):
     # --- ghosts ----------------------------------------------------------------------------
 
     async def _ghost_join(self, member_id: int) -> None:
-        puppet = await Puppet.get(self.bridge, member_id)
+        puppet = await self.bridge.puppets.get(member_id)
         await puppet.ensure_ready()
         if await self._membership(puppet.mxid) != Membership.JOIN:
             await puppet.intent.ensure_joined(self.room_mxid, ignore_cache=True)
@@ -175,7 +177,7 @@ class PortalMembers(PortalBase):
         await self.advance(event.log_index, event_id)
 
     async def _target(self, member_id: int) -> UserID | None:
-        if member_id in BridgedUser.member_ids:
+        if member_id in self.bridge.bridged_users.member_ids:
             return await bridged_mxid(self.bridge.db, member_id)
         return mxid_of(self.bridge, member_id)
 

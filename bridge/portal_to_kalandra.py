@@ -44,7 +44,6 @@ from kalandra_core.storage.reachable import through_outage
 from . import access, e2ee, ephemeral, media, portal_access, relations, room_metadata
 from . import portal_errors as errors
 from .bot_send import bot_send
-from .bridged_user import BridgedUser
 from .db import BridgedUserTable, DedupeTable, MessageTable, PortalRow
 from .formatting import formatted_message
 from .message_status import Refused, StatusSender
@@ -227,7 +226,7 @@ class PortalToKalandra(PortalBase):
             # Let in (access.py) or kicked; only `user` and `admin` get an MLS leaf.
             admitted = await portal_access.admit_join(self.face, work)
             if admitted and work.permission in ("user", "admin"):
-                user = await BridgedUser.get(self.bridge, work.sender, work.permission)
+                user = await self.bridge.bridged_users.get(work.sender, work.permission)
                 await user.ensure_in_room(self.room_id)
         elif work.kind == "invite":
             await portal_access.matrix_invite(self.face, work)
@@ -272,7 +271,7 @@ class PortalToKalandra(PortalBase):
             )
         body = await relations.from_matrix(self.face, work.content, body)
         if work.permission in ("user", "admin"):
-            user = await BridgedUser.get(self.bridge, work.sender, work.permission)
+            user = await self.bridge.bridged_users.get(work.sender, work.permission)
             body = with_profile(body, await self.profile(work.sender))
             index = await user.send(self.room_id, body, work.event_id)
         elif work.permission == "relay" and self.row.relay_enabled:
@@ -319,7 +318,7 @@ class PortalToKalandra(PortalBase):
     async def _mx_remove_bridged(self, work: FromMatrix) -> None:
         assert work.target is not None
         await access.revoke(self.bridge, self.room_id, work.target)  # a new invitation needed
-        user = BridgedUser.by_mxid.get(work.target)
+        user = self.bridge.bridged_users.find(work.target)
         member_id = user.member_id if user is not None else None
         if member_id is None:
             key = self.bridge.config.mls_state_key

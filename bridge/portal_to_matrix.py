@@ -70,15 +70,13 @@ from . import (
     room_metadata,
     set_aside,
 )
-from .bridged_user import BridgedUser
 from .db import MessageTable, PortalRow
 from .formatting import formatted_message
 from .portal_members import PortalMembers
-from .puppet import Puppet
 from .routed import Item, MatrixInvite, RosterCheck
 
 if TYPE_CHECKING:
-    from .context import BridgeContext
+    from .context import BridgeContext, Ghost
 
 log = logging.getLogger("kalandra.bridge.portal")
 
@@ -269,7 +267,7 @@ class PortalToMatrix(PortalMembers):
         await self._records.put((item, notice, False))
 
     async def _aside_notice(self, message: Message, reason: str) -> EventID:
-        ghost = (await Puppet.get(self.bridge, message.sender_id)).mxid
+        ghost = (await self.bridge.puppets.get(message.sender_id)).mxid
         text = set_aside.notice_text(ghost, message.log_index, message.timestamp_ms, reason)
         content = TextMessageEventContent(msgtype=MessageType.NOTICE, body=text).serialize()
         content[set_aside.SET_ASIDE_KEY] = {
@@ -320,7 +318,7 @@ class PortalToMatrix(PortalMembers):
         ``timestamp``: the event's time (ms) instead of now (history, backfill.py)."""
         if message.sender_id == self.bridge.bot.member_id:
             return None  # the bot's own (relayed) messages came from Matrix
-        if message.sender_id in BridgedUser.member_ids:
+        if message.sender_id in self.bridge.bridged_users.member_ids:
             return None  # a bridged Matrix user's message: it came from Matrix (no echo)
         invited = invited_mxid(message.content)  # a native member lets a Matrix user in?
         if invited is not None and await portal_access.native_invite(
@@ -366,7 +364,7 @@ class PortalToMatrix(PortalMembers):
 
     async def _send_part(
         self,
-        puppet: Puppet,
+        puppet: Ghost,
         message: Message,
         event_type: EventType,
         content: JSON,
@@ -407,9 +405,9 @@ class PortalToMatrix(PortalMembers):
                 catch_up.homeserver_unreachable()
             raise
 
-    async def ghost(self, member_id: int) -> Puppet:
+    async def ghost(self, member_id: int) -> Ghost:
         """The member's ghost, registered and in the room (joined once per process)."""
-        puppet = await Puppet.get(self.bridge, member_id)
+        puppet = await self.bridge.puppets.get(member_id)
         if puppet.mxid not in self._ghosts_in_room:
             await puppet.ensure_ready()
             if await self._membership(puppet.mxid) == Membership.BAN:

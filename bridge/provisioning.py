@@ -24,7 +24,6 @@ from mautrix.types import Membership
 
 from kalandra_core.client.driver import ClientError
 
-from .bridged_user import BridgedUser
 from .commands.account import LOGIN_CODE_TTL, issue_login_code
 from .db.device_token import token_id
 from .db.roster import bridged_member
@@ -129,7 +128,7 @@ class ProvisioningAPI:
         user_id, level = self.requests.acting_user(request, "user")
         self.requests.require_ready()
         bridge = self.bridge
-        user = await BridgedUser.get(bridge, user_id, level)
+        user = await bridge.bridged_users.get(user_id, level)
         # The bridge's key is bound first: a native login must never bind its own.
         await user.connect()
         assert bridge.kalandra is not None
@@ -144,7 +143,7 @@ class ProvisioningAPI:
         command gives it in an encrypted chat; here the HTTP answer is the private channel."""
         user_id, level = self.requests.acting_user(request, "user")
         self.requests.require_ready()
-        user = await BridgedUser.get(self.bridge, user_id, level)
+        user = await self.bridge.bridged_users.get(user_id, level)
         code = await issue_login_code(self.bridge, user)
         log.info("login code issued to member %d", user.member_id)
         return web.json_response(

@@ -8,7 +8,7 @@ its intent (mautrix invites it with the bot when needed). Its display name comes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from mautrix.appservice import IntentAPI
 from mautrix.types import UserID
@@ -19,9 +19,27 @@ if TYPE_CHECKING:
     from .context import BridgeContext
 
 
-class Puppet:
-    by_member: ClassVar[dict[int, Puppet]] = {}
+class Puppets:
+    """The ghosts of native members: one directory per bridge process (app.py)."""
 
+    def __init__(self, bridge: BridgeContext) -> None:
+        self.bridge = bridge
+        self._by_member: dict[int, Puppet] = {}
+
+    async def get(self, member_id: int) -> Puppet:
+        puppet = self._by_member.get(member_id)
+        if puppet is None:
+            bridge = self.bridge
+            row = await PuppetTable(bridge.db).get(member_id)
+            name = None
+            if bridge.kalandra is not None:
+                account = await bridge.kalandra.store.get_member(member_id)
+                name = None if account is None else account.name
+            puppet = self._by_member.setdefault(member_id, Puppet(bridge, member_id, row, name))
+        return puppet
+
+
+class Puppet:
     def __init__(
         self, bridge: BridgeContext, member_id: int, row: PuppetRow | None, name: str | None
     ) -> None:
@@ -34,18 +52,6 @@ class Puppet:
         )
         self.intent: IntentAPI = bridge.az.intent.user(self.mxid)
         self._ready = row is not None and row.displayname == self.displayname
-
-    @classmethod
-    async def get(cls, bridge: BridgeContext, member_id: int) -> Puppet:
-        puppet = cls.by_member.get(member_id)
-        if puppet is None:
-            row = await PuppetTable(bridge.db).get(member_id)
-            name = None
-            if bridge.kalandra is not None:
-                account = await bridge.kalandra.store.get_member(member_id)
-                name = None if account is None else account.name
-            puppet = cls.by_member.setdefault(member_id, cls(bridge, member_id, row, name))
-        return puppet
 
     async def ensure_ready(self) -> None:
         """Registered on the homeserver, with its display name."""

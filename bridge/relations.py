@@ -56,14 +56,14 @@ from kalandra_core.client.extras import reaction_frame
 from kalandra_core.proto import ErrorCode, Frame, Opcode, Reaction, decode_payload
 
 from . import e2ee
-from .bridged_user import BridgedUser, SendFailed, _raise_error
+from .bridged_user import SendFailed, _raise_error
 from .db import BridgedUserTable, MessageTable
 from .db.progress import bridged_mxid
 from .message_status import Refused
-from .puppet import Puppet, member_of
+from .puppet import member_of
 
 if TYPE_CHECKING:
-    from .context import BridgeContext, PortalFace
+    from .context import BridgeContext, BridgedMember, PortalFace
     from .portal_work import FromMatrix
 
 log = logging.getLogger("kalandra.bridge.relations")
@@ -154,7 +154,7 @@ async def _mention_pills(portal: PortalFace, content: Content) -> list[Pill]:
         if mxid is not None:
             name = await _matrix_name(portal, mxid)
         else:
-            puppet = await Puppet.get(bridge, member_id)
+            puppet = await bridge.puppets.get(member_id)
             mxid, name = puppet.mxid, puppet.displayname
         out.append((mxid, name, account_name))
     return out
@@ -255,7 +255,7 @@ async def _ghost_reaction(
 
 def _from_matrix(bridge: BridgeContext, member_id: int) -> bool:
     """The bot's or a bridged Matrix user's: it came from Matrix (no echo)."""
-    return member_id == bridge.bot.member_id or member_id in BridgedUser.member_ids
+    return member_id == bridge.bot.member_id or member_id in bridge.bridged_users.member_ids
 
 
 # --- Matrix -> Kalandra ---------------------------------------------------------------------
@@ -331,7 +331,7 @@ async def _member_of_mxid(bridge: BridgeContext, mxid: str) -> int | None:
     member_id = member_of(bridge, mxid)
     if member_id is not None:
         return member_id
-    user = BridgedUser.by_mxid.get(mxid)
+    user = bridge.bridged_users.find(mxid)
     if user is not None:
         return user.member_id
     key = bridge.config.mls_state_key
@@ -365,7 +365,7 @@ async def reaction_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
         return  # not a bridged message
     if work.permission not in ("user", "admin"):
         raise Refused(MessageStatusReason.NO_PERMISSION, REACTION_REFUSAL)
-    user = await BridgedUser.get(portal.bridge, work.sender, work.permission)
+    user = await portal.bridge.bridged_users.get(work.sender, work.permission)
     key = work.key
 
     def build(core: ClientCore, room_int: int, epoch: int) -> tuple[int, bytes]:
@@ -373,7 +373,7 @@ async def reaction_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
             core, room_int=room_int, epoch=epoch, target=target, key=key, add=True
         )
 
-    index = await send_logged(user, portal.room_id, build)
+    index = await send_logged(portal.bridge, user, portal.room_id, build)
     await MessageTable(portal.bridge.db).record_to_kalandra(
         portal.room_id, index, mxid, work.event_id
     )
@@ -388,7 +388,7 @@ async def unreact(portal: PortalFace, work: FromMatrix, log_index: int) -> bool:
     if not frames or frames[0].log_index != log_index or frames[0].opcode != Opcode.APP_REACTION:
         return False
     stored = frames[0]
-    user = BridgedUser.by_mxid.get(work.sender)
+    user = bridge.bridged_users.find(work.sender)
     if user is None or user.member_id != stored.sender_id or stored.payload is None:
         return False
     reaction = decode_payload(Opcode.APP_REACTION, stored.payload)
@@ -406,18 +406,20 @@ async def unreact(portal: PortalFace, work: FromMatrix, log_index: int) -> bool:
             add=False,
         )
 
-    index = await send_logged(user, portal.room_id, build)
+    index = await send_logged(portal.bridge, user, portal.room_id, build)
     mxid = portal.row.mxid
     assert mxid is not None
     await MessageTable(bridge.db).record_to_kalandra(portal.room_id, index, mxid, work.event_id)
     return True
 
 
-async def send_logged(user: BridgedUser, room_id: bytes, build: FrameBuilder) -> int:
+async def send_logged(
+    bridge: BridgeContext, user: BridgedMember, room_id: bytes, build: FrameBuilder
+) -> int:
     """A plaintext logged frame (reaction, receipt) as the bridged user's leaf; its log index.
     Built at the bot's epoch for the room; a StaleEpoch catches the bot up and builds again."""
     await user.ensure_in_room(room_id)
-    bot = user.bridge.bot
+    bot = bridge.bot
     assert bot.client is not None
     for attempt in range(_ATTEMPTS):
         room = bot.core.rooms[room_id]

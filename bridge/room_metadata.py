@@ -46,7 +46,6 @@ from kalandra_core.media.blob import MediaError, MediaRef
 
 from . import media
 from .bot_send import bot_send
-from .bridged_user import BridgedUser
 from .message_status import Refused
 from .portal_work import MatrixAvatar
 
@@ -218,7 +217,7 @@ async def meta_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
         raise Refused(MessageStatusReason.UNSUPPORTED, f"{exc}.") from None
     bridge = portal.bridge
     if work.permission in ("user", "admin"):
-        user = await BridgedUser.get(bridge, work.sender, work.permission)
+        user = await bridge.bridged_users.get(work.sender, work.permission)
         content = with_profile(content, await portal.profile(work.sender))
         index = await user.send(portal.room_id, content, work.event_id)
     else:

@@ -11,7 +11,6 @@ from mautrix.bridge.commands import CommandEvent, command_handler
 from mautrix.types import EventID, EventType, MessageType, TextMessageEventContent
 
 from .. import e2ee
-from ..bridged_user import BridgedUser
 from ..db.device_token import ID_LENGTH, ActiveToken, DeviceTokenTable, token_hash
 from ..user import User
 from .util import (
@@ -26,7 +25,7 @@ from .util import (
 )
 
 if TYPE_CHECKING:
-    from ..context import BridgeContext
+    from ..context import BridgeContext, BridgedMember
 
 
 @command_handler(
@@ -101,7 +100,7 @@ async def device_token(evt: CommandEvent) -> EventID:
     sender = cast("User", evt.sender)
     action = evt.args[0].lower() if evt.args else "issue"
     if action == "list" and len(evt.args) == 1:
-        user = await BridgedUser.get(bridge, sender.mxid, sender.level)
+        user = await bridge.bridged_users.get(sender.mxid, sender.level)
         issued = await _issued(DeviceTokenTable(bridge.db), user)
         if not issued:
             return await evt.reply(f"Member {user.member_id} has no device token from you.")
@@ -109,7 +108,7 @@ async def device_token(evt: CommandEvent) -> EventID:
         lines += [f"* `{t.token_id}` issued {_when(t.created_at)}" for t in issued]
         return await evt.reply("\n".join(lines))
     if action == "revoke" and len(evt.args) == 2:
-        user = await BridgedUser.get(bridge, sender.mxid, sender.level)
+        user = await bridge.bridged_users.get(sender.mxid, sender.level)
         return await evt.reply(await _revoke(DeviceTokenTable(bridge.db), user, evt.args[1]))
     if evt.args:
         raise CommandFailed(
@@ -121,7 +120,7 @@ async def device_token(evt: CommandEvent) -> EventID:
         raise CommandFailed(NO_ENCRYPTION)
     if not await e2ee.room_is_encrypted(bridge, evt.room_id):
         raise CommandFailed(UNENCRYPTED)
-    user = await BridgedUser.get(bridge, sender.mxid, sender.level)
+    user = await bridge.bridged_users.get(sender.mxid, sender.level)
     code = await issue_login_code(bridge, user)
     return await _reply_secret(
         evt,
@@ -131,7 +130,7 @@ async def device_token(evt: CommandEvent) -> EventID:
     )
 
 
-async def issue_login_code(bridge: BridgeContext, user: BridgedUser) -> str:
+async def issue_login_code(bridge: BridgeContext, user: BridgedMember) -> str:
     """A login code for the user's member (also the provisioning API's)."""
     # Bind the bridge's key first: a native login must never bind its own and lock the
     # bridge out of this member.
@@ -160,13 +159,13 @@ async def _reply_secret(evt: CommandEvent, text: str) -> EventID:
     return EventID(response["event_id"])
 
 
-async def _issued(table: DeviceTokenTable, user: BridgedUser) -> list[ActiveToken]:
+async def _issued(table: DeviceTokenTable, user: BridgedMember) -> list[ActiveToken]:
     """The member's active tokens but the bridge's own (its session for the member)."""
     own = None if user.token is None else token_hash(user.token)
     return [t for t in await table.active(user.member_id) if t.token_hash != own]
 
 
-async def _revoke(table: DeviceTokenTable, user: BridgedUser, given: str) -> str:
+async def _revoke(table: DeviceTokenTable, user: BridgedMember, given: str) -> str:
     issued = await _issued(table, user)
     if len(given) > ID_LENGTH:  # the token itself
         matches = [t for t in issued if t.token_hash == token_hash(given)]

@@ -8,7 +8,6 @@ from mautrix.types import EventID
 from kalandra_core.mls.keypackage import SUITE_X25519_AES128GCM, SUITE_X25519_CHACHA20
 from kalandra_core.storage.base import Role
 
-from ..bridged_user import BridgedUser
 from ..db.roster import bridged_mxids
 from .util import (
     ROOM_ARG,
@@ -49,7 +48,7 @@ async def members(evt: CommandEvent) -> EventID:
         name = account.name if account is not None else "?"
         if member_id == bot_id:
             kind = "the bridge bot"
-        elif member_id in bridged or member_id in BridgedUser.member_ids:
+        elif member_id in bridged or member_id in bridge.bridged_users.member_ids:
             kind = f"bridged Matrix user {bridged.get(member_id, '(unknown)')}"
         else:
             kind = "native"
