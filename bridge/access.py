@@ -57,14 +57,12 @@ KICK_REASON = (
     " members, of a portal moderator, or of a bridge admin."
 )
 
-# room id -> Matrix users granted entry (the table, in memory: one bridge process writes it)
-_granted: dict[bytes, set[UserID]] = {}
-
 
 async def load(bridge: BridgeContext) -> None:
-    _granted.clear()
+    granted = bridge.run_state.granted
+    granted.clear()
     for room_id, mxid in await AccessTable(bridge.db).all():
-        _granted.setdefault(room_id, set()).add(mxid)
+        granted.setdefault(room_id, set()).add(mxid)
 
 
 async def grant(
@@ -76,19 +74,20 @@ async def grant(
 ) -> None:
     """Record that ``mxid`` may enter the room, on ``granted_by``'s word (see the table)."""
     await AccessTable(bridge.db).grant(room_id, mxid, granted_by, log_index)
-    _granted.setdefault(room_id, set()).add(mxid)
+    bridge.run_state.granted.setdefault(room_id, set()).add(mxid)
     log.info("room %s: a Matrix user was let in by %s", room_id.hex(), granted_by.split(":")[0])
 
 
 async def revoke(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> None:
-    if mxid not in _granted.get(room_id, ()):
+    granted = bridge.run_state.granted
+    if mxid not in granted.get(room_id, ()):
         return
     await AccessTable(bridge.db).revoke(room_id, mxid)
-    _granted[room_id].discard(mxid)
+    granted[room_id].discard(mxid)
 
 
-def is_granted(room_id: bytes, mxid: UserID) -> bool:
-    return mxid in _granted.get(room_id, ())
+def is_granted(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> bool:
+    return mxid in bridge.run_state.granted.get(room_id, ())
 
 
 def is_admin(bridge: BridgeContext, mxid: str) -> bool:
@@ -115,7 +114,7 @@ async def in_room(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> bool:
     """The user is in the room (see the module doc): a roster member or granted entry."""
     if level_of(bridge, mxid) == "none":
         return False
-    return is_granted(room_id, mxid) or await member_in_room(bridge, room_id, mxid)
+    return is_granted(bridge, room_id, mxid) or await member_in_room(bridge, room_id, mxid)
 
 
 async def may_see(bridge: BridgeContext, room_id: bytes, mxid: UserID) -> bool:

@@ -53,6 +53,7 @@ from .matrix import MatrixHandler
 from .portal import Portals
 from .provisioning import ProvisioningAPI
 from .puppet import Puppets
+from .run_state import RunState
 from .transactions import TransactionGate
 from .user import User
 
@@ -138,10 +139,10 @@ class KalandraBridge(Bridge):
         )
 
     def prepare_bridge(self) -> None:
+        self.run_state = RunState()
         super().prepare_bridge()
         log_noise.install()  # after the logging config
         e2ee.install(self)  # the crypto state store reads our portals' room state
-        User.init_cls(self)
         prefix, suffix = self.matrix.user_id_prefix, self.matrix.user_id_suffix
         self._ghost = re.compile(f"{re.escape(prefix)}.+{re.escape(suffix)}")
         self.matrix_ready = asyncio.Event()
@@ -259,7 +260,7 @@ class KalandraBridge(Bridge):
         if self._catch_up is not None:
             self._catch_up.cancel()
         await self._stop_bot()
-        await e2ee.stop()
+        await e2ee.stop(self)
         await super().stop()
         await self._stop_kalandra()
 
@@ -282,7 +283,7 @@ class KalandraBridge(Bridge):
     # --- mautrix's getters: users only, for now ---------------------------------------------
 
     async def get_user(self, user_id: UserID, create: bool = True) -> User | None:
-        return User.get_by_mxid(user_id)
+        return self.matrix.users.get(user_id)
 
     async def get_portal(self, room_id: RoomID) -> BasePortal | None:
         return None

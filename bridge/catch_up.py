@@ -40,23 +40,23 @@ _PAGES = 10  # of 100 events per portal, at most
 # (its start-up alone takes seconds), so that no restart goes unseen; one cheap GET each.
 _WATCH_EVERY = 1.0
 _ANSWER_WITHIN = 10.0  # a busy homeserver is slow, not gone
-_state: dict[str, Any] = {"suspect": False, "last_txn": None}
 
 
-def homeserver_unreachable() -> None:
+def homeserver_unreachable(bridge: BridgeContext) -> None:
     """A request to the homeserver failed to connect or was cut: it may have restarted."""
-    _state["suspect"] = True
+    bridge.run_state.catch_up.suspect = True
 
 
-def due(txn_id: str) -> bool:
+def due(bridge: BridgeContext, txn_id: str) -> bool:
     """Whether the transaction ``txn_id`` should catch up first (and forget the reason)."""
+    state = bridge.run_state.catch_up
     number = int(txn_id) if txn_id.isdigit() else None
-    last = _state["last_txn"]
+    last = state.last_txn
     restarted = number is not None and last is not None and number < last
     if number is not None:
-        _state["last_txn"] = number
-    suspect, _state["suspect"] = _state["suspect"], False
-    return bool(suspect or restarted)
+        state.last_txn = number
+    suspect, state.suspect = state.suspect, False
+    return suspect or restarted
 
 
 def _ours(bridge: BridgeContext, user_id: str) -> bool:
@@ -137,7 +137,7 @@ async def catch_up(
             events = await missed(bridge, portal, known)
         except Exception as exc:  # the transaction goes on; the next suspicion tries again
             log.warning("portal %s: catching up failed (%s)", portal.hex, type(exc).__name__)
-            homeserver_unreachable()
+            homeserver_unreachable(bridge)
             continue
         if events:
             log.info("portal %s: %d missed Matrix events caught up", portal.hex, len(events))
@@ -168,8 +168,8 @@ async def watch(bridge: BridgeContext, run: Callable[[], Awaitable[None]]) -> No
             if not lost:
                 log.warning("the homeserver does not answer: catching up once it is back")
             pending = lost = True
-        elif pending or _state["suspect"]:
-            _state["suspect"] = pending = lost = False
+        elif pending or bridge.run_state.catch_up.suspect:
+            bridge.run_state.catch_up.suspect = pending = lost = False
             try:
                 await run()
             except Exception as exc:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .ghost_devices import GhostDevices
     from .portal_work import EventSlot, FromMatrix
     from .routed import Item
+    from .run_state import RunState
 
 
 class History(Protocol):
@@ -245,6 +246,10 @@ class BridgeContext(Protocol):
     """The bridge as its components see it."""
 
     e2ee_self_sign: bool  # bridge.encryption.self_sign, set by e2ee.install
+
+    @property
+    def run_state(self) -> RunState: ...  # what components keep in memory while it runs
+
     ghost_devices: GhostDevices | None  # bridge.encryption.ghost_devices, set by e2ee.install
 
     @property

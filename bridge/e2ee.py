@@ -158,7 +158,7 @@ def install(bridge: BridgeContext) -> None:
         handle_device_lists = e2ee.crypto.handle_device_lists
 
         async def device_lists(lists: DeviceLists) -> None:
-            _spawn(handle_device_lists(lists), "device-lists")
+            _spawn(bridge, handle_device_lists(lists), "device-lists")
 
         bridge.az.device_list_handler = device_lists
         if bridge.config["bridge.encryption.ghost_devices"] and e2ee.msc4190:
@@ -215,23 +215,15 @@ def _encrypt_bot_sends(bridge: BridgeContext) -> None:
     setattr(az, "start", start_and_wrap)  # noqa: B010 (mypy: assigning to a method)
 
 
-# Rooms whose state the bot fetched and found unencrypted: mautrix's state store records only
-# that a room is encrypted (set when its m.room.encryption comes, which ends the exemption).
-_seen_clear: set[RoomID] = set()
-
-
 async def _bot_room_encrypted(bridge: BridgeContext, room_id: RoomID) -> bool:
     if await bridge.az.state_store.is_encrypted(room_id):
         return True
-    if room_id in _seen_clear:
+    if room_id in bridge.run_state.e2ee.seen_clear:
         return False
     encrypted = await room_is_encrypted(bridge, room_id)  # a failure fails the send
     if not encrypted:
-        _seen_clear.add(room_id)
+        bridge.run_state.e2ee.seen_clear.add(room_id)
     return encrypted
-
-
-_refreshed: asyncio.Event | None = None  # set once the device lists are queried at startup
 
 
 def refresh_device_lists(bridge: BridgeContext) -> None:
@@ -243,8 +235,7 @@ def refresh_device_lists(bridge: BridgeContext) -> None:
     if e2ee is None or e2ee.crypto_db is None:
         return
     db, crypto = e2ee.crypto_db, e2ee.crypto
-    global _refreshed
-    refreshed = _refreshed = asyncio.Event()
+    refreshed = bridge.run_state.e2ee.refreshed = asyncio.Event()
 
     async def refresh() -> None:
         try:
@@ -263,14 +254,14 @@ def refresh_device_lists(bridge: BridgeContext) -> None:
         if users:  # (only those mautrix tracks: whose devices it knew)
             await crypto.handle_device_lists(DeviceLists(changed=users, left=[]))
 
-    _spawn(refresh(), "refresh-device-lists")
+    _spawn(bridge, refresh(), "refresh-device-lists")
 
 
-async def stop() -> None:
+async def stop(bridge: BridgeContext) -> None:
     """Ends the crypto tasks of this module (before the database closes); none start after."""
-    global _stopping
-    _stopping = True
-    tasks = list(_tasks)
+    state = bridge.run_state.e2ee
+    state.stopping = True
+    tasks = list(state.tasks)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -325,10 +316,11 @@ async def encrypt(
     e2ee = manager(bridge)
     if e2ee is None:
         raise RuntimeError("the portal is encrypted but bridge.encryption.allow is off")
-    if _refreshed is not None and not _refreshed.is_set():
+    refreshed = bridge.run_state.e2ee.refreshed
+    if refreshed is not None and not refreshed.is_set():
         # Keys go to the devices the bridge knows: first learn those added while it was down.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_refreshed.wait(), REFRESH_WAIT)
+            await asyncio.wait_for(refreshed.wait(), REFRESH_WAIT)
     started = time.perf_counter()
     if sender is not None and bridge.ghost_devices is not None:
         try:
@@ -379,15 +371,16 @@ async def decrypt_for_portal(
     session_id = evt.content.session_id
     try:
         # A session already asked for will not come within this transaction.
-        wait = 0 if session_id in _requested else KEY_WAIT
+        wait = 0 if session_id in bridge.run_state.e2ee.requested else KEY_WAIT
         decrypted = await e2ee.decrypt(evt, wait_session_timeout=wait)
     except SessionNotFound:
         log.warning("room key of event %s not received: asking the sender for it", evt.event_id)
         failed = _fail(portal, evt, UNDECRYPTABLE)
-        _late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
-        if session_id not in _requested:
-            _requested.add(session_id)
-            _spawn(_request_key(bridge, evt), f"key-request-{evt.event_id}")
+        state = bridge.run_state.e2ee
+        state.late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
+        if session_id not in state.requested:
+            state.requested.add(session_id)
+            _spawn(bridge, _request_key(bridge, evt), f"key-request-{evt.event_id}")
         return
     except DecryptionError as exc:
         log.warning("event %s not decrypted (%s)", evt.event_id, type(exc).__name__)
@@ -417,15 +410,6 @@ def _fail(
     return portal.submit(FromMatrix("undecryptable", evt.sender, evt.event_id, reason=text))
 
 
-# Megolm sessions asked for (once per process: a request is repeated by its own task).
-_requested: set[SessionID] = set()
-
-# Per portal, the events failed for a missing room key, in queue order, with their failures.
-_Late = dict[EventID, tuple[EncryptedEvent, asyncio.Future[None]]]
-_late: dict[RoomID, _Late] = {}
-_late_locks: dict[RoomID, asyncio.Lock] = {}
-
-
 async def _request_key(bridge: BridgeContext, evt: EncryptedEvent) -> None:
     """Ask the sending device for the event's room key until it comes (or ``LATE_KEY_WAIT``
     is over), then bridge what it unlocks."""
@@ -453,7 +437,7 @@ async def _request_key(bridge: BridgeContext, evt: EncryptedEvent) -> None:
             break
         if await _wait_for_session(e2ee.crypto, evt.room_id, content.session_id, pause):
             break
-    _requested.discard(content.session_id)  # a later event of the session may ask again
+    bridge.run_state.e2ee.requested.discard(content.session_id)  # a later event may ask again
     if await e2ee.crypto.crypto_store.has_group_session(evt.room_id, content.session_id):
         await _bridge_late(bridge, evt.room_id)
     else:
@@ -476,20 +460,13 @@ async def _wait_for_session(
 
 def _drop_late(bridge: BridgeContext, room_id: RoomID, session_id: SessionID) -> None:
     """The key wait for ``session_id`` is over: its relations held fail (see _release)."""
-    late = _late.get(room_id, {})
+    late = bridge.run_state.e2ee.late.get(room_id, {})
     for event_id in [e for e, (evt, _) in late.items() if evt.content.session_id == session_id]:
         del late[event_id]
         _release(bridge, room_id, event_id)
 
 
-# Per target event (failed for a missing room key), the relations to it held until it is
-# bridged or given up, in arrival order.
-_held: dict[EventID, list[FromMatrix]] = {}
-
-
-# The targets released lately (their relations looked at again after them), in order.
-_released: dict[EventID, None] = {}
-_RELEASED_KEPT = 1000
+_RELEASED_KEPT = 1000  # targets released lately, remembered
 
 
 def hold(portal: PortalFace, target: EventID, work: FromMatrix) -> bool:
@@ -497,12 +474,13 @@ def hold(portal: PortalFace, target: EventID, work: FromMatrix) -> bool:
     key; False if it does not. Synchronous: a target cannot be released between the check and
     the hold. A target released while ``work`` was looking it up is in the queue already:
     ``work`` goes again after it (once)."""
-    if target in _released and not work.held:
+    state = portal.bridge.run_state.e2ee
+    if target in state.released and not work.held:
         _requeue(portal, [work])
         return True
-    if target not in _late.get(portal.room_mxid, {}):
+    if target not in state.late.get(portal.room_mxid, {}):
         return False
-    held = _held.setdefault(target, [])
+    held = state.held.setdefault(target, [])
     if all(w.event_id != work.event_id for w in held):  # (a transaction replayed)
         held.append(work)
     return True
@@ -511,11 +489,12 @@ def hold(portal: PortalFace, target: EventID, work: FromMatrix) -> bool:
 def _release(bridge: BridgeContext, room_id: RoomID, target: EventID) -> None:
     """Hand the relations held for ``target`` to its portal's queue again, at its end: after
     the target when it was just handed on, else (its key never came) they fail there."""
-    _released[target] = None
-    while len(_released) > _RELEASED_KEPT:
-        del _released[next(iter(_released))]
+    state = bridge.run_state.e2ee
+    state.released[target] = None
+    while len(state.released) > _RELEASED_KEPT:
+        del state.released[next(iter(state.released))]
     portal = bridge.portals.by_mxid(room_id)
-    works = _held.pop(target, [])
+    works = state.held.pop(target, [])
     if portal is not None:
         _requeue(portal, works)
 
@@ -533,8 +512,9 @@ async def _bridge_late(bridge: BridgeContext, room_id: RoomID) -> None:
     CURRENT_SLOT.set(None)  # their own places in the queue were filled by the failures
     e2ee = manager(bridge)
     assert e2ee is not None
-    async with _late_locks.setdefault(room_id, asyncio.Lock()):
-        late = _late.get(room_id, {})
+    state = bridge.run_state.e2ee
+    async with state.late_locks.setdefault(room_id, asyncio.Lock()):
+        late = state.late.get(room_id, {})
         for event_id, (evt, failed) in list(late.items()):
             store = e2ee.crypto.crypto_store
             if not await store.has_group_session(room_id, evt.content.session_id):
@@ -610,11 +590,12 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
             continue  # not a missing key (another failure), or its room is gone
         failed = asyncio.get_running_loop().create_future()
         failed.set_result(None)  # recorded before the restart
-        _late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
+        state = bridge.run_state.e2ee
+        state.late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
         resumed += 1
-        if evt.content.session_id not in _requested:
-            _requested.add(evt.content.session_id)
-            _spawn(_request_key(bridge, evt), f"key-request-{evt.event_id}")
+        if evt.content.session_id not in state.requested:
+            state.requested.add(evt.content.session_id)
+            _spawn(bridge, _request_key(bridge, evt), f"key-request-{evt.event_id}")
     log.info("waiting again for the room keys of %d failed events", resumed)
     # The relations held for those (or for events no longer waited for: they fail now), handed
     # to their portals' queues again: held again, or failed (relations.py).
@@ -631,23 +612,18 @@ async def _fetch(bridge: BridgeContext, rooms: list[RoomID], event_id: EventID) 
     return None
 
 
-_tasks: set[asyncio.Task[None]] = set()
-
-
-_stopping = False
-
-
-def _spawn(coro: Any, name: str) -> None:
-    if _stopping:
+def _spawn(bridge: BridgeContext, coro: Any, name: str) -> None:
+    state = bridge.run_state.e2ee
+    if state.stopping:
         coro.close()
         return
     task = asyncio.create_task(coro, name=name)
-    _tasks.add(task)
-    task.add_done_callback(_done)
+    state.tasks.add(task)
+    task.add_done_callback(functools.partial(_done, state.tasks))
 
 
-def _done(task: asyncio.Task[None]) -> None:
-    _tasks.discard(task)
+def _done(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    tasks.discard(task)
     if not task.cancelled() and task.exception() is not None:
         log.warning("%s failed (%s)", task.get_name(), type(task.exception()).__name__)
 

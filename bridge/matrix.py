@@ -32,7 +32,7 @@ from .db import DedupeTable
 from .ephemeral import MatrixEphemeral
 from .portal_to_kalandra import UNENCRYPTED
 from .portal_work import FromMatrix, release_slot
-from .user import User
+from .user import Users
 
 if TYPE_CHECKING:
     from mautrix.bridge import Bridge
@@ -56,6 +56,7 @@ class MatrixHandler(BaseMatrixHandler):
         self.user_id_prefix = f"@{prefix}"
         self.user_id_suffix = f"{suffix}:{bridge.config['homeserver.domain']}"
         self.context = bridge
+        self.users = Users(bridge)
         # The process is mautrix's Bridge as well, which mautrix's handler is typed for.
         super().__init__(
             command_processor=KalandraCommandProcessor(bridge), bridge=cast("Bridge", bridge)
@@ -148,7 +149,7 @@ class MatrixHandler(BaseMatrixHandler):
             return
         if sender == self.az.bot_mxid or self.context.is_bridge_ghost(sender):
             return  # our own ghosts and bot: never bridged back (no echo loop)
-        user = User.get_by_mxid(sender)
+        user = self.users.get(sender)
         portal.submit(FromMatrix("message", sender, evt.event_id, user.level, content=evt.content))
 
     async def handle_join(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
@@ -156,7 +157,7 @@ class MatrixHandler(BaseMatrixHandler):
         portal = self.context.portals.by_mxid(room_id)
         if portal is None or user_id == self.az.bot_mxid or self.context.is_bridge_ghost(user_id):
             return
-        user = User.get_by_mxid(user_id)
+        user = self.users.get(user_id)
         portal.submit(FromMatrix("join", user_id, event_id, user.level))
 
     async def handle_invite(
@@ -168,7 +169,7 @@ class MatrixHandler(BaseMatrixHandler):
         inviter = invited_by.mxid
         if portal is None or inviter == self.az.bot_mxid or self.context.is_bridge_ghost(inviter):
             return
-        level = User.get_by_mxid(inviter).level
+        level = self.users.get(inviter).level
         portal.submit(FromMatrix("invite", inviter, evt.event_id, level, target=user_id))
 
     def is_command(self, message: MessageEventContent) -> tuple[bool, str]:
@@ -289,7 +290,7 @@ class MatrixHandler(BaseMatrixHandler):
             return
         if evt.sender == self.az.bot_mxid or self.context.is_bridge_ghost(evt.sender):
             return
-        level = User.get_by_mxid(evt.sender).level
+        level = self.users.get(evt.sender).level
         portal.submit(FromMatrix("meta", evt.sender, evt.event_id, level, meta=meta))
 
     async def handle_event(self, evt: Event) -> None:
@@ -311,7 +312,7 @@ class MatrixHandler(BaseMatrixHandler):
         relates = evt.content.relates_to
         if portal is None or not relates.event_id or not relates.key:
             return
-        user = User.get_by_mxid(evt.sender)
+        user = self.users.get(evt.sender)
         portal.submit(
             FromMatrix(
                 "reaction",

@@ -402,7 +402,7 @@ class PortalToMatrix(PortalMembers):
         except Exception as exc:
             self._ghosts_in_room.discard(puppet.mxid)  # e.g. kicked meanwhile: rejoin, retry
             if isinstance(exc, MatrixConnectionError):
-                catch_up.homeserver_unreachable()
+                catch_up.homeserver_unreachable(self.bridge)
             raise
 
     async def ghost(self, member_id: int) -> Ghost:

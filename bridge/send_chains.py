@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kalandra.bridge.keys")
 
-_applied: set[tuple[bytes, int]] = set()  # (room, epoch) whose floors are applied
-
 
 async def ensure_send_floors(bridge: BridgeContext, room_id: bytes) -> None:
     """Move the room's send chains past the generations recorded for its current epoch, once.
@@ -33,7 +31,8 @@ async def ensure_send_floors(bridge: BridgeContext, room_id: bytes) -> None:
     the floors of the new epoch too."""
     while True:
         epoch = bridge.bot.core.rooms[room_id].keys.epoch
-        if (room_id, epoch) in _applied:
+        applied = bridge.run_state.floors_applied
+        if (room_id, epoch) in applied:
             return
         marks = await OutgoingTable(bridge.db).marks(room_id, epoch)
         room = bridge.bot.core.rooms[room_id]
@@ -52,5 +51,5 @@ async def ensure_send_floors(bridge: BridgeContext, room_id: bytes) -> None:
                     mark.leaf,
                     mark.generation,
                 )
-        _applied.add((room_id, epoch))
+        applied.add((room_id, epoch))
         return

@@ -136,7 +136,9 @@ class TransactionGate:
                 async with asyncio.timeout(_FIRST_CATCH_UP):
                     await self._started.wait()
             async with self._dispatch:
-                if catch_up.due(txn_id):  # Synapse may have restarted: events it lost first
+                if catch_up.due(
+                    self.bridge, txn_id
+                ):  # Synapse may have restarted: events it lost first
                     await self._catch_up()
                 output = await self._handle_transaction(txn_id, **kwargs)
             if txn.slots:

@@ -8,7 +8,7 @@ message, and no cached value keeps a demoted user in.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import TYPE_CHECKING, cast
 
 from mautrix.bridge import BasePortal, BasePuppet, BaseUser
 from mautrix.types import UserID
@@ -22,11 +22,28 @@ if TYPE_CHECKING:
     from .context import BridgeContext
 
 
-class User(BaseUser):
-    context: ClassVar[BridgeContext]  # the bridge as ours sees it (mautrix's own: ``bridge``)
-    by_mxid: ClassVar[dict[UserID, User]] = {}
+class Users:
+    """The Matrix users the bridge has met (mautrix keeps one object per user): one directory
+    per bridge process, the Matrix handler's."""
 
-    def __init__(self, mxid: UserID) -> None:
+    def __init__(self, context: BridgeContext) -> None:
+        self.context = context
+        self._by_mxid: dict[UserID, User] = {}
+
+    def get(self, mxid: UserID) -> User:
+        user = self._by_mxid.get(mxid)
+        if user is None:
+            user = self._by_mxid[mxid] = User(self.context, mxid)
+        return user
+
+
+class User(BaseUser):
+    def __init__(self, context: BridgeContext, mxid: UserID) -> None:
+        self.context = context  # the bridge as ours sees it
+        # mautrix's own view of it: the process is mautrix's Bridge as well.
+        self.bridge = cast("Bridge", context)
+        self.az = context.az
+        self.loop = context.loop
         self.mxid = mxid
         super().__init__()
 
@@ -58,20 +75,6 @@ class User(BaseUser):
     @is_admin.setter
     def is_admin(self, _value: bool) -> None:
         pass
-
-    @classmethod
-    def init_cls(cls, bridge: BridgeContext) -> None:
-        cls.context = bridge
-        cls.bridge = cast("Bridge", bridge)  # the process is mautrix's Bridge as well
-        cls.az = bridge.az
-        cls.loop = bridge.loop
-
-    @classmethod
-    def get_by_mxid(cls, mxid: UserID) -> User:
-        user = cls.by_mxid.get(mxid)
-        if user is None:
-            user = cls.by_mxid[mxid] = cls(mxid)
-        return user
 
     async def is_logged_in(self) -> bool:
         return False  # no Kalandra identity is held for anyone yet
