@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 TO_MATRIX = "to_matrix"
 TO_KALANDRA = "to_kalandra"
-DIRECTIONS = (TO_MATRIX, TO_KALANDRA)
 
 MESSAGES = Counter(
     "kalandra_bridge_messages",

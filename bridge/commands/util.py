@@ -25,7 +25,6 @@ SECTION_ROOMS = HelpSection._make(("Kalandra rooms", 30, ""))
 SECTION_MODERATION = HelpSection._make(("Moderation (bridge admins)", 40, ""))
 SECTION_ACCOUNT = HelpSection._make(("Your Kalandra identity", 50, ""))
 
-ADMIN_ONLY = "This command is for bridge admins."
 ROOM_ARG = "[_room id_]"
 _FULL_ROOM = re.compile(r"(0x)?[0-9a-fA-F]{32}")
 

@@ -90,14 +90,6 @@ class PortalTable:
             "UPDATE bridge_portals SET mxid = $2 WHERE room_id = $1", room_id, mxid
         )
 
-    async def set_metadata(self, room_id: bytes, *, name: str, topic: str) -> None:
-        await self.db.execute(
-            "UPDATE bridge_portals SET name = $2, topic = $3 WHERE room_id = $1",
-            room_id,
-            name,
-            topic,
-        )
-
     async def set_relay(self, room_id: bytes, *, enabled: bool, mxid: str | None) -> None:
         await self.db.execute(
             "UPDATE bridge_portals SET relay_enabled = $2, relay_mxid = $3 WHERE room_id = $1",
