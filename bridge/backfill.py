@@ -20,6 +20,7 @@ notice every ``progress_interval`` messages, and once more at the end.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from mautrix.types import EventID, MessageType, TextMessageEventContent
 from mautrix.util.async_db import Database
 
+from kalandra_core.backoff import retrying
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.crypto import sealed
@@ -190,15 +192,9 @@ class HistoryBuffer:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
-            delay = 0.5
-            while True:
-                try:
-                    await self.table.write(batch, self.settings.max_messages)
-                    break
-                except Exception as exc:  # a busy database: retry; nothing is counted done
-                    log.warning("keeping history failed (%s); retrying", type(exc).__name__)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
+            # A busy database: retried; nothing is counted done meanwhile.
+            write = functools.partial(self.table.write, batch, self.settings.max_messages)
+            await retrying(write, "keeping history", log, cap=_RETRY_MAX)
             for item in batch:
                 room_id = getattr(item, "room_id", None)
                 if isinstance(room_id, bytes):
@@ -244,21 +240,9 @@ async def backfill(portal: PortalFace) -> None:
 
 
 async def _send(portal: PortalFace, message: ev.Message) -> EventID | None:
-    delay = 0.5
-    while True:
-        try:
-            return await portal.to_matrix(message, timestamp=message.timestamp_ms)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning(
-                "portal %s: history (log index %d) not bridged yet (%s); retrying",
-                portal.hex,
-                message.log_index,
-                type(exc).__name__,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX)
+    send = functools.partial(portal.to_matrix, message, timestamp=message.timestamp_ms)
+    what = f"portal {portal.hex}: history (log index {message.log_index})"
+    return await retrying(send, what, log, cap=_RETRY_MAX)
 
 
 async def _progress(portal: PortalFace, text: str) -> None:

@@ -32,6 +32,7 @@ from .db import DedupeTable
 from .ephemeral import MatrixEphemeral
 from .portal_to_kalandra import UNENCRYPTED
 from .portal_work import FromMatrix, release_slot
+from .puppet import member_of
 from .user import Users
 
 if TYPE_CHECKING:
@@ -117,13 +118,6 @@ class MatrixHandler(BaseMatrixHandler):
     @staticmethod
     async def allow_command(user: BaseUser) -> bool:
         return True
-
-    def member_of_ghost(self, user_id: UserID) -> int | None:
-        """The native member id behind a ghost's user id (None: not a ghost)."""
-        if not self.context.is_bridge_ghost(user_id):
-            return None
-        inner = user_id[len(self.user_id_prefix) : len(user_id) - len(self.user_id_suffix)]
-        return int(inner) if inner.isdigit() else None
 
     async def handle_message(self, evt: MessageEvent, was_encrypted: bool = False) -> None:
         """Portal messages go to the portal's queue toward Kalandra; the rest (commands,
@@ -214,7 +208,7 @@ class MatrixHandler(BaseMatrixHandler):
         self, room_id: RoomID, user_id: UserID, unbanned_by: UserID, reason: str, event_id: EventID
     ) -> None:
         portal = self.context.portals.by_mxid(room_id)
-        member = self.member_of_ghost(user_id)
+        member = member_of(self.context, user_id)
         if portal is not None and member is not None:
             portal.submit(FromMatrix("unban", unbanned_by, event_id, member_id=member))
 
@@ -231,7 +225,7 @@ class MatrixHandler(BaseMatrixHandler):
         checked): of a ghost, the native member is kicked or banned in Kalandra; of a bridged
         user, the bridge removes its member."""
         portal = self.context.portals.by_mxid(room_id)
-        member = self.member_of_ghost(target)
+        member = member_of(self.context, target)
         if portal is None:
             return
         if member is not None:

@@ -49,6 +49,8 @@ from mautrix.types import (
     TextMessageEventContent,
 )
 
+from kalandra_core.backoff import Backoff
+
 from . import e2ee, metrics
 
 if TYPE_CHECKING:
@@ -129,7 +131,7 @@ class StatusSender:
     async def _send_pending(self, room: RoomID, event_id: EventID, pending: _Pending) -> None:
         await asyncio.sleep(PENDING_AFTER)
         pending.sent = True  # from here on the final status waits for this one
-        delay = 0.5
+        backoff = Backoff(cap=5.0)
         while True:  # (the homeserver or, in encrypted portals, the database may be away)
             try:
                 await self._status(room, event_id, MessageStatus.PENDING, direct=True)
@@ -140,8 +142,7 @@ class StatusSender:
                 )
                 if pending.settled:
                     return  # its final status is due: it says more
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await backoff.pause()
 
     def forget(self, event_id: EventID) -> None:
         """No status is due for ``event_id`` (handled before: a replayed transaction)."""

@@ -7,7 +7,6 @@ recorded before the join it lets through is looked at.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +14,7 @@ from mautrix.api import Method, Path
 from mautrix.errors import MForbidden, MNotFound
 from mautrix.types import EventType, Membership, MessageStatusReason, UserID
 
+from kalandra_core.backoff import retrying
 from kalandra_core.client import events as ev
 
 from . import access
@@ -30,7 +30,6 @@ NOT_INVITED = (
     "you were not invited into this Kalandra room (by one of its members, a portal moderator"
     " or a bridge admin)."
 )
-_RETRY_MAX = 30.0
 
 
 class RoomRef(Protocol):
@@ -68,15 +67,10 @@ async def invited_without_portal(bridge: BridgeContext, message: ev.Message, mxi
     (kept history, or nowhere), then the portal is made and the user invited behind that
     history (the history sends the invitation again at its own place in the log)."""
 
-    delay = 0.5
-    while True:
-        try:
-            followed = await native_invite(_Standin(bridge, message.room_id), message, mxid)
-            break
-        except Exception as exc:
-            log.warning("invitation not recorded yet (%s); retrying", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX)
+    standin = _Standin(bridge, message.room_id)
+    followed = await retrying(
+        lambda: native_invite(standin, message, mxid), "recording an invitation", log
+    )
     bot = bridge.bot
     if bot.history is not None:
         bot.history.put(message)  # counted done once kept

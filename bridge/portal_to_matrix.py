@@ -33,6 +33,7 @@ the middle of one is the case to cover).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ from mautrix.types import (
     UserID,
 )
 
+from kalandra_core.backoff import Backoff, retrying
 from kalandra_core.client import events as ev
 from kalandra_core.client.bridge_invite import invited_mxid
 from kalandra_core.client.content import Content
@@ -162,7 +164,7 @@ class PortalToMatrix(PortalMembers):
             item = await self.queue.get()
             if not isinstance(item, Message):
                 await self.records_flushed()  # what came before it is recorded first
-            delay, refused = 0.5, 0
+            backoff, refused = Backoff(cap=_RETRY_MAX), 0
             while True:
                 try:
                     if isinstance(item, Message):
@@ -186,8 +188,7 @@ class PortalToMatrix(PortalMembers):
                         getattr(item, "log_index", -1),
                         type(exc).__name__,
                     )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
+                    await backoff.pause()
             if not isinstance(item, Message):
                 self.bridge.bot.state.message_done(self.room_id)
 
@@ -197,26 +198,19 @@ class PortalToMatrix(PortalMembers):
             message, event_id, delivered = await self._records.get()
             if _RECORD_LAG and event_id is not None:  # tests only
                 await asyncio.sleep(_RECORD_LAG)
-            delay = 0.5
-            while event_id is not None:
-                try:
-                    await MessageTable(self.bridge.db).record_to_matrix(
-                        self.room_id, message.log_index, self.room_mxid, event_id
-                    )
-                    self.row.last_log_index = message.log_index
-                    self.row.last_event_id = event_id
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # a busy database: retry; nothing after it advances
-                    log.warning(
-                        "portal %s: log index %d not recorded yet (%s); retrying",
-                        self.hex,
-                        message.log_index,
-                        type(exc).__name__,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
+            if event_id is not None:
+                # A busy database: retried; nothing after it advances meanwhile.
+                record = functools.partial(
+                    MessageTable(self.bridge.db).record_to_matrix,
+                    self.room_id,
+                    message.log_index,
+                    self.room_mxid,
+                    event_id,
+                )
+                what = f"portal {self.hex}: recording log index {message.log_index}"
+                await retrying(record, what, log, cap=_RETRY_MAX)
+                self.row.last_log_index = message.log_index
+                self.row.last_event_id = event_id
             if event_id is not None and delivered and self._delivery is not None:
                 self._delivery.delivered(message.log_index)
             self.bridge.bot.state.message_done(self.room_id)
@@ -251,7 +245,7 @@ class PortalToMatrix(PortalMembers):
                 except Exception as exc:  # not advanced: tried (and set aside) again at start
                     log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
             return
-        delay, notice = 0.5, None
+        backoff, notice = Backoff(cap=_RETRY_MAX), None
         while True:
             try:
                 notice = await self._aside_notice(item, reason)
@@ -262,8 +256,7 @@ class PortalToMatrix(PortalMembers):
                 if set_aside.permanent_reason(exc) is not None:
                     log.error("portal %s: no set-aside notice (%s)", self.hex, type(exc).__name__)
                     break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX)
+                await backoff.pause()
         await self._records.put((item, notice, False))
 
     async def _aside_notice(self, message: Message, reason: str) -> EventID:

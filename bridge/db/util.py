@@ -1,4 +1,5 @@
-"""Conversions shared by the tables: u64 member ids in signed BIGINT columns, times."""
+"""What the tables share: u64 member ids in signed BIGINT columns (the homeserver's own
+conversion, its tables and ours hold the same ids), times, transactions."""
 
 from __future__ import annotations
 
@@ -10,14 +11,9 @@ from typing import cast
 from mautrix.util.async_db import Connection as LoggingConnection
 from mautrix.util.async_db import Database
 
+from kalandra_core.storage.schema import u64_from_db, u64_to_db
 
-def u64_to_db(value: int) -> int:
-    """Member ids are u64; BIGINT is signed (two's complement, as the homeserver's tables)."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def u64_from_db(value: int) -> int:
-    return value + (1 << 64) if value < 0 else value
+__all__ = ["now_ms", "transaction", "u64_from_db", "u64_to_db"]
 
 
 def now_ms() -> int:
