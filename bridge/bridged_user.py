@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
@@ -318,13 +319,12 @@ class BridgedUser:
                 if exc.code != ErrorCode.STALE_EPOCH:
                     raise
             # Never sequenced, and its epoch is over: encrypt it afresh below.
-        bot = self.bridge.bot
-        assert bot.client is not None
         plaintext = content.encode()
-        for attempt in range(MAX_ATTEMPTS):
+
+        async def attempt() -> Frame:
             # Floors of the epoch this encryption uses (a retry after STALE_EPOCH: a newer one).
             await ensure_send_floors(self.bridge, room_id)
-            room = bot.core.rooms[room_id]
+            room = self.bridge.bot.core.rooms[room_id]
             leaf = room.roster()[self.member_id][0]
             envelope = room.keys.encrypt(plaintext, sender_index=leaf)
             rid, data = self.core._frame(
@@ -334,13 +334,27 @@ class BridgedUser:
                 Outgoing(event_id, room_id, self.member_id, rid, data),
                 SendMark(envelope.epoch, leaf, envelope.generation),
             )
-            reply = await self.request(rid, data)
+            return await self.request(rid, data)
+
+        return await self.at_current_epoch(room_id, attempt)
+
+    async def at_current_epoch(
+        self, room_id: bytes, attempt: Callable[[], Awaitable[Frame]]
+    ) -> int:
+        """``attempt()`` builds a frame at the epoch the bot's group is in for the room, sends
+        it and returns the answer; a STALE_EPOCH answer (a commit the bot has not applied yet)
+        catches the bot up and attempts again. The bridge's one recovery from a stale epoch
+        for its puppet leaves. The log index the frame got."""
+        bot = self.bridge.bot
+        assert bot.client is not None
+        for number in range(1, MAX_ATTEMPTS + 1):
+            reply = await attempt()
             try:
                 _raise_error(reply)
             except SendFailed as exc:
-                if exc.code != ErrorCode.STALE_EPOCH or attempt + 1 == MAX_ATTEMPTS:
+                if exc.code != ErrorCode.STALE_EPOCH or number == MAX_ATTEMPTS:
                     raise
-                await bot.client.sync(room_id)  # catch up the bot's group, then re-encrypt
+                await bot.client.sync(room_id)  # catch up the bot's group, then build again
                 continue
             return reply.header.context_id
         raise SendFailed("stale epoch")  # not reached

@@ -9,7 +9,7 @@ it uses. Everything here is a type; importing this module costs nothing at run t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -119,6 +119,10 @@ class BridgedMember(Protocol):
         """Send as this member's leaf; the message's log index."""
 
     async def request(self, request_id: int, data: bytes) -> Frame: ...
+
+    async def at_current_epoch(
+        self, room_id: bytes, attempt: Callable[[], Awaitable[Frame]]
+    ) -> int: ...
 
     def send_unanswered(self, data: bytes) -> bool: ...
 

@@ -53,10 +53,9 @@ from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.extras import reaction_frame
-from kalandra_core.proto import ErrorCode, Frame, Opcode, Reaction, decode_payload
+from kalandra_core.proto import Frame, Opcode, Reaction, decode_payload
 
 from . import e2ee
-from .bridged_user import SendFailed, _raise_error
 from .db import BridgedUserTable, MessageTable
 from .db.progress import bridged_mxid
 from .message_status import Refused
@@ -71,7 +70,6 @@ log = logging.getLogger("kalandra.bridge.relations")
 MENTIONS = "mentions"  # the content key of the mentioned member ids
 REACTION_REFUSAL = "reactions need the `user` permission (they cannot be relayed)."
 _PILL = re.compile(r"""href=["']https://matrix\.to/#/(@[^"'/?]+)["']""")
-_ATTEMPTS = 3
 _RECORD_WAIT, _RECORD_WAITS = 0.2, 50  # for a Matrix message's record (see matrix_event)
 
 # (core, room as an int, epoch) -> (request id, signed frame)
@@ -419,18 +417,10 @@ async def send_logged(
     """A plaintext logged frame (reaction, receipt) as the bridged user's leaf; its log index.
     Built at the bot's epoch for the room; a StaleEpoch catches the bot up and builds again."""
     await user.ensure_in_room(room_id)
-    bot = bridge.bot
-    assert bot.client is not None
-    for attempt in range(_ATTEMPTS):
-        room = bot.core.rooms[room_id]
+
+    async def attempt() -> Frame:
+        room = bridge.bot.core.rooms[room_id]
         rid, data = build(user.core, room.room_int, room.epoch)
-        reply: Frame = await user.request(rid, data)
-        try:
-            _raise_error(reply)
-        except SendFailed as exc:
-            if exc.code != ErrorCode.STALE_EPOCH or attempt + 1 == _ATTEMPTS:
-                raise
-            await bot.client.sync(room_id)
-            continue
-        return reply.header.context_id
-    raise SendFailed("stale epoch")  # not reached
+        return await user.request(rid, data)
+
+    return await user.at_current_epoch(room_id, attempt)
