@@ -42,11 +42,6 @@ _WATCH_EVERY = 1.0
 _ANSWER_WITHIN = 10.0  # a busy homeserver is slow, not gone
 
 
-def homeserver_unreachable(bridge: BridgeContext) -> None:
-    """A request to the homeserver failed to connect or was cut: it may have restarted."""
-    bridge.run_state.catch_up.suspect = True
-
-
 def due(bridge: BridgeContext, txn_id: str) -> bool:
     """Whether the transaction ``txn_id`` should catch up first (and forget the reason)."""
     state = bridge.run_state.catch_up
@@ -137,7 +132,7 @@ async def catch_up(
             events = await missed(bridge, portal, known)
         except Exception as exc:  # the transaction goes on; the next suspicion tries again
             log.warning("portal %s: catching up failed (%s)", portal.hex, type(exc).__name__)
-            homeserver_unreachable(bridge)
+            bridge.run_state.catch_up.homeserver_unreachable()
             continue
         if events:
             log.info("portal %s: %d missed Matrix events caught up", portal.hex, len(events))

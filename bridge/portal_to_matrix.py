@@ -62,7 +62,6 @@ from kalandra_core.client.events import Message
 
 from . import (
     backfill,
-    catch_up,
     e2ee,
     ephemeral,
     media,
@@ -395,7 +394,7 @@ class PortalToMatrix(PortalMembers):
         except Exception as exc:
             self._ghosts_in_room.discard(puppet.mxid)  # e.g. kicked meanwhile: rejoin, retry
             if isinstance(exc, MatrixConnectionError):
-                catch_up.homeserver_unreachable(self.bridge)
+                self.bridge.run_state.catch_up.homeserver_unreachable()
             raise
 
     async def ghost(self, member_id: int) -> Ghost:

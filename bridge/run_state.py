@@ -43,6 +43,10 @@ class CatchUpState:
     suspect: bool = False  # a request to it failed to connect, or was cut
     last_txn: int | None = None  # the number of the last transaction it sent
 
+    def homeserver_unreachable(self) -> None:
+        """A request to the homeserver failed to connect or was cut: it may have restarted."""
+        self.suspect = True
+
 
 @dataclass
 class RunState:
