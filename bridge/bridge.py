@@ -42,6 +42,7 @@ from . import (
     health,
     log_noise,
     metrics,
+    msc4350,
     permissions,
     self_ping,
 )
@@ -49,6 +50,7 @@ from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .ghost_devices import GhostDevices
 from .matrix import MatrixHandler
+from .msc4350 import Impersonation
 from .portal import Portal
 from .provisioning import ProvisioningAPI
 from .transactions import TransactionGate
@@ -82,6 +84,7 @@ class KalandraBridge(Bridge):
     gate: TransactionGate
     _catch_up: asyncio.Task[None] | None = None  # catch_up.watch
     ghost_devices: GhostDevices | None = None  # bridge.encryption.ghost_devices (e2ee.install)
+    impersonation: Impersonation | None = None  # bridge.encryption.msc4350, if used (start)
     e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]
 
@@ -169,6 +172,7 @@ class KalandraBridge(Bridge):
         if self.ghost_devices is not None:
             await self.ghost_devices.start()
         await e2ee.self_sign(self)
+        msc4350.setup(self, e2ee.manager(self))  # needs the homeserver's /versions
         self.matrix_ready.set()
         # What Matrix users sent while the bridge was down: now, and after every outage.
         watch = catch_up.watch(self, self.gate.catch_up)
