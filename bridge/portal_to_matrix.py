@@ -64,6 +64,7 @@ from . import (
     catch_up,
     e2ee,
     ephemeral,
+    ghost_profile,
     media,
     metrics,
     portal_access,
@@ -346,6 +347,7 @@ class PortalToMatrix(PortalMembers):
         ):
             await self._invite_user(UserID(invited))
         puppet = await self._ghost(message.sender_id)
+        await ghost_profile.follow(self.bridge, self._room_mxid, puppet, message.content)
         event_type, base = EventType.ROOM_MESSAGE, matrix_content(message.content)
         if message.content.media is not None:  # the file first, uploaded by the ghost
             event_type, base = await media.to_matrix(self, puppet.intent, message.content)
