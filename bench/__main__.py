@@ -10,7 +10,17 @@ import platform
 from collections.abc import Callable
 from pathlib import Path
 
-from . import bridge, bridge_encrypted, bridge_media, crypto, frames, media, mls, server
+from . import (
+    bridge,
+    bridge_encrypted,
+    bridge_ghost_devices,
+    bridge_media,
+    crypto,
+    frames,
+    media,
+    mls,
+    server,
+)
 from .common import Results, print_rows, print_table
 from .report import SUMMARY_HEAD, summary_rows, write_report
 
@@ -24,6 +34,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "bridge": bridge.run,
     "bridge-media": bridge_media.run,
     "bridge-encrypted": bridge_encrypted.run,
+    "bridge-ghost-devices": bridge_ghost_devices.run,
 }
 
 

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from urllib.parse import quote
 
 import aiohttp
 from nacl.signing import SigningKey
+from prometheus_client.parser import text_string_to_metric_families
 from ruamel.yaml import YAML
 
 from bridge.config import EXAMPLE_CONFIG
@@ -213,10 +215,12 @@ class BridgeBenchStack:
     tcp_port: int
     as_port: int
     database_url: str  # absolute: as this process opens it
+    metrics_port: int  # the bridge's Prometheus listener
     bridge: subprocess.Popen[bytes] | None = None
     users: list[MatrixUser] = field(default_factory=list)
     natives: list[Client] = field(default_factory=list)
     portal: str = ""  # the Matrix room of the portal made by portal_with_native
+    dm: str = ""  # the admin's direct chat with the bot, made by portal_with_native
 
     @property
     def log(self) -> Path:
@@ -231,11 +235,34 @@ class BridgeBenchStack:
         except OSError:
             return ""
 
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The bridge process's metrics now: (sample name, sorted labels) -> value. They start
+        from zero with each start of the bridge."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            text = await resp.text()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
     def tracebacks(self) -> int:
         try:
             return self.log.read_text(errors="replace").count("Traceback")
         except OSError:
             return 0
+
+    async def restart_bridge(self, settings: dict[str, Any]) -> float:
+        """Stop the bridge (SIGTERM), set ``settings`` (dotted paths, e.g.
+        ``bridge.encryption.ghost_devices``) in its config, start it again and wait until it is
+        ready; the seconds that took. Native clients reconnect by themselves."""
+        started = time.perf_counter()
+        await _stop_bridge(self)
+        _set_config(self.work / "config.yaml", settings)
+        self.bridge = _bridge_process(self.work, "-c", "config.yaml", log=self.log)
+        await _wait_ready(self)
+        return time.perf_counter() - started
 
     async def matrix_user(self, localpart: str) -> MatrixUser:
         """A registered, logged-in Matrix user (logged out when the stack stops)."""
@@ -277,7 +304,7 @@ class BridgeBenchStack:
     async def portal_with_native(self, admin: MatrixUser, native: Client, name: str) -> bytes:
         """Through the bot: a new portal joined by ``admin`` (a bridge admin) with ``native``
         added. Returns the Kalandra room id; the portal's Matrix room id is ``self.portal``."""
-        dm = await admin.create_room(invite=[BOT], direct=True)
+        dm = self.dm = await admin.create_room(invite=[BOT], direct=True)
         await admin.sync_until(
             lambda events: any(
                 e.room_id == dm and e.sender == BOT and e.content.get("msgtype") == "m.notice"
@@ -307,7 +334,14 @@ class BridgeBenchStack:
 
 
 def _write_config(
-    work: Path, hs_port: int, as_port: int, tcp_port: int, admin: str, encryption: bool
+    work: Path,
+    hs_port: int,
+    as_port: int,
+    tcp_port: int,
+    admin: str,
+    encryption: bool,
+    ghost_devices: bool,
+    metrics_port: int,
 ) -> None:
     yaml = YAML()
     with open(EXAMPLE_CONFIG, encoding="utf-8") as fh:
@@ -323,11 +357,27 @@ def _write_config(
     config["homeserver"]["domain"] = SERVER_NAME
     config["appservice"]["address"] = f"http://127.0.0.1:{as_port}"
     config["appservice"]["port"] = as_port
+    config["metrics"]["enabled"] = True
+    config["metrics"]["listen_port"] = metrics_port
     # Unencrypted portals unless asked: bridge.py measures bridging, not Megolm; with
     # ``encryption`` a portal is encrypted once a member turns it on (bridge_encrypted.py).
     config["bridge"]["encryption"]["allow"] = encryption
+    config["bridge"]["encryption"]["ghost_devices"] = ghost_devices
     config["bridge"]["permissions"] = {"*": "relay", f"@{admin}:{SERVER_NAME}": "admin"}
     with open(work / "config.yaml", "w", encoding="utf-8") as fh:
+        yaml.dump(config, fh)
+
+
+def _set_config(path: Path, settings: dict[str, Any]) -> None:
+    yaml = YAML()
+    config = yaml.load(path.read_text())
+    for dotted, value in settings.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    with open(path, "w", encoding="utf-8") as fh:
         yaml.dump(config, fh)
 
 
@@ -356,30 +406,41 @@ async def _stop(stack: BridgeBenchStack) -> None:
             await client.close()
     for user in stack.users:
         await user.close()
+    await _stop_bridge(stack)
+    await stack.synapse.stop()
+
+
+async def _stop_bridge(stack: BridgeBenchStack) -> None:
     proc = stack.bridge
     if proc is not None and proc.poll() is None:
         proc.terminate()
         try:
             await asyncio.to_thread(proc.wait, _STOP_GRACE)
         except subprocess.TimeoutExpired:
-            print(f"bridge: no exit {_STOP_GRACE:g} s after SIGTERM; killed")
+            # What it is stuck on: a SIGUSR1 makes it log each asyncio task's wait.
+            proc.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(2)
+            print(f"bridge: no exit {_STOP_GRACE:g} s after SIGTERM; killed. Its log:")
+            print(stack.log_tail(6000))
             proc.kill()
             await asyncio.to_thread(proc.wait)
-    await stack.synapse.stop()
 
 
 @asynccontextmanager
 async def bridge_bench_stack(
-    admin: str, *, encryption: bool = False
+    admin: str, *, encryption: bool = False, ghost_devices: bool = True
 ) -> AsyncIterator[BridgeBenchStack]:
     """Synapse + the bridge on SQLite; ``admin`` is the localpart given bridge admin rights;
-    ``encryption``: portals may be encrypted (the bot has a device)."""
+    ``encryption``: portals may be encrypted (the bot has a device); ``ghost_devices``: each
+    ghost encrypts with a device of its own (else the bot's device does)."""
     if not SYNAPSE_PYTHON.exists():
         raise SynapseMissing(f"{SYNAPSE_PYTHON} is missing")
     work = Path(tempfile.mkdtemp(prefix="kalandra-bench-bridge-"))
     try:
-        hs_port, as_port, tcp_port = free_port(), free_port(), free_port()
-        _write_config(work, hs_port, as_port, tcp_port, admin, encryption)
+        hs_port, as_port, tcp_port, metrics_port = (free_port() for _ in range(4))
+        _write_config(
+            work, hs_port, as_port, tcp_port, admin, encryption, ghost_devices, metrics_port
+        )
         generate = _bridge_process(
             work, "-g", "-c", "config.yaml", "-r", "registration.yaml", log=None
         )
@@ -390,7 +451,7 @@ async def bridge_bench_stack(
             work / "synapse", registrations=[work / "registration.yaml"], port=hs_port
         )
         stack = BridgeBenchStack(
-            work, synapse, tcp_port, as_port, f"sqlite:///{work / 'kalandra.db'}"
+            work, synapse, tcp_port, as_port, f"sqlite:///{work / 'kalandra.db'}", metrics_port
         )
         try:
             stack.bridge = _bridge_process(work, "-c", "config.yaml", log=stack.log)
@@ -416,14 +477,22 @@ __all__ = [
 Measure = Callable[["BridgeBenchStack", str, bool], Awaitable[Results]]
 
 
-def run_on_stack(name: str, measure: Measure, quick: bool, *, encryption: bool = False) -> Results:
+def run_on_stack(
+    name: str,
+    measure: Measure,
+    quick: bool,
+    *,
+    encryption: bool = False,
+    ghost_devices: bool = True,
+) -> Results:
     """``measure(stack, admin localpart, quick)`` on a fresh stack; without Synapse installed,
     the benchmark says it was skipped and why, and gives no figures."""
 
     async def main() -> Results:
         admin = f"benchadmin_{secrets.token_hex(3)}"
+        stack_of = bridge_bench_stack(admin, encryption=encryption, ghost_devices=ghost_devices)
         try:
-            async with bridge_bench_stack(admin, encryption=encryption) as stack:
+            async with stack_of as stack:
                 return await measure(stack, admin, quick)
         except SynapseMissing as exc:
             print(

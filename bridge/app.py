@@ -42,12 +42,14 @@ from . import (
     health,
     log_noise,
     metrics,
+    msc4350,
     permissions,
     self_ping,
 )
 from .bot import BotIdentityLost, KalandraBot
 from .bridged_user import BridgedUsers
 from .config import EXAMPLE_CONFIG, Config
+from .context import Impersonator
 from .ghost_devices import GhostDevices
 from .matrix import MatrixHandler
 from .portal import Portals
@@ -85,6 +87,7 @@ class KalandraBridge(Bridge):
     gate: TransactionGate
     _catch_up: asyncio.Task[None] | None = None  # catch_up.watch
     ghost_devices: GhostDevices | None = None  # bridge.encryption.ghost_devices (e2ee.install)
+    impersonation: Impersonator | None = None  # bridge.encryption.msc4350, if used (start)
     e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]
 
@@ -178,6 +181,7 @@ class KalandraBridge(Bridge):
         if self.ghost_devices is not None:
             await self.ghost_devices.start()
         await e2ee.self_sign(self)
+        msc4350.setup(self, e2ee.manager(self))  # needs the homeserver's /versions
         self.matrix_ready.set()
         # What Matrix users sent while the bridge was down: now, and after every outage.
         watch = catch_up.watch(self, self.gate.catch_up)

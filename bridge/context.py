@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from mautrix.appservice import AppService, IntentAPI
     from mautrix.bridge.e2ee import EncryptionManager
-    from mautrix.types import Event, EventID, RoomAlias, RoomID, UserID
+    from mautrix.types import Event, EventID, RoomAlias, RoomID, UserID, VersionsResponse
     from mautrix.util.async_db import Database
 
     from kalandra_core.client import events as ev
@@ -68,6 +68,7 @@ class MatrixSide(Protocol):
     user_id_prefix: str
     user_id_suffix: str
     e2ee: EncryptionManager | None
+    versions: VersionsResponse  # the homeserver's, once checked at start
 
     async def int_handle_event(self, evt: Event, was_encrypted: bool = False) -> None: ...
 
@@ -246,6 +247,12 @@ class PortalDirectory(Protocol):
         """Make an existing Matrix room the portal of a room the bot is in."""
 
 
+class Impersonator(Protocol):
+    """MSC4350: the bot's device encrypts for ghosts, each given an impersonatable device."""
+
+    async def ensure(self, ghost: UserID) -> None: ...
+
+
 class BridgeContext(Protocol):
     """The bridge as its components see it."""
 
@@ -255,6 +262,7 @@ class BridgeContext(Protocol):
     def run_state(self) -> RunState: ...  # what components keep in memory while it runs
 
     ghost_devices: GhostDevices | None  # bridge.encryption.ghost_devices, set by e2ee.install
+    impersonation: Impersonator | None  # bridge.encryption.msc4350, if used (msc4350.setup)
 
     @property
     def config(self) -> Config: ...

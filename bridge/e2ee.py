@@ -311,8 +311,9 @@ async def encrypt(
     content: Serializable | JSON,
     sender: UserID | None = None,
 ) -> tuple[EventType, EncryptedMegolmEventContent]:
-    """The event as it goes into ``room_id``: Megolm-encrypted by the device of ``sender`` (a
-    ghost) with ``bridge.encryption.ghost_devices``, else by the bot's device."""
+    """The event as it goes into ``room_id``: Megolm-encrypted by the bot's device that
+    ``sender`` (a ghost) names as its impersonator (MSC4350, msc4350.py), else by the ghost's
+    own device with ``bridge.encryption.ghost_devices``, else by the bot's device."""
     e2ee = manager(bridge)
     if e2ee is None:
         raise RuntimeError("the portal is encrypted but bridge.encryption.allow is off")
@@ -322,6 +323,20 @@ async def encrypt(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(refreshed.wait(), REFRESH_WAIT)
     started = time.perf_counter()
+    if sender is not None and bridge.impersonation is not None:
+        try:
+            await bridge.impersonation.ensure(sender)
+        except MatrixRequestError as exc:
+            # Refused by the homeserver: the bot's device encrypts all the same, as without
+            # MSC4350 (a mismatched sender in clients); the ghost's next message tries again.
+            log.warning(
+                "ghost %s: no impersonatable device (%s): encrypted without",
+                sender,
+                type(exc).__name__,
+            )
+        result = await e2ee.encrypt(room_id, event_type, content)
+        metrics.ENCRYPT.labels("msc4350").observe(time.perf_counter() - started)
+        return result
     if sender is not None and bridge.ghost_devices is not None:
         try:
             encrypted = await bridge.ghost_devices.encrypt(sender, room_id, event_type, content)

@@ -65,7 +65,8 @@ SET_ASIDE = Counter(
 ENCRYPT = Histogram(
     "kalandra_bridge_megolm_encrypt_seconds",
     "Encrypting one event for an encrypted portal (with the sharing of a new Megolm session"
-    " when one starts), by the device that encrypts: a ghost's own, or the bot's",
+    " when one starts), by the device that encrypts: a ghost's own, or the bot's (msc4350:"
+    " the bot's, impersonating the ghost)",
     ["device"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )

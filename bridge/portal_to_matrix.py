@@ -64,6 +64,7 @@ from . import (
     backfill,
     e2ee,
     ephemeral,
+    ghost_profile,
     media,
     metrics,
     portal_access,
@@ -318,6 +319,7 @@ class PortalToMatrix(PortalMembers):
         ):
             await self._invite_user(UserID(invited))
         puppet = await self.ghost(message.sender_id)
+        await ghost_profile.follow(self.bridge, self.room_mxid, puppet, message.content)
         event_type, base = EventType.ROOM_MESSAGE, matrix_content(message.content)
         if message.content.media is not None:  # the file first, uploaded by the ghost
             event_type, base = await media.to_matrix(self.face, puppet.intent, message.content)

@@ -3,7 +3,8 @@
 A ghost is registered and named once (remembered in bridge_puppets), then joins portals through
 its intent (mautrix invites it with the bot when needed). Its display name comes from
 ``bridge.displayname_template``, with the member's Kalandra account name as ``{displayname}``
-(the member id when the account is unknown to this server).
+(the member id when the account is unknown to this server). In a portal, the name the member's
+own messages carry there replaces it (ghost_profile.py).
 """
 
 from __future__ import annotations

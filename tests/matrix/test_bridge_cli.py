@@ -323,3 +323,39 @@ async def test_a_relayed_message_is_the_bots_by_its_name(room: Portal) -> None:
         await say(bob, room.portal, "relayed hello")
         shown = await room.history_until(lambda text: "relayed hello" in text)
         assert f"<Kalandra bridge bot ({BOT})> Bob Relay: relayed hello" in shown
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_ghosts_display_name_follows_set_displayname(room: Portal) -> None:
+    alice = room.alice
+
+    async def shown_name() -> str:
+        state = await alice.room_get_state_event(room.portal, "m.room.member", room.ghost)
+        return str(getattr(state, "content", {}).get("displayname"))
+
+    async def sent_and_bridged(text: str) -> None:
+        await room.sent("send", room.room, text)
+        await ghost_event(room, "m.room.message", lambda e: e["content"].get("body") == text)
+
+    await room.cli("set-displayname", "Nat", "Native")
+    await sent_and_bridged("as Nat")
+    assert await shown_name() == "Nat Native (Kalandra)"  # bridge.displayname_template
+
+    await room.cli("set-displayname", "Natalie  N.\x07")  # control characters dropped
+    await sent_and_bridged("as Natalie")
+    assert await shown_name() == "Natalie N. (Kalandra)"
+    # Renamed in the portal before that message, after the one before: each message shows
+    # under the name it was sent with.
+    events = [event.source for event in await room_history(alice, room.portal)]
+    ghost_events = [e for e in events if e.get("sender") == room.ghost]
+    order = [e["content"].get("body") or e["content"].get("displayname") for e in ghost_events]
+    at = order.index("as Natalie")
+    assert order[at - 2 : at] == ["as Nat", "Natalie N. (Kalandra)"], order
+
+    # No name any more: the messages carry none, and the ghost keeps the last one (as the
+    # native timeline does).
+    await room.cli("set-displayname")
+    await sent_and_bridged("with no name")
+    assert await shown_name() == "Natalie N. (Kalandra)"
+    shown = await room.cli("history", room.room, "--limit", "100")
+    assert "<Natalie N.> as Natalie" in shown

@@ -52,8 +52,12 @@ class Portal:
 
 @contextlib.asynccontextmanager
 async def encrypted_portal(
-    work: Path, ghost_devices: bool, database: str = "sqlite"
+    work: Path,
+    ghost_devices: bool,
+    database: str = "sqlite",
+    encryption: dict[str, Any] | None = None,
 ) -> AsyncIterator[Portal]:
+    """``encryption``: more options of ``bridge.encryption``."""
     port = free_port()
     async with bridge_stack(
         work,
@@ -64,6 +68,7 @@ async def encrypted_portal(
             "encryption.allow": True,
             "encryption.default": True,
             "encryption.ghost_devices": ghost_devices,
+            **{f"encryption.{k}": v for k, v in (encryption or {}).items()},
         },
     ) as stack:
         native = await native_client(stack)
