@@ -79,7 +79,8 @@ from kalandra_core.storage.reachable import through_outage
 
 from . import ghost_devices, metrics
 from .ghost_devices import GhostDevices
-from .portal_work import CURRENT_SLOT, FromMatrix
+from .portal_work import CURRENT_SLOT, EventSlot, FromMatrix
+from .run_state import Late, LateEvent
 
 if TYPE_CHECKING:
     from mautrix.bridge.e2ee import EncryptionManager
@@ -390,9 +391,9 @@ async def decrypt_for_portal(
         decrypted = await e2ee.decrypt(evt, wait_session_timeout=wait)
     except SessionNotFound:
         log.warning("room key of event %s not received: asking the sender for it", evt.event_id)
-        failed = _fail(portal, evt, UNDECRYPTABLE)
+        slot = _fail(portal, evt, UNDECRYPTABLE)
         state = bridge.run_state.e2ee
-        state.late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
+        _wait_late(state.late.setdefault(evt.room_id, {}), evt, slot.done, slot.place)
         if session_id not in state.requested:
             state.requested.add(session_id)
             _spawn(bridge, _request_key(bridge, evt), f"key-request-{evt.event_id}")
@@ -418,11 +419,25 @@ async def _hand_on(bridge: BridgeContext, portal: PortalFace, decrypted: Message
     await bridge.matrix.int_handle_event(cast("Event", decrypted), was_encrypted=True)
 
 
-def _fail(
-    portal: PortalFace, evt: MessageEvent | EncryptedEvent, text: str
-) -> asyncio.Future[None]:
+def _fail(portal: PortalFace, evt: MessageEvent | EncryptedEvent, text: str) -> EventSlot:
     """The event fails in its place in the queue: status event, notice, recorded as failed."""
     return portal.submit(FromMatrix("undecryptable", evt.sender, evt.event_id, reason=text))
+
+
+def _wait_late(late: Late, evt: EncryptedEvent, failed: asyncio.Future[None], place: int) -> None:
+    """``evt`` waits for its room key, to be bridged in its place among the room's late events:
+    the place of its first failure (a replay of its transaction fails it again, later in the
+    queue). Its handlers ran concurrently (mautrix's), so their order of arrival here says
+    nothing; the queue's places do."""
+    known = late.get(evt.event_id)
+    if known is not None and not _unrecorded(known.failed):
+        return
+    late[evt.event_id] = LateEvent(evt, failed, place if known is None else known.place)
+
+
+def _unrecorded(failed: asyncio.Future[None]) -> bool:
+    """The failure was not recorded (its transaction is retried)."""
+    return failed.done() and (failed.cancelled() or failed.exception() is not None)
 
 
 async def _request_key(bridge: BridgeContext, evt: EncryptedEvent) -> None:
@@ -476,7 +491,7 @@ async def _wait_for_session(
 def _drop_late(bridge: BridgeContext, room_id: RoomID, session_id: SessionID) -> None:
     """The key wait for ``session_id`` is over: its relations held fail (see _release)."""
     late = bridge.run_state.e2ee.late.get(room_id, {})
-    for event_id in [e for e, (evt, _) in late.items() if evt.content.session_id == session_id]:
+    for event_id in [e for e, w in late.items() if w.event.content.session_id == session_id]:
         del late[event_id]
         _release(bridge, room_id, event_id)
 
@@ -530,7 +545,8 @@ async def _bridge_late(bridge: BridgeContext, room_id: RoomID) -> None:
     state = bridge.run_state.e2ee
     async with state.late_locks.setdefault(room_id, asyncio.Lock()):
         late = state.late.get(room_id, {})
-        for event_id, (evt, failed) in list(late.items()):
+        for event_id, waiting in sorted(late.items(), key=lambda item: item[1].place):
+            evt, failed = waiting.event, waiting.failed
             store = e2ee.crypto.crypto_store
             if not await store.has_group_session(room_id, evt.content.session_id):
                 continue
@@ -594,7 +610,8 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
     ]
     resumed = 0
     held: list[Event] = []
-    for row in rows:
+    # Before any place of the new process's queues (those start at 1), oldest first.
+    for place, row in enumerate(rows, start=-len(rows)):
         found = await _fetch(bridge, rooms, EventID(row["event_id"]))
         if row["failure"] == HELD:
             if found is not None:
@@ -606,7 +623,7 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
         failed = asyncio.get_running_loop().create_future()
         failed.set_result(None)  # recorded before the restart
         state = bridge.run_state.e2ee
-        state.late.setdefault(evt.room_id, {})[evt.event_id] = (evt, failed)
+        _wait_late(state.late.setdefault(evt.room_id, {}), evt, failed, place)
         resumed += 1
         if evt.content.session_id not in state.requested:
             state.requested.add(evt.content.session_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -94,6 +95,7 @@ class PortalToKalandra(PortalBase):
     def __init__(self, bridge: BridgeContext, row: PortalRow) -> None:
         super().__init__(bridge, row)
         self.outgoing: asyncio.Queue[EventSlot] = asyncio.Queue()
+        self._places = itertools.count(1)
         self.mx_status = StatusSender(bridge, self.hex, lambda: self.row.encrypted)
         self._out_task: asyncio.Task[None] | None = None
 
@@ -111,19 +113,20 @@ class PortalToKalandra(PortalBase):
     # --- what the Matrix side hands in ---------------------------------------------------------
 
     def reserve(self, event_id: EventID) -> EventSlot:
-        slot = EventSlot(event_id)
+        slot = EventSlot(event_id, next(self._places))
         self.outgoing.put_nowait(slot)
         return slot
 
-    def submit(self, work: FromMatrix) -> asyncio.Future[None]:
-        """Queue ``work``: in the place reserved for its event, else at the end."""
+    def submit(self, work: FromMatrix) -> EventSlot:
+        """Queue ``work``: in the place reserved for its event, else at the end. Its slot
+        (``done`` once the work is handled for good)."""
         slot = CURRENT_SLOT.get()
         if slot is None or slot.event_id != work.event_id or slot.work.done():
             slot = self.reserve(work.event_id)
         slot.fill(work)
         if work.kind in _MESSAGES and self.row.mxid is not None:
             self.mx_status.watch(self.row.mxid, work.event_id)
-        return slot.done
+        return slot
 
     # --- the queue -------------------------------------------------------------------------------
 

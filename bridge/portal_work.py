@@ -54,11 +54,12 @@ class EventSlot:
     """An event's place in its portal's queue: ``work`` is filled by the event's handler (None:
     nothing to do), ``done`` by the portal once the event is handled for good."""
 
-    __slots__ = ("done", "event_id", "work")
+    __slots__ = ("done", "event_id", "place", "work")
 
-    def __init__(self, event_id: EventID) -> None:
+    def __init__(self, event_id: EventID, place: int = 0) -> None:
         loop = asyncio.get_running_loop()
         self.event_id = event_id
+        self.place = place  # its number in the queue: places are given in queue order
         self.work: asyncio.Future[FromMatrix | None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self.done.add_done_callback(_retrieve)

@@ -11,8 +11,18 @@ from mautrix.types import EncryptedEvent, EventID, RoomID, SessionID, UserID
 
 from .portal_work import FromMatrix
 
-# Per portal, the events failed for a missing room key, in queue order, with their failures.
-Late = dict[EventID, tuple[EncryptedEvent, "asyncio.Future[None]"]]
+
+@dataclass(frozen=True, slots=True)
+class LateEvent:
+    """An event failed for a missing room key, waiting for the key (e2ee.py)."""
+
+    event: EncryptedEvent
+    failed: asyncio.Future[None]  # done once its failure is recorded
+    place: int  # its place in the portal's queue: late events are bridged in this order
+
+
+# Per portal, the events failed for a missing room key.
+Late = dict[EventID, LateEvent]
 
 
 @dataclass

@@ -28,6 +28,7 @@ from mautrix.types import EventID, MessageEvent, RoomID
 from mautrix.util.async_db import Database
 
 from bridge.portal_work import CURRENT_SLOT, EventSlot, FromMatrix
+from bridge.run_state import RunState
 from bridge.transactions import TransactionGate
 from kalandra_core.storage import migrations
 
@@ -85,6 +86,7 @@ class GateContext:
     az: AppService
     db: Database
     portals: Directory
+    run_state: RunState = field(default_factory=RunState)
 
 
 @dataclass
