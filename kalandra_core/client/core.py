@@ -38,8 +38,8 @@ from nacl.signing import SigningKey
 from ..crypto import SenderKeyError
 from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
 from ..mls.group import Handshake, MlsGroup
-from ..mls.inspect import inspect_handshake
 from ..mls.keypackage import KeyPackageBundle, build_key_package, bundle_is_last_resort
+from ..mls.server_view import inspect_handshake
 from ..mls.update_tracker import UpdatePolicy
 from ..proto import (
     Ban,

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..mls.errors import InvalidMlsMessage
-from ..mls.inspect import HandshakeSummary, inspect_handshake
+from ..mls.server_view import HandshakeSummary, inspect_handshake
 from ..proto import (
     Ban,
     ErrorCode,
     Frame,
+    Handshake,
     Kick,
     Opcode,
     PayloadDecodeError,
@@ -28,8 +29,7 @@ from ..proto import (
     Unban,
     decode_payload,
 )
-from ..storage.base import Ban as BanRecord
-from ..storage.base import Handshake, LogEntry, Role, RoomChanges, RoomMember, RoomState
+from ..storage.base import BanRecord, LogEntry, Role, RoomChanges, RoomMember, RoomState
 
 # Frames that go into the log at the room's current epoch.
 SEQUENCED_APP: Final = frozenset(
