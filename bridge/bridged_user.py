@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from nacl.signing import SigningKey
@@ -246,7 +247,7 @@ class BridgedUser:
         assert self.bridge.kalandra is not None
         hub = self.bridge.kalandra.hub
         self._sink = connect_loopback(hub.session_factory, lambda _sink: _Session(self))
-        hello = self.core.hello(token)
+        hello = self.core.hello(token, now=time.time())
         try:
             reply = await self._request(Frame.decode(hello).header.request_id, hello)
             _raise_error(reply)
@@ -313,8 +314,12 @@ class BridgedUser:
             room = bot.core.rooms[room_id]
             leaf = room.roster()[self.member_id][0]
             envelope = room.keys.encrypt(plaintext, sender_index=leaf)
-            rid, data = self.core._frame(
-                Opcode.APP_MESSAGE, envelope, room_int=room.room_int, epoch=room.epoch
+            rid, data = self.core.build_frame(
+                Opcode.APP_MESSAGE,
+                envelope,
+                room_int=room.room_int,
+                epoch=room.epoch,
+                now=time.time(),
             )
             await outgoing.prepare(
                 Outgoing(event_id, room_id, self.member_id, rid, data),

@@ -28,6 +28,7 @@ import dataclasses
 import html
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -373,7 +374,7 @@ async def reaction_to_kalandra(portal: PortalToKalandra, work: FromMatrix) -> No
 
     def build(core: ClientCore, room_int: int, epoch: int) -> tuple[int, bytes]:
         return reaction_frame(
-            core, room_int=room_int, epoch=epoch, target=target, key=key, add=True
+            core, room_int=room_int, epoch=epoch, target=target, key=key, add=True, now=time.time()
         )
 
     index = await send_logged(user, portal.room_id, build)
@@ -407,6 +408,7 @@ async def unreact(portal: PortalToKalandra, work: FromMatrix, log_index: int) ->
             target=reaction.message_log_index,
             key=reaction.content,
             add=False,
+            now=time.time(),
         )
 
     index = await send_logged(user, portal.room_id, build)
