@@ -257,17 +257,18 @@ class ClientCore(SyncRecovery, Pacing):
         rid, data = self.build_frame(Opcode.GROUP_INFO, payload, room=room, now=now)
         return room_id, rid, data
 
-    def key_packages(self, count: int, *, now: float, last_resort: bool = False) -> list[bytes]:
+    def key_packages(self, count: int, *, last_resort: bool = False) -> list[bytes]:
         """Fresh KeyPackages to publish; their private parts wait here for a Welcome. With
         ``last_resort``, one more flagged as the last-resort one unless we hold one already
-        (the server hands it out, never consumed, once the others are gone)."""
+        (the server hands it out, never consumed, once the others are gone). Their lifetime
+        is real time, as every member and the server check it (mls/keypackage.py)."""
         out = []
         for _ in range(count):
-            bundle = build_key_package(self.member_id, self.signing_key, now=now)
+            bundle = build_key_package(self.member_id, self.signing_key)
             self.bundles[bundle.ref] = bundle
             out.append(bundle.key_package)
         if last_resort and not any(bundle_is_last_resort(b) for b in self.bundles.values()):
-            bundle = build_key_package(self.member_id, self.signing_key, now=now, last_resort=True)
+            bundle = build_key_package(self.member_id, self.signing_key, last_resort=True)
             self.bundles[bundle.ref] = bundle
             out.append(bundle.key_package)
         return out

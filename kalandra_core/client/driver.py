@@ -506,7 +506,7 @@ class Client:
         """Publish ``count`` KeyPackages, and a last-resort one if we have none yet; returns
         how many (not counting the last-resort one) the server now holds for us."""
         stored = 0
-        for kp in self.core.key_packages(count, last_resort=last_resort, now=self.clock()):
+        for kp in self.core.key_packages(count, last_resort=last_resort):
             rid, data = self.core.build_frame(Opcode.KEY_PACKAGE, kp, sign=False, now=self.clock())
             reply = await self._await(rid, data)
             stored = reply.header.context_id
