@@ -634,6 +634,3 @@ class Client:
             if loop.time() > deadline:
                 raise TimeoutError("condition not reached")
             await asyncio.sleep(0.01)
-
-
-AsyncAction = Callable[[Client], Awaitable[int]]

@@ -44,7 +44,6 @@ SEQUENCED_APP: Final = frozenset(
 # Delivered to the room's sessions but never stored (no log index).
 EPHEMERAL: Final = frozenset({Opcode.TYPING, Opcode.PRESENCE})
 MODERATION: Final = frozenset({Opcode.KICK, Opcode.BAN, Opcode.UNBAN, Opcode.REDACT})
-MAX_EPOCH: Final = 1_000_000_000_000
 # (sender, request id) pairs remembered per room, to answer resends instead of re-sequencing.
 RECENT_REQUESTS: Final = 4096
 
