@@ -169,6 +169,12 @@ class HelloAuth:
         self._expect(_State.ISSUING)
         return self._accept(token)
 
+    def abandon(self) -> None:
+        """A step could not be performed (the store failed): the Hello is forgotten, and the
+        next one starts afresh."""
+        if self._state is not _State.AUTHENTICATED:
+            self._reset()
+
     def _accept(self, device_token: str | None) -> Accept:
         self._state = _State.AUTHENTICATED
         self._token = self._key = b""
@@ -176,10 +182,13 @@ class HelloAuth:
 
     def _refuse(self, message: str) -> Refuse:
         """Authentication failed: back to waiting (the session closes anyway)."""
+        self._reset()
+        return _denied(message)
+
+    def _reset(self) -> None:
         self._state = _State.WAITING
         self.member_id = 0
         self._token = self._key = b""
-        return _denied(message)
 
     def _expect(self, state: _State) -> None:
         if self._state is not state:

@@ -308,19 +308,23 @@ class ServerSession:
         store = self.hub.store
         now_ms = int(self.hub.clock() * 1000)
         step = self._auth.hello(frame.payload, h.hlc_timestamp, now_ms)
-        while True:
-            if isinstance(step, LookUpToken):
-                step = self._auth.member_found(await store.authenticate(step.token))
-            elif isinstance(step, RedeemLoginCode):
-                found = await store.redeem_login_code(step.code, step.now_ms)
-                step = self._auth.member_found(found)
-            elif isinstance(step, BindKey):
-                bound = await self.hub.bind_signature_key(step.member_id, step.key)
-                step = self._auth.key_bound(bound)
-            elif isinstance(step, IssueToken):
-                step = self._auth.token_issued(await store.issue_token(step.member_id))
-            else:
-                break
+        try:
+            while True:
+                if isinstance(step, LookUpToken):
+                    step = self._auth.member_found(await store.authenticate(step.token))
+                elif isinstance(step, RedeemLoginCode):
+                    found = await store.redeem_login_code(step.code, step.now_ms)
+                    step = self._auth.member_found(found)
+                elif isinstance(step, BindKey):
+                    bound = await self.hub.bind_signature_key(step.member_id, step.key)
+                    step = self._auth.key_bound(bound)
+                elif isinstance(step, IssueToken):
+                    step = self._auth.token_issued(await store.issue_token(step.member_id))
+                else:
+                    break
+        except BaseException:
+            self._auth.abandon()  # (a storage error is answered by the caller)
+            raise
         if isinstance(step, Refuse):
             self.reject(frame, step.code, step.message)
             if step.close:

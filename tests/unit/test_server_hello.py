@@ -189,3 +189,22 @@ def test_steps_out_of_order_are_a_bug_of_the_driver(replays: ReplayCache) -> Non
         auth.member_found(MEMBER)
     with pytest.raises(RuntimeError, match="out of order"):
         auth.key_bound(True)
+
+
+def test_an_abandoned_hello_lets_the_next_one_start_afresh(
+    key: SigningKey, replays: ReplayCache
+) -> None:
+    """The store failed during a step: the session answers STORAGE_ERROR and stays open, and
+    the client may send Hello again on it."""
+    hlc = pack(NOW_MS, 0)
+    auth = HelloAuth(replays)
+    assert isinstance(auth.hello(_hello(TOKEN.encode(), key, hlc), hlc, NOW_MS), LookUpToken)
+    auth.abandon()
+    assert not auth.authenticated
+    later = hlc + 1
+    step = auth.hello(_hello(TOKEN.encode(), key, later), later, NOW_MS)
+    assert step == LookUpToken(TOKEN)
+    assert isinstance(auth.member_found(MEMBER), BindKey)
+    assert auth.key_bound(True) == Accept(MEMBER, None)
+    auth.abandon()  # (nothing to abandon once authenticated)
+    assert auth.authenticated
