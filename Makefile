@@ -36,6 +36,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: venv
 	@bash tests/ensure_postgres.sh
@@ -58,4 +59,5 @@ bench-full: venv
 	KALANDRA_SOAK_SECONDS=600 $(PY) -m pytest -q -s tests/faults/test_bridge_soak.py
 
 clean:
-	rm -rf $(VENV) .venv-synapse $(DATA) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-synapse $(DATA) .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		.import_linter_cache .grimp_cache

@@ -95,7 +95,7 @@ class _Tally:
 def _messages(core: ClientCore, room: bytes, count: int) -> list[tuple[int, bytes]]:
     """``count`` encrypted, signed AppMessage frames from ``core`` (request id, bytes)."""
     content = Content(body="benchmark message, about one line of chat text")
-    frames = [core.send_message(room, content) for _ in range(count)]
+    frames = [core.send_message(room, content, now=time.time()) for _ in range(count)]
     core.outbox.clear()  # never sent through the driver; nothing to retry
     return frames
 
@@ -179,7 +179,9 @@ async def _idle_connections(
     async def one() -> None:
         async with gate:
             try:
-                opened.append(await raw_connect(server.port, core.hello(token), wait=60))
+                opened.append(
+                    await raw_connect(server.port, core.hello(token, now=time.time()), wait=60)
+                )
             except Exception as exc:  # counted and reported, not raised
                 kind = type(exc).__name__
                 failures[kind] = failures.get(kind, 0) + 1
@@ -255,8 +257,8 @@ async def _measure(
     a_id = a_core.member_id
     a_token, b_token = server.users["alice"].token, server.users["bob"].token
     a_tally, b_tally = _Tally(a_id), _Tally(a_id, stamp=True)
-    a_conn = await raw_connect(server.port, a_core.hello(a_token), a_tally)
-    b_conn = await raw_connect(server.port, b_core.hello(b_token), b_tally)
+    a_conn = await raw_connect(server.port, a_core.hello(a_token, now=time.time()), a_tally)
+    b_conn = await raw_connect(server.port, b_core.hello(b_token, now=time.time()), b_tally)
     t_setup = time.perf_counter()
     n_paced = int(LATENCY_RATE * seconds)
     built = _messages(a_core, room, warmup + m + n_paced)

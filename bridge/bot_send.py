@@ -40,7 +40,7 @@ async def bot_send(
     if prepared is not None and prepared.sender_id == member_id and prepared.room_id == room_id:
         request_id = prepared.request_id  # sent before a crash, perhaps sequenced
     else:
-        request_id = client.core._request_id()
+        request_id = client.core.next_request_id()
         await outgoing.prepare(Outgoing(event_id, room_id, member_id, request_id, b""))
     await ensure_send_floors(bridge, room_id)
     return await client.send(room_id, content, request_id=request_id)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -261,7 +262,7 @@ class BridgedUser:
         assert self.bridge.kalandra is not None
         hub = self.bridge.kalandra.hub
         self._sink = connect_loopback(hub.session_factory, lambda _sink: _Session(self))
-        hello = self.core.hello(token)
+        hello = self.core.hello(token, now=time.time())
         try:
             reply = await self.request(Frame.decode(hello).header.request_id, hello)
             _raise_error(reply)
@@ -327,8 +328,12 @@ class BridgedUser:
             room = self.bridge.bot.core.rooms[room_id]
             leaf = room.roster()[self.member_id][0]
             envelope = room.keys.encrypt(plaintext, sender_index=leaf)
-            rid, data = self.core._frame(
-                Opcode.APP_MESSAGE, envelope, room_int=room.room_int, epoch=room.epoch
+            rid, data = self.core.build_frame(
+                Opcode.APP_MESSAGE,
+                envelope,
+                room_int=room.room_int,
+                epoch=room.epoch,
+                now=time.time(),
             )
             await outgoing.prepare(
                 Outgoing(event_id, room_id, self.member_id, rid, data),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from mautrix.client import ClientAPI
@@ -131,7 +132,9 @@ class MatrixEphemeral:
                 return  # not forward: Matrix clients re-send receipts for older events
 
             def build(core: ClientCore, room_int: int, epoch: int) -> tuple[int, bytes]:
-                return receipt_frame(core, room_int=room_int, epoch=epoch, target=target)
+                return receipt_frame(
+                    core, room_int=room_int, epoch=epoch, target=target, now=time.time()
+                )
 
             try:
                 await send_logged(portal.bridge, user, portal.room_id, build)
@@ -163,6 +166,7 @@ class MatrixEphemeral:
                 epoch=room.epoch,
                 typing=typing,
                 timeout_ms=_MATRIX_TYPING_MS,
+                now=time.time(),
             )
             user.send_unanswered(data)  # ephemeral: nothing answers it
         except Exception as exc:

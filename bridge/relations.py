@@ -28,6 +28,7 @@ import dataclasses
 import html
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -368,7 +369,7 @@ async def reaction_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
 
     def build(core: ClientCore, room_int: int, epoch: int) -> tuple[int, bytes]:
         return reaction_frame(
-            core, room_int=room_int, epoch=epoch, target=target, key=key, add=True
+            core, room_int=room_int, epoch=epoch, target=target, key=key, add=True, now=time.time()
         )
 
     index = await send_logged(portal.bridge, user, portal.room_id, build)
@@ -402,6 +403,7 @@ async def unreact(portal: PortalFace, work: FromMatrix, log_index: int) -> bool:
             target=reaction.message_log_index,
             key=reaction.content,
             add=False,
+            now=time.time(),
         )
 
     index = await send_logged(portal.bridge, user, portal.room_id, build)

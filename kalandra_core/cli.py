@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .proto import Frame, ProtocolError
-from .proto.inspect import frame_from_json, frame_to_json
+from .proto.frame_json import frame_from_json, frame_to_json
 from .storage.base import LOGIN_CODE_MAX_TTL, StoreError
 from .storage.urls import DatabaseRefused, DatabaseUrlError
 

@@ -24,31 +24,33 @@ Frames of the outbox go out through a send window (``window.py``): commands queu
 ``transmit`` (also run at the end of every entry point that returns events) hands out what the
 window admits, in the order of each room (``pacing.py``). RATE_LIMITED is not a failure: the
 refused frame stays queued and goes out again after the pause the server named.
+
+The class is in three modules: this one (identity, commands, frames in), ``recovery.py`` (sync
+and epoch recovery) and ``pacing.py`` (what goes out now). It reads no clock: every entry point
+that needs the time takes it as ``now`` (Unix seconds), so a driver or a simulation owns time.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from nacl.signing import SigningKey
 
 from ..crypto import SenderKeyError
-from ..mls.errors import GroupInactive, InvalidMlsMessage, MlsError, WrongEpoch
-from ..mls.group import Handshake, MlsGroup
-from ..mls.inspect import inspect_handshake
+from ..mls.errors import InvalidMlsMessage, MlsError
+from ..mls.group import MlsGroup
 from ..mls.keypackage import KeyPackageBundle, build_key_package, bundle_is_last_resort
+from ..mls.server_view import inspect_handshake
 from ..mls.update_tracker import UpdatePolicy
 from ..proto import (
     Ban,
     EncryptedMessage,
-    ErrorCode,
-    ErrorPayload,
     Frame,
     FrameHeader,
     GroupInfoData,
+    Handshake,
     HelloReply,
     Kick,
     Opcode,
@@ -56,8 +58,6 @@ from ..proto import (
     PayloadDecodeError,
     RawPayload,
     Redact,
-    SyncRequest,
-    SyncResponse,
     Unban,
     decode_payload,
     sign_header,
@@ -66,27 +66,30 @@ from ..proto import (
 from ..proto.hello_proof import signed_hello
 from ..proto.hlc import HybridClock
 from . import events as ev
-from . import pacing, room_meta
+from . import room_meta
 from .content import Content
+from .pacing import Pacing
+from .recovery import SyncRecovery
 from .room import NOT_COMMITS, ClientRoom, Pending
 from .send_marks import SendMarks
 from .window import DEFAULT_BYTES, DEFAULT_FRAMES, SendWindow
 
-MAX_ATTEMPTS = 3
 # Commits that carry an UpdatePath (fresh leaf keys).
 _PATH_COMMITS = frozenset({"update", "remove", "proposals"})
-SYNC_PAGE = 500
 SERVER_SENDER = 0
 _REQUEST_SPACE = 1 << 31
 
 
-class ClientCore:
+class ClientCore(SyncRecovery, Pacing):
+    """One member's client: its identity, rooms (MLS groups and sender keys), outbox and send
+    window. Commands and frames in return events (``events.py``); ``Outgoing`` ones carry the
+    frames to send."""
+
     def __init__(
         self,
         member_id: int,
         signing_key: bytes,
         *,
-        clock: Callable[[], float] = time.time,
         handshake: Handshake = Handshake.PUBLIC,
         first_request_id: int | None = None,
         update_policy: UpdatePolicy = UpdatePolicy.STANDARD,
@@ -99,7 +102,6 @@ class ClientCore:
         self.member_id = member_id
         self.signing_key = bytes(signing_key)
         self._signer = SigningKey(self.signing_key)
-        self.clock = clock
         self.handshake = handshake
         self.rooms: dict[bytes, ClientRoom] = {}
         self.bundles: dict[bytes, KeyPackageBundle] = {}  # KeyPackageRef -> bundle
@@ -130,16 +132,19 @@ class ClientCore:
 
     # --- frames out ----------------------------------------------------------------------------
 
-    def _request_id(self) -> int:
+    def next_request_id(self) -> int:
+        """A request id for a frame to build; a caller may reserve one and record it first,
+        so that a resend after a crash carries the same id (``send_message``)."""
         rid = self._next_request
         self._next_request = rid + 1 if rid + 1 < (1 << 32) else 1
         return rid
 
-    def _frame(
+    def build_frame(
         self,
         opcode: int,
         payload: Payload | bytes,
         *,
+        now: float,
         room: ClientRoom | None = None,
         room_int: int = 0,
         context_id: int = 0,
@@ -148,14 +153,16 @@ class ClientCore:
         sign: bool = True,
         hlc: int | None = None,
     ) -> tuple[int, bytes]:
-        rid = self._request_id() if request_id is None else request_id
+        """A frame from our member (request id, bytes), signed unless ``sign`` is False, at the
+        room's epoch (or ``epoch``), stamped with our hybrid clock at ``now``."""
+        rid = self.next_request_id() if request_id is None else request_id
         header = FrameHeader(
             opcode,
             request_id=rid,
             room_id=room.room_int if room is not None else room_int,
             sender_id=self.member_id,
             context_id=context_id,
-            hlc_timestamp=self._hlc.tick(int(self.clock() * 1000)) if hlc is None else hlc,
+            hlc_timestamp=self._hlc.tick(int(now * 1000)) if hlc is None else hlc,
             epoch=(room.epoch if room is not None else 0) if epoch is None else epoch,
         )
         frame = Frame.build(header, payload)
@@ -163,12 +170,12 @@ class ClientCore:
             sign_header(frame.header, self._signer)
         return rid, frame.encode()
 
-    def hello(self, token: str) -> bytes:
+    def hello(self, token: str, *, now: float) -> bytes:
         """The Hello frame: the token (or login code) and the proof that we hold our key, bound
         to this Hello's timestamp (the server refuses it again, or late)."""
-        hlc = self._hlc.tick(int(self.clock() * 1000))
+        hlc = self._hlc.tick(int(now * 1000))
         hello = signed_hello(token.encode(), self._signer, hlc)
-        return self._frame(Opcode.HELLO, hello, sign=False, hlc=hlc)[1]
+        return self.build_frame(Opcode.HELLO, hello, sign=False, hlc=hlc, now=now)[1]
 
     def hello_reply(self, reply: HelloReply) -> None:
         if self.member_id == 0 and reply.member_id:
@@ -195,7 +202,7 @@ class ClientCore:
             if pending.room_id == room_id and pending.log_index <= last_seen:
                 del self.merged[rid]
 
-    def resync_all(self) -> list[ev.Event]:
+    def resync_all(self, *, now: float) -> list[ev.Event]:
         """After (re)connecting: catch up every room from its last applied log index, then
         resend the outbox through the window."""
         out: list[ev.Event] = []
@@ -213,8 +220,8 @@ class ClientCore:
             room.sync_deferred = False
             if room.active:
                 room.syncing = False
-                out += self._sync(room)
-        return out + self.transmit()
+                out += self._sync(room, now)
+        return out + self.transmit(now=now)
 
     def connection_lost(self) -> None:
         """The connection is gone: nothing is in flight any more (resync_all resends)."""
@@ -226,7 +233,12 @@ class ClientCore:
     # --- commands --------------------------------------------------------------------------
 
     def create_room(
-        self, *, name: str = "", topic: str = "", handshake: Handshake | None = None
+        self,
+        *,
+        now: float,
+        name: str = "",
+        topic: str = "",
+        handshake: Handshake | None = None,
     ) -> tuple[bytes, int, bytes]:
         """A new room (room id, request id, GroupInfo frame); usable once the server acks it."""
         mode = handshake or self.handshake
@@ -235,22 +247,21 @@ class ClientCore:
             self.member_id, self.signing_key, external_senders=senders, handshake=mode
         )
         room_id = os.urandom(16)
-        room = ClientRoom(
-            room_id, group, last_seen=-1, policy=self.update_policy, now=self.clock()
-        )
+        room = ClientRoom(room_id, group, last_seen=-1, policy=self.update_policy, now=now)
         room.anchored = True
         room.name, room.topic = name, topic
         self.rooms[room_id] = room
         payload = GroupInfoData(
             group_info=group.group_info(), handshake=mode.value, name=name, topic=topic
         )
-        rid, data = self._frame(Opcode.GROUP_INFO, payload, room=room)
+        rid, data = self.build_frame(Opcode.GROUP_INFO, payload, room=room, now=now)
         return room_id, rid, data
 
     def key_packages(self, count: int, *, last_resort: bool = False) -> list[bytes]:
         """Fresh KeyPackages to publish; their private parts wait here for a Welcome. With
         ``last_resort``, one more flagged as the last-resort one unless we hold one already
-        (the server hands it out, never consumed, once the others are gone)."""
+        (the server hands it out, never consumed, once the others are gone). Their lifetime
+        is real time, as every member and the server check it (mls/keypackage.py)."""
         out = []
         for _ in range(count):
             bundle = build_key_package(self.member_id, self.signing_key)
@@ -263,23 +274,21 @@ class ClientCore:
         return out
 
     def send_message(
-        self, room_id: bytes, content: Content, *, request_id: int | None = None
+        self, room_id: bytes, content: Content, *, now: float, request_id: int | None = None
     ) -> tuple[int, bytes]:
-        """``request_id``: one the caller reserved (``_request_id``) and recorded, so that a
-        resend after a crash is recognised by the server as the same request."""
-        room = self._room(room_id)
-        rid = self._request_id() if request_id is None else request_id
+        """``request_id``: one the caller reserved (``next_request_id``) and recorded, so that
+        a resend after a crash is recognised by the server as the same request."""
+        room = self.active_room(room_id)
+        rid = self.next_request_id() if request_id is None else request_id
         pending = Pending(rid, room_id, "message", plaintext=content.encode())
         self.outbox[rid] = pending
         room.updates.message_sent()
         # Encrypted now (the send chain's generations follow the calls); queued for transmit.
-        return rid, self._encrypt(room, pending)
+        return rid, self._encrypt(room, pending, now)
 
-    def maintenance(self) -> list[ev.Event]:
+    def maintenance(self, *, now: float) -> list[ev.Event]:
         """Periodic duties: a self-update commit for each room whose leaf is due for fresh keys
         (post-compromise security), unless a commit of ours is already on its way."""
-        out: list[ev.Event] = []
-        now = self.clock()
         busy = {p.room_id for p in self.outbox.values() if p.kind not in NOT_COMMITS}
         for room in self.rooms.values():
             if (
@@ -290,34 +299,39 @@ class ClientCore:
                 and not room.group.has_pending_commit
                 and room.updates.due(now)
             ):
-                self._commit(Pending(self._request_id(), room.room_id, "update"))
-        return out + self.transmit()
+                self._commit(Pending(self.next_request_id(), room.room_id, "update"), now)
+        return self.transmit(now=now)
 
-    def _encrypt(self, room: ClientRoom, pending: Pending) -> bytes:
+    def _encrypt(self, room: ClientRoom, pending: Pending, now: float) -> bytes:
         assert pending.plaintext is not None
         envelope = self.send_marks.encrypt(room.room_id, room.keys, pending.plaintext)
         pending.epoch = room.epoch
-        pending.frame = self._frame(
-            Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id
+        pending.frame = self.build_frame(
+            Opcode.APP_MESSAGE, envelope, room=room, request_id=pending.request_id, now=now
         )[1]
         pending.unsaved = self.write_ahead  # out once its send mark is saved
         return pending.frame
 
-    def add_members(self, room_id: bytes, key_packages: list[bytes]) -> tuple[int, bytes]:
-        rid = self._request_id()
+    def add_members(
+        self, room_id: bytes, key_packages: list[bytes], *, now: float
+    ) -> tuple[int, bytes]:
+        rid = self.next_request_id()
         pending = Pending(rid, room_id, "add", key_packages=list(key_packages))
-        return rid, self._commit(pending)
+        return rid, self._commit(pending, now)
 
-    def remove_members(self, room_id: bytes, member_ids: Iterable[int]) -> tuple[int, bytes]:
-        rid = self._request_id()
-        return rid, self._commit(Pending(rid, room_id, "remove", member_ids=list(member_ids)))
+    def remove_members(
+        self, room_id: bytes, member_ids: Iterable[int], *, now: float
+    ) -> tuple[int, bytes]:
+        rid = self.next_request_id()
+        pending = Pending(rid, room_id, "remove", member_ids=list(member_ids))
+        return rid, self._commit(pending, now)
 
-    def self_update(self, room_id: bytes) -> tuple[int, bytes]:
-        rid = self._request_id()
-        return rid, self._commit(Pending(rid, room_id, "update"))
+    def self_update(self, room_id: bytes, *, now: float) -> tuple[int, bytes]:
+        rid = self.next_request_id()
+        return rid, self._commit(Pending(rid, room_id, "update"), now)
 
-    def _commit(self, pending: Pending) -> bytes:
-        room = self._room(pending.room_id)
+    def _commit(self, pending: Pending, now: float) -> bytes:
+        room = self.active_room(pending.room_id)
         group = room.group
         if pending.kind == "add":
             out = group.add(pending.key_packages)
@@ -332,25 +346,30 @@ class ClientCore:
         pending.mls = group.pending_commit()
         pending.unsaved = self.write_ahead
         self.outbox[pending.request_id] = pending
-        pending.frame = self._frame(
-            Opcode.COMMIT, RawPayload(out.commit), room=room, request_id=pending.request_id
+        pending.frame = self.build_frame(
+            Opcode.COMMIT,
+            RawPayload(out.commit),
+            room=room,
+            request_id=pending.request_id,
+            now=now,
         )[1]
         return pending.frame
 
-    def leave(self, room_id: bytes) -> tuple[int, bytes]:
-        room = self._room(room_id)
-        rid = self._request_id()
+    def leave(self, room_id: bytes, *, now: float) -> tuple[int, bytes]:
+        room = self.active_room(room_id)
+        rid = self.next_request_id()
         pending = self.outbox[rid] = Pending(rid, room_id, "leave", epoch=room.epoch)
-        pending.frame = self._frame(
-            Opcode.PROPOSAL, RawPayload(room.group.propose_leave()), room=room, request_id=rid
+        proposal = RawPayload(room.group.propose_leave())
+        pending.frame = self.build_frame(
+            Opcode.PROPOSAL, proposal, room=room, request_id=rid, now=now
         )[1]
         return rid, pending.frame
 
     def moderate(
-        self, room_id: bytes, action: str, target: int, reason: str = ""
+        self, room_id: bytes, action: str, target: int, reason: str = "", *, now: float
     ) -> tuple[int, bytes]:
         """Kick, ban, unban a member, or redact (``target`` = the log index)."""
-        room = self._room(room_id)
+        room = self.active_room(room_id)
         payload: Payload
         if action == "kick":
             payload = Kick(user_id=target, reason=reason, moderator_id=self.member_id)
@@ -366,12 +385,13 @@ class ClientCore:
             opcode = Opcode.REDACT
         else:
             raise ValueError(f"unknown moderation action {action!r}")
-        rid = self._request_id()
+        rid = self.next_request_id()
         pending = self.outbox[rid] = Pending(rid, room_id, "moderation", epoch=room.epoch)
-        pending.frame = self._frame(opcode, payload, room=room, request_id=rid)[1]
+        pending.frame = self.build_frame(opcode, payload, room=room, request_id=rid, now=now)[1]
         return rid, pending.frame
 
-    def _room(self, room_id: bytes) -> ClientRoom:
+    def active_room(self, room_id: bytes) -> ClientRoom:
+        """The room, if we are an active member of it (KeyError otherwise)."""
         room = self.rooms.get(room_id)
         if room is None or not room.active:
             raise KeyError(f"not in room {room_id.hex()}")
@@ -379,24 +399,24 @@ class ClientCore:
 
     # --- frames in ---------------------------------------------------------------------------
 
-    def receive(self, frame: Frame) -> list[ev.Event]:
-        return self._receive(frame) + self.transmit()
+    def receive(self, frame: Frame, *, now: float) -> list[ev.Event]:
+        return self._receive(frame, now) + self.transmit(now=now)
 
-    def _receive(self, frame: Frame) -> list[ev.Event]:
+    def _receive(self, frame: Frame, now: float) -> list[ev.Event]:
         h = frame.header
         opcode = h.opcode
         room = self.rooms.get(h.room_id_bytes) if h.room_id else None
         if opcode == Opcode.ERROR:
-            return self._error(frame)
+            return self._error(frame, now)
         if opcode == Opcode.SYNC_RESPONSE:
-            return self._sync_response(frame, room)
+            return self._sync_response(frame, room, now)
         if opcode == Opcode.WELCOME:
             pending = self.outbox.get(h.request_id)
             if not frame.payload and pending is not None and pending.kind == "welcome":
                 # The server's receipt: the Welcome is in the recipient's mailbox.
                 self._answered(self.outbox.pop(h.request_id))
                 return [ev.Acked(h.request_id, pending.room_id, None)]
-            return self._welcome(frame)
+            return self._welcome(frame, now)
         if opcode in (Opcode.KEY_PACKAGE, Opcode.GROUP_INFO, Opcode.HELLO_REPLY, Opcode.PONG):
             out: list[ev.Event] = [ev.Reply(h.request_id, frame)]
             if opcode == Opcode.GROUP_INFO and room is not None:
@@ -404,9 +424,9 @@ class ClientCore:
             return out
         if opcode in (Opcode.TYPING, Opcode.PRESENCE) or room is None:
             return []
-        return self._ordered(room, frame)
+        return self._ordered(room, frame, now)
 
-    def _ordered(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+    def _ordered(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
         index = frame.header.context_id
         h = frame.header
         if index <= room.last_seen and h.sender_id == self.member_id and room.active:
@@ -424,14 +444,14 @@ class ClientCore:
             return []  # already applied (a duplicate, or an echo we synced first)
         if not room.anchored or index != room.last_seen + 1:
             room.ahead[index] = frame
-            return self._sync(room)
-        out = self._apply(room, frame)
+            return self._sync(room, now)
+        out = self._apply(room, frame, now)
         while room.active and room.last_seen + 1 in room.ahead:
-            out += self._apply(room, room.ahead.pop(room.last_seen + 1))
+            out += self._apply(room, room.ahead.pop(room.last_seen + 1), now)
         room.ahead = {i: f for i, f in room.ahead.items() if i > room.last_seen}
         return out
 
-    def _apply(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+    def _apply(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
         h = frame.header
         room.last_seen = h.context_id
         out: list[ev.Event] = [ev.StateChanged(room.room_id)]
@@ -446,20 +466,20 @@ class ClientCore:
         opcode = h.opcode
         try:
             if opcode == Opcode.APP_MESSAGE:
-                out += self._app_message(room, frame)
+                out += self._app_message(room, frame, now)
             elif opcode == Opcode.COMMIT and replayed is not None:
-                out += self._commit_frame(room, frame, replayed, replayed=True)
+                out += self._commit_frame(room, frame, replayed, now, replayed=True)
             elif opcode == Opcode.COMMIT:
-                out += self._commit_frame(room, frame, pending)
+                out += self._commit_frame(room, frame, pending, now)
             elif opcode == Opcode.PROPOSAL:
-                out += self._proposal_frame(room, frame)
+                out += self._proposal_frame(room, frame, now)
             elif opcode in (Opcode.KICK, Opcode.BAN, Opcode.UNBAN, Opcode.REDACT):
-                out += self._moderation_frame(room, frame)
+                out += self._moderation_frame(room, frame, now)
         except (MlsError, SenderKeyError, PayloadDecodeError) as exc:
             out.append(ev.Undecryptable(room.room_id, h.context_id, h.sender_id, str(exc)))
         return out
 
-    def _app_message(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+    def _app_message(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
         h = frame.header
         envelope = decode_payload(Opcode.APP_MESSAGE, frame.payload)
         assert isinstance(envelope, EncryptedMessage)
@@ -472,15 +492,21 @@ class ClientCore:
             raise InvalidMlsMessage("frame and envelope epochs differ")
         plaintext = room.keys.decrypt(envelope)
         if h.hlc_timestamp:
-            self._hlc.observe(h.hlc_timestamp, int(self.clock() * 1000))
-        stamp = (h.hlc_timestamp >> 22) if h.hlc_timestamp else int(self.clock() * 1000)
+            self._hlc.observe(h.hlc_timestamp, int(now * 1000))
+        stamp = (h.hlc_timestamp >> 22) if h.hlc_timestamp else int(now * 1000)
         message = ev.Message(
             room.room_id, h.sender_id, h.context_id, stamp, Content.decode(plaintext)
         )
         return [room_meta.applied(room, message) or message]
 
     def _commit_frame(
-        self, room: ClientRoom, frame: Frame, pending: Pending | None, *, replayed: bool = False
+        self,
+        room: ClientRoom,
+        frame: Frame,
+        pending: Pending | None,
+        now: float,
+        *,
+        replayed: bool = False,
     ) -> list[ev.Event]:
         if pending is not None:
             # Our saved room state may predate this commit of ours (saved before it was made,
@@ -489,7 +515,7 @@ class ClientCore:
         result = room.group.process(frame.payload)
         out: list[ev.Event] = []
         if result.removed_self:
-            return self._leave(room, "removed from the group")
+            return self._leave(room, "removed from the group", now)
         room.epoch_moved()
         out.append(
             ev.EpochChanged(
@@ -504,7 +530,7 @@ class ClientCore:
             )
         )
         if result.kind == "own_commit" and pending is not None and pending.kind in _PATH_COMMITS:
-            room.updates.leaf_updated(self.clock())  # our leaf got a fresh HPKE key
+            room.updates.leaf_updated(now)  # our leaf got a fresh HPKE key
         if pending is not None and result.kind == "own_commit":
             pending.log_index = frame.header.context_id
             if self.write_ahead:
@@ -513,28 +539,29 @@ class ClientCore:
             # Rule 6. Each Welcome stays in the outbox until the server confirms it is in the
             # recipient's mailbox (a connection lost meanwhile would lose it for good).
             for recipient, welcome in pending.welcomes.items():
-                rid = self._request_id()
+                rid = self.next_request_id()
                 sent = Pending(rid, room.room_id, "welcome", welcomes={recipient: welcome})
                 self.outbox[rid] = sent
-                self._welcome_frame(room, sent)
+                self._welcome_frame(room, sent, now)
         return out
 
-    def _welcome_frame(self, room: ClientRoom, pending: Pending) -> bytes:
+    def _welcome_frame(self, room: ClientRoom, pending: Pending, now: float) -> bytes:
         """A Welcome of ours (resent unchanged: its epoch is the one its commit created)."""
         ((recipient, welcome),) = pending.welcomes.items()
         if pending.epoch < 0:
             pending.epoch = room.epoch
-        pending.frame = self._frame(
+        pending.frame = self.build_frame(
             Opcode.WELCOME,
             RawPayload(welcome),
             room=room,
             context_id=recipient,
             epoch=pending.epoch,
             request_id=pending.request_id,
+            now=now,
         )[1]
         return pending.frame
 
-    def _proposal_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+    def _proposal_frame(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
         room.group.process(frame.payload)
         # Someone must commit it: the active member with the smallest id that is not leaving
         # (nor removed by it: a kicked member has stopped following the room).
@@ -549,10 +576,10 @@ class ClientCore:
             min(candidates) == self.member_id or min(candidates) in self.commit_for
         )
         if ours and not room.group.has_pending_commit:
-            self._commit(Pending(self._request_id(), room.room_id, "proposals"))
+            self._commit(Pending(self.next_request_id(), room.room_id, "proposals"), now)
         return []
 
-    def _moderation_frame(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
+    def _moderation_frame(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
         h = frame.header
         payload = decode_payload(h.opcode, frame.payload)
         if isinstance(payload, Redact):
@@ -573,10 +600,12 @@ class ClientCore:
             ev.Moderated(room.room_id, h.context_id, action, h.sender_id, payload.user_id, reason)
         ]
         if payload.user_id == self.member_id and action in ("kick", "ban"):
-            out += self._leave(room, f"{action}ed by {h.sender_id}: {reason}")
+            out += self._leave(room, f"{action}ed by {h.sender_id}: {reason}", now)
         return out
 
-    def _leave(self, room: ClientRoom, reason: str, *, unseen: bool = False) -> list[ev.Event]:
+    def _leave(
+        self, room: ClientRoom, reason: str, now: float, *, unseen: bool = False
+    ) -> list[ev.Event]:
         """We are out of the room: fail what still waits for it, then take a Welcome that
         arrived for it meanwhile (removed and re-added while we were away).
 
@@ -595,20 +624,20 @@ class ClientCore:
                 if unseen and pending.frame is not None and pending.epoch >= 0:
                     for recipient, welcome in pending.welcomes.items():
                         sent = Pending(
-                            self._request_id(),
+                            self.next_request_id(),
                             room.room_id,
                             "welcome",
                             welcomes={recipient: welcome},
                             epoch=pending.epoch + 1,
                         )
                         self.outbox[sent.request_id] = sent
-                        self._welcome_frame(room, sent)
+                        self._welcome_frame(room, sent, now)
         parked = self.parked_welcomes.pop(room.room_id, None)
         if parked is not None:
-            out += self._welcome(parked)
+            out += self._welcome(parked, now)
         return out
 
-    def _welcome(self, frame: Frame) -> list[ev.Event]:
+    def _welcome(self, frame: Frame, now: float) -> list[ev.Event]:
         h = frame.header
         room_id = h.room_id_bytes
         if h.context_id != self.member_id:
@@ -624,7 +653,7 @@ class ClientCore:
                 parked = self.parked_welcomes.get(room_id)
                 if parked is None or frame.header.epoch > parked.header.epoch:
                     self.parked_welcomes[room_id] = frame  # the newest re-add is the one
-                return self._sync(current)
+                return self._sync(current, now)
             return []
         group = None
         for ref, bundle in list(self.bundles.items()):
@@ -639,219 +668,15 @@ class ClientCore:
             return [
                 ev.Undecryptable(room_id, -1, h.sender_id, "Welcome for none of our KeyPackages")
             ]
-        room = ClientRoom(
-            room_id, group, last_seen=-1, policy=self.update_policy, now=self.clock()
-        )
+        room = ClientRoom(room_id, group, last_seen=-1, policy=self.update_policy, now=now)
         room.anchored = False
         self.rooms[room_id] = room
         return [
             ev.StateChanged(None),
             ev.StateChanged(room_id),
             ev.Joined(room_id, room.epoch),
-            *self._sync(room),
+            *self._sync(room, now),
         ]
-
-    # --- sync and retries ----------------------------------------------------------------------
-
-    def _sync(self, room: ClientRoom) -> list[ev.Event]:
-        if room.syncing or not room.active:
-            return []
-        room.syncing = True
-        if self.window.paused(self.clock()):
-            room.sync_deferred = True  # sent by transmit once the pause is over
-            return []
-        if room.anchored:
-            request = SyncRequest(from_log_index=room.last_seen + 1, limit=SYNC_PAGE)
-        else:
-            # A joiner first looks up the commit that added it; the log after it is ours.
-            request = SyncRequest(
-                from_log_index=0, limit=1, from_epoch=room.epoch - 1, to_epoch=room.epoch
-            )
-        rid, data = self._frame(Opcode.SYNC_REQUEST, request, room=room, sign=False)
-        if not room.anchored:
-            room.anchor_request = rid
-        self.sync_requests[rid] = room.room_id
-        return [ev.Outgoing(data)]
-
-    def open_room(self, room_id: bytes) -> list[ev.Event]:
-        """Rule 4: opening a room always syncs from the last applied log index."""
-        room = self._room(room_id)
-        room.syncing = False
-        room.sync_deferred = False
-        return self._sync(room) + self.transmit()
-
-    def _sync_response(self, frame: Frame, room: ClientRoom | None) -> list[ev.Event]:
-        self.sync_requests.pop(frame.header.request_id, None)
-        if room is None or not room.active:
-            return []
-        if not room.anchored and frame.header.request_id != room.anchor_request:
-            # An answer to an earlier sync of this room id (before we were removed and
-            # re-added): its first frame is not the commit that added us this time.
-            return []
-        response = decode_payload(Opcode.SYNC_RESPONSE, frame.payload)
-        assert isinstance(response, SyncResponse)
-        room.syncing = False
-        out: list[ev.Event] = []
-        if not room.anchored:
-            if not response.frames:
-                return [ev.Undecryptable(room.room_id, -1, 0, "no commit found for our epoch")]
-            anchor = Frame.decode(response.frames[0])
-            room.last_seen = anchor.header.context_id
-            room.anchored = True
-            room.ahead = {i: f for i, f in room.ahead.items() if i > room.last_seen}
-            return [ev.StateChanged(room.room_id), *self._sync(room)]
-        for data in response.frames:
-            try:
-                inner = Frame.decode(data)
-            except PayloadDecodeError:
-                continue
-            out += self._ordered_synced(room, inner)
-            if room.left():  # the log showed our removal
-                return out
-        # Frames that arrived live before this page are applied by now (or predate our anchor).
-        room.ahead = {i: f for i, f in room.ahead.items() if i > room.last_seen}
-        if response.has_more or room.ahead:
-            out += self._sync(room)
-        else:
-            out += self._retry_after_epoch(room, sync_done=True)
-        return out
-
-    def _ordered_synced(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
-        index = frame.header.context_id
-        if index != room.last_seen + 1:
-            return []
-        out = self._apply(room, frame)
-        room.ahead.pop(index, None)
-        return out
-
-    def _error(self, frame: Frame) -> list[ev.Event]:
-        h = frame.header
-        try:
-            error = decode_payload(Opcode.ERROR, frame.payload)
-        except PayloadDecodeError:
-            error = ErrorPayload(code=int(ErrorCode.FRAME_REJECTED), message="(undecodable error)")
-        assert isinstance(error, ErrorPayload)
-        limited = error.code == ErrorCode.RATE_LIMITED
-        if limited:
-            # Not a failure: the session is over its rate. Nothing goes out before retry_after.
-            self.window.rate_limited(self.clock(), float(error.retry_after or 1))
-        synced = self.sync_requests.pop(h.request_id, None)
-        if synced is not None and synced in self.rooms:
-            room_synced = self.rooms[synced]
-            if limited:
-                room_synced.syncing = room_synced.sync_deferred = room_synced.active
-                return []
-            room_synced.syncing = False
-            if error.code in (ErrorCode.NOT_AUTHORIZED, ErrorCode.BANNED) and room_synced.active:
-                # The server no longer lets us read the room: we were removed or banned.
-                return self._leave(
-                    room_synced, f"no longer a member ({error.message})", unseen=True
-                )
-            return [ev.Failed(h.request_id, synced, error.code, error.message)]
-        pending = self.outbox.get(h.request_id)
-        room = self.rooms.get(h.room_id_bytes) if h.room_id else None
-        if pending is not None and room is None and not limited:
-            self._answered(self.outbox.pop(h.request_id))  # (an answer naming no room of ours)
-        if pending is None or room is None:
-            if limited and pending is not None:
-                self._answered(pending, refused=True)
-                return []
-            return [ev.Failed(h.request_id, h.room_id_bytes, error.code, error.message)]
-        if limited:
-            self._answered(pending, refused=True)  # queued again, the same frame
-            return []
-        if (
-            error.code == ErrorCode.STALE_EPOCH
-            and error.current_epoch is not None
-            and pending.epoch >= error.current_epoch
-        ):
-            # It answers an older transmission (before a reconnect or a retry): the frame we
-            # have sent since is built on an epoch at least as new. Rebuilding now would
-            # discard a commit that may already be sequenced.
-            return []
-        self._answered(pending)
-        if error.code == ErrorCode.STALE_EPOCH and pending.attempts < MAX_ATTEMPTS:
-            if pending.kind != "message":
-                room.group.discard_pending()
-            pending.awaiting_sync = True
-            pending.stale = True
-            room.syncing = False
-            return self._sync(room)
-        del self.outbox[h.request_id]
-        if pending.kind not in ("message", "moderation", "leave", "welcome"):
-            room.group.discard_pending()
-        return [ev.Failed(h.request_id, room.room_id, error.code, error.message)]
-
-    def _retry_after_epoch(self, room: ClientRoom, *, sync_done: bool = False) -> list[ev.Event]:
-        """Queue again what waited for a catch-up, re-encrypted or rebuilt on the epoch we have
-        now (``transmit`` sends it)."""
-        if not sync_done:
-            return []
-        out: list[ev.Event] = []
-        for pending in list(self.outbox.values()):
-            if pending.room_id != room.room_id or not pending.awaiting_sync:
-                continue
-            pending.awaiting_sync = False
-            stale = pending.stale
-            if pending.stale:
-                pending.attempts += 1
-                pending.stale = False
-            try:
-                if pending.kind == "message":
-                    self._encrypt(room, pending)
-                elif pending.kind == "proposals" and not room.group.pending_proposals:
-                    del self.outbox[pending.request_id]  # someone else committed them
-                elif pending.kind in ("moderation", "leave"):
-                    del self.outbox[pending.request_id]  # not rebuilt: the user may retry
-                    out.append(ev.Failed(pending.request_id, room.room_id, 0, "not sent; retry"))
-                elif (
-                    not stale
-                    and pending.frame is not None
-                    and pending.epoch == room.epoch
-                    and (room.group.has_pending_commit or self._resume(room, pending))
-                ):
-                    # Still valid (a reconnect or a restart, not a StaleEpoch): the same commit
-                    # again. The server may hold the first copy still; a rebuilt one would
-                    # differ from it.
-                    pass
-                else:
-                    room.group.discard_pending()
-                    self._commit(pending)
-            except (MlsError, ValueError, GroupInactive, WrongEpoch) as exc:
-                del self.outbox[pending.request_id]
-                out.append(ev.Failed(pending.request_id, room.room_id, 0, str(exc)))
-        return out
-
-    @staticmethod
-    def _resume(room: ClientRoom, pending: Pending) -> bool:
-        """Give the group back the pending state of this commit of ours, saved with the outbox
-        (after a restart, the room state may have been saved before the commit was made)."""
-        return pending.mls is not None and room.group.resume_pending(pending.mls)
-
-    # --- pacing ----------------------------------------------------------------------------------
-
-    def transmit(self) -> list[ev.Event]:
-        """The frames of the outbox the send window admits now, in outbox order (and the syncs
-        a RATE_LIMITED pause deferred, once it is over). The rules: ``pacing.transmit``."""
-        return pacing.transmit(self)
-
-    def resume_at(self) -> float | None:
-        """When ``transmit`` should run again on its own (the end of a RATE_LIMITED pause),
-        or None: every other change comes with an event that runs it."""
-        if not self.connected or not self.window.paused(self.clock()):
-            return None
-        return self.window.not_before
-
-    def held(self, request_id: int, within: float) -> bool:
-        """Whether a request of the outbox is still held back on our side (queued behind the
-        window, a pause or earlier frames) or was transmitted less than ``within`` ago."""
-        return pacing.held(self, request_id, within)
-
-    def _answered(self, pending: Pending, *, refused: bool = False) -> None:
-        """The server answered the copy of ``pending`` in flight (or it left the outbox)."""
-        if pending.sent_size:
-            self.window.answered(pending.sent_size, refused=refused)
-            pending.sent_size = 0
 
 
 def _removed_member(room: ClientRoom, proposal: bytes) -> int | None:

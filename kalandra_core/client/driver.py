@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -147,8 +148,12 @@ class Client:
         request_timeout: float = 15.0,
         keepalive: float | None = 15.0,
         connector: Connector | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._connector = connector or connect_transport
+        # Wall-clock time (Unix seconds) for the core: its frames' timestamps, the send
+        # window's pauses, self-update schedules (a simulation passes its virtual clock).
+        self.clock = clock
         self.request_timeout = request_timeout
         # Ping the server this often (seconds); no Pong within as long again means the
         # connection is dead (a crashed server leaves QUIC silent until its idle timeout).
@@ -179,6 +184,9 @@ class Client:
         self.joined = asyncio.Queue[bytes]()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set whenever the core's window may have room again (an answer, a reconnect, the end
+        # of a pause) or the connection or the client is gone: ``reserve`` waits on it.
+        self._window_changed = asyncio.Event()
 
     @property
     def token(self) -> str:
@@ -196,7 +204,7 @@ class Client:
         session = self._current = _Session(self)
         sink = await self._connector(self.address, lambda _sink: session, self._ca)
         self._sink = sink
-        rid_frame = self.core.hello(self._token)
+        rid_frame = self.core.hello(self._token, now=self.clock())
         try:
             reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
             payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
@@ -216,13 +224,14 @@ class Client:
         self._connected.set()
         if self.keepalive is not None and self._keepalive_task is None:
             self._keepalive_task = asyncio.create_task(self._keepalive_loop())
-        self._handle(self.core.resync_all())
+        self._handle(self.core.resync_all(now=self.clock()))
 
     def _connection_lost(self, reason: str) -> None:
         was_connected = self._connected.is_set()
         self._sink = None
         self._connected.clear()
         self.core.connection_lost()
+        self._window_changed.set()
         self._deferred.clear()  # their futures fail below
         if self._wake is not None:
             self._wake.cancel()
@@ -282,10 +291,10 @@ class Client:
             session, sink = self._current, self._sink
             if sink is None or session is None or not self._connected.is_set():
                 continue
-            if self.core.resume_at() is not None:
+            if self.core.resume_at(now=self.clock()) is not None:
                 continue  # rate limited: the server answered just now, and would refuse a Ping
             self.maintain()
-            rid, data = self.core._frame(Opcode.PING, b"", sign=False)
+            rid, data = self.core.build_frame(Opcode.PING, b"", sign=False, now=self.clock())
             try:
                 await asyncio.wait_for(self._request(rid, data), self.keepalive)
             except ClientError:
@@ -299,6 +308,7 @@ class Client:
 
     async def close(self) -> None:
         self._closing = True
+        self._window_changed.set()
         if self._wake is not None:
             self._wake.cancel()
             self._wake = None
@@ -311,6 +321,13 @@ class Client:
             self._sink.close("client closing")
         if self.state is not None:
             self.state.save_all(self.core)
+
+    async def window_changed(self) -> None:
+        """Wait until the core's send window may have room again (an answer came, the
+        connection came back, a pause ended), or the connection or the client went away.
+        The caller looked at the window just before."""
+        self._window_changed.clear()
+        await self._window_changed.wait()
 
     async def wait_connected(self) -> None:
         await asyncio.wait_for(self._connected.wait(), self.request_timeout)
@@ -334,7 +351,8 @@ class Client:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
         if request_id in self.core.outbox:
-            self._handle(self.core.transmit())  # the core sends it when its window admits it
+            # The core sends it when its window admits it.
+            self._handle(self.core.transmit(now=self.clock()))
         else:
             self._plain[request_id] = data
             self._send(data)
@@ -347,7 +365,7 @@ class Client:
             if future is not None and not future.done():
                 future.set_result(frame)
             return
-        self._handle(self.core.receive(frame))
+        self._handle(self.core.receive(frame, now=self.clock()))
 
     def _wake_core(self) -> None:
         self._wake = None
@@ -355,14 +373,15 @@ class Client:
             deferred, self._deferred = self._deferred, []
             for data in deferred:
                 self._send(data)
-            self._handle(self.core.transmit())
+            self._handle(self.core.transmit(now=self.clock()))
 
     def _schedule_wake(self) -> None:
         """Run the core's transmit again when its RATE_LIMITED pause is over."""
-        at = self.core.resume_at()
+        now = self.clock()
+        at = self.core.resume_at(now=now)
         if at is None or self._closing or self._wake is not None:
             return  # (a wake that comes too early finds the pause longer and schedules again)
-        delay = max(0.0, at - self.core.clock())
+        delay = max(0.0, at - now)
         self._wake = asyncio.get_running_loop().call_later(delay, self._wake_core)
 
     def _handle(self, events: list[ev.Event]) -> None:
@@ -397,6 +416,7 @@ class Client:
             self._idle.set()
         else:
             self._idle.clear()
+        self._window_changed.set()
 
     def _write_ahead(self) -> None:
         """Save the commits of ours that wait to be (their pending MLS state, with the outbox)
@@ -424,7 +444,7 @@ class Client:
             pending = self.core.outbox.get(rid)
             if pending is not None and pending.frame is frame:  # (not rebuilt meanwhile)
                 pending.unsaved = False
-        self._handle(self.core.transmit())  # (and saves what was built meanwhile)
+        self._handle(self.core.transmit(now=self.clock()))  # (and saves what was built meanwhile)
 
     def _resolve(self, request_id: int, value: Any) -> None:
         self._plain.pop(request_id, None)
@@ -459,7 +479,7 @@ class Client:
             except TimeoutError:
                 # The timeout runs from the transmission: time spent queued on our side (the
                 # send window, a RATE_LIMITED pause) does not count.
-                if self.core.held(request_id, self.request_timeout):
+                if self.core.held(request_id, self.request_timeout, now=self.clock()):
                     continue
                 if request_id in self.core.outbox:
                     # It resolves later (or fails) with nobody awaiting it any more.
@@ -472,7 +492,7 @@ class Client:
     # --- operations ----------------------------------------------------------------------------
 
     async def create_room(self, name: str = "", topic: str = "") -> bytes:
-        room_id, rid, data = self.core.create_room(name=name, topic=topic)
+        room_id, rid, data = self.core.create_room(name=name, topic=topic, now=self.clock())
         try:
             await self._await(rid, data)
         except BaseException:
@@ -487,8 +507,7 @@ class Client:
         how many (not counting the last-resort one) the server now holds for us."""
         stored = 0
         for kp in self.core.key_packages(count, last_resort=last_resort):
-            rid = self.core._request_id()
-            data = self.core._frame(Opcode.KEY_PACKAGE, kp, request_id=rid, sign=False)[1]
+            rid, data = self.core.build_frame(Opcode.KEY_PACKAGE, kp, sign=False, now=self.clock())
             reply = await self._await(rid, data)
             stored = reply.header.context_id
         if self.state is not None:
@@ -496,30 +515,29 @@ class Client:
         return stored
 
     async def fetch_key_package(self, member_id: int) -> bytes:
-        rid = self.core._request_id()
-        data = self.core._frame(
-            Opcode.KEY_PACKAGE, b"", context_id=member_id, request_id=rid, sign=False
-        )[1]
+        rid, data = self.core.build_frame(
+            Opcode.KEY_PACKAGE, b"", context_id=member_id, sign=False, now=self.clock()
+        )
         reply: Frame = await self._await(rid, data)
         return reply.payload
 
     async def invite(self, room_id: bytes, member_ids: list[int]) -> int:
         """Add members (their KeyPackages from the directory); returns the commit's log index."""
         packages = [await self.fetch_key_package(m) for m in member_ids]
-        rid, data = self.core.add_members(room_id, packages)
+        rid, data = self.core.add_members(room_id, packages, now=self.clock())
         return int(await self._await(rid, data))
 
     async def add(self, room_id: bytes, key_packages: list[bytes]) -> int:
         """Add members from these KeyPackages; returns the commit's log index."""
-        rid, data = self.core.add_members(room_id, key_packages)
+        rid, data = self.core.add_members(room_id, key_packages, now=self.clock())
         return int(await self._await(rid, data))
 
     async def remove(self, room_id: bytes, member_ids: list[int]) -> int:
-        rid, data = self.core.remove_members(room_id, member_ids)
+        rid, data = self.core.remove_members(room_id, member_ids, now=self.clock())
         return int(await self._await(rid, data))
 
     async def self_update(self, room_id: bytes) -> int:
-        rid, data = self.core.self_update(room_id)
+        rid, data = self.core.self_update(room_id, now=self.clock())
         return int(await self._await(rid, data))
 
     async def send_text(self, room_id: bytes, text: str) -> int:
@@ -529,14 +547,16 @@ class Client:
         self, room_id: bytes, content: Content, *, request_id: int | None = None
     ) -> int:
         """Send a message; returns its log index. ``request_id``: one reserved with
-        ``core._request_id()`` and recorded by the caller before this call; sent again after a
+        ``core.next_request_id()`` and recorded by the caller before this call; sent again after a
         crash, the server answers with the message it sequenced under it, if any (at most one
         message per request id), and a request of the restored outbox is awaited, not doubled.
         """
         pending = self.core.outbox.get(request_id) if request_id is not None else None
         if pending is not None and pending.kind == "message" and pending.room_id == room_id:
             return int(await self._await(pending.request_id, pending.frame or b""))
-        rid, data = self.core.send_message(room_id, content, request_id=request_id)
+        rid, data = self.core.send_message(
+            room_id, content, request_id=request_id, now=self.clock()
+        )
         # A self-update due after this message goes out behind it (post-compromise security).
         return int(await self._await(rid, data, then=self.maintain))
 
@@ -583,19 +603,19 @@ class Client:
     def maintain(self) -> None:
         """Run the core's periodic duties now (also done on every keepalive tick)."""
         if self._connected.is_set():
-            self._handle(self.core.maintenance())
+            self._handle(self.core.maintenance(now=self.clock()))
 
     async def moderate(self, room_id: bytes, action: str, target: int, reason: str = "") -> int:
-        rid, data = self.core.moderate(room_id, action, target, reason)
+        rid, data = self.core.moderate(room_id, action, target, reason, now=self.clock())
         return int(await self._await(rid, data))
 
     async def leave(self, room_id: bytes) -> int:
-        rid, data = self.core.leave(room_id)
+        rid, data = self.core.leave(room_id, now=self.clock())
         return int(await self._await(rid, data))
 
     async def sync(self, room_id: bytes) -> None:
         """Catch up a room now and wait until the log is applied."""
-        self._handle(self.core.open_room(room_id))
+        self._handle(self.core.open_room(room_id, now=self.clock()))
         await self.settle()
 
     async def settle(self) -> None:
@@ -614,6 +634,3 @@ class Client:
             if loop.time() > deadline:
                 raise TimeoutError("condition not reached")
             await asyncio.sleep(0.01)
-
-
-AsyncAction = Callable[[Client], Awaitable[int]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..media.blob import MediaRef
 from ..proto import Frame
@@ -195,11 +195,3 @@ Event = (
     | Reconnected
     | StateChanged
 )
-
-
-@dataclass(slots=True)
-class Batch:
-    events: list[Event] = field(default_factory=list)
-
-    def add(self, event: Event) -> None:
-        self.events.append(event)

@@ -19,7 +19,6 @@ read position, and a reaction repeated is the same reaction.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import cbor2
@@ -49,11 +48,18 @@ _MAX_TIMEOUT_MS = 120_000
 
 
 def reaction_frame(
-    core: ClientCore, *, room_int: int, epoch: int, target: int, key: str, add: bool
+    core: ClientCore,
+    *,
+    room_int: int,
+    epoch: int,
+    target: int,
+    key: str,
+    add: bool,
+    now: float,
 ) -> tuple[int, bytes]:
     """An AppReaction signed by ``core``'s member (request id, frame bytes)."""
     payload = Reaction(message_log_index=target, content=key, add=add)
-    return core._frame(Opcode.APP_REACTION, payload, room_int=room_int, epoch=epoch)
+    return core.build_frame(Opcode.APP_REACTION, payload, room_int=room_int, epoch=epoch, now=now)
 
 
 def receipt_frame(
@@ -63,18 +69,18 @@ def receipt_frame(
     epoch: int,
     target: int,
     kind: ReceiptKind = ReceiptKind.READ,
-    timestamp_ms: int | None = None,
+    now: float,
 ) -> tuple[int, bytes]:
-    stamp = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    payload = Receipt(message_log_index=target, kind=kind, timestamp=stamp)
-    return core._frame(Opcode.APP_RECEIPT, payload, room_int=room_int, epoch=epoch)
+    """An AppReceipt stamped ``now`` (Unix seconds; the receipt's timestamp is in ms)."""
+    payload = Receipt(message_log_index=target, kind=kind, timestamp=int(now * 1000))
+    return core.build_frame(Opcode.APP_RECEIPT, payload, room_int=room_int, epoch=epoch, now=now)
 
 
 def typing_frame(
-    core: ClientCore, *, room_int: int, epoch: int, typing: bool, timeout_ms: int
+    core: ClientCore, *, room_int: int, epoch: int, typing: bool, timeout_ms: int, now: float
 ) -> tuple[int, bytes]:
     payload = cbor2.dumps({"typing": typing, "timeout_ms": timeout_ms if typing else 0})
-    return core._frame(Opcode.TYPING, payload, room_int=room_int, epoch=epoch)
+    return core.build_frame(Opcode.TYPING, payload, room_int=room_int, epoch=epoch, now=now)
 
 
 def read_typing(data: bytes) -> tuple[bool, int] | None:
@@ -106,18 +112,18 @@ def _signed_by_member(room: ClientRoom, frame: Frame) -> bool:
 class ExtendedCore(ClientCore):
     """A ClientCore that reports reactions, receipts and typing to its application."""
 
-    def _receive(self, frame: Frame) -> list[ev.Event]:
+    def _receive(self, frame: Frame, now: float) -> list[ev.Event]:
         h = frame.header
         if h.opcode != Opcode.TYPING:
-            return super()._receive(frame)
+            return super()._receive(frame, now)
         room = self.rooms.get(h.room_id_bytes) if h.room_id else None
         state = read_typing(frame.payload)
         if room is None or not room.active or state is None or not _signed_by_member(room, frame):
             return []
         return [ev.Typing(room.room_id, h.sender_id, state[0], state[1])]
 
-    def _apply(self, room: ClientRoom, frame: Frame) -> list[ev.Event]:
-        out = super()._apply(room, frame)
+    def _apply(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
+        out = super()._apply(room, frame, now)
         h = frame.header
         if h.opcode not in (Opcode.APP_REACTION, Opcode.APP_RECEIPT):
             return out
@@ -162,9 +168,15 @@ class ExtendedCore(ClientCore):
 async def react(client: Client, room_id: bytes, target: int, key: str, add: bool = True) -> int:
     """React with ``key`` to the message at log index ``target`` (or take the reaction off);
     returns the reaction's log index."""
-    room = client.core._room(room_id)
+    room = client.core.active_room(room_id)
     rid, data = reaction_frame(
-        client.core, room_int=room.room_int, epoch=room.epoch, target=target, key=key, add=add
+        client.core,
+        room_int=room.room_int,
+        epoch=room.epoch,
+        target=target,
+        key=key,
+        add=add,
+        now=client.clock(),
     )
     return int(await client._await(rid, data))
 
@@ -174,9 +186,14 @@ async def send_receipt(
 ) -> int:
     """A receipt (Read by default) up to the message at log index ``target``; returns its log
     index."""
-    room = client.core._room(room_id)
+    room = client.core.active_room(room_id)
     rid, data = receipt_frame(
-        client.core, room_int=room.room_int, epoch=room.epoch, target=target, kind=kind
+        client.core,
+        room_int=room.room_int,
+        epoch=room.epoch,
+        target=target,
+        kind=kind,
+        now=client.clock(),
     )
     return int(await client._await(rid, data))
 
@@ -190,8 +207,13 @@ def set_typing(
 ) -> None:
     """Tell the room's other sessions we are typing (or stopped); nothing is stored, nothing
     answers (dropped when not connected)."""
-    room = client.core._room(room_id)
+    room = client.core.active_room(room_id)
     _, data = typing_frame(
-        client.core, room_int=room.room_int, epoch=room.epoch, typing=typing, timeout_ms=timeout_ms
+        client.core,
+        room_int=room.room_int,
+        epoch=room.epoch,
+        typing=typing,
+        timeout_ms=timeout_ms,
+        now=client.clock(),
     )
     client._send(data)

@@ -10,6 +10,7 @@ object is read block by block: neither side ever holds a whole large file for th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from .driver import Client
 
 IN_FLIGHT: Final = 8  # blocks per transfer (2 MiB): half of the default send window's bytes
-_ADMIT_POLL: Final = 0.005  # seconds between looks at a full send window
 
 
 def _size_of(source: bytes | BinaryIO) -> int:
@@ -56,25 +56,29 @@ class _Transfer:
         client = self.client
         core = client.core
         async with self.slots:
-            rid, data = core._frame(opcode, payload, room_int=self.room_int)
+            rid, data = core.build_frame(
+                opcode, payload, room_int=self.room_int, now=client.clock()
+            )
             cost = max(len(data), expect)
-            window = core.window
             loop = asyncio.get_running_loop()
             deadline = loop.time() + client.request_timeout
-            while not (core.connected and not window.paused(core.clock()) and window.admits(cost)):
+            while not core.reserve(cost, now=client.clock()):
                 if client._closing:
                     raise MediaError("client closed during a media transfer")
                 if not core.connected and loop.time() > deadline:
                     raise MediaError("not connected to the server")
-                await asyncio.sleep(_ADMIT_POLL)
-            window.sent(cost)
+                # Connected: until an answer or the end of a pause; else: until a reconnect.
+                wait = None if core.connected else deadline - loop.time()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await client.window_changed()
             session = client._current
             try:
                 reply: Frame = await client._await(rid, data)
             finally:
                 if client._current is session:  # (a new connection starts a fresh window)
-                    window.answered(cost)
-                    client._handle(core.transmit())  # messages the window held back
+                    # Its place is free: messages the window held back go out.
+                    client._handle(core.release(cost, now=client.clock()))
             return reply
 
 

@@ -39,9 +39,6 @@ class SendMarks:
         marks[(envelope.epoch, leaf)] = envelope.generation
         return envelope
 
-    def forget(self, room_id: bytes) -> None:
-        self._marks.pop(room_id, None)
-
     def to_bytes(self) -> bytes:
         return cbor2.dumps(
             [

@@ -1,19 +1,17 @@
-"""Sender-key errors. Recoverable ones (sync and retry may help) are marked as such."""
+"""Sender-key errors."""
 
 from __future__ import annotations
 
 
 class SenderKeyError(Exception):
-    recoverable = False
+    """A message could not be encrypted or decrypted with the epoch's sender keys."""
 
 
 class UnknownSender(SenderKeyError):
-    recoverable = True
+    """The envelope names a leaf with no sender key in this epoch."""
 
 
 class EpochMismatch(SenderKeyError):
-    recoverable = True
-
     def __init__(self, expected: int, actual: int) -> None:
         super().__init__(f"message is for epoch {actual}, keys are for epoch {expected}")
         self.expected = expected
@@ -22,8 +20,6 @@ class EpochMismatch(SenderKeyError):
 
 class RatchetTooFarBehind(SenderKeyError):
     """The generation is older than any key still held, or more than MAX_SKIP ahead."""
-
-    recoverable = True
 
     def __init__(self, current: int, requested: int, reason: str) -> None:
         super().__init__(f"no key for generation {requested} (ratchet at {current}): {reason}")

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 EXPORTER_LABEL: Final = "kalandra sender keys v1"
-EXPORTER_CONTEXT: Final = b""
 EXPORTER_LENGTH: Final = 32
 HKDF_INFO_PREFIX: Final = b"kalandraSenderV1"
 SEED_SIZE: Final = 32

@@ -193,10 +193,6 @@ class BlobEncryptor:
         self.size += len(plaintext)
         return EncryptedBlock(digest, data)
 
-    @property
-    def block_hashes(self) -> list[bytes]:
-        return list(self._hashes)
-
     def finish(self) -> EncryptedBlock:
         manifest = Manifest(self.size, BLOCK_SIZE, tuple(self._hashes), self._plain.digest())
         plain = manifest.encode()

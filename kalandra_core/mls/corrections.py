@@ -35,18 +35,23 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-from rfc9420.codec.tls import write_opaque_varint
-from rfc9420.crypto import labels as mls_labels
-from rfc9420.crypto.hpke_labels import encrypt_with_label
-from rfc9420.group.mls_group import processing
-from rfc9420.group.mls_group.processing import MLSGroup
-from rfc9420.messages.data_structures import GroupContext, UpdatePath, UpdatePathNode
-from rfc9420.messages.key_packages import LeafNode, LeafNodeSource
-from rfc9420.messages.messages import ContentType, WireFormat
-from rfc9420.protocol.tree import tree_math
-from rfc9420.protocol.tree.ratchet_tree import RatchetTree
-
-from ._lib import _require_audited
+from ._lib import (
+    ContentType,
+    GroupContext,
+    LeafNode,
+    LeafNodeSource,
+    MLSGroup,
+    RatchetTree,
+    UpdatePath,
+    UpdatePathNode,
+    WireFormat,
+    _require_audited,
+    encrypt_with_label,
+    mls_labels,
+    processing,
+    tree_math,
+    write_opaque_varint,
+)
 
 require_audited = _require_audited
 

@@ -6,33 +6,33 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rfc9420.codec.tls import write_opaque_varint
-from rfc9420.group.mls_group.processing import MLSGroup as LibGroup
-from rfc9420.messages.data_structures import (
+from ._lib import (
+    AuthenticatedContent,
+    AuthenticatedContentTBS,
     Commit,
+    ContentType,
     Credential,
+    FramedContent,
+    KeyPackage,
+    LeafNode,
+    MLSCiphertext,
+    MLSMessage,
+    MLSPlaintext,
     ProposalOrRefType,
     RemoveProposal,
     Sender,
     SenderType,
-)
-from rfc9420.messages.key_packages import KeyPackage, LeafNode
-from rfc9420.messages.messages import (
-    AuthenticatedContent,
-    AuthenticatedContentTBS,
-    ContentType,
-    FramedContent,
-    MLSCiphertext,
-    MLSMessage,
-    MLSPlaintext,
     WireFormat,
     attach_membership_tag,
+    crypto_for_suite,
     protect_content_handshake,
     sign_authenticated_content,
     unprotect_content_handshake,
+    write_opaque_varint,
 )
-
-from ._lib import crypto_for_suite
+from ._lib import (
+    MLSGroup as LibGroup,
+)
 from .errors import InvalidMlsMessage
 from .keypackage import SUITE_X25519_AES128GCM, member_identity
 

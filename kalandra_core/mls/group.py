@@ -16,39 +16,44 @@ Discipline (docs/architecture.md, Epoch rules):
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import cbor2
-from rfc9420.extensions.extensions import Extension, ExtensionType, serialize_extensions
-from rfc9420.group.mls_group.processing import MLSGroup as LibGroup
-from rfc9420.group.mls_group.processing import PendingCommit as LibPendingCommit
-from rfc9420.messages.data_structures import (
+
+from ..crypto import sealed
+from ..proto import Handshake
+from . import corrections, framing
+from ._lib import (
     AddProposal,
     Commit,
+    ContentType,
+    Extension,
+    ExtensionType,
     ExternalInitProposal,
     GroupInfo,
+    KeyPackage,
+    MLSMessage,
+    MLSPlaintext,
     RemoveProposal,
     Sender,
     SenderType,
     UpdateProposal,
     Welcome,
-)
-from rfc9420.messages.key_packages import KeyPackage
-from rfc9420.messages.messages import (
-    ContentType,
-    MLSMessage,
-    MLSPlaintext,
     WireFormat,
+    crypto_for_suite,
+    join_from_welcome,
+    make_key_package_ref,
+    serialize_extensions,
 )
-from rfc9420.messages.refs import make_key_package_ref
-
-from ..crypto import sealed
-from . import corrections, framing
-from ._lib import crypto_for_suite, join_from_welcome
+from ._lib import (
+    MLSGroup as LibGroup,
+)
+from ._lib import (
+    PendingCommit as LibPendingCommit,
+)
 from .errors import (
     GroupInactive,
     InvalidMlsMessage,
@@ -72,13 +77,6 @@ SENDER_KEY_LABEL: Final = b"kalandra sender keys v1"
 SENDER_KEY_LENGTH: Final = 32
 _STATE_VERSION: Final = 1
 _SEAL_PURPOSE: Final = "kalandra mls group state"
-
-
-class Handshake(enum.Enum):
-    """How this member sends commits and proposals (receiving accepts both)."""
-
-    PUBLIC = "public"  # PublicMessage: the server can follow membership (default)
-    PRIVATE = "private"  # PrivateMessage: needed by OpenMLS PURE_CIPHERTEXT clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,10 +324,6 @@ class MlsGroup:
             if member_id is not None:
                 out.append(Member(leaf, member_id, bytes(node.signature_key)))
         return out
-
-    def member_keys(self) -> dict[int, bytes]:
-        """member id -> Ed25519 public key: what the server checks frame signatures with."""
-        return {m.member_id: m.signature_key for m in self.members()}
 
     def leaf_of(self, member_id: int) -> int:
         for m in self.members():

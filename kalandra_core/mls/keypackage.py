@@ -19,14 +19,23 @@ from dataclasses import dataclass
 from typing import Final
 
 import cbor2
-from rfc9420.crypto.crypto_provider import CryptoProvider
-from rfc9420.extensions.extensions import Extension, build_capabilities_data
-from rfc9420.messages.data_structures import CipherSuite, Credential, MLSVersion, Signature
-from rfc9420.messages.key_packages import KeyPackage, LeafNode, LeafNodeSource
-from rfc9420.messages.messages import MLSMessage, WireFormat
-from rfc9420.messages.refs import make_key_package_ref
 
-from ._lib import crypto_for_suite
+from ._lib import (
+    CipherSuite,
+    Credential,
+    CryptoProvider,
+    Extension,
+    KeyPackage,
+    LeafNode,
+    LeafNodeSource,
+    MLSMessage,
+    MLSVersion,
+    Signature,
+    WireFormat,
+    build_capabilities_data,
+    crypto_for_suite,
+    make_key_package_ref,
+)
 from .errors import InvalidMlsMessage
 
 SUITE_X25519_AES128GCM: Final = 0x0001

@@ -54,11 +54,6 @@ class Opcode(enum.IntEnum):
     CAS_DELETE = 0x5002
     CAS_PROOF = 0x5003
 
-    @property
-    def wire_name(self) -> str:
-        """The reference's CamelCase name (``HelloReply``, ``CASPut``, ...)."""
-        return _WIRE_NAMES[self]
-
 
 _WIRE_NAMES: dict[Opcode, str] = {
     Opcode.HELLO: "Hello",

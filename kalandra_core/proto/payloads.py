@@ -202,6 +202,14 @@ class CommitData(StructPayload):
     is_external: bool = wire(Bool())
 
 
+class Handshake(enum.Enum):
+    """How a room's members send commits and proposals (GroupInfoData.handshake); receiving
+    accepts both."""
+
+    PUBLIC = "public"  # PublicMessage: the server can follow membership (default)
+    PRIVATE = "private"  # PrivateMessage: needed by OpenMLS PURE_CIPHERTEXT clients
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GroupInfoData(StructPayload):
     """Ours (the reference defines the GroupInfo opcode without a payload): a GroupInfo

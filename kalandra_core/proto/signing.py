@@ -13,8 +13,6 @@ from nacl.signing import SigningKey, VerifyKey
 from .frame import Frame
 from .header import FrameHeader
 
-PUBLIC_KEY_SIZE = 32
-
 
 def sign_header(header: FrameHeader, key: SigningKey) -> None:
     """Write the signature of ``header`` into it, in place."""

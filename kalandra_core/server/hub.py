@@ -16,11 +16,12 @@ from nacl.signing import SigningKey, VerifyKey
 
 from ..mls._lib import crypto_for_suite
 from ..mls.errors import InvalidMlsMessage
-from ..mls.inspect import inspect_group_info
 from ..mls.keypackage import is_last_resort, key_package_member_id, parse_key_package
+from ..mls.server_view import inspect_group_info
 from ..proto import (
     ErrorCode,
     Frame,
+    Handshake,
     KeyPackageData,
     Opcode,
     PayloadDecodeError,
@@ -32,7 +33,7 @@ from ..proto import (
 from ..proto.hello_proof import ReplayCache
 from ..proto.hlc import skew_ms
 from ..proto.payloads import GroupInfoData
-from ..storage.base import AlreadyExists, Handshake, Role, Room, RoomMember, Store
+from ..storage.base import AlreadyExists, Role, Room, RoomMember, Store
 from ..transport.interface import FrameSink
 from . import replies
 from .config import ServerConfig

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..mls.errors import InvalidMlsMessage
-from ..mls.inspect import HandshakeSummary, inspect_handshake
+from ..mls.server_view import HandshakeSummary, inspect_handshake
 from ..proto import (
     Ban,
     ErrorCode,
     Frame,
+    Handshake,
     Kick,
     Opcode,
     PayloadDecodeError,
@@ -28,8 +29,7 @@ from ..proto import (
     Unban,
     decode_payload,
 )
-from ..storage.base import Ban as BanRecord
-from ..storage.base import Handshake, LogEntry, Role, RoomChanges, RoomMember, RoomState
+from ..storage.base import BanRecord, LogEntry, Role, RoomChanges, RoomMember, RoomState
 
 # Frames that go into the log at the room's current epoch.
 SEQUENCED_APP: Final = frozenset(
@@ -44,7 +44,6 @@ SEQUENCED_APP: Final = frozenset(
 # Delivered to the room's sessions but never stored (no log index).
 EPHEMERAL: Final = frozenset({Opcode.TYPING, Opcode.PRESENCE})
 MODERATION: Final = frozenset({Opcode.KICK, Opcode.BAN, Opcode.UNBAN, Opcode.REDACT})
-MAX_EPOCH: Final = 1_000_000_000_000
 # (sender, request id) pairs remembered per room, to answer resends instead of re-sequencing.
 RECENT_REQUESTS: Final = 4096
 

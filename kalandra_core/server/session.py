@@ -1,5 +1,8 @@
 """One client connection on the server: authentication, keepalive, limits, dispatch.
 
+The asyncio driver of the session's sans-IO parts: its Hello/authentication state machine
+(``hello.py``) and, through the hub, the rooms' sequencers.
+
 Frames of one session are handled strictly in arrival order by the session's task. Before a
 room frame reaches its room's sequencer it must come from an authenticated session, name the
 session's member as sender, carry that member's valid Ed25519 signature and fit the rate limit;
@@ -23,21 +26,17 @@ from ..proto import (
     FrameHeader,
     FrameRefused,
     Goodbye,
-    Hello,
     HelloReply,
     Opcode,
-    PayloadDecodeError,
     ProtocolError,
     ReadLimit,
     SkippedFrame,
-    decode_payload,
     verify_header,
 )
-from ..proto.hello_proof import verify_hello_proof
-from ..proto.payloads import PROTOCOL_VERSION
-from ..storage.base import StoreError, normalize_login_code
+from ..storage.base import StoreError
 from ..transport.interface import FrameSink
 from . import cas, replies
+from .hello import BindKey, HelloAuth, IssueToken, LookUpToken, RedeemLoginCode, Refuse
 from .ratelimit import TokenBucket
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ class ServerSession:
         self.sink = sink
         self.session_id = next(_ids)
         self.member_id = 0
-        self.authenticated = False
+        self._auth = HelloAuth(hub.hello_replays)
         self.closed = False
         now = self.hub.monotonic()
         self.connected_at = now
@@ -91,6 +90,10 @@ class ServerSession:
         )
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
+
+    @property
+    def authenticated(self) -> bool:
+        return self._auth.authenticated
 
     # --- transport side -------------------------------------------------------------------
 
@@ -300,26 +303,34 @@ class ServerSession:
             await self._hello(frame)
 
     async def _hello(self, frame: Frame) -> None:
+        """Drive the session's HelloAuth (hello.py): perform each step it asks for."""
         h = frame.header
-        if self.authenticated:
-            self.reject(frame, ErrorCode.FRAME_REJECTED, "already authenticated")
-            return
+        store = self.hub.store
+        now_ms = int(self.hub.clock() * 1000)
+        step = self._auth.hello(frame.payload, h.hlc_timestamp, now_ms)
         try:
-            hello = decode_payload(Opcode.HELLO, frame.payload)
-        except PayloadDecodeError as exc:
-            self.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
+            while True:
+                if isinstance(step, LookUpToken):
+                    step = self._auth.member_found(await store.authenticate(step.token))
+                elif isinstance(step, RedeemLoginCode):
+                    found = await store.redeem_login_code(step.code, step.now_ms)
+                    step = self._auth.member_found(found)
+                elif isinstance(step, BindKey):
+                    bound = await self.hub.bind_signature_key(step.member_id, step.key)
+                    step = self._auth.key_bound(bound)
+                elif isinstance(step, IssueToken):
+                    step = self._auth.token_issued(await store.issue_token(step.member_id))
+                else:
+                    break
+        except BaseException:
+            self._auth.abandon()  # (a storage error is answered by the caller)
+            raise
+        if isinstance(step, Refuse):
+            self.reject(frame, step.code, step.message)
+            if step.close:
+                self.close("authentication failed")
             return
-        assert isinstance(hello, Hello)
-        if hello.version != PROTOCOL_VERSION:
-            self.reject(frame, ErrorCode.FRAME_REJECTED, f"unsupported version {hello.version}")
-            return
-        refusal, member_id, device_token = await self._authenticate(hello, h.hlc_timestamp)
-        if refusal is not None or member_id is None:
-            self.reject(frame, ErrorCode.NOT_AUTHORIZED, refusal or "not authorized")
-            self.close("authentication failed")
-            return
-        self.member_id = member_id
-        self.authenticated = True
+        self.member_id = step.member_id
         bridge = self.hub.bridge_bot
         self.send(
             replies.reply(
@@ -327,9 +338,9 @@ class ServerSession:
                 HelloReply(
                     session_id=self.session_id,
                     capabilities=["kalandra-bridge", "errors", "mailbox", "sync-epochs"],
-                    member_id=member_id,
+                    member_id=step.member_id,
                     server_key=self.hub.server_public_key,
-                    device_token=device_token,
+                    device_token=step.device_token,
                     bridge_member_id=bridge[0] if bridge else None,
                     bridge_mxid=bridge[1] if bridge else None,
                 ),
@@ -337,42 +348,3 @@ class ServerSession:
             )
         )
         await self.hub.session_authenticated(self)
-
-    async def _authenticate(
-        self, hello: Hello, hlc_timestamp: int
-    ) -> tuple[str | None, int | None, str | None]:
-        """(refusal, member id, new device token). The proof of the key comes first: without
-        it nothing is looked up, redeemed or bound."""
-        token, key, proof = hello.auth_token, hello.signature_key, hello.proof
-        if not token:
-            return "auth_token (a device token or login code) required", None, None
-        if key is None or proof is None:
-            return "signature_key and proof required", None, None
-        replays = self.hub.hello_replays
-        now_ms = int(self.hub.clock() * 1000)
-        if not replays.fresh(hlc_timestamp, now_ms):
-            return "Hello timestamp outside the allowed clock skew", None, None
-        if not verify_hello_proof(key, token, hlc_timestamp, proof):
-            return "proof does not verify with signature_key", None, None
-        try:
-            text = token.decode("ascii")
-        except UnicodeDecodeError:
-            text = ""
-        code = normalize_login_code(text)
-        if code is not None:
-            # Single use in the store: a replayed Hello finds the code gone.
-            member_id = await self.hub.store.redeem_login_code(code, now_ms)
-            if member_id is None:
-                return "unknown, used or expired login code", None, None
-        else:
-            member_id = await self.hub.store.authenticate(text) if text else None
-            if member_id is None:
-                return "unknown or revoked device token", None, None
-            # Checked only for valid tokens (no garbage grows the cache), with no await
-            # between check and record: of two sessions sending one Hello, one gets in.
-            if not replays.first_use(token, key, hlc_timestamp, now_ms):
-                return "this Hello was already used", None, None
-        if not await self.hub.bind_signature_key(member_id, key):
-            return "signature key does not match", None, None
-        device_token = None if code is None else await self.hub.store.issue_token(member_id)
-        return None, member_id, device_token

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..mls.errors import InvalidMlsMessage
 from ..mls.group import external_remove_proposal
-from ..mls.inspect import inspect_group_info
+from ..mls.server_view import inspect_group_info
 from ..proto import ErrorCode, Frame, FrameHeader, Opcode, RawPayload, sign_header
 from ..proto.payloads import GroupInfoData, decode_payload
 from ..storage.base import LogEntry, Role, RoomChanges, RoomMember, Store, StoreError

@@ -6,8 +6,7 @@ lives in ``alembic/``)."""
 from .base import (
     AlreadyExists,
     AppendConflict,
-    Ban,
-    Handshake,
+    BanRecord,
     LogEntry,
     MemberAccount,
     NotFound,
@@ -27,8 +26,7 @@ from .sql import SqlStore
 __all__ = [
     "AlreadyExists",
     "AppendConflict",
-    "Ban",
-    "Handshake",
+    "BanRecord",
     "LogEntry",
     "MemberAccount",
     "NotFound",

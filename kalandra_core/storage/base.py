@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from ..proto import Handshake
+
 LOGIN_CODE_PREFIX: Final = "klc_"
 LOGIN_CODE_MAX_TTL: Final = 600  # seconds
 _LOGIN_CODE_BYTES: Final = 14  # 112 bits drawn, 105 kept: 21 base32 characters
@@ -107,11 +109,6 @@ class Role(enum.IntEnum):
     OWNER = 100
 
 
-class Handshake(enum.Enum):
-    PUBLIC = "public"
-    PRIVATE = "private"
-
-
 @dataclass(frozen=True, slots=True)
 class MemberAccount:
     """A native identity (one device): member id, name and its Ed25519 frame-signing key."""
@@ -143,7 +140,7 @@ class RoomMember:
 
 
 @dataclass(frozen=True, slots=True)
-class Ban:
+class BanRecord:
     member_id: int
     moderator_id: int
     reason: str
@@ -156,7 +153,7 @@ class RoomState:
 
     room: Room
     members: dict[int, RoomMember]
-    bans: dict[int, Ban]
+    bans: dict[int, BanRecord]
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +192,7 @@ class RoomChanges:
     commit_log_index: int | None = None  # log index of that commit (commit index per epoch)
     upsert_members: list[RoomMember] = field(default_factory=list)
     remove_members: list[int] = field(default_factory=list)
-    set_bans: list[Ban] = field(default_factory=list)
+    set_bans: list[BanRecord] = field(default_factory=list)
     lift_bans: list[int] = field(default_factory=list)
 
 

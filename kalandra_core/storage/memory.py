@@ -24,7 +24,7 @@ from .base import (
     LOGIN_CODE_MAX_TTL,
     AlreadyExists,
     AppendConflict,
-    Ban,
+    BanRecord,
     LogEntry,
     MemberAccount,
     NotFound,
@@ -68,7 +68,7 @@ class _Token:
 class _Room:
     room: Room
     members: dict[int, RoomMember]
-    bans: dict[int, Ban] = field(default_factory=dict)
+    bans: dict[int, BanRecord] = field(default_factory=dict)
     headers: list[bytes] = field(default_factory=list)  # index = log index
     columns: list[tuple[int, int, int]] = field(default_factory=list)  # opcode, sender, epoch
     payloads: dict[int, bytes] = field(default_factory=dict)  # redacted frames have none

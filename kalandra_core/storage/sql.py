@@ -31,13 +31,13 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ..private_files import make_sqlite_private
+from ..proto import Handshake
 from . import migrations, sql_log, sql_media
 from . import schema as db
 from .base import (
     LOGIN_CODE_MAX_TTL,
     AlreadyExists,
-    Ban,
-    Handshake,
+    BanRecord,
     LogEntry,
     MemberAccount,
     NotFound,
@@ -345,7 +345,7 @@ class SqlStore:
                     for m in roster
                 },
                 bans={
-                    b.member_id: Ban(b.member_id, b.moderator_id, b.reason, b.expires_at)
+                    b.member_id: BanRecord(b.member_id, b.moderator_id, b.reason, b.expires_at)
                     for b in bans
                 },
             )

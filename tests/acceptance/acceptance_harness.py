@@ -477,10 +477,10 @@ def record_frames(client: Client, opcode: Opcode) -> list[Frame]:
     seen: list[Frame] = []
     receive = client.core.receive
 
-    def spy(frame: Frame) -> list[ev.Event]:
+    def spy(frame: Frame, *, now: float) -> list[ev.Event]:
         if frame.header.opcode == opcode:
             seen.append(frame)
-        return receive(frame)
+        return receive(frame, now=now)
 
     client.core.receive = spy  # type: ignore[method-assign]
     return seen

@@ -183,7 +183,7 @@ async def test_a_message_sent_again_under_its_request_id_is_the_first_one(
         )
         await client.connect()
         room_id = await client.create_room()
-        request_id = client.core._request_id()
+        request_id = client.core.next_request_id()
         first = await client.send(room_id, Content("once"), request_id=request_id)
         await client.settle()
         assert client.core.rooms[room_id].last_seen == first

@@ -97,8 +97,8 @@ async def test_a_crash_as_a_commit_leaves_the_client_loses_nothing(
         if delivered:
             await alice.self_update(room_id)
         else:
-            alice.core.self_update(room_id)
-            alice._handle(alice.core.transmit())
+            alice.core.self_update(room_id, now=alice.clock())
+            alice._handle(alice.core.transmit(now=alice.clock()))
             await alice.wait_for(crashed.exists)
         await alice.close()
         state.close()

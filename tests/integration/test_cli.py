@@ -27,7 +27,7 @@ def kalandra(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 def test_every_vector_decodes_to_json_and_encodes_back() -> None:
     # One process for all vectors keeps this fast; the subprocess tests below cover the CLI.
     from kalandra_core.proto import Frame
-    from kalandra_core.proto.inspect import frame_from_json, frame_to_json
+    from kalandra_core.proto.frame_json import frame_from_json, frame_to_json
 
     for v in FRAMES:
         raw = bytes.fromhex(v["hex"])

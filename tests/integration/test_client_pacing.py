@@ -62,7 +62,7 @@ def _count_refusals(client: Client) -> Callable[[], int]:
     seen = [0]
     receive = client.core.receive
 
-    def spy(frame: Frame) -> list[ev.Event]:
+    def spy(frame: Frame, *, now: float) -> list[ev.Event]:
         if frame.header.opcode == Opcode.ERROR:
             error = decode_payload(Opcode.ERROR, frame.payload)
             assert isinstance(error, ErrorPayload)
@@ -70,7 +70,7 @@ def _count_refusals(client: Client) -> Callable[[], int]:
                 assert error.retry_after is not None
                 assert error.retry_after >= 1
                 seen[0] += 1
-        return receive(frame)
+        return receive(frame, now=now)
 
     client.core.receive = spy  # type: ignore[method-assign]
     return lambda: seen[0]

@@ -30,11 +30,11 @@ from store_helpers import (
     state_of,
 )
 
+from kalandra_core.proto import Handshake
 from kalandra_core.storage import (
     AlreadyExists,
     AppendConflict,
-    Ban,
-    Handshake,
+    BanRecord,
     LogEntry,
     NotFound,
     Role,
@@ -159,7 +159,7 @@ async def test_member_ids_above_2_63_round_trip(store: Store) -> None:
     # Ids at both edges of the signed range, everywhere a member id is stored.
     rid = await new_room(store)
     edge = RoomMember(MID, Role.MODERATOR, 7)
-    ban = Ban(MID - 1, HIGH, "spam", None)
+    ban = BanRecord(MID - 1, HIGH, "spam", None)
     await store.append(
         rid, [entry(0, sender=MID)], RoomChanges(upsert_members=[edge], set_bans=[ban])
     )
@@ -308,7 +308,7 @@ async def test_room_changes_commit_with_the_append(store: Store) -> None:
     bob, carol = RoomMember(2, Role.MEMBER, 1), RoomMember(3, Role.MEMBER, 2)
     await store.append(rid, entries(0, 1), RoomChanges(upsert_members=[bob, carol]))
     bob2, dave = RoomMember(2, Role.MODERATOR, 1), RoomMember(4, Role.MEMBER, 3)
-    ban = Ban(3, HIGH, "spam", 1_800_000_000_000)
+    ban = BanRecord(3, HIGH, "spam", 1_800_000_000_000)
     changes = RoomChanges(1, 2, upsert_members=[bob2, dave], remove_members=[3], set_bans=[ban])
     await store.append(rid, [entry(1), entry(2, opcode=COMMIT)], changes)
     state = await state_of(store, rid)
@@ -316,12 +316,12 @@ async def test_room_changes_commit_with_the_append(store: Store) -> None:
     assert state.members == {HIGH: OWNER, 2: bob2, 4: dave}
     assert state.bans == {3: ban}
     assert [f.log_index for f in await store.commits_between(rid, 0, 1)] == [2]
-    # Ban replaced, then lifted; a member removed and re-added in one batch ends up present.
+    # BanRecord replaced, then lifted; a member removed and re-added in one batch ends up present.
     await store.append(
-        rid, entries(3, 1, epoch=1), RoomChanges(set_bans=[Ban(3, 2, "again", None)])
+        rid, entries(3, 1, epoch=1), RoomChanges(set_bans=[BanRecord(3, 2, "again", None)])
     )
     state = await state_of(store, rid)
-    assert state.bans == {3: Ban(3, 2, "again", None)}
+    assert state.bans == {3: BanRecord(3, 2, "again", None)}
     again = RoomChanges(
         lift_bans=[3], remove_members=[4], upsert_members=[RoomMember(4, Role.MEMBER, 9)]
     )
@@ -356,7 +356,9 @@ async def test_failed_append_writes_nothing_at_all(store: Store) -> None:
         await store.append(rid, [entry(5, opcode=COMMIT)], changes)
     # A failure in the last statement of the transaction (a ban id that is no u64) rolls back
     # the claimed range, the frames, the epoch and the commit index with it.
-    bad = RoomChanges(new_epoch=1, commit_log_index=1, set_bans=[Ban(1 << 64, HIGH, "", None)])
+    bad = RoomChanges(
+        new_epoch=1, commit_log_index=1, set_bans=[BanRecord(1 << 64, HIGH, "", None)]
+    )
     secret = LogEntry(1, COMMIT, HIGH, 0, b"\x00" * 128, b"secret-payload")
     with pytest.raises(StoreError) as failed:
         await store.append(rid, [secret], bad)

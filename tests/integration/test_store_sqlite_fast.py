@@ -16,7 +16,7 @@ from store_helpers import COMMIT, HIGH, OWNER, entry, new_room, room_id
 
 from kalandra_core.storage import (
     AppendConflict,
-    Ban,
+    BanRecord,
     NotFound,
     Role,
     Room,
@@ -170,7 +170,7 @@ async def test_failure_mid_transaction_rolls_back_everything(db_url: str) -> Non
             new_epoch=2,
             commit_log_index=2,
             upsert_members=[RoomMember(5, Role.MEMBER, 1)],
-            set_bans=[Ban(6, HIGH, "", None)],
+            set_bans=[BanRecord(6, HIGH, "", None)],
         )
         with pytest.raises(sa.exc.IntegrityError) as failed:
             await store.append(rid, [entry(1), entry(2, opcode=COMMIT)], again)

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from kalandra_core.mls._lib import crypto_for_suite
 from kalandra_core.mls.errors import InvalidMlsMessage
-from kalandra_core.mls.inspect import inspect_group_info, inspect_handshake
 from kalandra_core.mls.keypackage import parse_key_package
+from kalandra_core.mls.server_view import inspect_group_info, inspect_handshake
 from kalandra_core.proto import (
     HEADER_SIZE,
     Frame,

@@ -10,9 +10,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from rfc9420.messages.key_packages import KeyPackage
 
 from kalandra_core.client.content import Content
+from kalandra_core.mls._lib import KeyPackage
 from kalandra_core.mls.keypackage import bundle_is_last_resort, is_last_resort
 from kalandra_core.proto import ErrorCode, Opcode
 from kalandra_core.server.app import RunningServer, start_server

@@ -4,9 +4,10 @@
 properties.
 
 How the real code is wired to the simulation, through its own hooks only: each driver gets
-``Client(..., connector=...)`` pointing at the simulated network (the client's address names it
-in the host part); the ``Hub`` gets the virtual clocks (``clock=`` wall time, ``monotonic=`` for
-timeouts and rate limits); each ``ClientCore`` its seeded ``first_request_id``. Nothing inside a
+``Client(..., connector=..., clock=...)`` pointing at the simulated network (the client's
+address names it in the host part) and the virtual wall time; the ``Hub`` gets the virtual
+clocks (``clock=`` wall time, ``monotonic=`` for timeouts and rate limits); each ``ClientCore``
+its seeded ``first_request_id``. Nothing inside a
 module is patched. ``SimClient`` only adds recording on top of ``Client._handle``; every effect
 is the real driver's.
 
@@ -182,6 +183,7 @@ class SimClient(Client):
             token,
             request_timeout=15.0,
             connector=world.net.connector(),
+            clock=world.loop.wall,
         )
         self.world = world
         self.name = name
@@ -308,7 +310,6 @@ class World:
             core = ClientCore(
                 account.member_id,
                 self.rng.randbytes(32),
-                clock=self.loop.wall,
                 first_request_id=self.rng.randrange(1, 1 << 31),  # seeded request ids
             )
             client = SimClient(self, name, core, token)
@@ -354,7 +355,7 @@ class World:
         self._bodies += 1
         label = self.label(room_id)
         body = f"{client.name}{self._bodies}"
-        rid, data = client.core.send_message(room_id, Content(body=body))
+        rid, data = client.core.send_message(room_id, Content(body=body), now=client.clock())
         self.sent[(client.name, rid)] = Sent(client.name, label, rid, body)
         self.trace("send", client.name, label, body)
         self._guard(f"send {body}", client, client._await(rid, data))

@@ -1,11 +1,14 @@
 """The client's send window (sans-IO): bounded frames and bytes in flight, RATE_LIMITED pauses
-with a restart from one frame."""
+with a restart from one frame; and the core's use of it for requests outside its outbox."""
 
 from __future__ import annotations
 
 import pytest
+from nacl.signing import SigningKey
 
+from kalandra_core.client.core import ClientCore
 from kalandra_core.client.window import SendWindow
+from kalandra_core.proto import ErrorCode, ErrorPayload, Frame, FrameHeader, Opcode
 
 
 def test_frames_and_bytes_in_flight_are_bounded() -> None:
@@ -61,3 +64,33 @@ def test_a_new_connection_starts_afresh() -> None:
 def test_a_window_needs_room_for_a_frame() -> None:
     with pytest.raises(ValueError, match="at least one frame"):
         SendWindow(max_frames=0)
+
+
+NOW = 1_700_000_000.0
+
+
+def _rate_limited(retry_after: int) -> Frame:
+    error = ErrorPayload(code=int(ErrorCode.RATE_LIMITED), message="", retry_after=retry_after)
+    return Frame.build(FrameHeader(Opcode.ERROR, request_id=1), error)
+
+
+def test_requests_outside_the_outbox_share_the_cores_window() -> None:
+    """Media blocks take their place in the core's window with reserve/release; the core's
+    clock is the ``now`` each call passes (a RATE_LIMITED pause ends at now + retry_after)."""
+    core = ClientCore(1, bytes(SigningKey.generate()), window=2, window_bytes=1000)
+    assert not core.reserve(10, now=NOW)  # not connected
+    assert core.resync_all(now=NOW) == []
+    assert core.reserve(10, now=NOW)
+    assert core.reserve(10, now=NOW)
+    assert not core.reserve(10, now=NOW)  # two in flight: full
+    assert core.release(10, now=NOW) == []
+    assert core.reserve(10, now=NOW)
+    core.release(10, now=NOW)
+    core.release(10, now=NOW)
+
+    assert core.receive(_rate_limited(2), now=NOW) != []  # a Failed event (no request of ours)
+    assert core.resume_at(now=NOW + 1) == NOW + 2
+    assert not core.reserve(10, now=NOW + 1)  # paused
+    assert core.resume_at(now=NOW + 2) is None
+    assert core.reserve(10, now=NOW + 2)
+    assert not core.reserve(10, now=NOW + 2)  # restarting from one frame in flight

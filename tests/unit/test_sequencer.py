@@ -8,7 +8,6 @@ import os
 import pytest
 
 from kalandra_core.crypto import SenderKeyStore
-from kalandra_core.mls.group import Handshake as MlsHandshake
 from kalandra_core.mls.group import MlsGroup
 from kalandra_core.mls.keypackage import build_key_package
 from kalandra_core.proto import (
@@ -16,6 +15,7 @@ from kalandra_core.proto import (
     ErrorCode,
     Frame,
     FrameHeader,
+    Handshake,
     Kick,
     Opcode,
     RawPayload,
@@ -23,7 +23,7 @@ from kalandra_core.proto import (
     Unban,
 )
 from kalandra_core.server.room import Accepted, Rejected, RoomSequencer
-from kalandra_core.storage.base import Handshake, Role, Room, RoomMember, RoomState
+from kalandra_core.storage.base import Role, Room, RoomMember, RoomState
 
 ROOM = bytes(range(16))
 NOW = 1_700_000_000_000
@@ -51,7 +51,7 @@ class World:
 
     def __init__(self, handshake: Handshake = Handshake.PUBLIC) -> None:
         self.keys = {m: os.urandom(32) for m in (A, B, C, D)}
-        mls_mode = MlsHandshake(handshake.value)
+        mls_mode = Handshake(handshake.value)
         self.a = MlsGroup.create(A, self.keys[A], handshake=mls_mode)
         kb, kc = build_key_package(B, self.keys[B]), build_key_package(C, self.keys[C])
         out = self.a.add([kb.key_package, kc.key_package])
@@ -271,7 +271,7 @@ def test_private_handshake_rooms() -> None:
 
 def test_public_rooms_refuse_private_handshakes() -> None:
     w = World()
-    w.b.handshake = MlsHandshake.PRIVATE
+    w.b.handshake = Handshake.PRIVATE
     out = w.b.self_update()
     rejected(w.seq.submit(w.commit(w.b, B, out.commit), NOW), ErrorCode.INVALID_COMMIT)
 

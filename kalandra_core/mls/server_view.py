@@ -13,32 +13,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-from rfc9420.extensions.extensions import (
-    ExtensionType,
-    deserialize_extensions,
-    parse_external_senders,
-)
-from rfc9420.messages.data_structures import (
+from ._lib import (
     AddProposal,
+    AuthenticatedContent,
     Commit,
+    ContentType,
+    ExtensionType,
     GroupInfo,
+    KeyPackage,
+    LeafNode,
+    MLSCiphertext,
+    MLSMessage,
     Proposal,
     ProposalOrRefType,
     RemoveProposal,
     SenderType,
-)
-from rfc9420.messages.key_packages import KeyPackage, LeafNode
-from rfc9420.messages.messages import (
-    AuthenticatedContent,
-    ContentType,
-    MLSCiphertext,
-    MLSMessage,
     WireFormat,
+    create_tree_backend,
+    crypto_for_suite,
+    deserialize_extensions,
+    make_proposal_ref,
+    parse_external_senders,
 )
-from rfc9420.messages.refs import make_proposal_ref
-from rfc9420.protocol.tree.ratchet_tree_backend import create_tree_backend
-
-from ._lib import crypto_for_suite
 from .errors import InvalidMlsMessage
 from .keypackage import SUITE_X25519_AES128GCM, member_id_of
 
