@@ -49,8 +49,7 @@ from . import (
 from .bot import BotIdentityLost, KalandraBot
 from .bridged_user import BridgedUsers
 from .config import EXAMPLE_CONFIG, Config
-from .context import Impersonator
-from .ghost_devices import GhostDevices
+from .context import GhostEncryption, Impersonator
 from .matrix import MatrixHandler
 from .portal import Portals
 from .provisioning import ProvisioningAPI
@@ -86,7 +85,7 @@ class KalandraBridge(Bridge):
     _reloads: set[asyncio.Task[None]]  # SIGHUP reloads running (kept referenced)
     gate: TransactionGate
     _catch_up: asyncio.Task[None] | None = None  # catch_up.watch
-    ghost_devices: GhostDevices | None = None  # bridge.encryption.ghost_devices (e2ee.install)
+    ghost_devices: GhostEncryption | None = None  # bridge.encryption.ghost_devices (e2ee.install)
     impersonation: Impersonator | None = None  # bridge.encryption.msc4350, if used (start)
     e2ee_self_sign = False  # bridge.encryption.self_sign, done by e2ee.self_sign, not mautrix
     _ghost: re.Pattern[str]

@@ -15,7 +15,18 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from mautrix.appservice import AppService, IntentAPI
     from mautrix.bridge.e2ee import EncryptionManager
-    from mautrix.types import Event, EventID, RoomAlias, RoomID, UserID, VersionsResponse
+    from mautrix.types import (
+        JSON,
+        EncryptedMegolmEventContent,
+        Event,
+        EventID,
+        EventType,
+        RoomAlias,
+        RoomID,
+        Serializable,
+        UserID,
+        VersionsResponse,
+    )
     from mautrix.util.async_db import Database
 
     from kalandra_core.client import events as ev
@@ -30,7 +41,6 @@ if TYPE_CHECKING:
     from .bot_state import BotState
     from .config import Config
     from .db import PortalRow
-    from .ghost_devices import GhostDevices
     from .portal_work import EventSlot, FromMatrix
     from .routed import Item
     from .run_state import RunState
@@ -247,6 +257,19 @@ class PortalDirectory(Protocol):
         """Make an existing Matrix room the portal of a room the bot is in."""
 
 
+class GhostEncryption(Protocol):
+    """Each ghost's own device (``bridge.encryption.ghost_devices``), as the bridge uses it."""
+
+    async def start(self) -> None: ...
+
+    async def encrypt(
+        self, ghost: UserID, room_id: RoomID, event_type: EventType, content: Serializable | JSON
+    ) -> EncryptedMegolmEventContent:
+        """Megolm-encrypted by the ghost's own device (made now if it has none)."""
+
+    async def discard_outbound_sessions(self, rooms: list[RoomID]) -> None: ...
+
+
 class Impersonator(Protocol):
     """MSC4350: the bot's device encrypts for ghosts, each given an impersonatable device."""
 
@@ -261,7 +284,7 @@ class BridgeContext(Protocol):
     @property
     def run_state(self) -> RunState: ...  # what components keep in memory while it runs
 
-    ghost_devices: GhostDevices | None  # bridge.encryption.ghost_devices, set by e2ee.install
+    ghost_devices: GhostEncryption | None  # bridge.encryption.ghost_devices (e2ee.install)
     impersonation: Impersonator | None  # bridge.encryption.msc4350, if used (msc4350.setup)
 
     @property

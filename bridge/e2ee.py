@@ -165,8 +165,9 @@ def install(bridge: BridgeContext) -> None:
         if bridge.config["bridge.encryption.ghost_devices"] and e2ee.msc4190:
             # Ghosts' devices are made with MSC4190 and get their to-device events in
             # transactions (routed first, then waited through database outages like the bot's).
-            bridge.ghost_devices = GhostDevices(e2ee, e2ee.crypto_db)
-            ghost_devices.install(e2ee, bridge.ghost_devices)
+            devices = GhostDevices(e2ee, e2ee.crypto_db)
+            ghost_devices.install(e2ee, devices)
+            bridge.ghost_devices = devices
         if bridge.az.to_device_handler is not None:
             bridge.az.to_device_handler = _outage_waited(bridge.az.to_device_handler)
     if bridge.config["bridge.encryption.ghost_devices"] and bridge.ghost_devices is None:
