@@ -168,9 +168,9 @@ class Client:
         self._saving: asyncio.Task[None] | None = None  # the write-ahead of commits
         self._ca = ca_certificate
         self._reconnect = reconnect
-        # The reconnect backoff doubles from RECONNECT_FIRST_DELAY up to this (seconds).
-        if reconnect_max_delay <= 0:
+        if reconnect_max_delay <= 0:  # (found here, not in the reconnect task)
             raise ValueError("reconnect_max_delay must be positive")
+        # The reconnect backoff doubles from RECONNECT_FIRST_DELAY up to this (seconds).
         self.reconnect_max_delay = reconnect_max_delay
         self._sink: FrameSink | None = None
         self._current: _Session | None = None  # the session of the connection in use
