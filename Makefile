@@ -37,6 +37,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(PY) tests/code_shape.py
 
 unit: venv
 	@bash tests/ensure_postgres.sh

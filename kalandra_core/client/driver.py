@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from ..backoff import Backoff
 from ..media.blob import MediaRef
 from ..proto import (
     ErrorCode,
@@ -43,6 +43,7 @@ from .state import ClientState
 log = logging.getLogger("kalandra.client")
 
 RECONNECT_FIRST_DELAY = 0.2  # seconds; doubled after each failed attempt, up to the cap
+RECONNECT_JITTER = 0.25  # each pause is spread by up to this fraction either way
 
 
 class ClientError(Exception):
@@ -114,24 +115,25 @@ def _consume(future: asyncio.Future[Any]) -> None:
 
 
 class _Session:
-    """The transport-facing side of one connection: frames in, connection loss. Once the
-    client has moved on (a dead connection it dropped itself), this connection's late events
-    are ignored, so they cannot disturb the next connection."""
+    """The transport-facing side of one connection: frames in, connection loss, each handed to
+    the client with this session, so the client can ignore a connection it has moved on from."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
+    def __init__(
+        self,
+        frame_received: Callable[[_Session, Frame], None],
+        connection_lost: Callable[[_Session, str], None],
+    ) -> None:
+        self._frame_received = frame_received
+        self._connection_lost = connection_lost
 
     def frame_received(self, frame: Frame) -> None:
-        if self.client._current is self:
-            self.client._frame_received(frame)
+        self._frame_received(self, frame)
 
     def protocol_error(self, error: ProtocolError) -> None:
         log.warning("framing error from the server: %s", error)
 
     def connection_lost(self, reason: str) -> None:
-        if self.client._current is self:
-            self.client._current = None
-            self.client._connection_lost(reason)
+        self._connection_lost(self, reason)
 
 
 class Client:
@@ -166,6 +168,8 @@ class Client:
         self._saving: asyncio.Task[None] | None = None  # the write-ahead of commits
         self._ca = ca_certificate
         self._reconnect = reconnect
+        if reconnect_max_delay <= 0:  # (found here, not in the reconnect task)
+            raise ValueError("reconnect_max_delay must be positive")
         # The reconnect backoff doubles from RECONNECT_FIRST_DELAY up to this (seconds).
         self.reconnect_max_delay = reconnect_max_delay
         self._sink: FrameSink | None = None
@@ -201,12 +205,12 @@ class Client:
 
     async def _open(self) -> None:
         self._connected.clear()
-        session = self._current = _Session(self)
+        session = self._current = _Session(self._session_frame, self._session_lost)
         sink = await self._connector(self.address, lambda _sink: session, self._ca)
         self._sink = sink
         rid_frame = self.core.hello(self._token, now=self.clock())
         try:
-            reply = await self._request(Frame.decode(rid_frame).header.request_id, rid_frame)
+            reply = await self._submit(Frame.decode(rid_frame).header.request_id, rid_frame)
             payload = decode_payload(Opcode.HELLO_REPLY, reply.payload)
             assert isinstance(payload, HelloReply)
             self.core.hello_reply(payload)
@@ -225,6 +229,18 @@ class Client:
         if self.keepalive is not None and self._keepalive_task is None:
             self._keepalive_task = asyncio.create_task(self._keepalive_loop())
         self._handle(self.core.resync_all(now=self.clock()))
+
+    # Once the client has moved on from a connection (a dead one it dropped itself), that
+    # connection's late events are ignored, so they cannot disturb the next connection.
+
+    def _session_frame(self, session: _Session, frame: Frame) -> None:
+        if self._current is session:
+            self._frame_received(frame)
+
+    def _session_lost(self, session: _Session, reason: str) -> None:
+        if self._current is session:
+            self._current = None
+            self._connection_lost(reason)
 
     def _connection_lost(self, reason: str) -> None:
         was_connected = self._connected.is_set()
@@ -257,18 +273,18 @@ class Client:
         telling the application through ``events``: Disconnected before each wait, Reconnected
         once back. The (re)connect syncs every room from its last applied log index, so what
         was sent meanwhile arrives once, in log order."""
-        delay = RECONNECT_FIRST_DELAY
+        cap = self.reconnect_max_delay
+        backoff = Backoff(min(RECONNECT_FIRST_DELAY, cap), cap, jitter=RECONNECT_JITTER)
         attempt = 0
         try:
             while not self._closing:
-                wait = min(delay * random.uniform(0.75, 1.25), self.reconnect_max_delay)
+                wait = min(backoff.next(), cap)  # (the jitter never goes past the cap)
                 log.info(
                     "disconnected from %s (%s); reconnecting in %.1f s", self.address, reason, wait
                 )
                 self.events.put_nowait(ev.Disconnected(reason, attempt, wait))
                 await asyncio.sleep(wait)
                 attempt += 1
-                delay = min(delay * 2, self.reconnect_max_delay)
                 try:
                     await self.connect()
                 except Exception as exc:  # whatever it was, keep trying (and say why)
@@ -296,7 +312,7 @@ class Client:
             self.maintain()
             rid, data = self.core.build_frame(Opcode.PING, b"", sign=False, now=self.clock())
             try:
-                await asyncio.wait_for(self._request(rid, data), self.keepalive)
+                await asyncio.wait_for(self._submit(rid, data), self.keepalive)
             except ClientError:
                 continue  # the connection was lost meanwhile; the reconnect loop has it
             except TimeoutError:
@@ -347,7 +363,7 @@ class Client:
                 self._connection_lost("send buffer full")
             sink.close("send buffer full")
 
-    def _request(self, request_id: int, data: bytes) -> asyncio.Future[Any]:
+    def _submit(self, request_id: int, data: bytes) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._futures[request_id] = future
         if request_id in self.core.outbox:
@@ -467,10 +483,14 @@ class Client:
         else:
             self._resolve(event.request_id, frame)
 
-    async def _await(
+    async def request(
         self, request_id: int, data: bytes, *, then: Callable[[], None] | None = None
     ) -> Any:
-        future = self._request(request_id, data)
+        """Send a frame built by the core (``request_id``, ``data``) and wait for its answer:
+        the log index of a sequenced frame, or the answering frame; ClientError when the server
+        refuses it, NotYetConfirmed when the outbox keeps it past ``request_timeout``.
+        ``then``: work that must go out right after this frame."""
+        future = self._submit(request_id, data)
         if then is not None:
             then()  # work that must go out right after this frame
         while True:
@@ -489,12 +509,34 @@ class Client:
                 self._plain.pop(request_id, None)
                 raise
 
+    def send_unanswered(self, data: bytes) -> None:
+        """Send a frame nothing answers (typing, presence): dropped when not connected."""
+        self._send(data)
+
+    async def request_in_window(self, request_id: int, data: bytes, cost: int) -> Frame:
+        """``request`` for a frame the caller reserved ``cost`` bytes of the core's send window
+        for (``core.reserve``); once answered, its place is released and frames the window
+        held back go out. A new connection meanwhile started a fresh window: nothing to
+        release then."""
+        session = self._current
+        try:
+            reply: Frame = await self.request(request_id, data)
+        finally:
+            if self._current is session:
+                self._handle(self.core.release(cost, now=self.clock()))
+        return reply
+
+    @property
+    def closing(self) -> bool:
+        """``close()`` was called: the client is going away."""
+        return self._closing
+
     # --- operations ----------------------------------------------------------------------------
 
     async def create_room(self, name: str = "", topic: str = "") -> bytes:
         room_id, rid, data = self.core.create_room(name=name, topic=topic, now=self.clock())
         try:
-            await self._await(rid, data)
+            await self.request(rid, data)
         except BaseException:
             self.core.rooms.pop(room_id, None)
             raise
@@ -508,7 +550,7 @@ class Client:
         stored = 0
         for kp in self.core.key_packages(count, last_resort=last_resort):
             rid, data = self.core.build_frame(Opcode.KEY_PACKAGE, kp, sign=False, now=self.clock())
-            reply = await self._await(rid, data)
+            reply = await self.request(rid, data)
             stored = reply.header.context_id
         if self.state is not None:
             self.state.save(self.core, {None})
@@ -518,27 +560,27 @@ class Client:
         rid, data = self.core.build_frame(
             Opcode.KEY_PACKAGE, b"", context_id=member_id, sign=False, now=self.clock()
         )
-        reply: Frame = await self._await(rid, data)
+        reply: Frame = await self.request(rid, data)
         return reply.payload
 
     async def invite(self, room_id: bytes, member_ids: list[int]) -> int:
         """Add members (their KeyPackages from the directory); returns the commit's log index."""
         packages = [await self.fetch_key_package(m) for m in member_ids]
         rid, data = self.core.add_members(room_id, packages, now=self.clock())
-        return int(await self._await(rid, data))
+        return int(await self.request(rid, data))
 
     async def add(self, room_id: bytes, key_packages: list[bytes]) -> int:
         """Add members from these KeyPackages; returns the commit's log index."""
         rid, data = self.core.add_members(room_id, key_packages, now=self.clock())
-        return int(await self._await(rid, data))
+        return int(await self.request(rid, data))
 
     async def remove(self, room_id: bytes, member_ids: list[int]) -> int:
         rid, data = self.core.remove_members(room_id, member_ids, now=self.clock())
-        return int(await self._await(rid, data))
+        return int(await self.request(rid, data))
 
     async def self_update(self, room_id: bytes) -> int:
         rid, data = self.core.self_update(room_id, now=self.clock())
-        return int(await self._await(rid, data))
+        return int(await self.request(rid, data))
 
     async def send_text(self, room_id: bytes, text: str) -> int:
         return await self.send(room_id, Content(body=text))
@@ -553,12 +595,12 @@ class Client:
         """
         pending = self.core.outbox.get(request_id) if request_id is not None else None
         if pending is not None and pending.kind == "message" and pending.room_id == room_id:
-            return int(await self._await(pending.request_id, pending.frame or b""))
+            return int(await self.request(pending.request_id, pending.frame or b""))
         rid, data = self.core.send_message(
             room_id, content, request_id=request_id, now=self.clock()
         )
         # A self-update due after this message goes out behind it (post-compromise security).
-        return int(await self._await(rid, data, then=self.maintain))
+        return int(await self.request(rid, data, then=self.maintain))
 
     async def upload_media(
         self,
@@ -607,11 +649,11 @@ class Client:
 
     async def moderate(self, room_id: bytes, action: str, target: int, reason: str = "") -> int:
         rid, data = self.core.moderate(room_id, action, target, reason, now=self.clock())
-        return int(await self._await(rid, data))
+        return int(await self.request(rid, data))
 
     async def leave(self, room_id: bytes) -> int:
         rid, data = self.core.leave(room_id, now=self.clock())
-        return int(await self._await(rid, data))
+        return int(await self.request(rid, data))
 
     async def sync(self, room_id: bytes) -> None:
         """Catch up a room now and wait until the log is applied."""

@@ -178,7 +178,7 @@ async def react(client: Client, room_id: bytes, target: int, key: str, add: bool
         add=add,
         now=client.clock(),
     )
-    return int(await client._await(rid, data))
+    return int(await client.request(rid, data))
 
 
 async def send_receipt(
@@ -195,7 +195,7 @@ async def send_receipt(
         kind=kind,
         now=client.clock(),
     )
-    return int(await client._await(rid, data))
+    return int(await client.request(rid, data))
 
 
 async def mark_read(client: Client, room_id: bytes, target: int) -> int:
@@ -216,4 +216,4 @@ def set_typing(
         timeout_ms=timeout_ms,
         now=client.clock(),
     )
-    client._send(data)
+    client.send_unanswered(data)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, BinaryIO, Final
+from collections.abc import AsyncIterator, Callable
+from typing import BinaryIO, Final, Protocol
 
 from ..media.blob import (
     BLOCK_SIZE,
@@ -26,11 +26,24 @@ from ..media.blob import (
 )
 from ..proto import Frame, Opcode, Payload, PayloadDecodeError
 from ..proto.payloads import CasBlock, CasHashes, decode_payload
-
-if TYPE_CHECKING:
-    from .driver import Client
+from .core import ClientCore
 
 IN_FLIGHT: Final = 8  # blocks per transfer (2 MiB): half of the default send window's bytes
+
+
+class MediaClient(Protocol):
+    """What a transfer needs of the client's driver (:class:`~.driver.Client` is one)."""
+
+    core: ClientCore
+    clock: Callable[[], float]
+    request_timeout: float
+
+    @property
+    def closing(self) -> bool: ...
+
+    async def window_changed(self) -> None: ...
+
+    async def request_in_window(self, request_id: int, data: bytes, cost: int) -> Frame: ...
 
 
 def _size_of(source: bytes | BinaryIO) -> int:
@@ -45,7 +58,7 @@ def _size_of(source: bytes | BinaryIO) -> int:
 class _Transfer:
     """Requests of one transfer: at most IN_FLIGHT at a time, each admitted by the window."""
 
-    def __init__(self, client: Client, room_id: bytes) -> None:
+    def __init__(self, client: MediaClient, room_id: bytes) -> None:
         self.client = client
         self.room_int = int.from_bytes(room_id, "big")
         self.slots = asyncio.Semaphore(IN_FLIGHT)
@@ -63,7 +76,7 @@ class _Transfer:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + client.request_timeout
             while not core.reserve(cost, now=client.clock()):
-                if client._closing:
+                if client.closing:
                     raise MediaError("client closed during a media transfer")
                 if not core.connected and loop.time() > deadline:
                     raise MediaError("not connected to the server")
@@ -72,14 +85,7 @@ class _Transfer:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await client.window_changed()
-            session = client._current
-            try:
-                reply: Frame = await client._await(rid, data)
-            finally:
-                if client._current is session:  # (a new connection starts a fresh window)
-                    # Its place is free: messages the window held back go out.
-                    client._handle(core.release(cost, now=client.clock()))
-            return reply
+            return await client.request_in_window(rid, data, cost)
 
 
 def _decode(frame: Frame, kind: type[CasBlock] | type[CasHashes]) -> CasBlock | CasHashes:
@@ -93,7 +99,7 @@ def _decode(frame: Frame, kind: type[CasBlock] | type[CasHashes]) -> CasBlock | 
 
 
 async def upload(
-    client: Client,
+    client: MediaClient,
     room_id: bytes,
     source: bytes | BinaryIO,
     *,
@@ -175,7 +181,7 @@ async def _get(transfer: _Transfer, digest: bytes) -> bytes:
     return block.data
 
 
-async def stream(client: Client, room_id: bytes, ref: MediaRef) -> AsyncIterator[bytes]:
+async def stream(client: MediaClient, room_id: bytes, ref: MediaRef) -> AsyncIterator[bytes]:
     """The plaintext of ``ref``, block by block in order, each checked (hash and AEAD) before
     it is yielded; the whole content is checked against the manifest at the end. Raises
     MediaError on any mismatch, ClientError when the server refuses."""
@@ -199,12 +205,12 @@ async def stream(client: Client, room_id: bytes, ref: MediaRef) -> AsyncIterator
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-async def download(client: Client, room_id: bytes, ref: MediaRef) -> bytes:
+async def download(client: MediaClient, room_id: bytes, ref: MediaRef) -> bytes:
     parts = [part async for part in stream(client, room_id, ref)]
     return b"".join(parts)
 
 
-async def missing(client: Client, room_id: bytes, hashes: list[bytes]) -> list[bytes]:
+async def missing(client: MediaClient, room_id: bytes, hashes: list[bytes]) -> list[bytes]:
     """Which of ``hashes`` the room does not hold yet (CASProof)."""
     answer = await _Transfer(client, room_id).request(Opcode.CAS_PROOF, CasHashes(hashes=hashes))
     proof = _decode(answer, CasHashes)
@@ -213,7 +219,7 @@ async def missing(client: Client, room_id: bytes, hashes: list[bytes]) -> list[b
     return [h for h in hashes if h not in held]
 
 
-async def delete(client: Client, room_id: bytes, ref: MediaRef) -> int:
+async def delete(client: MediaClient, room_id: bytes, ref: MediaRef) -> int:
     """Drop the room's references to the blocks of ``ref`` (ours; a moderator's: everyone's);
     returns how many blocks lost a reference."""
     transfer = _Transfer(client, room_id)

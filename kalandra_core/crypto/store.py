@@ -36,6 +36,15 @@ class _EpochKeys:
         self.receive: dict[int, SymmetricRatchet] = {}
         self.send: dict[int, SymmetricRatchet] = {}
 
+    def send_chain(self, sender_index: int) -> SymmetricRatchet:
+        """The chain we encrypt with as ``sender_index`` (started on first use)."""
+        return self._chain(self.send, sender_index)
+
+    def receive_chain(self, sender_index: int) -> SymmetricRatchet:
+        """The chain ``sender_index``'s messages are decrypted with (started on first use),
+        our own echoed back included."""
+        return self._chain(self.receive, sender_index)
+
     def _chain(self, chains: dict[int, SymmetricRatchet], sender_index: int) -> SymmetricRatchet:
         chain = chains.get(sender_index)
         if chain is None:
@@ -109,7 +118,7 @@ class SenderKeyStore:
         """Encrypt as ``sender_index`` (default: our own leaf) at the next generation."""
         keys = self._current
         index = self.own_index if sender_index is None else sender_index
-        generation, key = keys._chain(keys.send, index).next_key()
+        generation, key = keys.send_chain(index).next_key()
         return envelope.encrypt(
             key,
             plaintext,
@@ -123,13 +132,13 @@ class SenderKeyStore:
     def send_generation(self, sender_index: int) -> int:
         """The generation the next message sent as ``sender_index`` will use."""
         keys = self._current
-        return keys._chain(keys.send, sender_index).generation
+        return keys.send_chain(sender_index).generation
 
     def skip_send_to(self, sender_index: int, generation: int) -> None:
         """Never send as ``sender_index`` below ``generation`` in the current epoch: a state
         restored from an older snapshot must not reuse a message key already used."""
         keys = self._current
-        chain = keys._chain(keys.send, sender_index)
+        chain = keys.send_chain(sender_index)
         while chain.generation < generation:
             # The keys skipped over are never used for sending: not kept.
             target = min(generation, chain.generation + MAX_SKIP) - 1
@@ -138,12 +147,12 @@ class SenderKeyStore:
     def message_key(self, message: EncryptedMessage) -> bytes:
         """The key of a message we sent or may receive, without consuming it (for push keys)."""
         keys = self._keys_for(message.epoch)
-        return keys._chain(keys.receive, message.sender_index).lookup(message.generation).key
+        return keys.receive_chain(message.sender_index).lookup(message.generation).key
 
     def decrypt(self, message: EncryptedMessage) -> bytes:
         """Decrypt anyone's message; the key is consumed only if authentication succeeds."""
         keys = self._keys_for(message.epoch)
-        chain = keys._chain(keys.receive, message.sender_index)
+        chain = keys.receive_chain(message.sender_index)
         found = chain.lookup(message.generation)
         plaintext = envelope.decrypt(found.key, message)
         chain.commit(found)

@@ -93,12 +93,13 @@ from rfc9420.protocol.schedule.key_schedule import KeySchedule
 from rfc9420.protocol.transcripts import TranscriptState
 from rfc9420.protocol.tree import tree_math
 from rfc9420.protocol.tree.ratchet_tree import RatchetTree
-from rfc9420.protocol.tree.ratchet_tree_backend import create_tree_backend
+from rfc9420.protocol.tree.ratchet_tree_backend import RatchetTreeBackend, create_tree_backend
 from rfc9420.protocol.tree.secret_tree import SecretTree
 from rfc9420.protocol.validations import (
     validate_confirmation_tag,
     validate_tree_leaf_key_uniqueness,
 )
+from rfc9420.providers.crypto import CryptoProviderProtocol
 
 __all__ = [
     "PINNED_VERSION",
@@ -152,6 +153,7 @@ __all__ = [
     "WireFormat",
     "attach_membership_tag",
     "build_capabilities_data",
+    "cached_proposal",
     "create_tree_backend",
     "crypto_for_suite",
     "decrypt_with_label",
@@ -159,7 +161,12 @@ __all__ = [
     "deserialize_extensions",
     "encode_ref_hash_input",
     "encrypt_with_label",
+    "group_context",
+    "group_crypto",
     "group_exporter",
+    "group_key_schedule",
+    "group_secret_tree",
+    "group_tree",
     "join_from_welcome",
     "key_schedule_from_secrets",
     "make_key_package_ref",
@@ -168,6 +175,7 @@ __all__ = [
     "mls_labels",
     "open_welcome",
     "parse_external_senders",
+    "pending_proposals",
     "process_handshake",
     "processing",
     "protect_content_application",
@@ -553,6 +561,53 @@ def _install_tree(
         max_generation_gap=group._secret_tree_max_generation_gap,
         aead_limit_bytes=group._secret_tree_aead_limit_bytes,
     )
+
+
+# --- a group's state that the library keeps private ---------------------------------------------
+# MLSGroup has no public accessor for its tree, GroupContext, key schedule, secret tree, crypto
+# provider or proposals. The rest of the project reaches them only through these, so a library
+# upgrade shows here what we rely on.
+
+
+def group_tree(group: MLSGroup) -> RatchetTreeBackend:
+    """The group's ratchet tree (changing it changes the group)."""
+    return group._ratchet_tree
+
+
+def group_context(group: MLSGroup) -> GroupContext:
+    """The GroupContext of the group's current epoch."""
+    context = group._group_context
+    assert context is not None
+    return context
+
+
+def group_key_schedule(group: MLSGroup) -> KeySchedule:
+    schedule = group._key_schedule
+    assert schedule is not None
+    return schedule
+
+
+def group_secret_tree(group: MLSGroup) -> SecretTree:
+    tree = group._secret_tree
+    assert tree is not None
+    return tree
+
+
+def group_crypto(group: MLSGroup) -> CryptoProviderProtocol:
+    """The crypto provider the group was made or loaded with."""
+    return group._crypto_provider
+
+
+def pending_proposals(group: MLSGroup) -> list[Proposal]:
+    """The proposals received this epoch and not yet committed: the library's own list, so a
+    proposal appended to it goes (inline) into the next commit."""
+    return group._pending_proposals
+
+
+def cached_proposal(group: MLSGroup, reference: bytes) -> Proposal | None:
+    """The proposal a commit names by ``reference``, if this epoch received it."""
+    cached = group._proposal_cache.get(reference)
+    return None if cached is None else cached[0]
 
 
 # --- handshake processing ----------------------------------------------------------------------

@@ -16,7 +16,8 @@ correction wrong or apply a fix twice.
 * 6-8, external commits: the joiner's leaf index is the leaf ``add_leaf`` filled, not
   ``n_leaves - 1`` (6); receivers place the new_member_commit sender at that same leaf instead of
   leaf 0 (7); the committer re-derives the external key pair after applying its own commit so
-  the GroupInfo it publishes carries the right ``external_pub`` (8). See group.py.
+  the GroupInfo it publishes carries the right ``external_pub`` (8). The joiner's side is
+  :func:`prepare_external_commit`, the receivers' side ``framing.place_external_committer``.
 * 9, PrivateMessage commits: ``process_commit`` insists on a membership tag, which a
   PrivateMessage does not carry (the AEAD authenticates it instead); after unprotecting, we
   attach the tag the sender would have computed so the library's check passes for what the
@@ -37,10 +38,13 @@ from typing import Any
 
 from ._lib import (
     ContentType,
+    ExternalInitProposal,
     GroupContext,
+    KeyPackage,
     LeafNode,
     LeafNodeSource,
     MLSGroup,
+    PendingCommit,
     RatchetTree,
     UpdatePath,
     UpdatePathNode,
@@ -52,6 +56,7 @@ from ._lib import (
     tree_math,
     write_opaque_varint,
 )
+from .errors import InvalidMlsMessage
 
 require_audited = _require_audited
 
@@ -223,3 +228,39 @@ def apply_own_commit(group: MLSGroup, pending: Any) -> None:
     group.apply_own_commit(pending)
     group._update_external_key_pair()
     finish_processed_commit(group)
+
+
+def state_after_own_commit(group: MLSGroup, pending: PendingCommit) -> bytes:
+    """Serialized state of the epoch our ``pending`` commit creates, without touching
+    ``group`` (a copy applies it; the serialized state does not carry the pending state)."""
+    clone = MLSGroup.from_bytes(group.to_bytes(), group._crypto_provider)
+    clone._state = group._state
+    apply_own_commit(clone, pending)
+    return clone.to_bytes()
+
+
+# --- 6: external commits -------------------------------------------------------------------------
+
+
+def prepare_external_commit(
+    group: MLSGroup, key_package: KeyPackage, encryption_private_key: bytes
+) -> None:
+    """Set up ``group`` (made from a GroupInfo) for our external commit: the ExternalInit
+    proposal with an init secret for the group's ``external_pub``, and our leaf, which is where
+    ``add_leaf`` put it (defect 6: not ``n_leaves - 1``), with its private key."""
+    external_public_key = group._external_public_key
+    if not external_public_key:
+        raise InvalidMlsMessage("GroupInfo carries no external_pub")
+    crypto = group._crypto_provider
+    kem_output, _, init_secret = crypto.hpke_seal_and_export(
+        public_key=external_public_key,
+        info=b"",
+        aad=b"",
+        ptxt=b"",
+        export_label=b"MLS 1.0 external init secret",
+        export_length=crypto.kdf_hash_len(),
+    )
+    group._external_init_secret_for_commit = init_secret
+    group._pending_proposals.append(ExternalInitProposal(kem_output))
+    group._own_leaf_index = group._ratchet_tree.add_leaf(key_package)
+    group._ratchet_tree.get_node(group._own_leaf_index * 2).private_key = encryption_private_key

@@ -24,7 +24,13 @@ from ._lib import (
     SenderType,
     WireFormat,
     attach_membership_tag,
+    cached_proposal,
     crypto_for_suite,
+    group_context,
+    group_crypto,
+    group_key_schedule,
+    group_secret_tree,
+    group_tree,
     protect_content_handshake,
     sign_authenticated_content,
     unprotect_content_handshake,
@@ -44,9 +50,9 @@ def removed_leaves(lib: LibGroup, commit: Commit) -> set[int]:
         if por.typ == ProposalOrRefType.PROPOSAL and isinstance(por.proposal, RemoveProposal):
             leaves.add(por.proposal.removed)
         elif por.typ == ProposalOrRefType.REFERENCE and por.reference is not None:
-            cached = lib._proposal_cache.get(por.reference)
-            if cached is not None and isinstance(cached[0], RemoveProposal):
-                leaves.add(cached[0].removed)
+            cached = cached_proposal(lib, por.reference)
+            if isinstance(cached, RemoveProposal):
+                leaves.add(cached.removed)
     return leaves
 
 
@@ -59,7 +65,7 @@ def place_external_committer(
     unaffected); the joiner takes the leftmost blank leaf after this commit's Removes, or a new
     leaf past the end, exactly where its own ``add_leaf`` put it.
     """
-    tree = lib._ratchet_tree
+    tree = group_tree(lib)
     blank = removed_leaves(lib, commit)
     blank.update(i for i in range(tree.n_leaves) if tree.get_node(i * 2).leaf_node is None)
     index = min(blank) if blank else tree.n_leaves
@@ -76,10 +82,9 @@ def place_external_committer(
 def protect(lib: LibGroup, plaintext: MLSPlaintext, own_leaf: int, *, already_sent: int) -> bytes:
     """Encrypt our signed handshake content as a PrivateMessage under this epoch's handshake
     keys, after skipping the ``already_sent`` generations used earlier in the epoch."""
-    assert lib._key_schedule is not None
-    assert lib._secret_tree is not None
+    secret_tree = group_secret_tree(lib)
     for _ in range(already_sent):
-        lib._secret_tree.next_handshake(own_leaf)
+        secret_tree.next_handshake(own_leaf)
     auth = plaintext.auth_content
     framed = auth.tbs.framed_content
     ciphertext = protect_content_handshake(
@@ -89,9 +94,9 @@ def protect(lib: LibGroup, plaintext: MLSPlaintext, own_leaf: int, *, already_se
         authenticated_data=framed.authenticated_data,
         content=framed.content,
         signature=auth.signature,
-        key_schedule=lib._key_schedule,
-        secret_tree=lib._secret_tree,
-        crypto=lib._crypto_provider,
+        key_schedule=group_key_schedule(lib),
+        secret_tree=secret_tree,
+        crypto=group_crypto(lib),
         confirmation_tag=auth.confirmation_tag,
         content_type=framed.content_type,
     )
@@ -103,10 +108,9 @@ def unprotect(lib: LibGroup, msg: MLSMessage) -> MLSPlaintext:
     membership tag the library insists on before process_commit/process_proposal."""
     ct = msg.get_parsed_content()
     assert isinstance(ct, MLSCiphertext)
-    assert lib._key_schedule is not None
-    assert lib._group_context is not None
+    key_schedule, crypto = group_key_schedule(lib), group_crypto(lib)
     sender, content, auth = unprotect_content_handshake(
-        ct, lib._key_schedule, lib._secret_tree, lib._crypto_provider
+        ct, key_schedule, group_secret_tree(lib), crypto
     )
     framed = FramedContent(
         group_id=ct.group_id,
@@ -119,10 +123,10 @@ def unprotect(lib: LibGroup, msg: MLSMessage) -> MLSPlaintext:
     tbs = AuthenticatedContentTBS(
         wire_format=WireFormat.PRIVATE_MESSAGE,
         framed_content=framed,
-        group_context=lib._group_context.serialize(),
+        group_context=group_context(lib).serialize(),
     )
     plaintext = MLSPlaintext(AuthenticatedContent(tbs=tbs, auth=auth, membership_tag=None))
-    return attach_membership_tag(plaintext, lib._key_schedule.membership_key, lib._crypto_provider)
+    return attach_membership_tag(plaintext, key_schedule.membership_key, crypto)
 
 
 def external_senders_extension(senders: Sequence[tuple[bytes, int]]) -> bytes:

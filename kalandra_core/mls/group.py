@@ -32,7 +32,6 @@ from ._lib import (
     ContentType,
     Extension,
     ExtensionType,
-    ExternalInitProposal,
     GroupInfo,
     KeyPackage,
     MLSMessage,
@@ -44,15 +43,16 @@ from ._lib import (
     Welcome,
     WireFormat,
     crypto_for_suite,
+    group_context,
+    group_crypto,
+    group_tree,
     join_from_welcome,
     make_key_package_ref,
+    pending_proposals,
     serialize_extensions,
 )
 from ._lib import (
     MLSGroup as LibGroup,
-)
-from ._lib import (
-    PendingCommit as LibPendingCommit,
 )
 from .errors import (
     GroupInactive,
@@ -176,7 +176,7 @@ class MlsGroup:
             initial_extensions=extensions,
         )
         # create() does not keep the creator's leaf private key; path secrets need it.
-        lib._ratchet_tree.get_node(0).private_key = bundle.encryption_private_key
+        group_tree(lib).get_node(0).private_key = bundle.encryption_private_key
         return cls(
             lib, member_id=member_id, signing_key=signing_key, suite=suite, handshake=handshake
         )
@@ -237,26 +237,10 @@ class MlsGroup:
             if not isinstance(info, GroupInfo):
                 raise InvalidMlsMessage("expected a GroupInfo")
             lib = LibGroup.from_group_info(info, crypto)
-            ext_pub = lib._external_public_key
-            if not ext_pub:
-                raise InvalidMlsMessage("GroupInfo carries no external_pub")
             bundle = build_key_package(member_id, signing_key, suite=suite)
-            kp = KeyPackage.deserialize(bundle.key_package)
-            kem_output, _, init_secret = crypto.hpke_seal_and_export(
-                public_key=ext_pub,
-                info=b"",
-                aad=b"",
-                ptxt=b"",
-                export_label=b"MLS 1.0 external init secret",
-                export_length=crypto.kdf_hash_len(),
+            corrections.prepare_external_commit(
+                lib, KeyPackage.deserialize(bundle.key_package), bundle.encryption_private_key
             )
-            lib._external_init_secret_for_commit = init_secret
-            lib._pending_proposals.append(ExternalInitProposal(kem_output))
-            # Defect 6: our leaf is where add_leaf put it, not n_leaves - 1.
-            lib._own_leaf_index = lib._ratchet_tree.add_leaf(kp)
-            lib._ratchet_tree.get_node(
-                lib._own_leaf_index * 2
-            ).private_key = bundle.encryption_private_key
             epoch = lib.get_epoch()
             with corrections.committing(signing_key, lib.get_group_id()):
                 pending = lib.create_commit(signing_key)
@@ -295,9 +279,7 @@ class MlsGroup:
 
     @property
     def tree_hash(self) -> bytes:
-        gc = self._lib._group_context
-        assert gc is not None
-        return bytes(gc.tree_hash)
+        return bytes(group_context(self._lib).tree_hash)
 
     @property
     def epoch_authenticator(self) -> bytes:
@@ -306,7 +288,7 @@ class MlsGroup:
     @property
     def pending_proposals(self) -> int:
         """Proposals received this epoch and not yet committed."""
-        return len(self._lib._pending_proposals)
+        return len(pending_proposals(self._lib))
 
     @property
     def has_pending_commit(self) -> bool:
@@ -314,7 +296,7 @@ class MlsGroup:
 
     def members(self) -> list[Member]:
         """The roster: every non-blank leaf whose credential names a member id."""
-        tree = self._lib._ratchet_tree
+        tree = group_tree(self._lib)
         out: list[Member] = []
         for leaf in range(tree.n_leaves):
             node = tree.get_node(leaf * 2).leaf_node
@@ -350,7 +332,7 @@ class MlsGroup:
 
     def add(self, key_packages: Iterable[bytes]) -> CommitOutput:
         """Commit adding these members (KeyPackages, bare or MLSMessage-wrapped)."""
-        crypto = self._lib._crypto_provider
+        crypto = group_crypto(self._lib)
         proposals = []
         recipients: dict[bytes, int] = {}
         for data in key_packages:
@@ -391,7 +373,7 @@ class MlsGroup:
 
     def commit_pending_proposals(self) -> CommitOutput:
         """Commit the proposals received this epoch (e.g. the server's external Removes)."""
-        if not self._lib._pending_proposals:
+        if not pending_proposals(self._lib):
             raise ValueError("no pending proposals")
         return self._commit([], {})
 
@@ -401,7 +383,7 @@ class MlsGroup:
             raise PendingCommitExists("a commit is already waiting for the sequencer")
         lib = self._lib
         epoch = lib.get_epoch()
-        lib._pending_proposals.extend(proposals)  # not cached, so they go inline in the commit
+        pending_proposals(lib).extend(proposals)  # not cached, so they go inline in the commit
         private = self.handshake is Handshake.PRIVATE
         try:
             with (
@@ -422,7 +404,7 @@ class MlsGroup:
                     member_id = recipients.get(secrets.new_member)
                     if member_id is not None:
                         welcomes[member_id] = data
-            new_state = _state_after(lib, pending)
+            new_state = corrections.state_after_own_commit(lib, pending)
         except MlsError:
             self._restore()
             raise
@@ -646,14 +628,6 @@ class MlsGroup:
     def _load(self, state: bytes) -> None:
         self._lib = LibGroup.from_bytes(state, crypto_for_suite(self.suite))
         self._snapshot = state
-
-
-def _state_after(lib: LibGroup, pending: LibPendingCommit) -> bytes:
-    """Serialized library state of the epoch ``pending`` creates, without touching ``lib``."""
-    clone = LibGroup.from_bytes(lib.to_bytes(), lib._crypto_provider)
-    clone._state = lib._state
-    corrections.apply_own_commit(clone, pending)
-    return clone.to_bytes()
 
 
 __all__ = [

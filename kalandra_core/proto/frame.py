@@ -44,7 +44,7 @@ class Frame:
     def encode(self) -> bytes:
         if len(self.payload) > MAX_PAYLOAD_SIZE:
             raise PayloadTooLarge(len(self.payload), MAX_PAYLOAD_SIZE)
-        return bytes(self.header._raw) + self.payload
+        return self.header.to_bytes() + self.payload
 
     def decode_payload(self) -> Payload:
         """The typed payload for this frame's opcode (see :func:`payloads.decode_payload`)."""

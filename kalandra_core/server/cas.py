@@ -12,17 +12,16 @@ an Error frame echoing the request id.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable
+from typing import Final, Protocol
 
 from ..media.blob import MAX_BLOCK, block_hash
 from ..proto import ErrorCode, Frame, Opcode, PayloadDecodeError
 from ..proto.payloads import CasBlock, CasHashes, decode_payload
-from ..storage.base import NotFound, OverQuota, Role
+from ..storage.base import NotFound, OverQuota, Role, Store
 from . import replies
-
-if TYPE_CHECKING:
-    from .hub import Hub
-    from .session import ServerSession
+from .config import ServerConfig
+from .workers import RoomWorker
 
 log = logging.getLogger("kalandra.server.cas")
 
@@ -32,7 +31,29 @@ CAS_OPCODES: Final = frozenset(
 MAX_HASHES: Final = 1024  # per CASProof / CASDelete
 
 
-async def handle(hub: Hub, session: ServerSession, frame: Frame) -> None:
+class Asker(Protocol):
+    """The session a request came from (a :class:`~.session.ServerSession`): its member, and
+    where the answer goes."""
+
+    member_id: int
+
+    def send(self, frame: bytes) -> bool: ...
+
+    def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None: ...
+
+
+class Rooms(Protocol):
+    """What the block store needs of the hub (:class:`~.hub.Hub`): the rooms' workers (whose
+    sequencers say who may use a room's blocks), the store, the media limits and the clock."""
+
+    store: Store
+    config: ServerConfig
+    clock: Callable[[], float]
+
+    async def room(self, room_id: bytes) -> RoomWorker | None: ...
+
+
+async def handle(hub: Rooms, session: Asker, frame: Frame) -> None:
     h = frame.header
     if h.room_id == 0:
         session.reject(frame, ErrorCode.ROOM_NOT_FOUND, "room_id is zero")
@@ -82,7 +103,7 @@ async def handle(hub: Hub, session: ServerSession, frame: Frame) -> None:
     session.send(replies.answer(h, Opcode.CAS_DELETE, CasHashes(hashes=dropped)))
 
 
-async def _put(hub: Hub, session: ServerSession, frame: Frame, put: CasBlock) -> None:
+async def _put(hub: Rooms, session: Asker, frame: Frame, put: CasBlock) -> None:
     data = put.data
     max_size = hub.config.media.max_size
     if data is None or not data:

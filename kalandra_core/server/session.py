@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from nacl.signing import VerifyKey
 
@@ -33,14 +34,12 @@ from ..proto import (
     SkippedFrame,
     verify_header,
 )
+from ..proto.hello_proof import ReplayCache
 from ..storage.base import StoreError
 from ..transport.interface import FrameSink
 from . import cas, replies
 from .hello import BindKey, HelloAuth, IssueToken, LookUpToken, RedeemLoginCode, Refuse
 from .ratelimit import TokenBucket
-
-if TYPE_CHECKING:
-    from .hub import Hub
 
 log = logging.getLogger("kalandra.server.session")
 _ids = itertools.count(1)
@@ -68,8 +67,31 @@ def _verify_many(headers: list[FrameHeader], key: VerifyKey) -> list[bool]:
     return [verify_header(h, key) for h in headers]
 
 
+class HubFace(cas.Rooms, Protocol):
+    """What a session needs of the hub (:class:`~.hub.Hub`, which creates the sessions): its
+    clocks, limits and keys, the members' device keys, and where authenticated sessions and
+    their room frames go."""
+
+    monotonic: Callable[[], float]
+    hello_replays: ReplayCache
+    server_public_key: bytes
+    bridge_bot: tuple[int, str] | None
+
+    def session_gone(self, session: ServerSession) -> None: ...
+
+    async def session_authenticated(self, session: ServerSession) -> None: ...
+
+    async def signature_key(self, member_id: int) -> VerifyKey | None: ...
+
+    async def bind_signature_key(self, member_id: int, offered: bytes | None) -> bool: ...
+
+    def clock_skew_ms(self, hlc: int) -> int: ...
+
+    async def dispatch(self, session: ServerSession, frame: Frame) -> None: ...
+
+
 class ServerSession:
-    def __init__(self, hub: Hub, sink: FrameSink) -> None:
+    def __init__(self, hub: HubFace, sink: FrameSink) -> None:
         self.hub = hub
         self.sink = sink
         self.session_id = next(_ids)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from ..backoff import Backoff
 from ..mls.errors import InvalidMlsMessage
 from ..mls.group import external_remove_proposal
 from ..mls.server_view import inspect_group_info
@@ -193,7 +194,7 @@ class RoomWorker:
         """Rebuild the sequencer from what is durably stored. While the store does not answer
         (a database restarting), wait and try again: the in-memory sequencer may be ahead of
         the log, so nothing may be sequenced before this succeeds (frames wait in the inbox)."""
-        delay = _RELOAD_RETRY
+        backoff = Backoff(_RELOAD_RETRY, _RELOAD_RETRY_MAX)
         while True:
             try:
                 state = await self._store.load_room(self.room_id)
@@ -203,8 +204,7 @@ class RoomWorker:
                 return
             except StoreError as exc:
                 log.warning("room %s: reload failed (%s); retrying", self.room_id.hex(), exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RELOAD_RETRY_MAX)
+                await backoff.pause()
 
     async def learn_recent_requests(self) -> None:
         """Rebuild the resend filter from the end of the stored log (after a restart too)."""

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.engine import make_url
 
+from ..backoff import Backoff
 from .urls import DatabaseRefused, engine_name, sqlalchemy_url
 
 __all__ = [
@@ -116,7 +117,7 @@ async def wait_for_database(url: str, stopping: asyncio.Future[Any] | None = Non
     no server to wait for."""
     if engine_name(url) != "postgresql":
         return True
-    delay, attempt = FIRST_DELAY, 1
+    backoff, attempt = Backoff(FIRST_DELAY, MAX_DELAY), 1
     while True:
         probe = asyncio.ensure_future(_probe(url))
         if stopping is not None:
@@ -130,6 +131,7 @@ async def wait_for_database(url: str, stopping: asyncio.Future[Any] | None = Non
         except Exception as exc:
             if not unreachable(exc):
                 raise DatabaseRefused(f"{masked(url)} refused: {_describe(exc)}") from None
+            delay = backoff.next()
             log.warning(
                 "Database %s unreachable (%s), attempt %d: waiting for the database,"
                 " next attempt in %.0f s",
@@ -148,7 +150,7 @@ async def wait_for_database(url: str, stopping: asyncio.Future[Any] | None = Non
             done, _ = await asyncio.wait({stopping}, timeout=delay)
             if done:
                 return False
-        delay, attempt = min(delay * 2, MAX_DELAY), attempt + 1
+        attempt += 1
 
 
 async def through_outage(
@@ -157,7 +159,7 @@ async def through_outage(
     """``operation()``, done again after a pause (capped backoff) each time it fails for an
     outage of the database, however long; any other failure is raised. One warning when the
     wait starts, one line when it is over."""
-    delay, waiting = 0.5, False
+    backoff, waiting = Backoff(0.5, MAX_DELAY / 2), False
     while True:
         try:
             result = await operation()
@@ -167,8 +169,7 @@ async def through_outage(
             if not waiting:
                 logger.warning("%s waits for the database (%s)", what, type(exc).__name__)
                 waiting = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY / 2)
+            await backoff.pause()
             continue
         if waiting:
             logger.info("%s done: the database is back", what)

@@ -21,6 +21,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -135,7 +136,7 @@ class QuicFrameConnection:
                 return False
         self._queued += size
         if self._is_client:
-            quic = proto._quic
+            quic = proto.quic
             if self._bidi_id is None:
                 self._bidi_id = quic.get_next_available_stream_id(is_unidirectional=False)
             quic.send_stream_data(self._bidi_id, frame)
@@ -156,7 +157,7 @@ class QuicFrameConnection:
             return
         if self._bidi_id is not None:
             # A clean end of the client's frame stream (the server sees EOF at a boundary).
-            proto._quic.send_stream_data(self._bidi_id, b"", end_stream=True)
+            proto.quic.send_stream_data(self._bidi_id, b"", end_stream=True)
         if self._drained():
             self._close_now()
         else:
@@ -192,7 +193,7 @@ class QuicFrameConnection:
         self._unsent = [
             (stream, size) for stream, size in self._unsent if stream.sender.highest_offset < size
         ]
-        quic = self._proto._quic
+        quic = self._proto.quic
         fed = False
         while self._backlog and len(self._unsent) < _UNSENT_STREAMS:
             frame = self._backlog.popleft()
@@ -282,7 +283,7 @@ class QuicFrameConnection:
                 self._stopped.add(sid)
                 assert self._proto is not None
                 with contextlib.suppress(ValueError):
-                    self._proto._quic.stop_stream(sid, QuicErrorCode.NO_ERROR)
+                    self._proto.quic.stop_stream(sid, QuicErrorCode.NO_ERROR)
             return
         decoder = self._decoders.get(sid)
         if decoder is None:
@@ -343,8 +344,8 @@ class QuicFrameConnection:
         self._backlog.clear()
         self._backlog_bytes = 0
         try:
-            if self._is_client and self._proto is not None and self._proto._transport is not None:
-                self._proto._transport.close()  # the client's UDP socket is its own
+            if self._is_client and self._proto is not None and self._proto.socket is not None:
+                self._proto.socket.close()  # the client's UDP socket is its own
             if self._session is not None:
                 self._session.connection_lost(self._close_reason or reason)
         finally:
@@ -355,8 +356,16 @@ class QuicFrameConnection:
 class _Protocol(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection, conn: QuicFrameConnection) -> None:
         super().__init__(quic)
+        # The QUIC state machine and the UDP socket this protocol drives, kept here as well:
+        # aioquic's protocol has no public reference to either.
+        self.quic = quic
+        self.socket: asyncio.DatagramTransport | None = None
         self.conn = conn
         conn.attach(self)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.socket = cast(asyncio.DatagramTransport, transport)
 
     def quic_event_received(self, event: events.QuicEvent) -> None:
         self.conn.handle_event(event)

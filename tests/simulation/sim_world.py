@@ -358,7 +358,7 @@ class World:
         rid, data = client.core.send_message(room_id, Content(body=body), now=client.clock())
         self.sent[(client.name, rid)] = Sent(client.name, label, rid, body)
         self.trace("send", client.name, label, body)
-        self._guard(f"send {body}", client, client._await(rid, data))
+        self._guard(f"send {body}", client, client.request(rid, data))
 
     def _can_commit(self, client: SimClient, room_id: bytes) -> bool:
         """One commit at a time per client: the driver does not guard against a second commit
