@@ -38,6 +38,7 @@ from mautrix.types import (
     UserID,
 )
 
+from kalandra_core.backoff import Backoff
 from kalandra_core.client.content import Content
 from kalandra_core.client.profile import Profile, with_profile
 from kalandra_core.storage.reachable import through_outage
@@ -167,7 +168,7 @@ class PortalToKalandra(PortalBase):
             work = dataclasses.replace(work, held=True)
         mxid = self.row.mxid
         assert mxid is not None
-        delay, attempt = 0.5, 0
+        backoff, attempt = Backoff(cap=_MAX_DELAY), 0
         while True:
             attempt += 1
             try:
@@ -192,8 +193,7 @@ class PortalToKalandra(PortalBase):
                 return
             if isinstance(decision, errors.WaitOut):
                 raise error  # waited out by _mx_handle
-            await self._mx_wait_retry(work, error, delay)
-            delay = min(delay * 2, _MAX_DELAY)
+            await self._mx_wait_retry(work, error, backoff.next())
         if work.kind == "message":
             self.mx_status.success(mxid, work.event_id)
         else:

@@ -23,6 +23,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from kalandra_core.backoff import Backoff
+
 from .ready import wait_bridge_ready
 from .synapse import Synapse, die_with_parent
 
@@ -118,7 +120,7 @@ class BridgeSupervisor:
     async def run(self, on_first_ready: Callable[[], Awaitable[None]]) -> int:
         """Supervise until ``stop`` (0) or until Synapse exits (1)."""
         loop = asyncio.get_running_loop()
-        delay, announced = FIRST_DELAY, False
+        backoff, announced = Backoff(FIRST_DELAY, MAX_DELAY), False
         try:
             while not self.stop.is_set():
                 started = loop.time()
@@ -143,7 +145,8 @@ class BridgeSupervisor:
                 code = proc.returncode
                 assert code is not None
                 if loop.time() - started >= STEADY:
-                    delay = FIRST_DELAY
+                    backoff.reset()
+                delay = backoff.next()
                 # A stop (status 0, SIGTERM: someone restarting it) needs no log; a crash does.
                 stopped = code in (0, -signal.SIGTERM)
                 print(
@@ -156,7 +159,6 @@ class BridgeSupervisor:
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), delay)
-                delay = min(delay * 2, MAX_DELAY)
             return 0
         finally:
             await self.terminate()
