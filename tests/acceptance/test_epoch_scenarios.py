@@ -18,11 +18,10 @@ from acceptance_harness import (
     error_payload,
     failures,
     message_from,
-    next_message,
     record_frames,
     shared_room,
-    within,
 )
+from helpers.native import next_message, within
 from nacl.signing import SigningKey
 
 from kalandra_core.client.content import Content

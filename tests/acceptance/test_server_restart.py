@@ -16,8 +16,8 @@ from acceptance_harness import (
     failures,
     running_server,
     shared_room,
-    within,
 )
+from helpers.native import within
 
 from kalandra_core.client.driver import Client, ClientError
 from kalandra_core.proto import Opcode

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from client_helpers import make_client
+from helpers.native import make_client
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.content import Content

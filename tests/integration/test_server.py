@@ -7,11 +7,10 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from nacl.signing import SigningKey
+from helpers.native import Account, account
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
@@ -39,13 +38,6 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.transport.interface import FrameSink
 from kalandra_core.transport.tcp import connect_tcp
-
-
-@dataclass
-class Account:
-    member_id: int
-    token: str
-    key: SigningKey = field(default_factory=SigningKey.generate)
 
 
 class Raw:
@@ -143,11 +135,6 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         yield running
     finally:
         await running.close()
-
-
-async def account(server: RunningServer, name: str) -> Account:
-    member = await server.store.create_member(name)
-    return Account(member.member_id, await server.store.issue_token(member.member_id))
 
 
 async def raw(server: RunningServer, *, hello_as: Account | None = None) -> Raw:

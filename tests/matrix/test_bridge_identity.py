@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
+from helpers.sql import query
 from nio import (
     AsyncClient,
     InviteMemberEvent,
@@ -44,7 +45,6 @@ from matrix.bridge_stack import (
     say,
     sync_until,
 )
-from matrix.test_bridge_commands import query
 
 WITHIN = 60.0
 
@@ -148,7 +148,9 @@ async def test_whoami_and_ping_name_the_bridge_member_and_replies_are_encrypted(
 
 
 async def bridged_member_of(stack: BridgeStack, mxid: str) -> int:
-    rows = await query(stack, "SELECT member_id FROM bridge_users WHERE mxid = :m", m=mxid)
+    rows = await query(
+        stack.store_url, "SELECT member_id FROM bridge_users WHERE mxid = :m", m=mxid
+    )
     assert len(rows) == 1, rows
     return int(rows[0][0]) % (1 << 64)
 
