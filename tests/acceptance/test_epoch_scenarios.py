@@ -12,7 +12,7 @@ import functools
 import secrets
 import time
 
-from acceptance_harness import (
+from acceptance.acceptance_harness import (
     Harness,
     assert_dense,
     error_payload,

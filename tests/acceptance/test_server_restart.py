@@ -9,7 +9,7 @@ import functools
 from collections.abc import Iterator
 
 import pytest
-from acceptance_harness import (
+from acceptance.acceptance_harness import (
     Harness,
     ServerProcess,
     assert_dense,

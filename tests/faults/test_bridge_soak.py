@@ -37,9 +37,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from faults.private_postgres import PrivatePostgres, private_postgres
 from matrix.bridge_stack import (
     BOT,
     PASSWORD,
+    PG_ADMIN_DSN,
     BridgeStack,
     bot_notices,
     bridge_stack,
@@ -61,7 +63,6 @@ from nio import (
     UploadResponse,
 )
 from nio.store import SqliteMemoryStore
-from private_postgres import PrivatePostgres, private_postgres
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
@@ -104,7 +105,7 @@ async def stack(
             request.param,
             bridge_options={"encryption.allow": True},
             options=options,
-            **({"pg_admin": postgres.admin_dsn} if postgres is not None else {}),
+            pg_admin=postgres.admin_dsn if postgres is not None else PG_ADMIN_DSN,
         ) as stack:
             SERVERS[stack.work] = postgres
             yield stack

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults.test_bridge_faults import pg_ctl, pg_start
 from matrix.bridge_stack import (
     PG_ADMIN_DSN,
     REPO,
@@ -34,7 +35,6 @@ from matrix.bridge_stack import (
 )
 from matrix.synapse import free_port
 from ruamel.yaml import YAML
-from test_bridge_faults import pg_ctl, pg_start
 
 from kalandra_core.client.events import Message
 

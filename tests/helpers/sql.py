@@ -25,7 +25,7 @@ async def connection(url: str) -> AsyncIterator[AsyncConnection]:
         await engine.dispose()
 
 
-async def query(url: str, sql: str, **params: Any) -> list[sa.Row[Any]]:
+async def query(url: str, sql: str, **params: Any) -> list[Any]:
     """The rows of a SQL statement with named ``:params``."""
     async with connection(url) as conn:
         return list((await conn.execute(sa.text(sql), params)).all())

@@ -34,7 +34,7 @@ async def test_reactions_receipts_typing_and_edits(server: RunningServer) -> Non
     # An edit is a message naming the one it replaces.
     first = await b.send(room, Content(body="frist"))
     edit = await b.send(room, Content(body="first", edit_of=first))
-    bodies = []
+    bodies: list[tuple[str, int | None]] = []
     while len(bodies) < 2:
         message = await asyncio.wait_for(a.messages.get(), WITHIN)
         if message.sender_id == b.core.member_id:

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.native import Account, account
@@ -201,7 +202,7 @@ async def test_room_frames_are_checked_before_sequencing(server: RunningServer) 
     envelope = a.core.rooms[room_id].keys.encrypt(Content(body="x").encode())
 
     conn = await raw(server, hello_as=eve)
-    cases = [
+    cases: list[tuple[dict[str, Any], ErrorCode]] = [
         # (frame kwargs, expected error)
         ({"account": eve, "sender": alice.member_id}, ErrorCode.NOT_AUTHORIZED),  # spoofed sender
         ({"account": eve, "sign": False}, ErrorCode.INVALID_SIGNATURE),
@@ -210,7 +211,7 @@ async def test_room_frames_are_checked_before_sequencing(server: RunningServer) 
     ]
     for kwargs, code in cases:
         kwargs.setdefault("room", room)
-        rid = conn.send(Opcode.APP_MESSAGE, envelope, epoch=epoch, **kwargs)  # type: ignore[arg-type]
+        rid = conn.send(Opcode.APP_MESSAGE, envelope, epoch=epoch, **kwargs)
         assert (await conn.error(rid)).code == code, kwargs
 
     # Nothing of that reached the log: the next message is index 1 (after the add commit).

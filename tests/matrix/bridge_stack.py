@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from helpers.matrix import PASSWORD as PASSWORD
 from helpers.matrix import nio_client as nio_client
@@ -295,14 +295,14 @@ def bot_notices(client: AsyncClient, room_id: str) -> list[str]:
         if room.room_id == room_id and event.sender == BOT:
             seen.append(event.body)
 
-    client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+    client.add_event_callback(on_notice, RoomMessageNotice)
     return seen
 
 
 async def open_dm(client: AsyncClient) -> str:
     created = await client.room_create(invite=[BOT], is_direct=True)
     assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
+    return str(created.room_id)
 
 
 async def encrypted_dm(client: AsyncClient) -> str:
@@ -319,7 +319,7 @@ async def encrypted_dm(client: AsyncClient) -> str:
         ],
     )
     assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
+    return str(created.room_id)
 
 
 async def room_history(client: AsyncClient, room_id: str) -> list[Any]:
@@ -416,7 +416,7 @@ async def create_portal(alice: AsyncClient, name: str) -> tuple[str, str]:
         if event.state_key == alice.user_id and event.membership == "invite":
             invites.append(room.room_id)
 
-    alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    alice.add_event_callback(on_invite, InviteMemberEvent)
     await say(alice, dm, f"!kalandra create {name}")
     await sync_until(alice, lambda: len(notices) >= 2 and bool(invites), "the portal")
     match = re.search(r"Created Kalandra room `([0-9a-f]{32})`", notices[1])

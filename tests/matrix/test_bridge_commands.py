@@ -225,7 +225,7 @@ async def test_unbridge_then_bridge_an_existing_room(stack: BridgeStack) -> None
             if room.room_id == portal and event.state_key == BOT and event.membership == "leave":
                 bot_left.append(event.event_id)
 
-        alice.add_event_callback(on_member, RoomMemberEvent)  # type: ignore[arg-type]
+        alice.add_event_callback(on_member, RoomMemberEvent)
         answer = await command(alice, portal, "!kalandra unbridge")
         assert answer.startswith(f"Unbridging Kalandra room `{room_hex}`"), answer
         await sync_until(alice, lambda: bool(bot_left), "the bot leaving the old portal")

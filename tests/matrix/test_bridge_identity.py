@@ -79,7 +79,7 @@ def bot_replies(client: AsyncClient, room_id: str) -> list[RoomMessageNotice]:
         if room.room_id == room_id and event.sender == BOT:
             seen.append(event)
 
-    client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+    client.add_event_callback(on_notice, RoomMessageNotice)
     return seen
 
 
@@ -202,7 +202,7 @@ async def test_native_cli_adds_the_bridge_by_name_and_by_its_matrix_id(
             if event.state_key == alice.user_id and event.membership == "invite":
                 invites.append(room.room_id)
 
-        alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+        alice.add_event_callback(on_invite, InviteMemberEvent)
 
         # `bridge`, then a Matrix user through it, in one command.
         room = (await asyncio.to_thread(kalandra, state, "create-room", "--name", "cli")).strip()

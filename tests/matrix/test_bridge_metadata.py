@@ -77,7 +77,7 @@ async def bounced(alice: AsyncClient, portal: str, native: Client, room_id: byte
     ``native`` from others before alice's marker."""
     marker, _ = await marker_to_native(alice, portal, native, room_id)
     await marker_to_matrix(native, room_id, alice, portal, ghost_of(native))
-    changes = []
+    changes: list[str] = []
     while not native.events.empty():
         event = native.events.get_nowait()
         if (
@@ -93,7 +93,8 @@ async def bounced(alice: AsyncClient, portal: str, native: Client, room_id: byte
 async def state_of(client: AsyncClient, room_id: str, event_type: str) -> dict[str, Any]:
     response = await client.room_get_state_event(room_id, event_type, "")
     assert isinstance(response, RoomGetStateEventResponse), response
-    return response.content
+    content: dict[str, Any] = response.content
+    return content
 
 
 @pytest.mark.asyncio(loop_scope="module")

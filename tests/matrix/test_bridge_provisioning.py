@@ -93,7 +93,7 @@ def invites_of(client: AsyncClient) -> list[str]:
         if event.state_key == client.user_id and event.membership == "invite":
             seen.append(room.room_id)
 
-    client.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    client.add_event_callback(on_invite, InviteMemberEvent)
     return seen
 
 

@@ -82,7 +82,7 @@ async def native_member(stack: BridgeStack) -> tuple[Client, str]:
 async def send(alice: AsyncClient, room: str, content: dict[str, Any], kind: str) -> str:
     sent = await alice.room_send(room, kind, content)
     assert isinstance(sent, RoomSendResponse), sent
-    return sent.event_id
+    return str(sent.event_id)
 
 
 async def matrix_events(
@@ -255,7 +255,7 @@ async def test_read_receipts(stack: BridgeStack) -> None:
             if matrix_room.room_id == portal:
                 seen.extend((r.user_id, r.event_id) for r in event.receipts)
 
-        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)  # type: ignore[arg-type]
+        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)
         await mark_read(native, room, hello.log_index)
         await sync_until(alice, lambda: (ghost, alice_event) in seen, "the ghost's receipt", 60)
     await native.close()
@@ -286,7 +286,7 @@ async def test_typing(stack: BridgeStack) -> None:
             if matrix_room.room_id == portal:
                 typers.append(list(event.users))
 
-        alice.add_ephemeral_callback(on_typing, TypingNoticeEvent)  # type: ignore[arg-type]
+        alice.add_ephemeral_callback(on_typing, TypingNoticeEvent)
         set_typing(native, room, True)
         await sync_until(alice, lambda: bool(typers) and ghost in typers[-1], "ghost typing", 60)
         set_typing(native, room, False)
@@ -360,7 +360,7 @@ async def test_delivery_receipts(stack: BridgeStack) -> None:
             if matrix_room.room_id == portal:
                 receipts.extend((r.user_id, r.event_id) for r in event.receipts)
 
-        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)  # type: ignore[arg-type]
+        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)
 
         # Matrix -> Kalandra: once the log has Alice's message, the bot's receipt marks it.
         alice_event, hello = await alice_speaks(alice, native, portal)

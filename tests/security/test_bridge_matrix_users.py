@@ -329,7 +329,7 @@ async def test_device_token_puts_no_secret_in_an_unencrypted_chat_and_codes_rede
             if room.room_id == dm and event.sender == BOT:
                 replies.append(event)
 
-        client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+        client.add_event_callback(on_notice, RoomMessageNotice)
         await say(client, dm, "device-token")
         await sync_until(client, lambda: bool(replies), "the login code", within=WITHIN)
         assert replies[0].decrypted, "the code came in a plaintext event"
