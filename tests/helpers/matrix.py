@@ -69,7 +69,8 @@ async def next_in_room(
 ) -> Event:
     """Sync ``client`` until an event of ``room_id`` that ``match`` accepts comes in one of
     these syncs (not one before: the caller owns the client's syncs). A sync after a burst
-    has only the room's latest events: for the latest event, as a marker is, that is enough."""
+    has only the room's latest events: for the latest event, as a marker is, that is enough.
+    In an encrypted room ``match`` sees what nio could decrypt."""
     try:
         async with asyncio.timeout(within):
             while True:
