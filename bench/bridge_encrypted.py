@@ -32,7 +32,7 @@ import secrets
 import time
 from urllib.parse import quote
 
-from nio import (  # type: ignore[import-untyped]
+from nio import (
     AsyncClient,
     AsyncClientConfig,
     LoginResponse,
@@ -41,7 +41,7 @@ from nio import (  # type: ignore[import-untyped]
     RoomSendResponse,
     SyncResponse,
 )
-from nio.store import SqliteMemoryStore  # type: ignore[import-untyped]
+from nio.store import SqliteMemoryStore
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client

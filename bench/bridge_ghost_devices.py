@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from nio import (  # type: ignore[import-untyped]
+from nio import (
     AsyncClient,
     MegolmEvent,
     RoomMessageText,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -24,7 +24,7 @@ PG_ADMIN_DSN = os.environ.get("KALANDRA_TEST_PG", "postgresql://postgres@127.0.0
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> Iterator[str]:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'kalandra.db'}"
 
 

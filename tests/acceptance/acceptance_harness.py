@@ -15,12 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
+from helpers.native import TIMEOUT, next_message, within
 from nacl.signing import SigningKey
 
 from kalandra_core.client import events as ev
@@ -45,17 +45,10 @@ from kalandra_core.transport.interface import FrameSink
 from kalandra_core.transport.quic import connect_quic
 from kalandra_core.transport.tcp import connect_tcp
 
-T = TypeVar("T")
-
 HOST = "127.0.0.1"
-TIMEOUT = 15.0  # any single wait; generous for a loaded 2-core machine
 STARTUP_TIMEOUT = 30.0
 PG_ADMIN_DSN = os.environ.get("KALANDRA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def within(aw: Awaitable[T], timeout: float = TIMEOUT) -> Awaitable[T]:
-    return asyncio.wait_for(aw, timeout)
 
 
 # --- the server process -------------------------------------------------------------------------
@@ -412,20 +405,6 @@ class Harness:
 
 
 # --- helpers for the scenarios ------------------------------------------------------------------
-
-
-async def next_message(
-    client: Client, match: Callable[[ev.Message], bool] = lambda _m: True
-) -> ev.Message:
-    """The next decrypted message for ``client`` that ``match`` accepts (others are dropped)."""
-
-    async def wait() -> ev.Message:
-        while True:
-            message = await client.messages.get()
-            if match(message):
-                return message
-
-    return await within(wait())
 
 
 async def message_from(client: Client, sender: int, body: str) -> ev.Message:

@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from acceptance_harness import Harness, ServerProcess, fresh_database, running_server, within
+from acceptance.acceptance_harness import Harness, ServerProcess, fresh_database, running_server
+from helpers.native import within
 
 from kalandra_core.storage.sql import SqlStore
 

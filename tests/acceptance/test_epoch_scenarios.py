@@ -12,17 +12,16 @@ import functools
 import secrets
 import time
 
-from acceptance_harness import (
+from acceptance.acceptance_harness import (
     Harness,
     assert_dense,
     error_payload,
     failures,
     message_from,
-    next_message,
     record_frames,
     shared_room,
-    within,
 )
+from helpers.native import next_message, within
 from nacl.signing import SigningKey
 
 from kalandra_core.client.content import Content

@@ -9,15 +9,15 @@ import functools
 from collections.abc import Iterator
 
 import pytest
-from acceptance_harness import (
+from acceptance.acceptance_harness import (
     Harness,
     ServerProcess,
     assert_dense,
     failures,
     running_server,
     shared_room,
-    within,
 )
+from helpers.native import within
 
 from kalandra_core.client.driver import Client, ClientError
 from kalandra_core.proto import Opcode

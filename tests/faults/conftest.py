@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from private_postgres import PrivatePostgres, private_postgres
+from faults.private_postgres import PrivatePostgres, private_postgres
 
 
 @pytest.fixture(scope="module")

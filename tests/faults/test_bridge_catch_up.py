@@ -97,7 +97,7 @@ def png() -> bytes:
 async def send(alice: AsyncClient, room: str, kind: str, content: dict[str, Any]) -> str:
     sent = await alice.room_send(room, kind, content, tx_id=secrets.token_hex(8))
     assert isinstance(sent, RoomSendResponse), sent
-    return sent.event_id
+    return str(sent.event_id)
 
 
 def seen(item: ev.Message | ev.Reacted | ev.Moderated) -> tuple[Any, ...]:

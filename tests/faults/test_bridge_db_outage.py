@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from faults.private_postgres import PrivatePostgres
 from matrix.bridge_stack import (
     BridgeStack,
     bot_notices,
@@ -30,7 +31,6 @@ from matrix.bridge_stack import (
     room_history,
     say,
 )
-from private_postgres import PrivatePostgres
 
 from kalandra_core.client.events import Message
 

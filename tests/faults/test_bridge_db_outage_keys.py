@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from faults.private_postgres import PrivatePostgres
 from matrix.bridge_stack import (
     BridgeStack,
     bot_notices,
@@ -27,7 +28,6 @@ from matrix.bridge_stack import (
     say,
     sync_until,
 )
-from private_postgres import PrivatePostgres
 
 from kalandra_core.client.events import Message
 

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults.private_postgres import PrivatePostgres
 from matrix.bridge_stack import (
     PG_ADMIN_DSN,
     REPO,
@@ -33,7 +34,6 @@ from matrix.bridge_stack import (
     write_config,
 )
 from matrix.synapse import free_port
-from private_postgres import PrivatePostgres
 from ruamel.yaml import YAML
 
 from kalandra_core.client.events import Message

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from store_helpers import SQL_ENGINES
+from integration.store_helpers import SQL_ENGINES
 
 from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.server.config import ServerConfig

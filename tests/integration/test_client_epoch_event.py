@@ -4,7 +4,7 @@ later commits of the same catch-up were applied (what the bridge mirrors per epo
 
 from __future__ import annotations
 
-from client_helpers import make_client
+from helpers.native import make_client
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.driver import Client

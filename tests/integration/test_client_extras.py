@@ -5,49 +5,22 @@ the log after a reconnect while typing does not; a plain ClientCore in the room 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TypeVar
 
-from nacl.signing import SigningKey
+from helpers.native import make_client, next_event
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
-from kalandra_core.client.core import ClientCore
-from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.client.driver import Client
 from kalandra_core.client.extras import ExtendedCore, mark_read, react, set_typing
 from kalandra_core.server.app import RunningServer
 
-E = TypeVar("E")
 WITHIN = 15.0
 
 
-async def make_client(server: RunningServer, name: str, *, extended: bool = True) -> Client:
-    account = await server.store.create_member(name)
-    token = await server.store.issue_token(account.member_id)
-    assert server.tcp_port is not None
-    kind = ExtendedCore if extended else ClientCore
-    client = Client(
-        kind(account.member_id, bytes(SigningKey.generate())),
-        ServerAddress("tcp", "127.0.0.1", server.tcp_port),
-        token,
-        reconnect=False,
-    )
-    await client.connect()
-    await client.publish_key_packages(1)
-    return client
-
-
-async def next_event(client: Client, kind: type[E], match: Callable[[E], bool]) -> E:
-    async with asyncio.timeout(WITHIN):
-        while True:
-            event = await client.events.get()
-            if isinstance(event, kind) and match(event):
-                return event
-
-
 async def test_reactions_receipts_typing_and_edits(server: RunningServer) -> None:
-    a, b = await make_client(server, "a"), await make_client(server, "b")
-    plain = await make_client(server, "plain", extended=False)
+    a = await make_client(server, "a", core=ExtendedCore)
+    b = await make_client(server, "b", core=ExtendedCore)
+    plain = await make_client(server, "plain")
     room = await a.create_room()
     await a.invite(room, [b.core.member_id, plain.core.member_id])
     await b.wait_for(lambda: room in b.core.rooms)
@@ -61,7 +34,7 @@ async def test_reactions_receipts_typing_and_edits(server: RunningServer) -> Non
     # An edit is a message naming the one it replaces.
     first = await b.send(room, Content(body="frist"))
     edit = await b.send(room, Content(body="first", edit_of=first))
-    bodies = []
+    bodies: list[tuple[str, int | None]] = []
     while len(bodies) < 2:
         message = await asyncio.wait_for(a.messages.get(), WITHIN)
         if message.sender_id == b.core.member_id:

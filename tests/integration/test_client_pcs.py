@@ -3,33 +3,16 @@ its time budget) in a room commits a self-update on its own, and everyone follow
 
 from __future__ import annotations
 
-from nacl.signing import SigningKey
+from helpers.native import make_client
 
-from kalandra_core.client.core import ClientCore
-from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.mls.update_tracker import UpdatePolicy
 from kalandra_core.server.app import RunningServer
 
 
-async def make_client(server: RunningServer, name: str, policy: UpdatePolicy) -> Client:
-    account = await server.store.create_member(name)
-    token = await server.store.issue_token(account.member_id)
-    assert server.tcp_port is not None
-    client = Client(
-        ClientCore(account.member_id, bytes(SigningKey.generate()), update_policy=policy),
-        ServerAddress("tcp", "127.0.0.1", server.tcp_port),
-        token,
-        reconnect=False,
-    )
-    await client.connect()
-    return client
-
-
 async def test_message_budget_triggers_a_self_update(server: RunningServer) -> None:
     frequent = UpdatePolicy(messages=3, seconds=3600)
-    a = await make_client(server, "alice", frequent)
-    b = await make_client(server, "bob", UpdatePolicy.STANDARD)
-    await b.publish_key_packages(1)
+    a = await make_client(server, "alice", policy=frequent, key_packages=0)
+    b = await make_client(server, "bob")
     room_id = await a.create_room()
     await a.invite(room_id, [b.core.member_id])
     await b.wait_for(lambda: room_id in b.core.rooms)
@@ -53,7 +36,7 @@ async def test_message_budget_triggers_a_self_update(server: RunningServer) -> N
 async def test_time_budget_triggers_a_self_update(server: RunningServer) -> None:
     now = [1_000_000.0]
     policy = UpdatePolicy(messages=1000, seconds=60)
-    a = await make_client(server, "alice", policy)
+    a = await make_client(server, "alice", policy=policy, key_packages=0)
     a.clock = lambda: now[0]
     room_id = await a.create_room()
     a.maintain()

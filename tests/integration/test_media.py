@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from client_helpers import make_client
+from helpers.native import make_client
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.content import Content
@@ -89,7 +89,7 @@ async def test_files_round_trip_and_the_server_holds_only_ciphertext(
         ref = await a.upload_media(room, data, mimetype="image/png", name=name, kind=kind)
         index = await a.send(room, Content(body=name, kind=kind, media=ref))
         sent[index] = data
-    got = {}
+    got: dict[int, Content] = {}
     async with asyncio.timeout(WITHIN):
         while len(got) < 2:
             message = await b.messages.get()
@@ -199,6 +199,7 @@ async def test_a_tampered_block_fails_the_download(server: RunningServer, db_url
             stored = await conn.scalar(
                 sa.select(db.media_blocks.c.data).where(db.media_blocks.c.digest == victim)
             )
+            assert stored is not None
             flipped = bytes([stored[0] ^ 1]) + bytes(stored[1:])
             await conn.execute(
                 db.media_blocks.update()

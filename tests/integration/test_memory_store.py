@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from store_helpers import HIGH, OWNER, new_room, state_of
+from integration.store_helpers import HIGH, OWNER, new_room, state_of
 
 from kalandra_core.storage import Role, RoomMember
 from kalandra_core.storage.memory import MemoryStore

@@ -7,11 +7,11 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
-from nacl.signing import SigningKey
+from helpers.native import Account, account
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
@@ -39,13 +39,6 @@ from kalandra_core.server.app import RunningServer, start_server
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.transport.interface import FrameSink
 from kalandra_core.transport.tcp import connect_tcp
-
-
-@dataclass
-class Account:
-    member_id: int
-    token: str
-    key: SigningKey = field(default_factory=SigningKey.generate)
 
 
 class Raw:
@@ -145,11 +138,6 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         await running.close()
 
 
-async def account(server: RunningServer, name: str) -> Account:
-    member = await server.store.create_member(name)
-    return Account(member.member_id, await server.store.issue_token(member.member_id))
-
-
 async def raw(server: RunningServer, *, hello_as: Account | None = None) -> Raw:
     """A raw connection; with ``hello_as``, already authenticated as that account."""
     conn = Raw()
@@ -214,7 +202,7 @@ async def test_room_frames_are_checked_before_sequencing(server: RunningServer) 
     envelope = a.core.rooms[room_id].keys.encrypt(Content(body="x").encode())
 
     conn = await raw(server, hello_as=eve)
-    cases = [
+    cases: list[tuple[dict[str, Any], ErrorCode]] = [
         # (frame kwargs, expected error)
         ({"account": eve, "sender": alice.member_id}, ErrorCode.NOT_AUTHORIZED),  # spoofed sender
         ({"account": eve, "sign": False}, ErrorCode.INVALID_SIGNATURE),
@@ -223,7 +211,7 @@ async def test_room_frames_are_checked_before_sequencing(server: RunningServer) 
     ]
     for kwargs, code in cases:
         kwargs.setdefault("room", room)
-        rid = conn.send(Opcode.APP_MESSAGE, envelope, epoch=epoch, **kwargs)  # type: ignore[arg-type]
+        rid = conn.send(Opcode.APP_MESSAGE, envelope, epoch=epoch, **kwargs)
         assert (await conn.error(rid)).code == code, kwargs
 
     # Nothing of that reached the log: the next message is index 1 (after the add commit).

@@ -15,8 +15,7 @@ from typing import TypeVar
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
-from store_helpers import (
+from integration.store_helpers import (
     APP,
     COMMIT,
     HIGH,
@@ -29,6 +28,7 @@ from store_helpers import (
     room_id,
     state_of,
 )
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.proto import Handshake
 from kalandra_core.storage import (

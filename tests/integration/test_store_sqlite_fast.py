@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from store_helpers import COMMIT, HIGH, OWNER, entry, new_room, room_id
+from integration.store_helpers import COMMIT, HIGH, OWNER, entry, new_room, room_id
 
 from kalandra_core.storage import (
     AppendConflict,

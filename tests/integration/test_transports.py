@@ -13,9 +13,10 @@ import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from helpers.native import within
 
 from kalandra_core.proto import (
     HEADER_SIZE,
@@ -31,17 +32,11 @@ from kalandra_core.transport.interface import FrameSink, Listener, SessionFactor
 from kalandra_core.transport.quic import connect_quic, serve_quic
 from kalandra_core.transport.tcp import connect_tcp, serve_tcp
 
-T = TypeVar("T")
-TIMEOUT = 10.0
 HOST = "127.0.0.1"
 CLOSE_ME = 0xFFFF_FFFF  # request_id: the echo session replies, then closes the connection
 BURST = 0xFFFF_FFFE  # request_id: the echo session floods the client (flow-control test)
 BURST_FRAME = 64 * 1024
 BURST_LIMIT = 256 * 1024
-
-
-def within(aw: Awaitable[T], timeout: float = TIMEOUT) -> Awaitable[T]:
-    return asyncio.wait_for(aw, timeout)
 
 
 def make_frame(request_id: int, size: int) -> bytes:

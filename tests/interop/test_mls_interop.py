@@ -21,7 +21,7 @@ import pytest
 if platform.machine() != "x86_64":  # the binding ships a Linux wheel for x86_64 only
     pytest.skip("agentvault-mls-rs-uniffi has no wheel for this machine", allow_module_level=True)
 
-from mlsrs_oracle import MlsRsError, MlsRsMember, Outcome, member_identity
+from interop.mlsrs_oracle import MlsRsError, MlsRsMember, Outcome, member_identity
 
 from kalandra_core.mls.errors import GroupInactive, InvalidMlsMessage
 from kalandra_core.mls.group import SENDER_KEY_LABEL, MlsGroup

@@ -12,7 +12,7 @@ import pytest
 if platform.machine() != "x86_64":  # the binding ships a Linux wheel for x86_64 only
     pytest.skip("agentvault-mls-rs-uniffi has no wheel for this machine", allow_module_level=True)
 
-from mlsrs_oracle import (
+from interop.mlsrs_oracle import (
     MlsRsError,
     MlsRsMember,
     OracleError,

@@ -100,13 +100,17 @@ async def open_portal(alice: AsyncClient, room_id: bytes) -> str:
         if event.state_key == alice.user_id and event.membership == "invite":
             invites.append(room.room_id)
 
-    alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    alice.add_event_callback(on_invite, InviteMemberEvent)
     async with asyncio.timeout(60):
         # The bot may not have taken the Welcome yet: ask again until it has.
         while True:
             seen = len(notices)
             await say(alice, dm, f"!kalandra open {room_id.hex()}")
-            await sync_until(alice, lambda seen=seen: len(notices) > seen, "an answer to open", 30)
+
+            def answered(seen: int = seen) -> bool:
+                return len(notices) > seen
+
+            await sync_until(alice, answered, "an answer to open", 30)
             if re.match(r"Portal of", notices[seen]):
                 break
             await asyncio.sleep(1)

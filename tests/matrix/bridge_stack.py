@@ -17,29 +17,28 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
+from helpers.matrix import PASSWORD as PASSWORD
+from helpers.matrix import nio_client as nio_client
+from helpers.matrix import say as say
+from helpers.matrix import sync_until as sync_until
 from nacl.signing import SigningKey
 from nio import (
     AsyncClient,
-    AsyncClientConfig,
     InviteMemberEvent,
-    LoginResponse,
     MatrixRoom,
     RoomCreateResponse,
     RoomMessageNotice,
     RoomMessagesResponse,
     RoomMessageText,
-    RoomSendResponse,
-    SyncResponse,
 )
-from nio.store import SqliteMemoryStore
 from ruamel.yaml import YAML
 
 from bridge.devstack.ready import wait_bridge_ready
@@ -52,7 +51,6 @@ from matrix.synapse import SYNAPSE_PYTHON, Synapse, free_port, start_synapse
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "example-config.yaml"
-PASSWORD = "correct horse battery staple"
 BOT = "@kalandrabot:localhost"
 READY_TIMEOUT = 60.0
 PG_ADMIN_DSN = os.environ.get("KALANDRA_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -288,25 +286,6 @@ async def bridge_stack(
 # --- Matrix users -------------------------------------------------------------------------------
 
 
-@asynccontextmanager
-async def nio_client(
-    synapse: Synapse, localpart: str, *, encrypted: bool = False
-) -> AsyncIterator[AsyncClient]:
-    """A logged-in Matrix user; ``encrypted``: with nio's E2EE (a new device, in memory)."""
-    config = AsyncClientConfig(encryption_enabled=encrypted, store=SqliteMemoryStore)
-    client = AsyncClient(synapse.url, synapse.mxid(localpart), config=config)
-    try:
-        login = await client.login(PASSWORD, device_name="bridge test")
-        assert isinstance(login, LoginResponse), login
-        if encrypted and client.should_upload_keys:
-            await client.keys_upload()
-        yield client
-    finally:
-        if client.logged_in:
-            await client.logout()
-        await client.close()
-
-
 def bot_notices(client: AsyncClient, room_id: str) -> list[str]:
     """Bodies of the notices the bot sends in `room_id` from now on (nio keeps callbacks for
     the client's lifetime: one client per test)."""
@@ -316,26 +295,14 @@ def bot_notices(client: AsyncClient, room_id: str) -> list[str]:
         if room.room_id == room_id and event.sender == BOT:
             seen.append(event.body)
 
-    client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+    client.add_event_callback(on_notice, RoomMessageNotice)
     return seen
-
-
-async def sync_until(
-    client: AsyncClient, predicate: Callable[[], bool], what: str, within: float = 15.0
-) -> None:
-    try:
-        async with asyncio.timeout(within):
-            while not predicate():
-                response = await client.sync(timeout=500)
-                assert isinstance(response, SyncResponse), response
-    except TimeoutError:
-        raise AssertionError(f"{client.user_id}: no {what} after {within} s") from None
 
 
 async def open_dm(client: AsyncClient) -> str:
     created = await client.room_create(invite=[BOT], is_direct=True)
     assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
+    return str(created.room_id)
 
 
 async def encrypted_dm(client: AsyncClient) -> str:
@@ -352,20 +319,7 @@ async def encrypted_dm(client: AsyncClient) -> str:
         ],
     )
     assert isinstance(created, RoomCreateResponse), created
-    return created.room_id
-
-
-async def say(client: AsyncClient, room_id: str, body: str) -> str:
-    if client.should_query_keys:  # devices that changed since (nio checks only new rooms)
-        await client.keys_query()
-    sent = await client.room_send(
-        room_id,
-        "m.room.message",
-        {"msgtype": "m.text", "body": body},
-        ignore_unverified_devices=True,  # encrypted rooms: the bridge's device is not verified
-    )
-    assert isinstance(sent, RoomSendResponse), sent
-    return sent.event_id
+    return str(created.room_id)
 
 
 async def room_history(client: AsyncClient, room_id: str) -> list[Any]:
@@ -462,7 +416,7 @@ async def create_portal(alice: AsyncClient, name: str) -> tuple[str, str]:
         if event.state_key == alice.user_id and event.membership == "invite":
             invites.append(room.room_id)
 
-    alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    alice.add_event_callback(on_invite, InviteMemberEvent)
     await say(alice, dm, f"!kalandra create {name}")
     await sync_until(alice, lambda: len(notices) >= 2 and bool(invites), "the portal")
     match = re.search(r"Created Kalandra room `([0-9a-f]{32})`", notices[1])

@@ -110,7 +110,7 @@ async def room(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Portal
 async def send(alice: AsyncClient, room: str, content: dict[str, Any], kind: str) -> str:
     sent = await alice.room_send(room, kind, content)
     assert isinstance(sent, RoomSendResponse), sent
-    return sent.event_id
+    return str(sent.event_id)
 
 
 async def ghost_event(it: Portal, kind: str, match: Callable[[dict[str, Any]], bool]) -> Any:

@@ -133,7 +133,7 @@ def answer_key_requests(
                 await forward_key(client, event)
 
     # Response callbacks run for the syncs of :func:`syncing`.
-    client.add_response_callback(on_sync, SyncResponse)  # type: ignore[arg-type]
+    client.add_response_callback(on_sync, SyncResponse)
     return requests
 
 

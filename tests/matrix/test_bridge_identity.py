@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
+from helpers.sql import query
 from nio import (
     AsyncClient,
     InviteMemberEvent,
@@ -44,7 +45,6 @@ from matrix.bridge_stack import (
     say,
     sync_until,
 )
-from matrix.test_bridge_commands import query
 
 WITHIN = 60.0
 
@@ -79,7 +79,7 @@ def bot_replies(client: AsyncClient, room_id: str) -> list[RoomMessageNotice]:
         if room.room_id == room_id and event.sender == BOT:
             seen.append(event)
 
-    client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+    client.add_event_callback(on_notice, RoomMessageNotice)
     return seen
 
 
@@ -148,7 +148,9 @@ async def test_whoami_and_ping_name_the_bridge_member_and_replies_are_encrypted(
 
 
 async def bridged_member_of(stack: BridgeStack, mxid: str) -> int:
-    rows = await query(stack, "SELECT member_id FROM bridge_users WHERE mxid = :m", m=mxid)
+    rows = await query(
+        stack.store_url, "SELECT member_id FROM bridge_users WHERE mxid = :m", m=mxid
+    )
     assert len(rows) == 1, rows
     return int(rows[0][0]) % (1 << 64)
 
@@ -200,7 +202,7 @@ async def test_native_cli_adds_the_bridge_by_name_and_by_its_matrix_id(
             if event.state_key == alice.user_id and event.membership == "invite":
                 invites.append(room.room_id)
 
-        alice.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+        alice.add_event_callback(on_invite, InviteMemberEvent)
 
         # `bridge`, then a Matrix user through it, in one command.
         room = (await asyncio.to_thread(kalandra, state, "create-room", "--name", "cli")).strip()

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from helpers.native import next_event, next_from_others
 from nio import AsyncClient, RoomGetStateEventResponse, RoomRedactResponse
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.driver import Client
-from kalandra_core.client.events import Message
 from matrix.bridge_stack import (
     BridgeStack,
     bridge_stack,
@@ -49,22 +49,6 @@ async def power_of(reader: AsyncClient, room_id: str, user_id: str) -> int:
     return int(state.content.get("users", {}).get(user_id, 0))
 
 
-async def next_event(client: Client, match: Callable[[ev.Event], bool]) -> ev.Event:
-    async with asyncio.timeout(WITHIN):
-        while True:
-            event = await client.events.get()
-            if match(event):
-                return event
-
-
-async def next_message(client: Client, body: str) -> Message:
-    async with asyncio.timeout(WITHIN):
-        while True:
-            message = await client.messages.get()
-            if message.content.body == body:
-                return message
-
-
 async def add_native(alice_room: Any, stack: BridgeStack, room_hex: str) -> Client:
     alice, portal = alice_room
     member = await native_client(stack)
@@ -75,12 +59,12 @@ async def add_native(alice_room: Any, stack: BridgeStack, room_hex: str) -> Clie
     return member
 
 
-def removed(member_id: int) -> Callable[[ev.Event], bool]:
-    return lambda e: isinstance(e, ev.EpochChanged) and member_id in e.removed
+def removed(member_id: int) -> Callable[[ev.EpochChanged], bool]:
+    return lambda e: member_id in e.removed
 
 
-def moderated(action: str, target: int) -> Callable[[ev.Event], bool]:
-    return lambda e: isinstance(e, ev.Moderated) and e.action == action and e.target == target
+def moderated(action: str, target: int) -> Callable[[ev.Moderated], bool]:
+    return lambda e: e.action == action and e.target == target
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -101,40 +85,36 @@ async def test_matrix_leave_kick_ban_and_redaction_reach_kalandra(stack: BridgeS
         await bob.join(portal)
         await sync_until(bob, lambda: portal in bob.rooms, "the join")
         await say(bob, portal, "bob was here")
-        bob_member = (await next_message(observer, "bob was here")).sender_id
+        bob_member = (await next_from_others(observer, "bob was here")).sender_id
         # ... added by a commit the native member saw, before his message: a new epoch.
-        added = await next_event(
-            observer, lambda e: isinstance(e, ev.EpochChanged) and bob_member in e.added
-        )
-        assert isinstance(added, ev.EpochChanged)
+        added = await next_event(observer, ev.EpochChanged, lambda e: bob_member in e.added)
         assert bob_member in added.members
 
         # A redaction of a bridged message: a Kalandra Redact of that log index.
         doomed = await say(alice, portal, "to be redacted")
-        doomed_index = (await next_message(observer, "to be redacted")).log_index
+        doomed_index = (await next_from_others(observer, "to be redacted")).log_index
         redacted = await alice.room_redact(portal, doomed, reason="oops")
         assert isinstance(redacted, RoomRedactResponse), redacted
-        event = await next_event(observer, moderated("redact", doomed_index))
-        assert isinstance(event, ev.Moderated)
+        event = await next_event(observer, ev.Moderated, moderated("redact", doomed_index))
         assert event.reason == "oops"
 
         # Bob leaves the portal: the bot commits his removal.
         await bob.room_leave(portal)
-        await next_event(observer, removed(bob_member))
+        await next_event(observer, ev.EpochChanged, removed(bob_member))
 
         # Kick and ban of the ghosts by a Matrix admin.
         await alice.room_kick(portal, ghost_of(kicked), reason="out")
-        event = await next_event(kicked, lambda e: isinstance(e, ev.Left))
-        await next_event(observer, moderated("kick", kicked.core.member_id))
-        await next_event(observer, removed(kicked.core.member_id))
+        await next_event(kicked, ev.Left)
+        await next_event(observer, ev.Moderated, moderated("kick", kicked.core.member_id))
+        await next_event(observer, ev.EpochChanged, removed(kicked.core.member_id))
 
         await alice.room_ban(portal, ghost_of(banned), reason="gone")
-        await next_event(banned, lambda e: isinstance(e, ev.Left))
-        await next_event(observer, moderated("ban", banned.core.member_id))
-        await next_event(observer, removed(banned.core.member_id))
+        await next_event(banned, ev.Left)
+        await next_event(observer, ev.Moderated, moderated("ban", banned.core.member_id))
+        await next_event(observer, ev.EpochChanged, removed(banned.core.member_id))
 
         # The group goes on: the observer still gets a bridged message.
         await say(alice, portal, "still here")
-        await next_message(observer, "still here")
+        await next_from_others(observer, "still here")
     for client in (observer, kicked, banned):
         await client.close()

@@ -98,19 +98,19 @@ async def upload(client: AsyncClient, data: bytes, mimetype: str, name: str) -> 
         io.BytesIO(data), content_type=mimetype, filename=name, filesize=len(data)
     )
     assert isinstance(response, UploadResponse), response
-    return response.content_uri
+    return str(response.content_uri)
 
 
 async def send(client: AsyncClient, room: str, content: dict[str, Any]) -> str:
     sent = await client.room_send(room, "m.room.message", content)
     assert isinstance(sent, RoomSendResponse), sent
-    return sent.event_id
+    return str(sent.event_id)
 
 
 async def download(client: AsyncClient, mxc: str) -> bytes:
     response = await client.download(mxc=mxc)
     assert isinstance(response, MemoryDownloadResponse), response
-    return response.body
+    return bytes(response.body)
 
 
 async def next_messages(native: Client, count: int) -> list[Message]:
@@ -232,7 +232,7 @@ async def test_native_media_to_matrix(stack: BridgeStack) -> None:
         big = os.urandom(1536 * 1024)
         sound = os.urandom(3000)
         sticker = png(8, 8)
-        sent = [
+        sent: list[tuple[str, bytes, str, str, dict[str, Any]]] = [
             ("image", image, "image/png", "out.png", {"width": 20, "height": 10}),
             ("file", big, "application/pdf", "report.pdf", {}),
             ("audio", sound, "audio/ogg", "voice.ogg", {"duration_ms": 1250}),
@@ -468,7 +468,7 @@ async def test_native_images_get_their_layout_info_and_a_thumbnail(stack: Bridge
         Image.new("RGB", (30, 40), (200, 10, 10)).save(gif, format="GIF")
         jpeg = io.BytesIO()
         Image.new("RGB", (33, 17), (10, 200, 10)).save(jpeg, format="JPEG")
-        sent = [
+        sent: list[tuple[str, bytes, str, str, dict[str, Any]]] = [
             ("image", large, "image/png", "large.png", {}),
             ("image", gif.getvalue(), "image/gif", "small.gif", {}),
             ("image", jpeg.getvalue(), "image/jpeg", "small.jpg", {}),

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from helpers.markers import marker_to_matrix, marker_to_native
 from nio import AsyncClient, RoomGetStateEventResponse, RoomNameEvent, RoomTopicEvent
 
 from kalandra_core.client.driver import Client
@@ -70,10 +71,30 @@ async def next_meta(native: Client, room_id: bytes, within: float = 60.0) -> Roo
                 return event
 
 
+async def bounced(alice: AsyncClient, portal: str, native: Client, room_id: bytes) -> list[str]:
+    """A marker each way, so that whatever the bridge would send back has shown on both sides
+    (the portal's queues keep the order): the fields of the room changes that reached
+    ``native`` from others before alice's marker."""
+    marker, _ = await marker_to_native(alice, portal, native, room_id)
+    await marker_to_matrix(native, room_id, alice, portal, ghost_of(native))
+    changes: list[str] = []
+    while not native.events.empty():
+        event = native.events.get_nowait()
+        if (
+            isinstance(event, RoomMetaChanged)
+            and event.room_id == room_id
+            and event.sender_id != native.core.member_id
+            and event.log_index < marker.log_index
+        ):
+            changes.extend(event.changed)
+    return changes
+
+
 async def state_of(client: AsyncClient, room_id: str, event_type: str) -> dict[str, Any]:
     response = await client.room_get_state_event(room_id, event_type, "")
     assert isinstance(response, RoomGetStateEventResponse), response
-    return response.content
+    content: dict[str, Any] = response.content
+    return content
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -103,10 +124,10 @@ async def test_native_changes_show_in_the_portal(stack: BridgeStack) -> None:
         )
         assert native.core.rooms[room_id].name == "Renamed natively"
         assert native.core.rooms[room_id].topic == "A native topic"
-        await asyncio.sleep(2)
-        # Each change once (a bounce through Kalandra would show as a second event). The name
-        # given at creation came before Alice's invitation: history visibility `invited` keeps
-        # it out of her timeline.
+        # Each change once: nothing bounced back to Kalandra, and nothing shows twice in
+        # Matrix. The name given at creation came before Alice's invitation: history
+        # visibility `invited` keeps it out of her timeline.
+        assert await bounced(alice, portal, native, room_id) == []
         assert await meta_events(alice, portal) == [
             ("name", "Renamed natively", BOT),
             ("topic", "A native topic", ghost),
@@ -136,9 +157,11 @@ async def test_matrix_changes_reach_native_members(stack: BridgeStack) -> None:
             ("topic",),
         )
         assert native.core.rooms[room_id].name == "Named in Matrix"
-        await asyncio.sleep(2)
         # No echo: the portal's name and topic events are alice's only, once each (the name
-        # given at creation came before her invitation, outside her `invited` history).
+        # given at creation came before her invitation, outside her `invited` history), when
+        # a later message of the native member's is there (the portal's queue toward Matrix
+        # mirrors the log in order).
+        await marker_to_matrix(native, room_id, alice, portal, ghost_of(native))
         assert await meta_events(alice, portal) == [
             ("name", "Named in Matrix", alice.user_id),
             ("topic", "Topic from Matrix", alice.user_id),
@@ -221,8 +244,8 @@ async def test_a_native_avatar_shows_in_the_portal(stack: BridgeStack) -> None:
             return len(found) == 2 and not found[-1][0].get("url")
 
         await wait_until(removed, "the avatar removed")
-        await asyncio.sleep(2)
         # Each change once, by the bot: nothing came back from Matrix as a second change.
+        assert await bounced(alice, portal, native, room_id) == []
         assert [sender for _, sender in await avatar_events(alice, portal)] == [BOT, BOT]
         assert native.core.rooms[room_id].avatar is None
     await native.close()
@@ -250,8 +273,9 @@ async def test_a_matrix_avatar_reaches_native_members(stack: BridgeStack) -> Non
         await alice.room_put_state(portal, "m.room.avatar", {})
         changed = await next_meta(native, room_id)
         assert (changed.sender_id, changed.changed, changed.avatar) == (puppet, ("avatar",), None)
-        await asyncio.sleep(2)
-        # No echo: the portal's avatar events are alice's two.
+        # No echo: the portal's avatar events are alice's two, when a later message of the
+        # native member's is there.
+        await marker_to_matrix(native, room_id, alice, portal, ghost_of(native))
         assert [sender for _, sender in await avatar_events(alice, portal)] == [
             alice.user_id,
             alice.user_id,

@@ -19,13 +19,13 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from aiohttp import web
-from mautrix.crypto.signature import verify_signature_json
-from mautrix.types import SigningKey
+from mautrix.crypto.signature import SignedObject, verify_signature_json
+from mautrix.types import SigningKey, UserID
 from ruamel.yaml import YAML
 
 from bridge.msc4350 import FEATURES, IMPERSONATOR
@@ -175,7 +175,9 @@ async def test_with_support_advertised_the_bots_device_impersonates_the_ghosts(
             assert device[IMPERSONATOR] == unsigned(bot_device_keys)
             ed25519 = SigningKey(bot_device_keys["keys"][f"ed25519:{bot_device}"])
             # Signed by the bot's device (what the bridge signed, as Synapse keeps it).
-            assert verify_signature_json(dict(device), BOT, bot_device, ed25519)
+            assert verify_signature_json(
+                cast("SignedObject", dict(device)), UserID(BOT), bot_device, ed25519
+            )
             spent = await costs(metrics_port)
             assert spent.get("msc4350_count", 0) >= 1
             assert spent.get("setup_count", 0) == 0  # no ghost device of its own

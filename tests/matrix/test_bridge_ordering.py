@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from nio import AsyncClient, RoomSendResponse
+from helpers.markers import marker_to_matrix, marker_to_native
+from helpers.matrix import send_numbered
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client
@@ -50,13 +51,11 @@ async def stack(
         yield stack
 
 
-async def matrix_sender(alice: AsyncClient, portal: str) -> None:
-    for i in range(COUNT):
-        content: dict[str, Any] = {"msgtype": "m.text", "body": f"matrix {i}"}
-        if formatted(i):
-            content |= {"format": "org.matrix.custom.html", "formatted_body": html("matrix", i)}
-        sent = await alice.room_send(portal, "m.room.message", content)
-        assert isinstance(sent, RoomSendResponse), sent
+def matrix_content(i: int) -> dict[str, Any]:
+    content: dict[str, Any] = {"msgtype": "m.text", "body": f"matrix {i}"}
+    if formatted(i):
+        content |= {"format": "org.matrix.custom.html", "formatted_body": html("matrix", i)}
+    return content
 
 
 async def native_sender(native: Client, room: bytes) -> None:
@@ -77,19 +76,19 @@ async def test_both_ways_at_once_exactly_once_in_order_with_formatting(
 
         received: list[Message] = []
         receiving = asyncio.create_task(messages_from_others(native, received, COUNT))
-        await asyncio.gather(matrix_sender(alice, portal), native_sender(native, room))
-
-        async with asyncio.timeout(WITHIN):
-            await receiving
-            while len(await ghost_texts(alice, portal, ghost)) < COUNT:  # noqa: ASYNC110
-                await asyncio.sleep(1.0)
-        # A quiet spell: nothing more (no duplicate) arrives on either side.
-        await asyncio.sleep(3)
+        await asyncio.gather(
+            send_numbered(alice, portal, COUNT, content=matrix_content),
+            native_sender(native, room),
+        )
+        await asyncio.wait_for(receiving, WITHIN)
+        # Nothing more (no duplicate) arrives on either side: a marker each way goes behind
+        # the messages through the same ordered queue, and Matrix shows the native marker only
+        # once every native message before it is there.
+        _, late = await marker_to_native(alice, portal, native, room, WITHIN)
+        marker = await marker_to_matrix(native, room, alice, portal, ghost, WITHIN)
         seen = await ghost_texts(alice, portal, ghost)
-        late: list[Message] = []
-        while not native.messages.empty():
-            if (message := native.messages.get_nowait()).sender_id != native.core.member_id:
-                late.append(message)
+        assert seen[-1].body == marker
+        seen = seen[:-1]
 
         # Matrix side: the native member's messages, once each, in order, formatting kept.
         assert [e.body for e in seen] == [f"native {i}" for i in range(COUNT)]

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-import sqlalchemy as sa
+from helpers.sql import query
 from nio import (
     AsyncClient,
     InviteMemberEvent,
@@ -21,12 +21,10 @@ from nio import (
     RoomResolveAliasResponse,
 )
 from ruamel.yaml import YAML
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.crypto import sealed
-from kalandra_core.storage.urls import sqlalchemy_url
 from matrix.bridge_stack import (
     BOT,
     BridgeStack,
@@ -95,7 +93,7 @@ def invites_of(client: AsyncClient) -> list[str]:
         if event.state_key == client.user_id and event.membership == "invite":
             seen.append(room.room_id)
 
-    client.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    client.add_event_callback(on_invite, InviteMemberEvent)
     return seen
 
 
@@ -254,15 +252,6 @@ async def test_bridge_an_existing_matrix_room(stack: BridgeStack) -> None:
         assert (status, body["errcode"]) == (409, "KALANDRA_ALREADY_BRIDGED")
 
 
-async def query(stack: BridgeStack, sql: str, **params: Any) -> list[Any]:
-    engine = create_async_engine(sqlalchemy_url(stack.store_url))
-    try:
-        async with engine.connect() as conn:
-            return list((await conn.execute(sa.text(sql), params)).all())
-    finally:
-        await engine.dispose()
-
-
 async def bridge_states(stack: BridgeStack, user: str) -> dict[str, Any]:
     """mautrix's bridge-state endpoint (the homeserver's token), for ``@user:localhost``."""
     url = f"http://127.0.0.1:{stack.as_port}/_matrix/app/com.beeper.bridge_state"
@@ -295,7 +284,9 @@ async def test_device_token_logs_in_as_the_bridged_member(stack: BridgeStack) ->
     assert remote[str(member_id)]["state_event"] == "CONNECTED", remote
 
     rows = await query(
-        stack, "SELECT signing_key FROM bridge_users WHERE mxid = :m", m=f"@{bob}:localhost"
+        stack.store_url,
+        "SELECT signing_key FROM bridge_users WHERE mxid = :m",
+        m=f"@{bob}:localhost",
     )
     assert len(rows) == 1
     state_key = base64.b64decode(config_value(stack, "bridge", "mls_state_key"))

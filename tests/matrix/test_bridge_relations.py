@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_asyncio
+from helpers.native import next_event, next_from_others
 from nacl.signing import SigningKey
 from nio import (
     AsyncClient,
@@ -46,7 +47,6 @@ from matrix.bridge_stack import (
 )
 
 WITHIN = 60.0
-E = TypeVar("E")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=DATABASES)
@@ -79,29 +79,10 @@ async def native_member(stack: BridgeStack) -> tuple[Client, str]:
     return client, name
 
 
-async def next_event(
-    client: Client, kind: type[E], match: Callable[[E], bool] = lambda _: True
-) -> E:
-    async with asyncio.timeout(WITHIN):
-        while True:
-            event = await client.events.get()
-            if isinstance(event, kind) and match(event):
-                return event
-
-
-async def next_message(client: Client) -> ev.Message:
-    """The next message from another member (our own come back from the log too)."""
-    async with asyncio.timeout(WITHIN):
-        while True:
-            message = await client.messages.get()
-            if message.sender_id != client.core.member_id:
-                return message
-
-
 async def send(alice: AsyncClient, room: str, content: dict[str, Any], kind: str) -> str:
     sent = await alice.room_send(room, kind, content)
     assert isinstance(sent, RoomSendResponse), sent
-    return sent.event_id
+    return str(sent.event_id)
 
 
 async def matrix_events(
@@ -132,7 +113,7 @@ async def alice_speaks(alice: AsyncClient, native: Client, portal: str) -> tuple
     """Alice speaks once (which makes her a Kalandra member): her event id, and the message
     as the native member received it."""
     event_id = await say(alice, portal, "hello")
-    message = await next_message(native)
+    message = await next_from_others(native)
     assert message.content.body == "hello"
     assert message.sender_id != native.core.member_id
     return event_id, message
@@ -154,7 +135,7 @@ async def test_replies(stack: BridgeStack) -> None:
             "m.relates_to": {"m.in_reply_to": {"event_id": question_event}},
         }
         answer_event = await send(alice, portal, content, "m.room.message")
-        answer = await next_message(native)
+        answer = await next_from_others(native)
         assert answer.content.body == "answer"
         assert answer.content.reply_to == question
 
@@ -177,7 +158,7 @@ async def test_edits(stack: BridgeStack) -> None:
 
         # Matrix -> Kalandra: an edit is a message with edit_of, from the same member.
         original = await say(alice, portal, "helo")
-        first = await next_message(native)
+        first = await next_from_others(native)
         edit = {
             "msgtype": "m.text",
             "body": "* hello",
@@ -185,7 +166,7 @@ async def test_edits(stack: BridgeStack) -> None:
             "m.relates_to": {"rel_type": "m.replace", "event_id": original},
         }
         await send(alice, portal, edit, "m.room.message")
-        edited = await next_message(native)
+        edited = await next_from_others(native)
         assert edited.content.body == "hello"
         assert edited.content.edit_of == first.log_index
         assert edited.content.reply_to is None
@@ -229,7 +210,7 @@ async def test_reactions(stack: BridgeStack) -> None:
 
         # Kalandra -> Matrix: the ghost reacts to Alice's event, then its reaction is redacted.
         alice_event = await say(alice, portal, "my message")
-        message = await next_message(native)
+        message = await next_from_others(native)
         await react(native, room, message.log_index, "🎉")
 
         def ghost_reaction(found: list[dict[str, Any]]) -> bool:
@@ -274,7 +255,7 @@ async def test_read_receipts(stack: BridgeStack) -> None:
             if matrix_room.room_id == portal:
                 seen.extend((r.user_id, r.event_id) for r in event.receipts)
 
-        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)  # type: ignore[arg-type]
+        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)
         await mark_read(native, room, hello.log_index)
         await sync_until(alice, lambda: (ghost, alice_event) in seen, "the ghost's receipt", 60)
     await native.close()
@@ -305,7 +286,7 @@ async def test_typing(stack: BridgeStack) -> None:
             if matrix_room.room_id == portal:
                 typers.append(list(event.users))
 
-        alice.add_ephemeral_callback(on_typing, TypingNoticeEvent)  # type: ignore[arg-type]
+        alice.add_ephemeral_callback(on_typing, TypingNoticeEvent)
         set_typing(native, room, True)
         await sync_until(alice, lambda: bool(typers) and ghost in typers[-1], "ghost typing", 60)
         set_typing(native, room, False)
@@ -335,7 +316,7 @@ async def test_mentions(stack: BridgeStack) -> None:
             "m.mentions": {"user_ids": [other_ghost]},
         }
         await send(alice, portal, content, "m.room.message")
-        mention = await next_message(native)
+        mention = await next_from_others(native)
         assert mention.content.body == f"hey {other_name}"
         assert mention.content.extra["mentions"] == [other.core.member_id]
         alice_member = mention.sender_id
@@ -361,7 +342,7 @@ async def test_location_as_text(stack: BridgeStack) -> None:
         _, portal = await portal_with_native(alice, native, "location")
         content = {"msgtype": "m.location", "body": "Zurich", "geo_uri": "geo:47.3769,8.5417"}
         await send(alice, portal, content, "m.room.message")
-        message = await next_message(native)
+        message = await next_from_others(native)
         assert message.content.body == "Location: geo:47.3769,8.5417"
         assert message.content.kind == "text"
     await native.close()
@@ -379,7 +360,7 @@ async def test_delivery_receipts(stack: BridgeStack) -> None:
             if matrix_room.room_id == portal:
                 receipts.extend((r.user_id, r.event_id) for r in event.receipts)
 
-        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)  # type: ignore[arg-type]
+        alice.add_ephemeral_callback(on_receipt, ReceiptEvent)
 
         # Matrix -> Kalandra: once the log has Alice's message, the bot's receipt marks it.
         alice_event, hello = await alice_speaks(alice, native, portal)

@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from nio import AsyncClient, RoomSendResponse
 
+from bridge.message_status import PENDING_AFTER
 from kalandra_core.client.events import Message
 from matrix.bridge_stack import (
     BOT,
@@ -82,9 +83,14 @@ async def test_waiting_messages_get_pending_then_one_final_status(stack: BridgeS
         )
         assert isinstance(sent, RoomSendResponse), sent
         refused = sent.event_id
-        await wait_final(alice, portal, [first, second, refused])
-        await asyncio.sleep(3)  # a second final status (or a late PENDING) would show by now
+        # A marker behind them: its final status comes after every status of theirs (the
+        # portal's queue handles them in order, sends failures before going on and hands
+        # successes, in that order, to one task that sends each after its PENDING), so a
+        # second final status (or a late PENDING) would show before it.
+        marker = await say(alice, portal, "marker")
+        await wait_final(alice, portal, [first, second, refused, marker])
         found = await statuses_of(alice, portal)
+        assert [s["status"] for s in found[marker]] == ["PENDING", "SUCCESS"], found[marker]
         assert [s["status"] for s in found[first]] == ["PENDING", "SUCCESS"], found[first]
         assert [s["status"] for s in found[second]] == ["PENDING", "SUCCESS"], found[second]
         assert [s["status"] for s in found[refused]] == ["PENDING", "FAIL_PERMANENT"]
@@ -93,8 +99,8 @@ async def test_waiting_messages_get_pending_then_one_final_status(stack: BridgeS
         assert failure["message"] == "a media message without a file."
         assert all(s["network"] == "kalandra" for s in found[first] + found[refused])
         got: list[Message] = []
-        await asyncio.wait_for(messages_from_others(native, got, 2, bytes.fromhex(room_hex)), 30)
-        assert [m.content.body for m in got] == ["first", "second"]
+        await asyncio.wait_for(messages_from_others(native, got, 3, bytes.fromhex(room_hex)), 30)
+        assert [m.content.body for m in got] == ["first", "second", "marker"]
     await native.close()
 
 
@@ -115,7 +121,10 @@ async def test_a_message_bridged_at_once_gets_no_status(stack: BridgeStack) -> N
             await asyncio.wait_for(messages_from_others(native, got, 1, room), 30)
             quick = await say(alice, portal, "quick")
             await asyncio.wait_for(messages_from_others(native, got, 2, room), 30)
-            await asyncio.sleep(3)
+            # A PENDING status is a timer's (PENDING_AFTER seconds after the message was
+            # queued, before it reached the native member), not an event in any queue a
+            # marker could follow: wait it out, and a second for the send.
+            await asyncio.sleep(PENDING_AFTER + 1)
             assert quick not in await statuses_of(alice, portal)
         await native.close()
     finally:

@@ -180,7 +180,7 @@ async def _first_conversation(printed: str, client: AsyncClient, alice_ghost: st
         if event.state_key == client.user_id and event.membership == "invite":
             invites.append(room.room_id)
 
-    client.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    client.add_event_callback(on_invite, InviteMemberEvent)
     out = await _shell("\n".join(before))
     room = out.strip().splitlines()[0]
     assert re.fullmatch(r"[0-9a-f]{32}", room), out
@@ -224,7 +224,7 @@ async def _first_conversation(printed: str, client: AsyncClient, alice_ghost: st
         if room.room_id == portal and event.sender == alice_ghost:
             texts.append(event)
 
-    client.add_event_callback(on_text, RoomMessageText)  # type: ignore[arg-type]
+    client.add_event_callback(on_text, RoomMessageText)
     await _shell(prefix + send_line)
     await sync_until(client, lambda: bool(texts), "alice's message", within=60)
     assert texts[0].body == "hello from Kalandra"

@@ -9,26 +9,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import pytest
 from aiohttp import web
+from helpers.matrix import PASSWORD, nio_client, sync_until
 from nio import (
     AsyncClient,
-    AsyncClientConfig,
     JoinResponse,
-    KeysUploadResponse,
-    LoginResponse,
     MatrixRoom,
     MegolmEvent,
     RoomCreateResponse,
     RoomMessageText,
     RoomSendResponse,
-    SyncResponse,
 )
 
 from matrix.synapse import Synapse, SynapseError
@@ -36,7 +30,6 @@ from matrix.synapse import Synapse, SynapseError
 if TYPE_CHECKING:
     from matrix.conftest import StackAppservice
 
-PASSWORD = "correct horse battery staple"
 ENCRYPTION_STATE = {
     "type": "m.room.encryption",
     "state_key": "",
@@ -48,47 +41,6 @@ _counter = itertools.count()
 def unique(prefix: str) -> str:
     """A localpart no other test of this session uses (the Synapse is shared)."""
     return f"{prefix}{next(_counter)}_{secrets.token_hex(3)}"
-
-
-async def sync_until(
-    client: AsyncClient, predicate: Callable[[], bool], what: str, within: float = 10.0
-) -> None:
-    """Sync `client` (callbacks run) until `predicate()` holds."""
-    try:
-        async with asyncio.timeout(within):
-            while not predicate():
-                response = await client.sync(timeout=500)
-                assert isinstance(response, SyncResponse), response
-    except TimeoutError:
-        raise AssertionError(f"{client.user_id}: no {what} after {within} s") from None
-
-
-def _client(synapse: Synapse, localpart: str, store: Path | None) -> AsyncClient:
-    config = AsyncClientConfig(encryption_enabled=store is not None, store_sync_tokens=False)
-    if store is not None:
-        store.mkdir(parents=True, exist_ok=True)
-    return AsyncClient(
-        synapse.url, synapse.mxid(localpart), store_path=str(store or ""), config=config
-    )
-
-
-@asynccontextmanager
-async def nio_client(
-    synapse: Synapse, localpart: str, store: Path | None = None
-) -> AsyncIterator[AsyncClient]:
-    """A nio client logged in as `localpart` (E2EE when `store` is given); always logged out."""
-    client = _client(synapse, localpart, store)
-    try:
-        login = await client.login(PASSWORD, device_name=f"stack test {localpart}")
-        assert isinstance(login, LoginResponse), login
-        if store is not None:
-            uploaded = await client.keys_upload()
-            assert isinstance(uploaded, KeysUploadResponse), uploaded
-        yield client
-    finally:
-        if client.logged_in:
-            await client.logout()  # deletes the device: each new room key goes to every one left
-        await client.close()
 
 
 def collect_texts(client: AsyncClient, room_id: str) -> list[RoomMessageText]:
@@ -124,7 +76,7 @@ async def send_text(client: AsyncClient, room_id: str, body: str) -> str:
 # -- (a) two users, one room, messages in order ---------------------------------------------------
 
 
-async def test_two_users_exchange_messages_in_order(synapse: Synapse, tmp_path: Path) -> None:
+async def test_two_users_exchange_messages_in_order(synapse: Synapse) -> None:
     alice, bob = unique("alice"), unique("bob")
     assert await synapse.register_user(alice, PASSWORD) == f"@{alice}:localhost"
     assert await synapse.register_user(bob, PASSWORD) == f"@{bob}:localhost"
@@ -322,14 +274,14 @@ async def test_appservice_receives_room_events(
 # -- (c) end-to-end encryption between two nio clients --------------------------------------------
 
 
-async def test_encrypted_room_between_two_nio_clients(synapse: Synapse, tmp_path: Path) -> None:
+async def test_encrypted_room_between_two_nio_clients(synapse: Synapse) -> None:
     alice, bob = unique("alice"), unique("bob")
     await synapse.register_user(alice, PASSWORD)
     await synapse.register_user(bob, PASSWORD)
 
     async with (
-        nio_client(synapse, alice, tmp_path / "alice") as a,
-        nio_client(synapse, bob, tmp_path / "bob") as b,
+        nio_client(synapse, alice, encrypted=True) as a,
+        nio_client(synapse, bob, encrypted=True) as b,
     ):
         created = await a.room_create(
             name="secret", invite=[b.user_id], initial_state=[ENCRYPTION_STATE]

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kalandra_core.mls.group import MlsGroup
-from kalandra_core.mls.keypackage import build_key_package
+from kalandra_core.mls.keypackage import KeyPackageBundle, build_key_package
 
 # (operation, committer pick, target pick, reload pick)
 steps = st.lists(
@@ -41,7 +41,7 @@ def test_members_always_agree(history: list[tuple[str, int, int, int]]) -> None:
         if op == "add" or len(members) == 1:
             bundle = build_key_package(next_id, key(next_id))
             out = groups[committer].add([bundle.key_package])
-            joiner: tuple[int, object] | None = (next_id, bundle)
+            joiner: tuple[int, KeyPackageBundle] | None = (next_id, bundle)
             next_id += 1
         elif op == "remove":
             others = [m for m in members if m != committer]
@@ -56,7 +56,7 @@ def test_members_always_agree(history: list[tuple[str, int, int, int]]) -> None:
                 del groups[member]
         if joiner is not None:
             member_id, bundle = joiner
-            groups[member_id] = MlsGroup.join(out.welcomes[member_id], bundle)  # type: ignore[arg-type]
+            groups[member_id] = MlsGroup.join(out.welcomes[member_id], bundle)
         # Some member restarts from its saved state.
         restarted = sorted(groups)[reload_pick % len(groups)]
         groups[restarted] = MlsGroup.from_bytes(groups[restarted].to_bytes())

@@ -9,11 +9,13 @@ import asyncio
 import sqlite3
 import struct
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from helpers.native import Account as Account
+from helpers.native import account as account
 from nacl.signing import SigningKey
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -42,18 +44,6 @@ from kalandra_core.transport.interface import FrameSink
 from kalandra_core.transport.tcp import connect_tcp
 
 TIMEOUT = 15.0  # any single wait (a loaded 2-core machine); never a timing assertion
-
-
-@dataclass
-class Account:
-    member_id: int
-    token: str
-    key: SigningKey = field(default_factory=SigningKey.generate)
-
-
-async def account(server: RunningServer, name: str) -> Account:
-    member = await server.store.create_member(name)
-    return Account(member.member_id, await server.store.issue_token(member.member_id))
 
 
 async def client(

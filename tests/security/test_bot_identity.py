@@ -57,7 +57,7 @@ async def sql(stack: BridgeStack, statement: sa.Executable) -> int:
         await engine.dispose()
 
 
-def count(table: sa.Table, where: sa.ColumnElement[bool]) -> sa.Select[tuple[int]]:
+def count(table: sa.TableClause, where: sa.ColumnElement[bool]) -> sa.Select[int]:
     return sa.select(sa.func.count()).select_from(table).where(where)
 
 

@@ -109,7 +109,7 @@ def invites_of(client: AsyncClient) -> list[str]:
         if event.state_key == client.user_id and event.membership == "invite":
             seen.append(room.room_id)
 
-    client.add_event_callback(on_invite, InviteMemberEvent)  # type: ignore[arg-type]
+    client.add_event_callback(on_invite, InviteMemberEvent)
     return seen
 
 
@@ -263,7 +263,7 @@ async def test_a_join_nobody_let_in_is_kicked_and_reads_nothing(
 
         # Odd power levels (anyone may invite): bob's invitation does not let carol in.
         levels = await alice.room_get_state_event(portal, "m.room.power_levels")
-        content = dict(levels.content)  # type: ignore[union-attr]
+        content = dict(levels.content)
         content["invite"] = 0
         put = await alice.room_put_state(portal, "m.room.power_levels", content)
         assert not hasattr(put, "status_code"), put

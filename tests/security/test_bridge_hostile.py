@@ -7,7 +7,6 @@ One stack for both tests (a Synapse and the bridge take most of this module's ti
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import secrets
 import sqlite3
@@ -18,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from helpers.native import next_from_others
 from matrix.bridge_stack import (
     BridgeStack,
     bridge_stack,
@@ -32,7 +32,6 @@ from ruamel.yaml import YAML
 
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
-from kalandra_core.client.events import Message
 from kalandra_core.storage.sql import SqlStore
 
 MARK = secrets.token_hex(6)
@@ -54,7 +53,7 @@ async def talk(stack: BridgeStack) -> AsyncIterator[dict[str, Any]]:
     async with nio_client(stack.synapse, stack.user) as alice:
         room_hex, portal = await portal_with_native(alice, native, "secrets")
         await say(alice, portal, TO_NATIVE)
-        assert (await next_message(native)).content.body == TO_NATIVE
+        assert (await next_from_others(native)).content.body == TO_NATIVE
         await native.send_text(bytes.fromhex(room_hex), TO_MATRIX)
         seen = await wait_history(alice, portal, ghost_of(native), 1)
         assert [body for _, body in seen] == [TO_MATRIX]
@@ -75,15 +74,6 @@ async def native_with_token(stack: BridgeStack) -> tuple[Client, str]:
     await client.connect()
     await client.publish_key_packages(2)
     return client, token
-
-
-async def next_message(native: Client) -> Message:
-    """The next message from someone else (the native member's own come back too)."""
-    async with asyncio.timeout(60):
-        while True:
-            message = await native.messages.get()
-            if message.sender_id != native.core.member_id:
-                return message
 
 
 def config_of(stack: BridgeStack) -> dict[str, Any]:
@@ -139,7 +129,7 @@ async def test_wrong_hs_token_is_refused_and_nothing_is_bridged(
 
     # Nothing was bridged: the next message the native member gets is the one Alice sends now.
     await say(alice, portal, f"after-{MARK}")
-    assert (await next_message(native)).content.body == f"after-{MARK}"
+    assert (await next_from_others(native)).content.body == f"after-{MARK}"
     assert FORGED.encode() not in stack.log.read_bytes()
 
 

@@ -20,13 +20,14 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from helpers.native import next_event, next_from_others
 from matrix.bridge_members import epoch_state, wait_until
 from matrix.bridge_stack import (
     BOT,
@@ -75,23 +76,6 @@ async def stack(
         bridge_options={"encryption.allow": True},
     ) as stack:
         yield stack
-
-
-async def next_event(client: Client, match: Callable[[ev.Event], bool]) -> ev.Event:
-    async with asyncio.timeout(WITHIN):
-        while True:
-            event = await client.events.get()
-            if match(event):
-                return event
-
-
-async def next_message(client: Client, body: str) -> Message:
-    """The native member's next message with this body (others before it are skipped)."""
-    async with asyncio.timeout(WITHIN):
-        while True:
-            message = await client.messages.get()
-            if message.content.body == body:
-                return message
 
 
 def first_other_message(client: Client) -> asyncio.Task[Message]:
@@ -170,9 +154,9 @@ async def test_redaction_of_anothers_message_without_redact_power_is_not_carried
         room = bytes.fromhex(room_hex)
         await join_portal(alice, bob, portal)
         alices = await say(alice, portal, "alice's words")
-        alices_index = (await next_message(native, "alice's words")).log_index
+        alices_index = (await next_from_others(native, "alice's words")).log_index
         bobs = await say(bob, portal, "bob's words")
-        bobs_index = (await next_message(native, "bob's words")).log_index
+        bobs_index = (await next_from_others(native, "bob's words")).log_index
         natives_index = await native.send_text(room, "native words")
 
         await alice.sync(timeout=0)
@@ -194,14 +178,12 @@ async def test_redaction_of_anothers_message_without_redact_power_is_not_carried
         # forged one gone out, its Redact would come first).
         redacted = await bob.room_redact(portal, bobs, reason="mine")
         assert isinstance(redacted, RoomRedactResponse), redacted
-        first = await next_event(native, lambda e: isinstance(e, ev.Moderated))
-        assert isinstance(first, ev.Moderated)
+        first = await next_event(native, ev.Moderated)
         assert (first.action, first.target, first.reason) == ("redact", bobs_index, "mine")
         ghost_event = await wait_ghost_event(alice, portal, "native words")
         redacted = await alice.room_redact(portal, ghost_event, reason="moderation")
         assert isinstance(redacted, RoomRedactResponse), redacted
-        second = await next_event(native, lambda e: isinstance(e, ev.Moderated))
-        assert isinstance(second, ev.Moderated)
+        second = await next_event(native, ev.Moderated)
         assert (second.action, second.target) == ("redact", natives_index)
 
         store = await store_of(stack)
@@ -253,7 +235,7 @@ async def test_mx_account_made_by_someone_else_is_not_adopted_and_names_do_not_c
             async with nio_client(stack.synapse, mxid[1:].split(":")[0]) as user:
                 await join_portal(alice, user, portal)
                 await say(user, portal, f"hello from {mxid}")
-                senders[mxid] = (await next_message(native, f"hello from {mxid}")).sender_id
+                senders[mxid] = (await next_from_others(native, f"hello from {mxid}")).sender_id
     await native.close()
 
     assert senders[dave] != planted.member_id
@@ -347,7 +329,7 @@ async def test_device_token_puts_no_secret_in_an_unencrypted_chat_and_codes_rede
             if room.room_id == dm and event.sender == BOT:
                 replies.append(event)
 
-        client.add_event_callback(on_notice, RoomMessageNotice)  # type: ignore[arg-type]
+        client.add_event_callback(on_notice, RoomMessageNotice)
         await say(client, dm, "device-token")
         await sync_until(client, lambda: bool(replies), "the login code", within=WITHIN)
         assert replies[0].decrypted, "the code came in a plaintext event"
@@ -422,7 +404,7 @@ async def test_demoted_user_loses_their_member_and_is_no_longer_bridged_as_thems
         for client in (carol_client, erin_client):
             await join_portal(alice, client, portal)
             await say(client, portal, f"{client.user_id} speaking")
-            message = await next_message(native, f"{client.user_id} speaking")
+            message = await next_from_others(native, f"{client.user_id} speaking")
             members[client.user_id] = message.sender_id
         await native.settle()
         roster = native.core.rooms[room].roster()
@@ -433,7 +415,7 @@ async def test_demoted_user_loses_their_member_and_is_no_longer_bridged_as_thems
         set_permission(stack, erin, "relay")
         assert stack.bridge is not None
         stack.bridge.send_signal(signal.SIGHUP)
-        await next_event(native, lambda e: removed(e, members[erin]))
+        await next_event(native, ev.EpochChanged, lambda e: members[erin] in e.removed)
         # The portal shows it before the bridge stops (a stop before that is the subject of
         # tests/faults/test_bot_commit_restart.py).
         await wait_until(
@@ -443,7 +425,7 @@ async def test_demoted_user_loses_their_member_and_is_no_longer_bridged_as_thems
         set_permission(stack, carol, "relay")
         await stack.stop_bridge()
         await stack.restart()
-        await next_event(native, lambda e: removed(e, members[carol]))
+        await next_event(native, ev.EpochChanged, lambda e: members[carol] in e.removed)
         await native.settle()
         roster = native.core.rooms[room].roster()
         assert members[carol] not in roster
@@ -465,7 +447,3 @@ async def test_demoted_user_loses_their_member_and_is_no_longer_bridged_as_thems
 async def epoch_without(client: AsyncClient, portal: str, member_id: int) -> bool:
     state = await epoch_state(client, portal)
     return state is not None and str(member_id) not in state["members"]
-
-
-def removed(event: ev.Event, member_id: int) -> bool:
-    return isinstance(event, ev.EpochChanged) and member_id in event.removed

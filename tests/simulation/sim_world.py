@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.signing import SigningKey
-from sim_loop import VirtualTimeLoop, run_virtual
-from sim_net import NetProfile, SimNetwork
+from simulation.sim_loop import VirtualTimeLoop, run_virtual
+from simulation.sim_net import NetProfile, SimNetwork
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content

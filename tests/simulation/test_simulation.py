@@ -20,8 +20,8 @@ import os
 import time
 
 import pytest
-from sim_loop import SimulationDeadlock, VirtualTimeLoop, run_virtual
-from sim_world import SimConfig, simulate
+from simulation.sim_loop import SimulationDeadlock, VirtualTimeLoop, run_virtual
+from simulation.sim_world import SimConfig, simulate
 
 LOSSES = (0.0, 0.2, 0.5)
 SEEDS = int(os.environ.get("KALANDRA_SIM_SEEDS", "20"))

@@ -238,7 +238,7 @@ def test_running_with_the_example_tokens_is_refused(tmp_path: Path) -> None:
 
 
 def test_permissions_mxid_then_domain_then_everyone(tmp_path: Path) -> None:
-    data = {**SET_UP, "bridge": {"permissions": {}}}
+    data: dict[str, Any] = {**SET_UP, "bridge": {"permissions": {}}}
     data["bridge"]["permissions"] = {
         "*": "relay",
         "example.org": "user",

@@ -4,11 +4,11 @@ the impersonatable device keys it uploads for a ghost, signed with a real Olm ac
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from mautrix.crypto import OlmAccount
-from mautrix.crypto.signature import verify_signature_json
+from mautrix.crypto.signature import SignedObject, verify_signature_json
 from mautrix.types import DeviceID, SigningKey, UserID
 
 from bridge.msc4350 import FEATURES, IMPERSONATOR, decide, impersonatable_device
@@ -79,10 +79,14 @@ def test_the_impersonatable_device_names_the_bots_device_and_is_signed_by_it() -
     # Signed by the bot's device only (not by the ghost: it has no key).
     assert list(keys["signatures"]) == [bot]
     ed25519 = SigningKey(account.signing_key)
-    assert verify_signature_json(copy.deepcopy(keys), bot, device, ed25519)
+    assert verify_signature_json(_signed(copy.deepcopy(keys)), bot, device, ed25519)
 
     tampered: dict[str, Any] = copy.deepcopy(keys)
     tampered[IMPERSONATOR]["keys"][f"curve25519:{device}"] = "A" * 43
-    assert not verify_signature_json(tampered, bot, device, ed25519)
+    assert not verify_signature_json(_signed(tampered), bot, device, ed25519)
     other = SigningKey(OlmAccount().signing_key)
-    assert not verify_signature_json(copy.deepcopy(keys), bot, device, other)
+    assert not verify_signature_json(_signed(copy.deepcopy(keys)), bot, device, other)
+
+
+def _signed(keys: dict[str, Any]) -> SignedObject:
+    return cast("SignedObject", keys)  # (mautrix types it as its own TypedDict)

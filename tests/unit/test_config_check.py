@@ -42,8 +42,9 @@ def option_paths(cls: type, prefix: str) -> set[str]:
     for option in fields(cls):
         if option.name == "database":  # database.url's copy, not an option of server
             continue
-        if isinstance(option.default_factory, type) and is_dataclass(option.default_factory):
-            paths |= option_paths(option.default_factory, f"{prefix}{option.name}.")
+        factory: Any = option.default_factory  # (a dataclass for a section of options)
+        if isinstance(factory, type) and is_dataclass(factory):
+            paths |= option_paths(factory, f"{prefix}{option.name}.")
         else:
             paths.add(f"{prefix}{option.name}")
     return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ from kalandra_core.proto import (
 )
 
 
-def _header(**kw: int) -> bytearray:
+def _header(**kw: Any) -> bytearray:
     return bytearray(FrameHeader(Opcode.APP_MESSAGE, **kw).to_bytes())
 
 

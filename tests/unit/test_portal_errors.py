@@ -3,7 +3,7 @@ each kind of error a Matrix event's work can meet, as the real components raise 
 
 from __future__ import annotations
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from matrix.synapse import free_port
 from mautrix.types import MessageStatusReason

@@ -69,7 +69,7 @@ async def test_a_ping_that_never_arrived_is_asked_again_then_fails() -> None:
 
 @pytest.mark.asyncio
 async def test_a_homeserver_that_comes_back_is_answered_at_once() -> None:
-    answers = [MatrixRequestError(502, "M_CONNECTION_FAILED"), 7]
+    answers: list[MatrixRequestError | int] = [MatrixRequestError(502, "M_CONNECTION_FAILED"), 7]
 
     async def homeserver(_txn_id: str) -> int:
         answer = answers.pop(0)

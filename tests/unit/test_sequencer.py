@@ -22,7 +22,7 @@ from kalandra_core.proto import (
     Redact,
     Unban,
 )
-from kalandra_core.server.room import Accepted, Rejected, RoomSequencer
+from kalandra_core.server.room import Accepted, Duplicate, Rejected, RoomSequencer
 from kalandra_core.storage.base import Role, Room, RoomMember, RoomState
 
 ROOM = bytes(range(16))
@@ -90,12 +90,12 @@ class World:
         return frame(Opcode.COMMIT, sender, group.epoch, data)
 
 
-def accepted(decision: Accepted | Rejected) -> Accepted:
+def accepted(decision: Accepted | Rejected | Duplicate) -> Accepted:
     assert isinstance(decision, Accepted), decision
     return decision
 
 
-def rejected(decision: Accepted | Rejected, code: ErrorCode) -> Rejected:
+def rejected(decision: Accepted | Rejected | Duplicate, code: ErrorCode) -> Rejected:
     assert isinstance(decision, Rejected), decision
     assert decision.code == code, decision
     return decision
@@ -293,8 +293,6 @@ def test_receipts_and_reactions_need_valid_payloads(opcode: int) -> None:
 
 
 def test_a_resent_frame_is_answered_not_numbered_twice() -> None:
-    from kalandra_core.server.room import Duplicate
-
     w = World()
     original = w.message(w.b, B)
     first = accepted(w.seq.submit(original, NOW))

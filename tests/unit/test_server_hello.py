@@ -52,10 +52,10 @@ def test_device_token_with_a_valid_proof_authenticates(
     auth = HelloAuth(replays)
     hlc = pack(NOW_MS, 0)
     assert auth.hello(_hello(TOKEN.encode(), key, hlc), hlc, NOW_MS) == LookUpToken(TOKEN)
-    assert not auth.authenticated
+    looked_up = auth.authenticated
     assert auth.member_found(MEMBER) == BindKey(MEMBER, bytes(key.verify_key))
     assert auth.key_bound(True) == Accept(MEMBER, None)
-    assert auth.authenticated
+    assert (looked_up, auth.authenticated) == (False, True)
     assert auth.member_id == MEMBER
     # A second Hello on the same session is refused, and the session stays.
     again = auth.hello(_hello(TOKEN.encode(), key, hlc + 1), hlc + 1, NOW_MS)
