@@ -33,30 +33,20 @@ from kalandra_core.storage.reachable import (
 )
 from kalandra_core.storage.urls import sqlalchemy_url
 
-from . import (
-    __version__,
-    as_auth,
-    catch_up,
-    diagnostics,
-    e2ee,
-    health,
-    log_noise,
-    metrics,
-    msc4350,
-    permissions,
-    self_ping,
-)
+from . import __version__, diagnostics, health, log_noise, metrics, permissions
+from .appservice import as_auth, catch_up, self_ping
+from .appservice.handler import MatrixHandler
+from .appservice.transactions import TransactionGate
 from .bot import BotIdentityLost, KalandraBot
-from .bridged_user import BridgedUsers
 from .config import EXAMPLE_CONFIG, Config
 from .context import GhostEncryption, Impersonator
-from .matrix import MatrixHandler
+from .encryption import e2ee, msc4350
+from .matrix_users import User
+from .members.bridged_users import BridgedUsers
+from .members.puppet import Puppets
 from .portal import Portals
-from .provisioning import ProvisioningAPI
-from .puppet import Puppets
 from .run_state import RunState
-from .transactions import TransactionGate
-from .user import User
+from .web.provisioning import ProvisioningAPI
 
 
 class _DatabaseGone(Exception):

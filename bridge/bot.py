@@ -38,10 +38,11 @@ from kalandra_core.proto import ErrorCode
 from kalandra_core.storage.base import AlreadyExists
 from kalandra_core.transport.loopback import loopback_connector
 
-from . import access, permissions, portal_access
-from .backfill import BackfillSettings, BackfillTable, HistoryBuffer
+from . import access, permissions
 from .bot_state import BotState
 from .db import ClientStateTable, SealedIdentity
+from .portal import admission
+from .portal.backfill import BackfillSettings, BackfillTable, HistoryBuffer
 from .routed import Item, RosterCheck
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class KalandraBot:
         key = bridge.config.mls_state_key
         assert key is not None  # checked with the config
         self.state = BotState(ClientStateTable(bridge.db, key, OWNER))
-        # What rooms without a portal say, kept for their future portal (backfill.py).
+        # What rooms without a portal say, kept for their future portal (portal/backfill.py).
         self.history: HistoryBuffer | None = None
         if BackfillSettings.of(bridge).enabled:
             self.history = HistoryBuffer(bridge, self.state)
@@ -274,7 +275,7 @@ class KalandraBot:
 
     async def _invited(self, message: ev.Message, mxid: UserID) -> None:
         async with self._invite_lock:  # one portal made at a time
-            await portal_access.invited_without_portal(self.bridge, message, mxid)
+            await admission.invited_without_portal(self.bridge, message, mxid)
 
     async def _enforce_access_rules(self) -> None:
         """Portals made before the access policy get its join rule and history visibility."""

@@ -152,7 +152,7 @@ class BridgedUserDirectory(Protocol):
 
 
 class LateReports(Protocol):
-    """A portal's status reports, as far as a late room key corrects them (e2ee.py)."""
+    """A portal's status reports, as far as a late room key corrects them (encryption/e2ee.py)."""
 
     @property
     def late(self) -> set[EventID]: ...  # reported failed, being bridged late

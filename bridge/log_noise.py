@@ -19,7 +19,8 @@ _PATTERNS = (
     re.compile(r"Device \S+ isn't cross-signed$"),
     re.compile(r"No one-time keys nor device keys got when trying to share keys"),
 )
-# The bot's device logs as mau.crypto, the ghosts' devices (ghost_devices.py) as mau.crypto.ghost.
+# The bot's device logs as mau.crypto, the ghosts' devices (encryption/ghost_devices.py) as
+# mau.crypto.ghost.
 DEMOTED = tuple((name, p) for name in ("mau.crypto", "mau.crypto.ghost") for p in _PATTERNS)
 
 

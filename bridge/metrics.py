@@ -130,7 +130,7 @@ def failed_to_matrix(exc: BaseException) -> None:
 
 
 def set_aside_to_matrix(reason: str) -> None:
-    """A Kalandra item the homeserver refused for good (set_aside.py)."""
+    """A Kalandra item the homeserver refused for good (portal/set_aside.py)."""
     SET_ASIDE.labels(TO_MATRIX, reason).inc()
 
 

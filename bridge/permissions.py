@@ -1,7 +1,7 @@
 """Permission changes take effect: a Matrix user who lost the ``user`` permission loses the
 Kalandra member the bridge holds for them.
 
-Levels are read from the config at every use (user.py), so a demoted user's next message,
+Levels are read from the config at every use (matrix_users.py), so a demoted user's next message,
 reaction or command is judged by the new level. What a lower level cannot undo by itself is
 MLS membership: the member of a user without ``user`` (relay users speak through the bot's
 leaf, and nobody else is a member) is removed by the bot with a Remove commit from every room

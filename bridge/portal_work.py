@@ -2,10 +2,9 @@
 
 Every Matrix event of a portal gets its place (:class:`EventSlot`) when its appservice
 transaction is dispatched, before mautrix's handler runs; the handler fills it with the work
-(:class:`FromMatrix`, or nothing). Data only: the queue is portal_to_kalandra.py's, and the
-Matrix side (matrix.py, e2ee.py, transactions.py) hands work in through these types without
-importing the portal.
-"""
+(:class:`FromMatrix`, or nothing). Data only: the queue is portal/to_kalandra.py's, and the
+Matrix side (appservice/handler.py, encryption/e2ee.py, appservice/transactions.py) hands work in
+through these types without importing the portal."""
 
 from __future__ import annotations
 
@@ -46,7 +45,7 @@ class FromMatrix:
     reason: str = ""
     relates_to: EventID | None = None
     key: str = ""
-    meta: RoomMeta | MatrixAvatar | None = None  # "meta": room_metadata.py
+    meta: RoomMeta | MatrixAvatar | None = None  # "meta": portal/room_metadata.py
     held: bool = False  # held before for its target's room key (e2ee.hold), handed on again
 
 

@@ -14,7 +14,7 @@ from .portal_work import FromMatrix
 
 @dataclass(frozen=True, slots=True)
 class LateEvent:
-    """An event failed for a missing room key, waiting for the key (e2ee.py)."""
+    """An event failed for a missing room key, waiting for the key (encryption/e2ee.py)."""
 
     event: EncryptedEvent
     failed: asyncio.Future[None]  # done once its failure is recorded
@@ -27,7 +27,7 @@ Late = dict[EventID, LateEvent]
 
 @dataclass
 class E2eeState:
-    """End-to-bridge encryption's (e2ee.py)."""
+    """End-to-bridge encryption's (encryption/e2ee.py)."""
 
     # Megolm sessions asked for (once: a request is repeated by its own task).
     requested: set[SessionID] = field(default_factory=set)
@@ -48,7 +48,7 @@ class E2eeState:
 
 @dataclass
 class CatchUpState:
-    """Whether Synapse may have lost events for the bridge (catch_up.py)."""
+    """Whether Synapse may have lost events for the bridge (appservice/catch_up.py)."""
 
     suspect: bool = False  # a request to it failed to connect, or was cut
     last_txn: int | None = None  # the number of the last transaction it sent
@@ -65,5 +65,6 @@ class RunState:
     # Room id -> Matrix users granted entry (access.py: the table, in memory; one bridge
     # process writes it).
     granted: dict[bytes, set[UserID]] = field(default_factory=dict)
-    # (room, epoch) whose send-chain floors are applied to the bot's state (send_chains.py).
+    # (room, epoch) whose send-chain floors are applied to the bot's state
+    # (members/send_chains.py).
     floors_applied: set[tuple[bytes, int]] = field(default_factory=set)

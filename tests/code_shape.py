@@ -27,9 +27,18 @@ NAMEDTUPLE_API = frozenset({"_make", "_replace", "_asdict", "_fields", "_field_d
 THIRD_PARTY: dict[tuple[str, str], str] = {
     ("bridge/app.py", "_pool"): "mautrix's PostgresDatabase refuses a second start() otherwise",
     ("bridge/config.py", "_data"): "mautrix's ConfigUpdateHelper has no read of an explicit null",
-    ("bridge/ghost_devices.py", "_id_prefix"): "mautrix's EncryptionManager: the ghost namespace",
-    ("bridge/ghost_devices.py", "_id_suffix"): "mautrix's EncryptionManager: the ghost namespace",
-    ("bridge/ghost_devices.py", "_ignore_user"): "mautrix's EncryptionManager: ghosts it skips",
+    (
+        "bridge/encryption/ghost_devices.py",
+        "_id_prefix",
+    ): "mautrix's EncryptionManager: the ghost namespace",
+    (
+        "bridge/encryption/ghost_devices.py",
+        "_id_suffix",
+    ): "mautrix's EncryptionManager: the ghost namespace",
+    (
+        "bridge/encryption/ghost_devices.py",
+        "_ignore_user",
+    ): "mautrix's EncryptionManager: ghosts it skips",
     ("kalandra_core/client/cli.py", "_SubParsersAction"): "argparse's type of add_subparsers()",
     ("kalandra_core/transport/quic.py", "_streams"): (
         "aioquic's QuicConnection gives no public access to a stream's send state"

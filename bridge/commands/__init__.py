@@ -2,18 +2,8 @@
 
 from mautrix.bridge.commands.handler import command_aliases, command_handlers
 
+from . import account, bridging, encryption, meta, moderation, portal, relay, room_info
 from .handler import REFUSAL, KalandraCommandProcessor
-
-from . import (  # isort: skip  # registers ours over mautrix's
-    account,
-    bridging,
-    encryption,
-    meta,
-    moderation,
-    portal,
-    relay,
-    room_info,
-)
 
 # mautrix registers these on import; they need portals, ghosts, double puppeting or a manhole,
 # which this bridge does not have (yet). Ours replace them as they are built.

@@ -10,9 +10,9 @@ from mautrix.api import HTTPAPI, Method, Path
 from mautrix.bridge.commands import CommandEvent, command_handler
 from mautrix.types import EventID, EventType, MessageType, TextMessageEventContent
 
-from .. import e2ee
 from ..db.device_token import ID_LENGTH, ActiveToken, DeviceTokenTable, token_hash
-from ..user import User
+from ..encryption import e2ee
+from ..matrix_users import User
 from .util import (
     ROOM_ARG,
     SECTION_ACCOUNT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mautrix.bridge.commands import SECTION_ADMIN, CommandEvent, command_handler
 from mautrix.types import EventID
 
-from .. import e2ee
+from ..encryption import e2ee
 from .util import answers_failures, bridge_of
 
 

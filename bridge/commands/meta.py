@@ -14,7 +14,7 @@ from ..db.roster import bridged_member
 
 if TYPE_CHECKING:
     from ..context import BridgeContext
-    from ..user import User
+    from ..matrix_users import User
 
 
 @command_handler(

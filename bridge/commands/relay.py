@@ -12,7 +12,7 @@ from typing import cast
 from mautrix.bridge.commands import SECTION_ADMIN, CommandEvent, command_handler
 from mautrix.types import EventID
 
-from ..user import User
+from ..matrix_users import User
 from .util import CommandFailed, answers_failures, bridge_of, check_access, portal_of
 
 

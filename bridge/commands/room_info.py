@@ -9,14 +9,7 @@ from kalandra_core.mls.keypackage import SUITE_X25519_AES128GCM, SUITE_X25519_CH
 from kalandra_core.storage.base import Role
 
 from ..db.roster import bridged_mxids
-from .util import (
-    ROOM_ARG,
-    SECTION_ROOMS,
-    active_room,
-    answers_failures,
-    bridge_of,
-    take_room,
-)
+from .util import ROOM_ARG, SECTION_ROOMS, active_room, answers_failures, bridge_of, take_room
 
 SUITE_NAMES = {
     SUITE_X25519_AES128GCM: "MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519",

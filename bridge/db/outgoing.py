@@ -6,10 +6,9 @@ sender-key generation used for (room, epoch, leaf). A Matrix event replayed afte
 resends those bytes (the server answers a resend of a sequenced frame from its log), and a bot
 state restored from an older snapshot moves its send chains past the recorded generations, so
 no message key is ever used for two plaintexts. The bot's own messages for a Matrix event
-(bot_send.py) are recorded with their request id only (an empty frame): the bot's client keeps
-its outbox and send marks itself. The row goes when the event is recorded (message.py) or
-recorded as failed (dedupe.py).
-"""
+(members/bot_send.py) are recorded with their request id only (an empty frame): the bot's client
+keeps its outbox and send marks itself. The row goes when the event is recorded (message.py) or
+recorded as failed (dedupe.py)."""
 
 from __future__ import annotations
 

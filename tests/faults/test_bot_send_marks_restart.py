@@ -168,7 +168,7 @@ async def test_a_message_sent_again_under_its_request_id_is_the_first_one(
     sqlite_url: str, tmp_path: Path
 ) -> None:
     """What the bridge relies on for a relayed message replayed after a crash (bridge/
-    bot_send.py): sent again under the request id it was recorded with, the message is not
+    members/bot_send.py): sent again under the request id it was recorded with, the message is not
     sequenced twice, and the sender gets the first one's log index, even when its log already
     holds it."""
     await migrations.upgrade(sqlite_url)

@@ -2,7 +2,8 @@
 
 Synapse sends an appservice the events it stored for it only when a new event wakes its
 scheduler up ("not in recovery, not forcing retry" when the bridge comes back), and forgets
-what it had not stored if it dies. So the bridge catches up by itself (bridge/catch_up.py).
+what it had not stored if it dies. So the bridge catches up by itself
+(bridge/appservice/catch_up.py).
 
 Each test: a portal with a native member, where the Matrix user's message was bridged; the
 bridge stops (SIGTERM, or kill -9, and in one variant Synapse restarts too); meanwhile the

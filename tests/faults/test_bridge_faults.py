@@ -8,7 +8,8 @@ commit adds a member half-way through), one of the bridge's dependencies fails h
   sends fail meanwhile and it sends them again (same transaction ids, as a real client does);
   only messages Synapse acknowledged with an event id count as sent. Synapse forgets the
   appservice's transaction ids and its unsent queue when it dies: the bridge must neither send
-  a ghost message twice nor miss a Matrix message (see portal_to_matrix.py, catch_up.py).
+  a ghost message twice nor miss a Matrix message (see bridge/portal/to_matrix.py,
+  bridge/appservice/catch_up.py).
 * PostgreSQL (the bridge's database) is stopped (connections kicked) and started again. The
   embedded server answers what it could not store with STORAGE_ERROR and the native member
   sends it again; the bridge's pools reconnect and the process stays up.

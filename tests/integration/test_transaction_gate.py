@@ -1,4 +1,5 @@
-"""The transaction gate (bridge/transactions.py) on its own: a real mautrix appservice listener
+"""The transaction gate (bridge/appservice/transactions.py) on its own: a real mautrix appservice
+listener
 and the bridge's own tables on each SQL engine, with no Synapse and no bridge process. What the
 gate needs of the bridge is the small context of bridge/context.py; the one portal here is a
 stand-in queue that finishes each event's work as the test says.
@@ -27,9 +28,9 @@ from mautrix.client.state_store.memory import MemoryStateStore
 from mautrix.types import EventID, MessageEvent, RoomID
 from mautrix.util.async_db import Database
 
+from bridge.appservice.transactions import TransactionGate
 from bridge.portal_work import CURRENT_SLOT, EventSlot, FromMatrix
 from bridge.run_state import RunState
-from bridge.transactions import TransactionGate
 from kalandra_core.storage import migrations
 
 pytestmark = pytest.mark.filterwarnings("ignore:loop argument is deprecated:DeprecationWarning")

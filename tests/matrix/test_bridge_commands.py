@@ -26,7 +26,7 @@ from nio import (
 )
 from ruamel.yaml import YAML
 
-from bridge.matrix import ENCRYPTION_OFF
+from bridge.appservice.handler import ENCRYPTION_OFF
 from kalandra_core.client import events as ev
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ClientError, ServerAddress

@@ -32,7 +32,7 @@ from nio import (
     SyncResponse,
 )
 
-from bridge import relations
+from bridge.portal import relations
 from kalandra_core.client import events as ev
 from kalandra_core.client.events import Message
 from matrix.bridge_stack import (

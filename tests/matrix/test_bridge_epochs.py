@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from helpers.markers import marker_to_matrix
 
-from bridge.bridged_user import member_name
+from bridge.members.bridged_users import member_name
 from kalandra_core.client.driver import Client
 from matrix.bridge_members import (
     account_id,

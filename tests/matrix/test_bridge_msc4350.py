@@ -28,7 +28,7 @@ from mautrix.crypto.signature import SignedObject, verify_signature_json
 from mautrix.types import SigningKey, UserID
 from ruamel.yaml import YAML
 
-from bridge.msc4350 import FEATURES, IMPERSONATOR
+from bridge.encryption.msc4350 import FEATURES, IMPERSONATOR
 from matrix.bridge_stack import (
     BOT,
     bridge_stack,

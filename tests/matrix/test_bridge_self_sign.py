@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.e2ee import RECOVERY_KEY_FILE
+from bridge.encryption.e2ee import RECOVERY_KEY_FILE
 from matrix.bridge_stack import BOT, BridgeStack, bridge_stack, nio_client
 
 

@@ -17,7 +17,7 @@ import pytest
 import pytest_asyncio
 from nio import AsyncClient, RoomSendResponse
 
-from bridge.message_status import PENDING_AFTER
+from bridge.portal.statuses import PENDING_AFTER
 from kalandra_core.client.events import Message
 from matrix.bridge_stack import (
     BOT,

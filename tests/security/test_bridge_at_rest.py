@@ -36,7 +36,7 @@ from matrix.bridge_stack import (
 )
 from nio import AsyncClient
 
-from bridge.e2ee import RECOVERY_KEY_FILE
+from bridge.encryption.e2ee import RECOVERY_KEY_FILE
 from kalandra_core.client.events import Message
 
 WITHIN = 60.0

@@ -1,8 +1,7 @@
 """Hostile input at the bridge's edges, against a real Synapse and the bridge process (SQLite
-and PostgreSQL): HTML of formatted messages is sanitized both ways (bridge/formatting.py), and
-the appservice port refuses a request without the right hs_token before reading its body
-(bridge/as_auth.py).
-"""
+and PostgreSQL): HTML of formatted messages is sanitized both ways (bridge/convert/formatting.py),
+and the appservice port refuses a request without the right hs_token before reading its body
+(bridge/appservice/as_auth.py)."""
 
 from __future__ import annotations
 

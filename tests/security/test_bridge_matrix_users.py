@@ -50,7 +50,7 @@ from nio import AsyncClient, MatrixRoom, RoomMessageNotice, RoomRedactResponse
 from ruamel.yaml import YAML
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from bridge.bridged_user import member_name
+from bridge.members.bridged_users import member_name
 from kalandra_core.client import events as ev
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ClientError, ServerAddress

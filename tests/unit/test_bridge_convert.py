@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mautrix.types import Format, MessageType, TextMessageEventContent
 
-from bridge.bridged_user import member_name, mxid_of_member_name
+from bridge.members.bridged_users import member_name, mxid_of_member_name
 from bridge.portal import kalandra_content, matrix_content
 from kalandra_core.client.content import Content
 
@@ -38,5 +38,7 @@ def test_member_names_are_readable_and_reversible() -> None:
     assert member_name("@x_y:80") != member_name("@x:y:80")
     for mxid in ("@x_y:80", "@x:y:80", "@Alice:Ex.org", "@é_:[::1]:8448", "@a__b:c", "@a:_:b"):
         assert mxid_of_member_name(member_name(mxid)) == mxid
-    assert mxid_of_member_name("mx_a__b_-0f0f0f") is None  # a retried name (bridged_user.py)
+    assert (
+        mxid_of_member_name("mx_a__b_-0f0f0f") is None
+    )  # a retried name (bridge/members/bridged_users.py)
     assert mxid_of_member_name("alice") is None

@@ -1,4 +1,5 @@
-"""The image sizes the bridge reads from a file's first bytes (bridge/media_info.py), checked
+"""The image sizes the bridge reads from a file's first bytes (bridge/convert/media_info.py),
+checked
 against images Pillow writes in each format, and its thumbnails."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import io
 import pytest
 from PIL import Image
 
-from bridge import media_info
+from bridge.convert import media_info
 
 
 def encoded(size: tuple[int, int], fmt: str, mode: str = "RGB", **options: object) -> bytes:

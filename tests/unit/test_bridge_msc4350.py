@@ -1,4 +1,5 @@
-"""MSC4350 (bridge/msc4350.py): when the bridge impersonates ghosts with the bot's device, and
+"""MSC4350 (bridge/encryption/msc4350.py): when the bridge impersonates ghosts with the bot's
+device, and
 the impersonatable device keys it uploads for a ghost, signed with a real Olm account."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from mautrix.crypto import OlmAccount
 from mautrix.crypto.signature import SignedObject, verify_signature_json
 from mautrix.types import DeviceID, SigningKey, UserID
 
-from bridge.msc4350 import FEATURES, IMPERSONATOR, decide, impersonatable_device
+from bridge.encryption.msc4350 import FEATURES, IMPERSONATOR, decide, impersonatable_device
 
 READY = {"appservice": True, "msc4190": True, "self_sign": True, "ghost_devices": True}
 

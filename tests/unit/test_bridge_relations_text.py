@@ -15,8 +15,8 @@ from mautrix.types import (
     UserID,
 )
 
-from bridge.portal_to_kalandra import kalandra_content
-from bridge.relations import _with_pills
+from bridge.portal.relations import _with_pills
+from bridge.portal.to_kalandra import kalandra_content
 from kalandra_core.client.content import Content
 from kalandra_core.client.extras import TYPING_TIMEOUT_MS, read_typing
 

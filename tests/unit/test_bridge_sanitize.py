@@ -1,4 +1,5 @@
-"""The HTML sanitizer of formatted messages (bridge/formatting.py), both directions' rules."""
+"""The HTML sanitizer of formatted messages (bridge/convert/formatting.py), both directions'
+rules."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import re
 
 from mautrix.types import Format, MessageType, TextMessageEventContent
 
-from bridge.formatting import MAX_DEPTH, MAX_HTML, formatted_message, sanitize
+from bridge.convert.formatting import MAX_DEPTH, MAX_HTML, formatted_message, sanitize
 from bridge.portal import kalandra_content, matrix_content
 from kalandra_core.client.content import Content
 

@@ -1,5 +1,6 @@
 """What the queue toward Matrix retries and what it sets aside, and how oversized text is split
-(bridge/set_aside.py); the queue itself is tested against Synapse (test_bridge_no_stall.py)."""
+(bridge/portal/set_aside.py); the queue itself is tested against Synapse
+(test_bridge_no_stall.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mautrix.errors import (
     MUnknownToken,
 )
 
-from bridge.set_aside import content_size, permanent_reason, split_text
+from bridge.portal.set_aside import content_size, permanent_reason, split_text
 
 
 def refused_join() -> IntentError:

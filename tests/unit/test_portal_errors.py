@@ -1,4 +1,4 @@
-"""The portal queue's decision after a failed try (bridge/portal_errors.py), without a bridge:
+"""The portal queue's decision after a failed try (bridge/portal/errors.py), without a bridge:
 each kind of error a Matrix event's work can meet, as the real components raise it."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import pytest
 from matrix.synapse import free_port
 from mautrix.types import MessageStatusReason
 
-from bridge.bridged_user import SendFailed
-from bridge.message_status import Refused
-from bridge.portal_errors import (
+from bridge.members.bridged_users import SendFailed
+from bridge.portal.errors import (
     ATTEMPTS,
     TRANSIENT_ATTEMPTS,
     Fail,
@@ -20,7 +19,8 @@ from bridge.portal_errors import (
     WaitOut,
     verdict,
 )
-from bridge.relations import Held
+from bridge.portal.relations import Held
+from bridge.portal.statuses import Refused
 from kalandra_core.client.driver import ClientError, NotYetConfirmed
 from kalandra_core.proto.payloads import ErrorCode
 

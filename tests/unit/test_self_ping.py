@@ -1,4 +1,5 @@
-"""The start-up ping check (bridge/self_ping.py): a homeserver that reached the bridge but
+"""The start-up ping check (bridge/appservice/self_ping.py): a homeserver that reached the bridge
+but
 answered its ping with an error (Synapse's 502 "AlreadyCalled" race) does not hold the start
 back; one that did not reach it is asked again every second, then the error stands.
 
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 from mautrix.errors import MatrixRequestError
 
-from bridge.self_ping import Pings, ping_self
+from bridge.appservice.self_ping import Pings, ping_self
 
 
 async def appservice_with_pings() -> tuple[web.AppRunner, Pings, int]:

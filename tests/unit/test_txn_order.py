@@ -1,8 +1,9 @@
-"""Transactions after a gap in Synapse's numbering are refused once (bridge/txn_order.py)."""
+"""Transactions after a gap in Synapse's numbering are refused once
+(bridge/appservice/txn_order.py)."""
 
 from __future__ import annotations
 
-from bridge.txn_order import TxnOrder
+from bridge.appservice.txn_order import TxnOrder
 
 
 def test_in_order_and_replays_are_admitted() -> None:

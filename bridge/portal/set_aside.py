@@ -1,0 +1,81 @@
+"""What the queue toward Matrix does with an item Matrix will never take: it is set aside, and
+oversized text is split first so that it does not come to that.
+
+A failure is transient (no connection, the homeserver's 5xx, M_LIMIT_EXCEEDED, a timeout, our
+own database) or permanent (any other 4xx answer: M_FORBIDDEN for a banned ghost, M_TOO_LARGE,
+M_BAD_JSON, ...). Transient ones are retried with backoff, in place. A permanent one is tried
+once more (the retry rejoins the ghost, which mends a ghost kicked meanwhile); if it fails
+permanently again, the item is set aside: the portal gets a notice from the bot naming the
+sender's ghost, the log index, the time and the errcode, that notice stands for the message in
+``bridge_messages`` (so a restart neither retries it nor loses the record), and the queue goes
+on. An unknown token (401) is the bridge's configuration, not the item's: transient.
+
+A Kalandra text whose Matrix content would pass ``PART_LIMIT`` is sent as several messages, in
+order, plain text (the formatted body would double the size), whose bodies joined are the
+whole text. Each part has its own transaction id and carries its log index and part number,
+so that parts already sent are found again in the room after a crash (to_matrix.py).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Final
+
+from mautrix.errors import IntentError, MatrixRequestError
+
+# Bytes of a part's content as JSON (non-ASCII escaped, as Megolm's plaintext is): a Matrix
+# event is at most 64 KiB whole, and encryption adds a third (base64) plus the envelope.
+PART_LIMIT: Final = 30_000
+PART_KEY: Final = "org.kalandra.part"  # in each part's content: its number, from 0
+PARTS_KEY: Final = "org.kalandra.parts"  # how many
+SET_ASIDE_KEY: Final = "org.kalandra.set_aside"  # in a set-aside notice: what and why
+PERMANENT_ATTEMPTS: Final = 2  # consecutive permanent failures before an item is set aside
+_TRANSIENT_STATUS: Final = frozenset({401, 408, 429})
+
+
+def permanent_reason(exc: BaseException) -> str | None:
+    """The errcode (or HTTP status) of a failure that repeating will not cure; None: transient."""
+    if isinstance(exc, IntentError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # a ghost's join refused: the homeserver's answer is the cause
+    if not isinstance(exc, MatrixRequestError):
+        return None
+    status = exc.http_status
+    if not 400 <= status < 500 or status in _TRANSIENT_STATUS:
+        return None
+    errcode = exc.errcode
+    if errcode == "M_LIMIT_EXCEEDED":
+        return None
+    return errcode if isinstance(errcode, str) and errcode else f"HTTP {status}"
+
+
+def content_size(content: object) -> int:
+    return len(json.dumps(content))
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """``text`` in pieces of at most ``limit`` bytes as JSON strings (escapes counted), cut at
+    the last whitespace of a piece's second half when there is one; joined they are ``text``."""
+    pieces: list[str] = []
+    start, size, space = 0, 0, -1
+    for i, char in enumerate(text):
+        cost = len(json.dumps(char)) - 2
+        if size + cost > limit and i > start:
+            cut = space + 1 if space >= start + (i - start) // 2 else i
+            pieces.append(text[start:cut])
+            start = cut
+            size = content_size(text[start:i]) - 2
+            space = -1
+        size += cost
+        if char.isspace():
+            space = i
+    pieces.append(text[start:])
+    return pieces
+
+
+def notice_text(ghost: str, log_index: int, timestamp_ms: int, reason: str) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp_ms / 1000))
+    return (
+        f"A Kalandra message from {ghost} (log index {log_index}, {when}) could not be bridged"
+        f" to Matrix: the homeserver refused it ({reason})."
+    )
