@@ -41,7 +41,7 @@ from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .context import GhostEncryption, Impersonator
 from .encryption import e2ee, msc4350
-from .matrix_users import User
+from .matrix_users import MatrixUser
 from .members.bridged_users import BridgedUsers
 from .members.puppet import Puppets
 from .portal import Portals
@@ -275,7 +275,7 @@ class KalandraBridge(Bridge):
 
     # --- mautrix's getters: users only, for now ---------------------------------------------
 
-    async def get_user(self, user_id: UserID, create: bool = True) -> User | None:
+    async def get_user(self, user_id: UserID, create: bool = True) -> MatrixUser | None:
         return self.matrix.users.get(user_id)
 
     async def get_portal(self, room_id: RoomID) -> BasePortal | None:

@@ -22,22 +22,22 @@ if TYPE_CHECKING:
     from .context import BridgeContext
 
 
-class Users:
+class MatrixUsers:
     """The Matrix users the bridge has met (mautrix keeps one object per user): one directory
     per bridge process, the Matrix handler's."""
 
     def __init__(self, context: BridgeContext) -> None:
         self.context = context
-        self._by_mxid: dict[UserID, User] = {}
+        self._by_mxid: dict[UserID, MatrixUser] = {}
 
-    def get(self, mxid: UserID) -> User:
+    def get(self, mxid: UserID) -> MatrixUser:
         user = self._by_mxid.get(mxid)
         if user is None:
-            user = self._by_mxid[mxid] = User(self.context, mxid)
+            user = self._by_mxid[mxid] = MatrixUser(self.context, mxid)
         return user
 
 
-class User(BaseUser):
+class MatrixUser(BaseUser):
     def __init__(self, context: BridgeContext, mxid: UserID) -> None:
         self.context = context  # the bridge as ours sees it
         # mautrix's own view of it: the process is mautrix's Bridge as well.

@@ -29,7 +29,7 @@ from mautrix.types import (
 from ..commands import REFUSAL, KalandraCommandProcessor
 from ..db import DedupeTable
 from ..encryption import e2ee
-from ..matrix_users import Users
+from ..matrix_users import MatrixUsers
 from ..members.puppet import member_of
 from ..portal import room_metadata
 from ..portal.ephemeral import MatrixEphemeral
@@ -58,7 +58,7 @@ class MatrixHandler(BaseMatrixHandler):
         self.user_id_prefix = f"@{prefix}"
         self.user_id_suffix = f"{suffix}:{bridge.config['homeserver.domain']}"
         self.context = bridge
-        self.users = Users(bridge)
+        self.users = MatrixUsers(bridge)
         # The process is mautrix's Bridge as well, which mautrix's handler is typed for.
         super().__init__(
             command_processor=KalandraCommandProcessor(bridge), bridge=cast("Bridge", bridge)

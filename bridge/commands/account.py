@@ -12,7 +12,7 @@ from mautrix.types import EventID, EventType, MessageType, TextMessageEventConte
 
 from ..db.device_token import ID_LENGTH, ActiveToken, DeviceTokenTable, token_hash
 from ..encryption import e2ee
-from ..matrix_users import User
+from ..matrix_users import MatrixUser
 from .util import (
     ROOM_ARG,
     SECTION_ACCOUNT,
@@ -97,7 +97,7 @@ async def device_token(evt: CommandEvent) -> EventID:
     if portal_of(evt) is not None or not evt.is_management:
         raise CommandFailed(NOT_HERE)
     bridge = bridge_of(evt)
-    sender = cast("User", evt.sender)
+    sender = cast("MatrixUser", evt.sender)
     action = evt.args[0].lower() if evt.args else "issue"
     if action == "list" and len(evt.args) == 1:
         user = await bridge.bridged_users.get(sender.mxid, sender.level)

@@ -14,7 +14,7 @@ from ..db.roster import bridged_member
 
 if TYPE_CHECKING:
     from ..context import BridgeContext
-    from ..matrix_users import User
+    from ..matrix_users import MatrixUser
 
 
 @command_handler(
@@ -31,7 +31,7 @@ async def version(evt: CommandEvent) -> EventID:
 )
 async def ping(evt: CommandEvent) -> EventID:
     bridge = cast("BridgeContext", evt.bridge)
-    level = cast("User", evt.sender).level
+    level = cast("MatrixUser", evt.sender).level
     server = bridge.kalandra
     if server is None:
         state = "the Kalandra server is not running"
@@ -49,7 +49,7 @@ async def ping(evt: CommandEvent) -> EventID:
     " with it) and yours.",
 )
 async def whoami(evt: CommandEvent) -> EventID:
-    level = cast("User", evt.sender).level
+    level = cast("MatrixUser", evt.sender).level
     identity = await _identities(evt)
     return await evt.reply(f"You are {evt.sender.mxid} (permission level `{level}`). {identity}")
 

@@ -12,7 +12,7 @@ from typing import cast
 from mautrix.bridge.commands import SECTION_ADMIN, CommandEvent, command_handler
 from mautrix.types import EventID
 
-from ..matrix_users import User
+from ..matrix_users import MatrixUser
 from .util import CommandFailed, answers_failures, bridge_of, check_access, portal_of
 
 
@@ -20,7 +20,7 @@ async def _set(evt: CommandEvent, enabled: bool) -> EventID:
     config = bridge_of(evt).config
     if not config["bridge.relay.enabled"]:
         raise CommandFailed("Relay mode is not enabled on this bridge (`bridge.relay.enabled`).")
-    sender = cast("User", evt.sender)
+    sender = cast("MatrixUser", evt.sender)
     if config["bridge.relay.admin_only"] and not sender.is_admin:
         raise CommandFailed("This command is for bridge admins (`bridge.relay.admin_only`).")
     portal = portal_of(evt)
