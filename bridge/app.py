@@ -250,6 +250,7 @@ class KalandraBridge(Bridge):
             sys.exit(13)
 
     async def stop(self) -> None:
+        self.gate.stop()  # transactions in progress are answered "retry" rather than waited for
         if self._catch_up is not None:
             self._catch_up.cancel()
         await self._stop_bot()

@@ -75,6 +75,7 @@ class TransactionGate:
         # or a catch-up's), and the first catch-up's before any transaction's: older first.
         self._dispatch = asyncio.Lock()
         self._started = asyncio.Event()
+        self._stopping = asyncio.Event()
 
     def install(self) -> None:
         self.az.handle_transaction = self.handle_transaction  # type: ignore[method-assign]
@@ -108,10 +109,30 @@ class TransactionGate:
             )
         return response
 
+    def stop(self) -> None:
+        """At shutdown, before the listener stops: transactions in progress are given up (not
+        acknowledged: Synapse sends them again). Their events wait on portal queues that stop
+        too, and aiohttp would hold the process for a minute waiting for them."""
+        self._stopping.set()
+
     async def handle_transaction(self, txn_id: str, **kwargs: Any) -> JSON:
         txn = _CURRENT.get()
         if txn is None:  # not through the HTTP route (nothing to answer): mautrix's way
             return await self._handle_transaction(txn_id, **kwargs)
+        work = asyncio.ensure_future(self._handle(txn, txn_id, **kwargs))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait([work, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        txn.failed = True
+        txn.reason = "the bridge is stopping"
+        return _EMPTY
+
+    async def _handle(self, txn: _Transaction, txn_id: str, **kwargs: Any) -> JSON:
         dedupe = DedupeTable(self.bridge.db)
         try:
             # An outage of the database is waited out here, not answered with a failure: Synapse

@@ -52,6 +52,7 @@ class StandInPortal:
     reserved: list[EventID] = field(default_factory=list)
     handled: list[EventID] = field(default_factory=list)
     outcome: dict[EventID, Exception | None] = field(default_factory=dict)
+    stuck: set[EventID] = field(default_factory=set)  # never done (their queue stopped)
 
     def reserve(self, event_id: EventID) -> EventSlot:
         slot = EventSlot(event_id)
@@ -61,6 +62,8 @@ class StandInPortal:
 
     async def _finish(self, slot: EventSlot) -> None:
         await slot.work
+        if slot.event_id in self.stuck:
+            return
         failure = self.outcome.get(slot.event_id)
         if failure is not None:
             slot.done.set_exception(failure)
@@ -95,6 +98,7 @@ class Listener:
     url: str
     portal: StandInPortal
     session: aiohttp.ClientSession
+    gate: TransactionGate
     numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     async def send(self, txn_id: str, event_ids: list[str]) -> int:
@@ -151,7 +155,7 @@ async def listener(db_url: str) -> AsyncIterator[Listener]:
     await site.start()
     try:
         async with aiohttp.ClientSession() as session:
-            yield Listener(f"http://127.0.0.1:{port}", portal, session)
+            yield Listener(f"http://127.0.0.1:{port}", portal, session, gate)
     finally:
         await runner.cleanup()
         await db.stop()
@@ -194,3 +198,18 @@ async def test_a_transaction_whose_event_was_not_recorded_is_sent_again(
     # Both were queued again: the portal knows $b by its record (DedupeTable) and skips it.
     assert listener.portal.reserved == ["$a", "$b", "$a", "$b"]
     assert listener.portal.handled.count(EventID("$a")) == 1
+
+
+async def test_a_transaction_in_progress_at_shutdown_is_answered_retry_at_once(
+    listener: Listener,
+) -> None:
+    listener.portal.stuck.add(EventID("$a"))  # its portal's queue has stopped
+    sending = asyncio.create_task(listener.send("1", ["$a"]))
+    async with asyncio.timeout(30):
+        while EventID("$a") not in listener.portal.reserved:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    assert not sending.done()  # it waits for its event, as it should while running
+    listener.gate.stop()
+    async with asyncio.timeout(30):  # not the minute aiohttp's shutdown would wait for it
+        assert await sending == 500  # not acknowledged: Synapse sends it again
+    assert listener.portal.handled == []

@@ -208,7 +208,10 @@ class BridgeStack:
         try:
             await asyncio.to_thread(self.bridge.wait, 15)
         except subprocess.TimeoutExpired:
-            # A stop that hangs is a defect of its own: said in the log, which tests show.
+            # A stop that hangs is a defect of its own: said in the log, which tests show, with
+            # what each of the bridge's tasks waits on (SIGUSR1).
+            self.bridge.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(1)
             note = "TEST HARNESS: SIGTERM did not stop the bridge in 15 s: killed\n"
             await asyncio.to_thread(_append, self.log, note)
             self.bridge.kill()
