@@ -6,6 +6,11 @@ which is common (many clients, users who never set it up) and changes nothing an
 act on: the device is then simply unverified, and ``bridge.encryption.verification_levels``
 decides about that. "No one-time keys nor device keys ... to share" means there was nothing to
 upload. Other warnings of the same loggers stay warnings.
+
+"Failed to create missing outbound sessions" comes with a traceback at ERROR when a device the
+room's key was being shared with is gone (its user logged it out meanwhile: the homeserver has
+no key of it to claim). The key goes to the other devices; the gone one needs none. It stays a
+warning, in one line with the reason, without the traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ _PATTERNS = (
 # The bot's device logs as mau.crypto, the ghosts' devices (encryption/ghost_devices.py) as
 # mau.crypto.ghost.
 DEMOTED = tuple((name, p) for name in ("mau.crypto", "mau.crypto.ghost") for p in _PATTERNS)
+_SHORTENED = re.compile(r"Failed to create missing outbound sessions$")
 
 
 class Demote(logging.Filter):
@@ -35,6 +41,12 @@ class Demote(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno <= logging.DEBUG or not isinstance(record.msg, str):
+            return True
+        if _SHORTENED.match(record.msg) and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = f"{record.msg} ({type(exc).__name__}: {exc})"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info, record.exc_text = None, None
             return True
         if not any(p.match(record.msg) for p in self.patterns):
             return True
