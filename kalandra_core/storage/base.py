@@ -29,7 +29,8 @@ import base64
 import enum
 import hashlib
 import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -40,6 +41,15 @@ LOGIN_CODE_MAX_TTL: Final = 600  # seconds
 _LOGIN_CODE_BYTES: Final = 14  # 112 bits drawn, 105 kept: 21 base32 characters
 _LOGIN_CODE_CHARS: Final = 21
 _LOGIN_CODE_RE: Final = re.compile(rf"klc_[a-z2-7]{{{_LOGIN_CODE_CHARS}}}")
+
+
+def device_token(random_bytes: Callable[[], bytes] = lambda: secrets.token_bytes(32)) -> str:
+    """A new device token: 32 random bytes in URL-safe base64, never starting with "-", which a
+    command line takes for an option (``kalandra login --token -x...`` would fail)."""
+    while True:
+        token = base64.urlsafe_b64encode(random_bytes()).rstrip(b"=").decode("ascii")
+        if not token.startswith("-"):
+            return token
 
 
 def make_login_code(raw: bytes) -> str:

@@ -11,7 +11,6 @@ validates everything before it changes anything, so a failed call leaves the sto
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import random
 import secrets
@@ -37,6 +36,7 @@ from .base import (
     StoreError,
     Welcome,
     check_login_code_ttl,
+    device_token,
     login_code_hash,
     make_login_code,
     normalize_login_code,
@@ -169,11 +169,11 @@ class MemoryStore:
     async def issue_token(self, member_id: int) -> str:
         if member_id not in self._members:
             raise NotFound(f"member {member_id}")
-        if self._rng is not None:
-            raw = self._rng.getrandbits(256).to_bytes(32, "big")
-            token = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        rng = self._rng
+        if rng is not None:
+            token = device_token(lambda: rng.getrandbits(256).to_bytes(32, "big"))
         else:
-            token = secrets.token_urlsafe(32)
+            token = device_token()
         self._tokens[_token_hash(token)] = _Token(member_id)
         return token
 

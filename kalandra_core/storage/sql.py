@@ -51,6 +51,7 @@ from .base import (
     StoreError,
     Welcome,
     check_login_code_ttl,
+    device_token,
     login_code_hash,
     make_login_code,
     normalize_login_code,
@@ -214,7 +215,7 @@ class SqlStore:
                 raise NotFound(f"member {member_id}")
 
     async def issue_token(self, member_id: int) -> str:
-        token = secrets.token_urlsafe(32)
+        token = device_token()
         try:
             async with self._write() as conn:
                 await conn.execute(
