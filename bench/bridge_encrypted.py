@@ -54,16 +54,20 @@ _FILTER = {"room": {"timeline": {"limit": 5000}}, "presence": {"not_types": ["*"
 _MEGOLM = {"algorithm": "m.megolm.v1.aes-sha2"}
 
 
-class _Receiver:
-    """The nio client's sync loop: notes the ghost's texts per portal (by tag) as they come;
-    counts what it could not decrypt."""
+class SyncingReceiver:
+    """A nio client's sync loop noting the ghosts' texts as they come (``_arrivals`` says where,
+    ``_ours`` whose) and counting what it could not decrypt; shared by the encrypted benches."""
 
-    def __init__(self, client: AsyncClient, ghost: str) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self.client = client
-        self.ghost = ghost
-        self.seen: dict[str, Arrivals] = {}  # portal -> the current run's arrivals
         self.undecrypted = 0
         self._task: asyncio.Task[None] | None = None
+
+    def _ours(self, room_id: str, sender: str) -> bool:
+        raise NotImplementedError
+
+    def _arrivals(self, room_id: str, event: RoomMessageText) -> Arrivals | None:
+        raise NotImplementedError
 
     async def _loop(self) -> None:
         while True:
@@ -72,14 +76,15 @@ class _Receiver:
             if not isinstance(response, SyncResponse):
                 continue
             for room_id, room in response.rooms.join.items():
-                seen = self.seen.get(room_id)
                 for event in room.timeline.events:
-                    if getattr(event, "sender", None) != self.ghost:
+                    if not self._ours(room_id, str(getattr(event, "sender", ""))):
                         continue
                     if isinstance(event, MegolmEvent):
                         self.undecrypted += 1
-                    elif isinstance(event, RoomMessageText) and seen is not None:
-                        seen.note(event.body, arrived)
+                    elif isinstance(event, RoomMessageText):
+                        seen = self._arrivals(room_id, event)
+                        if seen is not None:
+                            seen.note(event.body, arrived)
             await self.client.send_to_device_messages()
 
     def start(self) -> None:
@@ -90,12 +95,31 @@ class _Receiver:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def raise_failure(self) -> None:
+        """The sync loop's failure, if it stopped."""
+        if self._task is not None and self._task.done():
+            self._task.result()
+
+
+class _Receiver(SyncingReceiver):
+    """The ghost's texts, per portal (the current run's arrivals of each)."""
+
+    def __init__(self, client: AsyncClient, ghost: str) -> None:
+        super().__init__(client)
+        self.ghost = ghost
+        self.seen: dict[str, Arrivals] = {}  # portal -> the current run's arrivals
+
+    def _ours(self, room_id: str, sender: str) -> bool:
+        return sender == self.ghost
+
+    def _arrivals(self, room_id: str, event: RoomMessageText) -> Arrivals | None:
+        return self.seen.get(room_id)
+
     async def wait(self, seen: Arrivals, count: int, within: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while len(seen.arrived) < count and loop.time() < deadline:
-            if self._task is not None and self._task.done():
-                self._task.result()  # its failure
+            self.raise_failure()
             await asyncio.sleep(0.05)
 
 

@@ -50,9 +50,7 @@ from urllib.parse import quote
 
 from nio import (
     AsyncClient,
-    MegolmEvent,
     RoomMessageText,
-    SyncResponse,
 )
 
 from kalandra_core.client.content import Content
@@ -60,60 +58,36 @@ from kalandra_core.client.driver import Client
 
 from ._bridge_stack import BridgeBenchStack, MatrixUser, bot_command, run_on_stack
 from .bridge import WARMUP, Arrivals, Run, _body, _drain, _percentile
-from .bridge_encrypted import _e2ee_client
+from .bridge_encrypted import SyncingReceiver, _e2ee_client
 from .common import Distribution, Figure, Results
 
 STEADY_RATE = 10.0  # msgs/s
-_FILTER = {"room": {"timeline": {"limit": 5000}}, "presence": {"not_types": ["*"]}}
 _MEGOLM = {"algorithm": "m.megolm.v1.aes-sha2"}
 _MODES = ("bot device", "ghost devices")
 
 
-class _Receiver:
-    """The nio client's sync loop: notes the texts of the bridge's ghosts in the portal as they
-    come, by the tag in their bodies; counts what it could not decrypt; tells who joined."""
+class _Receiver(SyncingReceiver):
+    """The texts of the bridge's ghosts in the portal, by the tag in their bodies; tells who
+    joined."""
 
     def __init__(self, client: AsyncClient, portal: str, ghost_prefix: str) -> None:
-        self.client = client
+        super().__init__(client)
         self.portal = portal
         self.ghost_prefix = ghost_prefix
         self.seen: dict[str, Arrivals] = {}  # tag -> arrivals
-        self.undecrypted = 0
-        self._task: asyncio.Task[None] | None = None
 
-    async def _loop(self) -> None:
-        while True:
-            response = await self.client.sync(timeout=1_000, sync_filter=_FILTER)
-            arrived = time.time()
-            if not isinstance(response, SyncResponse):
-                continue
-            room = response.rooms.join.get(self.portal)
-            for event in room.timeline.events if room is not None else []:
-                if not str(getattr(event, "sender", "")).startswith(self.ghost_prefix):
-                    continue
-                if isinstance(event, MegolmEvent):
-                    self.undecrypted += 1
-                elif isinstance(event, RoomMessageText):
-                    seen = self.seen.get(event.body.split(" ", 1)[0])
-                    if seen is not None:
-                        seen.note(event.body, arrived)
-            await self.client.send_to_device_messages()
+    def _ours(self, room_id: str, sender: str) -> bool:
+        return room_id == self.portal and sender.startswith(self.ghost_prefix)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+    def _arrivals(self, room_id: str, event: RoomMessageText) -> Arrivals | None:
+        return self.seen.get(event.body.split(" ", 1)[0])
 
     async def until(self, done: Callable[[], bool], what: str, within: float) -> None:
         """Until ``done()`` is true (the sync loop's failure is raised)."""
         try:
             async with asyncio.timeout(within):
                 while not done():
-                    if self._task is not None and self._task.done():
-                        self._task.result()
+                    self.raise_failure()
                     await asyncio.sleep(0.02)
         except TimeoutError:
             raise RuntimeError(f"bridge ghost devices: no {what} within {within:g} s") from None
