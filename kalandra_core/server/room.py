@@ -27,6 +27,7 @@ from ..proto import (
     PayloadDecodeError,
     Redact,
     Unban,
+    check_payload,
     decode_payload,
 )
 from ..storage.base import BanRecord, LogEntry, Role, RoomChanges, RoomMember, RoomState
@@ -136,7 +137,7 @@ class RoomSequencer:
             return self._wrong_epoch(h.epoch)
         if opcode in SEQUENCED_APP:
             try:
-                decode_payload(opcode, frame.payload)
+                check_payload(opcode, frame.payload)
             except PayloadDecodeError as exc:
                 return _reject(ErrorCode.INVALID_PAYLOAD, str(exc))
             return self._sequence(frame, self.active_members())
