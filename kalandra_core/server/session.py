@@ -121,7 +121,7 @@ class ServerSession:
         self._pre_hello_limit = ReadLimit(
             min(PRE_HELLO_MAX_PAYLOAD, limits.max_payload_size), _SESSION_OPCODES
         )
-        self._inbox: deque[Frame] = deque()
+        self._inbox: list[Frame] = []  # (an empty deque takes 760 bytes; 10k sessions idle)
         self._task: asyncio.Task[None] | None = None  # runs while the inbox has frames
         self._key: VerifyKey | None = None  # the member's device key, once authenticated
 
@@ -222,7 +222,8 @@ class ServerSession:
     ) -> None:
         inbox = self._inbox
         while inbox and len(ahead) < _AHEAD:
-            batch = [inbox.popleft() for _ in range(min(len(inbox), VERIFY_BATCH))]
+            batch = inbox[:VERIFY_BATCH]
+            del inbox[:VERIFY_BATCH]
             ahead.append((batch, self._verify(batch)))
 
     def _verify(self, batch: list[Frame]) -> Verdicts | asyncio.Future[Verdicts]:
