@@ -174,6 +174,24 @@ class ServerProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) the server has used: (its event loop's thread, all its
+        other threads: the verify pool, the SQLite writer, the database driver's)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        main = others = 0.0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # a thread that just ended
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            if task.name == str(self.pid):
+                main += used
+            else:
+                others += used
+        return main, others
+
     def rss_kib(self) -> int:
         """The server's resident set (VmRSS), KiB."""
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
