@@ -1,10 +1,11 @@
 """Helpers for the server benchmark: the homeserver in its own process, raw TCP connections.
 
-:class:`ServerProcess` runs ``python -m kalandra_core serve`` on a fresh SQLite database in a
-temporary directory (accounts created beforehand with :class:`SqlStore`), waits for its ready
-file, and always terminates it and removes the directory. :class:`RawConnection` is the
-cheapest possible client: an asyncio Protocol with a :class:`FrameDecoder` that authenticates
-with a Hello and then hands every frame to a callback.
+:class:`ServerProcess` runs ``python -m kalandra_core serve`` on a fresh database, an SQLite file
+in a temporary directory or a new database on the PostgreSQL server of ``KALANDRA_BENCH_PG``
+(the one the tests use by default; accounts created beforehand with :class:`SqlStore`), waits
+for its ready file, and always terminates it and removes the directory and the database.
+:class:`RawConnection` is the cheapest possible client: an asyncio Protocol with a
+:class:`FrameDecoder` that authenticates with a Hello and then hands every frame to a callback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +39,8 @@ from kalandra_core.proto import (
 from kalandra_core.storage.sql import SqlStore
 
 _STOP_GRACE = 15.0
+# An administrative connection to the PostgreSQL server the benchmark makes its database on.
+PG_ADMIN_DSN = os.environ.get("KALANDRA_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +55,10 @@ class ServerProcess:
 
     accounts: list[str]
     limits: dict[str, Any] = field(default_factory=dict)
+    database: str = "sqlite"  # or "postgresql"
     tmp: Path = field(init=False)
+    url: str = field(init=False, default="")
+    _pg_name: str | None = field(init=False, default=None)
     port: int = field(init=False, default=0)
     users: dict[str, Account] = field(init=False, default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
@@ -72,6 +80,8 @@ class ServerProcess:
             if self._log is not None:
                 self._log.close()
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if self._pg_name is not None:
+                await _pg_admin(f'DROP DATABASE IF EXISTS "{self._pg_name}" WITH (FORCE)')
 
     @property
     def pid(self) -> int:
@@ -79,7 +89,13 @@ class ServerProcess:
         return self._proc.pid
 
     async def _start(self) -> None:
-        url = f"sqlite:///{self.tmp / 'kalandra.db'}"
+        if self.database == "postgresql":
+            self._pg_name = f"kalandra_bench_{secrets.token_hex(6)}"
+            await _pg_admin(f'CREATE DATABASE "{self._pg_name}"')
+            url = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{self._pg_name}"
+        else:
+            url = f"sqlite:///{self.tmp / 'kalandra.db'}"
+        self.url = url
         store = await SqlStore.open(url)
         try:
             for name in self.accounts:
@@ -157,6 +173,24 @@ class ServerProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) the server has used: (its event loop's thread, all its
+        other threads: the verify pool, the SQLite writer, the database driver's)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        main = others = 0.0
+        for task in Path(f"/proc/{self.pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:  # a thread that just ended
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            if task.name == str(self.pid):
+                main += used
+            else:
+                others += used
+        return main, others
 
     def rss_kib(self) -> int:
         """The server's resident set (VmRSS), KiB."""
@@ -241,6 +275,16 @@ async def raw_connect(
         conn.close()
         raise
     return conn
+
+
+async def _pg_admin(statement: str) -> None:
+    import asyncpg  # type: ignore[import-untyped]
+
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
 
 
 def _error_text(frame: Frame) -> str:

@@ -44,6 +44,7 @@ from .payloads import (
     SyncResponse,
     Unban,
     WelcomeData,
+    check_payload,
     decode_payload,
     payload_from_json,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "UnsupportedOpcode",
     "UnsupportedVersion",
     "WelcomeData",
+    "check_payload",
     "decode_payload",
     "opcode_from_name",
     "opcode_name",

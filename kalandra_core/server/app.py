@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,36 @@ class RunningServer:
         await self.store.close()
 
 
+# Descriptors beyond the connections: the database, listeners, log files, the loop's own.
+_SPARE_FDS = 256
+
+
+def raise_fd_limit(connections: int) -> int:
+    """Raise the soft RLIMIT_NOFILE so ``connections`` sockets fit (up to the hard limit; the
+    default soft limit, often 1,024, would refuse connections long before max_connections).
+    Returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _SPARE_FDS
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open file limit to %d: %s", wanted, exc)
+    if soft < connections + _SPARE_FDS:
+        log.warning(
+            "open file limit %d is below max_connections %d (+%d spare): raise the hard limit",
+            soft,
+            connections,
+            _SPARE_FDS,
+        )
+    return soft
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
+    raise_fd_limit(config.limits.max_connections)
     store = await SqlStore.open(config.database)
     data = config.data_dir
     key = load_or_create_server_key(config.server_key or data / "server.key")

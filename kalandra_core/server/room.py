@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from ..mls.errors import InvalidMlsMessage
 from ..mls.server_view import HandshakeSummary, inspect_handshake
@@ -27,6 +27,7 @@ from ..proto import (
     PayloadDecodeError,
     Redact,
     Unban,
+    check_payload,
     decode_payload,
 )
 from ..storage.base import BanRecord, LogEntry, Role, RoomChanges, RoomMember, RoomState
@@ -75,6 +76,50 @@ class Accepted:
     kicked: list[int] = field(default_factory=list)  # for server Remove proposals
 
 
+class _Roster(dict[int, RoomMember]):
+    """A room's members by id, remembering who of them is active (delivered to) until the
+    roster changes: every sequenced frame needs that set, and building it is O(members)."""
+
+    __slots__ = ("active",)
+
+    def __init__(self, members: dict[int, RoomMember]) -> None:
+        super().__init__(members)
+        self.active: frozenset[int] | None = None
+
+    def __setitem__(self, key: int, value: RoomMember) -> None:
+        self.active = None
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: int) -> None:
+        self.active = None
+        super().__delitem__(key)
+
+    def pop(self, key: int, *default: Any) -> Any:
+        self.active = None
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[int, RoomMember]:
+        self.active = None
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.active = None
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.active = None
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: int, default: Any = None) -> Any:
+        self.active = None
+        return super().setdefault(key, default)
+
+    def __ior__(self, other: Any) -> _Roster:  # type: ignore[override,misc]
+        self.active = None
+        super().update(other)
+        return self
+
+
 def _reject(code: ErrorCode, message: str, **kw: int | None) -> Rejected:
     return Rejected(int(code), message, **kw)
 
@@ -88,7 +133,7 @@ class RoomSequencer:
         self.next_log_index = room.next_log_index
         self.handshake = room.handshake
         self.group_id = room.group_id
-        self.members: dict[int, RoomMember] = dict(state.members)
+        self.members: dict[int, RoomMember] = _Roster(state.members)
         self.bans: dict[int, BanRecord] = dict(state.bans)
         # Remove proposals sequenced this epoch, by reference: commits may cite them.
         self.proposal_removes: dict[bytes, int] = {}
@@ -108,7 +153,13 @@ class RoomSequencer:
         return m is not None and m.role >= Role.MEMBER
 
     def active_members(self) -> frozenset[int]:
-        return frozenset(i for i, m in self.members.items() if m.role >= Role.MEMBER)
+        members = self.members
+        if isinstance(members, _Roster) and members.active is not None:
+            return members.active
+        active = frozenset(i for i, m in members.items() if m.role >= Role.MEMBER)
+        if isinstance(members, _Roster):
+            members.active = active
+        return active
 
     def is_banned(self, member_id: int, now_ms: int) -> bool:
         ban = self.bans.get(member_id)
@@ -136,7 +187,7 @@ class RoomSequencer:
             return self._wrong_epoch(h.epoch)
         if opcode in SEQUENCED_APP:
             try:
-                decode_payload(opcode, frame.payload)
+                check_payload(opcode, frame.payload)
             except PayloadDecodeError as exc:
                 return _reject(ErrorCode.INVALID_PAYLOAD, str(exc))
             return self._sequence(frame, self.active_members())

@@ -8,6 +8,11 @@ owns one plain ``sqlite3`` connection on one thread (a one-worker executor) and 
 append transaction there in a single hop, with the statements, checks and errors of
 ``sql_log.append``.
 
+Appends of different rooms that wait for the thread together are committed together (group
+commit): one transaction, one fsync, each append in a savepoint of its own, so one that fails
+(a conflict, a room gone) is rolled back alone and the others commit. No append is answered
+before the COMMIT that holds it returned; if the COMMIT fails, all of them fail.
+
 The store's other writes keep their SQLAlchemy connection. So that the two connections never
 meet on SQLite's file lock (whose busy handler sleeps in steps of 1, 2, 5, 10... ms instead of
 waiting for the holder), those writes first park the writer thread (:meth:`exclusive`): every
@@ -24,6 +29,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from sqlalchemy import event
@@ -170,25 +176,54 @@ def _append(
         )
 
 
-def _transaction(conn: sqlite3.Connection, body: Callable[[], None]) -> None:
-    """BEGIN IMMEDIATE, ``body``, COMMIT; ROLLBACK on any error. Errors come out as they do
-    from the SQLAlchemy path: IntegrityError as SQLAlchemy's, other database failures and values
-    no column can take as StoreError (messages never carry the parameters)."""
+def _store_error(exc: BaseException) -> BaseException:
+    """An append's failure as the SQLAlchemy path raises it: IntegrityError as SQLAlchemy's,
+    other database failures and values no column can take as StoreError (messages never carry
+    the parameters)."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        error: BaseException = IntegrityError("append", None, exc, hide_parameters=True)
+    elif isinstance(exc, sqlite3.Error):
+        error = StoreError(f"database error: {type(exc).__name__}")
+    elif isinstance(exc, ValueError):  # a u64 out of range, as U64's bind processor says
+        error = StoreError("database error: ValueError")
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
+
+
+@dataclass(slots=True)
+class _Append:
+    room_id: bytes
+    entries: Sequence[LogEntry]
+    changes: RoomChanges
+    commit_epoch: int | None
+    future: asyncio.Future[None]
+
+
+def _append_group(conn: sqlite3.Connection, group: list[_Append]) -> list[BaseException | None]:
+    """Every append of ``group`` in one transaction, each in a savepoint: the outcome of each
+    (None: committed). A database failure other than a constraint (disk full, I/O) fails all."""
+    outcomes: list[BaseException | None] = []
     try:
         conn.execute("BEGIN IMMEDIATE")
-        body()
+        for item in group:
+            conn.execute("SAVEPOINT append")
+            try:
+                _append(conn, item.room_id, item.entries, item.changes, item.commit_epoch)
+            except (AppendConflict, NotFound, sqlite3.IntegrityError, ValueError) as exc:
+                conn.execute("ROLLBACK TO append")
+                outcomes.append(_store_error(exc))
+            else:
+                outcomes.append(None)
+            conn.execute("RELEASE append")
         conn.execute("COMMIT")
     except BaseException as exc:
         if conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):  # report the first failure
                 conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.IntegrityError):
-            raise IntegrityError("append", None, exc, hide_parameters=True) from exc
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
-        if isinstance(exc, ValueError):  # a u64 out of range, as U64's bind processor says
-            raise StoreError("database error: ValueError") from exc
-        raise
+        return [_store_error(exc) for _ in group]
+    return outcomes
 
 
 class SqliteWriter:
@@ -200,6 +235,9 @@ class SqliteWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kalandra-sqlite")
         self._conn: sqlite3.Connection | None = None  # touched on the executor's thread only
         self._closed = False
+        # Appends waiting for the thread; the first one queues the job that commits them all.
+        self._waiting: list[_Append] = []
+        self._waiting_lock = threading.Lock()
 
     @classmethod
     async def open(cls, path: str) -> SqliteWriter:
@@ -242,13 +280,45 @@ class SqliteWriter:
         changes: RoomChanges,
         commit_epoch: int | None,
     ) -> None:
-        """``sql_log.append`` in one hop; the batch was checked (``sql_log.check_batch``)."""
+        """``sql_log.append`` in one hop, committed together with the appends of other rooms
+        waiting at the same time; the batch was checked (``sql_log.check_batch``).
 
-        def run() -> None:
-            conn = self._connection()
-            _transaction(conn, lambda: _append(conn, room_id, entries, changes, commit_epoch))
+        A call cancelled before its group runs is left out of it; once its group runs, it may
+        commit (as it may when cancelled while COMMIT is in flight)."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        loop = asyncio.get_running_loop()
+        item = _Append(room_id, entries, changes, commit_epoch, loop.create_future())
+        with self._waiting_lock:
+            self._waiting.append(item)
+            first = len(self._waiting) == 1
+        if first:
+            loop.run_in_executor(self._executor, self._commit_waiting, loop)
+        await item.future
 
-        await self._run(run)
+    def _commit_waiting(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer thread: commit every append waiting now, then answer each."""
+        with self._waiting_lock:
+            group, self._waiting = self._waiting, []
+        group = [item for item in group if not item.future.cancelled()]
+        if not group:
+            return
+        try:
+            outcomes = _append_group(self._connection(), group)
+        except StoreError as exc:  # closed
+            outcomes = [exc] * len(group)
+
+        def answer() -> None:
+            for item, outcome in zip(group, outcomes, strict=True):
+                if item.future.cancelled():
+                    continue
+                if outcome is None:
+                    item.future.set_result(None)
+                else:
+                    item.future.set_exception(outcome)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(answer)
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

@@ -1,8 +1,11 @@
 """The TCP transport: frames back to back on one byte stream in each direction.
 
 Built on asyncio Protocols rather than streams: ``data_received`` feeds the decoder directly,
-with no reader task or extra copy per connection. ``buffered`` is asyncio's write buffer
-(``transport.get_write_buffer_size()``): bytes the kernel has not accepted yet.
+with no reader task or extra copy per connection. Frames sent in one turn of the event loop
+leave in one write (a sequenced batch fans out as one system call per connection, not one per
+frame); they are written at the start of the next turn. ``buffered`` is those frames plus
+asyncio's write buffer (``transport.get_write_buffer_size()``): bytes the kernel has not
+accepted yet.
 """
 
 from __future__ import annotations
@@ -59,7 +62,10 @@ class TcpConnection(asyncio.Protocol):
         self._closing = False
         self._close_reason = ""
         self._lost = False
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._corked: list[bytes] = []  # sent this turn of the loop, written by _flush
+        self._corked_size = 0
+        self.done: asyncio.Future[None] = self._loop.create_future()
 
     # FrameSink
 
@@ -70,16 +76,28 @@ class TcpConnection(asyncio.Protocol):
     @property
     def buffered(self) -> int:
         t = self._transport
-        return t.get_write_buffer_size() if t is not None else 0
+        return self._corked_size + (t.get_write_buffer_size() if t is not None else 0)
 
     def send(self, frame: bytes) -> bool:
         t = self._transport
         if t is None or self._closing or t.is_closing():
             return False
-        if not may_queue(t.get_write_buffer_size(), len(frame), self._max_buffered):
+        if not may_queue(self.buffered, len(frame), self._max_buffered):
             return False
-        t.write(frame)
+        if not self._corked:
+            self._loop.call_soon(self._flush)
+        self._corked.append(frame)
+        self._corked_size += len(frame)
         return True
+
+    def _flush(self) -> None:
+        frames = self._corked
+        if not frames:
+            return
+        self._corked, self._corked_size = [], 0
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def close(self, reason: str = "") -> None:
         if self._closing:
@@ -87,6 +105,7 @@ class TcpConnection(asyncio.Protocol):
         self._closing = True
         self._close_reason = reason or "closed locally"
         if self._transport is not None:
+            self._flush()
             # asyncio flushes the write buffer before closing the socket.
             self._transport.close()
 
@@ -98,6 +117,7 @@ class TcpConnection(asyncio.Protocol):
         self._closing = True
         if not self._close_reason:
             self._close_reason = "aborted"
+        self._corked, self._corked_size = [], 0
         if self._transport is not None:
             self._transport.abort()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,7 +36,7 @@ from kalandra_core.proto import (
     sign_header,
 )
 from kalandra_core.proto.hello_proof import signed_hello
-from kalandra_core.server.app import RunningServer, start_server
+from kalandra_core.server.app import RunningServer, raise_fd_limit, start_server
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.transport.interface import FrameSink
 from kalandra_core.transport.tcp import connect_tcp
@@ -371,3 +372,94 @@ async def test_group_info_publication_and_fetch(server: RunningServer) -> None:
     rid = outsider.send(Opcode.GROUP_INFO, b"", account=eve, room=room)
     assert (await outsider.error(rid)).code == ErrorCode.NOT_AUTHORIZED
     await a.close()
+
+
+async def test_an_idle_session_holds_no_task(server: RunningServer) -> None:
+    alice = await account(server, "alice")
+    conn = await raw(server, hello_as=alice)
+    (session,) = server.hub.by_member[alice.member_id]
+
+    async def no_task() -> None:
+        async with asyncio.timeout(5):
+            while True:  # the Hello's batch ends just after its reply went out
+                if session._task is None:
+                    return
+                await asyncio.sleep(0.01)
+
+    await no_task()
+    rid = conn.send(Opcode.PING)
+    assert (await conn.reply(rid)).header.opcode == Opcode.PONG
+    await no_task()  # woken for the Ping, gone again after it
+
+
+async def test_pipelined_frames_keep_their_order_and_each_bad_one_is_answered(
+    tmp_path: Path,
+) -> None:
+    # More frames than one verify batch, written at once: their signatures are checked a batch
+    # ahead, on the pool, and still every frame is judged in order, each forgery refused.
+    config = ServerConfig(
+        database=f"sqlite:///{tmp_path / 'k.db'}",
+        tcp_port=0,
+        quic_port=None,
+        data_dir=tmp_path,
+        limits=Limits(rate_per_second=1e6, rate_burst=1_000_000),
+    )
+    server = await start_server(config)
+    try:
+        await _pipelined(server)
+    finally:
+        await server.close()
+
+
+async def _pipelined(server: RunningServer) -> None:
+    alice = await account(server, "alice")
+    a = await client(server, alice)
+    room_id = await a.create_room(name="order")
+    worker = await server.hub.room(room_id)
+    assert worker is not None
+    epoch = worker.sequencer.epoch
+    await a.close()
+    conn = await raw(server, hello_as=alice)
+    room = int.from_bytes(room_id, "big")
+    envelope = EncryptedMessage(
+        epoch=epoch, sender_index=0, generation=0, nonce=bytes(24), ciphertext=bytes(17)
+    )
+    forger = Account(alice.member_id, alice.token)  # same member, another (unbound) key
+    sent: list[tuple[int, bool]] = []
+    for i in range(400):
+        forged = i % 37 == 5
+        who = forger if forged else alice
+        sent.append(
+            (conn.send(Opcode.APP_MESSAGE, envelope, account=who, room=room, epoch=epoch), forged)
+        )
+    answers: dict[int, Frame] = {}
+    while len(answers) < len(sent):
+        frame = await conn.next()
+        answers.setdefault(frame.header.request_id, frame)
+    indexes = []
+    for rid, forged in sent:
+        frame = answers[rid]
+        if forged:
+            assert frame.header.opcode == Opcode.ERROR
+            error = decode_payload(Opcode.ERROR, frame.payload)
+            assert isinstance(error, ErrorPayload)
+            assert error.code == ErrorCode.INVALID_SIGNATURE
+        else:
+            assert frame.header.opcode == Opcode.APP_MESSAGE
+            indexes.append(frame.header.context_id)
+    assert indexes == sorted(indexes)
+    assert len(indexes) == sum(1 for _, forged in sent if not forged)
+    stored = await server.store.load_frames(room_id, 0, 1_000)
+    assert [f.log_index for f in stored][-len(indexes) :] == indexes
+
+
+def test_the_server_raises_its_open_file_limit_to_fit_max_connections() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 10_000 + 256
+    expected = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1_024, soft), hard))
+        assert raise_fd_limit(10_000) == expected
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == expected
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

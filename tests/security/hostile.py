@@ -308,8 +308,15 @@ async def quiesce(server: RunningServer, room_id: bytes, *clients: Client) -> No
                 return False
         return True
 
+    async def stored() -> bool:
+        # Sequenced is not yet stored: a server Remove proposal is appended after the Kick's
+        # answer went out.
+        worker = server.hub.rooms[room_id]
+        state = await server.store.load_room(room_id)
+        return state is not None and state.room.next_log_index == worker.sequencer.next_log_index
+
     async with asyncio.timeout(TIMEOUT):
-        while not at_rest():  # noqa: ASYNC110 - polls state owned by other tasks
+        while not at_rest() or not await stored():  # noqa: ASYNC110 - state of other tasks
             await asyncio.sleep(0.02)
 
 

@@ -308,3 +308,29 @@ def test_a_resent_frame_is_answered_not_numbered_twice() -> None:
     zero_b = frame(Opcode.APP_MESSAGE, B, 1, original.payload, request_id=0)
     accepted(w.seq.submit(zero_a, NOW))
     accepted(w.seq.submit(zero_b, NOW))
+
+
+def test_the_active_members_follow_every_change_of_the_roster() -> None:
+    # The set every sequenced frame goes to is kept between frames: any change of the roster,
+    # whoever makes it (a commit, a kick, the Welcome of a private room), must renew it.
+    room = Room(ROOM, 0, 0, A, NOW)
+    members = {m: RoomMember(m, Role.MEMBER, i) for i, m in enumerate((A, B))}
+    seq = RoomSequencer(RoomState(room, members, {}))
+    assert seq.active_members() == {A, B}
+    seq.members[C] = RoomMember(C, Role.MEMBER, 2)
+    assert seq.active_members() == {A, B, C}
+    seq.members[B] = RoomMember(B, Role.REMOVED, 1)
+    assert seq.active_members() == {A, C}
+    seq.members.pop(C)
+    assert seq.active_members() == {A}
+    with pytest.raises(KeyError):
+        seq.members.pop(C)
+    assert seq.members.pop(C, None) is None
+    del seq.members[A]
+    assert seq.active_members() == frozenset()
+    seq.members.update({D: RoomMember(D, Role.MODERATOR, 3)})
+    assert seq.active_members() == {D}
+    seq.members.setdefault(A, RoomMember(A, Role.OWNER, 0))
+    assert seq.active_members() == {A, D}
+    seq.members.clear()
+    assert seq.active_members() == frozenset()
