@@ -3,7 +3,8 @@
 The asyncio driver of the session's sans-IO parts: its Hello/authentication state machine
 (``hello.py``) and, through the hub, the rooms' sequencers.
 
-Frames of one session are handled strictly in arrival order by the session's task. Before a
+Frames of one session are handled strictly in arrival order by the session's task (media
+puts and gets that arrive together are stored or read together: ``cas.py``). Before a
 room frame reaches its room's sequencer it must come from an authenticated session, name the
 session's member as sender, carry that member's valid Ed25519 signature and fit the rate limit;
 each failure is answered with an Error frame echoing the request id (never silence).
@@ -49,6 +50,8 @@ _SESSION_OPCODES = frozenset({Opcode.HELLO, Opcode.PING, Opcode.PONG, Opcode.GOO
 # Reads and directory requests of an authenticated session need no frame signature.
 _UNSIGNED_OK = frozenset({Opcode.SYNC_REQUEST, Opcode.KEY_PACKAGE}) | _SESSION_OPCODES
 VERIFY_BATCH = 128
+# Media requests that wait in the session's cas.Batch; any other frame commits it first.
+_BATCHED = frozenset({Opcode.CAS_PUT, Opcode.CAS_GET})
 # Before Hello a connection may send only the session's own frames, each this small: any
 # other header (a larger payload, another opcode) is refused before its payload is read, and
 # the connection closed, so unauthenticated peers cannot make the server buffer anything.
@@ -111,6 +114,7 @@ class ServerSession:
             min(PRE_HELLO_MAX_PAYLOAD, limits.max_payload_size), _SESSION_OPCODES
         )
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._media = cas.Batch()  # puts or gets admitted, stored or read together
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
 
     @property
@@ -194,7 +198,11 @@ class ServerSession:
             verdicts = await self._verify(batch)
             # Frames that arrived before a disconnect are still handled: they were sent.
             for frame, verdict in zip(batch, verdicts, strict=True):
+                if self._media and frame.header.opcode not in _BATCHED:
+                    await cas.flush(self.hub, self, self._media)
                 await self._handle_safely(frame, verdict)
+            # Blocks wait at most for the frames that arrived with them (group commit).
+            await cas.flush(self.hub, self, self._media)
             if stop:
                 return
 
@@ -306,7 +314,7 @@ class ServerSession:
                 self.reject(frame, ErrorCode.FRAME_REJECTED, "hlc timestamp is in the future")
                 return
         if opcode in cas.CAS_OPCODES:  # media blocks: answered here, never sequenced
-            await cas.handle(self.hub, self, frame)
+            await cas.handle(self.hub, self, frame, self._media)
             return
         await self.hub.dispatch(self, frame)
 
