@@ -8,16 +8,18 @@ than ``server.media.max_size``, or when it would take its uploader past
 ``server.media.quota_per_member`` (see MediaConfig for how usage is counted). Every refusal is
 an Error frame echoing the request id.
 
-Given a :class:`Batch`, consecutive CASPuts of a session are checked one by one but stored
-together, in one transaction (one durable write for many blocks), and consecutive CASGets read
-together; the session commits the batch (:func:`flush`) before it handles any other frame and
-at the end of what it has received, so every frame still sees the effects of those before it.
+Given a :class:`Batch`, a session's CASPuts are checked one by one as they arrive but stored
+together (group commit): the puts that arrive while a transaction commits go into the next
+one, one transaction in flight per session, each answered once durable. Consecutive CASGets
+are read together. Before any other frame (a get included) the session waits for its puts to
+be stored (:func:`flush`), so every frame still sees the effects of those before it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -63,33 +65,63 @@ class Rooms(Protocol):
 
 @dataclass(slots=True)
 class Batch:
-    """CAS requests of one session admitted (every check passed) and not answered yet: puts or
-    gets, never both."""
+    """CAS requests of one session admitted (every check passed) and not answered yet: puts
+    waiting for the next transaction, the transaction under way, or gets; never gets while
+    puts wait or commit."""
 
     puts: list[tuple[Frame, MediaPut]] = field(default_factory=list)
     gets: list[tuple[Frame, bytes]] = field(default_factory=list)
+    committing: asyncio.Task[None] | None = None
 
-    def __len__(self) -> int:
-        return len(self.puts) + len(self.gets)
+    def __bool__(self) -> bool:
+        return bool(self.puts or self.gets or self.committing)
+
+
+def _commit_next(hub: Rooms, session: Asker, batch: Batch) -> None:
+    """Start the transaction of the waiting puts, unless one is under way (when it ends, it
+    starts the next with what arrived meanwhile: one commit in flight per session)."""
+    if batch.committing is not None or not batch.puts:
+        return
+    puts, batch.puts = batch.puts, []
+
+    async def commit() -> None:
+        try:
+            await _answered(session, [f for f, _ in puts], _store(hub, session, puts))
+        finally:
+            batch.committing = None
+            _commit_next(hub, session, batch)
+
+    batch.committing = asyncio.create_task(commit(), name="media-commit")
+
+
+async def _committed(hub: Rooms, session: Asker, batch: Batch) -> None:
+    """Every put of the batch stored and answered."""
+    while batch.committing is not None or batch.puts:
+        _commit_next(hub, session, batch)
+        task = batch.committing
+        assert task is not None
+        await asyncio.shield(task)  # a cancelled session still lets the transaction finish
+
+
+async def settle(hub: Rooms, session: Asker, batch: Batch) -> None:
+    """The session has handled what it received: the waiting puts go into a transaction (the
+    session goes on reading while it commits), the waiting gets are read and answered."""
+    _commit_next(hub, session, batch)
+    gets, batch.gets = batch.gets, []
+    if gets:
+        await _answered(session, [f for f, _ in gets], _read(hub, session, gets))
 
 
 async def flush(hub: Rooms, session: Asker, batch: Batch) -> None:
-    """Store the batch's puts in one transaction, or read its gets in one go, and answer each
-    request. A storage failure answers every request of the batch with it."""
-    puts, gets = batch.puts, batch.gets
-    batch.puts, batch.gets = [], []
-    frames = [f for f, _ in puts] or [f for f, _ in gets]
-    if not frames:
-        return
+    """Answer everything of the batch (before a frame that must see its effects)."""
+    await _committed(hub, session, batch)
+    await settle(hub, session, batch)
+
+
+async def _answered(session: Asker, frames: list[Frame], work: Awaitable[None]) -> None:
+    """Run ``work``, which answers ``frames``; when it fails, answer each with the failure."""
     try:
-        if puts:
-            await _store(hub, session, puts)
-            return
-        room_id = frames[0].header.room_id_bytes
-        if all(f.header.room_id_bytes == room_id for f in frames):
-            found = await hub.store.media_get_many(room_id, [d for _, d in gets])
-        else:
-            found = [await hub.store.media_get(f.header.room_id_bytes, d) for f, d in gets]
+        await work
     except Exception as exc:
         storage = type(exc) is StoreError  # not a subclass: the database is unavailable
         if not storage:
@@ -99,7 +131,14 @@ async def flush(hub: Rooms, session: Asker, batch: Batch) -> None:
                 session.reject(frame, ErrorCode.STORAGE_ERROR, "storage unavailable; retry")
             else:
                 session.reject(frame, ErrorCode.FRAME_REJECTED, "internal error")
-        return
+
+
+async def _read(hub: Rooms, session: Asker, gets: list[tuple[Frame, bytes]]) -> None:
+    room_id = gets[0][0].header.room_id_bytes
+    if all(f.header.room_id_bytes == room_id for f, _ in gets):
+        found = await hub.store.media_get_many(room_id, [d for _, d in gets])
+    else:
+        found = [await hub.store.media_get(f.header.room_id_bytes, d) for f, d in gets]
     for (frame, digest), data in zip(gets, found, strict=True):
         if data is None:
             session.reject(frame, ErrorCode.MESSAGE_NOT_FOUND, "no such block in this room")
@@ -143,17 +182,18 @@ async def handle(hub: Rooms, session: Asker, frame: Frame, batch: Batch | None =
                 await _store(hub, session, [(frame, put)])
                 return
             if batch.gets:
-                await flush(hub, session, batch)
+                await settle(hub, session, batch)
             batch.puts.append((frame, put))
-            if len(batch.puts) >= GROUP_PUTS:
-                await flush(hub, session, batch)
+            if len(batch.puts) >= GROUP_PUTS:  # bounds what waits in memory
+                if batch.committing is not None:
+                    await asyncio.shield(batch.committing)  # (then these start committing)
+                _commit_next(hub, session, batch)
             return
         if batch is not None:
-            if batch.puts:
-                await flush(hub, session, batch)
+            await _committed(hub, session, batch)
             batch.gets.append((frame, payload.hash))
             if len(batch.gets) >= GROUP_GETS:
-                await flush(hub, session, batch)
+                await settle(hub, session, batch)
             return
         data = await hub.store.media_get(room_id, payload.hash)
         if data is None:

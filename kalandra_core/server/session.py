@@ -114,7 +114,7 @@ class ServerSession:
             min(PRE_HELLO_MAX_PAYLOAD, limits.max_payload_size), _SESSION_OPCODES
         )
         self._inbox: asyncio.Queue[Frame | None] = asyncio.Queue()
-        self._media = cas.Batch()  # puts or gets admitted, stored or read together
+        self._media = cas.Batch()  # media puts and gets admitted, stored or read together
         self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
 
     @property
@@ -201,10 +201,11 @@ class ServerSession:
                 if self._media and frame.header.opcode not in _BATCHED:
                     await cas.flush(self.hub, self, self._media)
                 await self._handle_safely(frame, verdict)
-            # Blocks wait at most for the frames that arrived with them (group commit).
-            await cas.flush(self.hub, self, self._media)
+            # Blocks wait at most for the frames that arrive while the previous ones commit.
             if stop:
+                await cas.flush(self.hub, self, self._media)
                 return
+            await cas.settle(self.hub, self, self._media)
 
     async def _verify(self, batch: list[Frame]) -> list[bool | None]:
         """Signature verdicts for the frames that will need one (None: decide later).

@@ -62,23 +62,26 @@ async def put(
 ) -> bool:
     if quota is not None:
         await _check_quota(conn, room_id, digest, len(data), uploader, quota)
+    # A new block goes in with its first reference counted: an UPDATE of the row would write
+    # the whole block again (SQLite rewrites a row, blob included).
     block = await conn.execute(
         dialect_insert(conn, _blocks)
-        .values(digest=digest, data=data, size=len(data), refcount=0, created_at=now)
+        .values(digest=digest, data=data, size=len(data), refcount=1, created_at=now)
         .on_conflict_do_nothing(index_elements=["digest"])
     )
+    new = bool(block.rowcount == 1)
     ref = await conn.execute(
         dialect_insert(conn, _refs)
         .values(room_id=room_id, digest=digest, uploader_id=uploader, created_at=now)
         .on_conflict_do_nothing(index_elements=["room_id", "digest", "uploader_id"])
     )
-    if ref.rowcount == 1:
+    if ref.rowcount == 1 and not new:  # stored already, for another room or uploader
         await conn.execute(
             _blocks.update()
             .where(_blocks.c.digest == digest)
             .values(refcount=_blocks.c.refcount + 1)
         )
-    return bool(block.rowcount == 1)
+    return new
 
 
 async def get(conn: AsyncConnection, room_id: bytes, digest: bytes) -> bytes | None:

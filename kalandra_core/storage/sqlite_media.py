@@ -18,7 +18,7 @@ _USAGE: Final = (
 )
 _HELD: Final = "SELECT 1 FROM media_refs WHERE room_id = ? AND digest = ? AND uploader_id = ?"
 _INSERT_BLOCK: Final = (
-    "INSERT INTO media_blocks (digest, data, size, refcount, created_at) VALUES (?, ?, ?, 0, ?)"
+    "INSERT INTO media_blocks (digest, data, size, refcount, created_at) VALUES (?, ?, ?, 1, ?)"
     " ON CONFLICT (digest) DO NOTHING"
 )
 _INSERT_REF: Final = (
@@ -47,16 +47,20 @@ def put_many(
         if p.room_id not in known:
             results.append(NotFound(f"room {p.room_id.hex()}"))
             continue
-        uploader, size, held = u64_to_db(p.uploader_id), len(p.data), False
+        uploader, size = u64_to_db(p.uploader_id), len(p.data)
+        if conn.execute(_HELD, (p.room_id, p.digest, uploader)).fetchone() is not None:
+            results.append(False)  # held already: nothing changes, nothing counted
+            continue
         if quota is not None:
-            held = conn.execute(_HELD, (p.room_id, p.digest, uploader)).fetchone() is not None
-            if not held and used[p.uploader_id] + size > quota:
+            if used[p.uploader_id] + size > quota:
                 results.append(OverQuota(used[p.uploader_id], size, quota))
                 continue
-        new = conn.execute(_INSERT_BLOCK, (p.digest, p.data, size, now)).rowcount == 1
-        if conn.execute(_INSERT_REF, (p.room_id, p.digest, uploader, now)).rowcount == 1:
-            conn.execute(_COUNT_REF, (p.digest,))
-        if quota is not None and not held:
             used[p.uploader_id] += size
+        # The block goes in with its first reference counted: an UPDATE would rewrite the row,
+        # blob included (only a block stored already, for another room or uploader, takes one).
+        new = conn.execute(_INSERT_BLOCK, (p.digest, p.data, size, now)).rowcount == 1
+        conn.execute(_INSERT_REF, (p.room_id, p.digest, uploader, now))
+        if not new:
+            conn.execute(_COUNT_REF, (p.digest,))
         results.append(new)
     return results
