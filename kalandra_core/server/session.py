@@ -185,6 +185,7 @@ class ServerSession:
         while True:
             first = await self._inbox.get()
             if first is None or self.closed:
+                await cas.flush(self.hub, self, self._media)  # blocks admitted are stored
                 return
             # Take what else is waiting, and check its signatures off the event loop in one go.
             batch = [first]

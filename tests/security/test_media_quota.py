@@ -6,14 +6,19 @@ for each holder, and deleting frees the bytes at once. Both engines, raw frames 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
 
 from kalandra_core.media.blob import block_hash
 from kalandra_core.proto import ErrorCode, Opcode
 from kalandra_core.proto.payloads import CasBlock, CasHashes, decode_payload
 from kalandra_core.server.app import start_server
 from kalandra_core.server.config import MediaConfig
+from kalandra_core.storage import StoreError
 from security.conftest import server_config
 from security.hostile import Account, Raw, error_of, raw, rows
 from security.test_frames_hostile import close, make_scene
@@ -119,6 +124,42 @@ async def test_blocks_sent_together_are_each_checked(tmp_path: Path, db_url: str
         held = await server.store.media_present(s.room_id, [b.hash for b in blocks])
         assert held == [b.hash for b in blocks[:3]]
         alice.close()
+        await close(s.a, s.b)
+    finally:
+        await server.close()
+
+
+async def test_blocks_sent_before_a_disconnect_are_stored(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database failure answers each block of the failed transaction STORAGE_ERROR (the
+    client may send them again); blocks a client sent just before hanging up are still
+    stored (they were sent: only their answers are lost)."""
+    server = await start_server(server_config(tmp_path, database=db_url))
+    try:
+        s = await make_scene(server)
+        alice = await raw(server, hello_as=s.alice)
+        data = [os.urandom(BLOCK) for _ in range(6)]
+        blocks = [CasBlock(hash=block_hash(d), data=d, blob_size=BLOCK) for d in data]
+        store = server.store
+        working = store.media_put_many
+
+        async def unavailable(*args: object, **kw: object) -> NoReturn:
+            raise StoreError("database error: OperationalError")
+
+        monkeypatch.setattr(store, "media_put_many", unavailable)
+        rids = [alice.send(Opcode.CAS_PUT, b, account=s.alice, room=s.room) for b in blocks[:3]]
+        answers = await alice.replies(rids)
+        assert [error_of(answers[r]).code for r in rids] == [ErrorCode.STORAGE_ERROR] * 3
+        monkeypatch.setattr(store, "media_put_many", working)
+
+        session = max(server.hub.by_member[s.alice.member_id], key=lambda x: x.session_id)
+        for b in blocks:
+            alice.send(Opcode.CAS_PUT, b, account=s.alice, room=s.room)
+        alice.close()
+        await asyncio.wait_for(session.wait_closed(), 30)
+        hashes = [b.hash for b in blocks]
+        assert await store.media_present(s.room_id, hashes) == hashes
         await close(s.a, s.b)
     finally:
         await server.close()
