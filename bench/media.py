@@ -150,7 +150,7 @@ async def _main(quick: bool) -> Results:
         finally:
             await a.close()
             await b.close()
-    target = ("0.5 x limit", limit_name, limit)
+    target = (">= 0.50 x limit", limit_name, limit)
     name = f"{size // MIB} MiB"
     return Results(
         [
