@@ -3,7 +3,8 @@
 The asyncio driver of the session's sans-IO parts: its Hello/authentication state machine
 (``hello.py``) and, through the hub, the rooms' sequencers.
 
-Frames of one session are handled strictly in arrival order by the session's task. Before a
+Frames of one session are handled strictly in arrival order by the session's task (media
+puts and gets that arrive together are stored or read together: ``cas.py``). Before a
 room frame reaches its room's sequencer it must come from an authenticated session, name the
 session's member as sender, carry that member's valid Ed25519 signature and fit the rate limit;
 each failure is answered with an Error frame echoing the request id (never silence).
@@ -57,6 +58,8 @@ _UNSIGNED_OK = frozenset({Opcode.SYNC_REQUEST, Opcode.KEY_PACKAGE}) | _SESSION_O
 VERIFY_BATCH = 128
 # Batches whose signatures are being checked ahead of the one being handled.
 _AHEAD: Final = 4
+# Media requests that wait in the session's cas.Batch; any other frame commits it first.
+_BATCHED = frozenset({Opcode.CAS_PUT, Opcode.CAS_GET})
 # Before Hello a connection may send only the session's own frames, each this small: any
 # other header (a larger payload, another opcode) is refused before its payload is read, and
 # the connection closed, so unauthenticated peers cannot make the server buffer anything.
@@ -124,6 +127,7 @@ class ServerSession:
         self._inbox: list[Frame] = []  # (an empty deque takes 760 bytes; 10k sessions idle)
         self._task: asyncio.Task[None] | None = None  # runs while the inbox has frames
         self._key: VerifyKey | None = None  # the member's device key, once authenticated
+        self._media = cas.Batch()  # media puts and gets admitted, stored or read together
 
     @property
     def authenticated(self) -> bool:
@@ -186,10 +190,12 @@ class ServerSession:
             self.sink.close(reason)
 
     async def wait_closed(self) -> None:
-        """Until the frames being handled are done (a closed session takes no more)."""
+        """Until the frames being handled are done and the media blocks admitted are stored
+        (a closed session takes no more)."""
         while self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await cas.flush(self.hub, self, self._media)
 
     # --- processing ------------------------------------------------------------------------
 
@@ -208,7 +214,12 @@ class ServerSession:
                 # A batch taken is handled whole, also when the connection is lost meanwhile:
                 # its frames were sent.
                 for frame, verdict in zip(batch, verdicts, strict=True):
+                    if self._media and frame.header.opcode not in _BATCHED:
+                        await cas.flush(self.hub, self, self._media)
                     await self._handle_safely(frame, verdict)
+                # The puts go into a transaction that ends on its own (the next batch does not
+                # wait for it); the gets are answered now.
+                await cas.settle(self.hub, self, self._media)
         finally:
             self._task = None
             for _, pending in ahead:  # a closed session: its frames are dropped unhandled
@@ -334,7 +345,7 @@ class ServerSession:
                 self.reject(frame, ErrorCode.FRAME_REJECTED, "hlc timestamp is in the future")
                 return
         if opcode in cas.CAS_OPCODES:  # media blocks: answered here, never sequenced
-            await cas.handle(self.hub, self, frame)
+            await cas.handle(self.hub, self, frame, self._media)
             return
         await self.hub.dispatch(self, frame)
 

@@ -110,6 +110,16 @@ class OverQuota(StoreError):
         self.quota = quota
 
 
+@dataclass(frozen=True, slots=True)
+class MediaPut:
+    """One block for :meth:`Store.media_put_many` (the caller checked the digest)."""
+
+    room_id: bytes
+    digest: bytes
+    data: bytes
+    uploader_id: int
+
+
 class Role(enum.IntEnum):
     # Kicked or banned: out of the room for the server (cannot send, gets nothing), while its
     # MLS leaf stays in the tree until a member commits the Remove; then the row goes.
@@ -336,6 +346,16 @@ class Store(Protocol):
         reference would take the uploader's usage (:meth:`media_usage`) past it."""
         ...
 
+    async def media_put_many(
+        self, puts: Sequence[MediaPut], quota: int | None = None
+    ) -> list[bool | NotFound | OverQuota]:
+        """:meth:`media_put` of each block in order, in one transaction (one durable write for
+        the lot: group commit). Each result is what ``media_put`` would have returned or
+        raised: True (new to the server), False, or the NotFound / OverQuota refusing that
+        block (nothing of it stored; the others are). Quota: a block counts against its
+        uploader's usage as it would had the puts come one by one."""
+        ...
+
     async def media_usage(self, uploader_id: int) -> int:
         """Bytes a member holds: the size of each block it references, once per room (a block
         shared with others counts in full for each holder: each reference keeps it stored)."""
@@ -343,6 +363,10 @@ class Store(Protocol):
 
     async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
         """The block, if the room references it."""
+        ...
+
+    async def media_get_many(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes | None]:
+        """:meth:`media_get` of each digest (in one read)."""
         ...
 
     async def media_present(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:

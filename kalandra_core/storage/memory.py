@@ -25,6 +25,7 @@ from .base import (
     AppendConflict,
     BanRecord,
     LogEntry,
+    MediaPut,
     MemberAccount,
     NotFound,
     OverQuota,
@@ -404,9 +405,25 @@ class MemoryStore:
         self._media_refs.add((room_id, digest, uploader_id))
         return new
 
+    async def media_put_many(
+        self, puts: Sequence[MediaPut], quota: int | None = None
+    ) -> list[bool | NotFound | OverQuota]:
+        results: list[bool | NotFound | OverQuota] = []
+        for p in puts:
+            try:
+                results.append(
+                    await self.media_put(p.room_id, p.digest, p.data, p.uploader_id, quota)
+                )
+            except (NotFound, OverQuota) as exc:
+                results.append(exc)
+        return results
+
     async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
         held = any(r == room_id and d == digest for r, d, _ in self._media_refs)
         return self._media.get(digest) if held else None
+
+    async def media_get_many(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes | None]:
+        return [await self.media_get(room_id, d) for d in digests]
 
     async def media_present(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
         held = {d for r, d, _ in self._media_refs if r == room_id}

@@ -32,15 +32,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ..private_files import make_sqlite_private
 from ..proto import Handshake
-from . import migrations, sql_log, sql_media
+from . import migrations, sql_log, sql_media, sqlite_media
 from . import schema as db
 from .base import (
     LOGIN_CODE_MAX_TTL,
     AlreadyExists,
     BanRecord,
     LogEntry,
+    MediaPut,
     MemberAccount,
     NotFound,
+    OverQuota,
     Role,
     Room,
     RoomChanges,
@@ -557,6 +559,20 @@ class SqlStore:
         except IntegrityError:
             raise NotFound(f"room {room_id.hex()}") from None
 
+    async def media_put_many(
+        self, puts: Sequence[MediaPut], quota: int | None = None
+    ) -> list[bool | NotFound | OverQuota]:
+        if not puts:
+            return []
+        now = _now_ms()
+        if self._fast is not None:
+            fast = self._fast
+            return await fast.transaction(
+                lambda conn: sqlite_media.put_many(conn, puts, now, quota)
+            )
+        async with self._write() as conn:
+            return await sql_media.put_many(conn, puts, now, quota)
+
     async def media_usage(self, uploader_id: int) -> int:
         async with self._read() as conn:
             return await sql_media.usage(conn, uploader_id)
@@ -564,6 +580,10 @@ class SqlStore:
     async def media_get(self, room_id: bytes, digest: bytes) -> bytes | None:
         async with self._read() as conn:
             return await sql_media.get(conn, room_id, digest)
+
+    async def media_get_many(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes | None]:
+        async with self._read() as conn:
+            return await sql_media.get_many(conn, room_id, digests)
 
     async def media_present(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
         async with self._read() as conn:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as db
-from .base import OverQuota
+from .base import MediaPut, NotFound, OverQuota
 from .sql_log import dialect_insert
 
 _blocks = db.media_blocks
@@ -18,8 +18,10 @@ _refs = db.media_refs
 
 
 async def usage(conn: AsyncConnection, uploader: int) -> int:
+    # length(data), not the size column (equal): SQLite stores size after the blob, so reading
+    # it walks the blob's overflow pages (the whole file), while length() reads the row header.
     used = await conn.scalar(
-        sa.select(sa.func.coalesce(sa.func.sum(_blocks.c.size), 0))
+        sa.select(sa.func.coalesce(sa.func.sum(sa.func.length(_blocks.c.data)), 0))
         .select_from(_refs.join(_blocks, _refs.c.digest == _blocks.c.digest))
         .where(_refs.c.uploader_id == uploader)
     )
@@ -60,23 +62,26 @@ async def put(
 ) -> bool:
     if quota is not None:
         await _check_quota(conn, room_id, digest, len(data), uploader, quota)
+    # A new block goes in with its first reference counted: an UPDATE of the row would write
+    # the whole block again (SQLite rewrites a row, blob included).
     block = await conn.execute(
         dialect_insert(conn, _blocks)
-        .values(digest=digest, data=data, size=len(data), refcount=0, created_at=now)
+        .values(digest=digest, data=data, size=len(data), refcount=1, created_at=now)
         .on_conflict_do_nothing(index_elements=["digest"])
     )
+    new = bool(block.rowcount == 1)
     ref = await conn.execute(
         dialect_insert(conn, _refs)
         .values(room_id=room_id, digest=digest, uploader_id=uploader, created_at=now)
         .on_conflict_do_nothing(index_elements=["room_id", "digest", "uploader_id"])
     )
-    if ref.rowcount == 1:
+    if ref.rowcount == 1 and not new:  # stored already, for another room or uploader
         await conn.execute(
             _blocks.update()
             .where(_blocks.c.digest == digest)
             .values(refcount=_blocks.c.refcount + 1)
         )
-    return bool(block.rowcount == 1)
+    return new
 
 
 async def get(conn: AsyncConnection, room_id: bytes, digest: bytes) -> bytes | None:
@@ -87,6 +92,20 @@ async def get(conn: AsyncConnection, room_id: bytes, digest: bytes) -> bytes | N
         )
     )
     return None if data is None else bytes(data)
+
+
+async def get_many(
+    conn: AsyncConnection, room_id: bytes, digests: Sequence[bytes]
+) -> list[bytes | None]:
+    wanted = list(dict.fromkeys(digests))
+    if not wanted:
+        return [None] * len(digests)
+    held = sa.select(_refs.c.digest).where(_refs.c.room_id == room_id, _refs.c.digest.in_(wanted))
+    rows = await conn.execute(
+        sa.select(_blocks.c.digest, _blocks.c.data).where(_blocks.c.digest.in_(held))
+    )
+    found = {bytes(r.digest): bytes(r.data) for r in rows}
+    return [found.get(d) for d in digests]
 
 
 async def present(conn: AsyncConnection, room_id: bytes, digests: Sequence[bytes]) -> list[bytes]:
@@ -129,3 +148,45 @@ async def release(
 async def refcount(conn: AsyncConnection, digest: bytes) -> int:
     count = await conn.scalar(sa.select(_blocks.c.refcount).where(_blocks.c.digest == digest))
     return int(count or 0)
+
+
+async def put_many(
+    conn: AsyncConnection, puts: Sequence[MediaPut], now: int, quota: int | None
+) -> list[bool | NotFound | OverQuota]:
+    """``put`` of each block in one transaction; a refused block is skipped (its result is the
+    refusal), so one bad block never aborts the others (PostgreSQL would abort the whole
+    transaction on a failed statement: rooms are checked before anything is written)."""
+    rooms = {p.room_id for p in puts}
+    found = await conn.execute(sa.select(db.rooms.c.room_id).where(db.rooms.c.room_id.in_(rooms)))
+    known = {bytes(r.room_id) for r in found}
+    used: dict[int, int] = {}
+    if quota is not None:
+        for uploader in sorted({p.uploader_id for p in puts if p.room_id in known}):
+            await conn.execute(  # as in _check_quota: one uploader's puts counted in turn
+                sa.select(db.members.c.member_id)
+                .where(db.members.c.member_id == uploader)
+                .with_for_update()
+            )
+            used[uploader] = await usage(conn, uploader)
+    results: list[bool | NotFound | OverQuota] = []
+    for p in puts:
+        if p.room_id not in known:
+            results.append(NotFound(f"room {p.room_id.hex()}"))
+            continue
+        size, held = len(p.data), False
+        if quota is not None:
+            held = await conn.scalar(
+                sa.select(sa.literal(1)).where(
+                    _refs.c.room_id == p.room_id,
+                    _refs.c.digest == p.digest,
+                    _refs.c.uploader_id == p.uploader_id,
+                )
+            )
+            if not held and used[p.uploader_id] + size > quota:
+                results.append(OverQuota(used[p.uploader_id], size, quota))
+                continue
+        new = await put(conn, p.room_id, p.digest, p.data, p.uploader_id, now)
+        if quota is not None and not held:
+            used[p.uploader_id] += size
+        results.append(new)
+    return results

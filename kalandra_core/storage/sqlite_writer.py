@@ -320,6 +320,18 @@ class SqliteWriter:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
             loop.call_soon_threadsafe(answer)
 
+    async def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``body`` in one transaction on the writer's connection, in one hop (errors as
+        :meth:`append`'s)."""
+        result: list[T] = []
+
+        def run() -> None:
+            conn = self._connection()
+            _transaction(conn, lambda: result.append(body(conn)))
+
+        await self._run(run)
+        return result[0]
+
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
         """Hold the writer thread (idle, between transactions) while the body writes through

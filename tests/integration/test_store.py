@@ -36,7 +36,9 @@ from kalandra_core.storage import (
     AppendConflict,
     BanRecord,
     LogEntry,
+    MediaPut,
     NotFound,
+    OverQuota,
     Role,
     Room,
     RoomChanges,
@@ -601,3 +603,46 @@ async def test_media_blocks_are_kept_once_and_reached_through_a_room(store: Stor
     assert await store.media_release(r2, [d1, d2], None) == [d1, d2]
     assert (await store.media_refcount(d1), await store.media_refcount(d2)) == (0, 0)
     assert await store.media_release(r2, [d1], None) == []
+
+
+async def test_media_put_many_answers_each_block_as_one_put_would(store: Store) -> None:
+    """Group commit: one transaction, and each block's result is what media_put alone would
+    have returned or raised; a refused block is not stored and does not stop the others."""
+    r1 = await new_room(store, 1)
+    blocks = [bytes([i]) * 1000 for i in range(5)]
+    d = [hashlib.sha256(b).digest() for b in blocks]
+    await store.media_put(r1, d[0], blocks[0], HIGH)  # 1000 bytes held already
+    puts = [
+        MediaPut(r1, d[0], blocks[0], HIGH),  # held already: free, not new
+        MediaPut(r1, d[1], blocks[1], HIGH),  # 2000 held
+        MediaPut(room_id(9), d[2], blocks[2], HIGH),  # no such room
+        MediaPut(r1, d[1], blocks[1], HIGH),  # twice in one batch: counted once
+        MediaPut(r1, d[3], blocks[3], HIGH),  # 3000 held: the quota
+        MediaPut(r1, d[4], blocks[4], HIGH),  # over the quota
+        MediaPut(r1, d[4], blocks[4], MID),  # another uploader's quota
+    ]
+    results = await store.media_put_many(puts, quota=3000)
+    assert results[:2] == [False, True]
+    assert isinstance(results[2], NotFound)
+    assert results[3:5] == [False, True]
+    over = results[5]
+    assert isinstance(over, OverQuota)
+    assert (over.used, over.size, over.quota) == (3000, 1000, 3000)
+    assert results[6] is True
+    assert await store.media_usage(HIGH) == 3000
+    assert await store.media_usage(MID) == 1000
+    assert await store.media_refcount(d[1]) == 1
+    assert await store.media_refcount(d[2]) == 0  # nothing of the refused block
+    assert await store.media_refcount(d[4]) == 1  # MID's reference only
+    assert await store.media_present(r1, d) == [d[0], d[1], d[3], d[4]]
+    assert await store.media_put_many([]) == []
+    # Reads in one go: in the order asked, None where the room holds no such block.
+    r2 = await new_room(store, 2)
+    assert await store.media_get_many(r1, [d[3], d[2], d[0], d[3]]) == [
+        blocks[3],
+        None,
+        blocks[0],
+        blocks[3],
+    ]
+    assert await store.media_get_many(r2, [d[0]]) == [None]
+    assert await store.media_get_many(r1, []) == []
