@@ -192,6 +192,23 @@ def _store_error(exc: BaseException) -> BaseException:
     return error
 
 
+def _transaction(conn: sqlite3.Connection, body: Callable[[], None]) -> None:
+    """BEGIN IMMEDIATE, ``body``, COMMIT; ROLLBACK on any error, raised as :func:`_store_error`
+    says."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        body()
+        conn.execute("COMMIT")
+    except BaseException as exc:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):  # report the first failure
+                conn.execute("ROLLBACK")
+        error = _store_error(exc)
+        if error is exc:
+            raise
+        raise error from exc
+
+
 @dataclass(slots=True)
 class _Append:
     room_id: bytes
