@@ -200,19 +200,19 @@ class ServerSession:
     # --- processing ------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        """Handle the inbox in order until it is empty (or the session closed), checking each
-        batch's signatures while the batch before it is handled."""
+        """Handle the inbox in order until it is empty, checking each batch's signatures while
+        the batch before it is handled. Frames received before the connection was lost are
+        handled too (they were sent; only their answers are lost): what a server does with a
+        client's frames does not depend on when it noticed the hang-up."""
         ahead: deque[tuple[list[Frame], Verdicts | asyncio.Future[Verdicts]]] = deque()
         try:
-            while not self.closed:
+            while True:
                 self._take_batches(ahead)
                 if not ahead:
                     return
                 batch, pending = ahead.popleft()
                 verdicts = pending if isinstance(pending, list) else await pending
                 self._take_batches(ahead)  # what came meanwhile is checked during this batch
-                # A batch taken is handled whole, also when the connection is lost meanwhile:
-                # its frames were sent.
                 for frame, verdict in zip(batch, verdicts, strict=True):
                     if self._media and frame.header.opcode not in _BATCHED:
                         await cas.flush(self.hub, self, self._media)
@@ -222,7 +222,7 @@ class ServerSession:
                 await cas.settle(self.hub, self, self._media)
         finally:
             self._task = None
-            for _, pending in ahead:  # a closed session: its frames are dropped unhandled
+            for _, pending in ahead:  # cancelled (server shutdown): the rest is dropped
                 if isinstance(pending, asyncio.Future):
                     pending.cancel()
             if self.closed:
