@@ -128,6 +128,7 @@ class ServerSession:
         self._task: asyncio.Task[None] | None = None  # runs while the inbox has frames
         self._key: VerifyKey | None = None  # the member's device key, once authenticated
         self._media = cas.Batch()  # media puts and gets admitted, stored or read together
+        self._closed_waiter: asyncio.Future[None] | None = None  # made by wait_closed only
 
     @property
     def authenticated(self) -> bool:
@@ -171,6 +172,11 @@ class ServerSession:
         if not self.closed:
             self.closed = True
             self.hub.session_gone(self)
+            self._wake_closed_waiter()
+
+    def _wake_closed_waiter(self) -> None:
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
 
     # --- output ----------------------------------------------------------------------------
 
@@ -188,10 +194,15 @@ class ServerSession:
             self.closed = True
             self.hub.session_gone(self)
             self.sink.close(reason)
+            self._wake_closed_waiter()
 
     async def wait_closed(self) -> None:
-        """Until the frames being handled are done and the media blocks admitted are stored
-        (a closed session takes no more)."""
+        """Until the session is closed, the frames it received are handled and the media
+        blocks it admitted are stored."""
+        if not self.closed:
+            if self._closed_waiter is None:
+                self._closed_waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._closed_waiter)
         while self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
