@@ -25,7 +25,7 @@ import cbor2
 
 from ..crypto import sealed
 from ..proto import Handshake
-from . import corrections, framing
+from . import corrections, fastpaths, framing
 from ._lib import (
     AddProposal,
     Commit,
@@ -198,14 +198,15 @@ class MlsGroup:
                 raise InvalidMlsMessage("expected a Welcome")
             parsed = msg.get_parsed_content()
             assert isinstance(parsed, Welcome)
-            lib = join_from_welcome(
-                crypto,
-                parsed,
-                KeyPackage.deserialize(bundle.key_package),
-                bundle.init_private_key,
-                bundle.encryption_private_key,
-                ratchet_tree=ratchet_tree,
-            )
+            with fastpaths.joining():
+                lib = join_from_welcome(
+                    crypto,
+                    parsed,
+                    KeyPackage.deserialize(bundle.key_package),
+                    bundle.init_private_key,
+                    bundle.encryption_private_key,
+                    ratchet_tree=ratchet_tree,
+                )
         except (InvalidMlsMessage, MlsError):
             raise
         except Exception as exc:

@@ -1,0 +1,363 @@
+"""Speed fixes for rfc9420 1.3.0 in large groups: same results, less work.
+
+These are not corrections (the library computes the right thing), they remove quadratic costs
+that make a 10,000-member group unusable (docs/performance-targets.md). Each replacement first
+checks that the library code it replaces is the audited 1.3.0 source (LibraryChangedError
+otherwise), like the corrections in ``_lib`` and ``corrections``.
+
+* TLS readers: ``read_uint8`` and its siblings check the remaining length with
+  ``len(buf[offset:])``, which copies the rest of the buffer on every field read. Loading a
+  state or a ratchet tree of N leaves reads O(N) fields from an O(N) buffer: quadratic. The
+  replacements compare lengths without copying and raise the same errors.
+* ``LeafNode.deserialize_partial`` slices off its remainder after every field, and the Welcome
+  tree loader hands it the whole rest of the tree for each leaf: quadratic again. The
+  replacement parses a window that holds any ordinary LeafNode first, and keeps the result
+  only if it re-encodes to exactly the bytes it consumed; otherwise it parses the full buffer
+  as before.
+* The Welcome tree loader (``load_full_tree_from_welcome_bytes``) is the library's, except that
+  it hands each LeafNode parser a window of the buffer, not a copy of all the rest of it.
+  ``MLSGroup.from_welcome`` loads the same tree twice (once for the GroupInfo signers, once for
+  the group); while joining, the second load copies the nodes of the first.
+* ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
+  Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ._lib import (
+    LeafNode,
+    RatchetTree,
+    RatchetTreeNode,
+    library_modules,
+    require_library_source,
+    tls_codec,
+    tree_math,
+)
+
+_AUDITED = {
+    "read_uint8": "0dcecf2b916a3fed1a9565db44536dde95eb846b134b0ce0151db4129d5b83e0",
+    "read_uint16": "9c6516d69208c2456be1846aaa1cf794fe3bc6251b0acda06bc1377d789ab640",
+    "read_uint24": "682541d0f744c6668ff76cad69fa5a1ed1fa0817518744cd52a908df35f44c15",
+    "read_uint32": "134e39b8086e1985266705c3ebd9bba28c2b020138c936b1f550d8b6e5bbce3a",
+    "read_uint64": "abe7a4e9cfa7fd04e5ef9f1b65add526f510aefddc33521768a2bf6c2a4c3957",
+    "read_vector": "af216e6facd6049306bea8bb054493ffc3917695f9d115e1f61886771d9bb40b",
+    "read_varint": "2f55753919537e1527b058311be9ec6f549725ee3956ce10ade1462ee1a0b7bc",
+    "_require_length": "896f87a5c9f9f98a35af62c7ebacc99e690d50654e9150afd5def71f5c6b522d",
+    "LeafNode.deserialize_partial": (
+        "e64254d27a3df705e05da1c3c316dcb69c6ceaea0e8e3ff4310bcb66ee12f2d3"
+    ),
+    "RatchetTree.load_full_tree_from_welcome_bytes": (
+        "54034a03719e0065aecabfea70257eb6a93013e441bbb7877903989c47c7bcad"
+    ),
+    "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
+}
+
+_TLSDecodeError = tls_codec.TLSDecodeError
+
+
+def _need(buf: Any, offset: int, need: int) -> None:
+    # The library's check, _require_length(buf[offset:], need), without copying buf[offset:].
+    have = max(len(buf) - offset, 0)
+    if have < need:
+        raise _TLSDecodeError(f"buffer too short: need {need}, have {have}")
+
+
+def read_uint8(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    if offset < 0:
+        return _originals["read_uint8"](buf, offset)  # type: ignore[no-any-return]
+    _need(buf, offset, 1)
+    return buf[offset], offset + 1
+
+
+def read_uint16(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    if offset < 0:
+        return _originals["read_uint16"](buf, offset)  # type: ignore[no-any-return]
+    _need(buf, offset, 2)
+    return int.from_bytes(buf[offset : offset + 2], "big"), offset + 2
+
+
+def read_uint24(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    if offset < 0:
+        return _originals["read_uint24"](buf, offset)  # type: ignore[no-any-return]
+    _need(buf, offset, 3)
+    return (buf[offset] << 16) | (buf[offset + 1] << 8) | buf[offset + 2], offset + 3
+
+
+def read_uint32(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    if offset < 0:
+        return _originals["read_uint32"](buf, offset)  # type: ignore[no-any-return]
+    _need(buf, offset, 4)
+    return int.from_bytes(buf[offset : offset + 4], "big"), offset + 4
+
+
+def read_uint64(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    if offset < 0:
+        return _originals["read_uint64"](buf, offset)  # type: ignore[no-any-return]
+    _need(buf, offset, 8)
+    return int.from_bytes(buf[offset : offset + 8], "big"), offset + 8
+
+
+_LENGTH_READERS = {1: read_uint8, 2: read_uint16, 3: read_uint24, 4: read_uint32}
+
+
+def read_vector(buf: bytes, offset: int, length_bytes: int) -> tuple[bytes, int]:
+    reader = _LENGTH_READERS.get(length_bytes)
+    if reader is None:
+        raise ValueError("length_bytes must be 1, 2, 3, or 4")
+    if offset < 0:
+        return _originals["read_vector"](buf, offset, length_bytes)  # type: ignore[no-any-return]
+    length, offset = reader(buf, offset)
+    _need(buf, offset, length)
+    return buf[offset : offset + length], offset + length
+
+
+def read_varint(buf: bytes, offset: int = 0) -> tuple[int, int]:
+    if offset < 0:
+        return _originals["read_varint"](buf, offset)  # type: ignore[no-any-return]
+    _need(buf, offset, 1)
+    first = buf[offset]
+    prefix = first >> 6
+    if prefix == 3:
+        raise _TLSDecodeError("invalid variable-length integer prefix 11 (RFC 9420)")
+    length = 1 << prefix
+    available = len(buf) - offset
+    if available < length:
+        raise _TLSDecodeError(
+            f"truncated varint at offset {offset}: need {length} bytes for encoded varint, "
+            f"have {available}"
+        )
+    val = int.from_bytes(buf[offset : offset + length], "big")
+    if length == 1:
+        val &= 0x3F
+    elif length == 2:
+        val &= 0x3FFF
+        if val < 0x40:
+            raise _TLSDecodeError("varint minimum encoding required (value < 64 must use 1 byte)")
+    else:  # length == 4 (prefix 2)
+        val &= 0x3FFFFFFF
+        if val < 0x4000:
+            raise _TLSDecodeError(
+                "varint minimum encoding required (value < 16384 must use 1 or 2 bytes)"
+            )
+    return val, offset + length
+
+
+_READERS: dict[str, Callable[..., Any]] = {
+    "read_uint8": read_uint8,
+    "read_uint16": read_uint16,
+    "read_uint24": read_uint24,
+    "read_uint32": read_uint32,
+    "read_uint64": read_uint64,
+    "read_vector": read_vector,
+    "read_varint": read_varint,
+}
+_originals: dict[str, Callable[..., Any]] = {}
+
+
+def _replace_readers() -> None:
+    if _originals:
+        return
+    require_library_source(tls_codec._require_length, _AUDITED["_require_length"], "TLS readers")
+    for name in _READERS:
+        original = getattr(tls_codec, name)
+        require_library_source(original, _AUDITED[name], "TLS readers")
+        _originals[name] = original
+    # Modules bound the readers by name at import: rebind each reference to the original.
+    for module in library_modules():
+        for name, fast in _READERS.items():
+            if getattr(module, name, None) is _originals[name]:
+                setattr(module, name, fast)
+
+
+# --- LeafNode ----------------------------------------------------------------------------------
+
+_WINDOW = 4096  # far larger than a LeafNode with a basic credential (about 300 bytes)
+_library_leaf_partial = LeafNode.deserialize_partial
+_library_leaf_serialize = LeafNode.serialize
+
+
+def _leaf_serialize(self: LeafNode) -> bytes:
+    cached = self.__dict__.get("_kalandra_encoding")
+    if cached is None:
+        cached = _library_leaf_serialize(self)
+        object.__setattr__(self, "_kalandra_encoding", cached)
+    return cached
+
+
+def _parse_window(window: bytes) -> tuple[LeafNode, int] | None:
+    """The LeafNode at the start of ``window`` if it lies wholly inside it, else None."""
+    try:
+        leaf, consumed = _library_leaf_partial(window)
+    except Exception:
+        return None  # longer than the window (or malformed): the caller parses it all
+    # A successful parse of a prefix read only those bytes; keep it only when they are exactly
+    # the leaf's encoding, so the result cannot differ from a parse of the whole buffer.
+    if consumed < len(window) and leaf.serialize() == window[:consumed]:
+        return leaf, consumed
+    return None
+
+
+def _leaf_partial(data: bytes) -> tuple[LeafNode, int]:
+    if len(data) > _WINDOW and (parsed := _parse_window(bytes(data[:_WINDOW]))) is not None:
+        return parsed
+    return _library_leaf_partial(data)
+
+
+def _replace_leaf_codec() -> None:
+    if getattr(LeafNode.serialize, "_kalandra_fast", False):
+        return
+    require_library_source(
+        LeafNode.deserialize_partial, _AUDITED["LeafNode.deserialize_partial"], "LeafNode codec"
+    )
+    require_library_source(LeafNode.serialize, _AUDITED["LeafNode.serialize"], "LeafNode codec")
+    _leaf_serialize._kalandra_fast = True  # type: ignore[attr-defined]
+    LeafNode.serialize = _leaf_serialize  # type: ignore[method-assign]
+    LeafNode.deserialize_partial = staticmethod(_leaf_partial)  # type: ignore[method-assign]
+
+
+# --- the Welcome ratchet tree --------------------------------------------------------------------
+
+_Entry = tuple[int, Any] | None
+
+
+def _welcome_tree_entries(data: bytes) -> list[_Entry]:
+    """The library's parse of ``optional<Node> ratchet_tree<V>``, windowed (see the module doc)."""
+    off = 0
+    total_len, off = read_varint(data, off)
+    end = off + total_len
+    if end > len(data):
+        raise _TLSDecodeError("ratchet_tree extension shorter than declared length")
+    entries: list[_Entry] = []
+    while off < end:
+        opt_len, off = read_uint8(data, off)
+        if opt_len == 0:
+            entries.append(None)
+            continue
+        if opt_len != 1:
+            raise _TLSDecodeError("optional<Node> must have length 0 or 1")
+        node_type, off = read_uint8(data, off)
+        if node_type == 1:
+            leaf_node, consumed = _leaf_partial_at(data, off)
+            off += consumed
+            entries.append((1, leaf_node))
+        elif node_type == 2:
+            pk, off = tls_codec.read_opaque_varint(data, off)
+            ph, off = tls_codec.read_opaque_varint(data, off)
+            ul_len, off = read_varint(data, off)
+            ul_end = off + ul_len
+            if ul_end > len(data):
+                raise _TLSDecodeError("unmerged_leaves<V> extends past ratchet_tree buffer")
+            if ul_len % 4 != 0:
+                raise _TLSDecodeError("unmerged_leaves<V> length must be a multiple of 4 (uint32)")
+            unmerged: list[int] = []
+            while off < ul_end:
+                value, off = read_uint32(data, off)
+                unmerged.append(value)
+            entries.append((2, (pk, ph, unmerged)))
+        else:
+            raise _TLSDecodeError(f"invalid NodeType {node_type}")
+    return entries
+
+
+def _leaf_partial_at(data: bytes, off: int) -> tuple[LeafNode, int]:
+    window = data[off : off + _WINDOW]
+    if len(window) < _WINDOW:  # the window is all the rest
+        return _library_leaf_partial(window)
+    parsed = _parse_window(window)
+    return parsed if parsed is not None else _library_leaf_partial(data[off:])
+
+
+# from_welcome loads the GroupInfo's tree twice: while joining, remember the last one loaded.
+_JOIN_TREE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
+    "kalandra_join_tree", default=None
+)
+
+
+@contextlib.contextmanager
+def joining() -> Iterator[None]:
+    """While joining, a tree loaded twice from the same bytes is parsed and hashed once."""
+    token = _JOIN_TREE.set([])
+    try:
+        yield
+    finally:
+        _JOIN_TREE.reset(token)
+
+
+def _load_welcome_tree(self: RatchetTree, data: bytes) -> None:
+    memo = _JOIN_TREE.get()
+    if memo and memo[0] == data:
+        self._n_leaves = memo[1]
+        self._nodes.clear()
+        for index, fields in memo[2].items():
+            node = RatchetTreeNode(index % 2 == 0)
+            (node.public_key, node.parent_hash, node.leaf_node, node.hash, unmerged) = fields
+            node.unmerged_leaves = list(unmerged)
+            self._nodes[index] = node
+        return
+    _load_welcome_tree_uncached(self, data)
+    if memo is not None:
+        memo[:] = [
+            data,
+            self._n_leaves,
+            {
+                index: (n.public_key, n.parent_hash, n.leaf_node, n.hash, list(n.unmerged_leaves))
+                for index, n in self._nodes.items()
+            },
+        ]
+
+
+def _load_welcome_tree_uncached(self: RatchetTree, data: bytes) -> None:
+    entries = _welcome_tree_entries(data) if read_varint(data, 0)[0] else []
+    self._nodes.clear()
+    if not entries:
+        self._n_leaves = 0
+        return
+    # As the library: extend with blanks to 2^(d+1)-1 nodes, n_leaves = 2^d.
+    d = 0
+    while (1 << (d + 1)) - 1 < len(entries):
+        d += 1
+    width = (1 << (d + 1)) - 1
+    self._n_leaves = 1 << d
+    for i in range(width):
+        self._nodes[i] = RatchetTreeNode(is_leaf=(i % 2 == 0))
+    for idx, entry in enumerate(entries):
+        if entry is None:
+            continue
+        node_type, payload = entry
+        node = self._nodes[idx]
+        if node_type == 1:
+            node.public_key = payload.encryption_key
+            node.leaf_node = payload
+        else:
+            pk, ph, unmerged = payload
+            node.public_key = pk if pk else None
+            node.parent_hash = ph if ph else None
+            node.unmerged_leaves = list(unmerged) if unmerged else []
+    self._ensure_hash_bottom_up(tree_math.root(self._n_leaves))
+
+
+def _replace_welcome_tree_loader() -> None:
+    if getattr(RatchetTree.load_full_tree_from_welcome_bytes, "_kalandra_fast", False):
+        return
+    require_library_source(
+        RatchetTree.load_full_tree_from_welcome_bytes,
+        _AUDITED["RatchetTree.load_full_tree_from_welcome_bytes"],
+        "Welcome tree loader",
+    )
+    _load_welcome_tree._kalandra_fast = True  # type: ignore[attr-defined]
+    RatchetTree.load_full_tree_from_welcome_bytes = _load_welcome_tree  # type: ignore[method-assign]
+
+
+def apply() -> None:
+    """Install the speed fixes (idempotent); the package does it on import."""
+    _replace_readers()
+    _replace_leaf_codec()
+    _replace_welcome_tree_loader()
+
+
+apply()
