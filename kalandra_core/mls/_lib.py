@@ -39,6 +39,7 @@ from rfc9420.extensions.extensions import (
     ExtensionType,
     build_capabilities_data,
     deserialize_extensions,
+    parse_capabilities_data,
     parse_external_senders,
     serialize_extensions,
 )
@@ -179,6 +180,7 @@ __all__ = [
     "mls_exporter",
     "mls_labels",
     "open_welcome",
+    "parse_capabilities_data",
     "parse_external_senders",
     "pending_proposals",
     "process_handshake",

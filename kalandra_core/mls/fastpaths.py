@@ -18,6 +18,10 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
   it hands each LeafNode parser a window of the buffer, not a copy of all the rest of it.
   ``MLSGroup.from_welcome`` loads the same tree twice (once for the GroupInfo signers, once for
   the group); while joining, the second load copies the nodes of the first.
+* Tree arithmetic (``tree_math``: left, right, parent, direct path, ...) is recomputed bit by
+  bit at every step of every walk over the tree; the pure functions are memoized.
+* ``parse_capabilities_data`` runs for every leaf in several whole-tree checks of each commit,
+  on what is nearly always the same few bytes; results are memoized by those bytes.
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +39,7 @@ from ._lib import (
     RatchetTree,
     RatchetTreeNode,
     library_modules,
+    parse_capabilities_data,
     require_library_source,
     tls_codec,
     tree_math,
@@ -54,6 +60,17 @@ _AUDITED = {
     "RatchetTree.load_full_tree_from_welcome_bytes": (
         "54034a03719e0065aecabfea70257eb6a93013e441bbb7877903989c47c7bcad"
     ),
+    "log2": "312c6b56000cb26c17051b010e9442f90e8fa8bd9f2b476c1db292fa923a46aa",
+    "level": "18e36a294eaf04c20c9b8d79eeb978606645077301c3a5e57d7cbf1cdcd30ff0",
+    "node_width": "935d722cbf5a7855ee13a29b1f4c02df63819a74495730d7d9b0d322c5174681",
+    "root": "75e275e7b4cdbbeb8a35bafac784e5517d0a2ffba26aa5f354b3338eb8e54327",
+    "left": "c682a1552b5f2132200c967b2c91c995b182477dce8ef1f8d4a02df6aa7bf34e",
+    "right": "abaf4ac69c4fb4e7cbf91d4f8aa99e819cf8730be4d019afb53e640a4da342ae",
+    "parent": "91bf8465a4a31f0dde3a04d47992bda7d70cea5e689714447c487d8435262c34",
+    "sibling": "e048965d5b2d51794d815a3212ebbaf8524227b9fcf175e4b8565ad900cb9737",
+    "direct_path": "321daf8608fa4405b3e8814001dcc572928a27bc4ff5eaec4a3e6a2a6609b1ce",
+    "copath": "57f4eebe5a4b5e7b2df7a319fe6edfc90a3399597a9290d333ed4172db13da2e",
+    "parse_capabilities_data": "4d3dca7e00a32379fc1ac51b5a14adda873ff14e4e22469a4038ee37f8c1b12c",
     "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
 }
 
@@ -157,6 +174,14 @@ _READERS: dict[str, Callable[..., Any]] = {
     "read_varint": read_varint,
 }
 _originals: dict[str, Callable[..., Any]] = {}
+
+
+def _rebind(original: Callable[..., Any], replacement: Callable[..., Any]) -> None:
+    """Point every library module's reference to ``original`` at ``replacement``."""
+    name = original.__name__
+    for module in library_modules():
+        if getattr(module, name, None) is original:
+            setattr(module, name, replacement)
 
 
 def _replace_readers() -> None:
@@ -353,11 +378,75 @@ def _replace_welcome_tree_loader() -> None:
     RatchetTree.load_full_tree_from_welcome_bytes = _load_welcome_tree  # type: ignore[method-assign]
 
 
+# --- tree arithmetic and capabilities ----------------------------------------------------------
+
+_INT_TREE_MATH = ("log2", "level", "node_width", "root", "left", "right", "parent", "sibling")
+_LIST_TREE_MATH = ("direct_path", "copath")
+_MEMO_SIZE = 1 << 17  # a few entries per node of a 16,384-leaf tree
+
+
+def _memo_list(fn: Callable[..., list[int]]) -> Callable[..., list[int]]:
+    cached = functools.lru_cache(maxsize=_MEMO_SIZE)(lambda *args: tuple(fn(*args)))
+
+    @functools.wraps(fn)
+    def memoized(*args: int) -> list[int]:
+        return list(cached(*args))  # a new list each time: callers may change theirs
+
+    return memoized
+
+
+def _replace_tree_math() -> None:
+    if getattr(tree_math.right, "_kalandra_fast", False):
+        return
+    for name in (*_INT_TREE_MATH, *_LIST_TREE_MATH):
+        require_library_source(getattr(tree_math, name), _AUDITED[name], "tree arithmetic")
+    for name in (*_INT_TREE_MATH, *_LIST_TREE_MATH):
+        original = getattr(tree_math, name)
+        fast: Any = (
+            functools.wraps(original)(functools.lru_cache(maxsize=_MEMO_SIZE)(original))
+            if name in _INT_TREE_MATH
+            else _memo_list(original)
+        )
+        fast._kalandra_fast = True
+        _rebind(original, fast)
+
+
+_library_parse_capabilities: Callable[..., Any] = parse_capabilities_data
+_capabilities_memo: dict[bytes, dict[str, Any]] = {}
+
+
+def _parse_capabilities(data: bytes, return_consumed: bool = False) -> Any:
+    if return_consumed or not isinstance(data, bytes) or len(data) > 1024:
+        return _library_parse_capabilities(data, return_consumed)
+    parsed = _capabilities_memo.get(data)
+    if parsed is None:
+        parsed = _library_parse_capabilities(data)
+        if len(_capabilities_memo) >= 1024:
+            _capabilities_memo.clear()
+        _capabilities_memo[data] = parsed
+    # A copy, lists included: callers own what they get.
+    return {
+        key: list(value) if isinstance(value, list) else value for key, value in parsed.items()
+    }
+
+
+def _replace_capabilities_parser() -> None:
+    if getattr(_parse_capabilities, "_kalandra_fast", False):
+        return
+    require_library_source(
+        parse_capabilities_data, _AUDITED["parse_capabilities_data"], "capabilities memo"
+    )
+    _parse_capabilities._kalandra_fast = True  # type: ignore[attr-defined]
+    _rebind(parse_capabilities_data, _parse_capabilities)
+
+
 def apply() -> None:
     """Install the speed fixes (idempotent); the package does it on import."""
     _replace_readers()
     _replace_leaf_codec()
     _replace_welcome_tree_loader()
+    _replace_tree_math()
+    _replace_capabilities_parser()
 
 
 apply()
