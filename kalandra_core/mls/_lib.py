@@ -431,6 +431,7 @@ _correct_welcome_leaf_check()
 # member whose tree went through a clone or a reload disagreed with everyone's tree hash
 # ("invalid confirmation tag"). The corrected pair carries them in a prefix block.
 _UNMERGED_MAGIC = b"\xffKALUL1\x00"
+_library_serialize_tree = RatchetTree.serialize_full_state  # tests compare _tree_state with it
 _library_load_tree = RatchetTree.load_full_state
 
 

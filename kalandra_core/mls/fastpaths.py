@@ -366,6 +366,9 @@ def _load_welcome_tree_uncached(self: RatchetTree, data: bytes) -> None:
     self._ensure_hash_bottom_up(tree_math.root(self._n_leaves))
 
 
+library_welcome_tree_loader = RatchetTree.load_full_tree_from_welcome_bytes  # for tests
+
+
 def _replace_welcome_tree_loader() -> None:
     if getattr(RatchetTree.load_full_tree_from_welcome_bytes, "_kalandra_fast", False):
         return

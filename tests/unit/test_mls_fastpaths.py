@@ -1,0 +1,155 @@
+"""kalandra_core.mls.fastpaths and the linear tree state of _lib: the library's results, byte
+for byte and error for error, without its quadratic costs (bench/mls.py measures the speed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+
+from kalandra_core.mls import _lib, fastpaths
+from kalandra_core.mls._lib import (
+    Extension,
+    ExtensionType,
+    GroupInfo,
+    MLSMessage,
+    RatchetTree,
+    crypto_for_suite,
+    deserialize_extensions,
+    group_tree,
+)
+from kalandra_core.mls.group import MlsGroup
+from kalandra_core.mls.keypackage import build_key_package
+
+
+def group_of(n: int, *, removed: int = 0) -> MlsGroup:
+    """A creator's group of ``n`` members (an Add without joiners), ``removed`` of them then
+    removed, so the tree has blanks, unmerged leaves and a committer's path."""
+    creator = MlsGroup.create(1, os.urandom(32))
+    bundles = [build_key_package(100 + i, os.urandom(32)) for i in range(n - 1)]
+    creator.process(creator.add([b.key_package for b in bundles]).commit)
+    if removed:
+        ids = [b.member_id for b in bundles[1 : 1 + removed]]
+        creator.process(creator.remove(ids).commit)
+    creator.process(creator.self_update().commit)
+    return creator
+
+
+def test_tree_state_is_the_librarys_bytes() -> None:
+    for group in (group_of(2), group_of(23, removed=5)):
+        tree = group_tree(group._lib)
+        assert isinstance(tree, RatchetTree)
+        assert _lib._tree_state(tree) == _lib._library_serialize_tree(tree)
+
+
+def test_saved_tree_reloads_to_the_same_tree_hash() -> None:
+    group = group_of(23, removed=5)
+    blob = group.to_bytes()
+    again = MlsGroup.from_bytes(blob)
+    assert again.tree_hash == group.tree_hash
+    assert again.to_bytes() == blob
+    assert [m.member_id for m in again.members()] == [m.member_id for m in group.members()]
+
+
+def test_welcome_tree_loads_as_the_library_loads_it() -> None:
+    group = group_of(40, removed=3)
+    info = MLSMessage.deserialize(group.group_info()).get_parsed_content()
+    assert isinstance(info, GroupInfo)
+    (data,) = [
+        e.data
+        for e in deserialize_extensions(info.extensions)
+        if e.ext_type == ExtensionType.RATCHET_TREE
+    ]
+    crypto = crypto_for_suite(group.suite)
+    ours, theirs = RatchetTree(crypto), RatchetTree(crypto)
+    ours.load_full_tree_from_welcome_bytes(data)
+    fastpaths.library_welcome_tree_loader(theirs, data)
+    assert ours.n_leaves == theirs.n_leaves == 64
+    assert (
+        ours.calculate_tree_hash() == theirs.calculate_tree_hash() == info.group_context.tree_hash
+    )
+    for index in range(ours.node_width()):
+        a, b = ours.get_node(index), theirs.get_node(index)
+        assert (a.public_key, a.parent_hash, a.leaf_node, a.unmerged_leaves) == (
+            b.public_key,
+            b.parent_hash,
+            b.leaf_node,
+            b.unmerged_leaves,
+        )
+    # Loaded twice while joining, the second load copies the first: the same tree again.
+    with fastpaths.joining():
+        first, second = RatchetTree(crypto), RatchetTree(crypto)
+        first.load_full_tree_from_welcome_bytes(data)
+        second.load_full_tree_from_welcome_bytes(data)
+    assert second.calculate_tree_hash() == info.group_context.tree_hash
+    assert second._nodes.keys() == first._nodes.keys()
+    assert all(second._nodes[i] is not first._nodes[i] for i in first._nodes)
+
+
+READ_CASES = [
+    (b"", 0),
+    (b"\x01", 0),
+    (b"\x01", 1),
+    (b"\x01", 5),
+    (b"\x00\x02ab", 0),
+    (b"\x00\x05ab", 0),
+    (b"\x40\x3f", 0),
+    (b"\x40\x40\x00", 0),
+    (b"\x80\x00\x40\x00", 0),
+    (b"\x80\x00\x3f\xff", 0),
+    (b"\xc0", 0),
+    (b"\x81\x00", 0),
+    (bytes(range(20)), 3),
+    (bytes(range(20)), -4),
+]
+
+
+@pytest.mark.parametrize("name", sorted(fastpaths._READERS))
+def test_tls_readers_answer_as_the_librarys(name: str) -> None:
+    fast, original = fastpaths._READERS[name], fastpaths._originals[name]
+    for buf, offset in READ_CASES:
+        args = (buf, offset, 2) if name == "read_vector" else (buf, offset)
+        expected: object
+        try:
+            expected = original(*args)
+        except Exception as exc:
+            expected = (type(exc), str(exc))
+        try:
+            got: object = fast(*args)
+        except Exception as exc:
+            got = (type(exc), str(exc))
+        assert got == expected, (name, buf, offset)
+
+
+def test_leaf_parser_window_falls_back_to_the_whole_buffer() -> None:
+    group = group_of(3)
+    leaf = group_tree(group._lib).get_node(0).leaf_node
+    assert leaf is not None
+    encoded = leaf.serialize()
+    tail = os.urandom(3 * fastpaths._WINDOW)
+    assert type(leaf).deserialize_partial(encoded + tail) == (leaf, len(encoded))
+    # A leaf longer than the window (a large extension) is parsed from the whole buffer.
+    big = dataclasses.replace(
+        leaf,
+        extensions=[
+            *(leaf.extensions or []),
+            Extension(0xF0A0, os.urandom(2 * fastpaths._WINDOW)),
+        ],
+    )
+    encoded = big.serialize()
+    assert len(encoded) > fastpaths._WINDOW
+    parsed, consumed = type(leaf).deserialize_partial(encoded + tail)
+    assert consumed == len(encoded)
+    assert parsed.serialize() == encoded
+
+
+def test_capabilities_memo_hands_out_copies() -> None:
+    group = group_of(2)
+    leaf = group_tree(group._lib).get_node(0).leaf_node
+    assert leaf is not None
+    first = fastpaths._parse_capabilities(leaf.capabilities)
+    first["extensions"].append(0xFFFF)
+    second = fastpaths._parse_capabilities(leaf.capabilities)
+    assert 0xFFFF not in second["extensions"]
+    assert second == fastpaths._library_parse_capabilities(leaf.capabilities)
