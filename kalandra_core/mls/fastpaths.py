@@ -22,6 +22,10 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
   bit at every step of every walk over the tree; the pure functions are memoized.
 * ``parse_capabilities_data`` runs for every leaf in several whole-tree checks of each commit,
   on what is nearly always the same few bytes; results are memoized by those bytes.
+* ``UpdatePathNode`` (de)serialization grew and cut one bytes object per encrypted path
+  secret: quadratic for a commit that encrypts to thousands of members (the first commit after
+  adding them without a path). The replacements give the same bytes and values (a malformed
+  node raises the same error type, its message may name another offset).
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
 """
@@ -38,6 +42,7 @@ from ._lib import (
     LeafNode,
     RatchetTree,
     RatchetTreeNode,
+    UpdatePathNode,
     library_modules,
     parse_capabilities_data,
     require_library_source,
@@ -71,6 +76,10 @@ _AUDITED = {
     "direct_path": "321daf8608fa4405b3e8814001dcc572928a27bc4ff5eaec4a3e6a2a6609b1ce",
     "copath": "57f4eebe5a4b5e7b2df7a319fe6edfc90a3399597a9290d333ed4172db13da2e",
     "parse_capabilities_data": "4d3dca7e00a32379fc1ac51b5a14adda873ff14e4e22469a4038ee37f8c1b12c",
+    "UpdatePathNode.serialize": "9e00fa208e36d43ef5696143a891378ab9732ee407c142c5387454d4872eb604",
+    "UpdatePathNode.deserialize": (
+        "27e9f7fa065d6646e76ac7674f1088c42c6d5839f45910ec250bbe83dceaebfe"
+    ),
     "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
 }
 
@@ -443,8 +452,51 @@ def _replace_capabilities_parser() -> None:
     _rebind(parse_capabilities_data, _parse_capabilities)
 
 
+# --- UpdatePathNode ------------------------------------------------------------------------------
+
+
+def _path_node_serialize(self: UpdatePathNode) -> bytes:
+    secrets = b"".join(self.encrypted_path_secrets)
+    return (
+        tls_codec.write_opaque_varint(self.encryption_key)
+        + tls_codec.write_varint(len(secrets))
+        + secrets
+    )
+
+
+def _path_node_deserialize(cls: type[UpdatePathNode], data: bytes) -> UpdatePathNode:
+    encryption_key, off = tls_codec.read_opaque_varint(data, 0)
+    eps_len, off = read_varint(data, off)
+    eps_data = data[off : off + eps_len]  # as the library: a short vector is cut, not refused
+    secrets: list[bytes] = []
+    pos = 0
+    while pos < len(eps_data):
+        _, after_kem = tls_codec.read_opaque_varint(eps_data, pos)
+        _, end = tls_codec.read_opaque_varint(eps_data, after_kem)
+        secrets.append(eps_data[pos:end])
+        pos = end
+    return cls(encryption_key, secrets)
+
+
+library_path_node_serialize = UpdatePathNode.serialize  # for tests
+library_path_node_deserialize = UpdatePathNode.deserialize
+
+
+def _replace_path_node_codec() -> None:
+    if getattr(UpdatePathNode.serialize, "_kalandra_fast", False):
+        return
+    for name in ("serialize", "deserialize"):
+        require_library_source(
+            getattr(UpdatePathNode, name), _AUDITED[f"UpdatePathNode.{name}"], "UpdatePathNode"
+        )
+    _path_node_serialize._kalandra_fast = True  # type: ignore[attr-defined]
+    UpdatePathNode.serialize = _path_node_serialize  # type: ignore[method-assign]
+    UpdatePathNode.deserialize = classmethod(_path_node_deserialize)  # type: ignore[method-assign,assignment]
+
+
 def apply() -> None:
     """Install the speed fixes (idempotent); the package does it on import."""
+    _replace_path_node_codec()
     _replace_readers()
     _replace_leaf_codec()
     _replace_welcome_tree_loader()

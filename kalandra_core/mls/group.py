@@ -138,6 +138,7 @@ class MlsGroup:
         self._snapshot = snapshot if snapshot is not None else lib.to_bytes()
         self._handshakes_epoch = -1
         self._handshakes_sent = 0
+        self._roster: tuple[LibGroup, int, list[Member]] | None = None
 
     # --- creation and joining -----------------------------------------------------------------
 
@@ -297,6 +298,16 @@ class MlsGroup:
 
     def members(self) -> list[Member]:
         """The roster: every non-blank leaf whose credential names a member id."""
+        # Kept per (library object, epoch): every processed commit reads it before and after,
+        # and a 10,000-leaf walk costs tens of ms. Only a commit (new epoch) or a reload (new
+        # library object) changes the tree's leaves.
+        lib, epoch = self._lib, self._lib.get_epoch()
+        cached = self._roster
+        if cached is None or cached[0] is not lib or cached[1] != epoch:
+            cached = self._roster = (lib, epoch, self._read_roster())
+        return list(cached[2])
+
+    def _read_roster(self) -> list[Member]:
         tree = group_tree(self._lib)
         out: list[Member] = []
         for leaf in range(tree.n_leaves):

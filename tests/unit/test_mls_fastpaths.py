@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -15,9 +16,11 @@ from kalandra_core.mls._lib import (
     GroupInfo,
     MLSMessage,
     RatchetTree,
+    UpdatePathNode,
     crypto_for_suite,
     deserialize_extensions,
     group_tree,
+    write_opaque_varint,
 )
 from kalandra_core.mls.group import MlsGroup
 from kalandra_core.mls.keypackage import build_key_package
@@ -153,3 +156,26 @@ def test_capabilities_memo_hands_out_copies() -> None:
     second = fastpaths._parse_capabilities(leaf.capabilities)
     assert 0xFFFF not in second["extensions"]
     assert second == fastpaths._library_parse_capabilities(leaf.capabilities)
+
+
+def test_update_path_node_codec_is_the_librarys() -> None:
+    secrets = [
+        write_opaque_varint(os.urandom(32)) + write_opaque_varint(os.urandom(n))
+        for n in (0, 1, 63, 64, 100, 16_384)
+    ]
+    node = UpdatePathNode(os.urandom(32), secrets)
+    encoded = node.serialize()
+    assert encoded == fastpaths.library_path_node_serialize(node)
+    assert UpdatePathNode.deserialize(encoded) == node
+    assert fastpaths.library_path_node_deserialize(encoded) == node
+    assert UpdatePathNode.deserialize(encoded + b"trailing") == node
+    with pytest.raises(type(_error(fastpaths.library_path_node_deserialize, encoded[:-1]))):
+        UpdatePathNode.deserialize(encoded[:-1])
+
+
+def _error(fn: Callable[[bytes], object], data: bytes) -> Exception:
+    try:
+        fn(data)
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error")
