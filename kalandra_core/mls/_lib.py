@@ -50,6 +50,7 @@ from rfc9420.messages.data_structures import (
     CipherSuite,
     Commit,
     Credential,
+    EncryptedGroupSecrets,
     ExternalInitProposal,
     GroupContext,
     GroupContextExtensionsProposal,
@@ -93,6 +94,7 @@ from rfc9420.messages.messages import (
     verify_plaintext,
 )
 from rfc9420.messages.refs import encode_ref_hash_input, make_key_package_ref, make_proposal_ref
+from rfc9420.mls.exceptions import RFC9420Error
 from rfc9420.protocol.schedule.key_schedule import KeySchedule
 from rfc9420.protocol.transcripts import TranscriptState
 from rfc9420.protocol.tree import tree_math
@@ -106,6 +108,7 @@ from rfc9420.protocol.validations import (
 from rfc9420.providers.crypto import CryptoProviderProtocol
 
 __all__ = [
+    "LEAF_ENCODING_ATTR",
     "PINNED_VERSION",
     "AddProposal",
     "AuthenticatedContent",
@@ -116,6 +119,7 @@ __all__ = [
     "Credential",
     "CryptoProvider",
     "DefaultCryptoProvider",
+    "EncryptedGroupSecrets",
     "Extension",
     "ExtensionType",
     "ExternalInitProposal",
@@ -141,6 +145,7 @@ __all__ = [
     "PreSharedKeyProposal",
     "Proposal",
     "ProposalOrRefType",
+    "RFC9420Error",
     "RatchetTree",
     "RatchetTreeNode",
     "ReInitProposal",
@@ -430,17 +435,19 @@ _correct_welcome_leaf_check()
 # way, and saved groups go through it, so after an Add without a path, the next commit of a
 # member whose tree went through a clone or a reload disagreed with everyone's tree hash
 # ("invalid confirmation tag"). The corrected pair carries them in a prefix block.
+# Where fastpaths' LeafNode.serialize keeps a leaf's encoding (LeafNode is a frozen dataclass).
+LEAF_ENCODING_ATTR = "_kalandra_encoding"
 _UNMERGED_MAGIC = b"\xffKALUL1\x00"
 _library_serialize_tree = RatchetTree.serialize_full_state  # tests compare _tree_state with it
 _library_load_tree = RatchetTree.load_full_state
 
 
 def _serialize_tree(self: RatchetTree) -> bytes:
-    entries = [
+    entries = sorted(
         (index, sorted(node.unmerged_leaves))
-        for index, node in sorted(self._nodes.items())
-        if not node.is_leaf and node.unmerged_leaves
-    ]
+        for index, node in self._nodes.items()
+        if node.unmerged_leaves and not node.is_leaf
+    )
     block = len(entries).to_bytes(4, "big") + b"".join(
         index.to_bytes(4, "big")
         + len(leaves).to_bytes(4, "big")
@@ -526,6 +533,8 @@ def _load_tree_state(
             sk, off = read_opaque16(data, off)
             if blob:
                 leaf = LeafNode.deserialize(blob)
+                # The bytes it was saved as are its encoding (what the live group hashed).
+                object.__setattr__(leaf, LEAF_ENCODING_ATTR, bytes(blob))
                 node.leaf_node = leaf
                 node.public_key = leaf.encryption_key
             else:

@@ -26,6 +26,8 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
   secret: quadratic for a commit that encrypts to thousands of members (the first commit after
   adding them without a path). The replacements give the same bytes and values (a malformed
   node raises the same error type, its message may name another offset).
+* ``Welcome.deserialize`` cut one bytes object per EncryptedGroupSecrets (and three inside
+  each): quadratic in the members a commit adds. The replacement reads at offsets.
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
 """
@@ -39,10 +41,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._lib import (
+    LEAF_ENCODING_ATTR,
+    CipherSuite,
+    EncryptedGroupSecrets,
     LeafNode,
+    MLSVersion,
     RatchetTree,
     RatchetTreeNode,
+    RFC9420Error,
     UpdatePathNode,
+    Welcome,
     library_modules,
     parse_capabilities_data,
     require_library_source,
@@ -80,6 +88,7 @@ _AUDITED = {
     "UpdatePathNode.deserialize": (
         "27e9f7fa065d6646e76ac7674f1088c42c6d5839f45910ec250bbe83dceaebfe"
     ),
+    "Welcome.deserialize": "5975c41a48b0a129a6edeb72d5d74ae1ec62441868161ed3c6c2043c3f223698",
     "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
 }
 
@@ -216,10 +225,10 @@ _library_leaf_serialize = LeafNode.serialize
 
 
 def _leaf_serialize(self: LeafNode) -> bytes:
-    cached = self.__dict__.get("_kalandra_encoding")
+    cached = self.__dict__.get(LEAF_ENCODING_ATTR)
     if cached is None:
         cached = _library_leaf_serialize(self)
-        object.__setattr__(self, "_kalandra_encoding", cached)
+        object.__setattr__(self, LEAF_ENCODING_ATTR, cached)
     return cached
 
 
@@ -428,18 +437,51 @@ _capabilities_memo: dict[bytes, dict[str, Any]] = {}
 
 
 def _parse_capabilities(data: bytes, return_consumed: bool = False) -> Any:
-    if return_consumed or not isinstance(data, bytes) or len(data) > 1024:
+    if type(data) is not bytes:  # the memo's keys must be bytes (hashable, immutable)
         return _library_parse_capabilities(data, return_consumed)
+    if return_consumed:
+        # Parsing a LeafNode: ``data`` runs on past the capabilities. Their five vectors end at
+        # ``end``; the parse depends on those bytes only, so they are the memo's key.
+        end = _capabilities_end(data)
+        if end is None:
+            return _library_parse_capabilities(data, True)
+        key = data[:end]
+        parsed = _capabilities_memo.get(key)
+        if parsed is None:
+            parsed, consumed = _library_parse_capabilities(data, True)
+            if consumed != end:  # not the five-vector form: leave it to the library each time
+                return parsed, consumed
+            _remember_capabilities(key, parsed)
+        return _copy_capabilities(parsed), end
+    if len(data) > 1024:
+        return _library_parse_capabilities(data)
     parsed = _capabilities_memo.get(data)
     if parsed is None:
         parsed = _library_parse_capabilities(data)
-        if len(_capabilities_memo) >= 1024:
-            _capabilities_memo.clear()
-        _capabilities_memo[data] = parsed
+        _remember_capabilities(data, parsed)
+    return _copy_capabilities(parsed)
+
+
+def _capabilities_end(data: bytes) -> int | None:
+    off = 0
+    try:
+        for _ in range(5):
+            length, off = read_varint(data, off)
+            off += length
+    except Exception:
+        return None
+    return off if off <= min(len(data), 1024) else None
+
+
+def _remember_capabilities(key: bytes, parsed: dict[str, Any]) -> None:
+    if len(_capabilities_memo) >= 1024:
+        _capabilities_memo.clear()
+    _capabilities_memo[key] = parsed
+
+
+def _copy_capabilities(parsed: dict[str, Any]) -> dict[str, Any]:
     # A copy, lists included: callers own what they get.
-    return {
-        key: list(value) if isinstance(value, list) else value for key, value in parsed.items()
-    }
+    return {key: list(v) if isinstance(v, list) else v for key, v in parsed.items()}
 
 
 def _replace_capabilities_parser() -> None:
@@ -494,8 +536,41 @@ def _replace_path_node_codec() -> None:
     UpdatePathNode.deserialize = classmethod(_path_node_deserialize)  # type: ignore[method-assign,assignment]
 
 
+# --- Welcome -------------------------------------------------------------------------------------
+
+
+def _welcome_deserialize(cls: type[Welcome], data: bytes) -> Welcome:
+    cipher_suite = CipherSuite.deserialize(data[:2])
+    secrets_len, off = read_varint(data, 2)
+    if len(data) - off < secrets_len:
+        raise RFC9420Error("Welcome secrets vector shorter than declared length")
+    end = off + secrets_len
+    read = tls_codec.read_opaque_varint
+    block = data[:end]  # as the library, entries are read from the secrets vector alone
+    secrets: list[EncryptedGroupSecrets] = []
+    while off < end:
+        new_member, off = read(block, off)
+        kem, off = read(block, off)
+        ct, off = read(block, off)
+        secrets.append(EncryptedGroupSecrets(new_member, kem, ct))
+    encrypted_group_info, _ = read(data, end)
+    return cls(MLSVersion.MLS10, cipher_suite, secrets, encrypted_group_info)
+
+
+library_welcome_deserialize = Welcome.deserialize  # for tests
+
+
+def _replace_welcome_codec() -> None:
+    if getattr(Welcome.deserialize, "_kalandra_fast", False):
+        return
+    require_library_source(Welcome.deserialize, _AUDITED["Welcome.deserialize"], "Welcome codec")
+    _welcome_deserialize._kalandra_fast = True  # type: ignore[attr-defined]
+    Welcome.deserialize = classmethod(_welcome_deserialize)  # type: ignore[method-assign,assignment]
+
+
 def apply() -> None:
     """Install the speed fixes (idempotent); the package does it on import."""
+    _replace_welcome_codec()
     _replace_path_node_codec()
     _replace_readers()
     _replace_leaf_codec()

@@ -17,6 +17,7 @@ from kalandra_core.mls._lib import (
     MLSMessage,
     RatchetTree,
     UpdatePathNode,
+    Welcome,
     crypto_for_suite,
     deserialize_extensions,
     group_tree,
@@ -179,3 +180,18 @@ def _error(fn: Callable[[bytes], object], data: bytes) -> Exception:
     except Exception as exc:
         return exc
     raise AssertionError("no error")
+
+
+def test_welcome_parses_as_the_library_parses_it() -> None:
+    creator = MlsGroup.create(1, os.urandom(32))
+    bundles = [build_key_package(100 + i, os.urandom(32)) for i in range(7)]
+    welcome = creator.add([b.key_package for b in bundles]).welcomes[bundles[0].member_id]
+    body = welcome[4:]  # the MLSMessage header: version and wire format, two bytes each
+    parsed = Welcome.deserialize(body)
+    assert parsed == fastpaths.library_welcome_deserialize(body)
+    assert len(parsed.secrets) == 7
+    assert parsed.serialize() == body
+    for cut in (body[:-1], body[:40], body[:2] + b"\x40"):
+        expected = type(_error(fastpaths.library_welcome_deserialize, cut))
+        with pytest.raises(expected):
+            Welcome.deserialize(cut)
