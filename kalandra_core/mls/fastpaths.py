@@ -28,6 +28,8 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
   node raises the same error type, its message may name another offset).
 * ``Welcome.deserialize`` cut one bytes object per EncryptedGroupSecrets (and three inside
   each): quadratic in the members a commit adds. The replacement reads at offsets.
+* ``RatchetTree._hash_node`` (TreeHashInput, RFC 9420 §7.8) is rebuilt with fewer calls: the
+  same input bytes, hashed by the same provider.
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
 """
@@ -89,6 +91,7 @@ _AUDITED = {
         "27e9f7fa065d6646e76ac7674f1088c42c6d5839f45910ec250bbe83dceaebfe"
     ),
     "Welcome.deserialize": "5975c41a48b0a129a6edeb72d5d74ae1ec62441868161ed3c6c2043c3f223698",
+    "RatchetTree._hash_node": "7d61c8da1fd42b88b85b8942d9b9be9b69a54c1d8dc05d28a4e0c679affbbd89",
     "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
 }
 
@@ -568,8 +571,54 @@ def _replace_welcome_codec() -> None:
     Welcome.deserialize = classmethod(_welcome_deserialize)  # type: ignore[method-assign,assignment]
 
 
+# --- tree hash ---------------------------------------------------------------------------------
+
+
+def _opaque_v(data: bytes) -> bytes:
+    return tls_codec.write_varint(len(data)) + data
+
+
+def _hash_node(self: RatchetTree, node_index: int) -> None:
+    node = self.get_node(node_index)
+    if node.is_leaf:
+        # LeafNodeHashInput: uint32 leaf_index; optional<LeafNode> leaf_node
+        head = b"\x01" + (node_index // 2).to_bytes(4, "big")
+        leaf = node.leaf_node
+        blob = head + b"\x01" + leaf.serialize() if leaf else head + b"\x00"
+    else:
+        # ParentNodeHashInput: optional<ParentNode> parent_node; left_hash<V>; right_hash<V>
+        left = self.get_node(tree_math.left(node_index)).hash or b""
+        right = self.get_node(tree_math.right(node_index, self.n_leaves)).hash or b""
+        if node.public_key:
+            unmerged = b"".join(leaf.to_bytes(4, "big") for leaf in sorted(node.unmerged_leaves))
+            parent = (
+                b"\x01"
+                + _opaque_v(node.public_key)
+                + _opaque_v(node.parent_hash or b"")
+                + _opaque_v(unmerged)
+            )
+        else:
+            parent = b"\x00"
+        blob = b"\x02" + parent + _opaque_v(left) + _opaque_v(right)
+    node.hash = self._crypto_provider.hash(blob)
+
+
+library_hash_node = RatchetTree._hash_node  # for tests
+
+
+def _replace_hash_node() -> None:
+    if getattr(RatchetTree._hash_node, "_kalandra_fast", False):
+        return
+    require_library_source(
+        RatchetTree._hash_node, _AUDITED["RatchetTree._hash_node"], "tree hash input"
+    )
+    _hash_node._kalandra_fast = True  # type: ignore[attr-defined]
+    RatchetTree._hash_node = _hash_node  # type: ignore[method-assign]
+
+
 def apply() -> None:
     """Install the speed fixes (idempotent); the package does it on import."""
+    _replace_hash_node()
     _replace_welcome_codec()
     _replace_path_node_codec()
     _replace_readers()

@@ -21,6 +21,7 @@ from kalandra_core.mls._lib import (
     crypto_for_suite,
     deserialize_extensions,
     group_tree,
+    tree_math,
     write_opaque_varint,
 )
 from kalandra_core.mls.group import MlsGroup
@@ -195,3 +196,23 @@ def test_welcome_parses_as_the_library_parses_it() -> None:
         expected = type(_error(fastpaths.library_welcome_deserialize, cut))
         with pytest.raises(expected):
             Welcome.deserialize(cut)
+
+
+def test_tree_hash_input_is_the_librarys() -> None:
+    group = group_of(23, removed=5)
+    more = [build_key_package(900 + i, os.urandom(32)) for i in range(4)]
+    group.process(group.add([b.key_package for b in more]).commit)  # unmerged leaves
+    tree = group_tree(group._lib)
+    assert isinstance(tree, RatchetTree)
+    assert any(tree.get_node(i).unmerged_leaves for i in range(1, tree.node_width(), 2))
+    root = tree.calculate_tree_hash()
+    for index in range(tree.node_width()):  # rehash every node, children first
+        tree.get_node(index).hash = None
+    levels = sorted(range(tree.node_width()), key=tree_math.level)
+    ours: dict[int, bytes | None] = {}
+    for index in levels:
+        fastpaths._hash_node(tree, index)
+        ours[index] = tree.get_node(index).hash
+        fastpaths.library_hash_node(tree, index)
+        assert tree.get_node(index).hash == ours[index], index
+    assert tree.calculate_tree_hash() == root == group.tree_hash
