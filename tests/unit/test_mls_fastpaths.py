@@ -48,6 +48,31 @@ def test_tree_state_is_the_librarys_bytes() -> None:
         assert _lib._tree_state(tree) == _lib._library_serialize_tree(tree)
 
 
+def test_kept_node_states_follow_changes() -> None:
+    # A receiver's commits change its live tree in place, after it saved the state (and kept
+    # each node's encoding) for the previous epoch.
+    creator = MlsGroup.create(1, os.urandom(32))
+    bundles = [build_key_package(100 + i, os.urandom(32)) for i in range(12)]
+    out = creator.add([b.key_package for b in bundles])
+    creator.process(out.commit)
+    member = MlsGroup.join(out.welcomes[bundles[3].member_id], bundles[3])
+    joiner = build_key_package(999, os.urandom(32))
+    commits: list[Callable[[], bytes]] = [
+        lambda: creator.self_update().commit,
+        lambda: creator.add([joiner.key_package]).commit,
+        lambda: creator.remove([105, 999]).commit,
+    ]
+    tree = group_tree(member._lib)
+    for make in commits:
+        commit = make()
+        assert member.process(commit).kind == "commit"
+        creator.process(commit)
+        assert group_tree(member._lib) is tree  # the same object, changed in place
+        assert isinstance(tree, RatchetTree)
+        assert _lib._tree_state(tree) == _lib._library_serialize_tree(tree)
+    assert member.tree_hash == creator.tree_hash
+
+
 def test_saved_tree_reloads_to_the_same_tree_hash() -> None:
     group = group_of(23, removed=5)
     blob = group.to_bytes()
