@@ -139,6 +139,7 @@ class MlsGroup:
         self._handshakes_epoch = -1
         self._handshakes_sent = 0
         self._roster: tuple[LibGroup, int, list[Member]] | None = None
+        self._members_by_leaf: dict[int, tuple[Any, Member | None]] = {}
 
     # --- creation and joining -----------------------------------------------------------------
 
@@ -310,13 +311,27 @@ class MlsGroup:
     def _read_roster(self) -> list[Member]:
         tree = group_tree(self._lib)
         out: list[Member] = []
+        # A commit changes few leaves: a Member is made again only for a leaf whose LeafNode
+        # (immutable) is not the one it was made from.
+        previous, made = self._members_by_leaf, {}
         for leaf in range(tree.n_leaves):
             node = tree.get_node(leaf * 2).leaf_node
             if node is None or node.credential is None:
                 continue
-            member_id = member_id_of(node.credential.identity)
-            if member_id is not None:
-                out.append(Member(leaf, member_id, bytes(node.signature_key)))
+            known = previous.get(leaf)
+            if known is not None and known[0] is node:
+                member: Member | None = known[1]
+            else:
+                member_id = member_id_of(node.credential.identity)
+                member = (
+                    None
+                    if member_id is None
+                    else Member(leaf, member_id, bytes(node.signature_key))
+                )
+            made[leaf] = (node, member)
+            if member is not None:
+                out.append(member)
+        self._members_by_leaf = made
         return out
 
     def leaf_of(self, member_id: int) -> int:
