@@ -406,7 +406,7 @@ def _replace_welcome_tree_loader() -> None:
 
 _INT_TREE_MATH = ("log2", "level", "node_width", "root", "left", "right", "parent", "sibling")
 _LIST_TREE_MATH = ("direct_path", "copath")
-_MEMO_SIZE = 1 << 17  # a few entries per node of a 16,384-leaf tree
+_MEMO_SIZE = 1 << 15  # a node per entry: a 16,384-leaf tree's parent nodes fit; a few MB at most
 
 
 def _memo_list(fn: Callable[..., list[int]]) -> Callable[..., list[int]]:
