@@ -474,16 +474,16 @@ def _tree_state(self: RatchetTree) -> bytes:
         if node is None:
             out.append(b"\x00")
             continue
-        fields = (
-            (node.leaf_node, node.public_key, node.private_key)
-            if idx % 2 == 0
-            else (node.public_key, node.private_key, node.parent_hash)
-        )
+        first: object
+        if idx % 2 == 0:
+            first, second, third = node.leaf_node, node.public_key, node.private_key
+        else:
+            first, second, third = node.public_key, node.private_key, node.parent_hash
         kept = node.__dict__.get(_NODE_STATE_ATTR)
-        if kept is None or any(a is not b for a, b in zip(kept[0], fields, strict=True)):
-            kept = (fields, _node_state(idx % 2 == 0, fields))
+        if kept is None or kept[0] is not first or kept[1] is not second or kept[2] is not third:
+            kept = (first, second, third, _node_state(idx % 2 == 0, (first, second, third)))
             node.__dict__[_NODE_STATE_ATTR] = kept
-        out.append(kept[1])
+        out.append(kept[3])
     return b"".join(out)
 
 
