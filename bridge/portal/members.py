@@ -53,14 +53,16 @@ _PRESENT = (Membership.JOIN, Membership.INVITE, Membership.KNOCK)
 
 
 def epoch_content(
-    epoch: int, tree_hash: bytes, cipher_suite: int, members: tuple[int, ...]
+    epoch: int, tree_hash: bytes, cipher_suite: int, member_count: int
 ) -> dict[str, Any]:
-    # Member ids are u64: strings, since Matrix JSON integers stop at 2**53.
+    """The ``org.kalandra.epoch`` state: a member *count*, not the roster. The room's Matrix
+    membership lists the members, and a 10,000-member roster (a few hundred KB of ids) in a
+    state event sent at every commit would weigh on every client's sync and on Synapse."""
     return {
         "epoch": epoch,
         "tree_hash": tree_hash.hex(),
         "cipher_suite": cipher_suite,
-        "members": [str(m) for m in members],
+        "member_count": member_count,
     }
 
 
@@ -143,7 +145,9 @@ class PortalMembers(PortalBase):
         for member_id in event.removed:
             if self.is_native(member_id):
                 await self._ghost_leave(mxid_of(self.bridge, member_id))
-        content = epoch_content(event.epoch, event.tree_hash, event.cipher_suite, event.members)
+        content = epoch_content(
+            event.epoch, event.tree_hash, event.cipher_suite, len(event.members)
+        )
         event_id = await self._bot.send_state_event(self.room_mxid, EPOCH_EVENT, content)
         if self.bridge.config["bridge.epoch_notices"]:
             event_id = await self._notice(_epoch_line(event), self._txn(event.log_index, "epoch"))
@@ -161,7 +165,9 @@ class PortalMembers(PortalBase):
         for member_id in sorted(present):
             if mxid_of(self.bridge, member_id) not in joined:
                 await self._ghost_join(member_id)
-        content = epoch_content(check.epoch, check.tree_hash, check.cipher_suite, check.members)
+        content = epoch_content(
+            check.epoch, check.tree_hash, check.cipher_suite, len(check.members)
+        )
         await self._bot.send_state_event(self.room_mxid, EPOCH_EVENT, content)
 
     # --- moderation ----------------------------------------------------------------------------

@@ -22,11 +22,14 @@ import contextvars
 import hashlib
 import importlib.metadata
 import inspect
+import sys
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
 import rfc9420
 from rfc9420.backends.crypto.default_hpke import DefaultCryptoProvider
+from rfc9420.codec import tls as tls_codec
 from rfc9420.codec.tls import read_varint, write_opaque_varint, write_varint
 from rfc9420.crypto import labels as mls_labels
 from rfc9420.crypto.crypto_provider import CryptoProvider
@@ -36,6 +39,7 @@ from rfc9420.extensions.extensions import (
     ExtensionType,
     build_capabilities_data,
     deserialize_extensions,
+    parse_capabilities_data,
     parse_external_senders,
     serialize_extensions,
 )
@@ -46,6 +50,7 @@ from rfc9420.messages.data_structures import (
     CipherSuite,
     Commit,
     Credential,
+    EncryptedGroupSecrets,
     ExternalInitProposal,
     GroupContext,
     GroupContextExtensionsProposal,
@@ -89,10 +94,11 @@ from rfc9420.messages.messages import (
     verify_plaintext,
 )
 from rfc9420.messages.refs import encode_ref_hash_input, make_key_package_ref, make_proposal_ref
+from rfc9420.mls.exceptions import RFC9420Error
 from rfc9420.protocol.schedule.key_schedule import KeySchedule
 from rfc9420.protocol.transcripts import TranscriptState
 from rfc9420.protocol.tree import tree_math
-from rfc9420.protocol.tree.ratchet_tree import RatchetTree
+from rfc9420.protocol.tree.ratchet_tree import RatchetTree, RatchetTreeNode
 from rfc9420.protocol.tree.ratchet_tree_backend import RatchetTreeBackend, create_tree_backend
 from rfc9420.protocol.tree.secret_tree import SecretTree
 from rfc9420.protocol.validations import (
@@ -102,6 +108,7 @@ from rfc9420.protocol.validations import (
 from rfc9420.providers.crypto import CryptoProviderProtocol
 
 __all__ = [
+    "LEAF_ENCODING_ATTR",
     "PINNED_VERSION",
     "AddProposal",
     "AuthenticatedContent",
@@ -112,6 +119,7 @@ __all__ = [
     "Credential",
     "CryptoProvider",
     "DefaultCryptoProvider",
+    "EncryptedGroupSecrets",
     "Extension",
     "ExtensionType",
     "ExternalInitProposal",
@@ -137,7 +145,9 @@ __all__ = [
     "PreSharedKeyProposal",
     "Proposal",
     "ProposalOrRefType",
+    "RFC9420Error",
     "RatchetTree",
+    "RatchetTreeNode",
     "ReInitProposal",
     "RemoveProposal",
     "SecretTree",
@@ -169,11 +179,13 @@ __all__ = [
     "group_tree",
     "join_from_welcome",
     "key_schedule_from_secrets",
+    "library_modules",
     "make_key_package_ref",
     "make_proposal_ref",
     "mls_exporter",
     "mls_labels",
     "open_welcome",
+    "parse_capabilities_data",
     "parse_external_senders",
     "pending_proposals",
     "process_handshake",
@@ -181,9 +193,11 @@ __all__ = [
     "protect_content_application",
     "protect_content_handshake",
     "read_varint",
+    "require_library_source",
     "serialize_extensions",
     "sign_application_framed_content",
     "sign_authenticated_content",
+    "tls_codec",
     "tree_math",
     "unprotect_content_application",
     "unprotect_content_handshake",
@@ -252,6 +266,24 @@ def _require_audited(func: Callable[..., object], correction: str) -> None:
             f"rfc9420 changed: correction {correction!r} needs review "
             f"({name} is not the audited {PINNED_VERSION} source)"
         )
+
+
+def require_library_source(func: Callable[..., object], digest: str, change: str) -> None:
+    """Raise LibraryChangedError unless ``func`` is the audited source (sha256 ``digest``)."""
+    if hashlib.sha256(inspect.getsource(func).encode()).hexdigest() != digest:
+        raise LibraryChangedError(
+            f"rfc9420 changed: {change!r} needs review "
+            f"({func.__qualname__} is not the audited {PINNED_VERSION} source)"
+        )
+
+
+def library_modules() -> list[ModuleType]:
+    """The loaded modules of rfc9420 (to rebind a function every module imported by name)."""
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and (name == "rfc9420" or name.startswith("rfc9420."))
+    ]
 
 
 _check_version()
@@ -403,24 +435,81 @@ _correct_welcome_leaf_check()
 # way, and saved groups go through it, so after an Add without a path, the next commit of a
 # member whose tree went through a clone or a reload disagreed with everyone's tree hash
 # ("invalid confirmation tag"). The corrected pair carries them in a prefix block.
+# Where fastpaths' LeafNode.serialize keeps a leaf's encoding (LeafNode is a frozen dataclass).
+LEAF_ENCODING_ATTR = "_kalandra_encoding"
 _UNMERGED_MAGIC = b"\xffKALUL1\x00"
-_library_serialize_tree = RatchetTree.serialize_full_state
+_library_serialize_tree = RatchetTree.serialize_full_state  # tests compare _tree_state with it
 _library_load_tree = RatchetTree.load_full_state
 
 
 def _serialize_tree(self: RatchetTree) -> bytes:
-    entries = [
+    entries = sorted(
         (index, sorted(node.unmerged_leaves))
-        for index, node in sorted(self._nodes.items())
-        if not node.is_leaf and node.unmerged_leaves
-    ]
+        for index, node in self._nodes.items()
+        if node.unmerged_leaves and not node.is_leaf
+    )
     block = len(entries).to_bytes(4, "big") + b"".join(
         index.to_bytes(4, "big")
         + len(leaves).to_bytes(4, "big")
         + b"".join(leaf.to_bytes(4, "big") for leaf in leaves)
         for index, leaves in entries
     )
-    return _UNMERGED_MAGIC + len(block).to_bytes(4, "big") + block + _library_serialize_tree(self)
+    return _UNMERGED_MAGIC + len(block).to_bytes(4, "big") + block + _tree_state(self)
+
+
+def _opaque16(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + data  # write_opaque16 (it raises past 2^16 too)
+
+
+def _tree_state(self: RatchetTree) -> bytes:
+    """The library's serialize_full_state, byte for byte, in linear time (it grew one bytes
+    object with +=, quadratic in the tree size). Each node's encoding is kept on the node with
+    the field values it was made from, and reused while they are the same objects: a group
+    saves its whole state after every commit, which changes a path of nodes, not 10,000."""
+    width = tree_math.node_width(self.n_leaves)
+    out = [self.n_leaves.to_bytes(2, "big"), width.to_bytes(2, "big")]
+    nodes = self._nodes
+    for idx in range(width):
+        node = nodes.get(idx)
+        if node is None:
+            out.append(b"\x00")
+            continue
+        first: object
+        if idx % 2 == 0:
+            first, second, third = node.leaf_node, node.public_key, node.private_key
+        else:
+            first, second, third = node.public_key, node.private_key, node.parent_hash
+        kept = node.__dict__.get(_NODE_STATE_ATTR)
+        if kept is None or kept[0] is not first or kept[1] is not second or kept[2] is not third:
+            kept = (first, second, third, _node_state(idx % 2 == 0, (first, second, third)))
+            node.__dict__[_NODE_STATE_ATTR] = kept
+        out.append(kept[3])
+    return b"".join(out)
+
+
+_NODE_STATE_ATTR = "_kalandra_state"
+
+
+def _node_state(is_leaf: bool, fields: tuple[Any, Any, Any]) -> bytes:
+    if is_leaf:
+        leaf_node, public_key, private_key = fields
+        if not (leaf_node or public_key or private_key):
+            return b"\x00"
+        return (
+            b"\x01"
+            + _opaque16(leaf_node.serialize() if leaf_node else b"")
+            + _opaque16(public_key or b"")
+            + _opaque16(private_key or b"")
+        )
+    public_key, private_key, parent_hash = fields
+    if not (public_key or private_key or parent_hash):
+        return b"\x00"
+    return (
+        b"\x02"
+        + _opaque16(public_key or b"")
+        + _opaque16(private_key or b"")
+        + _opaque16(parent_hash or b"")
+    )
 
 
 def _load_tree(self: RatchetTree, data: bytes) -> None:
@@ -430,20 +519,58 @@ def _load_tree(self: RatchetTree, data: bytes) -> None:
     at = len(_UNMERGED_MAGIC)
     size = int.from_bytes(data[at : at + 4], "big")
     block = data[at + 4 : at + 4 + size]
-    _library_load_tree(self, data[at + 4 + size :])
+    unmerged: dict[int, list[int]] = {}
     count = int.from_bytes(block[:4], "big")
     pos = 4
     for _ in range(count):
         index = int.from_bytes(block[pos : pos + 4], "big")
         n = int.from_bytes(block[pos + 4 : pos + 8], "big")
         pos += 8
-        self.get_node(index).unmerged_leaves = [
+        unmerged[index] = [
             int.from_bytes(block[pos + 4 * i : pos + 4 * i + 4], "big") for i in range(n)
         ]
         pos += 4 * n
-    # The library hashed the tree before the unmerged leaves were back: hash it again.
-    for node in self._nodes.values():
-        node.hash = None
+    _load_tree_state(self, data, at + 4 + size, unmerged)
+
+
+def _load_tree_state(
+    self: RatchetTree, data: bytes, off: int, unmerged: dict[int, list[int]]
+) -> None:
+    """The library's load_full_state from ``data[off:]``, with the unmerged leaves set before
+    the tree is hashed (once: the library hashed it, and we hashed it again after restoring the
+    unmerged leaves), reading at offsets instead of copying the rest of the buffer."""
+    n, off = tls_codec.read_uint16(data, off)
+    width, off = tls_codec.read_uint16(data, off)
+    self._nodes.clear()
+    self._n_leaves = n
+    read_uint8, read_opaque16 = tls_codec.read_uint8, tls_codec.read_opaque16
+    for idx in range(width):
+        node_type, off = read_uint8(data, off)
+        if node_type == 0:
+            continue
+        node = self.get_node(idx)
+        if node.is_leaf:
+            blob, off = read_opaque16(data, off)
+            pk, off = read_opaque16(data, off)
+            sk, off = read_opaque16(data, off)
+            if blob:
+                leaf = LeafNode.deserialize(blob)
+                # The bytes it was saved as are its encoding (what the live group hashed).
+                object.__setattr__(leaf, LEAF_ENCODING_ATTR, bytes(blob))
+                node.leaf_node = leaf
+                node.public_key = leaf.encryption_key
+            else:
+                node.public_key = pk if pk else None
+            node.private_key = sk if sk else None
+        else:
+            pk, off = read_opaque16(data, off)
+            sk, off = read_opaque16(data, off)
+            ph, off = read_opaque16(data, off)
+            node.public_key = pk if pk else None
+            node.private_key = sk if sk else None
+            node.parent_hash = ph if ph else None
+    for index, leaves in unmerged.items():
+        self.get_node(index).unmerged_leaves = leaves
     if self.n_leaves > 0:
         self.calculate_tree_hash()
 
@@ -474,6 +601,15 @@ def join_from_welcome(
     """Join from a Welcome; ``ratchet_tree`` is the tree when it is not in the GroupInfo."""
     _require_audited(MLSGroup.from_welcome, "out-of-band ratchet tree join")
     known = dict(psks or {})
+    # from_welcome tries to open every EncryptedGroupSecrets in turn, each HPKE open hashing the
+    # whole encrypted GroupInfo: O(N^2) for a Welcome to N new members. Only the entry naming
+    # our KeyPackage (RFC 9420 §12.4.3.1) can open, so hand it just that one.
+    ref = make_key_package_ref(crypto, key_package.serialize())
+    mine = [egs for egs in welcome.secrets if egs.new_member == ref]
+    if len(mine) == 1:
+        welcome = Welcome(
+            welcome.version, welcome.cipher_suite, mine, welcome.encrypted_group_info
+        )
     token = _WELCOME_LEAF_PARENT_HASH.set(True)
     try:
         group = MLSGroup.from_welcome(

@@ -25,7 +25,7 @@ import cbor2
 
 from ..crypto import sealed
 from ..proto import Handshake
-from . import corrections, framing
+from . import corrections, fastpaths, framing
 from ._lib import (
     AddProposal,
     Commit,
@@ -138,6 +138,8 @@ class MlsGroup:
         self._snapshot = snapshot if snapshot is not None else lib.to_bytes()
         self._handshakes_epoch = -1
         self._handshakes_sent = 0
+        self._roster: tuple[LibGroup, int, list[Member]] | None = None
+        self._members_by_leaf: dict[int, tuple[Any, Member | None]] = {}
 
     # --- creation and joining -----------------------------------------------------------------
 
@@ -198,14 +200,15 @@ class MlsGroup:
                 raise InvalidMlsMessage("expected a Welcome")
             parsed = msg.get_parsed_content()
             assert isinstance(parsed, Welcome)
-            lib = join_from_welcome(
-                crypto,
-                parsed,
-                KeyPackage.deserialize(bundle.key_package),
-                bundle.init_private_key,
-                bundle.encryption_private_key,
-                ratchet_tree=ratchet_tree,
-            )
+            with fastpaths.joining():
+                lib = join_from_welcome(
+                    crypto,
+                    parsed,
+                    KeyPackage.deserialize(bundle.key_package),
+                    bundle.init_private_key,
+                    bundle.encryption_private_key,
+                    ratchet_tree=ratchet_tree,
+                )
         except (InvalidMlsMessage, MlsError):
             raise
         except Exception as exc:
@@ -296,15 +299,39 @@ class MlsGroup:
 
     def members(self) -> list[Member]:
         """The roster: every non-blank leaf whose credential names a member id."""
+        # Kept per (library object, epoch): every processed commit reads it before and after,
+        # and a 10,000-leaf walk costs tens of ms. Only a commit (new epoch) or a reload (new
+        # library object) changes the tree's leaves.
+        lib, epoch = self._lib, self._lib.get_epoch()
+        cached = self._roster
+        if cached is None or cached[0] is not lib or cached[1] != epoch:
+            cached = self._roster = (lib, epoch, self._read_roster())
+        return list(cached[2])
+
+    def _read_roster(self) -> list[Member]:
         tree = group_tree(self._lib)
         out: list[Member] = []
+        # A commit changes few leaves: a Member is made again only for a leaf whose LeafNode
+        # (immutable) is not the one it was made from.
+        previous, made = self._members_by_leaf, {}
         for leaf in range(tree.n_leaves):
             node = tree.get_node(leaf * 2).leaf_node
             if node is None or node.credential is None:
                 continue
-            member_id = member_id_of(node.credential.identity)
-            if member_id is not None:
-                out.append(Member(leaf, member_id, bytes(node.signature_key)))
+            known = previous.get(leaf)
+            if known is not None and known[0] is node:
+                member: Member | None = known[1]
+            else:
+                member_id = member_id_of(node.credential.identity)
+                member = (
+                    None
+                    if member_id is None
+                    else Member(leaf, member_id, bytes(node.signature_key))
+                )
+            made[leaf] = (node, member)
+            if member is not None:
+                out.append(member)
+        self._members_by_leaf = made
         return out
 
     def leaf_of(self, member_id: int) -> int:

@@ -41,16 +41,24 @@ async def epoch_state(client: AsyncClient, room_id: str) -> dict[str, Any] | Non
 
 
 async def wait_epoch(
-    client: AsyncClient, room_id: str, members: set[int], within: float = 60.0
+    client: AsyncClient,
+    room_id: str,
+    members: set[int],
+    within: float = 60.0,
+    *,
+    epoch: int | None = None,
 ) -> dict[str, Any]:
-    """The epoch state once its members are exactly ``members``."""
-    wanted = {str(m) for m in members}
+    """The epoch state once it counts exactly ``members`` (and is at ``epoch``, if given). The
+    state carries the member count, not the roster: the roster is the room's membership."""
 
     async def check() -> dict[str, Any] | None:
         state = await epoch_state(client, room_id)
-        return state if state is not None and set(state["members"]) == wanted else None
+        if state is None or state.get("member_count") != len(members):
+            return None
+        return state if epoch is None or state["epoch"] == epoch else None
 
-    result: dict[str, Any] = await wait_until(check, f"epoch state with {wanted}", within)
+    what = f"epoch state with {len(members)} members" + (f" at {epoch}" if epoch else "")
+    result: dict[str, Any] = await wait_until(check, what, within)
     return result
 
 

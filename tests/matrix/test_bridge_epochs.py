@@ -1,6 +1,6 @@
 """Kalandra commits in Matrix, against a real Synapse (SQLite and PostgreSQL): every commit
-updates the portal's ``org.kalandra.epoch`` state (epoch, tree hash, suite, members, from the
-bot's MLS state), an added native member's ghost joins under its Kalandra name, a removed one's
+updates the portal's ``org.kalandra.epoch`` state (epoch, tree hash, suite, member count, from
+the bot's MLS state), an added native member's ghost joins under its Kalandra name, a removed one's
 leaves, with an epoch notice per change; across a kill -9 in the middle of membership changes,
 nothing is lost and no ghost joins or leaves twice.
 """
@@ -93,7 +93,10 @@ async def test_adds_and_removes_move_ghosts_and_epoch(stack: BridgeStack) -> Non
         assert await asyncio.wait_for(joiner.joined.get(), 15) == room_id
         await owner.settle()
         added = await wait_epoch(
-            alice, portal, {owner.core.member_id, bot, me, joiner.core.member_id}
+            alice,
+            portal,
+            {owner.core.member_id, bot, me, joiner.core.member_id},
+            epoch=owner.core.rooms[room_id].epoch,
         )
         assert added["epoch"] == first["epoch"] + 1
         assert added["tree_hash"] != first["tree_hash"]
@@ -104,8 +107,10 @@ async def test_adds_and_removes_move_ghosts_and_epoch(stack: BridgeStack) -> Non
 
         await owner.remove(room_id, [joiner.core.member_id])
         await owner.settle()
-        removed = await wait_epoch(alice, portal, {owner.core.member_id, bot, me})
-        assert removed["epoch"] == added["epoch"] + 1
+        removed = await wait_epoch(
+            alice, portal, {owner.core.member_id, bot, me}, epoch=added["epoch"] + 1
+        )
+        assert removed["tree_hash"] == owner.core.rooms[room_id].group.tree_hash.hex()
         await wait_membership(alice, portal, ghost_of(joiner), "leave")
 
         line = f"Kalandra epoch {added['epoch']} (added {joiner.core.member_id})"
@@ -137,8 +142,13 @@ async def test_membership_changes_survive_kill9_once(stack: BridgeStack) -> None
         await owner.settle()
 
         stay = [o.core.member_id for o in others[2:]]
-        final = await wait_epoch(alice, portal, {owner.core.member_id, bot, me, *stay})
-        assert final["epoch"] == owner.core.rooms[room_id].epoch
+        final = await wait_epoch(
+            alice,
+            portal,
+            {owner.core.member_id, bot, me, *stay},
+            epoch=owner.core.rooms[room_id].epoch,
+        )
+        assert final["tree_hash"] == owner.core.rooms[room_id].group.tree_hash.hex()
         for other in others[2:]:
             await wait_membership(alice, portal, ghost_of(other), "join")
         for other in others[:2]:
