@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import (
     bridge,
+    bridge_backfill,
     bridge_encrypted,
     bridge_ghost_devices,
     bridge_media,
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "bridge-media": bridge_media.run,
     "bridge-encrypted": bridge_encrypted.run,
     "bridge-ghost-devices": bridge_ghost_devices.run,
+    "bridge-backfill": bridge_backfill.run,
 }
 
 
