@@ -7,6 +7,8 @@ and the portal sends that history first. The backfill's time is from the bridge'
 that starts it to the one that ends it (after the last message and the final progress notice
 are in Synapse); the admin then reads the portal's whole history and the benchmark checks that
 every message arrived once, in log order. Setup (room, history, buffering) is not measured.
+For context it also prints the CPU time the bridge and Synapse spent per message (from /proc,
+portal creation included): Synapse's is most of a send's time.
 
 The limit, measured in the same run: Synapse's own send rate for an appservice user (what a
 ghost is), one request at a time, into a room with a local user in it (bench/bridge.py). A
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import re
 import secrets
 import sqlite3
@@ -88,6 +91,16 @@ async def _until_logged(stack: BridgeBenchStack, needle: str, within: float) -> 
     return when
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` so far (NaN where /proc cannot tell)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 async def _room_messages(user: MatrixUser, room: str) -> list[dict[str, Any]]:
     """Every m.room.message of ``room``, oldest first."""
     events: list[dict[str, Any]] = []
@@ -154,9 +167,14 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         f" room with a local user: {limit:,.1f} msgs/s"
     )
 
+    bridge_pid = stack.bridge.pid if stack.bridge else None
+    synapse_pid = stack.synapse.process.pid if stack.synapse.process else None
+    cpu_before = _cpu_seconds(bridge_pid), _cpu_seconds(synapse_pid)
     portal = await _open_portal(admin, room)
     started = await _until_logged(stack, f"backfilling {n} messages", within)
     ended = await _until_logged(stack, f"backfill done ({n} messages)", within)
+    pids = (bridge_pid, synapse_pid)
+    cpu = [(_cpu_seconds(p) - b) * 1000 / n for p, b in zip(pids, cpu_before, strict=True)]
     rate = n / max(ended - started, 1e-3)
 
     events = await _room_messages(admin, portal)
@@ -166,7 +184,8 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     print(
         f"bridge-backfill: {n:,} messages in {ended - started:.1f} s = {rate:,.1f} msgs/s;"
         f" in Matrix: {len(got):,} ({len(set(got)):,} distinct), all once and in log order:"
-        f" {ok}; {len(notices)} progress notices"
+        f" {ok}; {len(notices)} progress notices; CPU per message (portal creation included):"
+        f" bridge {cpu[0]:.1f} ms, Synapse {cpu[1]:.1f} ms"
     )
     if not ok:
         raise RuntimeError("the backfill lost, doubled or reordered messages")
