@@ -8,10 +8,13 @@ the appservice's transaction ids when it restarts, so sending them again would d
 fall between sends and their record; the test checks that they did. After the restart every
 message is in the portal once, in log order, at its original time, before anything live, and
 the progress notices are one per ``progress_interval`` messages of each run plus one at its end.
+A reply and an edit in the history point at their targets' events (each waits until the
+records before it are written).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import AsyncIterator
@@ -34,6 +37,8 @@ from matrix.bridge_stack import (
 from matrix.test_bridge_backfill import as_sent, send_many, until_text, wait_texts
 from matrix.test_bridge_epochs import BOT_NAME
 from nio import RoomMessageNotice
+
+from kalandra_core.client.content import Content
 
 LAG = "3"  # seconds each batch of history waits before it is recorded
 COUNT = 400
@@ -121,4 +126,38 @@ async def test_backfill_cut_between_send_and_record_resumes_once_each(stack: Bri
         assert done_at == list(range(INTERVAL, (len(done_at) + 1) * INTERVAL, INTERVAL)), notices
     assert runs[-1][1][-1] + INTERVAL >= left, notices
     assert finals == [f"History: all {left} earlier messages bridged."], notices
+    await owner.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_reply_and_an_edit_in_the_history_point_at_their_targets(
+    stack: BridgeStack,
+) -> None:
+    """Each waits for the records before it (held back by the lag), where its target's event
+    is looked up: a reply and an edit of the message just before them."""
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "history with relations")
+    echoes = await send_many(owner, room_id, [f"said {i}" for i in range(5)])
+    question, typo = echoes[-2], echoes[-1]
+    reply = await owner.send(room_id, Content(body="answer", reply_to=question.log_index))
+    edit = await owner.send(room_id, Content(body="* fixed", edit_of=typo.log_index))
+    await owner.settle()
+    async with asyncio.timeout(60):
+        while await kept(stack, room_id) < 7:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        await wait_texts(alice, portal, ghost_of(owner), 7, within=120)
+        by_index = {
+            e.source["content"]["org.kalandra.log_index"]: e.source
+            for e in await room_history(alice, portal)
+            if "org.kalandra.log_index" in e.source.get("content", {})
+        }
+    relates = by_index[reply]["content"]["m.relates_to"]
+    assert relates == {"m.in_reply_to": {"event_id": by_index[question.log_index]["event_id"]}}
+    relates = by_index[edit]["content"]["m.relates_to"]
+    assert relates["rel_type"] == "m.replace"
+    assert relates["event_id"] == by_index[typo.log_index]["event_id"]
     await owner.close()
