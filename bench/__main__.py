@@ -1,5 +1,7 @@
 """``python -m bench [--full] [--only NAME] [--out DIR]``: run the benchmarks, print one table,
-and write the report (report.md, and report.png with the latency distributions) into DIR."""
+and write the report into DIR: report.md (the table), report.png (each figure's ratio to its
+limit and the latency distributions) and report.json (what the next run shows as "previous"),
+each beside the previous run's."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from . import (
     bridge,
+    bridge_backfill,
     bridge_encrypted,
     bridge_ghost_devices,
     bridge_media,
@@ -35,6 +38,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "bridge-media": bridge_media.run,
     "bridge-encrypted": bridge_encrypted.run,
     "bridge-ghost-devices": bridge_ghost_devices.run,
+    "bridge-backfill": bridge_backfill.run,
 }
 
 
@@ -70,9 +74,7 @@ def main() -> int:
     if results.distributions:
         print()
         print_rows(SUMMARY_HEAD, summary_rows(results.distributions))
-    _write_report(
-        args.out, header, f"Kalandra latency distributions: {mode} mode, {when}", results
-    )
+    _write_report(args.out, header, f"Kalandra benchmarks: {mode} mode, {when}", results)
     return 0
 
 
@@ -84,8 +86,6 @@ def _write_report(out: Path, header: str, title: str, results: Results) -> None:
         print(f"report: not fully written ({type(exc).__name__}: {exc})")
         return
     print(f"report: {', '.join(str(p) for p in written)}")
-    if not results.distributions:
-        print("report: no latency distributions in this run, so no report.png")
 
 
 if __name__ == "__main__":

@@ -191,7 +191,9 @@ class PortalFace(Protocol):
 
     def enqueue(self, item: Item) -> None: ...
 
-    async def to_matrix(self, message: Message, timestamp: int | None = None) -> EventID | None:
+    async def to_matrix(
+        self, message: Message, timestamp: int | None = None, *, looked_for: bool = False
+    ) -> EventID | None:
         """Send ``message`` from its sender's ghost (None: not for Matrix)."""
 
     async def records_flushed(self) -> None:

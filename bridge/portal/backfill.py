@@ -11,22 +11,33 @@ none.
 When a portal is made for such a room, those rows are its backfill queue, sent before
 anything live (:func:`backfill`, at the head of the portal's queue toward Matrix): in log
 order, by the sender's ghost, with the message's original time (appservice timestamp
-massaging, ``?ts=``), the same transaction id and ``org.kalandra.log_index`` as live messages;
-each row is deleted in the transaction that records its Matrix event, so a restart resumes
-after the last one recorded and sends nothing twice. Long backfills say how far they are in a
-notice every ``progress_interval`` messages, and once more at the end.
+massaging, ``?ts=``), the same transaction id and ``org.kalandra.log_index`` as live messages.
+Each row is deleted in the transaction that records its Matrix event, so a restart resumes
+after the last one recorded. Synapse is the slow side, so the messages go one after the other
+without waiting for their records: a recorder task writes them in batches (one transaction for
+all that were sent meanwhile), at most ``_AHEAD`` behind. A crash can thus leave up to
+``_AHEAD`` messages sent and not recorded; so, before it sends anything, a backfill looks for
+its messages among the room's newest events once (their log index is in their content), and
+takes the event it finds instead of sending again (Synapse forgets the transaction ids of
+appservice users when it restarts, see to_matrix.py). A message that replies to or edits
+another waits until everything before it is recorded, as it looks its target up there. The
+backfill ends once its last record is written, before anything live is sent. Long backfills
+say how far they are in a notice every ``progress_interval`` messages, and once more at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mautrix.types import EventID, MessageType, TextMessageEventContent
+from mautrix.api import Method, Path
+from mautrix.types import EventID, EventType, MessageType, TextMessageEventContent
 from mautrix.util.async_db import Database
 
 from kalandra_core.backoff import retrying
@@ -35,6 +46,7 @@ from kalandra_core.client.content import Content
 from kalandra_core.crypto import sealed
 
 from ..db.util import now_ms, transaction, u64_from_db, u64_to_db
+from . import set_aside
 
 if TYPE_CHECKING:
     from ..bot_state import BotState
@@ -44,7 +56,12 @@ log = logging.getLogger("kalandra.bridge.backfill")
 
 _PURPOSE = "backfill-content"
 _PAGE = 100
+_AHEAD = 100  # history messages sent but not yet recorded, at most; also the largest batch
+_LOOKBACK_PAGES = 20  # of 100 events, searched for history sent before a restart
 _RETRY_MAX = 30.0
+# Tests only: seconds each batch waits before it is recorded, so that a test can kill the
+# bridge with messages sent and not recorded, deterministically.
+_RECORD_LAG = float(os.environ.get("KALANDRA_TEST_BACKFILL_RECORD_LAG", "0") or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +128,14 @@ class BackfillTable:
         )
         return int(value or 0)
 
-    async def first(self, room_id: bytes, limit: int) -> list[ev.Message]:
+    async def first(self, room_id: bytes, limit: int, after: int = -1) -> list[ev.Message]:
+        """The oldest ``limit`` kept messages of the room after log index ``after``."""
         rows = await self.db.fetch(
             "SELECT log_index, sender_id, timestamp_ms, content FROM bridge_backfill"
-            " WHERE room_id = $1 ORDER BY log_index LIMIT $2",
+            " WHERE room_id = $1 AND log_index > $3 ORDER BY log_index LIMIT $2",
             room_id,
             limit,
+            after,
         )
         return [
             ev.Message(
@@ -130,33 +149,37 @@ class BackfillTable:
         ]
 
     async def done(
-        self, room_id: bytes, log_index: int, mx_room: str, event_id: EventID | None
+        self, room_id: bytes, mx_room: str, bridged: Sequence[tuple[int, EventID | None]]
     ) -> None:
-        """The message is bridged (``event_id``) or skipped (None): its row goes, in the
-        transaction that records it and moves the portal's progress past it."""
+        """Each (log index, event id) is bridged (the event) or skipped (None): in one
+        transaction, the bridged ones are recorded, the portal's progress moves past them all
+        and their rows go."""
+        if not bridged:
+            return
         async with transaction(self.db) as conn:
-            if event_id is not None:
+            for log_index, event_id in bridged:
+                if event_id is not None:
+                    await conn.execute(
+                        "INSERT INTO bridge_messages"
+                        " (room_id, log_index, mx_room, event_id, direction, created_at)"
+                        " VALUES ($1, $2, $3, $4, 'to_matrix', $5)"
+                        " ON CONFLICT (room_id, log_index) DO NOTHING",
+                        room_id,
+                        log_index,
+                        mx_room,
+                        event_id,
+                        now_ms(),
+                    )
                 await conn.execute(
-                    "INSERT INTO bridge_messages"
-                    " (room_id, log_index, mx_room, event_id, direction, created_at)"
-                    " VALUES ($1, $2, $3, $4, 'to_matrix', $5)"
-                    " ON CONFLICT (room_id, log_index) DO NOTHING",
+                    "DELETE FROM bridge_backfill WHERE room_id = $1 AND log_index = $2",
                     room_id,
                     log_index,
-                    mx_room,
-                    event_id,
-                    now_ms(),
                 )
             await conn.execute(
                 "UPDATE bridge_portals SET last_log_index = $2"
                 " WHERE room_id = $1 AND last_log_index < $2",
                 room_id,
-                log_index,
-            )
-            await conn.execute(
-                "DELETE FROM bridge_backfill WHERE room_id = $1 AND log_index = $2",
-                room_id,
-                log_index,
+                max(log_index for log_index, _ in bridged),
             )
 
     async def clear(self) -> None:
@@ -226,23 +249,114 @@ async def backfill(portal: PortalFace) -> None:
     log.info("portal %s: backfilling %d messages", portal.hex, total)
     mxid = portal.row.mxid
     assert mxid is not None
-    sent = 0
-    while messages := await table.first(portal.room_id, _PAGE):
-        for message in messages:
-            event_id = await _send(portal, message)
-            await table.done(portal.room_id, message.log_index, mxid, event_id)
-            sent += 1
-            if sent % interval == 0 and sent < total:
-                await _progress(portal, f"History: {sent} of {total} earlier messages bridged.")
+    recorder = _Recorder(portal, table, mxid)
+    try:
+        messages = await table.first(portal.room_id, _PAGE)
+        found = await _sent_before(portal, messages[0].log_index) if messages else {}
+        sent = 0
+        while messages:
+            for message in messages:
+                if message.content.reply_to is not None or message.content.edit_of is not None:
+                    await recorder.flushed()  # what it refers to is looked up in the table
+                event_id = found.get(message.log_index)
+                if event_id is None:
+                    event_id = await _send(portal, message)
+                await recorder.put(message.log_index, event_id)
+                sent += 1
+                if sent % interval == 0 and sent < total:
+                    text = f"History: {sent} of {total} earlier messages bridged."
+                    await _progress(portal, text)
+            messages = await table.first(portal.room_id, _PAGE, messages[-1].log_index)
+        await recorder.flushed()  # no row is left once anything live goes
+    finally:
+        recorder.stop()
     if total >= interval:
         await _progress(portal, f"History: all {sent} earlier messages bridged.")
     log.info("portal %s: backfill done (%d messages)", portal.hex, sent)
 
 
+class _Recorder:
+    """Records the sent history in batches, in order, on its own task: up to ``_AHEAD``
+    messages may be sent and not yet recorded (see the module doc)."""
+
+    def __init__(self, portal: PortalFace, table: BackfillTable, mxid: str) -> None:
+        self._portal, self._table, self._mxid = portal, table, mxid
+        self._queue: asyncio.Queue[tuple[int, EventID | None]] = asyncio.Queue(_AHEAD)
+        self._task = asyncio.create_task(self._run(), name=f"backfill-rec-{portal.hex}")
+
+    async def put(self, log_index: int, event_id: EventID | None) -> None:
+        await self._until(self._queue.put((log_index, event_id)))
+
+    async def flushed(self) -> None:
+        await self._until(self._queue.join())
+
+    async def _until(self, waiting: Awaitable[None]) -> None:
+        """``waiting``, unless the recorder stops first (then what stopped it is raised)."""
+        wait = asyncio.ensure_future(waiting)
+        try:
+            await asyncio.wait({wait, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wait.cancel()
+        if self._task.done():
+            self._task.result()
+            raise RuntimeError("the backfill recorder stopped")
+
+    async def _run(self) -> None:
+        portal = self._portal
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < _AHEAD and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if _RECORD_LAG:  # tests only
+                await asyncio.sleep(_RECORD_LAG)
+            # A busy database: retried; nothing after it is recorded meanwhile.
+            done = functools.partial(self._table.done, portal.room_id, self._mxid, batch)
+            what = f"portal {portal.hex}: recording history up to log index {batch[-1][0]}"
+            await retrying(done, what, log, cap=_RETRY_MAX)
+            for _ in batch:
+                self._queue.task_done()
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 async def _send(portal: PortalFace, message: ev.Message) -> EventID | None:
-    send = functools.partial(portal.to_matrix, message, timestamp=message.timestamp_ms)
+    send = functools.partial(
+        portal.to_matrix, message, timestamp=message.timestamp_ms, looked_for=True
+    )
     what = f"portal {portal.hex}: history (log index {message.log_index})"
     return await retrying(send, what, log, cap=_RETRY_MAX)
+
+
+async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
+    """The events (by log index) a backfill before a restart sent but did not record: the
+    room's newest events back to the first bridged message before log index ``first``. Split
+    messages are left out: to_matrix looks for their parts itself, each time."""
+    path = Path.v3.rooms[portal.room_mxid].messages
+    types = [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED), str(EventType.STICKER)]
+    query = {"dir": "b", "limit": "100", "filter": json.dumps({"types": types})}
+    api = portal.bridge.az.intent.api
+    found: dict[int, EventID] = {}
+    for _ in range(_LOOKBACK_PAGES):
+        page = await retrying(
+            functools.partial(api.request, Method.GET, path, query_params=query),
+            f"portal {portal.hex}: looking for history sent before",
+            log,
+            cap=_RETRY_MAX,
+        )
+        for event in page.get("chunk", []):
+            content = event.get("content", {})
+            index = content.get(set_aside.LOG_INDEX_KEY)
+            if not isinstance(index, int):
+                continue
+            if index < first:
+                return found
+            if set_aside.PARTS_KEY not in content:
+                found.setdefault(index, EventID(event["event_id"]))
+        if not page.get("chunk") or not page.get("end"):
+            return found
+        query["from"] = page["end"]
+    return found
 
 
 async def _progress(portal: PortalFace, text: str) -> None:

@@ -27,6 +27,7 @@ from mautrix.errors import IntentError, MatrixRequestError
 # Bytes of a part's content as JSON (non-ASCII escaped, as Megolm's plaintext is): a Matrix
 # event is at most 64 KiB whole, and encryption adds a third (base64) plus the envelope.
 PART_LIMIT: Final = 30_000
+LOG_INDEX_KEY: Final = "org.kalandra.log_index"  # in each bridged message's content
 PART_KEY: Final = "org.kalandra.part"  # in each part's content: its number, from 0
 PARTS_KEY: Final = "org.kalandra.parts"  # how many
 SET_ASIDE_KEY: Final = "org.kalandra.set_aside"  # in a set-aside notice: what and why

@@ -77,7 +77,7 @@ log = logging.getLogger("kalandra.bridge.portal")
 KINDS = {"text": MessageType.TEXT, "notice": MessageType.NOTICE, "emote": MessageType.EMOTE}
 _RETRY_MAX = 30.0
 _PIPELINE = 32  # messages sent to Matrix but not yet recorded, at most
-LOG_INDEX_KEY = "org.kalandra.log_index"  # in each bridged message's content
+LOG_INDEX_KEY = set_aside.LOG_INDEX_KEY
 _LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_before)
 # Tests only: seconds a sent message waits before it is recorded, so that a test can kill the
 # bridge in between, deterministically.
@@ -299,9 +299,13 @@ class PortalToMatrix(PortalMembers):
         else:
             await self._undecryptable(item)
 
-    async def to_matrix(self, message: Message, timestamp: int | None = None) -> EventID | None:
+    async def to_matrix(
+        self, message: Message, timestamp: int | None = None, *, looked_for: bool = False
+    ) -> EventID | None:
         """Send the message from its sender's ghost; its event id (None: not for Matrix).
-        ``timestamp``: the event's time (ms) instead of now (history, backfill.py)."""
+        ``timestamp``: the event's time (ms) instead of now (history, backfill.py);
+        ``looked_for``: the caller has looked for it in the room already (backfill.py does, for
+        its whole history at once), so a first attempt needs no look of its own."""
         if message.sender_id == self.bridge.bot.member_id:
             return None  # the bot's own (relayed) messages came from Matrix
         if message.sender_id in self.bridge.bridged_users.member_ids:
@@ -319,9 +323,10 @@ class PortalToMatrix(PortalMembers):
         if message.content.media is None and set_aside.content_size(parts[0]) > _PART_LIMIT:
             parts = await self._split(message, base.msgtype, plain)
         sent: dict[int, EventID] = {}
-        if self._unsure == message.log_index or self._unsure_from_start > 0 or len(parts) > 1:
+        from_start = self._unsure_from_start > 0 and not looked_for
+        if self._unsure == message.log_index or from_start or len(parts) > 1:
             sent = await self._sent_before(puppet.mxid, message.log_index)
-            self._unsure_from_start -= 1
+            self._unsure_from_start -= 0 if looked_for else 1
         self._unsure = message.log_index  # until Synapse has answered every part
         first = None
         for number, content in enumerate(parts):
