@@ -14,6 +14,7 @@ from . import (
     bridge,
     bridge_encrypted,
     bridge_ghost_devices,
+    bridge_many,
     bridge_media,
     crypto,
     frames,
@@ -35,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "bridge-media": bridge_media.run,
     "bridge-encrypted": bridge_encrypted.run,
     "bridge-ghost-devices": bridge_ghost_devices.run,
+    "bridge-many": bridge_many.run,
 }
 
 
