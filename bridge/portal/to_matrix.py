@@ -425,6 +425,7 @@ class PortalToMatrix(PortalMembers):
                 }
             ),
         }
+        metrics.RESEND_LOOKUPS.inc()
         found: dict[int, EventID] = {}
         for _ in range(_LOOKBACK_PAGES):
             page = await self._bot.api.request(Method.GET, path, query_params=query)
