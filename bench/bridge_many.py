@@ -7,7 +7,7 @@ made through the provisioning API (no bot command round trips), each with its ow
 portal, so ghosts and the admin's puppet leaves exist before anything is timed.
 
 Figures (P portals, N messages per portal and direction; quick: P = 5, N = 15; full: P = 50,
-N = 100):
+N = 40):
 
 * the limits, measured in the same run: P appservice users of the bridge's namespace (what
   ghosts are), each in a room of its own with the Matrix admin in it, send N messages each,
@@ -297,7 +297,7 @@ async def _startup(
 
 async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Results:
     count = 5 if quick else 50
-    n = 15 if quick else 100
+    n = 15 if quick else 40
     idle = 20 if quick else 1_000
     steady_seconds = 5.0 if quick else 20.0
     within = 120.0 if quick else 600.0
