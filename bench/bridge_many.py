@@ -24,8 +24,10 @@ N = 40):
   5 s (quick) / 20 s (full), pooled p99. Target: < 250 ms.
 * start-up: S idle portals (quick: 20, full: 1,000) are made; the bridge is stopped and started
   again and timed from the process start to ready (``/_matrix/mau/ready`` answering 200, after
-  the bot has loaded and resynced every room and each portal is loaded). Target: < 15 s. RSS
-  per idle portal: (RSS with S portals - RSS with none) / S, both just after ready.
+  the bot has loaded its rooms and each portal is loaded), and until a new portal can be made
+  through the provisioning API (tried again while the bridge answers 503/504: the bot still
+  resyncing its rooms). Target: < 15 s for both. RSS per idle portal: (RSS with S portals - RSS
+  with none) / S, each measured 2 s after the start.
 
 Per-portal order is checked: a portal whose messages arrive out of log order, twice, or not at
 all fails the benchmark (RuntimeError), whatever its speed.
@@ -124,13 +126,27 @@ async def _bounded(count: int, concurrency: int, one: Callable[[int], Awaitable[
 # --- setup --------------------------------------------------------------------------------------
 
 
+async def _provision(
+    stack: BridgeBenchStack, admin: MatrixUser, name: str, within: float = 600.0
+) -> tuple[bytes, str]:
+    """A new portal, tried again while the bridge answers that it is busy (503, 504)."""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                return await stack.provision_room(admin, name)
+            except RuntimeError as exc:
+                if "HTTP 503" not in str(exc) and "HTTP 504" not in str(exc):
+                    raise
+            await asyncio.sleep(0.5)
+
+
 async def _make_portals(
     stack: BridgeBenchStack, admin: MatrixUser, count: int
 ) -> list[ManyPortal]:
     rooms: list[tuple[bytes, str]] = [(b"", "")] * count
 
     async def create(i: int) -> None:
-        rooms[i] = await stack.provision_room(admin, f"bench many {i}")
+        rooms[i] = await _provision(stack, admin, f"bench many {i}")
         await admin.join(rooms[i][1])
 
     await _bounded(count, _CREATE_CONCURRENCY, create)
@@ -274,11 +290,18 @@ async def _matrix_to_native(
 # --- start-up -----------------------------------------------------------------------------------
 
 
-async def _startup(
-    stack: BridgeBenchStack, admin: MatrixUser, idle: int
-) -> tuple[float, float, int, int]:
-    """Start-up to ready with no portal and with ``idle`` portals: (seconds with none, seconds
-    with ``idle``, RSS with none, RSS with ``idle``)."""
+@dataclass(frozen=True, slots=True)
+class Startup:
+    empty_s: float  # start-up to ready, no portal
+    ready_s: float  # start-up to ready, ``idle`` portals
+    usable_s: float  # start-up until a new portal could be made, ``idle`` portals
+    empty_rss: int
+    full_rss: int
+
+
+async def _startup(stack: BridgeBenchStack, admin: MatrixUser, idle: int) -> Startup:
+    """Start-up with no portal and with ``idle`` portals: to ready (``/_matrix/mau/ready``),
+    and until a new portal can be made (what a user waits for); RSS just after each."""
     await stack.stop_bridge()
     empty_s = await stack.start_bridge()
     await asyncio.sleep(2)  # whatever runs just after ready (catch-up) is done
@@ -287,9 +310,12 @@ async def _startup(
     await _idle_portals(stack, admin, idle)
     print(f"bridge-many: {idle:,} idle portals made in {time.perf_counter() - t0:.1f} s")
     await stack.stop_bridge()
-    full_s = await stack.start_bridge()
+    t0 = time.perf_counter()
+    ready_s = await stack.start_bridge()
+    await _provision(stack, admin, "bench after start")
+    usable_s = time.perf_counter() - t0
     await asyncio.sleep(2)
-    return empty_s, full_s, empty_rss, stack.bridge_rss()
+    return Startup(empty_s, ready_s, usable_s, empty_rss, stack.bridge_rss())
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -303,11 +329,12 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     within = 120.0 if quick else 600.0
 
     admin = await stack.matrix_user(admin_name)
-    empty_s, full_s, empty_rss, full_rss = await _startup(stack, admin, idle)
-    per_portal = (full_rss - empty_rss) / idle
+    up = await _startup(stack, admin, idle)
+    per_portal = (up.full_rss - up.empty_rss) / idle
     print(
-        f"bridge-many start-up to ready: {empty_s:.2f} s with no portal, {full_s:.2f} s with "
-        f"{idle:,}; RSS {empty_rss / 2**20:.1f} MiB -> {full_rss / 2**20:.1f} MiB, "
+        f"bridge-many start-up to ready: {up.empty_s:.2f} s with no portal, {up.ready_s:.2f} s"
+        f" with {idle:,} ({up.usable_s:.2f} s until a new portal could be made); RSS "
+        f"{up.empty_rss / 2**20:.1f} MiB -> {up.full_rss / 2**20:.1f} MiB, "
         f"{per_portal / 1024:.1f} KiB per idle portal"
     )
 
@@ -387,7 +414,16 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         ),
         Figure(
             f"bridge start-up to ready, {idle:,} portals",
-            full_s,
+            up.ready_s,
+            "s",
+            f"< {STARTUP_TARGET_S:g} s",
+            "target",
+            STARTUP_TARGET_S,
+            decimals=2,
+        ),
+        Figure(
+            f"bridge start-up to a new portal, {idle:,} portals",
+            up.usable_s,
             "s",
             f"< {STARTUP_TARGET_S:g} s",
             "target",
@@ -400,7 +436,7 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
             "KiB",
             "- (reported)",
             "RSS with no portal",
-            empty_rss / 1024,
+            up.empty_rss / 1024,
             decimals=1,
         ),
     ]
