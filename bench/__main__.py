@@ -17,6 +17,7 @@ from . import (
     bridge_backfill,
     bridge_encrypted,
     bridge_ghost_devices,
+    bridge_many,
     bridge_media,
     crypto,
     frames,
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "bridge-encrypted": bridge_encrypted.run,
     "bridge-ghost-devices": bridge_ghost_devices.run,
     "bridge-backfill": bridge_backfill.run,
+    "bridge-many": bridge_many.run,
 }
 
 

@@ -216,6 +216,7 @@ class BridgeBenchStack:
     as_port: int
     database_url: str  # absolute: as this process opens it
     metrics_port: int  # the bridge's Prometheus listener
+    provisioning_secret: str  # the provisioning API's shared secret
     bridge: subprocess.Popen[bytes] | None = None
     users: list[MatrixUser] = field(default_factory=list)
     natives: list[Client] = field(default_factory=list)
@@ -260,9 +261,62 @@ class BridgeBenchStack:
         started = time.perf_counter()
         await _stop_bridge(self)
         _set_config(self.work / "config.yaml", settings)
+        await self.start_bridge()
+        return time.perf_counter() - started
+
+    async def stop_bridge(self) -> None:
+        await _stop_bridge(self)
+
+    async def start_bridge(self) -> float:
+        """Start the (stopped) bridge and wait until it is ready; the seconds from the process
+        start to ready."""
+        started = time.perf_counter()
         self.bridge = _bridge_process(self.work, "-c", "config.yaml", log=self.log)
         await _wait_ready(self)
         return time.perf_counter() - started
+
+    def bridge_rss(self) -> int:
+        """The bridge process's resident set size now, bytes."""
+        assert self.bridge is not None
+        status = Path(f"/proc/{self.bridge.pid}/status").read_text()
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if match is None:
+            raise RuntimeError("no VmRSS for the bridge process")
+        return int(match.group(1)) * 1024
+
+    async def provision_room(self, user: MatrixUser, name: str) -> tuple[bytes, str]:
+        """A new Kalandra room and its portal through the provisioning API (what an integration
+        manager does: no bot command round trips), ``user`` invited to the Matrix room. Returns
+        the Kalandra room id and the portal's Matrix room id."""
+        config = YAML(typ="safe").load((self.work / "config.yaml").read_text())
+        prefix = config["bridge"]["provisioning"]["prefix"]
+        url = f"http://127.0.0.1:{self.as_port}{prefix}/v1/rooms"
+        headers = {"Authorization": f"Bearer {self.provisioning_secret}"}
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as http,
+            http.post(
+                url, json={"name": name}, params={"user_id": user.user_id}, headers=headers
+            ) as resp,
+        ):
+            data = await resp.json(content_type=None)
+            if resp.status != 201:
+                raise RuntimeError(f"provisioning create: HTTP {resp.status}: {data}")
+        return bytes.fromhex(data["room_id"]), str(data["matrix_room_id"])
+
+    async def add_native(
+        self, admin: MatrixUser, portal: str, room: bytes, native: Client, within: float = 60.0
+    ) -> None:
+        """``admin`` (in ``portal``) has the bot add ``native`` to Kalandra room ``room``;
+        returns once the native member has joined."""
+        answer = await bot_command(
+            admin, portal, f"!kalandra invite {room.hex()} {native.core.member_id}", within
+        )
+        if not answer.startswith("Added member"):
+            raise RuntimeError(f"unexpected answer to invite: {answer!r}")
+        if await asyncio.wait_for(native.joined.get(), within) != room:
+            raise RuntimeError("the native member joined another room")
+        await native.settle()
 
     async def matrix_user(self, localpart: str) -> MatrixUser:
         """A registered, logged-in Matrix user (logged out when the stack stops)."""
@@ -319,16 +373,8 @@ class BridgeBenchStack:
         await admin.sync_until(lambda _: bool(admin.invites), "the portal's invite")
         portal = admin.invites.pop()
         await admin.join(portal)
-        room_hex = match.group(1)
-        answer = await bot_command(
-            admin, portal, f"!kalandra invite {room_hex} {native.core.member_id}"
-        )
-        if not answer.startswith("Added member"):
-            raise RuntimeError(f"unexpected answer to invite: {answer!r}")
-        room = bytes.fromhex(room_hex)
-        if await asyncio.wait_for(native.joined.get(), 60) != room:
-            raise RuntimeError("the native member joined another room")
-        await native.settle()
+        room = bytes.fromhex(match.group(1))
+        await self.add_native(admin, portal, room, native)
         self.portal = portal
         return room
 
@@ -342,6 +388,7 @@ def _write_config(
     encryption: bool,
     ghost_devices: bool,
     metrics_port: int,
+    provisioning_secret: str,
 ) -> None:
     yaml = YAML()
     with open(EXAMPLE_CONFIG, encoding="utf-8") as fh:
@@ -359,6 +406,7 @@ def _write_config(
     config["appservice"]["port"] = as_port
     config["metrics"]["enabled"] = True
     config["metrics"]["listen_port"] = metrics_port
+    config["bridge"]["provisioning"]["shared_secret"] = provisioning_secret
     # Unencrypted portals unless asked: bridge.py measures bridging, not Megolm; with
     # ``encryption`` a portal is encrypted once a member turns it on (bridge_encrypted.py).
     config["bridge"]["encryption"]["allow"] = encryption
@@ -438,8 +486,17 @@ async def bridge_bench_stack(
     work = Path(tempfile.mkdtemp(prefix="kalandra-bench-bridge-"))
     try:
         hs_port, as_port, tcp_port, metrics_port = (free_port() for _ in range(4))
+        secret = secrets.token_urlsafe(24)
         _write_config(
-            work, hs_port, as_port, tcp_port, admin, encryption, ghost_devices, metrics_port
+            work,
+            hs_port,
+            as_port,
+            tcp_port,
+            admin,
+            encryption,
+            ghost_devices,
+            metrics_port,
+            secret,
         )
         generate = _bridge_process(
             work, "-g", "-c", "config.yaml", "-r", "registration.yaml", log=None
@@ -451,7 +508,13 @@ async def bridge_bench_stack(
             work / "synapse", registrations=[work / "registration.yaml"], port=hs_port
         )
         stack = BridgeBenchStack(
-            work, synapse, tcp_port, as_port, f"sqlite:///{work / 'kalandra.db'}", metrics_port
+            work,
+            synapse,
+            tcp_port,
+            as_port,
+            f"sqlite:///{work / 'kalandra.db'}",
+            metrics_port,
+            secret,
         )
         try:
             stack.bridge = _bridge_process(work, "-c", "config.yaml", log=stack.log)

@@ -197,6 +197,7 @@ class KalandraBot:
             await BackfillTable(self.bridge.db, key).clear()
         await self.bridge.bridged_users.load_member_ids()
         await access.load(self.bridge)
+        self.bridge.run_state.log_heads = await self.server.store.log_heads()
         # The puppet leaves never commit themselves.
         core.commit_for = self.bridge.bridged_users.member_ids
         for portal in await self.bridge.portals.load_all():

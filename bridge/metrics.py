@@ -76,6 +76,11 @@ GHOST_DEVICE_SETUP = Histogram(
     " keys uploaded and the device signed",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+RESEND_LOOKUPS = Counter(
+    "kalandra_bridge_resend_lookups",
+    "Messages looked for in their Matrix room before being sent (maybe sent before: after a"
+    " failed attempt, the first ones after a start, a split message): a homeserver request each",
+)
 TRANSACTIONS = Counter(
     "kalandra_bridge_appservice_transactions",
     "Appservice transactions from the homeserver, by the HTTP status answered",

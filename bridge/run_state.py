@@ -68,3 +68,8 @@ class RunState:
     # (room, epoch) whose send-chain floors are applied to the bot's state
     # (members/send_chains.py).
     floors_applied: set[tuple[bytes, int]] = field(default_factory=set)
+    # Room id -> the room's next log index when this process started (bot.py, before any
+    # portal runs): only entries below it can have been seen, and sent to Matrix, by an earlier
+    # process (the Kalandra server is embedded: it sequences only while this process runs). A
+    # room missing here was made by this process.
+    log_heads: dict[bytes, int] = field(default_factory=dict)

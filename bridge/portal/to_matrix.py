@@ -118,7 +118,9 @@ class PortalToMatrix(PortalMembers):
         self._unsure: int | None = None  # log index of a send that failed: made or not?
         # The first messages after a start may have been sent by the previous process, ahead
         # of their records (the pipeline), to a Synapse that has restarted since and forgot
-        # their transaction ids: each is looked for in the room before it is sent.
+        # their transaction ids: each is looked for in the room before it is sent. Only those
+        # already in the log when this process started (run_state.log_heads): a request each,
+        # which a portal made or a message sequenced since need not wait for.
         self._unsure_from_start = _PIPELINE
         on = bool(bridge.config["bridge.delivery_receipts"])
         self._delivery = ephemeral.KalandraDelivery(self.face) if on else None
@@ -323,10 +325,16 @@ class PortalToMatrix(PortalMembers):
         if message.content.media is None and set_aside.content_size(parts[0]) > _PART_LIMIT:
             parts = await self._split(message, base.msgtype, plain)
         sent: dict[int, EventID] = {}
-        from_start = self._unsure_from_start > 0 and not looked_for
-        if self._unsure == message.log_index or from_start or len(parts) > 1:
+        # Only a message in the log before this process started can have been sent by an
+        # earlier one (backfill looks for those itself: looked_for).
+        head = self.bridge.run_state.log_heads.get(self.room_id, 0)
+        from_before = not looked_for and message.log_index < head
+        if self._unsure_from_start > 0 and from_before:
+            self._unsure_from_start -= 1
+        else:
+            from_before = False
+        if self._unsure == message.log_index or from_before or len(parts) > 1:
             sent = await self._sent_before(puppet.mxid, message.log_index)
-            self._unsure_from_start -= 0 if looked_for else 1
         self._unsure = message.log_index  # until Synapse has answered every part
         first = None
         for number, content in enumerate(parts):
@@ -430,6 +438,7 @@ class PortalToMatrix(PortalMembers):
                 }
             ),
         }
+        metrics.RESEND_LOOKUPS.inc()
         found: dict[int, EventID] = {}
         for _ in range(_LOOKBACK_PAGES):
             page = await self._bot.api.request(Method.GET, path, query_params=query)

@@ -277,6 +277,10 @@ class Store(Protocol):
         """Room ids where the member is in the roster."""
         ...
 
+    async def log_heads(self) -> dict[bytes, int]:
+        """Every room's ``next_log_index`` now, by room id."""
+        ...
+
     async def update_room_metadata(self, room_id: bytes, *, name: str, topic: str) -> None: ...
 
     # --- the log ---------------------------------------------------------------------------------

@@ -234,6 +234,9 @@ class MemoryStore:
     async def rooms_of(self, member_id: int) -> list[bytes]:
         return sorted(rid for rid, r in self._rooms.items() if member_id in r.members)
 
+    async def log_heads(self) -> dict[bytes, int]:
+        return {rid: r.room.next_log_index for rid, r in self._rooms.items()}
+
     async def update_room_metadata(self, room_id: bytes, *, name: str, topic: str) -> None:
         stored = self._room(room_id)
         r = stored.room

@@ -362,6 +362,11 @@ class SqlStore:
             )
             return [bytes(r.room_id) for r in rows]
 
+    async def log_heads(self) -> dict[bytes, int]:
+        async with self._read() as conn:
+            rows = await conn.execute(sa.select(db.rooms.c.room_id, db.rooms.c.next_log_index))
+            return {bytes(r.room_id): int(r.next_log_index) for r in rows}
+
     async def update_room_metadata(self, room_id: bytes, *, name: str, topic: str) -> None:
         async with self._write() as conn:
             result = await conn.execute(

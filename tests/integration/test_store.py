@@ -264,6 +264,16 @@ async def test_rooms(store: Store) -> None:
         await store.update_room_metadata(room_id(99), name="x", topic="y")
 
 
+async def test_log_heads_are_each_rooms_next_index(store: Store) -> None:
+    # What the bridge reads at its start: which log entries an earlier process may have seen.
+    before = await store.log_heads()
+    rid, other = await new_room(store, 7), await new_room(store, 8)
+    await store.append(rid, entries(0, 3))
+    heads = await store.log_heads()
+    assert (heads[rid], heads[other]) == (3, 0)
+    assert heads.keys() - before.keys() == {rid, other}
+
+
 async def test_append_is_strict_and_dense(store: Store) -> None:
     rid = await new_room(store)
     await store.append(rid, entries(0, 3))
