@@ -3,12 +3,16 @@
 Room frames go to the room's :class:`RoomWorker` (the one writer of its log). The hub itself
 answers what needs no sequencing: room creation from a GroupInfo, sync reads, and the
 KeyPackage directory. Deliveries go to every session of the member ids a decision names.
+
+Tests only: ``KALANDRA_TEST_SYNC_LAG`` (seconds) delays each sync read, the latency of a busy
+store, so that a test can hold a client's catch-up of many rooms open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -43,6 +47,7 @@ from .session import ServerSession
 from .workers import RoomWorker
 
 log = logging.getLogger("kalandra.server")
+_SYNC_LAG = float(os.environ.get("KALANDRA_TEST_SYNC_LAG", "0") or 0)  # tests only (see above)
 
 ROOM_OPCODES = frozenset(
     {
@@ -296,6 +301,8 @@ class Hub:
 
     async def _sync(self, session: ServerSession, frame: Frame) -> None:
         h = frame.header
+        if _SYNC_LAG:
+            await asyncio.sleep(_SYNC_LAG)
         try:
             request = decode_payload(Opcode.SYNC_REQUEST, frame.payload)
         except PayloadDecodeError as exc:
