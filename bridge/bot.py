@@ -242,20 +242,25 @@ class KalandraBot:
         a portal does not wait for the others."""
         await self._key_packages()
         await client.caught_up()
+        for room_id in list(self._roster_due):  # a sync the server refused: the state so far
+            self._roster_check_due(room_id)
         await permissions.remove_unpermitted(self.bridge)
 
     def caught_up(self, room_id: bytes) -> None:
         """The room has applied the log since the connection (its items routed already)."""
-        if room_id in self._roster_due:
-            self._roster_due.discard(room_id)
-            portal = self.bridge.portals.get(room_id)
-            if portal is not None:
-                self.check_roster(portal)
+        self._roster_check_due(room_id)
         if not self.core.catching_up:
             log.info(
                 "the bot's rooms are caught up, %.1f s after connecting",
                 time.monotonic() - self._connected_at,
             )
+
+    def _roster_check_due(self, room_id: bytes) -> None:
+        if room_id in self._roster_due:
+            self._roster_due.discard(room_id)
+            portal = self.bridge.portals.get(room_id)
+            if portal is not None:
+                self.check_roster(portal)
 
     def check_roster(self, portal: PortalFace) -> None:
         """Queue a check of the portal's ghosts and epoch state against the group as it is
