@@ -40,11 +40,12 @@ from mautrix.api import Method, Path
 from mautrix.types import EventID, EventType, MessageType, TextMessageEventContent
 from mautrix.util.async_db import Database
 
-from kalandra_core.backoff import retrying
+from kalandra_core.backoff import Backoff, retrying
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.crypto import sealed
 
+from .. import metrics
 from ..db.util import now_ms, transaction, u64_from_db, u64_to_db
 from . import set_aside
 
@@ -253,14 +254,15 @@ async def backfill(portal: PortalFace) -> None:
     try:
         messages = await table.first(portal.room_id, _PAGE)
         found = await _sent_before(portal, messages[0].log_index) if messages else {}
-        sent = 0
+        sent = aside = 0
         while messages:
             for message in messages:
                 if message.content.reply_to is not None or message.content.edit_of is not None:
                     await recorder.flushed()  # what it refers to is looked up in the table
                 event_id = found.get(message.log_index)
                 if event_id is None:
-                    event_id = await _send(portal, message)
+                    event_id, delivered = await _send(portal, message)
+                    aside += not delivered
                 await recorder.put(message.log_index, event_id)
                 sent += 1
                 if sent % interval == 0 and sent < total:
@@ -270,9 +272,12 @@ async def backfill(portal: PortalFace) -> None:
         await recorder.flushed()  # no row is left once anything live goes
     finally:
         recorder.stop()
-    if total >= interval:
+    if total >= interval and aside:
+        text = f"History: {sent - aside} earlier messages bridged, {aside} set aside."
+        await _progress(portal, text)
+    elif total >= interval:
         await _progress(portal, f"History: all {sent} earlier messages bridged.")
-    log.info("portal %s: backfill done (%d messages)", portal.hex, sent)
+    log.info("portal %s: backfill done (%d messages, %d set aside)", portal.hex, sent, aside)
 
 
 class _Recorder:
@@ -320,22 +325,40 @@ class _Recorder:
         self._task.cancel()
 
 
-async def _send(portal: PortalFace, message: ev.Message) -> EventID | None:
-    send = functools.partial(
-        portal.to_matrix, message, timestamp=message.timestamp_ms, looked_for=True
-    )
-    what = f"portal {portal.hex}: history (log index {message.log_index})"
-    return await retrying(send, what, log, cap=_RETRY_MAX)
+async def _send(portal: PortalFace, message: ev.Message) -> tuple[EventID | None, bool]:
+    """The message's event (None: not for Matrix) and True; or, once the homeserver has refused
+    it for good, the notice set aside in its place and False (set_aside.py). Transient failures
+    are retried with backoff, in place, so the order holds."""
+    backoff, attempts = Backoff(cap=_RETRY_MAX), set_aside.Attempts()
+    while True:
+        try:
+            when = message.timestamp_ms
+            return await portal.to_matrix(message, timestamp=when, looked_for=True), True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.failed_to_matrix(exc)
+            reason = attempts.set_aside(exc)
+            if reason is not None:
+                return await portal.set_aside(message, reason), False
+            log.warning(
+                "portal %s: history (log index %d) not bridged yet (%s); retrying",
+                portal.hex,
+                message.log_index,
+                type(exc).__name__,
+            )
+        await backoff.pause()
 
 
 async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
     """The events (by log index) a backfill before a restart sent but did not record: the
     room's newest events back to the first bridged message before log index ``first``. Split
-    messages are left out: to_matrix looks for their parts itself, each time."""
+    messages are left out: to_matrix looks for their parts itself, each time. A set-aside
+    notice of the bot counts for the message it stands for."""
     path = Path.v3.rooms[portal.room_mxid].messages
     types = [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED), str(EventType.STICKER)]
     query = {"dir": "b", "limit": "100", "filter": json.dumps({"types": types})}
-    api = portal.bridge.az.intent.api
+    api, bot = portal.bridge.az.intent.api, portal.bridge.az.intent.mxid
     found: dict[int, EventID] = {}
     for _ in range(_LOOKBACK_PAGES):
         page = await retrying(
@@ -347,6 +370,8 @@ async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
         for event in page.get("chunk", []):
             content = event.get("content", {})
             index = content.get(set_aside.LOG_INDEX_KEY)
+            if event.get("sender") == bot:  # only the bot's own notices count
+                index = set_aside.notice_for(content)
             if not isinstance(index, int):
                 continue
             if index < first:

@@ -8,7 +8,11 @@ once more (the retry rejoins the ghost, which mends a ghost kicked meanwhile); i
 permanently again, the item is set aside: the portal gets a notice from the bot naming the
 sender's ghost, the log index, the time and the errcode, that notice stands for the message in
 ``bridge_messages`` (so a restart neither retries it nor loses the record), and the queue goes
-on. An unknown token (401) is the bridge's configuration, not the item's: transient.
+on. An unknown token (401) is the bridge's configuration, not the item's: transient. The
+backfill of a new portal's history (backfill.py) does the same with each history message.
+The notice carries the log index it stands for (``org.kalandra.set_aside``, in clear in an
+encrypted portal too), so that a notice sent before a crash and not yet recorded is found in
+the room again instead of being sent twice.
 
 A Kalandra text whose Matrix content would pass ``PART_LIMIT`` is sent as several messages, in
 order, plain text (the formatted body would double the size), whose bodies joined are the
@@ -48,6 +52,28 @@ def permanent_reason(exc: BaseException) -> str | None:
     if errcode == "M_LIMIT_EXCEEDED":
         return None
     return errcode if isinstance(errcode, str) and errcode else f"HTTP {status}"
+
+
+class Attempts:
+    """One item's failed attempts: whether its latest failure sets it aside (the queue toward
+    Matrix and the backfill count them alike)."""
+
+    def __init__(self) -> None:
+        self.refused = 0  # permanent failures in a row
+
+    def set_aside(self, exc: BaseException) -> str | None:
+        """The reason to set the item aside now; None: retry it (after a pause)."""
+        reason = permanent_reason(exc)
+        self.refused = self.refused + 1 if reason is not None else 0
+        return reason if self.refused >= PERMANENT_ATTEMPTS else None
+
+
+def notice_for(content: dict[str, object]) -> int | None:
+    """The log index a set-aside notice (its content, or the clear part of an encrypted one)
+    stands for; None: not such a notice."""
+    marker = content.get(SET_ASIDE_KEY)
+    index = marker.get("log_index") if isinstance(marker, dict) else None
+    return index if isinstance(index, int) else None
 
 
 def content_size(content: object) -> int:

@@ -159,7 +159,7 @@ class PortalToMatrix(PortalMembers):
             item = await self.queue.get()
             if not isinstance(item, Message):
                 await self.records_flushed()  # what came before it is recorded first
-            backoff, refused = Backoff(cap=_RETRY_MAX), 0
+            backoff, attempts = Backoff(cap=_RETRY_MAX), set_aside.Attempts()
             while True:
                 try:
                     if isinstance(item, Message):
@@ -171,9 +171,8 @@ class PortalToMatrix(PortalMembers):
                     raise
                 except Exception as exc:
                     metrics.failed_to_matrix(exc)
-                    reason = set_aside.permanent_reason(exc)
-                    refused = refused + 1 if reason is not None else 0
-                    if reason is not None and refused >= set_aside.PERMANENT_ATTEMPTS:
+                    reason = attempts.set_aside(exc)
+                    if reason is not None:
                         await self._set_aside(item, reason)
                         break
                     log.warning(
@@ -223,36 +222,45 @@ class PortalToMatrix(PortalMembers):
 
     async def _set_aside(self, item: Item, reason: str) -> None:
         """The homeserver refused ``item`` for good: a notice takes its place (set_aside.py)."""
-        index = getattr(item, "log_index", -1)
-        metrics.set_aside_to_matrix(reason)
-        log.error(
-            "portal %s: %s (log index %d) set aside: the homeserver refused it (%s)",
-            self.hex,
-            type(item).__name__,
-            index,
-            reason,
-        )
-        self._unsure = None
-        if not isinstance(item, Message):
-            if index > self.row.last_log_index:
-                try:
-                    await self.advance(index, None)
-                except Exception as exc:  # not advanced: tried (and set aside) again at start
-                    log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
+        if isinstance(item, Message):
+            notice = await self.set_aside(item, reason)
+            await self._records.put((item, notice, False))
             return
-        backoff, notice = Backoff(cap=_RETRY_MAX), None
+        index = getattr(item, "log_index", -1)
+        self._aside_said(type(item).__name__, index, reason)
+        if index > self.row.last_log_index:
+            try:
+                await self.advance(index, None)
+            except Exception as exc:  # not advanced: tried (and set aside) again at start
+                log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
+
+    async def set_aside(self, message: Message, reason: str) -> EventID | None:
+        """The homeserver refused ``message`` for good: the bot's notice that takes its place,
+        to be recorded for it (None: the notice was refused too). Transient failures of the
+        notice are retried."""
+        self._aside_said(type(message).__name__, message.log_index, reason)
+        backoff = Backoff(cap=_RETRY_MAX)
         while True:
             try:
-                notice = await self._aside_notice(item, reason)
-                break
+                return await self._aside_notice(message, reason)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if set_aside.permanent_reason(exc) is not None:
                     log.error("portal %s: no set-aside notice (%s)", self.hex, type(exc).__name__)
-                    break
+                    return None
                 await backoff.pause()
-        await self._records.put((item, notice, False))
+
+    def _aside_said(self, kind: str, index: int, reason: str) -> None:
+        metrics.set_aside_to_matrix(reason)
+        log.error(
+            "portal %s: %s (log index %d) set aside: the homeserver refused it (%s)",
+            self.hex,
+            kind,
+            index,
+            reason,
+        )
+        self._unsure = None
 
     async def _aside_notice(self, message: Message, reason: str) -> EventID:
         ghost = (await self.bridge.puppets.get(message.sender_id)).mxid
@@ -268,7 +276,9 @@ class PortalToMatrix(PortalMembers):
             event_type, encrypted = await e2ee.encrypt(
                 self.bridge, self.room_mxid, event_type, content
             )
-            content = encrypted.serialize()
+            # What it stands for in clear as well: the backfill looks for it without decrypting.
+            marker = {"log_index": message.log_index}
+            content = JSON({**encrypted.serialize(), set_aside.SET_ASIDE_KEY: marker})
         return await self._bot.send_message_event(
             self.room_mxid, event_type, content, txn_id=self._txn(message.log_index, "aside")
         )
