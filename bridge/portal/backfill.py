@@ -23,6 +23,12 @@ appservice users when it restarts, see to_matrix.py). A message that replies to 
 another waits until everything before it is recorded, as it looks its target up there. The
 backfill ends once its last record is written, before anything live is sent. Long backfills
 say how far they are in a notice every ``progress_interval`` messages, and once more at the end.
+
+A failed send is retried with backoff, in place, while the failure is transient; a message the
+homeserver refuses for good is set aside as the live queue does it (set_aside.py): the bot's
+notice takes its place, is recorded for its log index like any event (the row goes with it),
+and the backfill goes on. The look for what was sent before a restart takes such a notice too,
+so a set-aside message is never tried again once its notice is in the room.
 """
 
 from __future__ import annotations

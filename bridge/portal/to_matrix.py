@@ -79,6 +79,7 @@ _RETRY_MAX = 30.0
 _PIPELINE = 32  # messages sent to Matrix but not yet recorded, at most
 LOG_INDEX_KEY = set_aside.LOG_INDEX_KEY
 _LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_before)
+_NOTICE_LOOKBACK_PAGES = 2  # of the bot's 100 latest events, searched for a set-aside notice
 # Tests only: seconds a sent message waits before it is recorded, so that a test can kill the
 # bridge in between, deterministically.
 _RECORD_LAG = float(os.environ.get("KALANDRA_TEST_MATRIX_RECORD_LAG", "0") or 0)
@@ -242,7 +243,9 @@ class PortalToMatrix(PortalMembers):
         backoff = Backoff(cap=_RETRY_MAX)
         while True:
             try:
-                return await self._aside_notice(message, reason)
+                # Posted before a crash, maybe, and not recorded (see _notice_sent_before).
+                found = await self._notice_sent_before(message.log_index)
+                return found or await self._aside_notice(message, reason)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -261,6 +264,31 @@ class PortalToMatrix(PortalMembers):
             reason,
         )
         self._unsure = None
+
+    async def _notice_sent_before(self, log_index: int) -> EventID | None:
+        """The bot's set-aside notice for ``log_index`` among its latest events in the room:
+        one sent before a crash and not recorded, to a Synapse that may have forgotten its
+        transaction id since. Set-asides are rare: a request or two each."""
+        path = Path.v3.rooms[self.room_mxid].messages
+        types = [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED)]
+        senders = [self._bot.mxid]
+        query = {
+            "dir": "b",
+            "limit": "100",
+            "filter": json.dumps({"types": types, "senders": senders}),
+        }
+        for _ in range(_NOTICE_LOOKBACK_PAGES):
+            page = await self._bot.api.request(Method.GET, path, query_params=query)
+            for event in page.get("chunk", []):
+                if event.get("sender") != self._bot.mxid:
+                    continue
+                if set_aside.notice_for(event.get("content", {})) == log_index:
+                    log.info("portal %s: notice for log index %d sent before", self.hex, log_index)
+                    return EventID(event["event_id"])
+            if not page.get("chunk") or not page.get("end"):
+                return None
+            query["from"] = page["end"]
+        return None
 
     async def _aside_notice(self, message: Message, reason: str) -> EventID:
         ghost = (await self.bridge.puppets.get(message.sender_id)).mxid
