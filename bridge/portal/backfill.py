@@ -27,8 +27,10 @@ say how far they are in a notice every ``progress_interval`` messages, and once 
 A failed send is retried with backoff, in place, while the failure is transient; a message the
 homeserver refuses for good is set aside as the live queue does it (set_aside.py): the bot's
 notice takes its place, is recorded for its log index like any event (the row goes with it),
-and the backfill goes on. The look for what was sent before a restart takes such a notice too,
-so a set-aside message is never tried again once its notice is in the room.
+and the backfill goes on. So is a kept row whose sealed content can no longer be opened
+(damaged in the database), with a notice that says so, instead of stopping the portal. The
+look for what was sent before a restart takes such a notice too, so a set-aside message is
+never tried again once its notice is in the room.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from mautrix.util.async_db import Database
 from kalandra_core.backoff import Backoff, retrying
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
-from kalandra_core.crypto import sealed
+from kalandra_core.crypto import DecryptionFailed, sealed
 
 from .. import metrics
 from ..db.util import now_ms, transaction, u64_from_db, u64_to_db
@@ -85,6 +87,12 @@ class BackfillSettings:
             max_messages=max(0, int(config["bridge.backfill.max_messages"])),
             progress_interval=max(1, int(config["bridge.backfill.progress_interval"])),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    message: ev.Message
+    readable: bool  # False: its content could not be opened (an empty one stands in)
 
 
 class BackfillTable:
@@ -135,8 +143,10 @@ class BackfillTable:
         )
         return int(value or 0)
 
-    async def first(self, room_id: bytes, limit: int, after: int = -1) -> list[ev.Message]:
-        """The oldest ``limit`` kept messages of the room after log index ``after``."""
+    async def first(self, room_id: bytes, limit: int, after: int = -1) -> list[Kept]:
+        """The oldest ``limit`` kept messages of the room after log index ``after``; a row
+        whose sealed content cannot be opened (damaged, or sealed under another key) comes
+        with ``readable`` False and no content."""
         rows = await self.db.fetch(
             "SELECT log_index, sender_id, timestamp_ms, content FROM bridge_backfill"
             " WHERE room_id = $1 AND log_index > $3 ORDER BY log_index LIMIT $2",
@@ -144,16 +154,22 @@ class BackfillTable:
             limit,
             after,
         )
-        return [
-            ev.Message(
+        kept = []
+        for row in rows:
+            try:
+                plain = sealed.unseal(self._key, _PURPOSE, bytes(row["content"]))
+                content, readable = Content.decode(plain), True
+            except DecryptionFailed:
+                content, readable = Content(body=""), False
+            message = ev.Message(
                 room_id,
                 u64_from_db(int(row["sender_id"])),
                 int(row["log_index"]),
                 int(row["timestamp_ms"]),
-                Content.decode(sealed.unseal(self._key, _PURPOSE, bytes(row["content"]))),
+                content,
             )
-            for row in rows
-        ]
+            kept.append(Kept(message, readable))
+        return kept
 
     async def done(
         self, room_id: bytes, mx_room: str, bridged: Sequence[tuple[int, EventID | None]]
@@ -258,23 +274,23 @@ async def backfill(portal: PortalFace) -> None:
     assert mxid is not None
     recorder = _Recorder(portal, table, mxid)
     try:
-        messages = await table.first(portal.room_id, _PAGE)
-        found = await _sent_before(portal, messages[0].log_index) if messages else {}
+        kept = await table.first(portal.room_id, _PAGE)
+        found = await _sent_before(portal, kept[0].message.log_index) if kept else {}
         sent = aside = 0
-        while messages:
-            for message in messages:
+        while kept:
+            for message, readable in ((k.message, k.readable) for k in kept):
                 if message.content.reply_to is not None or message.content.edit_of is not None:
                     await recorder.flushed()  # what it refers to is looked up in the table
-                event_id = found.get(message.log_index)
+                event_id, delivered = found.get(message.log_index), True
                 if event_id is None:
-                    event_id, delivered = await _send(portal, message)
-                    aside += not delivered
+                    event_id, delivered = await _send(portal, message, readable)
+                aside += not delivered
                 await recorder.put(message.log_index, event_id)
                 sent += 1
                 if sent % interval == 0 and sent < total:
                     text = f"History: {sent} of {total} earlier messages bridged."
                     await _progress(portal, text)
-            messages = await table.first(portal.room_id, _PAGE, messages[-1].log_index)
+            kept = await table.first(portal.room_id, _PAGE, kept[-1].message.log_index)
         await recorder.flushed()  # no row is left once anything live goes
     finally:
         recorder.stop()
@@ -331,10 +347,15 @@ class _Recorder:
         self._task.cancel()
 
 
-async def _send(portal: PortalFace, message: ev.Message) -> tuple[EventID | None, bool]:
+async def _send(
+    portal: PortalFace, message: ev.Message, readable: bool
+) -> tuple[EventID | None, bool]:
     """The message's event (None: not for Matrix) and True; or, once the homeserver has refused
-    it for good, the notice set aside in its place and False (set_aside.py). Transient failures
-    are retried with backoff, in place, so the order holds."""
+    it for good (or at once if its kept copy is not ``readable``), the notice set aside in its
+    place and False (set_aside.py). Transient failures are retried with backoff, in place, so
+    the order holds."""
+    if not readable:
+        return await portal.set_aside(message, set_aside.UNREADABLE), False
     backoff, attempts = Backoff(cap=_RETRY_MAX), set_aside.Attempts()
     while True:
         try:

@@ -35,6 +35,7 @@ LOG_INDEX_KEY: Final = "org.kalandra.log_index"  # in each bridged message's con
 PART_KEY: Final = "org.kalandra.part"  # in each part's content: its number, from 0
 PARTS_KEY: Final = "org.kalandra.parts"  # how many
 SET_ASIDE_KEY: Final = "org.kalandra.set_aside"  # in a set-aside notice: what and why
+UNREADABLE: Final = "unreadable"  # the reason of a kept history message that cannot be opened
 PERMANENT_ATTEMPTS: Final = 2  # consecutive permanent failures before an item is set aside
 _TRANSIENT_STATUS: Final = frozenset({401, 408, 429})
 
@@ -102,7 +103,10 @@ def split_text(text: str, limit: int) -> list[str]:
 
 def notice_text(ghost: str, log_index: int, timestamp_ms: int, reason: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp_ms / 1000))
+    why = f"the homeserver refused it ({reason})"
+    if reason == UNREADABLE:
+        why = "the bridge's kept copy of it could not be read"
     return (
         f"A Kalandra message from {ghost} (log index {log_index}, {when}) could not be bridged"
-        f" to Matrix: the homeserver refused it ({reason})."
+        f" to Matrix: {why}."
     )

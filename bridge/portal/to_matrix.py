@@ -257,7 +257,7 @@ class PortalToMatrix(PortalMembers):
     def _aside_said(self, kind: str, index: int, reason: str) -> None:
         metrics.set_aside_to_matrix(reason)
         log.error(
-            "portal %s: %s (log index %d) set aside: the homeserver refused it (%s)",
+            "portal %s: %s (log index %d) set aside (%s)",
             self.hex,
             kind,
             index,

@@ -10,6 +10,9 @@ well (it forgets the appservice's transaction ids), finds the notice again after
 the message is not tried again, nothing is doubled, and the rest of the history follows.
 ``KALANDRA_TEST_BACKFILL_RECORD_LAG`` holds each batch of records back, so the kill falls
 between the notice and its record; the test checks that it did.
+
+A kept history row that can no longer be read (its sealed content damaged in the database)
+is set aside the same way, with a notice that says so, instead of stopping the portal.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from helpers.sql import query
+import sqlalchemy as sa
+from helpers.sql import connection, query
 from matrix.bridge_members import account_id, native_room, open_portal, wait_until
 from matrix.bridge_stack import (
     BOT,
@@ -205,4 +209,44 @@ async def test_a_set_aside_cut_by_kill9_before_its_record_is_not_retried(
         assert await recorded_event(stack, room_id, refused) == notices[0]["event_id"]
         assert await kept(stack, room_id) == 0
     assert aside_lines(stack, refused) == 1  # not tried again after the restart
+    await owner.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_history_row_that_cannot_be_read_is_set_aside_and_the_rest_follows(
+    stack: BridgeStack,
+) -> None:
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "history with a damaged row")
+    echoes = await send_many(owner, room_id, [f"kept {i}" for i in range(7)])
+    await until_kept(stack, room_id, 7)
+    damaged = echoes[3]
+    async with connection(stack.store_url) as conn:
+        sql = "SELECT content FROM bridge_backfill WHERE room_id = :r AND log_index = :i"
+        params = {"r": room_id, "i": damaged.log_index}
+        content = bytearray((await conn.execute(sa.text(sql), params)).scalar_one())
+        content[-1] ^= 0x01  # one bit of the sealed content's tag
+        await conn.execute(
+            sa.text(
+                "UPDATE bridge_backfill SET content = :c WHERE room_id = :r AND log_index = :i"
+            ),
+            {**params, "c": bytes(content)},
+        )
+    expected = [(m.log_index, m.content.body, m.timestamp_ms) for m in echoes if m != damaged]
+    ghost = ghost_of(owner)
+
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        await owner.send_text(room_id, "live")
+        *texts, _ = await until_live(alice, portal, ghost)
+        assert as_sent(texts) == expected
+        notices = await aside_notices(alice, portal)
+        assert len(notices) == 1, notices
+        body = notices[0]["content"]["body"]
+        assert f"log index {damaged.log_index}" in body, body
+        assert "could not be read" in body, body
+        assert await recorded_event(stack, room_id, damaged.log_index) == notices[0]["event_id"]
+        assert await kept(stack, room_id) == 0
+    assert aside_lines(stack, damaged.log_index) == 1
     await owner.close()
