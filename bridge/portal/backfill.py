@@ -15,11 +15,12 @@ massaging, ``?ts=``), the same transaction id and ``org.kalandra.log_index`` as 
 Each row is deleted in the transaction that records its Matrix event, so a restart resumes
 after the last one recorded. Synapse is the slow side, so the messages go one after the other
 without waiting for their records: a recorder task writes them in batches (one transaction for
-all that were sent meanwhile), at most ``_AHEAD`` behind. A crash can thus leave up to
-``_AHEAD`` messages sent and not recorded; so, before it sends anything, a backfill looks for
-its messages among the room's newest events once (their log index is in their content), and
-takes the event it finds instead of sending again (Synapse forgets the transaction ids of
-appservice users when it restarts, see to_matrix.py). A message that replies to or edits
+all that were sent meanwhile), at most ``_AHEAD`` waiting besides the batch being written. A
+crash can thus leave up to twice ``_AHEAD`` messages sent and not recorded; so, before it sends
+anything, a backfill looks for its messages among the room's newest events once (their log
+index is in their content; only the bridge's own events count), and takes the event it finds
+instead of sending again (Synapse forgets the transaction ids of appservice users when it
+restarts, see to_matrix.py). A message that replies to or edits
 another waits until everything before it is recorded, as it looks its target up there. The
 backfill ends once its last record is written, before anything live is sent. Long backfills
 say how far they are in a notice every ``progress_interval`` messages, and once more at the end.
@@ -55,6 +56,7 @@ from kalandra_core.crypto import DecryptionFailed, sealed
 
 from .. import metrics
 from ..db.util import now_ms, transaction, u64_from_db, u64_to_db
+from ..members.puppet import member_of
 from . import set_aside
 
 if TYPE_CHECKING:
@@ -65,7 +67,7 @@ log = logging.getLogger("kalandra.bridge.backfill")
 
 _PURPOSE = "backfill-content"
 _PAGE = 100
-_AHEAD = 100  # history messages sent but not yet recorded, at most; also the largest batch
+_AHEAD = 100  # sent messages waiting for the batch being recorded, at most; the largest batch
 _LOOKBACK_PAGES = 20  # of 100 events, searched for history sent before a restart
 _RETRY_MAX = 30.0
 # Tests only: seconds each batch waits before it is recorded, so that a test can kill the
@@ -381,7 +383,10 @@ async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
     """The events (by log index) a backfill before a restart sent but did not record: the
     room's newest events back to the first bridged message before log index ``first``. Split
     messages are left out: to_matrix looks for their parts itself, each time. A set-aside
-    notice of the bot counts for the message it stands for."""
+    notice of the bot counts for the message it stands for. Only the bridge's own events (its
+    ghosts', the bot's) are read: a Matrix user's event that carries a log index is no message
+    of ours (taken for one, it would hide the message, and its event id, bridged the other way,
+    could never be recorded for it)."""
     path = Path.v3.rooms[portal.room_mxid].messages
     types = [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED), str(EventType.STICKER)]
     query = {"dir": "b", "limit": "100", "filter": json.dumps({"types": types})}
@@ -395,10 +400,12 @@ async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
             cap=_RETRY_MAX,
         )
         for event in page.get("chunk", []):
-            content = event.get("content", {})
-            index = content.get(set_aside.LOG_INDEX_KEY)
-            if event.get("sender") == bot:  # only the bot's own notices count
+            content, sender = event.get("content", {}), str(event.get("sender", ""))
+            index = None
+            if sender == bot:
                 index = set_aside.notice_for(content)
+            elif member_of(portal.bridge, sender) is not None:  # a ghost
+                index = content.get(set_aside.LOG_INDEX_KEY)
             if not isinstance(index, int):
                 continue
             if index < first:
