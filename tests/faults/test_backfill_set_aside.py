@@ -38,15 +38,18 @@ from matrix.bridge_stack import (
     nio_client,
     room_history,
 )
+from matrix.synapse import free_port
 from matrix.test_bridge_backfill import as_sent, send_many
 from matrix.test_bridge_epochs import BOT_NAME
 from matrix.test_bridge_media import png
+from matrix.test_bridge_metrics import scrape, value
 from nio import AsyncClient, RoomMessageNotice
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client
 
 LAG = "3"  # seconds each batch of history waits before it is recorded
+METRICS_PORT = free_port()
 WITHIN = 120.0
 REFUSED = "could not be bridged"
 
@@ -62,6 +65,7 @@ async def stack(
             tmp_path_factory.mktemp("backfillaside"),
             request.param,
             bridge_options={"backfill.progress_interval": 100},
+            options={"metrics.enabled": True, "metrics.listen_port": METRICS_PORT},
         ) as stack:
             yield stack
     finally:
@@ -167,6 +171,7 @@ async def test_a_refused_history_message_is_set_aside_and_the_rest_follows(
         assert await recorded_event(stack, room_id, refused) == notices[0]["event_id"]
         assert await kept(stack, room_id) == 0
     assert aside_lines(stack, refused) == 1
+    assert await set_aside_count("M_TOO_LARGE") == 1
     assert "a very long caption" not in stack.log.read_text(errors="replace")
     await owner.close()
 
@@ -249,4 +254,11 @@ async def test_a_history_row_that_cannot_be_read_is_set_aside_and_the_rest_follo
         assert await recorded_event(stack, room_id, damaged.log_index) == notices[0]["event_id"]
         assert await kept(stack, room_id) == 0
     assert aside_lines(stack, damaged.log_index) == 1
+    assert await set_aside_count("unreadable") == 1  # (the process of the restart before)
     await owner.close()
+
+
+async def set_aside_count(reason: str) -> float:
+    """The bridge's ``kalandra_bridge_set_aside`` counter for ``reason`` (this process's)."""
+    samples = await scrape(METRICS_PORT)
+    return value(samples, "kalandra_bridge_set_aside_total", direction="to_matrix", reason=reason)
