@@ -301,7 +301,7 @@ async def backfill(portal: PortalFace) -> None:
         await _progress(portal, text)
     elif total >= interval:
         await _progress(portal, f"History: all {sent} earlier messages bridged.")
-    log.info("portal %s: backfill done (%d messages, %d set aside)", portal.hex, sent, aside)
+    log.info("portal %s: backfill done (%d messages), %d set aside", portal.hex, sent, aside)
 
 
 class _Recorder:
