@@ -41,6 +41,8 @@ class Routes(Generic[S]):
         self._suspects: dict[str, float] = {}  # node -> suspected until
         # (member id, request id) -> the session waiting for the owner's answer
         self._waiting: dict[tuple[int, int], Waiting[S]] = {}
+        # (member id, request id) -> (the owner given up on, until when its answers are dropped)
+        self._given_up: dict[tuple[int, int], tuple[str, float]] = {}
 
     # --- owners -----------------------------------------------------------------------------
 
@@ -95,7 +97,17 @@ class Routes(Generic[S]):
             del self._waiting[key]
             self.forget_owner(waiting.frame.header.room_id_bytes)
             self.suspect(waiting.owner, now)
+            self._given_up[key] = (waiting.owner, now + self.suspect_for)
+        for key in [k for k, (_, until) in self._given_up.items() if until <= now]:
+            del self._given_up[key]
         return [w for _, w in late]
+
+    def stale_answer(self, member_id: int, request_id: int, node: str, now: float) -> bool:
+        """Whether an answer comes from a node this frame was given up on (and routed again):
+        a former owner waking up (its refusal, or a late copy) must not answer for the new
+        one."""
+        given_up = self._given_up.get((member_id, request_id))
+        return given_up is not None and given_up[0] == node and now < given_up[1]
 
     @property
     def waiting(self) -> int:
