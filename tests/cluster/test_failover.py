@@ -16,6 +16,8 @@ from acceptance.acceptance_harness import (
     RawConnection,
     ServerProcess,
     assert_dense,
+    failures,
+    message_from,
     shared_room,
 )
 from cluster.cluster_harness import (
@@ -182,3 +184,36 @@ async def test_a_paused_owner_is_fenced_after_its_lease(
     # Refused by the fencing token in the append's transaction, or by the renewal that found
     # the lease gone, whichever node0 ran first on waking.
     assert "append fenced" in text or "lease of room" in text
+
+
+async def test_a_frame_forwarded_to_a_paused_owner_is_answered_once(
+    three: tuple[list[Harness], list[ServerProcess]],
+) -> None:
+    """bob (on node1) sends while the room's owner node0 is paused: node1 gives up on node0,
+    takes the room and acknowledges the frame. node0, resumed, still handles the forwarded copy
+    (refused: its lease is gone); that late refusal must not reach bob as a failure."""
+    hs, nodes = three
+    store = hs[0].store
+    alice_u, bob_u = await hs[0].users("alice", "bob")
+    alice = await hs[0].connect(alice_u)  # on node0, the owner
+    bob = await hs[1].connect(bob_u)
+    room = await shared_room(hs[0], alice, (bob, bob_u))
+    for i in range(3):
+        await within(bob.send_text(room, f"before {i}"))
+    assert await owner_of(store, room) == "node0"
+    assert failures(bob) == []
+
+    pause(nodes[0])
+    index = await within(bob.send_text(room, "while node0 is paused"), 30)
+    assert await owner_of(store, room) == "node1"
+    resume(nodes[0])
+    # node0 answers the forwarded copy it finds on waking; then alice's next frame, forwarded
+    # by node0 after that answer (the bus keeps a sender's order), is the marker. (Sent again
+    # if node0 refuses it first: its worker may not know yet that the room is gone.)
+    await within(Sender(alice, room, "alice").send("marker"), 30)
+    await message_from(bob, alice_u.member_id, "marker")
+    log = await log_of(store, room)
+    check_log(log, [])
+    assert log[index].header.sender_id == bob_u.member_id
+    assert [f for f in log if f.header.sender_id == bob_u.member_id][-1] is log[index]
+    assert failures(bob) == []
