@@ -236,9 +236,10 @@ class Hub:
         state = await self.store.load_room(room_id)
         return None if state is None else RoomSequencer(state)
 
-    async def route(self, room_id: bytes) -> RoomWorker | str | None:
+    async def route(self, room_id: bytes, *, wait: bool = True) -> RoomWorker | str | None:
         """Where the room's frames go: its worker here, the node that owns it, or None (no
-        such room)."""
+        such room). ``wait``: a suspect's lease is waited out (see ClusterNode.live_holder);
+        not for frames other nodes forwarded, which the bus hands over one at a time."""
         worker = self.rooms.get(room_id)
         if worker is not None:
             return worker
@@ -251,9 +252,9 @@ class Hub:
         if lock is None:  # (kept: a lock per room ever opened, a few dozen bytes each)
             lock = self._room_locks[room_id] = asyncio.Lock()
         async with lock:
-            return await self._open(room_id)
+            return await self._open(room_id, wait)
 
-    async def _open(self, room_id: bytes) -> RoomWorker | str | None:
+    async def _open(self, room_id: bytes, wait: bool) -> RoomWorker | str | None:
         """Under the room's lock: its worker, made here if the room is ours to sequence."""
         cluster = self.cluster
         worker = self.rooms.get(room_id)
@@ -261,7 +262,10 @@ class Hub:
             return worker
         fence: int | None = None
         if cluster is not None:
-            holder = await cluster.live_holder(room_id)
+            if wait:
+                holder = await cluster.live_holder(room_id)
+            else:
+                holder = await cluster.lease_holder(room_id)
             if holder is not None:
                 return holder
             if await self.store.load_room(room_id) is None:
@@ -336,7 +340,7 @@ class Hub:
         if opcode not in ROOM_OPCODES and opcode not in (Opcode.SYNC_REQUEST, Opcode.GROUP_INFO):
             _reject(session, frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
             return
-        target = await self.route(room_id)
+        target = await self.route(room_id, wait=hops == 0)
         if isinstance(target, str):
             assert self.cluster is not None
             if hops >= MAX_HOPS:
