@@ -93,7 +93,9 @@ class Hub:
         self.sessions: dict[int, ServerSession] = {}
         self.by_member: dict[int, set[ServerSession]] = {}
         self.rooms: dict[bytes, RoomWorker] = {}
-        self._room_locks: dict[bytes, asyncio.Lock] = {}  # rooms being opened
+        # Rooms being opened: a lock each, and how many wait on it (dropped at 0, so room ids
+        # that name no room leave nothing behind).
+        self._opening: dict[bytes, tuple[asyncio.Lock, list[int]]] = {}
         self._keys: dict[int, VerifyKey] = {}
         self._kp_fetches: dict[int, TokenBucket] = {}  # requester -> its KeyPackage fetches
         # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
@@ -225,6 +227,11 @@ class Hub:
         target = await self.route(room_id)
         return target if isinstance(target, RoomWorker) else None
 
+    @property
+    def opening(self) -> int:
+        """Rooms being opened now (a lock each while anyone waits on it)."""
+        return len(self._opening)
+
     async def room_view(self, room_id: bytes) -> RoomSequencer | None:
         """The room's roster and bans, for reads: the worker's own, or (a room another node
         owns) as stored."""
@@ -248,11 +255,18 @@ class Hub:
             owner = cluster.routes.owner(room_id, self.monotonic())
             if owner is not None:
                 return owner
-        lock = self._room_locks.get(room_id)
-        if lock is None:  # (kept: a lock per room ever opened, a few dozen bytes each)
-            lock = self._room_locks[room_id] = asyncio.Lock()
-        async with lock:
-            return await self._open(room_id, wait)
+        opening = self._opening.get(room_id)
+        if opening is None:
+            opening = self._opening[room_id] = (asyncio.Lock(), [0])
+        lock, users = opening
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._open(room_id, wait)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._opening[room_id]
 
     async def _open(self, room_id: bytes, wait: bool) -> RoomWorker | str | None:
         """Under the room's lock: its worker, made here if the room is ours to sequence."""

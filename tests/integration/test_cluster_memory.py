@@ -131,3 +131,16 @@ async def test_a_renewal_that_finds_the_lease_gone_stops_the_worker(cluster: Clu
     await hub_a.cluster.renew()
     assert room not in hub_a.rooms
     assert room not in hub_a.cluster.held
+
+
+@pytest.mark.parametrize("clustered", [True, False])
+async def test_room_ids_that_name_no_room_leave_nothing_behind(
+    cluster: Cluster, clustered: bool
+) -> None:
+    hub = cluster.hubs["A"]
+    if not clustered:
+        hub = Hub(cluster.store, ServerConfig(), SigningKey.generate())
+    for n in range(20):
+        assert await hub.route((1000 + n).to_bytes(16, "big")) is None
+    assert hub.rooms == {}
+    assert hub.opening == 0
