@@ -126,8 +126,9 @@ async def test_kill_the_owner_of_a_busy_room(
         f"lease taken {taken_at - killed_at:.2f} s after kill -9, first new ack "
         f"{after[0] - killed_at:.2f} s after the kill (lease {LEASE} s)"
     )
-    # Within the lease term (the log's stamps are to the millisecond; a poll of 0.2 s).
-    assert taken_at - killed_at < LEASE + 0.5
+    # Served again within the lease term: the lease ran out at most LEASE after the kill (its
+    # last renewal came before it); the taker polls every 0.2 s, plus a loaded machine's delays.
+    assert taken_at - killed_at < LEASE + 1.0
 
     log = await log_of(store, room)
     check_log(log, senders)
