@@ -12,8 +12,9 @@ import pytest
 from helpers.native import next_message, within
 from nacl.signing import SigningKey
 
-from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.client.events import Typing
+from kalandra_core.client.extras import ExtendedCore, set_typing
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
 from kalandra_core.server.cluster import ClusterNode
 from kalandra_core.server.config import ClusterConfig, ServerConfig
@@ -44,7 +45,7 @@ class Cluster:
         account = await self.store.create_member(f"{name}-{os.urandom(3).hex()}")
         token = await self.store.issue_token(account.member_id)
         client = Client(
-            ClientCore(account.member_id, os.urandom(32)),
+            ExtendedCore(account.member_id, os.urandom(32)),  # reports typing too
             ServerAddress("tcp", node, 1),
             token,
             connector=loopback_connector(self.hubs[node].session_factory),
@@ -98,6 +99,18 @@ async def test_clients_on_two_nodes_share_a_room(cluster: Cluster) -> None:
     assert got.log_index == index
     await within(alice.send_text(room, "from A"))
     await next_message(bob, lambda m: m.content.body == "from A")
+
+    # Ephemeral frames cross nodes too: bob (on B) types, alice (on A) is told.
+    set_typing(bob, room, True)
+    typing = await within(_next_typing(alice))
+    assert (typing.room_id, typing.sender_id, typing.typing) == (room, bob.core.member_id, True)
+
+
+async def _next_typing(client: Client) -> Typing:
+    while True:
+        event = await client.events.get()
+        if isinstance(event, Typing):
+            return event
 
 
 async def test_a_dead_owner_s_room_is_taken_once_its_lease_ran_out(cluster: Cluster) -> None:
