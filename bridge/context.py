@@ -196,6 +196,10 @@ class PortalFace(Protocol):
     ) -> EventID | None:
         """Send ``message`` from its sender's ghost (None: not for Matrix)."""
 
+    async def set_aside(self, message: Message, reason: str) -> EventID | None:
+        """The homeserver refused ``message`` for good (``reason``): the notice that takes its
+        place, to be recorded for it (None: no notice could be sent)."""
+
     async def records_flushed(self) -> None:
         """Return once every message sent to Matrix so far is recorded."""
 

@@ -59,7 +59,8 @@ FAILURES = Counter(
 )
 SET_ASIDE = Counter(
     "kalandra_bridge_set_aside",
-    "Items the homeserver refused for good, set aside with a notice, by direction and errcode",
+    "Items set aside with a notice (the homeserver refused them for good, or a kept history"
+    " message could not be read), by direction and errcode (or unreadable)",
     ["direction", "reason"],
 )
 ENCRYPT = Histogram(

@@ -1,8 +1,8 @@
 """Config sections as dataclasses, checked on load.
 
-A section is a dataclass whose fields are the options (``int``, ``float``, ``str``, ``Path``,
-each possibly ``| None``, or a nested section); ``bounded`` gives a number its range. Loading
-a YAML mapping checks every value and names each wrong one with what it takes and what it
+A section is a dataclass whose fields are the options (``bool``, ``int``, ``float``, ``str``,
+``Path``, each possibly ``| None``, or a nested section); ``bounded`` gives a number its range.
+Loading a YAML mapping checks every value and names each wrong one with what it takes and what it
 found (``server.tcp_port: expected an integer 0-65535, got "abc"``); keys the section does not
 have are returned, for a warning (typos), not refused.
 """
@@ -126,6 +126,8 @@ def _check(hint: Any, bounds: Range | None, value: Any) -> Any:
     kind, nullable = _split(hint)
     if value is None:
         return None if nullable else _WRONG
+    if kind is bool:
+        return value if isinstance(value, bool) else _WRONG
     if isinstance(value, bool):  # YAML true/false: never a number
         return _WRONG
     if kind is int:
@@ -148,7 +150,13 @@ def _check(hint: Any, bounds: Range | None, value: Any) -> Any:
 
 def _expected(hint: Any, bounds: Range | None) -> str:
     kind, nullable = _split(hint)
-    what = {int: "an integer", float: "a number", str: "a string", Path: "a path (a string)"}
+    what = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        Path: "a path (a string)",
+    }
     text = what.get(kind, getattr(kind, "__name__", str(kind))) + (str(bounds) if bounds else "")
     return f"{text} or null" if nullable else text
 

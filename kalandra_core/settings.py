@@ -16,6 +16,7 @@ from ruamel.yaml.error import YAMLError
 
 from .config_check import OptionErrors, load_section
 from .server.config import ServerConfig
+from .storage.urls import postgres_url
 
 log = logging.getLogger("kalandra.config")
 
@@ -76,4 +77,15 @@ def load_settings(path: Path, *, warn_unknown: bool = True) -> CoreSettings:
         # Relative SQLite paths are relative to the config file, not the working directory.
         database = f"sqlite:///{base / database.removeprefix('sqlite:///')}"
     server.database = database
+    cluster = server.cluster
+    if cluster.enabled and not postgres_url(database):
+        raise ConfigError(
+            f"{path}: server.cluster.enabled needs a PostgreSQL database.url (the processes "
+            "share its log and leases); SQLite serves one process only"
+        )
+    if cluster.enabled and cluster.renew_seconds >= cluster.lease_seconds:
+        raise ConfigError(
+            f"{path}: server.cluster.renew_seconds must be below lease_seconds "
+            f"({cluster.renew_seconds:g} >= {cluster.lease_seconds:g})"
+        )
     return CoreSettings(database=database, server=server, unknown=unknown)

@@ -15,14 +15,23 @@ massaging, ``?ts=``), the same transaction id and ``org.kalandra.log_index`` as 
 Each row is deleted in the transaction that records its Matrix event, so a restart resumes
 after the last one recorded. Synapse is the slow side, so the messages go one after the other
 without waiting for their records: a recorder task writes them in batches (one transaction for
-all that were sent meanwhile), at most ``_AHEAD`` behind. A crash can thus leave up to
-``_AHEAD`` messages sent and not recorded; so, before it sends anything, a backfill looks for
-its messages among the room's newest events once (their log index is in their content), and
-takes the event it finds instead of sending again (Synapse forgets the transaction ids of
-appservice users when it restarts, see to_matrix.py). A message that replies to or edits
+all that were sent meanwhile), at most ``_AHEAD`` waiting besides the batch being written. A
+crash can thus leave up to twice ``_AHEAD`` messages sent and not recorded; so, before it sends
+anything, a backfill looks for its messages among the room's newest events once (their log
+index is in their content; only the bridge's own events count), and takes the event it finds
+instead of sending again (Synapse forgets the transaction ids of appservice users when it
+restarts, see to_matrix.py). A message that replies to or edits
 another waits until everything before it is recorded, as it looks its target up there. The
 backfill ends once its last record is written, before anything live is sent. Long backfills
 say how far they are in a notice every ``progress_interval`` messages, and once more at the end.
+
+A failed send is retried with backoff, in place, while the failure is transient; a message the
+homeserver refuses for good is set aside as the live queue does it (set_aside.py): the bot's
+notice takes its place, is recorded for its log index like any event (the row goes with it),
+and the backfill goes on. So is a kept row whose sealed content can no longer be opened
+(damaged in the database), with a notice that says so, instead of stopping the portal. The
+look for what was sent before a restart takes such a notice too, so a set-aside message is
+never tried again once its notice is in the room.
 """
 
 from __future__ import annotations
@@ -40,12 +49,14 @@ from mautrix.api import Method, Path
 from mautrix.types import EventID, EventType, MessageType, TextMessageEventContent
 from mautrix.util.async_db import Database
 
-from kalandra_core.backoff import retrying
+from kalandra_core.backoff import Backoff, retrying
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
-from kalandra_core.crypto import sealed
+from kalandra_core.crypto import DecryptionFailed, sealed
 
+from .. import metrics
 from ..db.util import now_ms, transaction, u64_from_db, u64_to_db
+from ..members.puppet import member_of
 from . import set_aside
 
 if TYPE_CHECKING:
@@ -56,7 +67,7 @@ log = logging.getLogger("kalandra.bridge.backfill")
 
 _PURPOSE = "backfill-content"
 _PAGE = 100
-_AHEAD = 100  # history messages sent but not yet recorded, at most; also the largest batch
+_AHEAD = 100  # sent messages waiting for the batch being recorded, at most; the largest batch
 _LOOKBACK_PAGES = 20  # of 100 events, searched for history sent before a restart
 _RETRY_MAX = 30.0
 # Tests only: seconds each batch waits before it is recorded, so that a test can kill the
@@ -78,6 +89,12 @@ class BackfillSettings:
             max_messages=max(0, int(config["bridge.backfill.max_messages"])),
             progress_interval=max(1, int(config["bridge.backfill.progress_interval"])),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    message: ev.Message
+    readable: bool  # False: its content could not be opened (an empty one stands in)
 
 
 class BackfillTable:
@@ -128,8 +145,10 @@ class BackfillTable:
         )
         return int(value or 0)
 
-    async def first(self, room_id: bytes, limit: int, after: int = -1) -> list[ev.Message]:
-        """The oldest ``limit`` kept messages of the room after log index ``after``."""
+    async def first(self, room_id: bytes, limit: int, after: int = -1) -> list[Kept]:
+        """The oldest ``limit`` kept messages of the room after log index ``after``; a row
+        whose sealed content cannot be opened (damaged, or sealed under another key) comes
+        with ``readable`` False and no content."""
         rows = await self.db.fetch(
             "SELECT log_index, sender_id, timestamp_ms, content FROM bridge_backfill"
             " WHERE room_id = $1 AND log_index > $3 ORDER BY log_index LIMIT $2",
@@ -137,16 +156,22 @@ class BackfillTable:
             limit,
             after,
         )
-        return [
-            ev.Message(
+        kept = []
+        for row in rows:
+            try:
+                plain = sealed.unseal(self._key, _PURPOSE, bytes(row["content"]))
+                content, readable = Content.decode(plain), True
+            except DecryptionFailed:
+                content, readable = Content(body=""), False
+            message = ev.Message(
                 room_id,
                 u64_from_db(int(row["sender_id"])),
                 int(row["log_index"]),
                 int(row["timestamp_ms"]),
-                Content.decode(sealed.unseal(self._key, _PURPOSE, bytes(row["content"]))),
+                content,
             )
-            for row in rows
-        ]
+            kept.append(Kept(message, readable))
+        return kept
 
     async def done(
         self, room_id: bytes, mx_room: str, bridged: Sequence[tuple[int, EventID | None]]
@@ -251,28 +276,32 @@ async def backfill(portal: PortalFace) -> None:
     assert mxid is not None
     recorder = _Recorder(portal, table, mxid)
     try:
-        messages = await table.first(portal.room_id, _PAGE)
-        found = await _sent_before(portal, messages[0].log_index) if messages else {}
-        sent = 0
-        while messages:
-            for message in messages:
+        kept = await table.first(portal.room_id, _PAGE)
+        found = await _sent_before(portal, kept[0].message.log_index) if kept else {}
+        sent = aside = 0
+        while kept:
+            for message, readable in ((k.message, k.readable) for k in kept):
                 if message.content.reply_to is not None or message.content.edit_of is not None:
                     await recorder.flushed()  # what it refers to is looked up in the table
-                event_id = found.get(message.log_index)
+                event_id, delivered = found.get(message.log_index), True
                 if event_id is None:
-                    event_id = await _send(portal, message)
+                    event_id, delivered = await _send(portal, message, readable)
+                aside += not delivered
                 await recorder.put(message.log_index, event_id)
                 sent += 1
                 if sent % interval == 0 and sent < total:
                     text = f"History: {sent} of {total} earlier messages bridged."
                     await _progress(portal, text)
-            messages = await table.first(portal.room_id, _PAGE, messages[-1].log_index)
+            kept = await table.first(portal.room_id, _PAGE, kept[-1].message.log_index)
         await recorder.flushed()  # no row is left once anything live goes
     finally:
         recorder.stop()
-    if total >= interval:
+    if total >= interval and aside:
+        text = f"History: {sent - aside} earlier messages bridged, {aside} set aside."
+        await _progress(portal, text)
+    elif total >= interval:
         await _progress(portal, f"History: all {sent} earlier messages bridged.")
-    log.info("portal %s: backfill done (%d messages)", portal.hex, sent)
+    log.info("portal %s: backfill done (%d messages), %d set aside", portal.hex, sent, aside)
 
 
 class _Recorder:
@@ -320,22 +349,48 @@ class _Recorder:
         self._task.cancel()
 
 
-async def _send(portal: PortalFace, message: ev.Message) -> EventID | None:
-    send = functools.partial(
-        portal.to_matrix, message, timestamp=message.timestamp_ms, looked_for=True
-    )
-    what = f"portal {portal.hex}: history (log index {message.log_index})"
-    return await retrying(send, what, log, cap=_RETRY_MAX)
+async def _send(
+    portal: PortalFace, message: ev.Message, readable: bool
+) -> tuple[EventID | None, bool]:
+    """The message's event (None: not for Matrix) and True; or, once the homeserver has refused
+    it for good (or at once if its kept copy is not ``readable``), the notice set aside in its
+    place and False (set_aside.py). Transient failures are retried with backoff, in place, so
+    the order holds."""
+    if not readable:
+        return await portal.set_aside(message, set_aside.UNREADABLE), False
+    backoff, attempts = Backoff(cap=_RETRY_MAX), set_aside.Attempts()
+    while True:
+        try:
+            when = message.timestamp_ms
+            return await portal.to_matrix(message, timestamp=when, looked_for=True), True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            metrics.failed_to_matrix(exc)
+            reason = attempts.set_aside(exc)
+            if reason is not None:
+                return await portal.set_aside(message, reason), False
+            log.warning(
+                "portal %s: history (log index %d) not bridged yet (%s); retrying",
+                portal.hex,
+                message.log_index,
+                type(exc).__name__,
+            )
+        await backoff.pause()
 
 
 async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
     """The events (by log index) a backfill before a restart sent but did not record: the
     room's newest events back to the first bridged message before log index ``first``. Split
-    messages are left out: to_matrix looks for their parts itself, each time."""
+    messages are left out: to_matrix looks for their parts itself, each time. A set-aside
+    notice of the bot counts for the message it stands for. Only the bridge's own events (its
+    ghosts', the bot's) are read: a Matrix user's event that carries a log index is no message
+    of ours (taken for one, it would hide the message, and its event id, bridged the other way,
+    could never be recorded for it)."""
     path = Path.v3.rooms[portal.room_mxid].messages
     types = [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED), str(EventType.STICKER)]
     query = {"dir": "b", "limit": "100", "filter": json.dumps({"types": types})}
-    api = portal.bridge.az.intent.api
+    api, bot = portal.bridge.az.intent.api, portal.bridge.az.intent.mxid
     found: dict[int, EventID] = {}
     for _ in range(_LOOKBACK_PAGES):
         page = await retrying(
@@ -345,8 +400,12 @@ async def _sent_before(portal: PortalFace, first: int) -> dict[int, EventID]:
             cap=_RETRY_MAX,
         )
         for event in page.get("chunk", []):
-            content = event.get("content", {})
-            index = content.get(set_aside.LOG_INDEX_KEY)
+            content, sender = event.get("content", {}), str(event.get("sender", ""))
+            index = None
+            if sender == bot:
+                index = set_aside.notice_for(content)
+            elif member_of(portal.bridge, sender) is not None:  # a ghost
+                index = content.get(set_aside.LOG_INDEX_KEY)
             if not isinstance(index, int):
                 continue
             if index < first:

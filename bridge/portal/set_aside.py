@@ -8,7 +8,11 @@ once more (the retry rejoins the ghost, which mends a ghost kicked meanwhile); i
 permanently again, the item is set aside: the portal gets a notice from the bot naming the
 sender's ghost, the log index, the time and the errcode, that notice stands for the message in
 ``bridge_messages`` (so a restart neither retries it nor loses the record), and the queue goes
-on. An unknown token (401) is the bridge's configuration, not the item's: transient.
+on. An unknown token (401) is the bridge's configuration, not the item's: transient. The
+backfill of a new portal's history (backfill.py) does the same with each history message.
+The notice carries the log index it stands for (``org.kalandra.set_aside``, in clear in an
+encrypted portal too), so that a notice sent before a crash and not yet recorded is found in
+the room again instead of being sent twice.
 
 A Kalandra text whose Matrix content would pass ``PART_LIMIT`` is sent as several messages, in
 order, plain text (the formatted body would double the size), whose bodies joined are the
@@ -31,6 +35,7 @@ LOG_INDEX_KEY: Final = "org.kalandra.log_index"  # in each bridged message's con
 PART_KEY: Final = "org.kalandra.part"  # in each part's content: its number, from 0
 PARTS_KEY: Final = "org.kalandra.parts"  # how many
 SET_ASIDE_KEY: Final = "org.kalandra.set_aside"  # in a set-aside notice: what and why
+UNREADABLE: Final = "unreadable"  # the reason of a kept history message that cannot be opened
 PERMANENT_ATTEMPTS: Final = 2  # consecutive permanent failures before an item is set aside
 _TRANSIENT_STATUS: Final = frozenset({401, 408, 429})
 
@@ -48,6 +53,28 @@ def permanent_reason(exc: BaseException) -> str | None:
     if errcode == "M_LIMIT_EXCEEDED":
         return None
     return errcode if isinstance(errcode, str) and errcode else f"HTTP {status}"
+
+
+class Attempts:
+    """One item's failed attempts: whether its latest failure sets it aside (the queue toward
+    Matrix and the backfill count them alike)."""
+
+    def __init__(self) -> None:
+        self.refused = 0  # permanent failures in a row
+
+    def set_aside(self, exc: BaseException) -> str | None:
+        """The reason to set the item aside now; None: retry it (after a pause)."""
+        reason = permanent_reason(exc)
+        self.refused = self.refused + 1 if reason is not None else 0
+        return reason if self.refused >= PERMANENT_ATTEMPTS else None
+
+
+def notice_for(content: dict[str, object]) -> int | None:
+    """The log index a set-aside notice (its content, or the clear part of an encrypted one)
+    stands for; None: not such a notice."""
+    marker = content.get(SET_ASIDE_KEY)
+    index = marker.get("log_index") if isinstance(marker, dict) else None
+    return index if isinstance(index, int) else None
 
 
 def content_size(content: object) -> int:
@@ -76,7 +103,10 @@ def split_text(text: str, limit: int) -> list[str]:
 
 def notice_text(ghost: str, log_index: int, timestamp_ms: int, reason: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp_ms / 1000))
+    why = f"the homeserver refused it ({reason})"
+    if reason == UNREADABLE:
+        why = "the bridge's kept copy of it could not be read"
     return (
         f"A Kalandra message from {ghost} (log index {log_index}, {when}) could not be bridged"
-        f" to Matrix: the homeserver refused it ({reason})."
+        f" to Matrix: {why}."
     )

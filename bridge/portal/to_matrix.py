@@ -79,6 +79,7 @@ _RETRY_MAX = 30.0
 _PIPELINE = 32  # messages sent to Matrix but not yet recorded, at most
 LOG_INDEX_KEY = set_aside.LOG_INDEX_KEY
 _LOOKBACK_PAGES = 20  # of 100 events, searched for an unsure send (see _sent_before)
+_NOTICE_LOOKBACK_PAGES = 2  # of the bot's 100 latest events, searched for a set-aside notice
 # Tests only: seconds a sent message waits before it is recorded, so that a test can kill the
 # bridge in between, deterministically.
 _RECORD_LAG = float(os.environ.get("KALANDRA_TEST_MATRIX_RECORD_LAG", "0") or 0)
@@ -159,7 +160,7 @@ class PortalToMatrix(PortalMembers):
             item = await self.queue.get()
             if not isinstance(item, Message):
                 await self.records_flushed()  # what came before it is recorded first
-            backoff, refused = Backoff(cap=_RETRY_MAX), 0
+            backoff, attempts = Backoff(cap=_RETRY_MAX), set_aside.Attempts()
             while True:
                 try:
                     if isinstance(item, Message):
@@ -171,9 +172,8 @@ class PortalToMatrix(PortalMembers):
                     raise
                 except Exception as exc:
                     metrics.failed_to_matrix(exc)
-                    reason = set_aside.permanent_reason(exc)
-                    refused = refused + 1 if reason is not None else 0
-                    if reason is not None and refused >= set_aside.PERMANENT_ATTEMPTS:
+                    reason = attempts.set_aside(exc)
+                    if reason is not None:
                         await self._set_aside(item, reason)
                         break
                     log.warning(
@@ -223,36 +223,72 @@ class PortalToMatrix(PortalMembers):
 
     async def _set_aside(self, item: Item, reason: str) -> None:
         """The homeserver refused ``item`` for good: a notice takes its place (set_aside.py)."""
-        index = getattr(item, "log_index", -1)
-        metrics.set_aside_to_matrix(reason)
-        log.error(
-            "portal %s: %s (log index %d) set aside: the homeserver refused it (%s)",
-            self.hex,
-            type(item).__name__,
-            index,
-            reason,
-        )
-        self._unsure = None
-        if not isinstance(item, Message):
-            if index > self.row.last_log_index:
-                try:
-                    await self.advance(index, None)
-                except Exception as exc:  # not advanced: tried (and set aside) again at start
-                    log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
+        if isinstance(item, Message):
+            notice = await self.set_aside(item, reason)
+            await self._records.put((item, notice, False))
             return
-        backoff, notice = Backoff(cap=_RETRY_MAX), None
+        index = getattr(item, "log_index", -1)
+        self._aside_said(type(item).__name__, index, reason)
+        if index > self.row.last_log_index:
+            try:
+                await self.advance(index, None)
+            except Exception as exc:  # not advanced: tried (and set aside) again at start
+                log.warning("portal %s: not advanced (%s)", self.hex, type(exc).__name__)
+
+    async def set_aside(self, message: Message, reason: str) -> EventID | None:
+        """The homeserver refused ``message`` for good: the bot's notice that takes its place,
+        to be recorded for it (None: the notice was refused too). Transient failures of the
+        notice are retried."""
+        self._aside_said(type(message).__name__, message.log_index, reason)
+        backoff = Backoff(cap=_RETRY_MAX)
         while True:
             try:
-                notice = await self._aside_notice(item, reason)
-                break
+                # Posted before a crash, maybe, and not recorded (see _notice_sent_before).
+                found = await self._notice_sent_before(message.log_index)
+                return found or await self._aside_notice(message, reason)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if set_aside.permanent_reason(exc) is not None:
                     log.error("portal %s: no set-aside notice (%s)", self.hex, type(exc).__name__)
-                    break
+                    return None
                 await backoff.pause()
-        await self._records.put((item, notice, False))
+
+    def _aside_said(self, kind: str, index: int, reason: str) -> None:
+        metrics.set_aside_to_matrix(reason)
+        log.error(
+            "portal %s: %s (log index %d) set aside (%s)",
+            self.hex,
+            kind,
+            index,
+            reason,
+        )
+        self._unsure = None
+
+    async def _notice_sent_before(self, log_index: int) -> EventID | None:
+        """The bot's set-aside notice for ``log_index`` among its latest events in the room:
+        one sent before a crash and not recorded, to a Synapse that may have forgotten its
+        transaction id since. Set-asides are rare: a request or two each."""
+        path = Path.v3.rooms[self.room_mxid].messages
+        types = [str(EventType.ROOM_MESSAGE), str(EventType.ROOM_ENCRYPTED)]
+        senders = [self._bot.mxid]
+        query = {
+            "dir": "b",
+            "limit": "100",
+            "filter": json.dumps({"types": types, "senders": senders}),
+        }
+        for _ in range(_NOTICE_LOOKBACK_PAGES):
+            page = await self._bot.api.request(Method.GET, path, query_params=query)
+            for event in page.get("chunk", []):
+                if event.get("sender") != self._bot.mxid:
+                    continue
+                if set_aside.notice_for(event.get("content", {})) == log_index:
+                    log.info("portal %s: notice for log index %d sent before", self.hex, log_index)
+                    return EventID(event["event_id"])
+            if not page.get("chunk") or not page.get("end"):
+                return None
+            query["from"] = page["end"]
+        return None
 
     async def _aside_notice(self, message: Message, reason: str) -> EventID:
         ghost = (await self.bridge.puppets.get(message.sender_id)).mxid
@@ -268,7 +304,9 @@ class PortalToMatrix(PortalMembers):
             event_type, encrypted = await e2ee.encrypt(
                 self.bridge, self.room_mxid, event_type, content
             )
-            content = encrypted.serialize()
+            # What it stands for in clear as well: the backfill looks for it without decrypting.
+            marker = {"log_index": message.log_index}
+            content = JSON({**encrypted.serialize(), set_aside.SET_ASIDE_KEY: marker})
         return await self._bot.send_message_event(
             self.room_mxid, event_type, content, txn_id=self._txn(message.log_index, "aside")
         )

@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ..storage.reachable import outage, wait_for_database
 from ..storage.sql import SqlStore
 from ..transport.interface import Listener
 from . import tls
+from .cluster import ClusterNode
 from .config import ServerConfig
 from .hub import Hub
 
@@ -95,11 +97,18 @@ async def start_server(config: ServerConfig) -> RunningServer:
     store = await SqlStore.open(config.database)
     data = config.data_dir
     key = load_or_create_server_key(config.server_key or data / "server.key")
-    hub = Hub(store, config, key)
+    cluster = None
+    if config.cluster.enabled:
+        from .pg_bus import PgBus
+
+        node = config.cluster.node_name or f"{socket.gethostname()}-{os.getpid()}"
+        cluster = ClusterNode(config.cluster, store, PgBus(config.database, node))
+    hub = Hub(store, config, key, cluster=cluster)
     hub.start()
     running = RunningServer(hub, store)
     buffered = config.limits.send_buffer
     try:
+        await hub.start_cluster()
         if config.tcp_port is not None:
             from ..transport.tcp import serve_tcp
 
@@ -127,9 +136,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await running.close()
         raise
     log.info(
-        "kalandra server up: tcp %s, quic %s",
+        "kalandra server up: tcp %s, quic %s%s",
         running.tcp_port or "off",
         running.quic_port or "off",
+        "" if cluster is None else f", cluster node {cluster.node}",
     )
     return running
 

@@ -29,7 +29,7 @@ from ..proto.payloads import CasBlock, CasHashes, decode_payload
 from ..storage.base import MediaPut, NotFound, OverQuota, Role, Store, StoreError
 from . import replies
 from .config import ServerConfig
-from .workers import RoomWorker
+from .room import RoomSequencer
 
 log = logging.getLogger("kalandra.server.cas")
 
@@ -53,14 +53,15 @@ class Asker(Protocol):
 
 
 class Rooms(Protocol):
-    """What the block store needs of the hub (:class:`~.hub.Hub`): the rooms' workers (whose
-    sequencers say who may use a room's blocks), the store, the media limits and the clock."""
+    """What the block store needs of the hub (:class:`~.hub.Hub`): a view of each room (its
+    sequencer's roster and bans say who may use its blocks), the store, the media limits and
+    the clock."""
 
     store: Store
     config: ServerConfig
     clock: Callable[[], float]
 
-    async def room(self, room_id: bytes) -> RoomWorker | None: ...
+    async def room_view(self, room_id: bytes) -> RoomSequencer | None: ...
 
 
 @dataclass(slots=True)
@@ -154,11 +155,10 @@ async def handle(hub: Rooms, session: Asker, frame: Frame, batch: Batch | None =
     if h.room_id == 0:
         session.reject(frame, ErrorCode.ROOM_NOT_FOUND, "room_id is zero")
         return
-    worker = await hub.room(h.room_id_bytes)
-    if worker is None:
+    seq = await hub.room_view(h.room_id_bytes)
+    if seq is None:
         session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
         return
-    seq = worker.sequencer
     member = seq.members.get(session.member_id)
     if (
         member is None

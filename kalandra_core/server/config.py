@@ -48,6 +48,24 @@ class MediaConfig:
 
 
 @dataclass(slots=True)
+class ClusterConfig:
+    """``server.cluster``: several processes on one PostgreSQL database, each room sequenced by
+    the process holding its lease. ``node_name`` must be unique and stable per process (a
+    process started again under its name takes its rooms back at once); empty: the host name
+    and the TCP port. A lease lasts ``lease_seconds`` from its last renewal (every
+    ``renew_seconds``), judged by the database's clock: a dead process's rooms are served again
+    at most that long after it died. A frame forwarded to a room's owner that has no answer in
+    ``forward_timeout`` makes that node a suspect: the frame is routed again, and the room is
+    taken once the suspect's lease has run out."""
+
+    enabled: bool = False
+    node_name: str = ""
+    lease_seconds: float = bounded(10.0, low=0, above=True)
+    renew_seconds: float = bounded(3.0, low=0, above=True)
+    forward_timeout: float = bounded(5.0, low=0, above=True)
+
+
+@dataclass(slots=True)
 class ServerConfig:
     database: str = not_an_option("sqlite:///kalandra.db")  # the file's database.url
     tcp_host: str = "127.0.0.1"
@@ -60,6 +78,7 @@ class ServerConfig:
     data_dir: Path = Path(".")
     limits: Limits = field(default_factory=Limits)
     media: MediaConfig = field(default_factory=MediaConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @classmethod
     def from_mapping(cls, data: Any, *, base: Path = Path(".")) -> tuple[ServerConfig, list[str]]:

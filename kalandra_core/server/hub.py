@@ -4,6 +4,12 @@ Room frames go to the room's :class:`RoomWorker` (the one writer of its log). Th
 answers what needs no sequencing: room creation from a GroupInfo, sync reads, and the
 KeyPackage directory. Deliveries go to every session of the member ids a decision names.
 
+In a cluster (``cluster`` given), a room has a worker here only while this node holds its
+lease. :meth:`Hub.route` decides where a room frame goes: the local worker; another node known
+to own the room (the frame is forwarded there, its answers come back to the session); or, when
+no live lease exists, this node takes the lease, loads the room from the log and serves it.
+Fan-out reaches the sessions on the other nodes through the bus.
+
 Tests only: ``KALANDRA_TEST_SYNC_LAG`` (seconds) delays each sync read, the latency of a busy
 store, so that a test can hold a client's catch-up of many rooms open.
 """
@@ -40,11 +46,13 @@ from ..proto.payloads import GroupInfoData
 from ..storage.base import AlreadyExists, Role, Room, RoomMember, Store
 from ..transport.interface import FrameSink
 from . import replies
+from .bus import Forward
+from .cluster import MAX_HOPS, Asker, ClusterNode, RemoteSession
 from .config import ServerConfig
 from .ratelimit import TokenBucket
 from .room import RoomSequencer
 from .session import ServerSession
-from .workers import RoomWorker
+from .workers import MOVED, RoomWorker
 
 log = logging.getLogger("kalandra.server")
 _SYNC_LAG = float(os.environ.get("KALANDRA_TEST_SYNC_LAG", "0") or 0)  # tests only (see above)
@@ -78,7 +86,9 @@ class Hub:
         *,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        cluster: ClusterNode | None = None,
     ) -> None:
+        self.cluster = cluster
         self.monotonic = monotonic  # timeouts and rate limits (simulations pass virtual time)
         self.store = store
         self.config = config
@@ -88,7 +98,9 @@ class Hub:
         self.sessions: dict[int, ServerSession] = {}
         self.by_member: dict[int, set[ServerSession]] = {}
         self.rooms: dict[bytes, RoomWorker] = {}
-        self._room_lock = asyncio.Lock()
+        # Rooms being opened: a lock each, and how many wait on it (dropped at 0, so room ids
+        # that name no room leave nothing behind).
+        self._opening: dict[bytes, tuple[asyncio.Lock, list[int]]] = {}
         self._keys: dict[int, VerifyKey] = {}
         self._kp_fetches: dict[int, TokenBucket] = {}  # requester -> its KeyPackage fetches
         # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
@@ -103,13 +115,19 @@ class Hub:
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="session-sweeper")
 
+    async def start_cluster(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.start(self)
+
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for session in list(self.sessions.values()):
             session.close("server shutting down")
-        for worker in self.rooms.values():
+        for worker in list(self.rooms.values()):
             await worker.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
 
     def session_factory(self, sink: FrameSink) -> ServerSession:
         """Transports call this for each new connection."""
@@ -151,8 +169,8 @@ class Hub:
         # Welcome handed to a connection that then died must not be lost.
         for welcome in await self.store.pending_welcomes(session.member_id):
             # Not to a member kicked, banned or removed since: a Welcome reads the room too.
-            worker = await self.room(welcome.room_id)
-            if worker is not None and worker.sequencer.is_member(session.member_id):
+            view = await self.room_view(welcome.room_id)
+            if view is not None and view.is_member(session.member_id):
                 session.send(welcome.frame)
 
     async def signature_key(self, member_id: int) -> VerifyKey | None:
@@ -185,6 +203,12 @@ class Hub:
         return skew_ms(hlc, int(self.clock() * 1000)) if hlc else 0
 
     def deliver(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
+        """Fan-out of a room worker here: this node's sessions, and the other nodes'."""
+        self.deliver_local(member_ids, frame)
+        if self.cluster is not None:
+            self.cluster.broadcast(member_ids, frame)
+
+    def deliver_local(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
         for member_id in member_ids:
             for session in list(self.by_member.get(member_id, ())):
                 session.send(frame)
@@ -193,65 +217,173 @@ class Hub:
         delivered = False
         for session in list(self.by_member.get(member_id, ())):
             delivered = session.send(frame) or delivered
+        if self.cluster is not None:
+            self.cluster.broadcast({member_id}, frame)
+            return True
         return delivered
+
+    def session_of(self, session_id: int) -> Asker | None:
+        return self.sessions.get(session_id)
 
     # --- rooms -------------------------------------------------------------------------------
 
     async def room(self, room_id: bytes) -> RoomWorker | None:
+        """The room's worker on this node (in a cluster: None also when another node owns it)."""
+        target = await self.route(room_id)
+        return target if isinstance(target, RoomWorker) else None
+
+    @property
+    def opening(self) -> int:
+        """Rooms being opened now (a lock each while anyone waits on it)."""
+        return len(self._opening)
+
+    async def room_view(self, room_id: bytes) -> RoomSequencer | None:
+        """The room's roster and bans, for reads: the worker's own, or (a room another node
+        owns) as stored."""
+        target = await self.route(room_id)
+        if isinstance(target, RoomWorker):
+            return target.sequencer
+        if target is None:
+            return None
+        state = await self.store.load_room(room_id)
+        return None if state is None else RoomSequencer(state)
+
+    async def route(self, room_id: bytes, *, wait: bool = True) -> RoomWorker | str | None:
+        """Where the room's frames go: its worker here, the node that owns it, or None (no
+        such room). ``wait``: a suspect's lease is waited out (see ClusterNode.live_holder);
+        not for frames other nodes forwarded, which the bus hands over one at a time."""
         worker = self.rooms.get(room_id)
         if worker is not None:
             return worker
-        async with self._room_lock:
-            worker = self.rooms.get(room_id)
-            if worker is None:
-                state = await self.store.load_room(room_id)
-                if state is None:
-                    return None
-                worker = RoomWorker(
-                    room_id,
-                    RoomSequencer(state),
-                    self.store,
-                    self,
-                    self.server_key,
-                    batch_max=self.config.limits.batch_max,
-                    clock=self.clock,
-                )
-                await worker.learn_server_sender()
-                await worker.learn_recent_requests()
-                worker.start()
-                self.rooms[room_id] = worker
+        cluster = self.cluster
+        if cluster is not None:
+            owner = cluster.routes.owner(room_id, self.monotonic())
+            if owner is not None:
+                return owner
+        opening = self._opening.get(room_id)
+        if opening is None:
+            opening = self._opening[room_id] = (asyncio.Lock(), [0])
+        lock, users = opening
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._open(room_id, wait)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._opening[room_id]
+
+    async def _open(self, room_id: bytes, wait: bool) -> RoomWorker | str | None:
+        """Under the room's lock: its worker, made here if the room is ours to sequence."""
+        cluster = self.cluster
+        worker = self.rooms.get(room_id)
+        if worker is not None:
+            return worker
+        fence: int | None = None
+        if cluster is not None:
+            if wait:
+                holder = await cluster.live_holder(room_id)
+            else:
+                holder = await cluster.lease_holder(room_id)
+            if holder is not None:
+                return holder
+            if await self.store.load_room(room_id) is None:
+                return None  # no lease for rooms that do not exist
+            taken = await cluster.acquire(room_id)
+            if isinstance(taken, str):
+                return taken
+            fence = taken
+        # Loaded after the lease is ours: everything the former owner stored is in it.
+        state = await self.store.load_room(room_id)
+        if state is None:
+            return None
+        worker = RoomWorker(
+            room_id,
+            RoomSequencer(state),
+            self.store,
+            self,
+            self.server_key,
+            batch_max=self.config.limits.batch_max,
+            clock=self.clock,
+            fence=fence,
+            on_lost=self._worker_lost,
+        )
+        await worker.learn_server_sender()
+        await worker.learn_recent_requests()
+        worker.start()
+        self.rooms[room_id] = worker
+        if fence is not None:
+            log.info("room %s: lease taken (token %d)", room_id.hex(), fence)
         return worker
 
+    def room_lost(self, room_id: bytes) -> None:
+        """The room's lease is gone: its worker stops taking frames at once."""
+        worker = self.rooms.get(room_id)
+        if worker is not None:
+            worker.lose()  # calls _worker_lost
+
+    def _worker_lost(self, worker: RoomWorker) -> None:
+        if self.rooms.get(worker.room_id) is worker:
+            del self.rooms[worker.room_id]
+        if self.cluster is not None:
+            self.cluster.dropped(worker.room_id)
+
     async def dispatch(self, session: ServerSession, frame: Frame) -> None:
+        if frame.header.opcode == Opcode.KEY_PACKAGE:
+            await self._key_package(session, frame)
+            return
+        await self.room_frame(session, frame, 0, 0)
+
+    async def forwarded(self, message: Forward) -> None:
+        """A room frame another node's session sent, forwarded here (we owned the room)."""
+        assert self.cluster is not None
+        asker = RemoteSession(
+            self.cluster.bus, message.origin, message.session_id, message.member_id
+        )
+        try:
+            frame = Frame.decode(message.frame)
+        except ValueError:
+            log.warning("cluster: undecodable forwarded frame from %s", message.origin)
+            return
+        await self.room_frame(asker, frame, message.hops, 0)
+
+    async def room_frame(self, session: Asker, frame: Frame, hops: int, attempts: int) -> None:
+        """A room frame from a session here or (``hops`` > 0) on another node; ``attempts``:
+        forwards of it already given up (its owner did not answer)."""
         h = frame.header
         opcode = h.opcode
         room_id = h.room_id_bytes
-        if opcode == Opcode.KEY_PACKAGE:
-            await self._key_package(session, frame)
+        if h.room_id == 0:
+            _reject(session, frame, ErrorCode.ROOM_NOT_FOUND, "room_id is zero")
+            return
+        if opcode not in ROOM_OPCODES and opcode not in (Opcode.SYNC_REQUEST, Opcode.GROUP_INFO):
+            _reject(session, frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
+            return
+        target = await self.route(room_id, wait=hops == 0)
+        if isinstance(target, str):
+            assert self.cluster is not None
+            if hops >= MAX_HOPS:
+                _reject(session, frame, ErrorCode.STORAGE_ERROR, MOVED)
+            else:
+                self.cluster.forward(session, frame, target, hops + 1, attempts)
             return
         if opcode == Opcode.SYNC_REQUEST:
-            await self._sync(session, frame)
+            await self._sync(session, frame, target)
             return
-        if h.room_id == 0:
-            session.reject(frame, ErrorCode.ROOM_NOT_FOUND, "room_id is zero")
-            return
-        if opcode == Opcode.GROUP_INFO:
-            worker = await self.room(room_id)
-            if worker is None:
+        if target is None:
+            if opcode == Opcode.GROUP_INFO:
                 await self._create_room(session, frame)
             else:
-                worker.submit(frame, session)
+                _reject(
+                    session,
+                    frame,
+                    ErrorCode.ROOM_NOT_FOUND,
+                    f"room not found: {h.room_id:032x}",
+                )
             return
-        if opcode not in ROOM_OPCODES:
-            session.reject(frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
-            return
-        worker = await self.room(room_id)
-        if worker is None:
-            session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
-            return
-        worker.submit(frame, session)
+        target.submit(frame, session)
 
-    async def _create_room(self, session: ServerSession, frame: Frame) -> None:
+    async def _create_room(self, session: Asker, frame: Frame) -> None:
         """A GroupInfo for an unknown room id creates the room, its sender as owner."""
         h = frame.header
         try:
@@ -299,7 +431,7 @@ class Hub:
         log.info("room %s created by %d", room.room_id.hex(), session.member_id)
         session.send(replies.answer(h, Opcode.GROUP_INFO, epoch=summary.epoch))
 
-    async def _sync(self, session: ServerSession, frame: Frame) -> None:
+    async def _sync(self, session: Asker, frame: Frame, worker: RoomWorker | None) -> None:
         h = frame.header
         if _SYNC_LAG:
             await asyncio.sleep(_SYNC_LAG)
@@ -309,7 +441,6 @@ class Hub:
             session.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
             return
         assert isinstance(request, SyncRequest)
-        worker = await self.room(h.room_id_bytes)
         if worker is None:
             session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
             return
@@ -419,3 +550,8 @@ class Hub:
         session.send(
             replies.reply(Opcode.KEY_PACKAGE, b"", request_id=h.request_id, context_id=count)
         )
+
+
+def _reject(session: Asker, frame: Frame, code: ErrorCode, message: str) -> None:
+    h = frame.header
+    session.send(replies.error(code, message, request_id=h.request_id, room_id=h.room_id))

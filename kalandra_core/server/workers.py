@@ -7,6 +7,11 @@ frame to its sender. A frame that changes the room (commit, moderation) closes i
 batch carries at most one set of room changes. If storage fails, the senders of the batch get a
 STORAGE_ERROR and the sequencer is rebuilt from what is durably stored: nothing acknowledged is
 lost and the log keeps no hole.
+
+In cluster mode the worker exists only while its node holds the room's lease: every write
+carries the lease's fencing token (``fence``), and a write the store refuses as
+:class:`Fenced` (another node has taken the room) ends the worker at once: its batch and
+everything queued get STORAGE_ERROR (retry) and nothing of it is acknowledged.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ..mls.group import external_remove_proposal
 from ..mls.server_view import inspect_group_info
 from ..proto import ErrorCode, Frame, FrameHeader, Opcode, RawPayload, sign_header
 from ..proto.payloads import GroupInfoData, decode_payload
-from ..storage.base import LogEntry, Role, RoomChanges, RoomMember, Store, StoreError
+from ..storage.base import Fenced, LogEntry, Role, RoomChanges, RoomMember, Store, StoreError
 from . import replies
 from .room import RECENT_REQUESTS, Accepted, Duplicate, Rejected, RoomSequencer
 
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kalandra.server.room")
 _RELOAD_RETRY, _RELOAD_RETRY_MAX = 0.1, 5.0  # seconds between reloads of an unanswering store
+MOVED = "the room moved to another server; retry"
 
 
 class Requester(Protocol):
@@ -69,8 +75,13 @@ class RoomWorker:
         *,
         batch_max: int = 256,
         clock: Callable[[], float] = time.time,
+        fence: int | None = None,
+        on_lost: Callable[[RoomWorker], None] | None = None,
     ) -> None:
         self.room_id = room_id
+        self.fence = fence  # the lease's token (cluster mode), checked by every write
+        self._on_lost = on_lost
+        self.lost = False
         self.sequencer = sequencer
         self._store = store
         self._fanout = fanout
@@ -79,6 +90,7 @@ class RoomWorker:
         self._clock = clock
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._busy = False  # a batch is under way
         self._server_sender_index: int | None = None
         # log index of the commit that moved the room out of each recent epoch
         self._commit_at: dict[int, int] = {}
@@ -93,7 +105,24 @@ class RoomWorker:
                 await self._task
 
     def submit(self, frame: Frame, requester: Requester | None) -> None:
+        if self.lost:
+            self._error(_Item(frame, requester), ErrorCode.STORAGE_ERROR, MOVED)
+            return
         self._inbox.put_nowait(_Item(frame, requester))
+
+    def lose(self) -> None:
+        """The lease is gone (a renewal found it lost, or a write was fenced): take nothing
+        more, refuse what waits, and end the task (a batch under way finishes: its writes are
+        fenced, so it stores nothing if the room was really taken)."""
+        if self.lost:
+            return
+        self.lost = True
+        while not self._inbox.empty():
+            self._error(self._inbox.get_nowait(), ErrorCode.STORAGE_ERROR, MOVED)
+        if self._task is not None and not self._busy:
+            self._task.cancel()
+        if self._on_lost is not None:
+            self._on_lost(self)
 
     @property
     def queued(self) -> int:
@@ -115,15 +144,21 @@ class RoomWorker:
     # --- the loop -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
+        while not self.lost:
             first = await self._inbox.get()
             batch = [first]
             while len(batch) < self._batch_max and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
+            self._busy = True
             try:
                 await self._process(batch)
             except asyncio.CancelledError:
                 raise
+            except Fenced:
+                log.warning("room %s: lease lost to another node", self.room_id.hex())
+                for item in batch:
+                    self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+                self.lose()
             except StoreError as exc:  # a read of the log (a duplicate's answer) met an outage
                 log.error("room %s: read failed: %s", self.room_id.hex(), exc)
                 for item in batch:
@@ -134,10 +169,15 @@ class RoomWorker:
                 for item in batch:
                     self._error(item, ErrorCode.SEQUENCER_ERROR, "internal error")
                 await self._reload()
+            finally:
+                self._busy = False
 
     async def _process(self, batch: list[_Item]) -> None:
         pending: list[tuple[_Item, Accepted]] = []
         for item in batch:
+            if self.lost:  # fenced part-way: the rest is not ours to sequence
+                self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+                continue
             opcode = item.frame.header.opcode
             if opcode == Opcode.WELCOME:
                 await self._flush(pending)
@@ -170,10 +210,20 @@ class RoomWorker:
     async def _flush(self, pending: list[tuple[_Item, Accepted]]) -> None:
         if not pending:
             return
+        if self.lost:
+            for item, _ in pending:
+                self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+            return
         entries = [a.entry for _, a in pending if a.entry is not None]
         changes = pending[-1][1].changes  # only the last frame of a batch may carry changes
         try:
-            await self._store.append(self.room_id, entries, changes)
+            await self._store.append(self.room_id, entries, changes, fence=self.fence)
+        except Fenced:
+            log.warning("room %s: append fenced: lease lost to another node", self.room_id.hex())
+            for item, _ in pending:
+                self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+            self.lose()
+            return
         except StoreError as exc:
             log.error("room %s: append failed: %s", self.room_id.hex(), type(exc).__name__)
             for item, _ in pending:
@@ -186,7 +236,7 @@ class RoomWorker:
         if last.changes is not None and last.changes.commit_log_index is not None:
             self._commit_at[self.sequencer.epoch - 1] = last.changes.commit_log_index
         if last.redact is not None:
-            await self._store.redact(self.room_id, last.redact)
+            await self._store.redact(self.room_id, last.redact, fence=self.fence)
         if last.kicked:
             await self._propose_removals(last.kicked)
 
@@ -287,7 +337,10 @@ class RoomWorker:
         if not entries:
             return
         try:
-            await self._store.append(self.room_id, entries, None)
+            await self._store.append(self.room_id, entries, None, fence=self.fence)
+        except Fenced:
+            self.lose()
+            return
         except StoreError:
             await self._reload()
             return
@@ -318,11 +371,13 @@ class RoomWorker:
                 return
             # Private handshakes: the Welcome is how the server learns of the add.
             member = RoomMember(recipient, Role.MEMBER, None)
-            await self._store.append(self.room_id, [], RoomChanges(upsert_members=[member]))
+            await self._store.append(
+                self.room_id, [], RoomChanges(upsert_members=[member]), fence=self.fence
+            )
             seq.members[recipient] = member
         frame = item.frame.encode()
         # Kept in the mailbox until the recipient syncs the room (it then has joined).
-        await self._store.put_welcome(self.room_id, recipient, frame)
+        await self._store.put_welcome(self.room_id, recipient, frame, fence=self.fence)
         self._fanout.deliver_once(recipient, frame)
         if item.requester is not None:
             # The receipt (empty payload, the request id echoed): the sender may forget it.
@@ -371,6 +426,6 @@ class RoomWorker:
                 current_epoch=seq.epoch,
             )
             return
-        await self._store.put_group_info(self.room_id, summary.epoch, data)
+        await self._store.put_group_info(self.room_id, summary.epoch, data, fence=self.fence)
         if item.requester is not None:
             item.requester.send(replies.answer(h, Opcode.GROUP_INFO, epoch=seq.epoch))

@@ -19,6 +19,13 @@ One implementation (``sql.SqlStore``) serves SQLite and PostgreSQL; the schema l
 * ``append`` with no entries applies only its RoomChanges (roster changes the server learns
   outside the log, e.g. Welcome recipients in private-handshake rooms). Inside RoomChanges,
   removals and ban lifts apply before upserts and new bans.
+* Leases (cluster mode, PostgreSQL): ``acquire_lease`` takes a room's lease only if it is free,
+  expired or already the node's, and returns a fencing token greater than every earlier one of
+  that room; expiry is judged by the store's clock (the database's ``now()``), never a node's.
+  Every write a room's sequencer makes (``append``, ``redact``, ``put_welcome``,
+  ``put_group_info``) may carry that token as ``fence``: it is checked under the lease row's
+  lock inside the write's transaction, and a token that is no longer the room's raises
+  :class:`Fenced` with nothing written. A write without ``fence`` is not checked (one process).
 * Unknown rooms or members raise :class:`NotFound`; ``put_group_info`` never replaces a newer
   epoch with an older one; ``redact`` and ``welcome_delivered`` are idempotent.
 """
@@ -94,6 +101,17 @@ class AppendConflict(StoreError):
 
 class NotFound(StoreError):
     pass
+
+
+class Fenced(StoreError):
+    """A write carried a lease token that is no longer the room's (another node has taken the
+    room since): nothing was written, and the writer must stop sequencing the room."""
+
+    def __init__(self, room_id: bytes, token: int, current: int | None) -> None:
+        super().__init__(f"room {room_id.hex()}: lease token {token} is stale (now {current})")
+        self.room_id = room_id
+        self.token = token
+        self.current = current
 
 
 class AlreadyExists(StoreError):
@@ -217,6 +235,15 @@ class RoomChanges:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """The answer of :meth:`Store.acquire_lease`: ``token`` is the new fencing token if the
+    lease is now the caller's, else None; ``owner`` is who holds it now."""
+
+    token: int | None
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
 class Welcome:
     welcome_id: int
     room_id: bytes
@@ -285,9 +312,15 @@ class Store(Protocol):
 
     # --- the log ---------------------------------------------------------------------------------
     async def append(
-        self, room_id: bytes, entries: Sequence[LogEntry], changes: RoomChanges | None = None
+        self,
+        room_id: bytes,
+        entries: Sequence[LogEntry],
+        changes: RoomChanges | None = None,
+        *,
+        fence: int | None = None,
     ) -> None:
-        """Strict, atomic, durable append (see module docstring)."""
+        """Strict, atomic, durable append (see module docstring); Fenced if ``fence`` is not
+        the room's lease token."""
         ...
 
     async def load_frames(self, room_id: bytes, from_index: int, limit: int) -> list[StoredFrame]:
@@ -300,12 +333,14 @@ class Store(Protocol):
         """The commits that moved the room from ``from_epoch`` up to ``to_epoch``, in order."""
         ...
 
-    async def redact(self, room_id: bytes, log_index: int) -> bool:
+    async def redact(self, room_id: bytes, log_index: int, *, fence: int | None = None) -> bool:
         """Delete a stored payload; False if there is no such frame."""
         ...
 
     # --- welcome mailbox ---------------------------------------------------------------------
-    async def put_welcome(self, room_id: bytes, recipient_id: int, frame: bytes) -> int: ...
+    async def put_welcome(
+        self, room_id: bytes, recipient_id: int, frame: bytes, *, fence: int | None = None
+    ) -> int: ...
 
     async def pending_welcomes(self, recipient_id: int) -> list[Welcome]: ...
 
@@ -331,7 +366,9 @@ class Store(Protocol):
         """How many consumable KeyPackages the member has (the last-resort one not counted)."""
         ...
 
-    async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None: ...
+    async def put_group_info(
+        self, room_id: bytes, epoch: int, group_info: bytes, *, fence: int | None = None
+    ) -> None: ...
 
     async def get_group_info(self, room_id: bytes) -> tuple[int, bytes] | None: ...
 
@@ -386,4 +423,24 @@ class Store(Protocol):
 
     async def media_refcount(self, digest: bytes) -> int:
         """How many references hold the block (0: not stored)."""
+        ...
+
+    # --- room leases (cluster mode) -----------------------------------------------------------
+    async def acquire_lease(self, room_id: bytes, node: str, seconds: float) -> LeaseGrant:
+        """Take the room's lease for ``seconds`` if it is free, expired or ``node``'s already
+        (a node started again under its name need not wait); each success returns a new,
+        greater token. Otherwise the token is None and ``owner`` names the holder."""
+        ...
+
+    async def renew_leases(self, node: str, held: dict[bytes, int], seconds: float) -> list[bytes]:
+        """Extend every lease in ``held`` (room -> token) that is still ``node``'s with that
+        token, in one statement; returns the rooms of ``held`` that were lost."""
+        ...
+
+    async def release_lease(self, room_id: bytes, node: str, token: int) -> None:
+        """Let the lease expire now (the row and its token stay: tokens never go back)."""
+        ...
+
+    async def lease_owner(self, room_id: bytes) -> str | None:
+        """Who holds an unexpired lease on the room, if anyone."""
         ...

@@ -6,7 +6,9 @@ lifts before upserts and new bans, redaction that keeps the header, the welcome 
 KeyPackages oldest first, tokens kept only as SHA-256) and no durability at all. Every method
 validates everything before it changes anything, so a failed call leaves the store untouched.
 
-``rng`` (seeded) makes member ids and tokens reproducible; ``clock`` stamps ``created_at``.
+``rng`` (seeded) makes member ids and tokens reproducible; ``clock`` stamps ``created_at`` and
+is the "database clock" that judges lease expiry (a simulation passes virtual time, and several
+simulated nodes share one store as they would share one PostgreSQL).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .base import (
     AlreadyExists,
     AppendConflict,
     BanRecord,
+    Fenced,
+    LeaseGrant,
     LogEntry,
     MediaPut,
     MemberAccount,
@@ -63,6 +67,13 @@ def _check_u64(values: Iterable[int]) -> None:
 class _Token:
     member_id: int
     revoked_at: int | None = None
+
+
+@dataclass(slots=True)
+class _Lease:
+    owner: str
+    token: int
+    expires_at: float  # the store's clock, seconds
 
 
 @dataclass(slots=True)
@@ -113,6 +124,7 @@ class MemoryStore:
         self._last_resort: dict[int, bytes] = {}  # member -> its last-resort KeyPackage
         self._media: dict[bytes, bytes] = {}  # digest -> block
         self._media_refs: set[tuple[bytes, bytes, int]] = set()  # (room, digest, uploader)
+        self._leases: dict[bytes, _Lease] = {}
 
     @classmethod
     async def open(
@@ -254,9 +266,15 @@ class MemoryStore:
 
     # --- the log ---------------------------------------------------------------------------------
     async def append(
-        self, room_id: bytes, entries: Sequence[LogEntry], changes: RoomChanges | None = None
+        self,
+        room_id: bytes,
+        entries: Sequence[LogEntry],
+        changes: RoomChanges | None = None,
+        *,
+        fence: int | None = None,
     ) -> None:
         changes = changes or RoomChanges()
+        self._check_fence(room_id, fence)
         # Validate everything first (the SQL transaction rolls back; here nothing is touched).
         start = entries[0].log_index if entries else 0
         for offset, entry in enumerate(entries):
@@ -328,7 +346,8 @@ class MemoryStore:
             if from_epoch <= e < to_epoch
         ]
 
-    async def redact(self, room_id: bytes, log_index: int) -> bool:
+    async def redact(self, room_id: bytes, log_index: int, *, fence: int | None = None) -> bool:
+        self._check_fence(room_id, fence)
         stored = self._rooms.get(room_id)
         if stored is None or not 0 <= log_index < len(stored.headers):
             return False
@@ -336,7 +355,10 @@ class MemoryStore:
         return True
 
     # --- welcome mailbox ---------------------------------------------------------------------
-    async def put_welcome(self, room_id: bytes, recipient_id: int, frame: bytes) -> int:
+    async def put_welcome(
+        self, room_id: bytes, recipient_id: int, frame: bytes, *, fence: int | None = None
+    ) -> int:
+        self._check_fence(room_id, fence)
         self._room(room_id)
         _check_u64([recipient_id])
         self._welcome_ids += 1
@@ -377,8 +399,11 @@ class MemoryStore:
     async def key_package_count(self, member_id: int) -> int:
         return sum(1 for owner, _, _ in self._key_packages.values() if owner == member_id)
 
-    async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None:
+    async def put_group_info(
+        self, room_id: bytes, epoch: int, group_info: bytes, *, fence: int | None = None
+    ) -> None:
         """Keep the newest: a GroupInfo for an older epoch never replaces a newer one."""
+        self._check_fence(room_id, fence)
         stored = self._room(room_id)
         if stored.group_info is None or stored.group_info[0] <= epoch:
             stored.group_info = (epoch, bytes(group_info))
@@ -453,6 +478,43 @@ class MemoryStore:
 
     async def media_usage(self, uploader_id: int) -> int:
         return sum(len(self._media[d]) for _, d, u in self._media_refs if u == uploader_id)
+
+    # --- room leases (cluster mode) -----------------------------------------------------------
+    def _check_fence(self, room_id: bytes, fence: int | None) -> None:
+        if fence is None:
+            return
+        lease = self._leases.get(room_id)
+        if lease is None or lease.token != fence:
+            raise Fenced(room_id, fence, None if lease is None else lease.token)
+
+    async def acquire_lease(self, room_id: bytes, node: str, seconds: float) -> LeaseGrant:
+        now = self._clock()
+        lease = self._leases.get(room_id)
+        if lease is not None and lease.expires_at > now and lease.owner != node:
+            return LeaseGrant(None, lease.owner)
+        token = 1 if lease is None else lease.token + 1
+        self._leases[room_id] = _Lease(node, token, now + seconds)
+        return LeaseGrant(token, node)
+
+    async def renew_leases(self, node: str, held: dict[bytes, int], seconds: float) -> list[bytes]:
+        now = self._clock()
+        lost: list[bytes] = []
+        for room_id, token in held.items():
+            lease = self._leases.get(room_id)
+            if lease is None or lease.owner != node or lease.token != token:
+                lost.append(room_id)
+            else:
+                lease.expires_at = now + seconds
+        return lost
+
+    async def release_lease(self, room_id: bytes, node: str, token: int) -> None:
+        lease = self._leases.get(room_id)
+        if lease is not None and lease.owner == node and lease.token == token:
+            lease.expires_at = self._clock() - 1.0
+
+    async def lease_owner(self, room_id: bytes) -> str | None:
+        lease = self._leases.get(room_id)
+        return lease.owner if lease is not None and lease.expires_at > self._clock() else None
 
 
 if TYPE_CHECKING:

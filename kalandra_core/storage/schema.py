@@ -249,3 +249,24 @@ last_resort_key_packages = sa.Table(
     sa.Column("key_package", sa.LargeBinary(), nullable=False),
     sa.Column("created_at", sa.BigInteger(), nullable=False),
 )
+
+# Cluster (alembic 0011): who sequences each room, with its fencing token, and bus messages
+# too large for a NOTIFY payload. Used on PostgreSQL only.
+room_leases = sa.Table(
+    "room_leases",
+    metadata,
+    sa.Column("room_id", sa.LargeBinary(16), primary_key=True),
+    sa.Column("owner", sa.Text(), nullable=False),
+    sa.Column("token", sa.BigInteger(), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_room_leases_owner", "owner"),
+)
+
+cluster_mail = sa.Table(
+    "cluster_mail",
+    metadata,
+    sa.Column("mail_id", _SERIAL, primary_key=True, autoincrement=True),
+    sa.Column("target_node", sa.Text(), nullable=False),
+    sa.Column("body", sa.LargeBinary(), nullable=False),
+    sa.Index("ix_cluster_mail_target", "target_node", "mail_id"),
+)

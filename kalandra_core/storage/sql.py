@@ -32,12 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from ..private_files import make_sqlite_private
 from ..proto import Handshake
-from . import migrations, sql_log, sql_media, sqlite_media
+from . import migrations, sql_lease, sql_log, sql_media, sqlite_media
 from . import schema as db
 from .base import (
     LOGIN_CODE_MAX_TTL,
     AlreadyExists,
     BanRecord,
+    LeaseGrant,
     LogEntry,
     MediaPut,
     MemberAccount,
@@ -379,15 +380,22 @@ class SqlStore:
 
     # --- the log ---------------------------------------------------------------------------------
     async def append(
-        self, room_id: bytes, entries: Sequence[LogEntry], changes: RoomChanges | None = None
+        self,
+        room_id: bytes,
+        entries: Sequence[LogEntry],
+        changes: RoomChanges | None = None,
+        *,
+        fence: int | None = None,
     ) -> None:
         """Frames and changes in one transaction; ``entries`` may be empty (changes only)."""
         changes = changes or RoomChanges()
         commit_epoch = sql_log.check_batch(room_id, entries, changes)  # before taking the lock
-        if self._fast is not None:
+        if self._fast is not None and fence is None:
             await self._fast.append(room_id, entries, changes, commit_epoch)
             return
         async with self._write() as conn:
+            if fence is not None:
+                await sql_lease.check_fence(conn, room_id, fence)
             await sql_log.append(conn, room_id, entries, changes)
 
     async def load_frames(self, room_id: bytes, from_index: int, limit: int) -> list[StoredFrame]:
@@ -400,14 +408,20 @@ class SqlStore:
         async with self._read() as conn:
             return await sql_log.commits_between(conn, room_id, from_epoch, to_epoch)
 
-    async def redact(self, room_id: bytes, log_index: int) -> bool:
+    async def redact(self, room_id: bytes, log_index: int, *, fence: int | None = None) -> bool:
         async with self._write() as conn:
+            if fence is not None:
+                await sql_lease.check_fence(conn, room_id, fence)
             return await sql_log.redact(conn, room_id, log_index)
 
     # --- welcome mailbox ---------------------------------------------------------------------
-    async def put_welcome(self, room_id: bytes, recipient_id: int, frame: bytes) -> int:
+    async def put_welcome(
+        self, room_id: bytes, recipient_id: int, frame: bytes, *, fence: int | None = None
+    ) -> int:
         try:
             async with self._write() as conn:
+                if fence is not None:
+                    await sql_lease.check_fence(conn, room_id, fence)
                 result = await conn.execute(
                     db.welcomes.insert().values(
                         room_id=room_id,
@@ -518,11 +532,15 @@ class SqlStore:
         )
         return int(count or 0)
 
-    async def put_group_info(self, room_id: bytes, epoch: int, group_info: bytes) -> None:
+    async def put_group_info(
+        self, room_id: bytes, epoch: int, group_info: bytes, *, fence: int | None = None
+    ) -> None:
         """Keep the newest: a GroupInfo for an older epoch never replaces a newer one."""
         table = db.group_info
         try:
             async with self._write() as conn:
+                if fence is not None:
+                    await sql_lease.check_fence(conn, room_id, fence)
                 ins = sql_log.dialect_insert(conn, table).values(
                     room_id=room_id, epoch=epoch, group_info=group_info
                 )
@@ -546,6 +564,31 @@ class SqlStore:
                 )
             ).first()
         return None if row is None else (row.epoch, bytes(row.group_info))
+
+    # --- room leases (cluster mode; PostgreSQL only) -------------------------------------------
+    def _cluster_engine(self) -> None:
+        if self._writer.dialect.name != "postgresql":
+            raise StoreError("room leases need PostgreSQL (cluster mode)")
+
+    async def acquire_lease(self, room_id: bytes, node: str, seconds: float) -> LeaseGrant:
+        self._cluster_engine()
+        async with self._write() as conn:
+            return await sql_lease.acquire(conn, room_id, node, seconds)
+
+    async def renew_leases(self, node: str, held: dict[bytes, int], seconds: float) -> list[bytes]:
+        self._cluster_engine()
+        async with self._write() as conn:
+            return await sql_lease.renew(conn, node, held, seconds)
+
+    async def release_lease(self, room_id: bytes, node: str, token: int) -> None:
+        self._cluster_engine()
+        async with self._write() as conn:
+            await sql_lease.release(conn, room_id, node, token)
+
+    async def lease_owner(self, room_id: bytes) -> str | None:
+        self._cluster_engine()
+        async with self._read() as conn:
+            return await sql_lease.owner(conn, room_id)
 
     # --- media ---------------------------------------------------------------------------------
     async def media_put(

@@ -36,3 +36,8 @@ def sqlalchemy_url(url: str) -> str:
 def engine_name(url: str) -> str:
     """'sqlite' or 'postgresql'."""
     return sqlalchemy_url(url).split("+", 1)[0]
+
+
+def postgres_url(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database (False for anything else, however wrong)."""
+    return url.partition("://")[0] in ("postgres", "postgresql", "postgresql+asyncpg")

@@ -57,9 +57,10 @@ ROOT = Path(__file__).resolve().parents[2]
 class ServerProcess:
     """``python -m kalandra_core serve`` as a child process; its log goes to a file."""
 
-    def __init__(self, workdir: Path, database: str) -> None:
+    def __init__(self, workdir: Path, database: str, *, server_yaml: str = "") -> None:
         self.workdir = workdir
         self.database = database
+        self.server_yaml = server_yaml  # more of the ``server`` section, indented two spaces
         self.config = workdir / "server.yaml"
         self.ready = workdir / "ready"
         self.log = workdir / "server.log"
@@ -99,7 +100,7 @@ class ServerProcess:
             "server:\n"
             f"  tcp_port: {self.tcp_port}\n"
             f"  quic_port: {self.quic_port}\n"
-            f'  data_dir: "{self.workdir}"\n',
+            f'  data_dir: "{self.workdir}"\n' + self.server_yaml,
             encoding="utf-8",
         )
         self.ready.unlink(missing_ok=True)

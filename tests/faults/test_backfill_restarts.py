@@ -9,7 +9,8 @@ fall between sends and their record; the test checks that they did. After the re
 message is in the portal once, in log order, at its original time, before anything live, and
 the progress notices are one per ``progress_interval`` messages of each run plus one at its end.
 A reply and an edit in the history point at their targets' events (each waits until the
-records before it are written).
+records before it are written). An event of a Matrix user that carries a history message's
+log index does not pass for that message when the backfill looks for what it sent before.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from matrix.bridge_stack import (
 )
 from matrix.test_bridge_backfill import as_sent, send_many, until_text, wait_texts
 from matrix.test_bridge_epochs import BOT_NAME
-from nio import RoomMessageNotice
+from nio import RoomMessageNotice, RoomSendResponse
 
 from kalandra_core.client.content import Content
 
@@ -160,4 +161,43 @@ async def test_a_reply_and_an_edit_in_the_history_point_at_their_targets(
     relates = by_index[edit]["content"]["m.relates_to"]
     assert relates["rel_type"] == "m.replace"
     assert relates["event_id"] == by_index[typo.log_index]["event_id"]
+    await owner.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_matrix_users_event_with_a_log_index_does_not_pass_for_history(
+    stack: BridgeStack,
+) -> None:
+    owner = await native_client(stack)
+    bot = await account_id(stack, BOT_NAME)
+    room_id = await native_room(owner, bot, "history and a forged index")
+    echoes = await send_many(owner, room_id, [f"true {i}" for i in range(300)])
+    expected = [(m.log_index, m.content.body, m.timestamp_ms) for m in echoes]
+    ghost = ghost_of(owner)
+
+    async with nio_client(stack.synapse, stack.user) as alice:
+        portal = await open_portal(alice, room_id)
+        await wait_texts(alice, portal, ghost, 20, within=120)
+        await stack.kill9()
+        last = echoes[-1].log_index
+        rows = await query(
+            stack.store_url,
+            "SELECT COUNT(*) FROM bridge_backfill WHERE room_id = :r AND log_index = :i",
+            r=room_id,
+            i=last,
+        )
+        assert rows[0][0] == 1  # not bridged yet
+        # The room's newest event when the backfill looks again: a Matrix user's, claiming to
+        # be the last history message.
+        forged = {"msgtype": "m.text", "body": "forged", "org.kalandra.log_index": last}
+        sent = await alice.room_send(portal, "m.room.message", forged)
+        assert isinstance(sent, RoomSendResponse), sent
+        await stack.restart()
+        await owner.wait_connected()
+
+        await owner.send_text(room_id, "live")
+        await until_text(alice, portal, ghost, "live")
+        *texts, _ = await ghost_texts(alice, portal, ghost)
+        assert as_sent(texts) == expected
+        assert await kept(stack, room_id) == 0
     await owner.close()

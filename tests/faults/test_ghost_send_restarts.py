@@ -7,6 +7,10 @@ ahead of recording them, so after its own restart any of those may be in the roo
 must look for them before sending them again. Found by the soak (a kill -9 of Synapse, then of
 the bridge, a message doubled in Matrix). ``KALANDRA_TEST_MATRIX_RECORD_LAG`` holds each record
 back a few seconds, so the kills always fall between the send and its record.
+
+The same for a message the homeserver refuses for good (an image whose caption passes Synapse's
+event size limit): its set-aside notice reached Matrix, not its record; after both restarts the
+message is refused again, and the notice already in the room stands for it, not a second one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
+from faults.test_backfill_set_aside import aside_notices, assert_the_notice, oversized_image
+from helpers.sql import query
 from matrix.bridge_stack import (
     DATABASES,
     BridgeStack,
@@ -79,4 +85,43 @@ async def test_messages_sent_before_both_restarts_are_not_sent_again(stack: Brid
             "unrecorded 2",
             "after both restarts",
         ]
+    await native.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_set_aside_notice_sent_before_both_restarts_is_not_sent_again(
+    stack: BridgeStack,
+) -> None:
+    native = await native_client(stack)
+    async with nio_client(stack.synapse, stack.user) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "set aside, not recorded")
+        room = bytes.fromhex(room_hex)
+        ghost = ghost_of(native)
+        refused = await oversized_image(native, room)
+
+        async with asyncio.timeout(WITHIN):
+            while not await aside_notices(alice, portal):  # noqa: ASYNC110
+                await asyncio.sleep(0.3)
+        await stack.kill9()
+        recorded = await query(
+            stack.store_url,
+            "SELECT COUNT(*) FROM bridge_messages WHERE room_id = :r AND log_index = :i",
+            r=room,
+            i=refused,
+        )
+        assert recorded[0][0] == 0  # the kill fell between the notice and its record
+        await stack.kill9_synapse()
+        await stack.restart()
+
+        await native.send_text(room, "after the refused one")
+
+        async def after() -> list[str]:
+            return [t.body for t in await ghost_texts(alice, portal, ghost)]
+
+        async with asyncio.timeout(WITHIN):
+            while "after the refused one" not in await after():  # noqa: ASYNC110
+                await asyncio.sleep(0.3)
+        notices = await aside_notices(alice, portal)
+        assert len(notices) == 1, [n["content"]["body"] for n in notices]
+        assert_the_notice(notices[0], ghost, refused)
     await native.close()

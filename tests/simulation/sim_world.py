@@ -164,13 +164,18 @@ class SimStore(MemoryStore):
         self._stall = stall
 
     async def append(
-        self, room_id: bytes, entries: Sequence[LogEntry], changes: RoomChanges | None = None
+        self,
+        room_id: bytes,
+        entries: Sequence[LogEntry],
+        changes: RoomChanges | None = None,
+        *,
+        fence: int | None = None,
     ) -> None:
         delay = self._latency.uniform(0.0005, 0.004)
         if self._latency.random() < self._stall:
             delay += self._latency.uniform(0.3, 2.0)
         await asyncio.sleep(delay)
-        await super().append(room_id, entries, changes)
+        await super().append(room_id, entries, changes, fence=fence)
 
 
 class SimClient(Client):

@@ -15,7 +15,13 @@ from mautrix.errors import (
     MUnknownToken,
 )
 
-from bridge.portal.set_aside import content_size, permanent_reason, split_text
+from bridge.portal.set_aside import (
+    Attempts,
+    content_size,
+    notice_for,
+    permanent_reason,
+    split_text,
+)
 
 
 def refused_join() -> IntentError:
@@ -65,3 +71,28 @@ def test_split_text_keeps_every_character_in_order_and_each_piece_fits(text: str
     assert all(pieces) or pieces == [""]
     if " " in text:  # cut after a space, not inside a word
         assert all(piece.endswith(" ") for piece in pieces[:-1])
+
+
+def test_an_item_is_set_aside_after_two_permanent_failures_in_a_row() -> None:
+    attempts = Attempts()
+    assert attempts.set_aside(MTooLarge(413, "too large")) is None  # tried once more
+    assert attempts.set_aside(MatrixConnectionError("down")) is None  # a transient one between
+    assert attempts.set_aside(MTooLarge(413, "too large")) is None  # counts from 1 again
+    assert attempts.set_aside(MTooLarge(413, "too large")) == "M_TOO_LARGE"
+
+
+@pytest.mark.parametrize(
+    ("content", "index"),
+    [
+        ({"org.kalandra.set_aside": {"log_index": 7, "reason": "M_FORBIDDEN"}}, 7),
+        ({"org.kalandra.set_aside": {"log_index": 7}, "ciphertext": "..."}, 7),  # encrypted
+        ({"org.kalandra.set_aside": {"log_index": "7"}}, None),
+        ({"org.kalandra.set_aside": 7}, None),
+        ({"org.kalandra.log_index": 7}, None),  # a bridged message, not a notice
+        ({}, None),
+    ],
+)
+def test_the_log_index_a_set_aside_notice_stands_for(
+    content: dict[str, object], index: int | None
+) -> None:
+    assert notice_for(content) == index

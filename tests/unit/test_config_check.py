@@ -4,6 +4,7 @@ warning."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from kalandra_core.server.config import Limits, MediaConfig, ServerConfig
+from kalandra_core.server.config import ClusterConfig, Limits, MediaConfig, ServerConfig
 from kalandra_core.settings import ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,6 +208,7 @@ def test_the_example_and_the_checked_options_are_the_same(tmp_path: Path) -> Non
         assert getattr(settings.server, name) == getattr(defaults, name), name
     assert settings.server.limits == Limits()
     assert settings.server.media == MediaConfig()
+    assert settings.server.cluster == ClusterConfig()
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -248,3 +250,33 @@ def test_the_bridge_refuses_a_wrong_value_as_mautrix_does(tmp_path: Path) -> Non
     assert result.returncode == 11  # mautrix's exit status for a configuration error
     assert f"Configuration error: {path}: {SAID}\n" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _settings(tmp_path: Path, database: str, cluster: dict[str, Any]) -> Any:
+    path = tmp_path / "config.yaml"
+    config = {"database": {"url": database}, "server": {"cluster": cluster}}
+    path.write_text(json.dumps(config))
+    return load_settings(path)
+
+
+def test_cluster_mode_needs_postgresql(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"server\.cluster\.enabled needs a PostgreSQL"):
+        _settings(tmp_path, "sqlite:///k.db", {"enabled": True})
+    _settings(tmp_path, "sqlite:///k.db", {"enabled": False})  # off: SQLite is fine
+    pg = "postgresql://u@127.0.0.1/k"
+    settings = _settings(tmp_path, pg, {"enabled": True, "node_name": "a"})
+    assert settings.server.cluster.enabled is True
+    assert settings.server.cluster.lease_seconds == 10.0
+    with pytest.raises(ConfigError, match="renew_seconds must be below lease_seconds"):
+        _settings(tmp_path, pg, {"enabled": True, "lease_seconds": 2, "renew_seconds": 2})
+
+
+def test_a_switch_takes_true_or_false_only(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r'server\.cluster\.enabled: expected true or false, got "yes"'
+    ):
+        _settings(tmp_path, "postgresql://u@127.0.0.1/k", {"enabled": "yes"})
+    with pytest.raises(
+        ConfigError, match=r"server\.cluster\.enabled: expected true or false, got 1"
+    ):
+        _settings(tmp_path, "postgresql://u@127.0.0.1/k", {"enabled": 1})

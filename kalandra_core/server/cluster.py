@@ -1,0 +1,258 @@
+"""A node of a cluster: the leases it holds, its renewals, and its end of the bus.
+
+Thin asyncio around the store's leases (the truth about ownership), :class:`Routes` (what this
+node believes about the others, sans-IO) and a :class:`~.bus.ClusterBus`. The hub decides
+what to do with a frame (``Hub.route``); this class carries out the cluster's part: take a
+lease, forward a frame to its room's owner, send answers back to another node's session,
+broadcast fan-out, and give up a room the moment its lease is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from ..proto import ErrorCode, Frame, FrameHeader
+from ..storage.base import Store, StoreError
+from . import bus as msg
+from . import replies
+from .config import ClusterConfig
+from .routes import Routes, Waiting
+
+log = logging.getLogger("kalandra.server.cluster")
+
+MAX_HOPS = 3  # a frame that keeps meeting a moved room is refused (retry) rather than chased
+MAX_FORWARDS = 3  # a frame whose owners keep not answering is refused (retry) after this
+_SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
+_POLL = 0.2  # seconds between looks at a suspect's lease
+NO_ANSWER = "the room's server did not answer; retry"
+
+
+class Asker(Protocol):
+    """A session waiting for an answer: local (ServerSession) or on another node."""
+
+    member_id: int
+
+    def send(self, frame: bytes) -> bool: ...
+
+    def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None: ...
+
+
+class ClusterHub(Protocol):
+    """What the node needs of its hub."""
+
+    def room_lost(self, room_id: bytes) -> None: ...
+
+    async def forwarded(self, message: msg.Forward) -> None: ...
+
+    async def room_frame(self, session: Asker, frame: Frame, hops: int, attempts: int) -> None: ...
+
+    def deliver_local(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None: ...
+
+    def session_of(self, session_id: int) -> Asker | None: ...
+
+
+class RemoteSession:
+    """The session on another node that sent a forwarded frame: answers go back over the bus
+    to that node, for that session."""
+
+    def __init__(self, bus: msg.ClusterBus, origin: str, session_id: int, member_id: int) -> None:
+        self._bus = bus
+        self.origin = origin
+        self.session_id = session_id
+        self.member_id = member_id
+
+    def send(self, frame: bytes) -> bool:
+        reply = msg.Reply(self._bus.node, self.session_id, frame)
+        self._bus.send(self.origin, msg.encode(reply))
+        return True
+
+    def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None:
+        h = frame.header
+        self.send(replies.error(code, message, request_id=h.request_id, room_id=h.room_id, **kw))
+
+
+class ClusterNode:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        store: Store,
+        bus: msg.ClusterBus,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.node = bus.node
+        self.store = store
+        self.bus = bus
+        self.monotonic = monotonic
+        self.held: dict[bytes, int] = {}  # room -> fencing token of the lease we hold
+        self.routes: Routes[Asker] = Routes(
+            self.node,
+            owner_ttl=min(1.0, config.renew_seconds),
+            forward_timeout=config.forward_timeout,
+            suspect_for=config.lease_seconds + config.forward_timeout,
+        )
+        self._hub: ClusterHub | None = None
+        self._incoming: asyncio.Queue[bytes] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retries: set[asyncio.Task[None]] = set()
+        self._renewed_at = monotonic()
+
+    async def start(self, hub: ClusterHub) -> None:
+        self._hub = hub
+        await self.bus.start(self._incoming.put_nowait)
+        self._renewed_at = self.monotonic()
+        self._tasks = [
+            asyncio.create_task(self._receive(), name="cluster-receive"),
+            asyncio.create_task(self._renew_loop(), name="cluster-renew"),
+            asyncio.create_task(self._sweep_loop(), name="cluster-sweep"),
+        ]
+
+    async def stop(self) -> None:
+        for task in [*self._tasks, *self._retries]:
+            task.cancel()
+        for task in [*self._tasks, *self._retries]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for room_id, token in list(self.held.items()):
+            # Others may take the rooms at once instead of waiting for the leases to run out.
+            with contextlib.suppress(StoreError):
+                await self.store.release_lease(room_id, self.node, token)
+        self.held.clear()
+        await self.bus.close()
+
+    # --- leases -------------------------------------------------------------------------------
+
+    async def lease_holder(self, room_id: bytes) -> str | None:
+        """Another node holding an unexpired lease on the room, else None."""
+        holder = await self.store.lease_owner(room_id)
+        if holder is not None and holder != self.node:
+            self.routes.saw_owner(room_id, holder, self.monotonic())
+            return holder
+        return None
+
+    async def live_holder(self, room_id: bytes) -> str | None:
+        """Like :meth:`lease_holder`, but a suspect's lease (a node whose forwards went
+        unanswered) is waited out, for at most a lease term and a renewal: then the room is
+        free to take, or the suspect renewed (it is alive) and is trusted again."""
+        holder = await self.lease_holder(room_id)
+        if holder is None or not self.routes.is_suspect(holder, self.monotonic()):
+            return holder
+        deadline = self.monotonic() + self.config.lease_seconds + self.config.renew_seconds
+        while holder is not None and self.monotonic() < deadline:
+            await asyncio.sleep(_POLL)
+            holder = await self.lease_holder(room_id)
+        return holder
+
+    async def acquire(self, room_id: bytes) -> int | str:
+        """The new fencing token, or the node that holds the lease."""
+        grant = await self.store.acquire_lease(room_id, self.node, self.config.lease_seconds)
+        if grant.token is None:
+            self.routes.saw_owner(room_id, grant.owner, self.monotonic())
+            return grant.owner
+        self.held[room_id] = grant.token
+        self.routes.forget_owner(room_id)
+        return grant.token
+
+    def dropped(self, room_id: bytes) -> None:
+        self.held.pop(room_id, None)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.renew_seconds)
+            await self.renew()
+
+    async def renew(self) -> None:
+        started = self.monotonic()
+        held = dict(self.held)
+        try:
+            lost = await self.store.renew_leases(self.node, held, self.config.lease_seconds)
+        except StoreError as exc:
+            log.warning("cluster: lease renewal failed: %s", exc)
+            if self.monotonic() - self._renewed_at >= self.config.lease_seconds:
+                # Our leases may have run out (by the database's clock, which ran at least as
+                # long as ours since the last renewal began): others may hold them now.
+                lost = list(held)
+            else:
+                return
+        else:
+            self._renewed_at = started
+        assert self._hub is not None
+        for room_id in lost:
+            if self.held.get(room_id) == held[room_id]:  # not taken again meanwhile
+                log.warning("cluster: lease of room %s lost", room_id.hex())
+                self.held.pop(room_id, None)
+                self._hub.room_lost(room_id)
+
+    # --- the bus ------------------------------------------------------------------------------
+
+    def forward(self, asker: Asker, frame: Frame, owner: str, hops: int, attempts: int) -> None:
+        """Send a room frame to the room's owner; answers come back to ``asker``."""
+        if isinstance(asker, RemoteSession):
+            origin, session_id = asker.origin, asker.session_id
+        else:
+            origin, session_id = self.node, getattr(asker, "session_id", 0)
+            self.routes.forwarded(
+                asker, asker.member_id, frame, owner, attempts + 1, self.monotonic()
+            )
+        body = msg.Forward(origin, session_id, asker.member_id, hops, frame.encode())
+        self.bus.send(owner, msg.encode(body))
+
+    def broadcast(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
+        self.bus.broadcast(msg.encode(msg.Deliver(tuple(member_ids), frame)))
+
+    async def _receive(self) -> None:
+        # One at a time, in arrival order: the frames a session forwarded stay in its order.
+        while True:
+            body = await self._incoming.get()
+            try:
+                await self._handle(msg.decode(body))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cluster: a bus message failed")
+
+    async def _handle(self, message: msg.Message) -> None:
+        hub = self._hub
+        assert hub is not None
+        if isinstance(message, msg.Forward):
+            await hub.forwarded(message)
+        elif isinstance(message, msg.Reply):
+            session = hub.session_of(message.session_id)
+            if session is not None and len(message.frame) >= 128:
+                request_id = FrameHeader.parse(message.frame[:128]).request_id
+                member = session.member_id
+                if self.routes.stale_answer(member, request_id, message.node, self.monotonic()):
+                    return
+                self.routes.answered(member, request_id)
+                session.send(message.frame)
+        else:
+            if self.routes.waiting:  # the sender's own frame is its answer (its ack)
+                header = FrameHeader.parse(message.frame[:128])
+                self.routes.answered(header.sender_id, header.request_id)
+            hub.deliver_local(frozenset(message.member_ids), message.frame)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP)
+            for waiting in self.routes.overdue(self.monotonic()):
+                log.warning("cluster: node %s did not answer a forwarded frame", waiting.owner)
+                if waiting.attempts >= MAX_FORWARDS:
+                    waiting.session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+                else:
+                    # Routed again, the same frame (same request id): see Routes.
+                    task = asyncio.create_task(self._again(waiting.session, waiting))
+                    self._retries.add(task)
+                    task.add_done_callback(self._retries.discard)
+
+    async def _again(self, session: Asker, waiting: Waiting[Asker]) -> None:
+        assert self._hub is not None
+        try:
+            await self._hub.room_frame(session, waiting.frame, 0, waiting.attempts)
+        except StoreError:
+            session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)

@@ -1,0 +1,96 @@
+"""Room leases and fencing for :class:`~kalandra_core.storage.sql.SqlStore` (PostgreSQL).
+
+Expiry is judged by the database's clock (``now()``) only, so the nodes' clocks never matter.
+The fencing token of a room grows by one at every acquisition and its row is never deleted, so
+a token, once superseded, can never become valid again. :func:`check_fence` runs inside the
+transaction of every sequencer write and holds the lease row's lock until that transaction
+ends: an acquisition by another node waits for the write to commit (and then sees it when it
+loads the room), or the write sees the new token and stores nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import schema as db
+from .base import Fenced, LeaseGrant
+
+_ACQUIRE: Final = sa.text(
+    """
+    INSERT INTO room_leases AS l (room_id, owner, token, expires_at)
+    VALUES (:room_id, :node, 1, now() + make_interval(secs => :seconds))
+    ON CONFLICT (room_id) DO UPDATE
+        SET owner = excluded.owner, token = l.token + 1, expires_at = excluded.expires_at
+        WHERE l.expires_at <= now() OR l.owner = excluded.owner
+    RETURNING l.token
+    """
+)
+
+_RENEW: Final = sa.text(
+    """
+    UPDATE room_leases AS l SET expires_at = now() + make_interval(secs => :seconds)
+    FROM unnest(CAST(:rooms AS bytea[]), CAST(:tokens AS bigint[])) AS h(room_id, token)
+    WHERE l.room_id = h.room_id AND l.token = h.token AND l.owner = :node
+    RETURNING l.room_id
+    """
+)
+
+
+async def acquire(conn: AsyncConnection, room_id: bytes, node: str, seconds: float) -> LeaseGrant:
+    params = {"room_id": room_id, "node": node, "seconds": float(seconds)}
+    token = await conn.scalar(_ACQUIRE, params)
+    if token is not None:
+        return LeaseGrant(int(token), node)
+    owner = await conn.scalar(
+        sa.select(db.room_leases.c.owner).where(db.room_leases.c.room_id == room_id)
+    )
+    return LeaseGrant(None, str(owner))
+
+
+async def renew(
+    conn: AsyncConnection, node: str, held: dict[bytes, int], seconds: float
+) -> list[bytes]:
+    if not held:
+        return []
+    rooms = list(held)
+    params = {
+        "rooms": rooms,
+        "tokens": [held[r] for r in rooms],
+        "node": node,
+        "seconds": float(seconds),
+    }
+    kept = {bytes(row.room_id) for row in await conn.execute(_RENEW, params)}
+    return [r for r in rooms if r not in kept]
+
+
+async def release(conn: AsyncConnection, room_id: bytes, node: str, token: int) -> None:
+    leases = db.room_leases
+    await conn.execute(
+        leases.update()
+        .where(leases.c.room_id == room_id, leases.c.owner == node, leases.c.token == token)
+        .values(expires_at=sa.func.now() - sa.text("interval '1 second'"))
+    )
+
+
+async def owner(conn: AsyncConnection, room_id: bytes) -> str | None:
+    leases = db.room_leases
+    found = await conn.scalar(
+        sa.select(leases.c.owner).where(
+            leases.c.room_id == room_id, leases.c.expires_at > sa.func.now()
+        )
+    )
+    return None if found is None else str(found)
+
+
+async def check_fence(conn: AsyncConnection, room_id: bytes, token: int) -> None:
+    """Raise Fenced unless ``token`` is the room's lease token; the row stays locked until the
+    caller's transaction ends."""
+    leases = db.room_leases
+    current = await conn.scalar(
+        sa.select(leases.c.token).where(leases.c.room_id == room_id).with_for_update()
+    )
+    if current is None or int(current) != token:
+        raise Fenced(room_id, token, None if current is None else int(current))

@@ -1,0 +1,106 @@
+"""The cluster's sans-IO parts: bus messages (encode/decode) and Routes (owners, forwarded
+frames, suspects) on an explicit clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kalandra_core.proto import Frame, FrameHeader, Opcode, RawPayload
+from kalandra_core.server import bus
+from kalandra_core.server.routes import Routes
+
+ROOM = (7).to_bytes(16, "big")
+
+
+def frame(request_id: int) -> Frame:
+    header = FrameHeader(
+        Opcode.APP_MESSAGE, request_id=request_id, room_id=7, sender_id=5, epoch=1
+    )
+    return Frame.build(header, RawPayload(b"x" * 10))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        bus.Forward("node-é", 12, (1 << 64) - 1, 2, b"frame bytes"),
+        bus.Reply("node-b", 3, b""),
+        bus.Deliver((1, 2, (1 << 64) - 1), b"frame"),
+        bus.Deliver((), b"frame"),
+    ],
+)
+def test_bus_messages_round_trip(message: bus.Message) -> None:
+    assert bus.decode(bus.encode(message)) == message
+
+
+@pytest.mark.parametrize("body", [b"", b"\x09", b"\x01\x00\x05ab", b"\x03\x00\x00\x00\x09"])
+def test_a_broken_bus_message_is_refused(body: bytes) -> None:
+    with pytest.raises(bus.BusDecodeError):
+        bus.decode(body)
+
+
+def routes() -> Routes[str]:
+    return Routes("me", owner_ttl=1.0, forward_timeout=2.0, suspect_for=5.0)
+
+
+def test_an_owner_is_trusted_for_its_ttl_only() -> None:
+    r = routes()
+    r.saw_owner(ROOM, "other", now=10.0)
+    assert r.owner(ROOM, 10.9) == "other"
+    assert r.owner(ROOM, 11.0) is None
+    r.saw_owner(ROOM, "me", now=12.0)  # ourselves: never "another node"
+    assert r.owner(ROOM, 12.0) is None
+
+
+def test_an_answered_forward_is_forgotten() -> None:
+    r = routes()
+    r.forwarded("session", 5, frame(9), "other", 1, now=0.0)
+    assert r.waiting == 1
+    r.answered(5, 9)
+    assert r.waiting == 0
+    assert r.overdue(100.0) == []
+
+
+def test_an_unanswered_forward_makes_its_owner_a_suspect() -> None:
+    r = routes()
+    r.saw_owner(ROOM, "other", now=0.0)
+    r.forwarded("session", 5, frame(9), "other", 1, now=0.0)
+    r.forwarded("session", 5, frame(0), "other", 1, now=0.0)  # no request id: not tracked
+    assert r.overdue(1.9) == []
+    late = r.overdue(2.0)
+    assert [(w.session, w.frame.header.request_id, w.attempts) for w in late] == [
+        ("session", 9, 1)
+    ]
+    assert r.is_suspect("other", 2.0)
+    assert r.owner(ROOM, 0.5) is None  # forgotten as the room's owner
+    assert not r.is_suspect("other", 7.0)  # a suspect for suspect_for seconds
+
+
+def test_a_given_up_owner_answers_no_more() -> None:
+    r = routes()
+    r.forwarded("session", 5, frame(9), "old", 1, now=0.0)
+    r.overdue(2.0)
+    r.forwarded("session", 5, frame(9), "new", 2, now=5.0)  # routed again
+    assert r.stale_answer(5, 9, "old", now=5.5)
+    assert not r.stale_answer(5, 9, "new", now=5.5)
+    assert not r.stale_answer(5, 8, "old", now=5.5)
+    r.overdue(7.5)  # (forgets what is past suspect_for)
+    assert not r.stale_answer(5, 9, "old", now=7.5)
+
+
+def test_the_memory_bus_delivers_in_order_and_not_to_itself() -> None:
+    network = bus.MemoryNetwork()
+    got: dict[str, list[bytes]] = {"a": [], "b": [], "c": []}
+    nodes = {name: bus.MemoryBus(network, name) for name in got}
+
+    async def start() -> None:
+        for name, node in nodes.items():
+            await node.start(got[name].append)
+
+    asyncio.run(start())
+    nodes["a"].send("b", b"1")
+    nodes["a"].broadcast(b"2")
+    network.down.add("c")
+    nodes["a"].broadcast(b"3")
+    assert got == {"a": [], "b": [b"1", b"2", b"3"], "c": [b"2"]}
