@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, Callable[[bool], Results]] = {
     "bridge-ghost-devices": bridge_ghost_devices.run,
     "bridge-backfill": bridge_backfill.run,
     "bridge-many": bridge_many.run,
+    "bridge-startup": bridge_many.run_startup,
 }
 
 

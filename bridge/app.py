@@ -253,6 +253,7 @@ class KalandraBridge(Bridge):
         self.gate.stop()  # transactions in progress are answered "retry" rather than waited for
         if self._catch_up is not None:
             self._catch_up.cancel()
+        self.gate.stop_catching_up()
         await self._stop_bot()
         await e2ee.stop(self)
         await super().stop()

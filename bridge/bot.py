@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +112,9 @@ class _EventRouter(asyncio.Queue[ev.Event]):
         self._bot = bot
 
     def put_nowait(self, item: ev.Event) -> None:
-        if isinstance(item, _ROUTED) and self._bot.bridge.portals.get(item.room_id) is not None:
+        if isinstance(item, ev.CaughtUp):
+            self._bot.caught_up(item.room_id)
+        elif isinstance(item, _ROUTED) and self._bot.bridge.portals.get(item.room_id) is not None:
             self._bot.route(item)
         elif isinstance(item, (ev.Moderated, ev.Left)) and self._bot.history is not None:
             self._bot.route(item)  # a redaction or a leave changes the kept history
@@ -136,6 +139,9 @@ class KalandraBot:
         # One commit of the bot's at a time (its group has room for one pending commit).
         self.commit_lock = asyncio.Lock()
         self._invite_lock = asyncio.Lock()
+        # Portals whose roster is checked once their room is caught up after the start.
+        self._roster_due: set[bytes] = set()
+        self._connected_at = 0.0
 
     @property
     def member_id(self) -> int:
@@ -202,6 +208,7 @@ class KalandraBot:
         core.commit_for = self.bridge.bridged_users.member_ids
         for portal in await self.bridge.portals.load_all():
             portal.start()
+            self._roster_due.add(portal.room_id)
         limits = self.server.hub.config.limits
         client = Client(
             core,
@@ -215,6 +222,7 @@ class KalandraBot:
         client.events = _EventRouter(self)
         self.client = client
         self._events = asyncio.create_task(self._watch_events(client), name="bot-events")
+        self._connected_at = time.monotonic()
         await client.connect()
         log.info("the bot is connected as member %d (%d rooms)", core.member_id, len(core.rooms))
         self._spawn(self._after_catch_up(client), "bot-catch-up")
@@ -226,18 +234,33 @@ class KalandraBot:
         task.add_done_callback(self._tasks.discard)
 
     async def _after_catch_up(self, client: Client) -> None:
-        """Once the resync from the saved state is applied: every portal's Matrix membership
-        and epoch state are checked against the group, and KeyPackages topped up."""
-        try:
-            await client.settle()
-        except TimeoutError:
-            log.info("rooms still syncing; checking the portals against the state so far")
-        for portal in self.bridge.portals.all():
-            self.check_roster(portal)
+        """KeyPackages topped up; once the rooms are caught up from the saved state, users
+        demoted while the bridge was down lose their memberships (on the caught-up groups: a
+        commit on an older epoch would be refused). Each portal's Matrix membership and epoch
+        state are checked against its group as soon as its own room is caught up
+        (:meth:`caught_up`): the catch-up of a thousand rooms runs behind any new work, and
+        a portal does not wait for the others."""
         await self._key_packages()
-        # Users demoted while the bridge was down lose their memberships (on the caught-up
-        # group: a commit on an older epoch would be refused).
+        await client.caught_up()
+        for room_id in list(self._roster_due):  # a sync the server refused: the state so far
+            self._roster_check_due(room_id)
         await permissions.remove_unpermitted(self.bridge)
+
+    def caught_up(self, room_id: bytes) -> None:
+        """The room has applied the log since the connection (its items routed already)."""
+        self._roster_check_due(room_id)
+        if not self.core.catching_up:
+            log.info(
+                "the bot's rooms are caught up, %.1f s after connecting",
+                time.monotonic() - self._connected_at,
+            )
+
+    def _roster_check_due(self, room_id: bytes) -> None:
+        if room_id in self._roster_due:
+            self._roster_due.discard(room_id)
+            portal = self.bridge.portals.get(room_id)
+            if portal is not None:
+                self.check_roster(portal)
 
     def check_roster(self, portal: PortalFace) -> None:
         """Queue a check of the portal's ghosts and epoch state against the group as it is

@@ -3,7 +3,9 @@
 mautrix's probe says ready once its own start-up is over, and stays so during a stop. Here it
 also needs the embedded Kalandra server running, the bot's Kalandra client up and the
 homeserver connection checked (portals send to Matrix only then); otherwise 503, naming what
-is missing. ``/_matrix/mau/live`` stays mautrix's.
+is missing. Ready, it also says how many of the bot's rooms are still catching up since the
+start (``rooms_catching_up``): they do so behind new work, so the bridge is usable meanwhile.
+``/_matrix/mau/live`` stays mautrix's.
 
 A transaction the bridge refuses (too large, or not processed) is sent again by Synapse, and
 nothing after it reaches the bridge until one is accepted: from the refusal until a later
@@ -73,6 +75,13 @@ def not_ready(bridge: BridgeContext) -> list[str]:
     return missing
 
 
+def catching_up(bridge: BridgeContext) -> int:
+    """The bot's rooms not caught up yet since it connected: they catch up behind new work,
+    each at once when something happens in it."""
+    bot = getattr(bridge, "bot", None)
+    return 0 if bot is None or bot.client is None else len(bot.core.catching_up)
+
+
 def install(bridge: BridgeContext) -> None:
     @web.middleware
     async def readiness(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -87,6 +96,6 @@ def install(bridge: BridgeContext) -> None:
                 txn_id, reason = TRANSACTIONS.refused
                 body["refused_transaction"] = {"id": txn_id, "reason": reason}
             return web.json_response(body, status=503)
-        return web.json_response({"ready": True})
+        return web.json_response({"ready": True, "rooms_catching_up": catching_up(bridge)})
 
     bridge.az.app.middlewares.append(readiness)

@@ -16,12 +16,17 @@ decryption path, reactions, redactions, memberships, room metadata), except the 
 events (bot, ghosts), invites of them, commands (answered once or never) and events redacted
 since (a message taken back before the bridge saw it is not bridged). The walk stops at the
 room's creation or the bot's join: what came before the portal is not the portal's.
+
+The walks run in the background, a few portals at a time (:class:`Rounds`): with a thousand
+portals, a transaction waits only for the walks of the portals it has events for, each done
+first, so live events are not held back by the others and each portal keeps Matrix order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kalandra.bridge.catch_up")
 
 _PAGES = 10  # of 100 events per portal, at most
+_LOOKUPS = 4  # portals whose timelines are read at once in the background
 # Seconds between two checks that the homeserver answers: shorter than any restart of Synapse
 # (its start-up alone takes seconds), so that no restart goes unseen; one cheap GET each.
 _WATCH_EVERY = 1.0
@@ -120,29 +126,92 @@ async def missed(
     return found[::-1]
 
 
-async def catch_up(
-    bridge: BridgeContext,
-    portals: Sequence[PortalFace],
-    known: Callable[[EventID], bool],
-    handle: Callable[[Event], Awaitable[None]],
-) -> None:
-    """Hand each portal's missed events to ``handle`` (the transaction's event handler)."""
-    for portal in portals:
-        try:
-            events = await missed(bridge, portal, known)
-        except Exception as exc:  # the transaction goes on; the next suspicion tries again
-            log.warning("portal %s: catching up failed (%s)", portal.hex, type(exc).__name__)
-            bridge.run_state.catch_up.homeserver_unreachable()
-            continue
-        if events:
-            log.info("portal %s: %d missed Matrix events caught up", portal.hex, len(events))
-        for raw in events:
+class Rounds:
+    """Catch-up rounds: each portal's timeline walked once per round, in the background,
+    ``_LOOKUPS`` portals at a time, and first for a portal a transaction has an event for.
+
+    A transaction does not wait for a thousand portals' walks: an event of a portal waits only
+    for that portal's walk (:meth:`ensure`), which hands the portal's missed events over
+    first, oldest first, so the portal's queue keeps Matrix order. One walk of a portal at a
+    time (a new round's waits for the last round's)."""
+
+    def __init__(
+        self,
+        bridge: BridgeContext,
+        known: Callable[[EventID], bool],
+        handle: Callable[[Event], Awaitable[None]],
+    ) -> None:
+        self._bridge = bridge
+        self._known = known
+        self._handle = handle
+        self._due: dict[bytes, PortalFace] = {}  # this round's portals not walked yet
+        self._walks: dict[bytes, asyncio.Future[None]] = {}  # this round's walks, started
+        self._locks: dict[bytes, asyncio.Lock] = {}  # one walk per portal at a time
+        self._walkers: set[asyncio.Task[None]] = set()
+        self._started = 0.0
+
+    def start(self, portals: Sequence[PortalFace]) -> None:
+        """A new round, every portal due again; walked in the background from now on."""
+        self._due = {portal.room_id: portal for portal in portals}
+        self._walks = {}
+        self._started = time.monotonic()
+        for _ in range(_LOOKUPS - len(self._walkers)):
+            walker = asyncio.ensure_future(self._walk_due())
+            self._walkers.add(walker)
+            walker.add_done_callback(self._walkers.discard)
+
+    @property
+    def walking(self) -> bool:
+        return bool(self._due) or not all(walk.done() for walk in self._walks.values())
+
+    async def ensure(self, portal: PortalFace) -> None:
+        """Until the portal's walk of this round is over, its missed events handed over
+        (started now if it is still due). A walk that failed said so, and the next round
+        walks the portal again: its transaction's events go on meanwhile."""
+        walk = self._walks.get(portal.room_id)
+        if walk is None:
+            if self._due.pop(portal.room_id, None) is None:
+                return  # (not in this round: a portal made since)
+            walk = self._walks[portal.room_id] = asyncio.ensure_future(self._walk(portal))
+        await asyncio.shield(walk)
+
+    def stop(self) -> None:
+        self._due = {}
+        for task in [*self._walkers, *self._walks.values()]:
+            task.cancel()
+
+    async def _walk_due(self) -> None:
+        while self._due:
+            await self.ensure(next(iter(self._due.values())))
+        if len(self._walks) > _LOOKUPS and not self.walking:
+            log.info(
+                "%d portals' Matrix timelines caught up in %.1f s",
+                len(self._walks),
+                time.monotonic() - self._started,
+            )
+
+    async def _walk(self, portal: PortalFace) -> None:
+        async with self._locks.setdefault(portal.room_id, asyncio.Lock()):
             try:
-                event = Event.deserialize(raw)
-            except Exception as exc:  # not one the bridge could read from Synapse either
-                log.warning("portal %s: missed event skipped (%s)", portal.hex, type(exc).__name__)
-                continue
-            await handle(event)
+                events = await missed(self._bridge, portal, self._known)
+                await _hand_over(portal, events, self._handle)
+            except Exception as exc:  # a new round tries again (watch)
+                log.warning("portal %s: catching up failed (%s)", portal.hex, type(exc).__name__)
+                self._bridge.run_state.catch_up.homeserver_unreachable()
+
+
+async def _hand_over(
+    portal: PortalFace, events: list[dict[str, Any]], handle: Callable[[Event], Awaitable[None]]
+) -> None:
+    if events:
+        log.info("portal %s: %d missed Matrix events caught up", portal.hex, len(events))
+    for raw in events:
+        try:
+            event = Event.deserialize(raw)
+        except Exception as exc:  # not one the bridge could read from Synapse either
+            log.warning("portal %s: missed event skipped (%s)", portal.hex, type(exc).__name__)
+            continue
+        await handle(event)
 
 
 async def _answers(bridge: BridgeContext) -> bool:

@@ -54,6 +54,7 @@ _FIRST_CATCH_UP = 60.0  # seconds a transaction waits at most for the start-up c
 @dataclass(slots=True)
 class _Transaction:
     key: str = ""  # what bridge_appservice_txns records (see _txn_key)
+    catching_up: bool = False  # a catch-up's events (each portal's walk first for the others)
     slots: list[EventSlot] = field(default_factory=list)
     failed: bool = False
     reason: str | None = None  # why it failed, when it is not the deliberate reordering refusal
@@ -71,9 +72,10 @@ class TransactionGate:
         # Events of a transaction still in progress when Synapse sent it again.
         self._in_flight: dict[EventID, EventSlot] = {}
         self._order: TxnOrder | None = None  # from the database at the first transaction
-        # Events are given their places in portal queues one batch at a time (a transaction's,
-        # or a catch-up's), and the first catch-up's before any transaction's: older first.
+        # Transactions are given their places in portal queues one at a time, and a portal's
+        # missed events (catch_up.py) before its events of any transaction: older first.
         self._dispatch = asyncio.Lock()
+        self._rounds = catch_up.Rounds(bridge, self._in_flight.__contains__, self._caught_up)
         self._started = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -158,10 +160,9 @@ class TransactionGate:
                 async with asyncio.timeout(_FIRST_CATCH_UP):
                     await self._started.wait()
             async with self._dispatch:
-                if catch_up.due(
-                    self.bridge, txn_id
-                ):  # Synapse may have restarted: events it lost first
-                    await self._catch_up()
+                if catch_up.due(self.bridge, txn_id):
+                    # Synapse may have restarted: each portal's events it lost go first.
+                    self._rounds.start(self.bridge.portals.all())
                 output = await self._handle_transaction(txn_id, **kwargs)
             if txn.slots:
                 # asyncio.wait, not gather: giving up (Synapse hung up) must not cancel them.
@@ -181,21 +182,24 @@ class TransactionGate:
             return _EMPTY
 
     async def catch_up(self) -> None:
-        """Queue every portal's events Synapse did not send (catch_up.py), outside any
-        transaction: nothing waits for them here, each is done once in its place."""
-        token = _CURRENT.set(_Transaction())
+        """Queue every portal's events Synapse did not send (catch_up.py), in the background:
+        a transaction waits only for the walks of the portals it has events for. Each event
+        is done once in its place."""
+        async with self._dispatch:  # (between two transactions)
+            self._rounds.start(self.bridge.portals.all())
+        self._started.set()
+
+    async def _caught_up(self, event: Event) -> None:
+        """A missed event, handed over by its portal's walk (in a context of its own: the
+        walk's events are awaited by nobody but the walk)."""
+        token = _CURRENT.set(_Transaction(catching_up=True))
         try:
-            async with self._dispatch:
-                await self._catch_up()
+            await self.handle_matrix_event(event)
         finally:
             _CURRENT.reset(token)
-            self._started.set()
 
-    async def _catch_up(self) -> None:
-        portals = self.bridge.portals.all()
-        await catch_up.catch_up(
-            self.bridge, portals, self._in_flight.__contains__, self.handle_matrix_event
-        )
+    def stop_catching_up(self) -> None:
+        self._rounds.stop()
 
     async def handle_matrix_event(self, event: Event, ephemeral: bool = False) -> None:
         txn = _CURRENT.get()
@@ -206,6 +210,8 @@ class TransactionGate:
         if txn is None or portal is None or event_id is None:
             await self._handle_matrix_event(event, ephemeral)
             return
+        if not txn.catching_up:
+            await self._rounds.ensure(portal)  # the portal's missed events first
         slot = self._in_flight.get(event_id)
         if slot is not None:
             txn.slots.append(slot)  # already queued by an earlier attempt: wait for that one

@@ -168,7 +168,17 @@ class PortalMembers(PortalBase):
         content = epoch_content(
             check.epoch, check.tree_hash, check.cipher_suite, len(check.members)
         )
-        await self._bot.send_state_event(self.room_mxid, EPOCH_EVENT, content)
+        # Sent only if it differs: a read costs the homeserver far less than a new state event,
+        # and a start-up checks every portal.
+        if await self._epoch_state() != content:
+            await self._bot.send_state_event(self.room_mxid, EPOCH_EVENT, content)
+
+    async def _epoch_state(self) -> dict[str, Any]:
+        path = Path.v3.rooms[self.room_mxid].state[str(EPOCH_EVENT)][""]
+        try:
+            return dict(await self._bot.api.request(Method.GET, path))
+        except MNotFound:
+            return {}
 
     # --- moderation ----------------------------------------------------------------------------
 

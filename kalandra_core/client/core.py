@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable
 
 from nacl.signing import SigningKey
@@ -122,6 +123,10 @@ class ClientCore(SyncRecovery, Pacing):
         # Welcomes for rooms we still think we are in (we may have been removed meanwhile).
         self.parked_welcomes: dict[bytes, Frame] = {}
         self.sync_requests: dict[int, bytes] = {}  # request id -> room, to route sync errors
+        # Rooms whose sync waits for its turn (recovery.py), the next first.
+        self.sync_waiting: OrderedDict[bytes, None] = OrderedDict()
+        # Rooms not caught up yet since the connection (each says CaughtUp when it is).
+        self.catching_up: set[bytes] = set()
         # Members whose turn to commit a proposal this core takes: leaves it holds that never
         # process anything themselves (a bridge's puppet leaves). Shared, may grow.
         self.commit_for: set[int] = set()
@@ -216,11 +221,12 @@ class ClientCore(SyncRecovery, Pacing):
                 # Welcomes are not logged: resent as they are, until the server's receipt.
                 pending.awaiting_sync = True  # sent before the drop? the log will tell
         self.sync_requests.clear()  # answers to those will never come
+        self.sync_waiting.clear()
+        self.catching_up = {r.room_id for r in self.rooms.values() if r.active}
         for room in self.rooms.values():
-            room.sync_deferred = False
             if room.active:
                 room.syncing = False
-                out += self._sync(room, now)
+                out += self._sync(room, now, wanted=False)
         return out + self.transmit(now=now)
 
     def connection_lost(self) -> None:
@@ -615,6 +621,8 @@ class ClientCore(SyncRecovery, Pacing):
         never join)."""
         room.active = False
         room.syncing = False
+        self.sync_waiting.pop(room.room_id, None)
+        self.catching_up.discard(room.room_id)
         out: list[ev.Event] = [ev.Left(room.room_id, reason), ev.StateChanged(room.room_id)]
         for rid, pending in list(self.outbox.items()):
             if pending.room_id == room.room_id and pending.kind != "welcome":

@@ -186,8 +186,6 @@ class Client:
         self.messages: asyncio.Queue[ev.Message] = asyncio.Queue()
         self.events: asyncio.Queue[ev.Event] = asyncio.Queue()  # everything else, for apps
         self.joined = asyncio.Queue[bytes]()
-        self._idle = asyncio.Event()
-        self._idle.set()
         # Set whenever the core's window may have room again (an answer, a reconnect, the end
         # of a pause) or the connection or the client is gone: ``reserve`` waits on it.
         self._window_changed = asyncio.Event()
@@ -428,10 +426,6 @@ class Client:
             self.state.save(self.core, dirty)
         self._write_ahead()
         self._schedule_wake()
-        if not any(r.syncing for r in self.core.rooms.values()):
-            self._idle.set()
-        else:
-            self._idle.clear()
         self._window_changed.set()
 
     def _write_ahead(self) -> None:
@@ -668,6 +662,13 @@ class Client:
             if loop.time() > deadline:
                 raise TimeoutError("rooms did not finish syncing")
             await asyncio.sleep(0.01)
+
+    async def caught_up(self) -> None:
+        """Wait until every room is caught up since the connection, or no sync is left in
+        progress (a room whose sync the server refused stays behind until its next sync)."""
+        core = self.core
+        while core.catching_up and (core.sync_requests or core.sync_waiting):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # (the sans-IO core has nothing to wait on)
 
     async def wait_for(self, predicate: Callable[[], bool]) -> None:
         loop = asyncio.get_running_loop()

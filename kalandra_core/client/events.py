@@ -170,6 +170,14 @@ class Reconnected:
 
 
 @dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """The room has applied the log as far as the server had it, for the first time since the
+    connection (each room once per connection)."""
+
+    room_id: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class StateChanged:
     """Persist this room (or, with room_id None, the identity and key packages)."""
 
@@ -193,5 +201,6 @@ Event = (
     | RoomMetaChanged
     | Disconnected
     | Reconnected
+    | CaughtUp
     | StateChanged
 )

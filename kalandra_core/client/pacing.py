@@ -41,7 +41,7 @@ class Pacing:
         outbox: dict[int, Pending]
         window: SendWindow
 
-        def _sync(self, room: ClientRoom, now: float) -> list[ev.Event]: ...
+        def _waiting_syncs(self, now: float) -> list[ev.Event]: ...
 
         def _encrypt(self, room: ClientRoom, pending: Pending, now: float) -> bytes: ...
 
@@ -49,15 +49,12 @@ class Pacing:
 
     def transmit(self, *, now: float) -> list[ev.Event]:
         """The frames of the outbox the send window admits now, in outbox order (and the syncs
-        a RATE_LIMITED pause deferred, once it is over). The rules: this module's docstring."""
+        that waited for their turn or for the end of a RATE_LIMITED pause). The rules: this
+        module's docstring."""
         window = self.window
         if not self.connected or window.paused(now):
             return []
-        out: list[ev.Event] = []
-        for deferred in self.rooms.values():
-            if deferred.sync_deferred:
-                deferred.sync_deferred = deferred.syncing = False
-                out += self._sync(deferred, now)
+        out = self._waiting_syncs(now)
         blocked: set[bytes] = set()  # rooms whose next frame must wait
         flying: dict[bytes, int] = {}  # room -> the oldest epoch of its frames in flight
         recovering = window.limit < window.max_frames

@@ -7,10 +7,18 @@ again, re-encrypted or rebuilt on the epoch the room has now, up to ``MAX_ATTEMP
 Errors from the server are routed here too: a sync refused (we are no longer a member), a
 request refused (StaleEpoch: recover; RATE_LIMITED: pause and send the same frame again; any
 other: a ``Failed`` event).
+
+At most ``SYNC_WINDOW`` syncs are in flight at once: the server answers one session's frames in
+order, so a client catching up a thousand rooms after a (re)connect would otherwise put every
+request of its own (a new room, a message, a commit) behind a thousand sync reads. The rest
+wait in ``sync_waiting``, in order; a sync something is waiting for (a gap before a live
+frame, a StaleEpoch, opening a room, a Welcome) goes first. Each room caught up since the
+connection says so (``CaughtUp``); ``catching_up`` holds the rest.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from ..mls.errors import GroupInactive, MlsError, WrongEpoch
@@ -31,6 +39,9 @@ from .window import SendWindow
 
 MAX_ATTEMPTS = 3
 SYNC_PAGE = 500
+# Syncs in flight at once: enough to keep the server busy (it answers them one by one), few
+# enough that other requests wait behind little.
+SYNC_WINDOW = 4
 
 
 class SyncRecovery:
@@ -40,6 +51,8 @@ class SyncRecovery:
         rooms: dict[bytes, ClientRoom]
         outbox: dict[int, Pending]
         sync_requests: dict[int, bytes]
+        sync_waiting: OrderedDict[bytes, None]
+        catching_up: set[bytes]
         window: SendWindow
 
         def build_frame(
@@ -68,15 +81,39 @@ class SyncRecovery:
 
         def _answered(self, pending: Pending, *, refused: bool = False) -> None: ...
 
-    def _sync(self, room: ClientRoom, now: float) -> list[ev.Event]:
+    def _sync(self, room: ClientRoom, now: float, *, wanted: bool = True) -> list[ev.Event]:
         """Ask for the log after the last index we applied (a joiner: the commit that added
-        it first), unless a sync of the room is on its way already."""
-        if room.syncing or not room.active:
+        it first), unless a sync of the room is on its way already. It waits its turn while
+        ``SYNC_WINDOW`` syncs are in flight or a RATE_LIMITED pause lasts; ``wanted`` (not
+        the catch-up of every room after a connect): something waits for it, so it goes
+        first."""
+        if not room.active:
+            return []
+        waiting = self.sync_waiting
+        if room.syncing:
+            if wanted and room.room_id in waiting:
+                waiting.move_to_end(room.room_id, last=False)
             return []
         room.syncing = True
-        if self.window.paused(now):
-            room.sync_deferred = True  # sent by transmit once the pause is over
+        if self.window.paused(now) or len(self.sync_requests) >= SYNC_WINDOW:
+            waiting[room.room_id] = None  # sent by transmit when its turn comes
+            if wanted:
+                waiting.move_to_end(room.room_id, last=False)
             return []
+        waiting.pop(room.room_id, None)
+        return [self._sync_request(room, now)]
+
+    def _waiting_syncs(self, now: float) -> list[ev.Event]:
+        """The syncs that waited, as many as the window of syncs admits now."""
+        out: list[ev.Event] = []
+        waiting = self.sync_waiting
+        while waiting and len(self.sync_requests) < SYNC_WINDOW:
+            room = self.rooms.get(waiting.popitem(last=False)[0])
+            if room is not None and room.active and room.syncing:
+                out.append(self._sync_request(room, now))
+        return out
+
+    def _sync_request(self, room: ClientRoom, now: float) -> ev.Outgoing:
         if room.anchored:
             request = SyncRequest(from_log_index=room.last_seen + 1, limit=SYNC_PAGE)
         else:
@@ -88,13 +125,12 @@ class SyncRecovery:
         if not room.anchored:
             room.anchor_request = rid
         self.sync_requests[rid] = room.room_id
-        return [ev.Outgoing(data)]
+        return ev.Outgoing(data)
 
     def open_room(self, room_id: bytes, *, now: float) -> list[ev.Event]:
         """Rule 4: opening a room always syncs from the last applied log index."""
         room = self.active_room(room_id)
         room.syncing = False
-        room.sync_deferred = False
         return self._sync(room, now) + self.transmit(now=now)
 
     def _sync_response(self, frame: Frame, room: ClientRoom | None, now: float) -> list[ev.Event]:
@@ -131,6 +167,9 @@ class SyncRecovery:
             out += self._sync(room, now)
         else:
             out += self._retry_after_epoch(room, now, sync_done=True)
+            if room.room_id in self.catching_up:
+                self.catching_up.discard(room.room_id)
+                out.append(ev.CaughtUp(room.room_id))
         return out
 
     def _ordered_synced(self, room: ClientRoom, frame: Frame, now: float) -> list[ev.Event]:
@@ -155,9 +194,9 @@ class SyncRecovery:
         synced = self.sync_requests.pop(h.request_id, None)
         if synced is not None and synced in self.rooms:
             room_synced = self.rooms[synced]
-            if limited:
-                room_synced.syncing = room_synced.sync_deferred = room_synced.active
-                return []
+            if limited:  # asked again first, once the pause is over
+                room_synced.syncing = False
+                return self._sync(room_synced, now)
             room_synced.syncing = False
             if error.code in (ErrorCode.NOT_AUTHORIZED, ErrorCode.BANNED) and room_synced.active:
                 # The server no longer lets us read the room: we were removed or banned.

@@ -103,7 +103,6 @@ class ClientRoom:
         self.last_seen = last_seen  # highest log index applied, in order
         self.ahead: dict[int, Frame] = {}  # frames that arrived before their predecessors
         self.syncing = False
-        self.sync_deferred = False  # a sync waits for the end of a RATE_LIMITED pause
         self.anchored = last_seen >= 0  # joiners first find the commit that added them
         self.anchor_request: int | None = None  # the request id of that lookup
         self.active = True
@@ -182,7 +181,6 @@ class ClientRoom:
         room.last_seen = state["last_seen"]
         room.ahead = {}
         room.syncing = False
-        room.sync_deferred = False
         room.anchored = state["anchored"]
         room.anchor_request = None
         room.active = state["active"]

@@ -9,12 +9,16 @@ lease. :meth:`Hub.route` decides where a room frame goes: the local worker; anot
 to own the room (the frame is forwarded there, its answers come back to the session); or, when
 no live lease exists, this node takes the lease, loads the room from the log and serves it.
 Fan-out reaches the sessions on the other nodes through the bus.
+
+Tests only: ``KALANDRA_TEST_SYNC_LAG`` (seconds) delays each sync read, the latency of a busy
+store, so that a test can hold a client's catch-up of many rooms open.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -51,6 +55,7 @@ from .session import ServerSession
 from .workers import MOVED, RoomWorker
 
 log = logging.getLogger("kalandra.server")
+_SYNC_LAG = float(os.environ.get("KALANDRA_TEST_SYNC_LAG", "0") or 0)  # tests only (see above)
 
 ROOM_OPCODES = frozenset(
     {
@@ -428,6 +433,8 @@ class Hub:
 
     async def _sync(self, session: Asker, frame: Frame, worker: RoomWorker | None) -> None:
         h = frame.header
+        if _SYNC_LAG:
+            await asyncio.sleep(_SYNC_LAG)
         try:
             request = decode_payload(Opcode.SYNC_REQUEST, frame.payload)
         except PayloadDecodeError as exc:

@@ -49,6 +49,7 @@ class StandInPortal:
     when the test's ``outcome`` for its event says so."""
 
     mxid: RoomID = ROOM
+    room_id: bytes = bytes(16)  # its Kalandra room
     reserved: list[EventID] = field(default_factory=list)
     handled: list[EventID] = field(default_factory=list)
     outcome: dict[EventID, Exception | None] = field(default_factory=dict)
