@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kalandra.bridge.catch_up")
 
 _PAGES = 10  # of 100 events per portal, at most
+_WALKS = 8  # portals' timelines read at once
 # Seconds between two checks that the homeserver answers: shorter than any restart of Synapse
 # (its start-up alone takes seconds), so that no restart goes unseen; one cheap GET each.
 _WATCH_EVERY = 1.0
@@ -127,23 +128,44 @@ async def catch_up(
     known: Callable[[EventID], bool],
     handle: Callable[[Event], Awaitable[None]],
 ) -> None:
-    """Hand each portal's missed events to ``handle`` (the transaction's event handler)."""
-    for portal in portals:
-        try:
-            events = await missed(bridge, portal, known)
-        except Exception as exc:  # the transaction goes on; the next suspicion tries again
-            log.warning("portal %s: catching up failed (%s)", portal.hex, type(exc).__name__)
-            bridge.run_state.catch_up.homeserver_unreachable()
-            continue
-        if events:
-            log.info("portal %s: %d missed Matrix events caught up", portal.hex, len(events))
-        for raw in events:
+    """Hand each portal's missed events to ``handle`` (the transaction's event handler).
+
+    Transactions wait meanwhile (their events go after these), so the portals' timelines are
+    read ``_WALKS`` at a time, not one after another; each portal's events are handed in
+    order, once its walk is done (the order between portals does not matter)."""
+    gate = asyncio.Semaphore(_WALKS)
+
+    async def walk(portal: PortalFace) -> tuple[PortalFace, list[dict[str, Any]] | None]:
+        async with gate:
             try:
-                event = Event.deserialize(raw)
-            except Exception as exc:  # not one the bridge could read from Synapse either
-                log.warning("portal %s: missed event skipped (%s)", portal.hex, type(exc).__name__)
-                continue
-            await handle(event)
+                return portal, await missed(bridge, portal, known)
+            except Exception as exc:  # the transaction goes on; the next suspicion tries again
+                log.warning("portal %s: catching up failed (%s)", portal.hex, type(exc).__name__)
+                bridge.run_state.catch_up.homeserver_unreachable()
+                return portal, None
+
+    walks = [asyncio.ensure_future(walk(portal)) for portal in portals]
+    try:
+        for next_done in asyncio.as_completed(walks):
+            portal, events = await next_done
+            if events:
+                await _hand(portal, events, handle)
+    finally:
+        for pending in walks:
+            pending.cancel()
+
+
+async def _hand(
+    portal: PortalFace, events: list[dict[str, Any]], handle: Callable[[Event], Awaitable[None]]
+) -> None:
+    log.info("portal %s: %d missed Matrix events caught up", portal.hex, len(events))
+    for raw in events:
+        try:
+            event = Event.deserialize(raw)
+        except Exception as exc:  # not one the bridge could read from Synapse either
+            log.warning("portal %s: missed event skipped (%s)", portal.hex, type(exc).__name__)
+            continue
+        await handle(event)
 
 
 async def _answers(probe: aiohttp.ClientSession, url: str) -> bool:
