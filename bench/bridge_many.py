@@ -21,7 +21,9 @@ N = 40):
   all portals concurrently; the native members time arrivals. Target: >= 0.90 x the client
   limit.
 * native -> Matrix latency at half load: every portal at (appservice limit / 2 / P) msgs/s for
-  5 s (quick) / 20 s (full), pooled p99. Target: < 250 ms.
+  5 s (quick) / 20 s (full), pooled p99. Target: < 250 ms. Just before it, the same load on
+  Synapse alone (the limits' appservice users into their rooms, timed the same way): its p99 is
+  printed as the reference, what the bridge's own share of the latency is seen against.
 * start-up (its own benchmark, ``--only bridge-startup``): S idle portals (quick: 20, full:
   1,000) and one with a native member are made; the bridge is stopped and started again and
   timed from the process start to ready (``/_matrix/mau/ready`` answering 200), until a new
@@ -169,9 +171,17 @@ async def _idle_portals(stack: BridgeBenchStack, admin: MatrixUser, count: int) 
 # --- the limits: Synapse alone ------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    appservice: float  # aggregate msgs/s of the appservice users
+    client: float  # aggregate msgs/s of the admin
+    ghosts: list[MatrixUser]  # one appservice user per room
+    rooms: list[str]
+
+
 async def _synapse_limits(
     stack: BridgeBenchStack, admin: MatrixUser, portals: int, n: int
-) -> tuple[float, float]:
+) -> Limits:
     """Aggregate sends per second, ``portals`` rooms at once, one request at a time per room:
     appservice users (one per room, the admin in each room), then the admin into the same
     rooms."""
@@ -197,7 +207,48 @@ async def _synapse_limits(
 
     appservice = await all_at_once(lambda r: ghosts[r], "limit-as")
     client = await all_at_once(lambda r: admin, "limit-client")
-    return appservice, client
+    return Limits(appservice, client, ghosts, rooms)
+
+
+async def _synapse_latency(
+    admin: MatrixUser, limits: Limits, count: int, per_second: float, within: float
+) -> Aggregate:
+    """Synapse alone at the load of the bridge's latency run: each appservice user sends
+    ``count`` into its room at ``per_second`` (not waiting for answers, as the native members
+    send), the admin times arrivals by /sync. What the bridge's p99 is held against."""
+    seen = [Arrivals(f"lat-{secrets.token_hex(3)}") for _ in limits.rooms]
+    by_room = {
+        room: (ghost.user_id, arrivals)
+        for ghost, room, arrivals in zip(limits.ghosts, limits.rooms, seen, strict=True)
+    }
+    await admin.sync(0)  # from now on
+
+    async def receive() -> None:
+        total = count * len(seen)
+        with contextlib.suppress(TimeoutError):  # reported as what did not arrive
+            async with asyncio.timeout(within):
+                while sum(len(a.arrived) for a in seen) < total:
+                    for event in await admin.sync(5_000):
+                        sender, arrivals = by_room.get(event.room_id, ("", None))
+                        if arrivals is not None and event.sender == sender:
+                            arrivals.note(str(event.content.get("body", "")), event.arrived)
+
+    receiving = asyncio.create_task(receive())
+
+    async def one_room(r: int) -> None:
+        sends: list[asyncio.Task[str]] = []
+
+        async def one(i: int) -> None:
+            body = _body(seen[r].tag, i)
+            sends.append(asyncio.create_task(limits.ghosts[r].send(limits.rooms[r], body)))
+            await asyncio.sleep(0)
+
+        await _pace(count, per_second, one)
+        await asyncio.gather(*sends)
+
+    await asyncio.gather(*(one_room(r) for r in range(len(limits.rooms))))
+    await receiving
+    return Aggregate("Synapse alone", count * len(seen), seen)
 
 
 # --- native -> Matrix ---------------------------------------------------------------------------
@@ -437,7 +488,8 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         f"native members, warm-up) {time.perf_counter() - t0:.1f} s"
     )
 
-    as_limit, client_limit = await _synapse_limits(stack, admin, count, n)
+    limits = await _synapse_limits(stack, admin, count, n)
+    as_limit, client_limit = limits.appservice, limits.client
     print(
         f"bridge-many limits: Synapse send, {count} rooms at once, one request at a time per "
         f"room, N={n} each: appservice users {as_limit:,.1f} msgs/s, the Matrix admin "
@@ -449,11 +501,19 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     print(m2n.check())
     half = as_limit / 2
     per_portal_rate = half / count
+    steady_count = max(5, int(per_portal_rate * steady_seconds))
+    alone = await _synapse_latency(admin, limits, steady_count, per_portal_rate, within)
+    alone_lat = alone.latencies_ms()
+    print(
+        f"bridge-many reference: Synapse alone at {half:,.0f}/s ({count} appservice users, "
+        f"same rooms as the limits), received {alone.received:,} of {alone.sent:,}; latency "
+        f"p50 {_percentile(alone_lat, 50):,.1f} / p99 {_percentile(alone_lat, 99):,.1f} ms"
+    )
     steady = await _native_to_matrix(
         admin,
         portals,
         f"native->Matrix at {half:,.0f}/s",
-        max(5, int(per_portal_rate * steady_seconds)),
+        steady_count,
         per_portal_rate,
         within,
     )
@@ -496,6 +556,15 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
             _percentile(lat, 99),
             "ms",
             f"p99 < {P99_TARGET_MS:g} ms",
+            "target",
+            P99_TARGET_MS,
+            decimals=1,
+        ),
+        Figure(
+            f"Synapse alone p99 @ {half:,.0f}/s, {count} rooms",
+            _percentile(alone_lat, 99),
+            "ms",
+            "- (reference)",
             "target",
             P99_TARGET_MS,
             decimals=1,

@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from mautrix.api import Method, Path
 from mautrix.types import Event, EventID, EventType, RoomID, UserID
 
@@ -214,21 +215,40 @@ async def _hand_over(
         await handle(event)
 
 
-async def _answers(bridge: BridgeContext) -> bool:
+async def _answers(probe: aiohttp.ClientSession, url: str) -> bool:
     try:
-        async with asyncio.timeout(_ANSWER_WITHIN):
-            await bridge.az.intent.api.request(Method.GET, Path.versions, retry_count=0)
+        async with asyncio.timeout(_ANSWER_WITHIN), probe.get(url) as resp:
+            await resp.read()
+            return resp.status < 500
     except Exception:
         return False
-    return True
+
+
+def _probe_session(bridge: BridgeContext) -> aiohttp.ClientSession:
+    """A connection of the watch's own: the bridge's pool may be full of requests waiting
+    (every portal sending at once), and a wait for a free connection is no outage; taken for
+    one, it would have every portal caught up, all transactions waiting meanwhile."""
+    insecure = str(bridge.az.intent.api.base_url).startswith("https://") and not bool(
+        bridge.config["homeserver.verify_ssl"]
+    )
+    connector = aiohttp.TCPConnector(limit=1, ssl=not insecure)
+    return aiohttp.ClientSession(connector=connector)
 
 
 async def watch(bridge: BridgeContext, run: Callable[[], Awaitable[None]]) -> None:
     """Catch up now (start-up), then each time the homeserver answers again after the bridge
     saw it unreachable: ``run`` catches every portal up."""
+    async with _probe_session(bridge) as probe:
+        await _watch(bridge, run, probe)
+
+
+async def _watch(
+    bridge: BridgeContext, run: Callable[[], Awaitable[None]], probe: aiohttp.ClientSession
+) -> None:
+    url = str(bridge.az.intent.api.base_url / "_matrix" / "client" / "versions")
     pending, lost = True, False
     while True:
-        if not await _answers(bridge):
+        if not await _answers(probe, url):
             if not lost:
                 log.warning("the homeserver does not answer: catching up once it is back")
             pending = lost = True

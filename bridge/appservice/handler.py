@@ -11,6 +11,7 @@ from mautrix.types import (
     Event,
     EventID,
     EventType,
+    Membership,
     MessageEvent,
     MessageEventContent,
     MessageStatus,
@@ -136,6 +137,8 @@ class MatrixHandler(BaseMatrixHandler):
             return
         if portal is None or self.is_command(evt.content)[0]:
             release_slot()  # a command may take long: the transaction does not wait for it
+            if portal is None and await self._nothing_to_answer(evt):
+                return
             if portal is not None and not await DedupeTable(self.context.db).claim_event(
                 evt.event_id
             ):
@@ -146,6 +149,19 @@ class MatrixHandler(BaseMatrixHandler):
             return  # our own ghosts and bot: never bridged back (no echo loop)
         user = self.users.get(sender)
         portal.submit(FromMatrix("message", sender, evt.event_id, user.level, content=evt.content))
+
+    async def _nothing_to_answer(self, evt: MessageEvent) -> bool:
+        """A message outside portals that nobody is to answer: from the bridge's own users
+        (ghosts never command the bridge), or in a room the bot is not in (a ghost's room that
+        is no portal). mautrix would look up the room's members and report each one "Unknown
+        room" after trying to join: a few requests per message, which a busy room of a ghost's
+        would spend on the connections every portal sends through. Invited: mautrix joins to
+        answer, as before."""
+        sender = evt.sender
+        if sender == self.az.bot_mxid or self.context.is_bridge_ghost(sender):
+            return True
+        membership = await self.az.state_store.get_membership(evt.room_id, self.az.bot_mxid)
+        return membership not in (Membership.JOIN, Membership.INVITE)
 
     async def handle_join(self, room_id: RoomID, user_id: UserID, event_id: EventID) -> None:
         """Every join is looked at (access.py): let in, or kicked."""

@@ -44,12 +44,26 @@ class Portals:
     def __init__(self, bridge: BridgeContext) -> None:
         self.bridge = bridge
         self._by_room: dict[bytes, Portal] = {}
+        # Found before: every event of every portal is looked up, several times (a portal's
+        # Matrix room is set once made, and a forgotten portal is checked for).
+        self._by_mxid: dict[RoomID, Portal] = {}
 
     def get(self, room_id: bytes) -> Portal | None:
         return self._by_room.get(room_id)
 
     def by_mxid(self, mxid: RoomID) -> Portal | None:
-        return next((p for p in self._by_room.values() if p.mxid == mxid), None)
+        portal = self._by_mxid.get(mxid)
+        if (
+            portal is not None
+            and portal.mxid == mxid
+            and self._by_room.get(portal.room_id) is portal
+        ):
+            return portal
+        self._by_mxid.pop(mxid, None)
+        portal = next((p for p in self._by_room.values() if p.mxid == mxid), None)
+        if portal is not None:
+            self._by_mxid[mxid] = portal
+        return portal
 
     def all(self) -> list[Portal]:
         return list(self._by_room.values())
