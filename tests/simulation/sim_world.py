@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.signing import SigningKey
+from simulation import sim_cluster
 from simulation.sim_loop import VirtualTimeLoop, run_virtual
 from simulation.sim_net import NetProfile, SimNetwork
 
@@ -50,7 +51,8 @@ from kalandra_core.mls.errors import MlsError
 from kalandra_core.proto import Frame, Opcode
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.server.hub import Hub
-from kalandra_core.storage.base import LogEntry, RoomChanges
+from kalandra_core.server.room import RoomSequencer
+from kalandra_core.storage.base import LogEntry, RoomChanges, RoomState
 from kalandra_core.storage.memory import MemoryStore
 
 PROPERTIES = (
@@ -68,6 +70,11 @@ PROPERTIES = (
     # server's retry_after can be taken while one sent before it was refused.
     "sends_in_order",
     "no_unexpected_errors",  # no exception escaped an operation; the server logged no error
+    # Several nodes (sim_cluster): every write reached the store under the lease token granted
+    # to its node, never one older than a token that already wrote (a paused owner is fenced).
+    "single_writer",
+    # A crashed owner's rooms are served again within the lease (and the forward timeout).
+    "failover_in_lease",
 )
 
 
@@ -84,6 +91,7 @@ class SimConfig:
     # The server's per-session rate limit (frames/s, burst); None: the production default.
     rate_limit: tuple[float, int] | None = None
     burst_sends: int = 0  # > 0: some sends are a burst of this many messages at once
+    nodes: int = 1  # > 1: a cluster of server nodes on one store (sim_cluster), with node faults
 
 
 @dataclass(slots=True)
@@ -176,6 +184,13 @@ class SimStore(MemoryStore):
             delay += self._latency.uniform(0.3, 2.0)
         await asyncio.sleep(delay)
         await super().append(room_id, entries, changes, fence=fence)
+
+    def view(self, room_id: bytes) -> RoomSequencer | None:
+        """The room as stored, at once (the truth of a cluster, whose owner may change)."""
+        stored = self._rooms.get(room_id)
+        if stored is None:
+            return None
+        return RoomSequencer(RoomState(stored.room, dict(stored.members), dict(stored.bans)))
 
 
 class SimClient(Client):
@@ -270,6 +285,21 @@ class World:
             self.hub.session_factory,
             self.trace,
         )
+        self.cluster: sim_cluster.SimCluster | None = None
+        if config.nodes > 1:  # the single hub above stays unused (and unstarted)
+            self.cluster = sim_cluster.SimCluster(
+                loop,
+                random.Random(self.rng.getrandbits(64)),
+                self.store,
+                limits,
+                server_key,
+                self.trace,
+                config.nodes,
+                lambda: self.net.profile,
+                loop.wall,
+            )
+            self.net.balancer = self.cluster.balancer("abcde".index)
+            self.cluster.crash_net = self.net.crash_node
         self.clients: list[SimClient] = []
         self.rooms: dict[bytes, str] = {}
         self.sent: dict[tuple[str, int], Sent] = {}
@@ -286,17 +316,23 @@ class World:
 
     # --- server-side truth ------------------------------------------------------------------
 
-    def server_members(self, room_id: bytes) -> set[int]:
+    def server_view(self, room_id: bytes) -> RoomSequencer | None:
+        if self.cluster is not None:
+            return self.store.view(room_id)
         worker = self.hub.rooms.get(room_id)
-        return set() if worker is None else set(worker.sequencer.active_members())
+        return None if worker is None else worker.sequencer
+
+    def server_members(self, room_id: bytes) -> set[int]:
+        view = self.server_view(room_id)
+        return set() if view is None else set(view.active_members())
 
     def server_epoch(self, room_id: bytes) -> int:
-        worker = self.hub.rooms.get(room_id)
-        return -1 if worker is None else worker.sequencer.epoch
+        view = self.server_view(room_id)
+        return -1 if view is None else view.epoch
 
     def server_next(self, room_id: bytes) -> int:
-        worker = self.hub.rooms.get(room_id)
-        return 0 if worker is None else worker.sequencer.next_log_index
+        view = self.server_view(room_id)
+        return 0 if view is None else view.next_log_index
 
     def by_member(self, member_id: int) -> SimClient | None:
         return next((c for c in self.clients if c.member_id == member_id), None)
@@ -465,6 +501,11 @@ class World:
         self.net.set_profile(NetProfile.at_loss(self.config.loss))
         self.trace("workload", self.config.loss)
         end = self.loop.time() + self.config.workload
+        if self.cluster is not None:
+            rooms = sorted(self.rooms, key=self.label)
+            self.tasks.append(
+                asyncio.create_task(self.cluster.faults(self.config.workload, rooms))
+            )
         while self.loop.time() < end:
             await asyncio.sleep(self.rng.expovariate(1 / 0.25))
             self.step()
@@ -709,14 +750,23 @@ async def _run(config: SimConfig) -> Result:
     assert isinstance(loop, VirtualTimeLoop)
     started = time.perf_counter()
     world = World(config, loop)
+    cluster = world.cluster
     with _captured_errors() as errors:
-        world.hub.start()
+        if cluster is None:
+            world.hub.start()
+        else:
+            await cluster.start_all()
         await world.setup()
         await world.workload()
         unsettled = await world.settle()
         violations = await check(world, unsettled)
+        if cluster is not None:
+            sim_cluster.check(cluster, world.label, violations)
         violations["no_unexpected_errors"] += errors.records
-        await world.hub.stop()
+        if cluster is None:
+            await world.hub.stop()
+        else:
+            await cluster.stop()
     for c in world.clients:
         c._closing = True
     s = world.net.stats
@@ -733,6 +783,17 @@ async def _run(config: SimConfig) -> Result:
         "connects": s.connects,
         "partitions": len(world.partitions),
     }
+    if cluster is not None:
+        ledger = cluster.ledger
+        stats["cluster"] = {
+            "crashes": len(ledger.crashes),
+            "pauses": ledger.pauses,
+            "grants": len(ledger.grants),
+            "fenced": len(ledger.fenced),
+            "failover_s": sim_cluster.failover_times(cluster),
+            "bus": cluster.links.messages,
+            "bus_lost": cluster.links.lost,
+        }
     return Result(
         config,
         violations,
