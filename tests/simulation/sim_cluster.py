@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any, cast
 from nacl.signing import SigningKey
 from simulation.sim_net import NetProfile, NodeGate, Tracer
 
+from kalandra_core.proto import FrameHeader
+from kalandra_core.server import bus
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
 from kalandra_core.server.cluster import ClusterNode
 from kalandra_core.server.config import ClusterConfig, Limits, ServerConfig
@@ -168,6 +170,7 @@ class BusLinks:
         self._generation: dict[str, int] = defaultdict(int)  # of each listener's connection
         self.messages = 0
         self.lost = 0
+        self.lost_forwards: set[tuple[int, int]] = set()  # (member id, request id)
 
     def reset(self, node: str, why: str) -> None:
         """The node's listening connection is gone: what is in flight to it is lost."""
@@ -194,16 +197,23 @@ class BusLinks:
     def _arrive(self, target: str, body: bytes, generation: int) -> None:
         gate = self.gates.get(target)
         if generation != self._generation[target] or gate is None:
-            self.lost += 1
+            self._lose(body)
             return
         gate.run(lambda: self._hand(target, body, generation))
 
     def _hand(self, target: str, body: bytes, generation: int) -> None:
         handler = self.network.handlers.get(target)
         if generation != self._generation[target] or handler is None:
-            self.lost += 1
+            self._lose(body)
             return
         handler(body)
+
+    def _lose(self, body: bytes) -> None:
+        self.lost += 1
+        message = bus.decode(body)
+        if isinstance(message, bus.Forward):
+            request_id = FrameHeader.parse(message.frame[:128]).request_id
+            self.lost_forwards.add((message.member_id, request_id))
 
 
 class SimBus(MemoryBus):
