@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,7 +22,7 @@ from ..storage.base import Store, StoreError
 from . import bus as msg
 from . import replies
 from .config import ClusterConfig
-from .routes import Routes, Waiting
+from .routes import Routes
 
 log = logging.getLogger("kalandra.server.cluster")
 
@@ -100,6 +101,8 @@ class ClusterNode:
         self._incoming: asyncio.Queue[bytes] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.Task[None]] = set()
+        # (member id, room) -> frames being routed again, in order, and new ones behind them
+        self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int]]] = {}
         self._renewed_at = monotonic()
 
     async def start(self, hub: ClusterHub) -> None:
@@ -202,6 +205,21 @@ class ClusterNode:
         body = msg.Forward(origin, session_id, asker.member_id, hops, frame.encode())
         self.bus.send(owner, msg.encode(body))
 
+    def follow(self, session: Asker, frame: Frame) -> bool:
+        """A new frame of a session here goes behind the member's earlier frames for its room
+        that still wait for an answer or are being routed again (True: it has), so the room
+        sequences them in order even if it moved meanwhile (see Routes)."""
+        key = (session.member_id, frame.header.room_id_bytes)
+        queue = self._retrying.get(key)
+        if queue is not None:
+            queue.append((session, frame, 0))
+            return True
+        behind = self.routes.waiting_on(*key)
+        if behind is None:
+            return False
+        self.forward(session, frame, behind, 1, 0)
+        return True
+
     def broadcast(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
         self.bus.broadcast(msg.encode(msg.Deliver(tuple(member_ids), frame)))
 
@@ -243,15 +261,27 @@ class ClusterNode:
                 log.warning("cluster: node %s did not answer a forwarded frame", waiting.owner)
                 if waiting.attempts >= MAX_FORWARDS:
                     waiting.session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
-                else:
-                    # Routed again, the same frame (same request id): see Routes.
-                    task = asyncio.create_task(self._again(waiting.session, waiting))
+                    continue
+                # Routed again, the same frame (same request id), one at a time per member
+                # and room: see Routes.
+                key = (waiting.session.member_id, waiting.frame.header.room_id_bytes)
+                queue = self._retrying.get(key)
+                if queue is None:
+                    queue = self._retrying[key] = deque()
+                    task = asyncio.create_task(self._again(key, queue))
                     self._retries.add(task)
                     task.add_done_callback(self._retries.discard)
+                queue.append((waiting.session, waiting.frame, waiting.attempts))
 
-    async def _again(self, session: Asker, waiting: Waiting[Asker]) -> None:
+    async def _again(self, key: tuple[int, bytes], queue: deque[tuple[Asker, Frame, int]]) -> None:
         assert self._hub is not None
         try:
-            await self._hub.room_frame(session, waiting.frame, 0, waiting.attempts)
-        except StoreError:
-            session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+            while queue:
+                session, frame, attempts = queue[0]
+                try:
+                    await self._hub.room_frame(session, frame, 0, attempts)
+                except StoreError:
+                    session.reject(frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+                queue.popleft()
+        finally:
+            del self._retrying[key]

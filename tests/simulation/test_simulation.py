@@ -85,6 +85,19 @@ def test_properties_regressions(seed: int, loss: float) -> None:
     assert result.ok, result.report()
 
 
+# Cluster runs (3 nodes) that once found a bug in the cluster code: (seed, loss) -> what.
+CLUSTER_REGRESSIONS = {
+    (8, 0.0): "a frame sent during a failover sequenced before one forwarded to the dead owner",
+    (0, 0.0): "a frame sent while a paused owner held older ones overtook them",
+}
+
+
+@pytest.mark.parametrize(("seed", "loss"), sorted(CLUSTER_REGRESSIONS))
+def test_cluster_regressions(seed: int, loss: float) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3))
+    assert result.ok, result.report()
+
+
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + SEEDS))
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: f"loss{round(loss * 100)}")
 def test_properties(loss: float, seed: int) -> None:
