@@ -27,7 +27,6 @@ from .routes import Routes
 log = logging.getLogger("kalandra.server.cluster")
 
 MAX_HOPS = 3  # a frame that keeps meeting a moved room is refused (retry) rather than chased
-MAX_FORWARDS = 3  # a frame whose owners keep not answering is refused (retry) after this
 _SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
 _POLL = 0.2  # seconds between looks at a suspect's lease
 NO_ANSWER = "the room's server did not answer; retry"
@@ -37,6 +36,7 @@ class Asker(Protocol):
     """A session waiting for an answer: local (ServerSession) or on another node."""
 
     member_id: int
+    closed: bool
 
     def send(self, frame: bytes) -> bool: ...
 
@@ -66,6 +66,7 @@ class RemoteSession:
         self.origin = origin
         self.session_id = session_id
         self.member_id = member_id
+        self.closed = False  # as far as this node knows
 
     def send(self, frame: bytes) -> bool:
         self._bus.send(self.origin, msg.encode(msg.Reply(self.session_id, frame)))
@@ -259,8 +260,11 @@ class ClusterNode:
             await asyncio.sleep(_SWEEP)
             for waiting in self.routes.overdue(self.monotonic()):
                 log.warning("cluster: node %s did not answer a forwarded frame", waiting.owner)
-                if waiting.attempts >= MAX_FORWARDS:
-                    waiting.session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+                # Never refused for want of an answer: the owner may have sequenced it (the
+                # answer lost or late), and a refusal says it was not, so its sender would
+                # drop a commit the room has. Routed again until answered (the owner answers
+                # a request id it has with the stored frame) or its session is gone.
+                if waiting.session.closed:
                     continue
                 # Routed again, the same frame (same request id), one at a time per member
                 # and room: see Routes.
