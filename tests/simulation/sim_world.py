@@ -1,7 +1,9 @@
 """One seeded simulation run: the real server (``Hub`` on a ``MemoryStore``) and real clients
 (``kalandra_core.client.driver.Client`` over ``ClientCore``) on the in-memory network of
 ``sim_net``, all on the virtual-time loop of ``sim_loop``; a random workload; then the
-properties.
+properties. With ``SimConfig(nodes=3)`` the server is a cluster of real hubs on one store and
+one bus (``sim_cluster``), clients spread over the nodes, and the workload adds node faults;
+the server-side truth is then the store's.
 
 How the real code is wired to the simulation, through its own hooks only: each driver gets
 ``Client(..., connector=..., clock=...)`` pointing at the simulated network (the client's
@@ -15,7 +17,8 @@ Phases of a run (all virtual time):
 
 1. setup on a clean network: accounts, KeyPackages, one or two rooms, initial members;
 2. workload at the configured loss: sends, adds, removes, self-updates, concurrent commits by
-   two members, partitions of a client while the others commit (then heal);
+   two members, partitions of a client while the others commit (then heal); in a cluster, one
+   or two node faults (a crash, then a restart; a pause past the lease, then resume);
 3. settle: no more workload, every partition healed, the network keeps its loss; wait until
    every client is caught up (or a virtual time limit passes);
 4. properties (``check``), each with its violations spelled out.
