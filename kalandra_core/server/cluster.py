@@ -142,12 +142,15 @@ class ClusterNode:
     async def live_holder(self, room_id: bytes) -> str | None:
         """Like :meth:`lease_holder`, but a suspect's lease (a node whose forwards went
         unanswered) is waited out, for at most a lease term and a renewal: then the room is
-        free to take, or the suspect renewed (it is alive) and is trusted again."""
+        free to take, or taken by another node, or the suspect renewed (it is alive) and is
+        trusted again."""
         holder = await self.lease_holder(room_id)
         if holder is None or not self.routes.is_suspect(holder, self.monotonic()):
             return holder
+        suspect = holder
         deadline = self.monotonic() + self.config.lease_seconds + self.config.renew_seconds
-        while holder is not None and self.monotonic() < deadline:
+        # Another node that took the room meanwhile is alive: followed at once.
+        while holder == suspect and self.monotonic() < deadline:
             await asyncio.sleep(_POLL)
             holder = await self.lease_holder(room_id)
         return holder
