@@ -35,10 +35,11 @@ import random
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from nacl.signing import SigningKey
 from simulation.sim_net import NetProfile, NodeGate, Tracer
+from simulation.sim_store import SimStore
 
 from kalandra_core.proto import FrameHeader
 from kalandra_core.server import bus
@@ -48,9 +49,6 @@ from kalandra_core.server.config import ClusterConfig, Limits, ServerConfig
 from kalandra_core.server.hub import Hub
 from kalandra_core.storage.base import Fenced, LeaseGrant, Store
 from kalandra_core.transport.interface import SessionFactory
-
-if TYPE_CHECKING:
-    from simulation.sim_world import SimStore
 
 WRITES = ("append", "redact", "put_welcome", "put_group_info")
 LEASE_LOOKUPS = ("acquire_lease", "lease_owner")

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ from nacl.signing import SigningKey
 from simulation import sim_cluster
 from simulation.sim_loop import VirtualTimeLoop, run_virtual
 from simulation.sim_net import NetProfile, SimNetwork
+from simulation.sim_store import SimStore, Trace
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
@@ -55,8 +55,6 @@ from kalandra_core.proto import Frame, Opcode
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.server.hub import Hub
 from kalandra_core.server.room import RoomSequencer
-from kalandra_core.storage.base import LogEntry, RoomChanges, RoomState
-from kalandra_core.storage.memory import MemoryStore
 
 PROPERTIES = (
     "converged",  # every server-side member: same epoch, authenticator, sender keys, log end
@@ -154,48 +152,6 @@ class Result:
             lines.append(f"  trace (last {excerpt} of {len(self.trace)} lines):")
             lines += [f"    {line}" for line in self.trace[-excerpt:]]
         return "\n".join(lines)
-
-
-class Trace:
-    def __init__(self, loop: VirtualTimeLoop) -> None:
-        self._loop = loop
-        self.lines: list[str] = []
-
-    def __call__(self, kind: str, *fields: object) -> None:
-        self.lines.append(f"{self._loop.time():10.4f} {kind} " + " ".join(map(str, fields)))
-
-    def digest(self) -> str:
-        return hashlib.sha256("\n".join(self.lines).encode()).hexdigest()
-
-
-class SimStore(MemoryStore):
-    """MemoryStore with the latency of a durable append (and, rarely, a long fsync stall)."""
-
-    def __init__(self, rng: random.Random, clock: Any, stall: float) -> None:
-        super().__init__(rng=random.Random(rng.getrandbits(64)), clock=clock)
-        self._latency = random.Random(rng.getrandbits(64))
-        self._stall = stall
-
-    async def append(
-        self,
-        room_id: bytes,
-        entries: Sequence[LogEntry],
-        changes: RoomChanges | None = None,
-        *,
-        fence: int | None = None,
-    ) -> None:
-        delay = self._latency.uniform(0.0005, 0.004)
-        if self._latency.random() < self._stall:
-            delay += self._latency.uniform(0.3, 2.0)
-        await asyncio.sleep(delay)
-        await super().append(room_id, entries, changes, fence=fence)
-
-    def view(self, room_id: bytes) -> RoomSequencer | None:
-        """The room as stored, at once (the truth of a cluster, whose owner may change)."""
-        stored = self._rooms.get(room_id)
-        if stored is None:
-            return None
-        return RoomSequencer(RoomState(stored.room, dict(stored.members), dict(stored.bans)))
 
 
 class SimClient(Client):
