@@ -23,6 +23,10 @@ Node faults (``SimCluster.faults``), one at a time, each on the node holding a r
 * pause (SIGSTOP) past the lease: its store calls, bus messages and connections wait at its
   :class:`NodeGate`; on resume they all go on, so writes it had under way reach the store with
   the old lease's token and must be refused (``Fenced``) if another node took the room.
+* cut off from the database past the lease (``SimCluster.cuts``, in half the runs, from a
+  generator of its own, overlapping the faults above): its clients still reach it, but its store
+  calls wait at its link gate, bus messages to it are lost and its own wait in its outbox; on
+  reconnecting its renewal finds the leases lost and its writes are fenced.
 
 The :class:`Ledger` records every lease grant, every write that reached the store with its
 token and node, and every refused one; ``check`` turns it into the cluster's properties.
@@ -96,6 +100,8 @@ class Ledger:
     )
     crashes: list[Crash] = field(default_factory=list)
     pauses: int = 0
+    # (node, from, until, rooms it held) of each cut from the database
+    cuts: list[tuple[str, float, float, list[bytes]]] = field(default_factory=list)
     # A node to pause at its next write (the stop lands while a commit is under way).
     pause_at_write: NodeGate | None = None
     paused: list[str] = field(default_factory=list)  # who was paused at a write, when
@@ -107,10 +113,16 @@ class NodeStore:
     crashed, its calls never return."""
 
     def __init__(
-        self, store: SimStore, gate: NodeGate, ledger: Ledger, clock: Callable[[], float]
+        self,
+        store: SimStore,
+        gate: NodeGate,
+        link: NodeGate,
+        ledger: Ledger,
+        clock: Callable[[], float],
     ) -> None:
         self._store = store
         self._gate = gate
+        self._link = link
         self._ledger = ledger
         self._clock = clock
 
@@ -122,6 +134,7 @@ class NodeStore:
 
         async def call(*args: Any, **kw: Any) -> Any:
             await self._gate.wait()
+            await self._link.wait()
             if name in WRITES and self._ledger.pause_at_write is self._gate:
                 self._ledger.pause_at_write = None
                 self._ledger.paused.append(f"{node} at its {name} at {self._clock():.3f}")
@@ -142,6 +155,7 @@ class NodeStore:
                 )
             elif isinstance(result, LeaseGrant) and result.token is not None:
                 self._ledger.grants.append((self._clock(), args[0], node, result.token))
+            await self._link.wait()
             await self._gate.wait()
             return result
 
@@ -160,12 +174,14 @@ class BusLinks:
     ) -> None:
         self.network = MemoryNetwork()
         self.gates: dict[str, NodeGate] = {}
+        self.reach: dict[str, NodeGate] = {}  # each node's link to the database
         self._loop = loop
         self._rng = rng
         self._profile = profile
         self._trace = trace
         self._last: dict[tuple[str, str], float] = {}
         self._generation: dict[str, int] = defaultdict(int)  # of each listener's connection
+        self._dead: set[tuple[str, int]] = set()  # generations that ended with their process
         self.messages = 0
         self.lost = 0
         self.lost_forwards: set[tuple[int, int]] = set()  # (member id, request id)
@@ -174,6 +190,12 @@ class BusLinks:
         """The node's listening connection is gone: what is in flight to it is lost."""
         self._generation[node] += 1
         self._trace("bus-reset", node, why)
+
+    def died(self, node: str) -> None:
+        """The node's process died: what is in flight to it goes nowhere (not a loss the
+        cluster has to recover from in order: the sender's forwards to it are overdue)."""
+        self._dead.add((node, self._generation[node]))
+        self._generation[node] += 1
 
     def transmit(self, source: str, target: str, body: bytes) -> None:
         p = self._profile()
@@ -194,8 +216,11 @@ class BusLinks:
 
     def _arrive(self, target: str, body: bytes, generation: int) -> None:
         gate = self.gates.get(target)
-        if generation != self._generation[target] or gate is None:
-            self._lose(body)
+        link = self.reach.get(target)
+        if (target, generation) in self._dead or gate is None or gate.state == "crashed":
+            return
+        if generation != self._generation[target] or link is None or not link.up:
+            self._lose(body)  # a listener reset or cut off from the database loses it
             return
         gate.run(lambda: self._hand(target, body, generation))
 
@@ -217,19 +242,23 @@ class BusLinks:
 class SimBus(MemoryBus):
     """The real in-memory bus; its sends cross :class:`BusLinks` (and wait while paused)."""
 
-    def __init__(self, links: BusLinks, gate: NodeGate) -> None:
+    def __init__(self, links: BusLinks, gate: NodeGate, link: NodeGate) -> None:
         super().__init__(links.network, gate.node)
         self._links = links
         self._gate = gate
+        self._link = link
 
     def send(self, target: str, body: bytes) -> None:
-        self._gate.run(lambda: self._links.transmit(self.node, target, body))
+        # Cut off from the database, its sends wait in its outbox until the link is back.
+        transmit = lambda: self._links.transmit(self.node, target, body)  # noqa: E731
+        self._gate.run(lambda: self._link.run(transmit))
 
 
 @dataclass(slots=True)
 class SimNode:
     name: str
     gate: NodeGate
+    link: NodeGate  # its connections to the database (store and bus)
     hub: Hub
     cluster: ClusterNode
 
@@ -250,6 +279,7 @@ class SimCluster:
     ) -> None:
         self.loop = loop
         self.rng = rng
+        self.more = random.Random(repr(rng.getstate()[1][:4]))
         self.store = store
         self.limits = limits
         self.server_key = server_key  # one key for the deployment, as every process reads it
@@ -265,6 +295,7 @@ class SimCluster:
 
     def _make(self, name: str) -> SimNode:
         gate = NodeGate(self.loop, name)
+        link = NodeGate(self.loop, name)
         t = self.timing
         config = ServerConfig(
             limits=self.limits,
@@ -276,9 +307,9 @@ class SimCluster:
                 forward_timeout=t.forward_timeout,
             ),
         )
-        store = cast(Store, NodeStore(self.store, gate, self.ledger, self.loop.time))
+        store = cast(Store, NodeStore(self.store, gate, link, self.ledger, self.loop.time))
         node = ClusterNode(
-            config.cluster, store, SimBus(self.links, gate), monotonic=self.loop.time
+            config.cluster, store, SimBus(self.links, gate, link), monotonic=self.loop.time
         )
         hub = Hub(
             store,
@@ -288,12 +319,13 @@ class SimCluster:
             monotonic=self.loop.time,
             cluster=node,
         )
-        return SimNode(name, gate, hub, node)
+        return SimNode(name, gate, link, hub, node)
 
     async def start(self, name: str) -> None:
         node = self._make(name)
         self.nodes[name] = node
         self.links.gates[name] = node.gate
+        self.links.reach[name] = node.link
         node.hub.start()
         await node.hub.start_cluster()
         self.trace("node-start", name)
@@ -304,7 +336,7 @@ class SimCluster:
 
     async def stop(self) -> None:
         for node in self.nodes.values():
-            if node.gate.up:
+            if node.gate.up and node.link.up:
                 await node.hub.stop()
 
     # --- clients ------------------------------------------------------------------------------
@@ -331,15 +363,24 @@ class SimCluster:
         self.ledger.crashes.append(Crash(self.loop.time(), name, dict(node.cluster.held)))
         self.trace("node-crash", name, "held", len(node.cluster.held))
         node.gate.crash()
+        node.link.crash()
         self.zombies.append(node)
         self.links.network.handlers.pop(name, None)
-        self.links.reset(name, "crashed")
+        self.links.died(name)
         self.crash_net(name)
 
     def pause(self, name: str) -> None:
         self.ledger.pauses += 1
         self.trace("node-pause", name, "held", len(self.nodes[name].cluster.held))
         self.nodes[name].gate.pause()
+
+    def cut(self, name: str) -> None:
+        """The node loses the database (store and bus); its clients still reach it."""
+        held = sorted(self.nodes[name].cluster.held)
+        self.ledger.cuts.append((name, self.loop.time(), float("inf"), held))
+        self.trace("node-cut", name, "held", len(held))
+        self.links.reset(name, "cut off")
+        self.nodes[name].link.pause()
 
     def resume(self, name: str) -> None:
         self.trace("node-resume", name)
@@ -371,6 +412,25 @@ class SimCluster:
                 self.pause(victim)
                 await asyncio.sleep(t.lease + rng.uniform(0.5, 3.0))
                 self.resume(victim)
+
+    async def cuts(self, duration: float, rooms: list[bytes]) -> None:
+        """In half the runs, meanwhile, an owner cut off from the database past its lease (its
+        own generator: with cuts or without, a seed's other faults are drawn alike)."""
+        rng = self.more
+        if rng.random() < 0.5:
+            return
+        await asyncio.sleep(rng.uniform(2.0, duration * 0.6))
+        owners = [o for o in (self.owner(r) for r in rooms) if o is not None]
+        victim = rng.choice(sorted(owners) if owners else sorted(self.nodes))
+        node = self.nodes.get(victim)
+        if node is None:
+            return
+        self.cut(victim)
+        await asyncio.sleep(self.timing.lease + rng.uniform(0.5, 3.0))
+        self.trace("node-reconnect", victim)
+        name, start, _, held = self.ledger.cuts[-1]
+        self.ledger.cuts[-1] = (name, start, self.loop.time(), held)
+        node.link.resume()  # (a process that crashed meanwhile stays dead: its gate is shut)
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -417,6 +477,18 @@ def check(cluster: SimCluster, label: Callable[[bytes], str], v: dict[str, list[
                     f"{label(room)}: {crash.node} crashed at {crash.at:.2f}, asked at "
                     f"{demand:.2f}, served again {after} (bound {bound:.1f} s)"
                 )
+
+
+def taken_during_cuts(cluster: SimCluster) -> int:
+    """Rooms another node took while their owner was cut off from the database."""
+    return sum(
+        1
+        for name, start, end, held in cluster.ledger.cuts
+        for room in held
+        if any(
+            r == room and n != name and start <= at <= end for at, r, n, _ in cluster.ledger.grants
+        )
+    )
 
 
 def failover_times(cluster: SimCluster) -> list[float]:

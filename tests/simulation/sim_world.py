@@ -95,6 +95,7 @@ class SimConfig:
     rate_limit: tuple[float, int] | None = None
     burst_sends: int = 0  # > 0: some sends are a burst of this many messages at once
     nodes: int = 1  # > 1: a cluster of server nodes on one store (sim_cluster), with node faults
+    cuts: bool = True  # in a cluster: nodes may also be cut off from the database for a while
 
 
 @dataclass(slots=True)
@@ -464,9 +465,10 @@ class World:
         end = self.loop.time() + self.config.workload
         if self.cluster is not None:
             rooms = sorted(self.rooms, key=self.label)
-            self.tasks.append(
-                asyncio.create_task(self.cluster.faults(self.config.workload, rooms))
-            )
+            duration = self.config.workload
+            self.tasks.append(asyncio.create_task(self.cluster.faults(duration, rooms)))
+            if self.config.cuts:
+                self.tasks.append(asyncio.create_task(self.cluster.cuts(duration, rooms)))
         while self.loop.time() < end:
             await asyncio.sleep(self.rng.expovariate(1 / 0.25))
             self.step()
@@ -750,6 +752,8 @@ async def _run(config: SimConfig) -> Result:
         stats["cluster"] = {
             "crashes": len(ledger.crashes),
             "pauses": ledger.pauses,
+            "cuts": len(ledger.cuts),
+            "taken_in_cuts": sim_cluster.taken_during_cuts(cluster),
             "grants": len(ledger.grants),
             "fenced": len(ledger.fenced),
             "failover_s": sim_cluster.failover_times(cluster),
