@@ -54,6 +54,11 @@ class SimStore(MemoryStore):
         await asyncio.sleep(delay)
         await super().append(room_id, entries, changes, fence=fence)
 
+    def lease(self, room_id: bytes) -> tuple[str, int] | None:
+        """The room's lease as stored (owner, token), expired or not."""
+        lease = self._leases.get(room_id)
+        return None if lease is None else (lease.owner, lease.token)
+
     def view(self, room_id: bytes) -> RoomSequencer | None:
         """The room as stored, at once (the truth of a cluster, whose owner may change)."""
         stored = self._rooms.get(room_id)

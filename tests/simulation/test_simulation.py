@@ -122,7 +122,8 @@ def test_cluster_faults_are_exercised() -> None:
     crashed = simulate(SimConfig(seed=1, loss=0.0, nodes=NODES))
     assert crashed.ok, crashed.report()
     assert crashed.stats["cluster"]["crashes"] == 1
-    assert 0 < max(crashed.stats["cluster"]["failover_s"]) <= Timing().failover_bound
+    timing = Timing()
+    assert 0 < max(crashed.stats["cluster"]["failover_s"]) <= timing.lease + timing.failover_bound
     cut = simulate(SimConfig(seed=1, loss=0.5, nodes=NODES))  # an owner cut off from the database
     assert cut.ok, cut.report()
     assert cut.stats["cluster"]["taken_in_cuts"] >= 1
@@ -134,6 +135,23 @@ def test_cluster_faults_are_exercised() -> None:
 def test_cluster_properties(loss: float, seed: int) -> None:
     result = simulate(SimConfig(seed=seed, loss=loss, nodes=NODES))
     assert result.ok, result.report()
+
+
+# Open defects the cluster simulation found, not fixed yet (strict: a fix turns the case into an
+# unexpected pass, which fails; move it to CLUSTER_REGRESSIONS then).
+CLUSTER_OPEN = {
+    (38, 0.5): "fan-out lost in a bus listener's reconnect: a member on that node stays behind "
+    "until the room's next frame (here none comes: a stays at A@23 of 26)",
+}
+
+
+@pytest.mark.parametrize(("seed", "loss"), sorted(CLUSTER_OPEN))
+def test_cluster_open_defects(seed: int, loss: float) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3))
+    assert result.ok or result.failed() == ["converged"], result.report()
+    if not result.ok:
+        pytest.xfail(CLUSTER_OPEN[(seed, loss)] + "\n" + result.report(excerpt=0))
+    pytest.fail(f"seed {seed} at {loss:.0%} passes now: move it to CLUSTER_REGRESSIONS")
 
 
 @pytest.mark.parametrize(("seed", "loss"), sorted(CLUSTER_REGRESSIONS))
