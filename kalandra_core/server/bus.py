@@ -10,7 +10,8 @@ The messages:
 * :class:`Forward`: a room frame a session gave to a node that does not own the room, for the
   owner to handle as if the session were its own (``origin`` and ``session_id`` say where the
   answers go; ``hops`` stops a frame chasing a room that keeps moving).
-* :class:`Reply`: an answer for one session (Ack, Error, SyncResponse, a resent frame).
+* :class:`Reply`: an answer for one session (Ack, Error, SyncResponse, a resent frame), and
+  which node gave it (an answer from a node the frame was since taken away from is dropped).
 * :class:`Deliver`: a frame for every session of these members (fan-out of sequenced and
   ephemeral frames), broadcast.
 """
@@ -37,6 +38,7 @@ class Forward:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
+    node: str
     session_id: int
     frame: bytes
 
@@ -64,7 +66,13 @@ def encode(message: Message) -> bytes:
             + message.frame
         )
     if isinstance(message, Reply):
-        return struct.pack(">BQ", _REPLY, message.session_id) + message.frame
+        node = message.node.encode()
+        return (
+            struct.pack(">BH", _REPLY, len(node))
+            + node
+            + struct.pack(">Q", message.session_id)
+            + message.frame
+        )
     ids = message.member_ids
     return struct.pack(f">BI{len(ids)}Q", _DELIVER, len(ids), *ids) + message.frame
 
@@ -78,8 +86,10 @@ def decode(body: bytes) -> Message:
             session_id, member_id, hops = struct.unpack_from(">QQB", body, 3 + size)
             return Forward(origin, session_id, member_id, hops, body[3 + size + 17 :])
         if kind == _REPLY:
-            (session_id,) = struct.unpack_from(">Q", body, 1)
-            return Reply(session_id, body[9:])
+            (size,) = struct.unpack_from(">H", body, 1)
+            node = body[3 : 3 + size].decode()
+            (session_id,) = struct.unpack_from(">Q", body, 3 + size)
+            return Reply(node, session_id, body[3 + size + 8 :])
         if kind == _DELIVER:
             (count,) = struct.unpack_from(">I", body, 1)
             ids = struct.unpack_from(f">{count}Q", body, 5)

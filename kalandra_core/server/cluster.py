@@ -69,7 +69,8 @@ class RemoteSession:
         self.closed = False  # as far as this node knows
 
     def send(self, frame: bytes) -> bool:
-        self._bus.send(self.origin, msg.encode(msg.Reply(self.session_id, frame)))
+        reply = msg.Reply(self._bus.node, self.session_id, frame)
+        self._bus.send(self.origin, msg.encode(reply))
         return True
 
     def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None:
@@ -245,18 +246,18 @@ class ClusterNode:
             await hub.forwarded(message)
         elif isinstance(message, msg.Reply):
             session = hub.session_of(message.session_id)
-            if session is not None:
-                self._answered(session.member_id, message.frame)
+            if session is not None and len(message.frame) >= 128:
+                request_id = FrameHeader.parse(message.frame[:128]).request_id
+                member = session.member_id
+                if self.routes.stale_answer(member, request_id, message.node, self.monotonic()):
+                    return
+                self.routes.answered(member, request_id)
                 session.send(message.frame)
         else:
             if self.routes.waiting:  # the sender's own frame is its answer (its ack)
                 header = FrameHeader.parse(message.frame[:128])
                 self.routes.answered(header.sender_id, header.request_id)
             hub.deliver_local(frozenset(message.member_ids), message.frame)
-
-    def _answered(self, member_id: int, frame: bytes) -> None:
-        if self.routes.waiting and len(frame) >= 128:
-            self.routes.answered(member_id, FrameHeader.parse(frame[:128]).request_id)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -93,7 +93,9 @@ class Hub:
         self.sessions: dict[int, ServerSession] = {}
         self.by_member: dict[int, set[ServerSession]] = {}
         self.rooms: dict[bytes, RoomWorker] = {}
-        self._room_locks: dict[bytes, asyncio.Lock] = {}  # rooms being opened
+        # Rooms being opened: a lock each, and how many wait on it (dropped at 0, so room ids
+        # that name no room leave nothing behind).
+        self._opening: dict[bytes, tuple[asyncio.Lock, list[int]]] = {}
         self._keys: dict[int, VerifyKey] = {}
         self._kp_fetches: dict[int, TokenBucket] = {}  # requester -> its KeyPackage fetches
         # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
@@ -225,6 +227,11 @@ class Hub:
         target = await self.route(room_id)
         return target if isinstance(target, RoomWorker) else None
 
+    @property
+    def opening(self) -> int:
+        """Rooms being opened now (a lock each while anyone waits on it)."""
+        return len(self._opening)
+
     async def room_view(self, room_id: bytes) -> RoomSequencer | None:
         """The room's roster and bans, for reads: the worker's own, or (a room another node
         owns) as stored."""
@@ -236,9 +243,10 @@ class Hub:
         state = await self.store.load_room(room_id)
         return None if state is None else RoomSequencer(state)
 
-    async def route(self, room_id: bytes) -> RoomWorker | str | None:
+    async def route(self, room_id: bytes, *, wait: bool = True) -> RoomWorker | str | None:
         """Where the room's frames go: its worker here, the node that owns it, or None (no
-        such room)."""
+        such room). ``wait``: a suspect's lease is waited out (see ClusterNode.live_holder);
+        not for frames other nodes forwarded, which the bus hands over one at a time."""
         worker = self.rooms.get(room_id)
         if worker is not None:
             return worker
@@ -247,13 +255,20 @@ class Hub:
             owner = cluster.routes.owner(room_id, self.monotonic())
             if owner is not None:
                 return owner
-        lock = self._room_locks.get(room_id)
-        if lock is None:  # (kept: a lock per room ever opened, a few dozen bytes each)
-            lock = self._room_locks[room_id] = asyncio.Lock()
-        async with lock:
-            return await self._open(room_id)
+        opening = self._opening.get(room_id)
+        if opening is None:
+            opening = self._opening[room_id] = (asyncio.Lock(), [0])
+        lock, users = opening
+        users[0] += 1
+        try:
+            async with lock:
+                return await self._open(room_id, wait)
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._opening[room_id]
 
-    async def _open(self, room_id: bytes) -> RoomWorker | str | None:
+    async def _open(self, room_id: bytes, wait: bool) -> RoomWorker | str | None:
         """Under the room's lock: its worker, made here if the room is ours to sequence."""
         cluster = self.cluster
         worker = self.rooms.get(room_id)
@@ -261,7 +276,10 @@ class Hub:
             return worker
         fence: int | None = None
         if cluster is not None:
-            holder = await cluster.live_holder(room_id)
+            if wait:
+                holder = await cluster.live_holder(room_id)
+            else:
+                holder = await cluster.lease_holder(room_id)
             if holder is not None:
                 return holder
             if await self.store.load_room(room_id) is None:
@@ -338,7 +356,7 @@ class Hub:
         if opcode not in ROOM_OPCODES and opcode not in (Opcode.SYNC_REQUEST, Opcode.GROUP_INFO):
             _reject(session, frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
             return
-        target = await self.route(room_id)
+        target = await self.route(room_id, wait=hops == 0)
         if isinstance(target, str):
             assert self.cluster is not None
             if hops >= MAX_HOPS:

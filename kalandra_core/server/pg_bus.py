@@ -11,6 +11,10 @@ sender's messages in the order they were sent.
 Targeted rows are deleted by their receiver; broadcast rows (``target_node`` ``*``) by any node
 once they are a minute old (a node that has not read one by then has lost it, as it would
 have lost a NOTIFY while disconnected).
+
+A lost connection (the database restarting, a backend terminated) is noticed within a second
+and all three are opened again. What was sent or notified meanwhile is lost: forwarded frames
+then time out and are routed again, and clients that missed fan-out sync at their next gap.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ _PAYLOAD_MAX: Final = 7900  # NOTIFY takes < 8,000 bytes
 _INLINE_MAX: Final = 3 * 2000  # bodies above this (4/3 of it in base64) go through the table
 _BROADCAST: Final = "kalandra_bus_all"
 _SWEEP_EVERY, _KEEP_BROADCAST = 30.0, 60.0  # seconds
+_WATCH = 1.0  # seconds between looks at the connections
+_LOST = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 
 def _channel(node: str) -> str:
@@ -61,15 +67,52 @@ class PgBus:
 
     async def start(self, handler: Handler) -> None:
         self._handler = handler
-        listen, send, fetch = [await asyncpg.connect(self._dsn) for _ in range(3)]
-        self._conns = [listen, send, fetch]
-        await listen.add_listener(self._channel, self._notified)
-        await listen.add_listener(_BROADCAST, self._notified)
+        await self._connect()
         self._tasks = [
-            asyncio.create_task(self._send_loop(send), name="bus-send"),
-            asyncio.create_task(self._receive_loop(fetch), name="bus-receive"),
-            asyncio.create_task(self._sweep_loop(fetch), name="bus-sweep"),
+            asyncio.create_task(self._send_loop(), name="bus-send"),
+            asyncio.create_task(self._receive_loop(), name="bus-receive"),
+            asyncio.create_task(self._sweep_loop(), name="bus-sweep"),
+            asyncio.create_task(self._watch_loop(), name="bus-watch"),
         ]
+
+    async def _connect(self) -> None:
+        settings = {"application_name": f"kalandra-bus {self.node}"[:63]}
+        conns: list[Any] = []
+        try:
+            for _ in range(3):
+                conns.append(await asyncpg.connect(self._dsn, server_settings=settings))
+            await conns[0].add_listener(self._channel, self._notified)
+            await conns[0].add_listener(_BROADCAST, self._notified)
+        except BaseException:
+            for conn in conns:
+                conn.terminate()
+            raise
+        self._conns = conns
+
+    @property
+    def _send_conn(self) -> Any:
+        return self._conns[1]
+
+    @property
+    def _fetch_conn(self) -> Any:
+        return self._conns[2]
+
+    async def _watch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_WATCH)
+            if not any(conn.is_closed() for conn in self._conns):
+                continue
+            log.warning("cluster bus: connection to the database lost; reconnecting")
+            for conn in self._conns:
+                conn.terminate()
+            while True:
+                try:
+                    await self._connect()
+                    break
+                except _LOST as exc:
+                    log.warning("cluster bus: reconnect failed (%s)", type(exc).__name__)
+                    await asyncio.sleep(_WATCH)
+            log.info("cluster bus: reconnected")
 
     def send(self, target: str, body: bytes) -> None:
         self._outbox.put_nowait((_channel(target), body))
@@ -84,22 +127,24 @@ class PgBus:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         for conn in self._conns:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*_LOST):
                 await conn.close()
 
     # --- sending ------------------------------------------------------------------------------
 
-    async def _send_loop(self, conn: Any) -> None:
+    async def _send_loop(self) -> None:
         while True:
             batch = [await self._outbox.get()]
             while not self._outbox.empty() and len(batch) < 512:
                 batch.append(self._outbox.get_nowait())
             try:
-                await self._send_batch(conn, batch)
-            except (asyncpg.PostgresError, OSError) as exc:
+                await self._send_batch(self._send_conn, batch)
+            except _LOST as exc:
                 # Lost: the senders waiting on these time out and retry (forwarded frames), or
                 # their clients sync (fan-out).
-                log.error("cluster bus: %d message(s) not sent: %s", len(batch), exc)
+                log.warning(
+                    "cluster bus: %d message(s) not sent (%s)", len(batch), type(exc).__name__
+                )
 
     async def _send_batch(self, conn: Any, batch: list[tuple[str, bytes]]) -> None:
         async with conn.transaction():
@@ -137,7 +182,7 @@ class PgBus:
     def _notified(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         self._incoming.put_nowait(payload)
 
-    async def _receive_loop(self, conn: Any) -> None:
+    async def _receive_loop(self) -> None:
         while True:
             payload = await self._incoming.get()
             sender, _, rest = payload.partition(":")
@@ -146,9 +191,9 @@ class PgBus:
             items = rest.partition(":")[2].split(",")
             try:
                 async with self._fetch_lock:
-                    bodies = await self._bodies(conn, items)
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.error("cluster bus: mail not read: %s", exc)
+                    bodies = await self._bodies(self._fetch_conn, items)
+            except _LOST as exc:
+                log.warning("cluster bus: mail not read (%s)", type(exc).__name__)
                 continue
             assert self._handler is not None
             for body in bodies:
@@ -179,26 +224,25 @@ class PgBus:
                 out.append(mail[int(item[1:])])
         return out
 
-    async def _sweep_loop(self, conn: Any) -> None:
+    async def _sweep_loop(self) -> None:
         seen: list[tuple[float, int]] = []
         while True:
             await asyncio.sleep(_SWEEP_EVERY)
             try:
-                newest = await self._locked(conn, "SELECT max(mail_id) FROM cluster_mail")
+                newest = await self._locked("SELECT max(mail_id) FROM cluster_mail")
                 now = time.monotonic()
                 seen.append((now, int(newest or 0)))
                 old = [mail_id for at, mail_id in seen if now - at >= _KEEP_BROADCAST]
                 if old:
                     seen = [(at, m) for at, m in seen if now - at < _KEEP_BROADCAST]
                     await self._locked(
-                        conn,
                         "DELETE FROM cluster_mail WHERE target_node = '*' AND mail_id <= $1",
                         max(old),
                     )
-            except (asyncpg.PostgresError, OSError) as exc:
-                log.warning("cluster bus: sweep failed: %s", exc)
+            except _LOST as exc:
+                log.warning("cluster bus: sweep failed (%s)", type(exc).__name__)
 
-    async def _locked(self, conn: Any, query: str, *args: Any) -> Any:
+    async def _locked(self, query: str, *args: Any) -> Any:
         # The receive loop uses this connection too; asyncpg takes one query at a time.
         async with self._fetch_lock:
-            return await conn.fetchval(query, *args)
+            return await self._fetch_conn.fetchval(query, *args)

@@ -47,6 +47,8 @@ class Routes(Generic[S]):
         self._waiting: dict[tuple[int, int], Waiting[S]] = {}
         # (member id, room) -> [the node its latest waiting frame went to, frames waiting]
         self._behind: dict[tuple[int, bytes], list[Any]] = {}
+        # (member id, request id) -> (the owner given up on, until when its answers are dropped)
+        self._given_up: dict[tuple[int, int], tuple[str, float]] = {}
 
     # --- owners -----------------------------------------------------------------------------
 
@@ -123,6 +125,8 @@ class Routes(Generic[S]):
             for key, w in self._waiting.items()
             if w.deadline <= now
         }
+        for key in [k for k, (_, until) in self._given_up.items() if until <= now]:
+            del self._given_up[key]
         if not late:
             return []
         out = [
@@ -135,7 +139,15 @@ class Routes(Generic[S]):
             if waiting.deadline <= now:
                 self.forget_owner(waiting.frame.header.room_id_bytes)
                 self.suspect(waiting.owner, now)
+            self._given_up[key] = (waiting.owner, now + self.suspect_for)
         return [w for _, w in out]
+
+    def stale_answer(self, member_id: int, request_id: int, node: str, now: float) -> bool:
+        """Whether an answer comes from a node this frame was given up on (and routed again):
+        a former owner waking up (its refusal, or a late copy) must not answer for the new
+        one."""
+        given_up = self._given_up.get((member_id, request_id))
+        return given_up is not None and given_up[0] == node and now < given_up[1]
 
     @property
     def waiting(self) -> int:

@@ -38,7 +38,8 @@ def cluster_yaml(node: str) -> str:
 
 @contextlib.contextmanager
 def cluster(tmp: Path, count: int) -> Iterator[tuple[str, list[ServerProcess]]]:
-    """``count`` nodes on a fresh PostgreSQL database; stopped (and checked) at the end."""
+    """``count`` nodes on a fresh PostgreSQL database; stopped at the end, when none may have
+    logged an error."""
     with fresh_database("postgres", tmp / "db") as url:
         nodes: list[ServerProcess] = []
         try:
@@ -54,6 +55,8 @@ def cluster(tmp: Path, count: int) -> Iterator[tuple[str, list[ServerProcess]]]:
                 resume(node)
                 node.stop()
                 node.kill()
+        problems = [f"{n.workdir.name}: {line}" for n in nodes for line in n.problems()]
+        assert not problems, "a node logged errors:\n" + "\n".join(problems)
 
 
 def pause(node: ServerProcess) -> None:

@@ -25,7 +25,7 @@ def frame(request_id: int) -> Frame:
     "message",
     [
         bus.Forward("node-é", 12, (1 << 64) - 1, 2, b"frame bytes"),
-        bus.Reply(3, b""),
+        bus.Reply("node-b", 3, b""),
         bus.Deliver((1, 2, (1 << 64) - 1), b"frame"),
         bus.Deliver((), b"frame"),
     ],
@@ -75,6 +75,18 @@ def test_an_unanswered_forward_makes_its_owner_a_suspect() -> None:
     assert r.is_suspect("other", 2.0)
     assert r.owner(ROOM, 0.5) is None  # forgotten as the room's owner
     assert not r.is_suspect("other", 7.0)  # a suspect for suspect_for seconds
+
+
+def test_a_given_up_owner_answers_no_more() -> None:
+    r = routes()
+    r.forwarded("session", 5, frame(9), "old", 1, now=0.0)
+    r.overdue(2.0)
+    r.forwarded("session", 5, frame(9), "new", 2, now=5.0)  # routed again
+    assert r.stale_answer(5, 9, "old", now=5.5)
+    assert not r.stale_answer(5, 9, "new", now=5.5)
+    assert not r.stale_answer(5, 8, "old", now=5.5)
+    r.overdue(7.5)  # (forgets what is past suspect_for)
+    assert not r.stale_answer(5, 9, "old", now=7.5)
 
 
 def test_the_memory_bus_delivers_in_order_and_not_to_itself() -> None:

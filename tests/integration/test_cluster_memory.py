@@ -1,0 +1,159 @@
+"""Cluster mode in one process: two hubs on one MemoryStore (its clock is the "database
+clock", moved by hand) and a MemoryBus, clients on loopback connections to either hub. The
+same parts a deterministic simulation of several nodes drives on virtual time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+from helpers.native import next_message, within
+from nacl.signing import SigningKey
+
+from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.client.events import Typing
+from kalandra_core.client.extras import ExtendedCore, set_typing
+from kalandra_core.server.bus import MemoryBus, MemoryNetwork
+from kalandra_core.server.cluster import ClusterNode
+from kalandra_core.server.config import ClusterConfig, ServerConfig
+from kalandra_core.server.hub import Hub
+from kalandra_core.storage.memory import MemoryStore
+from kalandra_core.transport.loopback import loopback_connector
+
+LEASE = 10.0
+
+
+class StoreClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Cluster:
+    store: MemoryStore
+    clock: StoreClock
+    network: MemoryNetwork
+    hubs: dict[str, Hub]
+    clients: list[Client]
+
+    async def client(self, node: str, name: str) -> Client:
+        account = await self.store.create_member(f"{name}-{os.urandom(3).hex()}")
+        token = await self.store.issue_token(account.member_id)
+        client = Client(
+            ExtendedCore(account.member_id, os.urandom(32)),  # reports typing too
+            ServerAddress("tcp", node, 1),
+            token,
+            connector=loopback_connector(self.hubs[node].session_factory),
+            request_timeout=15.0,
+        )
+        self.clients.append(client)
+        await within(client.connect())
+        await within(client.publish_key_packages(2))
+        return client
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    clock = StoreClock()
+    store = MemoryStore(clock=clock)
+    network = MemoryNetwork()
+    # Renewals never come within a test (the store's clock moves only by hand); a forwarded
+    # frame is given up on after 0.3 s.
+    config = ClusterConfig(
+        enabled=True, lease_seconds=LEASE, renew_seconds=1000.0, forward_timeout=0.3
+    )
+    hubs: dict[str, Hub] = {}
+    for node in ("A", "B"):
+        cluster = ClusterNode(config, store, MemoryBus(network, node))
+        hub = Hub(store, ServerConfig(), SigningKey.generate(), cluster=cluster)
+        hub.start()
+        await hub.start_cluster()
+        hubs[node] = hub
+    running = Cluster(store, clock, network, hubs, [])
+    try:
+        yield running
+    finally:
+        for client in running.clients:
+            await client.close()
+        for hub in hubs.values():
+            await hub.stop()
+
+
+async def test_clients_on_two_nodes_share_a_room(cluster: Cluster) -> None:
+    alice = await cluster.client("A", "alice")
+    bob = await cluster.client("B", "bob")
+    room = await within(alice.create_room(name="shared"))
+    await within(alice.invite(room, [bob.core.member_id]))
+    assert await within(bob.joined.get()) == room
+    assert await cluster.store.lease_owner(room) == "A"
+    assert set(cluster.hubs["A"].rooms) == {room}
+    assert not cluster.hubs["B"].rooms
+
+    index = await within(bob.send_text(room, "from B, sequenced on A"))
+    got = await next_message(alice, lambda m: m.content.body == "from B, sequenced on A")
+    assert got.log_index == index
+    await within(alice.send_text(room, "from A"))
+    await next_message(bob, lambda m: m.content.body == "from A")
+
+    # Ephemeral frames cross nodes too: bob (on B) types, alice (on A) is told.
+    set_typing(bob, room, True)
+    typing = await within(_next_typing(alice))
+    assert (typing.room_id, typing.sender_id, typing.typing) == (room, bob.core.member_id, True)
+
+
+async def _next_typing(client: Client) -> Typing:
+    while True:
+        event = await client.events.get()
+        if isinstance(event, Typing):
+            return event
+
+
+async def test_a_dead_owner_s_room_is_taken_once_its_lease_ran_out(cluster: Cluster) -> None:
+    alice = await cluster.client("A", "alice")
+    bob = await cluster.client("B", "bob")
+    room = await within(alice.create_room(name="shared"))
+    await within(alice.invite(room, [bob.core.member_id]))
+    assert await within(bob.joined.get()) == room
+    first = await within(bob.send_text(room, "one"))
+
+    cluster.network.down.add("A")  # A hears nothing more (it is "dead" to the others)
+    cluster.clock.now += LEASE + 1  # and its lease has run out by the store's clock
+    second = await within(bob.send_text(room, "two"))
+    assert second == first + 1
+    assert await cluster.store.lease_owner(room) == "B"
+    assert room in cluster.hubs["B"].rooms
+    frames = await cluster.store.load_frames(room, 0, 100)
+    assert [f.log_index for f in frames] == list(range(second + 1))
+
+
+async def test_a_renewal_that_finds_the_lease_gone_stops_the_worker(cluster: Cluster) -> None:
+    alice = await cluster.client("A", "alice")
+    room = await within(alice.create_room(name="mine"))
+    await within(alice.send_text(room, "one"))
+    hub_a = cluster.hubs["A"]
+    assert room in hub_a.rooms
+    cluster.clock.now += LEASE + 1
+    taken = await cluster.store.acquire_lease(room, "B", LEASE)
+    assert taken.token is not None
+    assert hub_a.cluster is not None
+    await hub_a.cluster.renew()
+    assert room not in hub_a.rooms
+    assert room not in hub_a.cluster.held
+
+
+@pytest.mark.parametrize("clustered", [True, False])
+async def test_room_ids_that_name_no_room_leave_nothing_behind(
+    cluster: Cluster, clustered: bool
+) -> None:
+    hub = cluster.hubs["A"]
+    if not clustered:
+        hub = Hub(cluster.store, ServerConfig(), SigningKey.generate())
+    for n in range(20):
+        assert await hub.route((1000 + n).to_bytes(16, "big")) is None
+    assert hub.rooms == {}
+    assert hub.opening == 0
