@@ -90,6 +90,9 @@ class Routes(Generic[S]):
             deadline = now + self.forward_timeout
             if key in self._waiting:
                 self._drop(key)
+            given_up = self._given_up.get(key)
+            if given_up is not None and given_up[0] == owner:
+                del self._given_up[key]  # asked again: its answer is the one awaited now
             self._waiting[key] = Waiting(session, frame, owner, deadline, attempts)
             behind = self._behind.setdefault((member_id, frame.header.room_id_bytes), [owner, 0])
             behind[0] = owner

@@ -90,10 +90,12 @@ def test_properties_regressions(seed: int, loss: float) -> None:
 
 
 # Cluster runs (3 nodes) that once found a bug in the cluster code: (seed, loss) -> what.
-CLUSTER_REGRESSIONS = {
-    (8, 0.0): "a frame sent during a failover sequenced before one forwarded to the dead owner",
-    (0, 0.0): "a frame sent while a paused owner held older ones overtook them",
-    (7, 0.5): "a commit refused for want of an answer although sequenced: its sender stuck",
+CLUSTER_REGRESSIONS = {  # (seed, loss, with cuts from the database) -> what
+    (8, 0.0, False): "a frame sent during a failover sequenced before one forwarded to the dead "
+    "owner",
+    (0, 0.0, False): "a frame sent while a paused owner held older ones overtook them",
+    (7, 0.5, False): "a commit refused for want of an answer although sequenced: its sender stuck",
+    (8, 0.5, True): "a Welcome routed again to the same (slow) owner: its answer dropped as stale",
 }
 
 
@@ -137,27 +139,9 @@ def test_cluster_properties(loss: float, seed: int) -> None:
     assert result.ok, result.report()
 
 
-# Open defects the cluster simulation found, not fixed yet (strict: a fix turns the case into an
-# unexpected pass, which fails; move it to CLUSTER_REGRESSIONS then).
-CLUSTER_OPEN = {
-    (38, 0.5): "fan-out lost in a bus listener's reconnect: a member on that node stays behind "
-    "until the room's next frame (here none comes: a stays at A@23 of 26)",
-}
-
-
-@pytest.mark.parametrize(("seed", "loss"), sorted(CLUSTER_OPEN))
-def test_cluster_open_defects(seed: int, loss: float) -> None:
-    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3))
-    assert result.ok or result.failed() == ["converged"], result.report()
-    if not result.ok:
-        pytest.xfail(CLUSTER_OPEN[(seed, loss)] + "\n" + result.report(excerpt=0))
-    pytest.fail(f"seed {seed} at {loss:.0%} passes now: move it to CLUSTER_REGRESSIONS")
-
-
-@pytest.mark.parametrize(("seed", "loss"), sorted(CLUSTER_REGRESSIONS))
-def test_cluster_regressions(seed: int, loss: float) -> None:
-    # Without cuts from the database, which came later: the runs that found these bugs.
-    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3, cuts=False))
+@pytest.mark.parametrize(("seed", "loss", "cuts"), sorted(CLUSTER_REGRESSIONS))
+def test_cluster_regressions(seed: int, loss: float, cuts: bool) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3, cuts=cuts))
     assert result.ok, result.report()
 
 

@@ -133,3 +133,18 @@ def test_a_members_frames_stay_behind_its_unanswered_ones() -> None:
     r.answered(5, 9)
     assert r.waiting_on(5, other_room) is None
     assert r.waiting == 0
+
+
+def test_a_node_given_up_on_and_asked_again_is_heard() -> None:
+    # The room had not moved: the frame routed again went to the same owner (slow, not dead).
+    # Its answer is the one awaited now; dropping it would leave the frame unanswered forever.
+    r = routes()
+    r.forwarded("s", 5, room_frame(1), "slow", 1, now=0.0)
+    assert [w.frame.header.request_id for w in r.overdue(2.0)] == [1]
+    assert r.stale_answer(5, 1, "slow", 2.1)
+    r.forwarded("s", 5, room_frame(1), "slow", 2, now=2.1)
+    assert not r.stale_answer(5, 1, "slow", 2.2)
+    r.forwarded("s", 5, room_frame(2), "slow", 1, now=2.1)
+    assert [w.frame.header.request_id for w in r.overdue(4.1)] == [1, 2]
+    r.forwarded("s", 5, room_frame(2), "new", 2, now=4.2)  # the room moved meanwhile
+    assert r.stale_answer(5, 2, "slow", 4.3)
