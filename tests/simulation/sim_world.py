@@ -18,7 +18,8 @@ Phases of a run (all virtual time):
 1. setup on a clean network: accounts, KeyPackages, one or two rooms, initial members;
 2. workload at the configured loss: sends, adds, removes, self-updates, concurrent commits by
    two members, partitions of a client while the others commit (then heal); in a cluster, one
-   or two node faults (a crash, then a restart; a pause past the lease, then resume);
+   or two node faults (a crash, then a restart; a pause past the lease, then resume) and, in
+   half the runs, a node cut off from the database past its lease;
 3. settle: no more workload, every partition healed, the network keeps its loss; wait until
    every client is caught up (or a virtual time limit passes);
 4. properties (``check``), each with its violations spelled out.
