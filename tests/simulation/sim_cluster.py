@@ -385,6 +385,7 @@ class SimCluster:
         node.link.crash()
         self.zombies.append(node)
         self.links.network.handlers.pop(name, None)
+        self.links.network.gap_handlers.pop(name, None)
         self.links.died(name)
         self.crash_net(name)
 
