@@ -100,16 +100,21 @@ def decode(body: bytes) -> Message:
 
 
 Handler = Callable[[bytes], None]
+GapHandler = Callable[[], None]
 
 
 class ClusterBus(Protocol):
     """A node's link to the others. ``send`` and ``broadcast`` never block: they queue, and the
     bus delivers in order per sender. Received bodies go to the handler given to ``start``, one
-    at a time, in arrival order; a node never receives its own broadcasts."""
+    at a time, in arrival order; a node never receives its own broadcasts.
+
+    ``on_gap`` is called when the node's listener is back after it may have missed messages
+    (its connection was lost and opened again): what was sent to it meanwhile is gone, and
+    nothing says what it was."""
 
     node: str
 
-    async def start(self, handler: Handler) -> None: ...
+    async def start(self, handler: Handler, on_gap: GapHandler | None = None) -> None: ...
 
     def send(self, target: str, body: bytes) -> None: ...
 
@@ -125,8 +130,10 @@ class MemoryBus:
         self.node = node
         self._network = network
 
-    async def start(self, handler: Handler) -> None:
+    async def start(self, handler: Handler, on_gap: GapHandler | None = None) -> None:
         self._network.handlers[self.node] = handler
+        if on_gap is not None:
+            self._network.gap_handlers[self.node] = on_gap
 
     def send(self, target: str, body: bytes) -> None:
         handler = self._network.handlers.get(target)
@@ -140,13 +147,21 @@ class MemoryBus:
 
     async def close(self) -> None:
         self._network.handlers.pop(self.node, None)
+        self._network.gap_handlers.pop(self.node, None)
 
 
 class MemoryNetwork:
     """What the nodes of a :class:`MemoryBus` share; ``down`` nodes receive nothing.
-    ``post`` runs a delivery (the default: at once; a simulation queues it on its scheduler)."""
+    ``post`` runs a delivery (the default: at once; a simulation queues it on its scheduler).
+    ``gap`` tells a node its listener is back after losing messages (a simulated reset)."""
 
     def __init__(self, post: Callable[[Callable[[], None]], None] | None = None) -> None:
         self.handlers: dict[str, Handler] = {}
+        self.gap_handlers: dict[str, GapHandler] = {}
         self.down: set[str] = set()
         self.post: Callable[[Callable[[], None]], None] = post or (lambda deliver: deliver())
+
+    def gap(self, node: str) -> None:
+        on_gap = self.gap_handlers.get(node)
+        if on_gap is not None:
+            self.post(on_gap)

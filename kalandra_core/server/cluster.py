@@ -56,6 +56,8 @@ class ClusterHub(Protocol):
 
     def session_of(self, session_id: int) -> Asker | None: ...
 
+    def bus_gap(self) -> None: ...
+
 
 class RemoteSession:
     """The session on another node that sent a forwarded frame: answers go back over the bus
@@ -109,7 +111,7 @@ class ClusterNode:
 
     async def start(self, hub: ClusterHub) -> None:
         self._hub = hub
-        await self.bus.start(self._incoming.put_nowait)
+        await self.bus.start(self._incoming.put_nowait, hub.bus_gap)
         self._renewed_at = self.monotonic()
         self._tasks = [
             asyncio.create_task(self._receive(), name="cluster-receive"),

@@ -139,6 +139,19 @@ class Hub:
         self.sessions[session.session_id] = session
         return session
 
+    def bus_gap(self) -> None:
+        """The cluster bus's listener is back after a gap: fan-out for this node's sessions may
+        be lost, and nothing says which. Every session here is ended; its client reconnects
+        (to any node), syncs each room from the last index it saw and is handed its pending
+        Welcomes, as after any reconnect. Ending them, rather than telling each what it missed,
+        because only the client knows where it stands: a member removed meanwhile is in no
+        fan-out any more, and a lost Welcome is handed out only on a Hello. A gap needs the
+        node's database connection lost, which is rare; the price is one reconnect each."""
+        if self.sessions:
+            log.warning("cluster bus gap: ending %d session(s) to resync", len(self.sessions))
+        for session in list(self.sessions.values()):
+            session.close("cluster bus gap; reconnect to resync")
+
     async def _sweep(self) -> None:
         limits = self.config.limits
         while True:

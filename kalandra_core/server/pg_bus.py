@@ -14,7 +14,8 @@ have lost a NOTIFY while disconnected).
 
 A lost connection (the database restarting, a backend terminated) is noticed within a second
 and all three are opened again. What was sent or notified meanwhile is lost: forwarded frames
-then time out and are routed again, and clients that missed fan-out sync at their next gap.
+then time out and are routed again, and the node is told (``on_gap``, once listening again) that
+it may have missed fan-out; so is it when a notification's mail could not be read.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any, Final
 
 import asyncpg  # type: ignore[import-untyped]
 
-from .bus import Handler
+from .bus import GapHandler, Handler
 
 log = logging.getLogger("kalandra.server.cluster")
 
@@ -63,10 +64,13 @@ class PgBus:
         self._conns: list[Any] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._handler: Handler | None = None
+        self._on_gap: GapHandler | None = None
+        self._missed = False  # a notification's mail went unread: told at the next look
         self._fetch_lock = asyncio.Lock()
 
-    async def start(self, handler: Handler) -> None:
+    async def start(self, handler: Handler, on_gap: GapHandler | None = None) -> None:
         self._handler = handler
+        self._on_gap = on_gap
         await self._connect()
         self._tasks = [
             asyncio.create_task(self._send_loop(), name="bus-send"),
@@ -101,6 +105,8 @@ class PgBus:
         while True:
             await asyncio.sleep(_WATCH)
             if not any(conn.is_closed() for conn in self._conns):
+                if self._missed:
+                    self._gap()
                 continue
             log.warning("cluster bus: connection to the database lost; reconnecting")
             for conn in self._conns:
@@ -113,6 +119,16 @@ class PgBus:
                     log.warning("cluster bus: reconnect failed (%s)", type(exc).__name__)
                     await asyncio.sleep(_WATCH)
             log.info("cluster bus: reconnected")
+            # Listening again; what was notified meanwhile is gone, and nothing says what it was.
+            self._gap()
+
+    def _gap(self) -> None:
+        self._missed = False
+        if self._on_gap is not None:
+            try:
+                self._on_gap()
+            except Exception:
+                log.exception("cluster bus: the gap handler failed")
 
     def send(self, target: str, body: bytes) -> None:
         self._outbox.put_nowait((_channel(target), body))
@@ -194,6 +210,7 @@ class PgBus:
                     bodies = await self._bodies(self._fetch_conn, items)
             except _LOST as exc:
                 log.warning("cluster bus: mail not read (%s)", type(exc).__name__)
+                self._missed = True
                 continue
             assert self._handler is not None
             for body in bodies:

@@ -113,6 +113,23 @@ async def _next_typing(client: Client) -> Typing:
             return event
 
 
+async def test_a_node_told_of_a_bus_gap_has_its_clients_catch_up(cluster: Cluster) -> None:
+    alice = await cluster.client("A", "alice")
+    bob = await cluster.client("B", "bob")
+    room = await within(alice.create_room(name="shared"))
+    await within(alice.invite(room, [bob.core.member_id]))
+    assert await within(bob.joined.get()) == room
+    assert await cluster.store.lease_owner(room) == "A"
+
+    cluster.network.down.add("B")  # B's listener is away: the fan-out below is lost to it
+    index = await within(alice.send_text(room, "while B was away"))
+    cluster.network.down.discard("B")
+    assert bob.core.rooms[room].last_seen < index  # the room stays quiet: nothing tells bob
+    cluster.network.gap("B")  # B listens again and is told it may have missed messages
+    got = await next_message(bob, lambda m: m.content.body == "while B was away")
+    assert got.log_index == index
+
+
 async def test_a_dead_owner_s_room_is_taken_once_its_lease_ran_out(cluster: Cluster) -> None:
     alice = await cluster.client("A", "alice")
     bob = await cluster.client("B", "bob")

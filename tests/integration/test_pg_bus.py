@@ -1,5 +1,6 @@
-"""The cluster's bus on real PostgreSQL: order, bodies over NOTIFY's limit, broadcasts, and a
-connection the database drops."""
+"""The cluster's bus on real PostgreSQL: order, bodies over NOTIFY's limit, broadcasts, a
+connection the database drops, and fan-out a node's listener missed meanwhile reaching its
+clients all the same."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from collections.abc import AsyncIterator
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from helpers.native import within
+from helpers.native import next_message, within
+from nacl.signing import SigningKey
 
+from kalandra_core.client.driver import Client, ServerAddress
+from kalandra_core.client.extras import ExtendedCore
+from kalandra_core.server.cluster import ClusterNode
+from kalandra_core.server.config import ClusterConfig, ServerConfig
+from kalandra_core.server.hub import Hub
 from kalandra_core.server.pg_bus import PgBus
 from kalandra_core.storage.sql import SqlStore
+from kalandra_core.transport.loopback import loopback_connector
 
 pytestmark = pytest.mark.postgres
 
@@ -103,3 +111,90 @@ async def test_the_bus_comes_back_after_its_connections_are_dropped(
             await asyncio.sleep(0.2)
 
     await within(delivered_again(), 20)
+
+
+_LISTENERS = (
+    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = $1 AND query LIKE 'LISTEN%'"
+)
+
+
+async def test_fan_out_missed_while_the_listener_reconnects_still_reaches_the_client(
+    postgres_url: str,
+) -> None:
+    # Two nodes on PgBus; the room is sequenced on A, bob is connected to B. B's listening
+    # backend is terminated and a message sequenced before B listens again: its NOTIFY is lost
+    # to B, and the room stays quiet after it, so only B's handling of the gap brings it to bob.
+    config = ClusterConfig(enabled=True, lease_seconds=30.0, renew_seconds=5.0)
+    stores: list[SqlStore] = []
+    hubs: dict[str, Hub] = {}
+    clients: list[Client] = []
+    admin = await asyncpg.connect(postgres_url)
+
+    async def client(node: str, name: str) -> Client:
+        account = await stores[0].create_member(f"{name}-{os.urandom(3).hex()}")
+        token = await stores[0].issue_token(account.member_id)
+        c = Client(
+            ExtendedCore(account.member_id, os.urandom(32)),
+            ServerAddress("tcp", node, 1),
+            token,
+            connector=loopback_connector(hubs[node].session_factory),
+            request_timeout=15.0,
+        )
+        clients.append(c)
+        await within(c.connect())
+        await within(c.publish_key_packages(2))
+        return c
+
+    try:
+        for node in ("gap-A", "gap-B"):
+            store = await SqlStore.open(postgres_url)
+            stores.append(store)
+            hub = Hub(
+                store,
+                ServerConfig(),
+                SigningKey.generate(),
+                cluster=ClusterNode(config, store, PgBus(postgres_url, node)),
+            )
+            hub.start()
+            await hub.start_cluster()
+            hubs[node] = hub
+        alice = await client("gap-A", "alice")
+        bob = await client("gap-B", "bob")
+        room = await within(alice.create_room(name="quiet"))
+        await within(alice.invite(room, [bob.core.member_id]))
+        assert await within(bob.joined.get()) == room
+        assert await stores[0].lease_owner(room) == "gap-A"
+        await within(alice.send_text(room, "before"))
+        await next_message(bob, lambda m: m.content.body == "before")
+
+        async def sent_while_b_deaf() -> str:
+            # Until a message was acknowledged while no backend of B listened (B reconnects
+            # within a second; an attempt it won is made again).
+            for attempt in range(20):
+                old = [r["pid"] for r in await admin.fetch(_LISTENERS, "kalandra-bus gap-B")]
+                assert old, "B does not listen"
+                # With a timeout, it returns once the backend is gone (true), not just told.
+                ended = await admin.fetchval(
+                    "SELECT bool_and(pg_terminate_backend(pid, 5000)) FROM unnest($1::int[]) pid",
+                    old,
+                )
+                assert ended
+                text = f"during the gap {attempt}"
+                await alice.send_text(room, text)
+                if not await admin.fetch(_LISTENERS, "kalandra-bus gap-B"):
+                    return text
+                await asyncio.sleep(1.5)
+            raise AssertionError("no message was sequenced while B did not listen")
+
+        text = await within(sent_while_b_deaf(), 60)
+        got = await next_message(bob, lambda m: m.content.body == text, within=20)
+        assert got.room_id == room
+    finally:
+        for c in clients:
+            await c.close()
+        for hub in hubs.values():
+            await hub.stop()
+        for store in stores:
+            await store.close()
+        await admin.close()

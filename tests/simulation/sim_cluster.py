@@ -10,7 +10,9 @@ Each node is a real :class:`Hub` in cluster mode with its own :class:`ClusterNod
   but may be delayed: a message between two nodes takes the network's latency plus its
   retransmission delays at the configured loss, in order per (sender, receiver). Rarely
   (``break_per_frame``, the network's reset rate) a listener's connection is reset and what is
-  in flight to it is lost, as a NOTIFY is lost to a listener that reconnects.
+  in flight to it is lost, as a NOTIFY is lost to a listener that reconnects; a second later
+  (``PgBus``'s look at its connections), once the node reaches the database, it is told of the
+  gap (``MemoryNetwork.gap``).
 * clients: the network's balancer sends a client to its home node while that node is up, else
   to the next one up (a load balancer in front of the processes).
 
@@ -54,6 +56,7 @@ from kalandra_core.server.hub import Hub
 from kalandra_core.storage.base import Fenced, LeaseGrant, Store
 from kalandra_core.transport.interface import SessionFactory
 
+_NOTICE = 1.0  # seconds until a node's bus notices its listener was reset (PgBus's watch)
 WRITES = ("append", "redact", "put_welcome", "put_group_info")
 LEASE_LOOKUPS = ("acquire_lease", "lease_owner")
 
@@ -189,9 +192,21 @@ class BusLinks:
         self.lost_forwards: set[tuple[int, int]] = set()  # (member id, request id)
 
     def reset(self, node: str, why: str) -> None:
-        """The node's listening connection is gone: what is in flight to it is lost."""
+        """The node's listening connection is gone: what is in flight to it is lost. The node
+        learns of the gap when it listens again (a paused or cut-off node: once it runs and
+        reaches the database)."""
         self._generation[node] += 1
         self._trace("bus-reset", node, why)
+        self._loop.call_later(_NOTICE, self._gap, node)
+
+    def _gap(self, node: str) -> None:
+        gate, link = self.gates.get(node), self.reach.get(node)
+        if gate is not None and link is not None:
+            gate.run(lambda: link.run(lambda: self._told(node)))
+
+    def _told(self, node: str) -> None:
+        self._trace("bus-gap", node)
+        self.network.gap(node)
 
     def died(self, node: str) -> None:
         """The node's process died: what is in flight to it goes nowhere (not a loss the
@@ -370,6 +385,7 @@ class SimCluster:
         node.link.crash()
         self.zombies.append(node)
         self.links.network.handlers.pop(name, None)
+        self.links.network.gap_handlers.pop(name, None)
         self.links.died(name)
         self.crash_net(name)
 
