@@ -45,6 +45,8 @@ class Asker(Protocol):
 class ClusterHub(Protocol):
     """What the node needs of its hub."""
 
+    bridge_bot: tuple[int, str] | None
+
     def room_lost(self, room_id: bytes) -> None: ...
 
     async def forwarded(self, message: msg.Forward) -> None: ...
@@ -107,6 +109,7 @@ class ClusterNode:
         self._hub = hub
         await self.bus.start(self._incoming.put_nowait)
         self._renewed_at = self.monotonic()
+        await self.learn_bridge_bot()
         self._tasks = [
             asyncio.create_task(self._receive(), name="cluster-receive"),
             asyncio.create_task(self._renew_loop(), name="cluster-renew"),
@@ -166,6 +169,18 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self.config.renew_seconds)
             await self.renew()
+            await self.learn_bridge_bot()
+
+    async def learn_bridge_bot(self) -> None:
+        """Name the bridge embedded in another process (it may start after this one) to this
+        process's clients, as that process does: clients and the bridge stay unchanged."""
+        assert self._hub is not None
+        if self._hub.bridge_bot is not None:
+            return
+        try:
+            self._hub.bridge_bot = await self.store.bridge_bot()
+        except StoreError as exc:
+            log.warning("cluster: reading the bridge's bot failed: %s", exc)
 
     async def renew(self) -> None:
         started = self.monotonic()

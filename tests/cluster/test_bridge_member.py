@@ -25,6 +25,7 @@ from helpers.markers import marker_to_native
 from helpers.matrix import say
 from matrix.bridge_members import account_id, native_room, open_portal, wait_until
 from matrix.bridge_stack import (
+    BOT,
     BridgeStack,
     bridge_stack,
     ghost_history,
@@ -58,7 +59,7 @@ class Cluster:
         self.other = other
         self.alice = alice
         self.natives: list[Client] = []
-        self.rooms: dict[str, tuple[bytes, str]] = {}  # name -> (room id, portal)
+        self.elsewhere: tuple[Client, bytes, str] | None = None  # native, room, its portal
 
     async def owner(self, room_id: bytes) -> str | None:
         store = await SqlStore.open(self.stack.store_url, migrate=False)
@@ -151,6 +152,15 @@ async def matrix_to_native(
     assert extra == [], [m.content.body for m in extra]
 
 
+async def test_the_other_node_names_the_bridge(cluster: Cluster) -> None:
+    """Native members add the bridge to a room by what their server names in HelloReply
+    (`kalandra invite ROOM bridge`): a client of the other node is told the same as one of the
+    bridge's node."""
+    native = await cluster.native_on_other_node()
+    bot = await account_id(cluster.stack, "kalandrabot")
+    assert (native.core.bridge_member_id, native.core.bridge_mxid) == (bot, BOT)
+
+
 async def test_a_portal_of_a_room_the_other_node_owns(cluster: Cluster) -> None:
     c = cluster
     native = await c.native_on_other_node()
@@ -166,7 +176,7 @@ async def test_a_portal_of_a_room_the_other_node_owns(cluster: Cluster) -> None:
     await native_to_matrix(c, native, room_id, portal, "from the other node")
     await matrix_to_native(c, native, room_id, portal, "to the other node")
     assert await c.owner(room_id) == OTHER_NODE  # served there all along
-    c.rooms["elsewhere"] = (room_id, portal)
+    c.elsewhere = (native, room_id, portal)
 
 
 async def test_a_portal_of_a_room_the_bridges_node_owns(cluster: Cluster) -> None:
@@ -182,9 +192,9 @@ async def test_a_portal_of_a_room_the_bridges_node_owns(cluster: Cluster) -> Non
 
 async def test_the_other_node_killed_while_it_owns_a_portals_room(cluster: Cluster) -> None:
     c = cluster
-    room_id, portal = c.rooms["elsewhere"]
+    assert c.elsewhere is not None, "runs after the test of that portal"
+    native, room_id, portal = c.elsewhere  # native is on the other node, in that room
     assert await c.owner(room_id) == OTHER_NODE
-    native = c.natives[0]  # on the other node, in that room
     earlier = len(await ghost_history(c.alice, portal, ghost_of(native)))
     killed_at = time.monotonic()
     c.other.kill()
