@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -132,15 +132,32 @@ async def native_to_matrix(
 
 
 async def matrix_to_native(
-    c: Cluster, native: Client, room_id: bytes, portal: str, prefix: str
+    c: Cluster,
+    native: Client,
+    room_id: bytes,
+    portal: str,
+    prefix: str,
+    count: int = COUNT,
+    midway: Callable[[], None] | None = None,
 ) -> None:
-    """alice sends COUNT texts in the portal; ``native`` receives and decrypts them, in order,
-    each once."""
-    sent = [f"{prefix} {i}" for i in range(COUNT)]
-    for text in sent:
-        await say(c.alice, portal, text)
+    """alice sends ``count`` texts in the portal; ``native`` receives and decrypts them, in
+    order, each once. ``midway`` runs once ``native`` has the first two, the rest in flight."""
+    sent = [f"{prefix} {i}" for i in range(count)]
+
+    async def send_all() -> None:
+        for text in sent:
+            await say(c.alice, portal, text)
+
+    sending = asyncio.create_task(send_all())
     got: list[Message] = []
-    await asyncio.wait_for(messages_from_others(native, got, COUNT, room_id), 60)
+    try:
+        if midway is not None:
+            await asyncio.wait_for(messages_from_others(native, got, 2, room_id), 60)
+            midway()
+        await asyncio.wait_for(messages_from_others(native, got, count, room_id), 60)
+        await asyncio.wait_for(sending, 60)
+    finally:
+        sending.cancel()
     assert [m.content.body for m in got] == sent
     # From alice's bridged member (neither the native member nor the bot's relay).
     bot = await account_id(c.stack, "kalandrabot")
@@ -196,16 +213,21 @@ async def test_the_other_node_killed_while_it_owns_a_portals_room(cluster: Clust
     native, room_id, portal = c.elsewhere  # native is on the other node, in that room
     assert await c.owner(room_id) == OTHER_NODE
     earlier = len(await ghost_history(c.alice, portal, ghost_of(native)))
-    killed_at = time.monotonic()
-    c.other.kill()
-    # The native client reconnects to the surviving node (what a load balancer would do).
-    native.address = ServerAddress("tcp", "127.0.0.1", c.stack.tcp_port)
+    killed_at = 0.0
 
-    # The bot's frames for the room go unanswered, then the bridge's node takes the room once
-    # the lease ran out; alice's messages arrive, in order, once each.
-    await matrix_to_native(c, native, room_id, portal, "after the kill")
+    def kill() -> None:
+        nonlocal killed_at
+        killed_at = time.monotonic()
+        c.other.kill()
+        # The native client reconnects to the surviving node (as a load balancer would do).
+        native.address = ServerAddress("tcp", "127.0.0.1", c.stack.tcp_port)
+
+    # Killed while alice's messages are on their way: the bot's frames for the room go
+    # unanswered, then the bridge's node takes the room once the lease ran out; alice's
+    # messages arrive, in order, once each.
+    await matrix_to_native(c, native, room_id, portal, "across the kill", 2 * COUNT, kill)
     print(
-        f"kill -9 to alice's messages decrypted by the native client: "
+        f"kill -9 to alice's last message decrypted by the native client: "
         f"{time.monotonic() - killed_at:.2f} s (lease {LEASE} s)"
     )
     assert await c.owner(room_id) == BRIDGE_NODE
