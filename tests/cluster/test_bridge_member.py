@@ -12,6 +12,8 @@ out and messages flow both ways again.
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,11 +35,13 @@ from matrix.bridge_stack import (
     messages_from_others,
     nio_client,
     portal_with_native,
+    room_history,
     wait_history,
 )
 from nacl.signing import SigningKey
-from nio import AsyncClient
+from nio import AsyncClient, MemoryDownloadResponse, RoomSendResponse, UploadResponse
 
+from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.events import Message
@@ -194,6 +198,48 @@ async def test_a_portal_of_a_room_the_other_node_owns(cluster: Cluster) -> None:
     await matrix_to_native(c, native, room_id, portal, "to the other node")
     assert await c.owner(room_id) == OTHER_NODE  # served there all along
     c.elsewhere = (native, room_id, portal)
+
+
+async def test_media_both_ways_in_the_other_nodes_room(cluster: Cluster) -> None:
+    """Encrypted blocks uploaded through one node are read through the other: the native
+    member's file reaches alice through the bridge's node, and alice's reaches the native member
+    through the other node."""
+    c = cluster
+    assert c.elsewhere is not None, "runs after the test of that portal"
+    native, room_id, portal = c.elsewhere
+    out = os.urandom(600 * 1024)  # several blocks
+    ref = await native.upload_media(room_id, out, mimetype="application/pdf", name="out.pdf")
+    await native.send(room_id, Content(body="out.pdf", kind="file", media=ref))
+
+    async def file_event() -> dict[str, Any] | None:
+        for event in await room_history(c.alice, portal):
+            if event.source.get("sender") == ghost_of(native):
+                content: dict[str, Any] = event.source.get("content", {})
+                if content.get("msgtype") == "m.file" and content.get("body") == "out.pdf":
+                    return content
+        return None
+
+    content = await wait_until(file_event, "the native member's file in the portal")
+    downloaded = await c.alice.download(mxc=content["url"])
+    assert isinstance(downloaded, MemoryDownloadResponse), downloaded
+    assert downloaded.body == out
+
+    data = os.urandom(600 * 1024)
+    uploaded, _ = await c.alice.upload(
+        io.BytesIO(data), content_type="application/zip", filename="in.zip", filesize=len(data)
+    )
+    assert isinstance(uploaded, UploadResponse), uploaded
+    info = {"mimetype": "application/zip", "size": len(data)}
+    file = {"msgtype": "m.file", "body": "in.zip", "url": uploaded.content_uri, "info": info}
+    sent = await c.alice.room_send(portal, "m.room.message", file)
+    assert isinstance(sent, RoomSendResponse), sent
+    got: list[Message] = []
+    await asyncio.wait_for(messages_from_others(native, got, 1, room_id), 60)
+    media = got[0].content.media
+    assert media is not None
+    assert (got[0].content.kind, media.name, media.size) == ("file", "in.zip", len(data))
+    assert await asyncio.wait_for(native.download_media(room_id, media), 60) == data
+    assert await c.owner(room_id) == OTHER_NODE
 
 
 async def test_a_portal_of_a_room_the_bridges_node_owns(cluster: Cluster) -> None:
