@@ -2,11 +2,13 @@
 on) of two on one PostgreSQL database, the other a plain ``kalandra serve``; a real Synapse; a
 native client connected to the OTHER node.
 
-Checked end to end, in order and exactly once: a portal of a room whose lease the other node
-holds (the bot's frames are forwarded to it), a portal of a room the bridge's node owns (the
-native client's frames are forwarded to the bridge's node), and, last, the other node killed
-(kill -9) while it owns a portal's room: the bridge's node takes the room once the lease runs
-out and messages flow both ways again.
+Checked end to end, in order and exactly once: the other node names the bridge in HelloReply
+and a native member there lets alice in (`kalandra invite ROOM bridge`, then `@alice`); a
+portal of a room whose lease the other node holds (the bot's frames are forwarded to it), with
+media both ways; a portal of a room the bridge's node owns (the native client's frames are
+forwarded to the bridge's node); and, last, the other node killed (kill -9) while alice's
+messages to its room are on their way: the bridge's node takes the room once the lease runs out
+and messages flow both ways again, nothing twice.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pytest_asyncio
 from acceptance.acceptance_harness import ServerProcess, assert_dense
 from cluster.cluster_harness import FORWARD_TIMEOUT, LEASE, RENEW, cluster_yaml
 from helpers.markers import marker_to_native
-from helpers.matrix import say
+from helpers.matrix import say, sync_until
 from matrix.bridge_members import account_id, native_room, open_portal, wait_until
 from matrix.bridge_stack import (
     BOT,
@@ -39,8 +41,16 @@ from matrix.bridge_stack import (
     wait_history,
 )
 from nacl.signing import SigningKey
-from nio import AsyncClient, MemoryDownloadResponse, RoomSendResponse, UploadResponse
+from nio import (
+    AsyncClient,
+    InviteMemberEvent,
+    MatrixRoom,
+    MemoryDownloadResponse,
+    RoomSendResponse,
+    UploadResponse,
+)
 
+from kalandra_core.client.bridge_invite import invite_content
 from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
@@ -177,9 +187,35 @@ async def test_the_other_node_names_the_bridge(cluster: Cluster) -> None:
     """Native members add the bridge to a room by what their server names in HelloReply
     (`kalandra invite ROOM bridge`): a client of the other node is told the same as one of the
     bridge's node."""
-    native = await cluster.native_on_other_node()
-    bot = await account_id(cluster.stack, "kalandrabot")
+    c = cluster
+    native = await c.native_on_other_node()
+    bot = await account_id(c.stack, "kalandrabot")
     assert (native.core.bridge_member_id, native.core.bridge_mxid) == (bot, BOT)
+
+    # What `kalandra invite ROOM bridge`, then `kalandra invite ROOM @alice` do: the portal is
+    # made for alice's invitation, read by the bot in the room's log (owned by the other node).
+    room_id = await native_room(native, bot, "invited through")  # bot: as HelloReply named it
+    assert await c.owner(room_id) == OTHER_NODE
+    invites: list[str] = []
+
+    async def on_invite(room: MatrixRoom, event: InviteMemberEvent) -> None:
+        if event.state_key == c.alice.user_id and event.membership == "invite":
+            invites.append(room.room_id)
+
+    c.alice.add_event_callback(on_invite, InviteMemberEvent)
+    await c.alice.sync(timeout=0)
+    await native.send(room_id, invite_content(c.alice.user_id))
+    await sync_until(c.alice, lambda: bool(invites), "the invitation", 60)
+    portal = invites[-1]
+    await c.alice.join(portal)
+    await sync_until(c.alice, lambda: portal in c.alice.rooms, "the join")
+    await wait_until(lambda: roster_of(native, room_id, 3), "alice's bridged member in the room")
+    await native_to_matrix(c, native, room_id, portal, "after the invitation")
+    await matrix_to_native(c, native, room_id, portal, "answer to the invitation")
+
+
+async def roster_of(native: Client, room_id: bytes, size: int) -> bool:
+    return len(native.core.rooms[room_id].roster()) == size
 
 
 async def test_a_portal_of_a_room_the_other_node_owns(cluster: Cluster) -> None:
@@ -190,10 +226,7 @@ async def test_a_portal_of_a_room_the_other_node_owns(cluster: Cluster) -> None:
     portal = await open_portal(c.alice, room_id)
 
     # alice's bridged member is added by the bot's commit (forwarded to the other node).
-    async def alice_in() -> bool:
-        return len(native.core.rooms[room_id].roster()) == 3
-
-    await wait_until(alice_in, "alice's bridged member in the room")
+    await wait_until(lambda: roster_of(native, room_id, 3), "alice's bridged member in the room")
     await native_to_matrix(c, native, room_id, portal, "from the other node")
     await matrix_to_native(c, native, room_id, portal, "to the other node")
     assert await c.owner(room_id) == OTHER_NODE  # served there all along
