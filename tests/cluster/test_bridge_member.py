@@ -128,6 +128,9 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
             other.kill()
     problems = other.problems()
     assert not problems, "the other node logged errors:\n" + "\n".join(problems)
+    logged = stack.log.read_text(errors="replace").splitlines()
+    errors = [line for line in logged if " ERROR " in line or " CRITICAL " in line]
+    assert not errors, "the bridge logged errors:\n" + "\n".join(errors)
 
 
 async def native_to_matrix(
