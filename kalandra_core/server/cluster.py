@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -21,12 +22,11 @@ from ..storage.base import Store, StoreError
 from . import bus as msg
 from . import replies
 from .config import ClusterConfig
-from .routes import Routes, Waiting
+from .routes import Routes
 
 log = logging.getLogger("kalandra.server.cluster")
 
 MAX_HOPS = 3  # a frame that keeps meeting a moved room is refused (retry) rather than chased
-MAX_FORWARDS = 3  # a frame whose owners keep not answering is refused (retry) after this
 _SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
 _POLL = 0.2  # seconds between looks at a suspect's lease
 NO_ANSWER = "the room's server did not answer; retry"
@@ -36,6 +36,7 @@ class Asker(Protocol):
     """A session waiting for an answer: local (ServerSession) or on another node."""
 
     member_id: int
+    closed: bool
 
     def send(self, frame: bytes) -> bool: ...
 
@@ -67,6 +68,7 @@ class RemoteSession:
         self.origin = origin
         self.session_id = session_id
         self.member_id = member_id
+        self.closed = False  # as far as this node knows
 
     def send(self, frame: bytes) -> bool:
         reply = msg.Reply(self._bus.node, self.session_id, frame)
@@ -103,6 +105,8 @@ class ClusterNode:
         self._incoming: asyncio.Queue[bytes] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.Task[None]] = set()
+        # (member id, room) -> frames being routed again, in order, and new ones behind them
+        self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int]]] = {}
         self._renewed_at = monotonic()
 
     async def start(self, hub: ClusterHub) -> None:
@@ -142,12 +146,15 @@ class ClusterNode:
     async def live_holder(self, room_id: bytes) -> str | None:
         """Like :meth:`lease_holder`, but a suspect's lease (a node whose forwards went
         unanswered) is waited out, for at most a lease term and a renewal: then the room is
-        free to take, or the suspect renewed (it is alive) and is trusted again."""
+        free to take, or taken by another node, or the suspect renewed (it is alive) and is
+        trusted again."""
         holder = await self.lease_holder(room_id)
         if holder is None or not self.routes.is_suspect(holder, self.monotonic()):
             return holder
+        suspect = holder
         deadline = self.monotonic() + self.config.lease_seconds + self.config.renew_seconds
-        while holder is not None and self.monotonic() < deadline:
+        # Another node that took the room meanwhile is alive: followed at once.
+        while holder == suspect and self.monotonic() < deadline:
             await asyncio.sleep(_POLL)
             holder = await self.lease_holder(room_id)
         return holder
@@ -218,6 +225,21 @@ class ClusterNode:
         body = msg.Forward(origin, session_id, asker.member_id, hops, frame.encode())
         self.bus.send(owner, msg.encode(body))
 
+    def follow(self, session: Asker, frame: Frame) -> bool:
+        """A new frame of a session here goes behind the member's earlier frames for its room
+        that still wait for an answer or are being routed again (True: it has), so the room
+        sequences them in order even if it moved meanwhile (see Routes)."""
+        key = (session.member_id, frame.header.room_id_bytes)
+        queue = self._retrying.get(key)
+        if queue is not None:
+            queue.append((session, frame, 0))
+            return True
+        behind = self.routes.waiting_on(*key)
+        if behind is None:
+            return False
+        self.forward(session, frame, behind, 1, 0)
+        return True
+
     def broadcast(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
         self.bus.broadcast(msg.encode(msg.Deliver(tuple(member_ids), frame)))
 
@@ -257,17 +279,32 @@ class ClusterNode:
             await asyncio.sleep(_SWEEP)
             for waiting in self.routes.overdue(self.monotonic()):
                 log.warning("cluster: node %s did not answer a forwarded frame", waiting.owner)
-                if waiting.attempts >= MAX_FORWARDS:
-                    waiting.session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
-                else:
-                    # Routed again, the same frame (same request id): see Routes.
-                    task = asyncio.create_task(self._again(waiting.session, waiting))
+                # Never refused for want of an answer: the owner may have sequenced it (the
+                # answer lost or late), and a refusal says it was not, so its sender would
+                # drop a commit the room has. Routed again until answered (the owner answers
+                # a request id it has with the stored frame) or its session is gone.
+                if waiting.session.closed:
+                    continue
+                # Routed again, the same frame (same request id), one at a time per member
+                # and room: see Routes.
+                key = (waiting.session.member_id, waiting.frame.header.room_id_bytes)
+                queue = self._retrying.get(key)
+                if queue is None:
+                    queue = self._retrying[key] = deque()
+                    task = asyncio.create_task(self._again(key, queue))
                     self._retries.add(task)
                     task.add_done_callback(self._retries.discard)
+                queue.append((waiting.session, waiting.frame, waiting.attempts))
 
-    async def _again(self, session: Asker, waiting: Waiting[Asker]) -> None:
+    async def _again(self, key: tuple[int, bytes], queue: deque[tuple[Asker, Frame, int]]) -> None:
         assert self._hub is not None
         try:
-            await self._hub.room_frame(session, waiting.frame, 0, waiting.attempts)
-        except StoreError:
-            session.reject(waiting.frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+            while queue:
+                session, frame, attempts = queue[0]
+                try:
+                    await self._hub.room_frame(session, frame, 0, attempts)
+                except StoreError:
+                    session.reject(frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+                queue.popleft()
+        finally:
+            del self._retrying[key]

@@ -339,6 +339,8 @@ class Hub:
         if frame.header.opcode == Opcode.KEY_PACKAGE:
             await self._key_package(session, frame)
             return
+        if self.cluster is not None and self.cluster.follow(session, frame):
+            return  # behind the member's unanswered frames for the room (see Routes)
         await self.room_frame(session, frame, 0, 0)
 
     async def forwarded(self, message: Forward) -> None:

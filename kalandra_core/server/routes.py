@@ -8,12 +8,16 @@ lease term): the frame is routed again, and a node that finds a suspect holding 
 waits for that lease to run out and takes the room (failover on demand) instead of forwarding
 to a node that may be dead. The frame keeps its request id, so if the dead owner stored it the
 new owner answers with the stored frame (its resend filter is learned from the log).
+
+A member's frames for a room keep their order across a failover: a new frame while earlier ones
+still wait for an answer goes where they went (``waiting_on``), even if the room has moved
+meanwhile, and when one of them is overdue all of them are routed again, in their order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..proto import Frame
 
@@ -41,6 +45,8 @@ class Routes(Generic[S]):
         self._suspects: dict[str, float] = {}  # node -> suspected until
         # (member id, request id) -> the session waiting for the owner's answer
         self._waiting: dict[tuple[int, int], Waiting[S]] = {}
+        # (member id, room) -> [the node its latest waiting frame went to, frames waiting]
+        self._behind: dict[tuple[int, bytes], list[Any]] = {}
         # (member id, request id) -> (the owner given up on, until when its answers are dropped)
         self._given_up: dict[tuple[int, int], tuple[str, float]] = {}
 
@@ -82,25 +88,62 @@ class Routes(Generic[S]):
         if request_id:  # a frame without a request id expects no answer to match
             key = (member_id, request_id)
             deadline = now + self.forward_timeout
+            if key in self._waiting:
+                self._drop(key)
+            given_up = self._given_up.get(key)
+            if given_up is not None and given_up[0] == owner:
+                del self._given_up[key]  # asked again: its answer is the one awaited now
             self._waiting[key] = Waiting(session, frame, owner, deadline, attempts)
+            behind = self._behind.setdefault((member_id, frame.header.room_id_bytes), [owner, 0])
+            behind[0] = owner
+            behind[1] += 1
+
+    def waiting_on(self, member_id: int, room_id: bytes) -> str | None:
+        """The node the member's latest frame for the room went to, while frames of it wait
+        there for an answer (None: none wait)."""
+        behind = self._behind.get((member_id, room_id))
+        return None if behind is None else str(behind[0])
 
     def answered(self, member_id: int, request_id: int) -> None:
         """An answer (Reply, or the sender's own frame in a Deliver) came back."""
         if request_id:
-            self._waiting.pop((member_id, request_id), None)
+            self._drop((member_id, request_id))
+
+    def _drop(self, key: tuple[int, int]) -> Waiting[S] | None:
+        waiting = self._waiting.pop(key, None)
+        if waiting is not None:
+            room = (key[0], waiting.frame.header.room_id_bytes)
+            behind = self._behind[room]
+            behind[1] -= 1
+            if behind[1] == 0:
+                del self._behind[room]
+        return waiting
 
     def overdue(self, now: float) -> list[Waiting[S]]:
-        """Forwarded frames past their deadline, forgotten now; their owners become suspects
-        and are forgotten as their rooms' owners."""
-        late = [(key, w) for key, w in self._waiting.items() if w.deadline <= now]
-        for key, waiting in late:
-            del self._waiting[key]
-            self.forget_owner(waiting.frame.header.room_id_bytes)
-            self.suspect(waiting.owner, now)
-            self._given_up[key] = (waiting.owner, now + self.suspect_for)
+        """Forwarded frames past their deadline, and every frame waiting behind them (the same
+        member's, for the same room), in the order they were forwarded; forgotten now. The
+        owners of late frames become suspects and are forgotten as their rooms' owners."""
+        late = {
+            (key[0], w.frame.header.room_id_bytes)
+            for key, w in self._waiting.items()
+            if w.deadline <= now
+        }
         for key in [k for k, (_, until) in self._given_up.items() if until <= now]:
             del self._given_up[key]
-        return [w for _, w in late]
+        if not late:
+            return []
+        out = [
+            (key, w)
+            for key, w in self._waiting.items()
+            if (key[0], w.frame.header.room_id_bytes) in late
+        ]
+        for key, waiting in out:
+            self._drop(key)
+            if waiting.deadline <= now:
+                self.forget_owner(waiting.frame.header.room_id_bytes)
+                self.suspect(waiting.owner, now)
+            self._given_up[key] = (waiting.owner, now + self.suspect_for)
+        return [w for _, w in out]
 
     def stale_answer(self, member_id: int, request_id: int, node: str, now: float) -> bool:
         """Whether an answer comes from a node this frame was given up on (and routed again):

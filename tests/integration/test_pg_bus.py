@@ -88,7 +88,7 @@ async def test_the_bus_comes_back_after_its_connections_are_dropped(
     try:
         dropped = await admin.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = 'kalandra-bus node1'"
+            "WHERE application_name = 'kalandra-bus node1' AND datname = current_database()"
         )
     finally:
         await admin.close()

@@ -8,6 +8,10 @@ virtual time, instantly and always in the same order. No real I/O happens in a s
 only registered file is the loop's own self-pipe, still polled without blocking, so
 ``call_soon_threadsafe`` keeps working).
 
+Work handed to an executor (``run_in_executor``: the server verifies large batches of
+signatures in a thread pool) runs at once, inline: a thread would finish at a real time, so
+the virtual time its result is seen at would differ from run to run.
+
 When nothing is ready and no timer is set, a real program would wait forever: the selector
 raises :class:`SimulationDeadlock` instead (after a short real-time grace for stray threads).
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -70,6 +74,16 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     @property
     def steps(self) -> int:
         return self._vselector.steps
+
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., T], *args: Any
+    ) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = self.create_future()
+        try:
+            future.set_result(func(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
 
 def run_virtual(main: Coroutine[Any, Any, T]) -> T:

@@ -24,6 +24,14 @@ Partitions: ``partition(name)`` cuts a client off: its connections go dark (fram
 both ends notice after a detection delay) and its connection attempts fail after
 ``connect_timeout`` until ``heal(name)``.
 
+Several server nodes (a cluster): ``balancer`` picks the node a new connection reaches (a load
+balancer in front of the processes: the client's home node while it is up, else another), and
+each node has a :class:`NodeGate`. A paused node (SIGSTOP) runs nothing: frames and
+``connection_lost`` for its sessions wait at the gate, and what it sends leaves when it resumes;
+its connections stay up (a stopped process's sockets stay open). A crashed node (kill -9): its
+connections break at once (the kernel resets them; the clients notice after the detection
+delay), its sessions are never told, and nothing of it reaches the network again.
+
 Every decision comes from one seeded ``random.Random`` and every delivery is a timer of the
 virtual-time loop, so a seed determines the whole run.
 """
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -64,6 +73,53 @@ class Tracer(Protocol):
 
 class PartitionedError(ConnectionRefusedError):
     pass
+
+
+class NodeGate:
+    """Whether a server node runs: ``up``, ``paused`` (what it does or receives waits, in order,
+    until ``resume``) or ``crashed`` (nothing of it happens any more)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, node: str) -> None:
+        self.node = node
+        self.state = "up"
+        self._deferred: list[Callable[[], object]] = []
+        self._running = asyncio.Event()
+        self._running.set()
+        self._loop = loop
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    def run(self, action: Callable[[], object]) -> None:
+        if self.state == "up":
+            action()
+        elif self.state == "paused":
+            self._deferred.append(action)
+
+    async def wait(self) -> None:
+        """Returns when the node runs (never, once it crashed)."""
+        await self._running.wait()
+
+    def pause(self) -> None:
+        self.state = "paused"
+        self._running.clear()
+
+    def crash(self) -> None:
+        self.state = "crashed"
+        self._running.clear()
+        self._deferred.clear()
+
+    def resume(self) -> None:
+        self.state = "up"
+        self._running.set()
+        deferred, self._deferred = self._deferred, []
+        for action in deferred:
+            self._loop.call_soon(action)
+
+
+# client name -> (node, its session factory, its gate); None: no node is up
+Balancer = Callable[[str], tuple[str, SessionFactory, NodeGate] | None]
 
 
 @dataclass(slots=True)
@@ -108,6 +164,16 @@ class _End:
     def send(self, frame: bytes) -> bool:
         if self.closing or self.lost:
             return False
+        gate = self.conn.gate
+        if self.side == "server" and gate is not None and not gate.up:
+            # A paused node's output leaves when it resumes.
+            gate.run(lambda: self._send(frame))
+            return True
+        return self._send(frame)
+
+    def _send(self, frame: bytes) -> bool:
+        if self.closing or self.lost:
+            return False
         if not self.conn.alive:
             # Dead but not noticed yet: like a socket, the send "succeeds" into the void.
             self.conn.net.stats.dropped += 1
@@ -127,16 +193,30 @@ class _End:
     def connection_lost(self, reason: str) -> None:
         if self.lost:
             return
+        gate = self.conn.gate
+        if self.side == "server" and gate is not None and not gate.up:
+            gate.run(lambda: self.connection_lost(reason))
+            return
         self.lost = True
         if self.session is not None:
             self.session.connection_lost(reason)
 
 
 class SimConnection:
-    def __init__(self, net: SimNetwork, cid: int, client: str, ordered_down: bool) -> None:
+    def __init__(
+        self,
+        net: SimNetwork,
+        cid: int,
+        client: str,
+        ordered_down: bool,
+        node: str = "",
+        gate: NodeGate | None = None,
+    ) -> None:
         self.net = net
         self.cid = cid
         self.client = client
+        self.node = node  # the server node at the other end ("" with one server)
+        self.gate = gate
         self.ordered_down = ordered_down  # TCP-like; False: QUIC-like server->client streams
         self.alive = True
         self.client_end = _End(self, "client")
@@ -183,11 +263,13 @@ class SimNetwork:
         profile: NetProfile,
         server: SessionFactory,
         trace: Tracer,
+        balancer: Balancer | None = None,
     ) -> None:
         self.loop = loop
         self.rng = rng
         self.profile = profile
         self.server = server
+        self.balancer = balancer
         self.trace = trace
         self.stats = NetStats()
         self._clients: dict[str, _ClientState] = {}
@@ -216,6 +298,14 @@ class SimNetwork:
         for conn in self._client(name).connections:
             conn.break_(reason)
 
+    def crash_node(self, node: str) -> None:
+        """The node's process died: its connections are reset; its sessions hear nothing."""
+        for state in self._clients.values():
+            for conn in state.connections:
+                if conn.node == node and conn.alive:
+                    conn.server_end.lost = True
+                    conn.break_("server crashed")
+
     def set_profile(self, profile: NetProfile) -> None:
         self.profile = profile
 
@@ -240,18 +330,21 @@ class SimNetwork:
         while self.rng.random() < p.loss:
             rtt += p.rto
         await asyncio.sleep(rtt)
-        if state.partitioned:
+        target = ("", self.server, None) if self.balancer is None else self.balancer(name)
+        if state.partitioned or target is None:
             self.stats.refused += 1
             self.trace("refused", name)
             await asyncio.sleep(p.connect_timeout)
             raise PartitionedError(f"{name}: network unreachable")
+        node, server, gate = target
         self._cids += 1
         ordered_down = self.rng.random() >= p.quic_share
-        conn = SimConnection(self, self._cids, name, ordered_down)
+        conn = SimConnection(self, self._cids, name, ordered_down, node, gate)
         state.connections = [c for c in state.connections if c.alive] + [conn]
         self.stats.connects += 1
-        self.trace("connect", name, conn.cid, "tcp" if ordered_down else "quic")
-        conn.server_end.session = self.server(conn.server_end)
+        kind = "tcp" if ordered_down else "quic"
+        self.trace("connect", name, conn.cid, kind, *([node] if node else []))
+        conn.server_end.session = server(conn.server_end)
         conn.client_end.session = factory(conn.client_end)
         return conn.client_end
 
@@ -299,6 +392,13 @@ class SimNetwork:
     def _arrive(self, sender: _End, data: bytes, first: bool) -> None:
         if first:
             sender.in_flight -= len(data)
+        gate = sender.conn.gate
+        if sender.side == "client" and gate is not None and not gate.up:
+            gate.run(lambda: self._deliver(sender, data))  # a paused node reads it on resume
+            return
+        self._deliver(sender, data)
+
+    def _deliver(self, sender: _End, data: bytes) -> None:
         receiver = sender.other
         if not sender.conn.alive or receiver.closing or receiver.lost:
             self.stats.dropped += 1

@@ -1,7 +1,9 @@
 """One seeded simulation run: the real server (``Hub`` on a ``MemoryStore``) and real clients
 (``kalandra_core.client.driver.Client`` over ``ClientCore``) on the in-memory network of
 ``sim_net``, all on the virtual-time loop of ``sim_loop``; a random workload; then the
-properties.
+properties. With ``SimConfig(nodes=3)`` the server is a cluster of real hubs on one store and
+one bus (``sim_cluster``), clients spread over the nodes, and the workload adds node faults;
+the server-side truth is then the store's.
 
 How the real code is wired to the simulation, through its own hooks only: each driver gets
 ``Client(..., connector=..., clock=...)`` pointing at the simulated network (the client's
@@ -15,7 +17,9 @@ Phases of a run (all virtual time):
 
 1. setup on a clean network: accounts, KeyPackages, one or two rooms, initial members;
 2. workload at the configured loss: sends, adds, removes, self-updates, concurrent commits by
-   two members, partitions of a client while the others commit (then heal);
+   two members, partitions of a client while the others commit (then heal); in a cluster, one
+   or two node faults (a crash, then a restart; a pause past the lease, then resume) and, in
+   half the runs, a node cut off from the database past its lease;
 3. settle: no more workload, every partition healed, the network keeps its loss; wait until
    every client is caught up (or a virtual time limit passes);
 4. properties (``check``), each with its violations spelled out.
@@ -28,19 +32,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import logging
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from nacl.signing import SigningKey
+from simulation import sim_cluster
 from simulation.sim_loop import VirtualTimeLoop, run_virtual
 from simulation.sim_net import NetProfile, SimNetwork
+from simulation.sim_store import SimStore, Trace
 
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
@@ -50,8 +55,7 @@ from kalandra_core.mls.errors import MlsError
 from kalandra_core.proto import Frame, Opcode
 from kalandra_core.server.config import Limits, ServerConfig
 from kalandra_core.server.hub import Hub
-from kalandra_core.storage.base import LogEntry, RoomChanges
-from kalandra_core.storage.memory import MemoryStore
+from kalandra_core.server.room import RoomSequencer
 
 PROPERTIES = (
     "converged",  # every server-side member: same epoch, authenticator, sender keys, log end
@@ -65,9 +69,16 @@ PROPERTIES = (
     "requests_resolve",  # every request ends acknowledged or failed (the outbox drains)
     # A client's acknowledged messages in a room are sequenced in the order of its send calls.
     # Not claimed under a rate limit on a lossy network: a frame delayed in the stream past the
-    # server's retry_after can be taken while one sent before it was refused.
+    # server's retry_after can be taken while one sent before it was refused. In a cluster, not
+    # for a message whose forward to the room's owner the bus lost (a NOTIFY lost in a listener's
+    # reconnect): it is routed again after the forward timeout, behind later ones.
     "sends_in_order",
     "no_unexpected_errors",  # no exception escaped an operation; the server logged no error
+    # Several nodes (sim_cluster): every write reached the store under the lease token granted
+    # to its node, never one older than a token that already wrote (a paused owner is fenced).
+    "single_writer",
+    # A crashed owner's rooms are served again within the lease (and the forward timeout).
+    "failover_in_lease",
 )
 
 
@@ -84,6 +95,8 @@ class SimConfig:
     # The server's per-session rate limit (frames/s, burst); None: the production default.
     rate_limit: tuple[float, int] | None = None
     burst_sends: int = 0  # > 0: some sends are a burst of this many messages at once
+    nodes: int = 1  # > 1: a cluster of server nodes on one store (sim_cluster), with node faults
+    cuts: bool = True  # in a cluster: nodes may also be cut off from the database for a while
 
 
 @dataclass(slots=True)
@@ -141,41 +154,6 @@ class Result:
             lines.append(f"  trace (last {excerpt} of {len(self.trace)} lines):")
             lines += [f"    {line}" for line in self.trace[-excerpt:]]
         return "\n".join(lines)
-
-
-class Trace:
-    def __init__(self, loop: VirtualTimeLoop) -> None:
-        self._loop = loop
-        self.lines: list[str] = []
-
-    def __call__(self, kind: str, *fields: object) -> None:
-        self.lines.append(f"{self._loop.time():10.4f} {kind} " + " ".join(map(str, fields)))
-
-    def digest(self) -> str:
-        return hashlib.sha256("\n".join(self.lines).encode()).hexdigest()
-
-
-class SimStore(MemoryStore):
-    """MemoryStore with the latency of a durable append (and, rarely, a long fsync stall)."""
-
-    def __init__(self, rng: random.Random, clock: Any, stall: float) -> None:
-        super().__init__(rng=random.Random(rng.getrandbits(64)), clock=clock)
-        self._latency = random.Random(rng.getrandbits(64))
-        self._stall = stall
-
-    async def append(
-        self,
-        room_id: bytes,
-        entries: Sequence[LogEntry],
-        changes: RoomChanges | None = None,
-        *,
-        fence: int | None = None,
-    ) -> None:
-        delay = self._latency.uniform(0.0005, 0.004)
-        if self._latency.random() < self._stall:
-            delay += self._latency.uniform(0.3, 2.0)
-        await asyncio.sleep(delay)
-        await super().append(room_id, entries, changes, fence=fence)
 
 
 class SimClient(Client):
@@ -270,6 +248,21 @@ class World:
             self.hub.session_factory,
             self.trace,
         )
+        self.cluster: sim_cluster.SimCluster | None = None
+        if config.nodes > 1:  # the single hub above stays unused (and unstarted)
+            self.cluster = sim_cluster.SimCluster(
+                loop,
+                random.Random(self.rng.getrandbits(64)),
+                self.store,
+                limits,
+                server_key,
+                self.trace,
+                config.nodes,
+                lambda: self.net.profile,
+                loop.wall,
+            )
+            self.net.balancer = self.cluster.balancer("abcde".index)
+            self.cluster.crash_net = self.net.crash_node
         self.clients: list[SimClient] = []
         self.rooms: dict[bytes, str] = {}
         self.sent: dict[tuple[str, int], Sent] = {}
@@ -286,17 +279,23 @@ class World:
 
     # --- server-side truth ------------------------------------------------------------------
 
-    def server_members(self, room_id: bytes) -> set[int]:
+    def server_view(self, room_id: bytes) -> RoomSequencer | None:
+        if self.cluster is not None:
+            return self.store.view(room_id)
         worker = self.hub.rooms.get(room_id)
-        return set() if worker is None else set(worker.sequencer.active_members())
+        return None if worker is None else worker.sequencer
+
+    def server_members(self, room_id: bytes) -> set[int]:
+        view = self.server_view(room_id)
+        return set() if view is None else set(view.active_members())
 
     def server_epoch(self, room_id: bytes) -> int:
-        worker = self.hub.rooms.get(room_id)
-        return -1 if worker is None else worker.sequencer.epoch
+        view = self.server_view(room_id)
+        return -1 if view is None else view.epoch
 
     def server_next(self, room_id: bytes) -> int:
-        worker = self.hub.rooms.get(room_id)
-        return 0 if worker is None else worker.sequencer.next_log_index
+        view = self.server_view(room_id)
+        return 0 if view is None else view.next_log_index
 
     def by_member(self, member_id: int) -> SimClient | None:
         return next((c for c in self.clients if c.member_id == member_id), None)
@@ -465,6 +464,12 @@ class World:
         self.net.set_profile(NetProfile.at_loss(self.config.loss))
         self.trace("workload", self.config.loss)
         end = self.loop.time() + self.config.workload
+        if self.cluster is not None:
+            rooms = sorted(self.rooms, key=self.label)
+            duration = self.config.workload
+            self.tasks.append(asyncio.create_task(self.cluster.faults(duration, rooms)))
+            if self.config.cuts:
+                self.tasks.append(asyncio.create_task(self.cluster.cuts(duration, rooms)))
         while self.loop.time() < end:
             await asyncio.sleep(self.rng.expovariate(1 / 0.25))
             self.step()
@@ -568,16 +573,17 @@ async def check(world: World, unsettled: list[str]) -> dict[str, list[str]]:
         v["converged"].append("did not settle: " + "; ".join(unsettled[:8]))
 
     # Each client's messages, in the order of its send calls.
+    lost = set() if world.cluster is None else world.cluster.links.lost_forwards
     if world.config.rate_limit is None or world.config.loss == 0.0:
         for c in clients:
-            calls: dict[str, list[tuple[int, str]]] = defaultdict(list)
+            calls: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
             for (name, rid), call in world.sent.items():  # in call order
                 index = c.acked.get(rid, ("", None))[1] if name == c.name else None
                 if index is not None:
-                    calls[call.room].append((index, call.body))
+                    calls[call.room].append((index, call.body, rid))
             for label, indexes in calls.items():
-                for (a, body_a), (b, body_b) in itertools.pairwise(indexes):
-                    if b < a:
+                for (a, body_a, rid_a), (b, body_b, _) in itertools.pairwise(indexes):
+                    if b < a and (c.member_id, rid_a) not in lost:
                         v["sends_in_order"].append(
                             f"{label}: {c.name}'s {body_b} at {b}, before {body_a} at {a}"
                         )
@@ -709,14 +715,23 @@ async def _run(config: SimConfig) -> Result:
     assert isinstance(loop, VirtualTimeLoop)
     started = time.perf_counter()
     world = World(config, loop)
+    cluster = world.cluster
     with _captured_errors() as errors:
-        world.hub.start()
+        if cluster is None:
+            world.hub.start()
+        else:
+            await cluster.start_all()
         await world.setup()
         await world.workload()
         unsettled = await world.settle()
         violations = await check(world, unsettled)
+        if cluster is not None:
+            sim_cluster.check(cluster, world.label, violations)
         violations["no_unexpected_errors"] += errors.records
-        await world.hub.stop()
+        if cluster is None:
+            await world.hub.stop()
+        else:
+            await cluster.stop()
     for c in world.clients:
         c._closing = True
     s = world.net.stats
@@ -733,6 +748,19 @@ async def _run(config: SimConfig) -> Result:
         "connects": s.connects,
         "partitions": len(world.partitions),
     }
+    if cluster is not None:
+        ledger = cluster.ledger
+        stats["cluster"] = {
+            "crashes": len(ledger.crashes),
+            "pauses": ledger.pauses,
+            "cuts": len(ledger.cuts),
+            "taken_in_cuts": sim_cluster.taken_during_cuts(cluster),
+            "grants": len(ledger.grants),
+            "fenced": len(ledger.fenced),
+            "failover_s": sim_cluster.failover_times(cluster),
+            "bus": cluster.links.messages,
+            "bus_lost": cluster.links.lost,
+        }
     return Result(
         config,
         violations,

@@ -7,6 +7,9 @@ the violations and the end of the trace. ``KALANDRA_SIM_SEEDS`` sets how many se
 loss level (default 20); ``KALANDRA_SIM_FIRST_SEED`` where they start. ``REGRESSIONS`` always
 runs too: cases beyond the default seeds that each found a bug once.
 
+The ``cluster`` cases run three server nodes on one store with node faults (``sim_cluster``):
+``KALANDRA_SIM_SEEDS // 4`` seeds per loss level, and ``CLUSTER_REGRESSIONS``.
+
 Reproduce one case outside pytest::
 
     cd tests/simulation && ../../.venv/bin/python -c \
@@ -20,6 +23,7 @@ import os
 import time
 
 import pytest
+from simulation.sim_cluster import Timing
 from simulation.sim_loop import SimulationDeadlock, VirtualTimeLoop, run_virtual
 from simulation.sim_world import SimConfig, simulate
 
@@ -82,6 +86,83 @@ REGRESSIONS = {
 @pytest.mark.parametrize(("seed", "loss"), sorted(REGRESSIONS))
 def test_properties_regressions(seed: int, loss: float) -> None:
     result = simulate(SimConfig(seed=seed, loss=loss))
+    assert result.ok, result.report()
+
+
+# Cluster runs (3 nodes) that once found a bug in the cluster code: (seed, loss) -> what.
+CLUSTER_REGRESSIONS = {  # (seed, loss, with cuts from the database) -> what
+    (8, 0.0, False): "a frame sent during a failover sequenced before one forwarded to the dead "
+    "owner",
+    (0, 0.0, False): "a frame sent while a paused owner held older ones overtook them",
+    (7, 0.5, False): "a commit refused for want of an answer although sequenced: its sender stuck",
+    (8, 0.5, True): "a Welcome routed again to the same (slow) owner: its answer dropped as stale",
+}
+
+
+NODES = 3
+CLUSTER_SEEDS = max(1, SEEDS // 4)
+
+
+def test_cluster_same_seed_same_trace() -> None:
+    config = SimConfig(seed=4, loss=0.5, nodes=NODES)
+    first, second = simulate(config), simulate(config)
+    assert first.trace == second.trace
+    assert first.digest == second.digest
+    assert any(" node-crash " in line for line in first.trace)
+    assert any(" node-pause " in line for line in first.trace)
+    assert simulate(SimConfig(seed=5, loss=0.5, nodes=NODES)).digest != first.digest
+
+
+def test_cluster_faults_are_exercised() -> None:
+    # A node paused as it wrote, past its lease, had that write refused by the fencing token;
+    # a crashed owner's room was taken by another node within the lease (and the forward
+    # timeout); an owner cut off from the database lost its room and its writes were fenced.
+    # The properties check them; here: they did happen.
+    paused = simulate(SimConfig(seed=3, loss=0.0, nodes=NODES))
+    assert paused.ok, paused.report()
+    assert paused.stats["cluster"]["fenced"] >= 1
+    crashed = simulate(SimConfig(seed=1, loss=0.0, nodes=NODES))
+    assert crashed.ok, crashed.report()
+    assert crashed.stats["cluster"]["crashes"] == 1
+    timing = Timing()
+    assert 0 < max(crashed.stats["cluster"]["failover_s"]) <= timing.lease + timing.failover_bound
+    cut = simulate(SimConfig(seed=1, loss=0.5, nodes=NODES))  # an owner cut off from the database
+    assert cut.ok, cut.report()
+    assert cut.stats["cluster"]["taken_in_cuts"] >= 1
+    assert cut.stats["cluster"]["fenced"] >= 1
+
+
+@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + CLUSTER_SEEDS))
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: f"loss{round(loss * 100)}")
+def test_cluster_properties(loss: float, seed: int) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=NODES))
+    assert result.ok, result.report()
+
+
+# Open defect the cluster simulation found, not fixed yet: fan-out a node's bus listener missed
+# (reset, or the node cut off from the database) is never made up: its clients learn of it only
+# from the room's next frame, and a removed member gets none. Strict: when a case passes, the
+# test fails; move it to CLUSTER_REGRESSIONS then.
+CLUSTER_OPEN = {  # (seed, loss) -> what stays wrong
+    (45, 0.0): "b, removed from A while its node n2 was cut off, believes it is a member",
+    (90, 0.2): "c's Welcome back into B, lost in its node n3's listener reset, never arrives",
+    (99, 0.2): "b, removed from A while its node missed the commit on the bus, thinks it is in",
+}
+OPEN_FAILURES = {"converged", "removed_members_notice", "partitioned_recovers"}
+
+
+@pytest.mark.parametrize(("seed", "loss"), sorted(CLUSTER_OPEN))
+def test_cluster_open_defect(seed: int, loss: float) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3))
+    assert set(result.failed()) <= OPEN_FAILURES, result.report()
+    if not result.ok:
+        pytest.xfail(CLUSTER_OPEN[(seed, loss)])
+    pytest.fail(f"seed {seed} at {loss:.0%} passes now: move it to CLUSTER_REGRESSIONS")
+
+
+@pytest.mark.parametrize(("seed", "loss", "cuts"), sorted(CLUSTER_REGRESSIONS))
+def test_cluster_regressions(seed: int, loss: float, cuts: bool) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=3, cuts=cuts))
     assert result.ok, result.report()
 
 

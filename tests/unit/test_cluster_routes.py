@@ -104,3 +104,47 @@ def test_the_memory_bus_delivers_in_order_and_not_to_itself() -> None:
     network.down.add("c")
     nodes["a"].broadcast(b"3")
     assert got == {"a": [], "b": [b"1", b"2", b"3"], "c": [b"2"]}
+
+
+def room_frame(request_id: int, room: int = 7) -> Frame:
+    header = FrameHeader(
+        Opcode.APP_MESSAGE, request_id=request_id, room_id=room, sender_id=5, epoch=1
+    )
+    return Frame.build(header, RawPayload(b"x" * 10))
+
+
+def test_a_members_frames_stay_behind_its_unanswered_ones() -> None:
+    # Failover order: frames 1 and 2 went to the old owner; frame 3 must not reach a new owner
+    # before them, and when 1 is overdue, 2 (not yet overdue) is routed again with it, in order.
+    r = routes()
+    other_room = (8).to_bytes(16, "big")
+    assert r.waiting_on(5, ROOM) is None
+    r.forwarded("s", 5, room_frame(1), "old", 1, now=0.0)
+    r.forwarded("s", 5, room_frame(2), "old", 1, now=1.0)
+    r.forwarded("s", 5, room_frame(9, room=8), "other", 1, now=1.0)
+    assert r.waiting_on(5, ROOM) == "old"
+    assert r.waiting_on(6, ROOM) is None
+    assert r.waiting_on(5, other_room) == "other"
+    late = r.overdue(2.0)
+    assert [w.frame.header.request_id for w in late] == [1, 2]
+    assert r.waiting_on(5, ROOM) is None
+    assert r.is_suspect("old", 2.0)
+    assert r.waiting_on(5, other_room) == "other"  # another room's frames are not held back
+    r.answered(5, 9)
+    assert r.waiting_on(5, other_room) is None
+    assert r.waiting == 0
+
+
+def test_a_node_given_up_on_and_asked_again_is_heard() -> None:
+    # The room had not moved: the frame routed again went to the same owner (slow, not dead).
+    # Its answer is the one awaited now; dropping it would leave the frame unanswered forever.
+    r = routes()
+    r.forwarded("s", 5, room_frame(1), "slow", 1, now=0.0)
+    assert [w.frame.header.request_id for w in r.overdue(2.0)] == [1]
+    assert r.stale_answer(5, 1, "slow", 2.1)
+    r.forwarded("s", 5, room_frame(1), "slow", 2, now=2.1)
+    assert not r.stale_answer(5, 1, "slow", 2.2)
+    r.forwarded("s", 5, room_frame(2), "slow", 1, now=2.1)
+    assert [w.frame.header.request_id for w in r.overdue(4.1)] == [1, 2]
+    r.forwarded("s", 5, room_frame(2), "new", 2, now=4.2)  # the room moved meanwhile
+    assert r.stale_answer(5, 2, "slow", 4.3)
