@@ -113,11 +113,11 @@ class ClusterNode:
         self._hub = hub
         await self.bus.start(self._incoming.put_nowait)
         self._renewed_at = self.monotonic()
-        await self.learn_bridge_bot()
         self._tasks = [
             asyncio.create_task(self._receive(), name="cluster-receive"),
             asyncio.create_task(self._renew_loop(), name="cluster-renew"),
             asyncio.create_task(self._sweep_loop(), name="cluster-sweep"),
+            asyncio.create_task(self._bridge_loop(), name="cluster-bridge"),
         ]
 
     async def stop(self) -> None:
@@ -176,18 +176,27 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self.config.renew_seconds)
             await self.renew()
-            await self.learn_bridge_bot()
 
-    async def learn_bridge_bot(self) -> None:
+    async def _bridge_loop(self) -> None:
+        # Its own task, so a slow read never holds up a renewal; it ends once the bridge is
+        # known (the bridge's identity does not change).
+        while not await self.learn_bridge_bot():  # noqa: ASYNC110 - polling the database
+            await asyncio.sleep(self.config.renew_seconds)
+
+    async def learn_bridge_bot(self) -> bool:
         """Name the bridge embedded in another process (it may start after this one) to this
-        process's clients, as that process does: clients and the bridge stay unchanged."""
+        process's clients, as that process does: clients and the bridge stay unchanged.
+        Whether it is known now."""
         assert self._hub is not None
-        if self._hub.bridge_bot is not None:
-            return
-        try:
-            self._hub.bridge_bot = await self.store.bridge_bot()
-        except StoreError as exc:
-            log.warning("cluster: reading the bridge's bot failed: %s", exc)
+        if self._hub.bridge_bot is None:
+            try:
+                found = await self.store.bridge_bot()
+            except StoreError as exc:
+                log.warning("cluster: reading the bridge's bot failed: %s", exc)
+                return False
+            if self._hub.bridge_bot is None:  # the embedded bridge may have said it meanwhile
+                self._hub.bridge_bot = found
+        return self._hub.bridge_bot is not None
 
     async def renew(self) -> None:
         started = self.monotonic()

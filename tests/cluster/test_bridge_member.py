@@ -123,12 +123,13 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
                 finally:
                     for native in state.natives:
                         await native.close()
+            # While it ran (its stop may refuse a late transaction, which is logged as one).
+            logged = stack.log.read_text(errors="replace").splitlines()
         finally:
             other.stop()
             other.kill()
     problems = other.problems()
     assert not problems, "the other node logged errors:\n" + "\n".join(problems)
-    logged = stack.log.read_text(errors="replace").splitlines()
     errors = [line for line in logged if " ERROR " in line or " CRITICAL " in line]
     assert not errors, "the bridge logged errors:\n" + "\n".join(errors)
 
