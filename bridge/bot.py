@@ -191,7 +191,7 @@ class KalandraBot:
     async def start(self) -> None:
         identity = await self._identity()
         # Native clients learn who the bridge is from the server (`kalandra invite ROOM bridge`).
-        self.server.hub.bridge_bot = (identity.member_id, str(self.bridge.az.bot_mxid))
+        await self.server.hub.announce_bridge_bot(identity.member_id, str(self.bridge.az.bot_mxid))
         core = ExtendedCore(identity.member_id, identity.signing_key)  # + reactions, typing
         await self.state.table.load_into(core)
         self.state.start()

@@ -46,6 +46,8 @@ class Asker(Protocol):
 class ClusterHub(Protocol):
     """What the node needs of its hub."""
 
+    bridge_bot: tuple[int, str] | None
+
     def room_lost(self, room_id: bytes) -> None: ...
 
     async def forwarded(self, message: msg.Forward) -> None: ...
@@ -117,6 +119,7 @@ class ClusterNode:
             asyncio.create_task(self._receive(), name="cluster-receive"),
             asyncio.create_task(self._renew_loop(), name="cluster-renew"),
             asyncio.create_task(self._sweep_loop(), name="cluster-sweep"),
+            asyncio.create_task(self._bridge_loop(), name="cluster-bridge"),
         ]
 
     async def stop(self) -> None:
@@ -175,6 +178,27 @@ class ClusterNode:
         while True:
             await asyncio.sleep(self.config.renew_seconds)
             await self.renew()
+
+    async def _bridge_loop(self) -> None:
+        # Its own task, so a slow read never holds up a renewal; it ends once the bridge is
+        # known (the bridge's identity does not change).
+        while not await self.learn_bridge_bot():  # noqa: ASYNC110 - polling the database
+            await asyncio.sleep(self.config.renew_seconds)
+
+    async def learn_bridge_bot(self) -> bool:
+        """Name the bridge embedded in another process (it may start after this one) to this
+        process's clients, as that process does: clients and the bridge stay unchanged.
+        Whether it is known now."""
+        assert self._hub is not None
+        if self._hub.bridge_bot is None:
+            try:
+                found = await self.store.bridge_bot()
+            except StoreError as exc:
+                log.warning("cluster: reading the bridge's bot failed: %s", exc)
+                return False
+            if self._hub.bridge_bot is None:  # the embedded bridge may have said it meanwhile
+                self._hub.bridge_bot = found
+        return self._hub.bridge_bot is not None
 
     async def renew(self) -> None:
         started = self.monotonic()

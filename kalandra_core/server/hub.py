@@ -119,6 +119,13 @@ class Hub:
         if self.cluster is not None:
             await self.cluster.start(self)
 
+    async def announce_bridge_bot(self, member_id: int, mxid: str) -> None:
+        """The embedding bridge's bot, named to this server's clients in HelloReply; in a
+        cluster also recorded for the other processes, which name it to theirs."""
+        self.bridge_bot = (member_id, mxid)
+        if self.cluster is not None:
+            await self.store.record_bridge_bot(member_id, mxid)
+
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

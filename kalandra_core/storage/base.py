@@ -444,3 +444,12 @@ class Store(Protocol):
     async def lease_owner(self, room_id: bytes) -> str | None:
         """Who holds an unexpired lease on the room, if anyone."""
         ...
+
+    async def record_bridge_bot(self, member_id: int, mxid: str) -> None:
+        """Record the embedded bridge's bot (member id, Matrix user id) for the other
+        processes of a cluster (replacing any earlier record)."""
+        ...
+
+    async def bridge_bot(self) -> tuple[int, str] | None:
+        """The bridge's bot as recorded, if any."""
+        ...

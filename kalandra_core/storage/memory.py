@@ -125,6 +125,7 @@ class MemoryStore:
         self._media: dict[bytes, bytes] = {}  # digest -> block
         self._media_refs: set[tuple[bytes, bytes, int]] = set()  # (room, digest, uploader)
         self._leases: dict[bytes, _Lease] = {}
+        self._bridge_bot: tuple[int, str] | None = None  # the cluster's bridge, as recorded
 
     @classmethod
     async def open(
@@ -515,6 +516,12 @@ class MemoryStore:
     async def lease_owner(self, room_id: bytes) -> str | None:
         lease = self._leases.get(room_id)
         return lease.owner if lease is not None and lease.expires_at > self._clock() else None
+
+    async def record_bridge_bot(self, member_id: int, mxid: str) -> None:
+        self._bridge_bot = (member_id, mxid)
+
+    async def bridge_bot(self) -> tuple[int, str] | None:
+        return self._bridge_bot
 
 
 if TYPE_CHECKING:

@@ -270,3 +270,13 @@ cluster_mail = sa.Table(
     sa.Column("body", sa.LargeBinary(), nullable=False),
     sa.Index("ix_cluster_mail_target", "target_node", "mail_id"),
 )
+
+# Cluster (alembic 0012): the bot of the Matrix bridge embedded in one of the processes (one
+# row, slot 1), so every process names it to its clients in HelloReply.
+cluster_bridge = sa.Table(
+    "cluster_bridge",
+    metadata,
+    sa.Column("slot", sa.Integer(), primary_key=True, autoincrement=False),
+    sa.Column("member_id", U64(), nullable=False),
+    sa.Column("mxid", sa.Text(), nullable=False),
+)

@@ -597,6 +597,14 @@ class SqlStore:
         async with self._read() as conn:
             return await sql_lease.owner(conn, room_id)
 
+    async def record_bridge_bot(self, member_id: int, mxid: str) -> None:
+        async with self._write() as conn:
+            await sql_lease.record_bridge_bot(conn, member_id, mxid)
+
+    async def bridge_bot(self) -> tuple[int, str] | None:
+        async with self._read() as conn:
+            return await sql_lease.bridge_bot(conn)
+
     # --- media ---------------------------------------------------------------------------------
     async def media_put(
         self,

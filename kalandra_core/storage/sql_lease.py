@@ -6,6 +6,9 @@ a token, once superseded, can never become valid again. :func:`check_fence` runs
 transaction of every sequencer write and holds the lease row's lock until that transaction
 ends: an acquisition by another node waits for the write to commit (and then sees it when it
 loads the room), or the write sees the new token and stores nothing.
+
+Also the cluster's record of its bridge's bot (``cluster_bridge``), which every process names
+to its clients.
 """
 
 from __future__ import annotations
@@ -94,3 +97,18 @@ async def check_fence(conn: AsyncConnection, room_id: bytes, token: int) -> None
     )
     if current is None or int(current) != token:
         raise Fenced(room_id, token, None if current is None else int(current))
+
+
+async def record_bridge_bot(conn: AsyncConnection, member_id: int, mxid: str) -> None:
+    # Delete and insert in one transaction: the same on both engines.
+    bridge = db.cluster_bridge
+    await conn.execute(bridge.delete().where(bridge.c.slot == 1))
+    await conn.execute(bridge.insert().values(slot=1, member_id=member_id, mxid=mxid))
+
+
+async def bridge_bot(conn: AsyncConnection) -> tuple[int, str] | None:
+    bridge = db.cluster_bridge
+    row = (
+        await conn.execute(sa.select(bridge.c.member_id, bridge.c.mxid).where(bridge.c.slot == 1))
+    ).first()
+    return None if row is None else (int(row.member_id), str(row.mxid))

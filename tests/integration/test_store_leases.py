@@ -202,3 +202,12 @@ async def test_sqlite_has_no_leases(sqlite_url: str) -> None:
             await store.acquire_lease(rid, "node-a", 10)
     finally:
         await store.close()
+
+
+async def test_the_bridge_bot_recorded_by_one_node_is_read_by_another(pair: Pair) -> None:
+    assert await pair.b.bridge_bot() is None
+    high = (1 << 64) - 5  # member ids are unsigned 64-bit
+    await pair.a.record_bridge_bot(high, "@kalandrabot:example.org")
+    assert await pair.b.bridge_bot() == (high, "@kalandrabot:example.org")
+    await pair.a.record_bridge_bot(7, "@bot:example.org")  # a new record replaces the old
+    assert await pair.b.bridge_bot() == (7, "@bot:example.org")
