@@ -130,8 +130,9 @@ class TransactionGate:
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await work
+        # An ordinary stop, not a fault: no error (the health state dies with the process).
         txn.failed = True
-        txn.reason = "the bridge is stopping"
+        log.info("transaction %s left for the homeserver to send again: stopping", txn_id)
         return _EMPTY
 
     async def _handle(self, txn: _Transaction, txn_id: str, **kwargs: Any) -> JSON:
