@@ -16,7 +16,10 @@ N = 40):
   each of those rooms the same way — Synapse's aggregate client send rate, the other side's.
 * native -> Matrix: every native member sends N at once into its portal; the admin times the
   ghosts' events by /sync. Aggregate rate = messages received / (last arrival - first send).
-  Target: >= 0.90 x the appservice limit.
+  Target: >= 0.90 x the appservice limit. Just after it, the same burst on Synapse alone (the
+  limits' appservice users, one request at a time per room, the admin timing it by /sync) is
+  printed with the bridge's ratio to it: the limit under the same conditions and at nearly the
+  same moment (on a shared machine Synapse's rate moves by a factor of two within minutes).
 * Matrix -> native: the admin sends N into every portal, one request at a time per portal,
   all portals concurrently; the native members time arrivals. Target: >= 0.90 x the client
   limit.
@@ -210,6 +213,44 @@ async def _synapse_limits(
     return Limits(appservice, client, ghosts, rooms)
 
 
+async def _limit_receiver(
+    admin: MatrixUser, limits: Limits, seen: list[Arrivals], count: int, within: float
+) -> None:
+    """The admin's /sync, each event of a room's appservice user noted in its arrivals."""
+    by_room = {
+        room: (ghost.user_id, arrivals)
+        for ghost, room, arrivals in zip(limits.ghosts, limits.rooms, seen, strict=True)
+    }
+    total = count * len(seen)
+    with contextlib.suppress(TimeoutError):  # reported as what did not arrive
+        async with asyncio.timeout(within):
+            while sum(len(a.arrived) for a in seen) < total:
+                for event in await admin.sync(5_000):
+                    sender, arrivals = by_room.get(event.room_id, ("", None))
+                    if arrivals is not None and event.sender == sender:
+                        arrivals.note(str(event.content.get("body", "")), event.arrived)
+
+
+async def _synapse_burst(admin: MatrixUser, limits: Limits, n: int, within: float) -> Aggregate:
+    """The bridge's burst without the bridge, timed as the bridge's is: each appservice user
+    sends ``n`` into its room, one request at a time, all rooms at once, while the admin
+    times arrivals by /sync. Run just after the bridge's burst, it is the limit under the same
+    conditions (a receiver syncing) and at nearly the same moment, which the limit measured
+    earlier on a shared machine is not always."""
+    seen = [Arrivals(f"burst-{secrets.token_hex(3)}") for _ in limits.rooms]
+    await admin.sync(0)  # from now on
+    receiving = asyncio.create_task(_limit_receiver(admin, limits, seen, n, within))
+
+    async def one_room(r: int) -> None:
+        for i in range(n):
+            body = _body(seen[r].tag, i)
+            await limits.ghosts[r].send(limits.rooms[r], body, _html(i, body))
+
+    await asyncio.gather(*(one_room(r) for r in range(len(limits.rooms))))
+    await receiving
+    return Aggregate("Synapse alone", n * len(seen), seen)
+
+
 async def _synapse_latency(
     admin: MatrixUser, limits: Limits, count: int, per_second: float, within: float
 ) -> Aggregate:
@@ -217,23 +258,8 @@ async def _synapse_latency(
     ``count`` into its room at ``per_second`` (not waiting for answers, as the native members
     send), the admin times arrivals by /sync. What the bridge's p99 is held against."""
     seen = [Arrivals(f"lat-{secrets.token_hex(3)}") for _ in limits.rooms]
-    by_room = {
-        room: (ghost.user_id, arrivals)
-        for ghost, room, arrivals in zip(limits.ghosts, limits.rooms, seen, strict=True)
-    }
     await admin.sync(0)  # from now on
-
-    async def receive() -> None:
-        total = count * len(seen)
-        with contextlib.suppress(TimeoutError):  # reported as what did not arrive
-            async with asyncio.timeout(within):
-                while sum(len(a.arrived) for a in seen) < total:
-                    for event in await admin.sync(5_000):
-                        sender, arrivals = by_room.get(event.room_id, ("", None))
-                        if arrivals is not None and event.sender == sender:
-                            arrivals.note(str(event.content.get("body", "")), event.arrived)
-
-    receiving = asyncio.create_task(receive())
+    receiving = asyncio.create_task(_limit_receiver(admin, limits, seen, count, within))
 
     async def one_room(r: int) -> None:
         sends: list[asyncio.Task[str]] = []
@@ -497,6 +523,15 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     )
     n2m = await _native_to_matrix(admin, portals, "native->Matrix at max rate", n, None, within)
     print(n2m.check())
+    # Its latencies are not the bridge's kind (each message is timed from its own request,
+    # not from the burst's start): only the rate is compared.
+    burst = await _synapse_burst(admin, limits, n, within)
+    print(
+        f"bridge-many reference: Synapse alone, the same burst just after (appservice users, "
+        f"the admin syncing), received {burst.received:,} of {burst.sent:,} "
+        f"({burst.throughput:,.1f} msgs/s); bridge / this: "
+        f"{n2m.throughput / burst.throughput if burst.throughput else 0.0:.2f}"
+    )
     m2n = await _matrix_to_native(admin, portals, "Matrix->native at max rate", n, None, within)
     print(m2n.check())
     half = as_limit / 2
