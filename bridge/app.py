@@ -31,6 +31,7 @@ from kalandra_core.storage.reachable import (
     outage,
     wait_for_database,
 )
+from kalandra_core.storage.sqlite_writer import BUSY_TIMEOUT_MS
 from kalandra_core.storage.urls import sqlalchemy_url
 
 from . import __version__, diagnostics, health, log_noise, metrics, permissions
@@ -40,6 +41,7 @@ from .appservice.transactions import TransactionGate
 from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .context import GhostEncryption, Impersonator
+from .db.sqlite_txn import install_immediate_transactions
 from .encryption import e2ee, msc4350
 from .matrix_users import MatrixUser
 from .members.bridged_users import BridgedUsers
@@ -116,8 +118,13 @@ class KalandraBridge(Bridge):
             path = make_url(sqlalchemy_url(self.config.core.database)).database
             if path:
                 make_sqlite_private(path)
-            # As durable as the Kalandra store on the same file (mautrix defaults to NORMAL).
-            opts.setdefault("init_commands", ["PRAGMA synchronous = FULL"])
+            # As durable as the Kalandra store on the same file (mautrix defaults to NORMAL),
+            # and as patient for its lock.
+            opts.setdefault(
+                "init_commands",
+                ["PRAGMA synchronous = FULL", f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"],
+            )
+            install_immediate_transactions()  # the store commits between mautrix's statements
         else:
             # mautrix exits on asyncpg's "internal client error", which a connection cut by a
             # PostgreSQL restart can raise: the failing call is retried like any database error.
