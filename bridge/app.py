@@ -41,6 +41,7 @@ from .appservice.transactions import TransactionGate
 from .bot import BotIdentityLost, KalandraBot
 from .config import EXAMPLE_CONFIG, Config
 from .context import GhostEncryption, Impersonator
+from .db import group_commit
 from .db.sqlite_txn import install_immediate_transactions
 from .encryption import e2ee, msc4350
 from .matrix_users import MatrixUser
@@ -173,6 +174,9 @@ class KalandraBridge(Bridge):
         core = self.config.core
         if not await self._start_kalandra(core.database):
             sys.exit(0)  # stopped while waiting for the database: a clean stop
+        assert self.kalandra is not None
+        # SQLite: the bridge's per-event writes share the store's writer (db/group_commit.py).
+        group_commit.use_group_commit(self.db, self.kalandra.store.sqlite_writer)
         await super().start()
         if self.ghost_devices is not None:
             await self.ghost_devices.start()
@@ -280,6 +284,7 @@ class KalandraBridge(Bridge):
     async def _stop_kalandra(self) -> None:
         if self.kalandra is not None:
             server, self.kalandra = self.kalandra, None
+            group_commit.use_group_commit(self.db, None)
             await server.close()
 
     # --- mautrix's getters: users only, for now ---------------------------------------------

@@ -3,7 +3,10 @@
 
 Why that pool and not a SQLAlchemy engine of our own: it is already open on the same database,
 its ``$1`` placeholders run on SQLite and PostgreSQL alike, and on SQLite one pool means one
-set of writer connections competing for the file lock instead of two. Each table has a small
+set of writer connections competing for the file lock instead of two. The per-event writes of
+the hot path (records, dedupe marks, prepared frames, the bot's state) go through
+``group_commit.py`` instead: on SQLite the Kalandra store's writer, so no lock is met at all,
+and concurrent writes share one transaction. Each table has a small
 module of async functions taking the ``Database``; secrets go in and out sealed
 (``kalandra_core.crypto.sealed`` under ``bridge.mls_state_key``).
 """

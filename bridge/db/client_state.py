@@ -23,7 +23,8 @@ from kalandra_core.client.room import ClientRoom, Pending
 from kalandra_core.crypto import sealed
 from kalandra_core.mls.keypackage import KeyPackageBundle
 
-from .util import transaction
+from . import group_commit
+from .group_commit import Statement
 
 _NO_KEY = b""
 
@@ -134,22 +135,25 @@ class ClientStateTable:
             "INSERT INTO bridge_client_state (owner, kind, key, value) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (owner, kind, key) DO UPDATE SET value = excluded.value"
         )
-        async with transaction(self.db) as conn:
-            for kind, blob in (("bundles", bundles), ("outbox", outbox), ("marks", marks)):
-                if blob is not None:
-                    await conn.execute(upsert, self.owner, kind, _NO_KEY, self._seal(kind, blob))
-            for room_id, state in rooms.items():
-                if state is None:
-                    await conn.execute(
+        statements: list[Statement] = [
+            (upsert, (self.owner, kind, _NO_KEY, self._seal(kind, blob)))
+            for kind, blob in (("bundles", bundles), ("outbox", outbox), ("marks", marks))
+            if blob is not None
+        ]
+        for room_id, state in rooms.items():
+            if state is None:
+                statements.append(
+                    (
                         "DELETE FROM bridge_client_state"
                         " WHERE owner = $1 AND kind = 'room' AND key = $2",
-                        self.owner,
-                        room_id,
+                        (self.owner, room_id),
                     )
-                else:
-                    await conn.execute(
-                        upsert, self.owner, "room", room_id, self._seal("room", state)
-                    )
+                )
+            else:
+                statements.append(
+                    (upsert, (self.owner, "room", room_id, self._seal("room", state)))
+                )
+        await group_commit.write(self.db, statements)
 
 
 def bundles_blob(core: ClientCore) -> bytes:

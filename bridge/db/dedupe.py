@@ -6,7 +6,8 @@ from __future__ import annotations
 from mautrix.types import EventID
 from mautrix.util.async_db import Database
 
-from .util import now_ms, transaction
+from . import group_commit
+from .util import now_ms
 
 
 class DedupeTable:
@@ -27,11 +28,15 @@ class DedupeTable:
         return None if value is None else str(value).split(":", 1)[0]
 
     async def mark_txn(self, txn_id: str) -> None:
-        await self.db.execute(
-            "INSERT INTO bridge_appservice_txns (txn_id, processed_at) VALUES ($1, $2)"
-            " ON CONFLICT (txn_id) DO NOTHING",
-            txn_id,
-            now_ms(),
+        await group_commit.write(
+            self.db,
+            [
+                (
+                    "INSERT INTO bridge_appservice_txns (txn_id, processed_at) VALUES ($1, $2)"
+                    " ON CONFLICT (txn_id) DO NOTHING",
+                    (txn_id, now_ms()),
+                )
+            ],
         )
 
     async def claim_event(self, event_id: EventID) -> bool:
@@ -49,15 +54,17 @@ class DedupeTable:
     async def record_done(self, event_id: EventID, failure: str | None = None) -> None:
         """A Matrix event is handled for good: bridged (``failure`` None), or not, and why
         (its status event and notice were sent first). A prepared frame is forgotten."""
-        async with transaction(self.db) as conn:
-            await conn.execute(
-                "INSERT INTO bridge_matrix_events (event_id, processed_at, failure)"
-                " VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
-                event_id,
-                now_ms(),
-                failure,
-            )
-            await conn.execute("DELETE FROM bridge_outgoing WHERE event_id = $1", event_id)
+        await group_commit.write(
+            self.db,
+            [
+                (
+                    "INSERT INTO bridge_matrix_events (event_id, processed_at, failure)"
+                    " VALUES ($1, $2, $3) ON CONFLICT (event_id) DO NOTHING",
+                    (event_id, now_ms(), failure),
+                ),
+                ("DELETE FROM bridge_outgoing WHERE event_id = $1", (event_id,)),
+            ],
+        )
 
     async def forget(self, event_id: EventID, failure: str) -> None:
         """Drop the record of an event set aside with ``failure`` (it is handled again)."""

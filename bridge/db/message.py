@@ -10,7 +10,8 @@ from __future__ import annotations
 from mautrix.types import EventID, RoomID
 from mautrix.util.async_db import Database
 
-from .util import now_ms, transaction
+from . import group_commit
+from .util import now_ms
 
 TO_MATRIX = "to_matrix"
 TO_KALANDRA = "to_kalandra"
@@ -23,26 +24,23 @@ class MessageTable:
     async def record_to_matrix(
         self, room_id: bytes, log_index: int, mx_room: RoomID, event_id: EventID
     ) -> None:
-        async with transaction(self.db) as conn:
-            await conn.execute(
-                "INSERT INTO bridge_messages"
-                " (room_id, log_index, mx_room, event_id, direction, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (room_id, log_index) DO NOTHING",
-                room_id,
-                log_index,
-                mx_room,
-                event_id,
-                TO_MATRIX,
-                now_ms(),
-            )
-            await conn.execute(
-                "UPDATE bridge_portals SET last_log_index = $2, last_event_id = $3"
-                " WHERE room_id = $1 AND last_log_index < $2",
-                room_id,
-                log_index,
-                event_id,
-            )
+        await group_commit.write(
+            self.db,
+            [
+                (
+                    "INSERT INTO bridge_messages"
+                    " (room_id, log_index, mx_room, event_id, direction, created_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)"
+                    " ON CONFLICT (room_id, log_index) DO NOTHING",
+                    (room_id, log_index, mx_room, event_id, TO_MATRIX, now_ms()),
+                ),
+                (
+                    "UPDATE bridge_portals SET last_log_index = $2, last_event_id = $3"
+                    " WHERE room_id = $1 AND last_log_index < $2",
+                    (room_id, log_index, event_id),
+                ),
+            ],
+        )
 
     async def record_to_kalandra(
         self, room_id: bytes, log_index: int, mx_room: RoomID, event_id: EventID
@@ -50,26 +48,24 @@ class MessageTable:
         """A Matrix event sequenced as (room, log index): the map row and the event's dedupe
         mark in one transaction, and its prepared frame (outgoing.py) forgotten (the portal's
         ``last_log_index`` is the other direction's)."""
-        async with transaction(self.db) as conn:
-            await conn.execute(
-                "INSERT INTO bridge_messages"
-                " (room_id, log_index, mx_room, event_id, direction, created_at)"
-                " VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (room_id, log_index) DO NOTHING",
-                room_id,
-                log_index,
-                mx_room,
-                event_id,
-                TO_KALANDRA,
-                now_ms(),
-            )
-            await conn.execute(
-                "INSERT INTO bridge_matrix_events (event_id, processed_at) VALUES ($1, $2)"
-                " ON CONFLICT (event_id) DO NOTHING",
-                event_id,
-                now_ms(),
-            )
-            await conn.execute("DELETE FROM bridge_outgoing WHERE event_id = $1", event_id)
+        await group_commit.write(
+            self.db,
+            [
+                (
+                    "INSERT INTO bridge_messages"
+                    " (room_id, log_index, mx_room, event_id, direction, created_at)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)"
+                    " ON CONFLICT (room_id, log_index) DO NOTHING",
+                    (room_id, log_index, mx_room, event_id, TO_KALANDRA, now_ms()),
+                ),
+                (
+                    "INSERT INTO bridge_matrix_events (event_id, processed_at) VALUES ($1, $2)"
+                    " ON CONFLICT (event_id) DO NOTHING",
+                    (event_id, now_ms()),
+                ),
+                ("DELETE FROM bridge_outgoing WHERE event_id = $1", (event_id,)),
+            ],
+        )
 
     async def event_for(self, room_id: bytes, log_index: int) -> EventID | None:
         value = await self.db.fetchval(

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mautrix.types import EventID
-from mautrix.util.async_db import Connection as LoggingConnection
 from mautrix.util.async_db import Database
 
-from .util import now_ms, transaction, u64_from_db, u64_to_db
+from . import group_commit
+from .group_commit import Statement
+from .util import now_ms, u64_from_db, u64_to_db
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,27 +52,30 @@ class OutgoingTable:
         self.db = db
 
     async def prepare(self, item: Outgoing, mark: SendMark | None = None) -> None:
-        async with transaction(self.db) as conn:
-            await conn.execute(
+        statements: list[Statement] = [
+            (
                 "INSERT INTO bridge_outgoing"
                 " (event_id, room_id, sender_id, request_id, frame, created_at)"
                 " VALUES ($1, $2, $3, $4, $5, $6)"
                 " ON CONFLICT (event_id) DO UPDATE SET sender_id = excluded.sender_id,"
                 " request_id = excluded.request_id, frame = excluded.frame",
-                item.event_id,
-                item.room_id,
-                u64_to_db(item.sender_id),
-                item.request_id,
-                item.frame,
-                now_ms(),
+                (
+                    item.event_id,
+                    item.room_id,
+                    u64_to_db(item.sender_id),
+                    item.request_id,
+                    item.frame,
+                    now_ms(),
+                ),
             )
-            if mark is not None:
-                await _mark(conn, item.room_id, mark)
+        ]
+        if mark is not None:
+            statements.append(_mark(item.room_id, mark))
+        await group_commit.write(self.db, statements)
 
     async def mark(self, room_id: bytes, mark: SendMark) -> None:
         """Only the high-water mark (the bot's own sends, through its client)."""
-        async with transaction(self.db) as conn:
-            await _mark(conn, room_id, mark)
+        await group_commit.write(self.db, [_mark(room_id, mark)])
 
     async def get(self, event_id: EventID) -> Outgoing | None:
         row = await self.db.fetchrow(
@@ -103,5 +107,5 @@ class OutgoingTable:
         return [SendMark(int(r["epoch"]), int(r["leaf"]), int(r["generation"])) for r in rows]
 
 
-async def _mark(conn: LoggingConnection, room_id: bytes, mark: SendMark) -> None:
-    await conn.execute(_UPSERT_MARK, room_id, mark.epoch, mark.leaf, mark.generation)
+def _mark(room_id: bytes, mark: SendMark) -> Statement:
+    return (_UPSERT_MARK, (room_id, mark.epoch, mark.leaf, mark.generation))

@@ -146,6 +146,13 @@ class SqlStore:
                 if value == "off":
                     log.warning("PostgreSQL %s is off: acknowledged frames may be lost", setting)
 
+    @property
+    def sqlite_writer(self) -> SqliteWriter | None:
+        """SQLite: the connection and thread every write of this store goes through, for a
+        process that writes its own tables in the same file without meeting this store on the
+        file lock (None on PostgreSQL)."""
+        return self._fast
+
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
         if self._fast is None:
