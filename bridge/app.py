@@ -43,6 +43,7 @@ from .config import EXAMPLE_CONFIG, Config
 from .context import GhostEncryption, Impersonator
 from .db import group_commit
 from .db.sqlite_txn import install_immediate_transactions
+from .db.state_store import BridgeStateStore
 from .encryption import e2ee, msc4350
 from .matrix_users import MatrixUser
 from .members.bridged_users import BridgedUsers
@@ -66,6 +67,7 @@ class KalandraBridge(Bridge):
     markdown_version = __version__
     config_class = Config
     matrix_class = MatrixHandler
+    state_store_class = BridgeStateStore  # a room's member writes one at a time
     # Empty on purpose: the bridge's tables are in alembic/ with the rest of ours. mautrix's
     # state and crypto stores keep their own version tables (mx_version, crypto_version).
     upgrade_table = UpgradeTable()
