@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+
+import aiohttp
 import pytest
 from mautrix.errors import (
     IntentError,
@@ -14,7 +17,9 @@ from mautrix.errors import (
     MTooLarge,
     MUnknownToken,
 )
+from mautrix.errors.crypto import EncryptionError
 
+from bridge.portal import set_aside
 from bridge.portal.set_aside import (
     Attempts,
     content_size,
@@ -22,6 +27,7 @@ from bridge.portal.set_aside import (
     permanent_reason,
     split_text,
 )
+from kalandra_core.client.driver import ClientError
 
 
 def refused_join() -> IntentError:
@@ -96,3 +102,51 @@ def test_the_log_index_a_set_aside_notice_stands_for(
     content: dict[str, object], index: int | None
 ) -> None:
     assert notice_for(content) == index
+
+
+def _caused(exc: BaseException, cause: BaseException) -> BaseException:
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise exc from inner
+    except BaseException as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "unexplained"),
+    [
+        (KeyError("body"), True),  # a conversion of ours raising on some content
+        (ValueError("bad"), True),
+        (EncryptionError("no session"), True),
+        (_caused(EncryptionError("no keys"), MatrixConnectionError("down")), False),
+        (_caused(RuntimeError("wrapped"), sqlite3.OperationalError("locked")), False),
+        (MatrixConnectionError("down"), False),
+        (MatrixStandardRequestError(502, "bad gateway"), False),
+        (aiohttp.ClientConnectionError(), False),
+        (TimeoutError(), False),
+        (OSError("reset"), False),
+        (ClientError("no answer", 0), False),
+    ],
+)
+def test_which_failures_waiting_cannot_explain(exc: BaseException, unexplained: bool) -> None:
+    assert set_aside.unexplained(exc) is unexplained
+
+
+def test_an_error_of_the_bridges_own_is_set_aside_after_its_attempts() -> None:
+    """Retried forever, it would stall the portal's queue toward Matrix behind that item."""
+    attempts = Attempts()
+    for _ in range(set_aside.INTERNAL_ATTEMPTS - 1):
+        assert attempts.set_aside(KeyError("body")) is None
+    assert attempts.set_aside(KeyError("body")) == "internal error (KeyError)"
+
+
+def test_a_transient_failure_between_restarts_the_count() -> None:
+    attempts = Attempts()
+    for _ in range(set_aside.INTERNAL_ATTEMPTS - 1):
+        assert attempts.set_aside(ValueError("bad")) is None
+    assert attempts.set_aside(MatrixConnectionError("down")) is None
+    assert attempts.set_aside(ValueError("bad")) is None  # counts from 1 again
+    for _ in range(100):  # the homeserver down for long: never set aside
+        assert attempts.set_aside(MatrixConnectionError("down")) is None
