@@ -8,6 +8,9 @@ owns one plain ``sqlite3`` connection on one thread (a one-worker executor) and 
 append transaction there in a single hop, with the statements, checks and errors of
 ``sql_log.append``.
 
+Reads that move many bytes (media blocks, :meth:`SqliteWriter.read`) take one hop too, on a
+read-only connection with a thread of its own, so they never wait behind a commit.
+
 Appends of different rooms that wait for the thread together are committed together (group
 commit): one transaction, one fsync, each append in a savepoint of its own, so one that fails
 (a conflict, a room gone) is rolled back alone and the others commit. No append is answered
