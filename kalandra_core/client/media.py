@@ -28,7 +28,7 @@ from ..proto import Frame, Opcode, Payload, PayloadDecodeError
 from ..proto.payloads import CasBlock, CasHashes, decode_payload
 from .core import ClientCore
 
-IN_FLIGHT: Final = 12  # blocks per transfer (3 MiB): most of the default send window's bytes
+IN_FLIGHT: Final = 24  # blocks per transfer (6 MiB): the default send window's bytes
 
 
 class MediaClient(Protocol):

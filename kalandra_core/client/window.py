@@ -16,7 +16,7 @@ Sans-IO: the caller passes the clock in.
 from __future__ import annotations
 
 DEFAULT_FRAMES = 32  # well under the default burst of a server session (400)
-DEFAULT_BYTES = 4 * 1024 * 1024  # under a transport's default send buffer (8 MiB)
+DEFAULT_BYTES = 6 * 1024 * 1024  # under a transport's default send buffer (8 MiB)
 
 
 class SendWindow:

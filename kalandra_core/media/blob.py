@@ -16,11 +16,8 @@ from typing import Any, Final
 
 import cbor2
 from blake3 import blake3
-from nacl.bindings import (
-    crypto_aead_xchacha20poly1305_ietf_decrypt,
-    crypto_aead_xchacha20poly1305_ietf_encrypt,
-)
-from nacl.exceptions import CryptoError
+
+from .xchacha import AuthenticationError, XChaCha20Poly1305
 
 BLOCK_SIZE: Final = 256 * 1024  # plaintext bytes per block (the last one may be shorter)
 TAG_SIZE: Final = 16
@@ -174,6 +171,7 @@ class BlobEncryptor:
         if key is not None and len(key) != KEY_SIZE:
             raise MediaError("a media key is 32 bytes")
         self.key = key if key is not None else os.urandom(KEY_SIZE)
+        self._aead = XChaCha20Poly1305(self.key)
         self.size = 0
         self._hashes: list[bytes] = []
         self._plain = blake3()
@@ -184,9 +182,7 @@ class BlobEncryptor:
             raise MediaError("blocks are full BLOCK_SIZE chunks but for the last one")
         self._short = len(plaintext) < BLOCK_SIZE
         index = len(self._hashes)
-        data = crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plaintext, _ad(_BLOCK_AD, index), _nonce(index), self.key
-        )
+        data = self._aead.encrypt(_nonce(index), plaintext, _ad(_BLOCK_AD, index))
         digest = block_hash(data)
         self._hashes.append(digest)
         self._plain.update(plaintext)
@@ -198,9 +194,7 @@ class BlobEncryptor:
         plain = manifest.encode()
         if len(plain) > BLOCK_SIZE:
             raise MediaError("file too large for one manifest block")
-        data = crypto_aead_xchacha20poly1305_ietf_encrypt(
-            plain, _ad(_MANIFEST_AD, 0), _nonce(_MANIFEST_INDEX), self.key
-        )
+        data = self._aead.encrypt(_nonce(_MANIFEST_INDEX), plain, _ad(_MANIFEST_AD, 0))
         return EncryptedBlock(block_hash(data), data)
 
 
@@ -210,6 +204,7 @@ class BlobDecryptor:
 
     def __init__(self, ref: MediaRef) -> None:
         self.ref = ref
+        self._aead = XChaCha20Poly1305(ref.key)
         self.manifest: Manifest | None = None
         self._next = 0
         self._plain = blake3()
@@ -219,10 +214,8 @@ class BlobDecryptor:
         if block_hash(data) != self.ref.manifest:
             raise MediaError("media manifest does not match its hash (tampered or corrupt)")
         try:
-            plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
-                data, _ad(_MANIFEST_AD, 0), _nonce(_MANIFEST_INDEX), self.ref.key
-            )
-        except CryptoError:
+            plain = self._aead.decrypt(_nonce(_MANIFEST_INDEX), data, _ad(_MANIFEST_AD, 0))
+        except AuthenticationError:
             raise MediaError("media manifest does not decrypt with the shared key") from None
         manifest = Manifest.decode(plain)
         if manifest.size != self.ref.size:
@@ -238,10 +231,8 @@ class BlobDecryptor:
         if block_hash(data) != manifest.blocks[index]:
             raise MediaError(f"media block {index} does not match its hash (tampered or corrupt)")
         try:
-            plain = crypto_aead_xchacha20poly1305_ietf_decrypt(
-                data, _ad(_BLOCK_AD, index), _nonce(index), self.ref.key
-            )
-        except CryptoError:
+            plain = self._aead.decrypt(_nonce(index), data, _ad(_BLOCK_AD, index))
+        except AuthenticationError:
             raise MediaError(f"media block {index} fails authentication") from None
         self._next += 1
         self._plain.update(plain)

@@ -55,10 +55,14 @@ class SkippedFrame(Frame):
 
 
 class FrameDecoder:
-    __slots__ = ("_buf", "_error", "_header", "_limit", "_skip")
+    __slots__ = ("_buf", "_error", "_have", "_header", "_limit", "_parts", "_skip")
 
     def __init__(self, limit: Callable[[], ReadLimit] | None = None) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # a header being assembled
+        # A payload being assembled: its chunks, joined once complete (one copy of a large
+        # payload rather than one per chunk it spans and one more to make it bytes).
+        self._parts: list[bytes | memoryview] = []
+        self._have = 0
         self._header: FrameHeader | None = None
         self._error: ProtocolError | None = None
         self._limit = limit
@@ -67,7 +71,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held for the frame in progress (never more than 128 + 16 MiB)."""
-        return len(self._buf) + (HEADER_SIZE if self._header is not None else 0)
+        return len(self._buf) + self._have + (HEADER_SIZE if self._header is not None else 0)
 
     @property
     def max_buffered(self) -> int:
@@ -76,7 +80,7 @@ class FrameDecoder:
     @property
     def at_frame_boundary(self) -> bool:
         """True when no partial frame is pending (a clean place for the stream to end)."""
-        return self._header is None and not self._buf and not self._skip
+        return self._header is None and not self._buf and not self._skip and not self._have
 
     def _admit(self, header: FrameHeader) -> bool:
         """Whether to read this header's payload (False: skip it); raises if refused."""
@@ -137,14 +141,19 @@ class FrameDecoder:
                         continue
                     self._header = header
                     continue
-                need = self._header.payload_size - len(self._buf)
-                self._buf += view[:need]
+                need = self._header.payload_size - self._have
+                part = view[:need]
                 view = view[need:]
-                if len(self._buf) < self._header.payload_size:
+                # A slice of an immutable chunk is kept as is; any other buffer may be reused
+                # by its owner, so its bytes are copied.
+                self._parts.append(part if isinstance(data, bytes) else bytes(part))
+                self._have += len(part)
+                if self._have < self._header.payload_size:
                     break
-                frames.append(Frame(self._header, bytes(self._buf)))
+                frames.append(Frame(self._header, b"".join(self._parts)))
                 self._header = None
-                self._buf.clear()
+                self._parts.clear()
+                self._have = 0
             # A header announcing an empty payload completes without further bytes.
             if self._header is not None and self._header.payload_size == 0:
                 frames.append(Frame(self._header, b""))
@@ -152,6 +161,8 @@ class FrameDecoder:
         except ProtocolError as exc:
             self._error = exc
             self._buf = bytearray()
+            self._parts = []
+            self._have = 0
             self._header = None
             self._skip = 0
             if not frames:
@@ -164,7 +175,7 @@ class FrameDecoder:
         if self._error is not None:
             raise self._error
         if self._header is not None:
-            raise FrameTruncated(self._header.payload_size, len(self._buf))
+            raise FrameTruncated(self._header.payload_size, self._have)
         if self._skip:
             raise FrameTruncated(self._skip, 0)
         if self._buf:

@@ -645,6 +645,9 @@ class SqlStore:
             return await sql_media.get(conn, room_id, digest)
 
     async def media_get_many(self, room_id: bytes, digests: Sequence[bytes]) -> list[bytes | None]:
+        if self._fast is not None:
+            fast = self._fast
+            return await fast.read(lambda conn: sqlite_media.get_many(conn, room_id, digests))
         async with self._read() as conn:
             return await sql_media.get_many(conn, room_id, digests)
 

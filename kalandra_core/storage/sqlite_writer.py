@@ -8,6 +8,9 @@ owns one plain ``sqlite3`` connection on one thread (a one-worker executor) and 
 append transaction there in a single hop, with the statements, checks and errors of
 ``sql_log.append``.
 
+Reads that move many bytes (media blocks, :meth:`SqliteWriter.read`) take one hop too, on a
+read-only connection with a thread of its own, so they never wait behind a commit.
+
 Appends of different rooms that wait for the thread together are committed together (group
 commit): one transaction, one fsync, each append in a savepoint of its own, so one that fails
 (a conflict, a room gone) is rolled back alone and the others commit. No append is answered
@@ -255,6 +258,10 @@ class SqliteWriter:
         # Appends waiting for the thread; the first one queues the job that commits them all.
         self._waiting: list[_Append] = []
         self._waiting_lock = threading.Lock()
+        # Reads that move many bytes (media blocks) in one hop, on a read-only connection of
+        # their own thread: a block read never waits behind a commit's fsync.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kalandra-sqlite-r")
+        self._read_conn: sqlite3.Connection | None = None  # touched on the reader's thread only
 
     @classmethod
     async def open(cls, path: str) -> SqliteWriter:
@@ -282,6 +289,31 @@ class SqliteWriter:
         if self._conn is None:
             raise StoreError("the store is closed")
         return self._conn
+
+    async def read(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """``body`` on the read-only connection, in one hop (one snapshot: a transaction)."""
+        if self._closed:
+            raise StoreError("the store is closed")
+
+        def run() -> T:
+            conn = self._read_conn
+            if conn is None:
+                conn = sqlite3.connect(
+                    self._path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+                )
+                for pragma in _READER_PRAGMAS:
+                    conn.execute(pragma).close()
+                self._read_conn = conn
+            try:
+                conn.execute("BEGIN")
+                try:
+                    return body(conn)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, run)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         if self._closed:
@@ -388,6 +420,13 @@ class SqliteWriter:
                 self._conn.close()
                 self._conn = None
 
+        def close_reader() -> None:
+            if self._read_conn is not None:
+                self._read_conn.close()
+                self._read_conn = None
+
+        reader_closed = asyncio.get_running_loop().run_in_executor(self._reader, close_reader)
+
         done = False
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, close_connection)
@@ -395,3 +434,6 @@ class SqliteWriter:
         finally:
             # After the close job every earlier job has run: the thread is idle and joins now.
             self._executor.shutdown(wait=done)
+            with contextlib.suppress(Exception):
+                await reader_closed
+            self._reader.shutdown(wait=True)

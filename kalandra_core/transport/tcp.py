@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from typing import Any
+from typing import Any, Final
 
 from ..proto import FrameDecoder, ProtocolError
 from .interface import (
@@ -47,6 +47,9 @@ def may_queue(buffered: int, size: int, max_buffered: int) -> bool:
     can be sent on an idle connection.
     """
     return buffered == 0 or buffered + size <= max_buffered
+
+
+READ_SIZE: Final = 1024 * 1024  # bytes asked of each recv (asyncio's default: 256 KiB)
 
 
 class TcpConnection(asyncio.Protocol):
@@ -132,6 +135,10 @@ class TcpConnection(asyncio.Protocol):
             # Frames are latency-sensitive messages; never wait to coalesce them.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(getattr(transport, "max_size", None), int):
+            # asyncio reads at most 256 KiB per recv: less than one media block with its
+            # framing, so every block would span two reads and be assembled from pieces.
+            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
         self._session = self._factory(self)
         # The session's read limit judges each header before its payload is buffered.
         self._decoder = FrameDecoder(read_limit_of(self._session))

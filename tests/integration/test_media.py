@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from kalandra_core.client.content import Content
 from kalandra_core.client.driver import Client, ClientError
-from kalandra_core.client.media import _Transfer, missing
+from kalandra_core.client.media import IN_FLIGHT, _Transfer, missing
 from kalandra_core.media import BLOCK_SIZE, MAX_BLOCK, BlobEncryptor, MediaError, block_hash
 from kalandra_core.proto import ErrorCode, Opcode
 from kalandra_core.proto.payloads import CasBlock, CasHashes
@@ -212,3 +212,43 @@ async def test_a_tampered_block_fails_the_download(server: RunningServer, db_url
         await b.download_media(room, ref)
     for client in (a, b):
         await client.close()
+
+
+async def test_a_block_refused_mid_window_stores_nothing_and_the_upload_resumes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A whole window of blocks is in flight when one is refused (over the quota): the upload
+    fails with that Error, the refused blocks are not stored, those before them are, and the
+    same upload with the same key later sends only what the room lacks."""
+    blocks = 12
+    assert blocks <= IN_FLIGHT  # every block of the file goes out before the first answer
+    config = ServerConfig(
+        database=db_url,
+        tcp_port=0,
+        quic_port=None,
+        data_dir=tmp_path,
+        media=MediaConfig(max_size=MAX_SIZE, quota_per_member=5 * MAX_BLOCK),
+    )
+    server = await start_server(config)
+    try:
+        a, b, room = await room_of_two(server)
+        data, key = os.urandom(blocks * BLOCK_SIZE), os.urandom(32)
+        encryptor = BlobEncryptor(key)
+        hashes = [
+            encryptor.block(data[i : i + BLOCK_SIZE]).hash for i in range(0, len(data), BLOCK_SIZE)
+        ]
+        with pytest.raises(ClientError) as caught:
+            await a.upload_media(room, data, key=key)
+        assert caught.value.code == ErrorCode.QUOTA_EXCEEDED
+        await a.settle()
+        assert await server.store.media_present(room, hashes) == hashes[:5]
+        assert await server.store.media_usage(a.core.member_id) == 5 * MAX_BLOCK
+        server.hub.config.media.quota_per_member = 0  # the member made room
+        ref = await a.upload_media(room, data, key=key)
+        assert await server.store.media_present(room, hashes) == hashes
+        assert [await server.store.media_refcount(h) for h in hashes] == [1] * blocks
+        assert await b.download_media(room, ref) == data
+        for client in (a, b):
+            await client.close()
+    finally:
+        await server.close()

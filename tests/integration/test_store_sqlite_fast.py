@@ -17,6 +17,7 @@ from integration.store_helpers import COMMIT, HIGH, OWNER, entry, new_room, room
 from kalandra_core.storage import (
     AppendConflict,
     BanRecord,
+    MediaPut,
     NotFound,
     Role,
     Room,
@@ -214,6 +215,27 @@ async def test_close_shuts_the_connection_and_the_thread(sqlite_url: str) -> Non
     with pytest.raises(StoreError, match="closed"):
         await store.append(rid, [entry(1)])
     await store.close()  # twice is harmless
+
+
+async def test_media_blocks_read_in_one_hop_see_every_committed_write(sqlite_url: str) -> None:
+    """Blocks are read on the writer's read-only connection: they see the group commit's
+    puts and a release made through SQLAlchemy, answer per digest asked (repeats, unknown
+    digests and other rooms' blocks included), and the store refuses reads once closed."""
+    store = await SqlStore.open(sqlite_url)
+    rid, other = await new_room(store), await new_room(store, 2)
+    blocks = {bytes([i]) * 32: bytes([i]) * (1000 + i) for i in range(3)}
+    puts = [MediaPut(rid, d, data, HIGH) for d, data in blocks.items()]
+    assert await store.media_put_many(puts) == [True, True, True]
+    d0, d1, d2 = blocks
+    unknown = b"\xff" * 32
+    got = await store.media_get_many(rid, [d1, unknown, d0, d1])
+    assert got == [blocks[d1], None, blocks[d0], blocks[d1]]
+    assert await store.media_get_many(other, [d0]) == [None]
+    assert await store.media_release(rid, [d1], None) == [d1]
+    assert await store.media_get_many(rid, [d0, d1, d2]) == [blocks[d0], None, blocks[d2]]
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.media_get_many(rid, [d0])
 
 
 _CHILD = """

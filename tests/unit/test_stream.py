@@ -145,3 +145,27 @@ def test_an_oversized_payload_is_skipped_unread_and_framing_holds() -> None:
     dec.feed(big.encode()[:-1])
     with pytest.raises(FrameTruncated):
         dec.eof()
+
+
+def test_large_payloads_from_a_reused_buffer_and_from_bytes_chunks() -> None:
+    """A payload that spans many chunks comes out whole, whether the transport hands over
+    ``bytes`` (kept as slices until the payload is complete) or a buffer it fills again for
+    the next read (copied at once)."""
+    payloads = [bytes([i]) * (300_000 + i) for i in range(3)]
+    frames = [Frame.new(FrameHeader(Opcode.CAS_PUT, room_id=1), p) for p in payloads]
+    stream = b"".join(f.encode() for f in frames)
+    for reuse in (False, True):
+        dec = FrameDecoder()
+        out: list[Frame] = []
+        buffer = bytearray(65_536)
+        for i in range(0, len(stream), len(buffer)):
+            chunk = stream[i : i + len(buffer)]
+            if reuse:
+                buffer[: len(chunk)] = chunk
+                out += dec.feed(memoryview(buffer)[: len(chunk)])
+                buffer[:] = bytes(len(buffer))  # the owner reuses its buffer
+            else:
+                out += dec.feed(chunk)
+        assert [f.payload for f in out] == payloads
+        assert all(isinstance(f.payload, bytes) for f in out)
+        assert dec.at_frame_boundary
