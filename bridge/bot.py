@@ -30,6 +30,7 @@ from mautrix.types import UserID
 from nacl.signing import SigningKey
 
 from kalandra_core.client import events as ev
+from kalandra_core.client import window
 from kalandra_core.client.bridge_invite import invited_mxid
 from kalandra_core.client.core import ClientCore
 from kalandra_core.client.driver import Client, ServerAddress
@@ -215,7 +216,13 @@ class KalandraBot:
             _EMBEDDED,
             identity.token,
             state=self.state,  # type: ignore[arg-type]  # ClientState's save, save_all, durable
-            connector=loopback_connector(self.server.hub.session_factory),
+            # The bot's media transfers may fill its whole send window with blocks the server
+            # answers (DEFAULT_BYTES): on top of the usual slow-reader headroom for the rooms'
+            # traffic, not out of it.
+            connector=loopback_connector(
+                self.server.hub.session_factory,
+                max_buffered=limits.send_buffer + window.DEFAULT_BYTES,
+            ),
             keepalive=max(1.0, min(30.0, limits.idle_timeout / 3)),
         )
         client.messages = _MessageRouter(self)
