@@ -86,6 +86,7 @@ def main() -> int:
 def _write_report(out: Path, header: str, title: str, results: Results) -> None:
     """The report is a by-product: failing to write it is printed, never fails the run."""
     try:
+        out.mkdir(parents=True, exist_ok=True)
         written = write_report(out, header, title, results.figures, results.distributions)
     except Exception as exc:
         print(f"report: not fully written ({type(exc).__name__}: {exc})")
