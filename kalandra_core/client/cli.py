@@ -24,7 +24,7 @@ from . import events as ev
 from .bridge_invite import invite_content
 from .content import Content
 from .core import ClientCore
-from .driver import Client, ClientError, ServerAddress
+from .driver import Client, ClientError, ServerAddress, addresses_text
 from .events import Message
 from .extras import ExtendedCore, react
 from .profile import Profile, with_profile
@@ -66,19 +66,19 @@ def _print(lines: list[str]) -> None:
 async def _login(args: argparse.Namespace) -> int:
     state = ClientState(_state_path(args))
     try:
-        address = ServerAddress.parse(args.server)
+        addresses = ServerAddress.parse_many(args.server)
         signing_key = bytes(SigningKey.generate())
         # The member id comes from the server (HelloReply) the first time the token is used.
         core = ClientCore(0, signing_key)
         credential = args.code or args.token
-        client = Client(core, address, credential, ca_certificate=_ca(args.ca), reconnect=False)
+        client = Client(core, addresses, credential, ca_certificate=_ca(args.ca), reconnect=False)
         await client.connect()
         if core.member_id == 0:
             raise UsageError("the server did not say which member this token belongs to")
         if args.code and client.token == credential:
             raise UsageError("the server did not exchange the login code for a device token")
         state.save_identity(
-            server=str(address),
+            server=addresses_text(addresses),
             token=client.token,
             member_id=core.member_id,
             signing_key=signing_key,
@@ -104,7 +104,7 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Client], Awaita
         state.load_into(core)
         client = Client(
             core,
-            ServerAddress.parse(identity.server),
+            ServerAddress.parse_many(identity.server),
             identity.token,
             state=state,
             ca_certificate=identity.ca,
@@ -454,7 +454,12 @@ def add_client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         return p
 
     p = parser("login", "bind this device to an account (login code or device token)")
-    p.add_argument("--server", required=True, help="tcp://host:port or quic://host:port")
+    p.add_argument(
+        "--server",
+        required=True,
+        help="tcp://host:port or quic://host:port; several, comma-separated, for the processes "
+        "of a cluster (the next is tried when one fails)",
+    )
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("--code", help="single-use login code (`kalandra admin issue-code`)")
     given.add_argument("--token", help="device token (`kalandra admin issue-token`)")

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
@@ -91,8 +91,25 @@ class ServerAddress:
             raise ValueError("server address must look like tcp://host:port or quic://host:port")
         return cls(parts.scheme, parts.hostname, parts.port)
 
+    @classmethod
+    def parse_many(cls, text: str) -> list[ServerAddress]:
+        """Comma-separated addresses: the processes of one cluster, any of which serves."""
+        urls = [url.strip() for url in text.split(",") if url.strip()]
+        if not urls:
+            raise ValueError("no server address given")
+        return [cls.parse(url) for url in urls]
+
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def addresses_text(addresses: Sequence[ServerAddress]) -> str:
+    """What ``ServerAddress.parse_many`` reads back."""
+    return ",".join(str(address) for address in addresses)
 
 
 # Answers that resolve the request they echo; the core never sees them (media blocks are not
@@ -140,7 +157,7 @@ class Client:
     def __init__(
         self,
         core: ClientCore,
-        address: ServerAddress,
+        address: ServerAddress | Sequence[ServerAddress],
         token: str,
         *,
         state: ClientState | None = None,
@@ -161,7 +178,12 @@ class Client:
         # connection is dead (a crashed server leaves QUIC silent until its idle timeout).
         self.keepalive = keepalive
         self.core = core
-        self.address = address
+        # Several: processes of one cluster (any serves every room). A connection that fails,
+        # or is lost, moves on to the next, so a dead process is not waited for.
+        self.addresses = (address,) if isinstance(address, ServerAddress) else tuple(address)
+        if not self.addresses:
+            raise ValueError("a client needs a server address")
+        self._at = 0  # the index of the address in use
         self._token = token
         self.state = state
         core.write_ahead = state is not None  # our commits go out once saved
@@ -198,8 +220,26 @@ class Client:
 
     # --- connection --------------------------------------------------------------------------
 
+    @property
+    def address(self) -> ServerAddress:
+        """The address in use (or tried next)."""
+        return self.addresses[self._at]
+
     async def connect(self) -> None:
-        await asyncio.wait_for(self._open(), self.request_timeout)
+        """Connect to the address in use; failing that, to each other one in turn (raising
+        the last failure if none answers)."""
+        for tried in range(len(self.addresses)):
+            try:
+                await asyncio.wait_for(self._open(), self.request_timeout)
+                return
+            except Exception as exc:
+                if tried == len(self.addresses) - 1 or self._closing:
+                    raise
+                log.info("no session at %s (%s); trying the next", self.address, _why(exc))
+                self._next_address()
+
+    def _next_address(self) -> None:
+        self._at = (self._at + 1) % len(self.addresses)
 
     async def _open(self) -> None:
         self._connected.clear()
@@ -282,6 +322,8 @@ class Client:
                 )
                 self.events.put_nowait(ev.Disconnected(reason, attempt, wait))
                 await asyncio.sleep(wait)
+                if attempt == 0:
+                    self._next_address()  # the process that dropped us may be gone: others first
                 attempt += 1
                 try:
                     await self.connect()

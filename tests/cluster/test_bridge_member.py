@@ -92,7 +92,10 @@ class Cluster:
         finally:
             await store.close()
         core = ClientCore(account.member_id, bytes(SigningKey.generate()))
-        client = Client(core, self.other.address("tcp"), token)
+        # Both nodes' addresses, the other node's first: connected there, and to the bridge's
+        # node once the other one is gone.
+        bridge_node = ServerAddress("tcp", "127.0.0.1", self.stack.tcp_port)
+        client = Client(core, [self.other.address("tcp"), bridge_node], token)
         await client.connect()
         await client.publish_key_packages(3)
         self.natives.append(client)
@@ -301,9 +304,7 @@ async def test_the_other_node_killed_while_it_owns_a_portals_room(cluster: Clust
     def kill() -> None:
         nonlocal killed_at
         killed_at = time.monotonic()
-        c.other.kill()
-        # The native client reconnects to the surviving node (as a load balancer would do).
-        native.address = ServerAddress("tcp", "127.0.0.1", c.stack.tcp_port)
+        c.other.kill()  # the native client moves on to its other address, the bridge's node
 
     # Killed while alice's messages are on their way: the bot's frames for the room go
     # unanswered, then the bridge's node takes the room once the lease ran out; alice's
@@ -314,6 +315,7 @@ async def test_the_other_node_killed_while_it_owns_a_portals_room(cluster: Clust
         f"{time.monotonic() - killed_at:.2f} s (lease {LEASE} s)"
     )
     assert await c.owner(room_id) == BRIDGE_NODE
+    assert native.address.port == c.stack.tcp_port
     text = c.stack.log.read_text(errors="replace")
     assert f"room {room_id.hex()}: lease taken (token 2)" in text
     await native_to_matrix(c, native, room_id, portal, "native after the kill", earlier)
