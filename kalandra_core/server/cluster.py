@@ -65,11 +65,14 @@ class RemoteSession:
     """The session on another node that sent a forwarded frame: answers go back over the bus
     to that node, for that session."""
 
-    def __init__(self, bus: msg.ClusterBus, origin: str, session_id: int, member_id: int) -> None:
+    def __init__(
+        self, bus: msg.ClusterBus, origin: str, session_id: int, member_id: int, hops: int = 1
+    ) -> None:
         self._bus = bus
         self.origin = origin
         self.session_id = session_id
         self.member_id = member_id
+        self.hops = hops  # of the forward that brought its frame here
         self.closed = False  # as far as this node knows
 
     def send(self, frame: bytes) -> bool:
@@ -108,7 +111,8 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.Task[None]] = set()
         # (member id, room) -> frames being routed again, in order, and new ones behind them
-        self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int]]] = {}
+        # (each with its hops so far and its forwards given up)
+        self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int, int]]] = {}
         self._renewed_at = monotonic()
 
     async def start(self, hub: ClusterHub) -> None:
@@ -237,14 +241,16 @@ class ClusterNode:
         self.bus.send(owner, msg.encode(body))
 
     def follow(self, session: Asker, frame: Frame) -> bool:
-        """A new frame of a session here goes behind the member's earlier frames for its room
-        that still wait for an answer or are being routed again (True: it has), so the room
-        sequences them in order even if it moved meanwhile (see Routes)."""
+        """A new frame goes behind the member's earlier frames for its room that are being
+        routed again here, or (a session here) still wait for an answer (True: it has), so the
+        room sequences them in order even if it moved meanwhile (see Routes)."""
         key = (session.member_id, frame.header.room_id_bytes)
         queue = self._retrying.get(key)
         if queue is not None:
-            queue.append((session, frame, 0))
+            queue.append((session, frame, _hops(session), 0))
             return True
+        if isinstance(session, RemoteSession):
+            return False  # its origin keeps it behind what it forwarded before
         behind = self.routes.waiting_on(*key)
         if behind is None:
             return False
@@ -298,24 +304,42 @@ class ClusterNode:
                     continue
                 # Routed again, the same frame (same request id), one at a time per member
                 # and room: see Routes.
-                key = (waiting.session.member_id, waiting.frame.header.room_id_bytes)
-                queue = self._retrying.get(key)
-                if queue is None:
-                    queue = self._retrying[key] = deque()
-                    task = asyncio.create_task(self._again(key, queue))
-                    self._retries.add(task)
-                    task.add_done_callback(self._retries.discard)
-                queue.append((waiting.session, waiting.frame, waiting.attempts))
+                self._queue(waiting.session, waiting.frame).append(
+                    (waiting.session, waiting.frame, 0, waiting.attempts)
+                )
 
-    async def _again(self, key: tuple[int, bytes], queue: deque[tuple[Asker, Frame, int]]) -> None:
+    def again(self, session: Asker, frame: Frame) -> None:
+        """Route again a frame a worker here took but lost (its lease went before it answered):
+        to the room's new owner, in order behind the member's frames for the room already
+        being routed again, and ahead of its later ones (``follow``)."""
+        self._queue(session, frame).append((session, frame, _hops(session), 0))
+
+    def _queue(self, session: Asker, frame: Frame) -> deque[tuple[Asker, Frame, int, int]]:
+        key = (session.member_id, frame.header.room_id_bytes)
+        queue = self._retrying.get(key)
+        if queue is None:
+            queue = self._retrying[key] = deque()
+            task = asyncio.create_task(self._again(key, queue))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+        return queue
+
+    async def _again(
+        self, key: tuple[int, bytes], queue: deque[tuple[Asker, Frame, int, int]]
+    ) -> None:
         assert self._hub is not None
         try:
             while queue:
-                session, frame, attempts = queue[0]
+                session, frame, hops, attempts = queue[0]
                 try:
-                    await self._hub.room_frame(session, frame, 0, attempts)
+                    await self._hub.room_frame(session, frame, hops, attempts)
                 except StoreError:
                     session.reject(frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
                 queue.popleft()
         finally:
             del self._retrying[key]
+
+
+def _hops(session: Asker) -> int:
+    """Forwards a frame of this session took to get here (0: its own session is here)."""
+    return session.hops if isinstance(session, RemoteSession) else 0

@@ -100,6 +100,11 @@ CLUSTER_REGRESSIONS = {  # (seed, loss, with cuts from the database) -> what
     (90, 0.2, True): "c's Welcome back into B, lost in its node n3's listener reset, never came",
     (99, 0.2, True): "b, removed from A while its node missed the commit on the bus, thought it "
     "was in",
+    (114, 0.2, False): "a's frame fenced in its paused owner's batch, refused (retry) while later "
+    "ones went to the new owner; resent after a reconnect, it was sequenced behind them",
+    (114, 0.2, True): "the same, with a cut from the database drawn too",
+    (119, 0.5, True): "a frame fenced in its owner's batch sequenced behind the sender's later "
+    "ones",
 }
 
 
