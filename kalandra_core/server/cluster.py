@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from .routes import Routes
 log = logging.getLogger("kalandra.server.cluster")
 
 MAX_HOPS = 3  # a frame that keeps meeting a moved room is refused (retry) rather than chased
+_TAKEN = 65_536  # forwards taken remembered (see ClusterNode.take)
 _SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
 _POLL = 0.2  # seconds between looks at a suspect's lease
 NO_ANSWER = "the room's server did not answer; retry"
@@ -66,13 +68,22 @@ class RemoteSession:
     to that node, for that session."""
 
     def __init__(
-        self, bus: msg.ClusterBus, origin: str, session_id: int, member_id: int, hops: int = 1
+        self,
+        bus: msg.ClusterBus,
+        origin: str,
+        session_id: int,
+        member_id: int,
+        hops: int = 1,
+        forward_id: int = 0,
+        after: int = 0,
     ) -> None:
         self._bus = bus
         self.origin = origin
         self.session_id = session_id
         self.member_id = member_id
         self.hops = hops  # of the forward that brought its frame here
+        self.forward_id = forward_id  # of the forward that brought its frame (see Forward)
+        self.after = after
         self.closed = False  # as far as this node knows
 
     def send(self, frame: bytes) -> bool:
@@ -113,6 +124,8 @@ class ClusterNode:
         # (member id, room) -> frames being routed again, in order, and new ones behind them
         # (each with its hops so far and its forwards given up)
         self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int, int]]] = {}
+        # ids of the forwards taken here, oldest first (see _remember)
+        self._taken: OrderedDict[int, tuple[str, int]] = OrderedDict()
         self._renewed_at = monotonic()
 
     async def start(self, hub: ClusterHub) -> None:
@@ -230,15 +243,48 @@ class ClusterNode:
 
     def forward(self, asker: Asker, frame: Frame, owner: str, hops: int, attempts: int) -> None:
         """Send a room frame to the room's owner; answers come back to ``asker``."""
+        member, room = asker.member_id, frame.header.room_id_bytes
+        forward_id = secrets.randbits(64) or 1
         if isinstance(asker, RemoteSession):
-            origin, session_id = asker.origin, asker.session_id
+            origin, session_id, after = asker.origin, asker.session_id, asker.after
+            if after:
+                sent_to, sent_as = self._taken.get(after, (None, 0))
+                if sent_to == "":
+                    after = 0  # its frame was answered here: sequenced (or refused) already
+                elif sent_to == owner:
+                    after = sent_as  # its frame went on there too
+            if asker.forward_id:
+                self._remember(asker.forward_id, (owner, forward_id))
         else:
             origin, session_id = self.node, getattr(asker, "session_id", 0)
+            after = self.routes.after(member, room, owner) if frame.header.request_id else 0
             self.routes.forwarded(
-                asker, asker.member_id, frame, owner, attempts + 1, self.monotonic()
+                asker, member, frame, owner, attempts + 1, self.monotonic(), forward_id
             )
-        body = msg.Forward(origin, session_id, asker.member_id, hops, frame.encode())
+        body = msg.Forward(origin, session_id, member, hops, frame.encode(), forward_id, after)
         self.bus.send(owner, msg.encode(body))
+
+    def take(self, message: msg.Forward) -> bool:
+        """Whether to take a forwarded frame: not if the forward it comes after never came
+        here (the bus lost it, as a NOTIFY is lost while a listener reconnects). It is dropped
+        unanswered; its origin then routes both again, in order, as for any forward left
+        unanswered (see Routes). Taking it would sequence it before the lost one."""
+        if message.after and message.after not in self._taken:
+            log.warning(
+                "cluster: a frame forwarded for %s came without the one before it; dropped",
+                message.origin,
+            )
+            return False
+        if message.forward_id:
+            self._remember(message.forward_id, ("", 0))
+        return True
+
+    def _remember(self, forward_id: int, sent: tuple[str, int]) -> None:
+        """A forward taken here: handled here ("", 0), or sent on (to that node, as that id)."""
+        self._taken[forward_id] = sent
+        self._taken.move_to_end(forward_id)
+        if len(self._taken) > _TAKEN:
+            self._taken.popitem(last=False)
 
     def follow(self, session: Asker, frame: Frame) -> bool:
         """A new frame goes behind the member's earlier frames for its room that are being

@@ -376,13 +376,21 @@ class Hub:
         """A room frame another node's session sent, forwarded here (we owned the room)."""
         assert self.cluster is not None
         asker = RemoteSession(
-            self.cluster.bus, message.origin, message.session_id, message.member_id, message.hops
+            self.cluster.bus,
+            message.origin,
+            message.session_id,
+            message.member_id,
+            message.hops,
+            message.forward_id,
+            message.after,
         )
         try:
             frame = Frame.decode(message.frame)
         except ValueError:
             log.warning("cluster: undecodable forwarded frame from %s", message.origin)
             return
+        if not self.cluster.take(message):
+            return  # after a frame the bus lost: its origin routes both again, in order
         if self.cluster.follow(asker, frame):
             return  # behind the member's frames a lost worker here handed back
         await self.room_frame(asker, frame, message.hops, 0)

@@ -17,6 +17,7 @@ from nacl.signing import SigningKey
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.events import Typing
 from kalandra_core.client.extras import ExtendedCore, set_typing
+from kalandra_core.server import bus
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
 from kalandra_core.server.cluster import ClusterNode
 from kalandra_core.server.config import ClusterConfig, ServerConfig
@@ -214,3 +215,35 @@ async def test_frames_a_lost_worker_held_go_to_the_new_owner_in_order(
     assert second == first + 1  # "one" (sent first) sequenced just before "two"
     assert room in cluster.hubs["B"].rooms
     assert room not in hub_a.rooms
+
+
+async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob (on B) sends "one" and "two" to A's room; the bus loses the forward of "one". A
+    must not sequence "two" first: both are routed again, in order, once A is given up on."""
+    alice = await cluster.client("A", "alice")
+    bob = await cluster.client("B", "bob")
+    room = await within(alice.create_room(name="shared"))
+    await within(alice.invite(room, [bob.core.member_id]))
+    assert await within(bob.joined.get()) == room
+    node_b = cluster.hubs["B"].cluster
+    assert node_b is not None
+    send, lost = node_b.bus.send, asyncio.Event()
+
+    def lossy(target: str, body: bytes) -> None:
+        message = bus.decode(body)
+        if isinstance(message, bus.Forward) and not lost.is_set():
+            lost.set()  # as a NOTIFY is lost while A's listener reconnects
+            return
+        send(target, body)
+
+    monkeypatch.setattr(node_b.bus, "send", lossy)
+    one = asyncio.create_task(bob.send_text(room, "one"))
+    await within(lost.wait())
+    two = asyncio.create_task(bob.send_text(room, "two"))
+    # A's lease runs out meanwhile (nobody took it: A would still sequence what reaches it),
+    # so that, once A is given up on, the frames routed again can be served by B.
+    cluster.clock.now += LEASE + 1
+    first, second = await within(one), await within(two)
+    assert first < second
