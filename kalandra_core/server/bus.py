@@ -9,7 +9,10 @@ The messages:
 
 * :class:`Forward`: a room frame a session gave to a node that does not own the room, for the
   owner to handle as if the session were its own (``origin`` and ``session_id`` say where the
-  answers go; ``hops`` stops a frame chasing a room that keeps moving).
+  answers go; ``hops`` stops a frame chasing a room that keeps moving). ``forward_id`` names
+  this forward (random, never 0); ``after`` the forward of the member's frame for the room sent
+  just before to the same node and not answered yet (0: none), which the receiver must have
+  taken, else it drops this one (see ``ClusterNode.take``).
 * :class:`Reply`: an answer for one session (Ack, Error, SyncResponse, a resent frame), and
   which node gave it (an answer from a node the frame was since taken away from is dropped).
 * :class:`Deliver`: a frame for every session of these members (fan-out of sequenced and
@@ -23,8 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-_FORWARD, _REPLY, _DELIVER = 1, 2, 3
+# (kind 1 was a Forward without ``after``: refused by this version, not misread)
+_REPLY, _DELIVER, _FORWARD = 2, 3, 4
 _U64 = struct.Struct(">Q")
+_FORWARD_FIELDS = struct.Struct(">QQBQQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +39,8 @@ class Forward:
     member_id: int
     hops: int
     frame: bytes
+    forward_id: int = 0
+    after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +69,13 @@ def encode(message: Message) -> bytes:
         return (
             struct.pack(">BH", _FORWARD, len(origin))
             + origin
-            + struct.pack(">QQB", message.session_id, message.member_id, message.hops)
+            + _FORWARD_FIELDS.pack(
+                message.session_id,
+                message.member_id,
+                message.hops,
+                message.forward_id,
+                message.after,
+            )
             + message.frame
         )
     if isinstance(message, Reply):
@@ -83,8 +96,10 @@ def decode(body: bytes) -> Message:
         if kind == _FORWARD:
             (size,) = struct.unpack_from(">H", body, 1)
             origin = body[3 : 3 + size].decode()
-            session_id, member_id, hops = struct.unpack_from(">QQB", body, 3 + size)
-            return Forward(origin, session_id, member_id, hops, body[3 + size + 17 :])
+            fields = _FORWARD_FIELDS.unpack_from(body, 3 + size)
+            session_id, member_id, hops, forward_id, after = fields
+            frame = body[3 + size + _FORWARD_FIELDS.size :]
+            return Forward(origin, session_id, member_id, hops, frame, forward_id, after)
         if kind == _REPLY:
             (size,) = struct.unpack_from(">H", body, 1)
             node = body[3 : 3 + size].decode()

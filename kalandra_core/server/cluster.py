@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,6 +28,7 @@ from .routes import Routes
 log = logging.getLogger("kalandra.server.cluster")
 
 MAX_HOPS = 3  # a frame that keeps meeting a moved room is refused (retry) rather than chased
+_TAKEN = 65_536  # forwards taken remembered (see ClusterNode.take)
 _SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
 _POLL = 0.2  # seconds between looks at a suspect's lease
 NO_ANSWER = "the room's server did not answer; retry"
@@ -65,11 +67,23 @@ class RemoteSession:
     """The session on another node that sent a forwarded frame: answers go back over the bus
     to that node, for that session."""
 
-    def __init__(self, bus: msg.ClusterBus, origin: str, session_id: int, member_id: int) -> None:
+    def __init__(
+        self,
+        bus: msg.ClusterBus,
+        origin: str,
+        session_id: int,
+        member_id: int,
+        hops: int = 1,
+        forward_id: int = 0,
+        after: int = 0,
+    ) -> None:
         self._bus = bus
         self.origin = origin
         self.session_id = session_id
         self.member_id = member_id
+        self.hops = hops  # of the forward that brought its frame here
+        self.forward_id = forward_id  # of the forward that brought its frame (see Forward)
+        self.after = after
         self.closed = False  # as far as this node knows
 
     def send(self, frame: bytes) -> bool:
@@ -108,7 +122,10 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.Task[None]] = set()
         # (member id, room) -> frames being routed again, in order, and new ones behind them
-        self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int]]] = {}
+        # (each with its hops so far and its forwards given up)
+        self._retrying: dict[tuple[int, bytes], deque[tuple[Asker, Frame, int, int]]] = {}
+        # ids of the forwards taken here, oldest first (see _remember)
+        self._taken: OrderedDict[int, tuple[str, int]] = OrderedDict()
         self._renewed_at = monotonic()
 
     async def start(self, hub: ClusterHub) -> None:
@@ -226,25 +243,60 @@ class ClusterNode:
 
     def forward(self, asker: Asker, frame: Frame, owner: str, hops: int, attempts: int) -> None:
         """Send a room frame to the room's owner; answers come back to ``asker``."""
+        member, room = asker.member_id, frame.header.room_id_bytes
+        forward_id = secrets.randbits(64) or 1
         if isinstance(asker, RemoteSession):
-            origin, session_id = asker.origin, asker.session_id
+            origin, session_id, after = asker.origin, asker.session_id, asker.after
+            if after:
+                sent_to, sent_as = self._taken.get(after, (None, 0))
+                if sent_to == "":
+                    after = 0  # its frame was answered here: sequenced (or refused) already
+                elif sent_to == owner:
+                    after = sent_as  # its frame went on there too
+            if asker.forward_id:
+                self._remember(asker.forward_id, (owner, forward_id))
         else:
             origin, session_id = self.node, getattr(asker, "session_id", 0)
+            after = self.routes.after(member, room, owner) if frame.header.request_id else 0
             self.routes.forwarded(
-                asker, asker.member_id, frame, owner, attempts + 1, self.monotonic()
+                asker, member, frame, owner, attempts + 1, self.monotonic(), forward_id
             )
-        body = msg.Forward(origin, session_id, asker.member_id, hops, frame.encode())
+        body = msg.Forward(origin, session_id, member, hops, frame.encode(), forward_id, after)
         self.bus.send(owner, msg.encode(body))
 
+    def take(self, message: msg.Forward) -> bool:
+        """Whether to take a forwarded frame: not if the forward it comes after never came
+        here (the bus lost it, as a NOTIFY is lost while a listener reconnects). It is dropped
+        unanswered; its origin then routes both again, in order, as for any forward left
+        unanswered (see Routes). Taking it would sequence it before the lost one."""
+        if message.after and message.after not in self._taken:
+            log.warning(
+                "cluster: a frame forwarded for %s came without the one before it; dropped",
+                message.origin,
+            )
+            return False
+        if message.forward_id:
+            self._remember(message.forward_id, ("", 0))
+        return True
+
+    def _remember(self, forward_id: int, sent: tuple[str, int]) -> None:
+        """A forward taken here: handled here ("", 0), or sent on (to that node, as that id)."""
+        self._taken[forward_id] = sent
+        self._taken.move_to_end(forward_id)
+        if len(self._taken) > _TAKEN:
+            self._taken.popitem(last=False)
+
     def follow(self, session: Asker, frame: Frame) -> bool:
-        """A new frame of a session here goes behind the member's earlier frames for its room
-        that still wait for an answer or are being routed again (True: it has), so the room
-        sequences them in order even if it moved meanwhile (see Routes)."""
+        """A new frame goes behind the member's earlier frames for its room that are being
+        routed again here, or (a session here) still wait for an answer (True: it has), so the
+        room sequences them in order even if it moved meanwhile (see Routes)."""
         key = (session.member_id, frame.header.room_id_bytes)
         queue = self._retrying.get(key)
         if queue is not None:
-            queue.append((session, frame, 0))
+            queue.append((session, frame, _hops(session), 0))
             return True
+        if isinstance(session, RemoteSession):
+            return False  # its origin keeps it behind what it forwarded before
         behind = self.routes.waiting_on(*key)
         if behind is None:
             return False
@@ -298,24 +350,42 @@ class ClusterNode:
                     continue
                 # Routed again, the same frame (same request id), one at a time per member
                 # and room: see Routes.
-                key = (waiting.session.member_id, waiting.frame.header.room_id_bytes)
-                queue = self._retrying.get(key)
-                if queue is None:
-                    queue = self._retrying[key] = deque()
-                    task = asyncio.create_task(self._again(key, queue))
-                    self._retries.add(task)
-                    task.add_done_callback(self._retries.discard)
-                queue.append((waiting.session, waiting.frame, waiting.attempts))
+                self._queue(waiting.session, waiting.frame).append(
+                    (waiting.session, waiting.frame, 0, waiting.attempts)
+                )
 
-    async def _again(self, key: tuple[int, bytes], queue: deque[tuple[Asker, Frame, int]]) -> None:
+    def again(self, session: Asker, frame: Frame) -> None:
+        """Route again a frame a worker here took but lost (its lease went before it answered):
+        to the room's new owner, in order behind the member's frames for the room already
+        being routed again, and ahead of its later ones (``follow``)."""
+        self._queue(session, frame).append((session, frame, _hops(session), 0))
+
+    def _queue(self, session: Asker, frame: Frame) -> deque[tuple[Asker, Frame, int, int]]:
+        key = (session.member_id, frame.header.room_id_bytes)
+        queue = self._retrying.get(key)
+        if queue is None:
+            queue = self._retrying[key] = deque()
+            task = asyncio.create_task(self._again(key, queue))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+        return queue
+
+    async def _again(
+        self, key: tuple[int, bytes], queue: deque[tuple[Asker, Frame, int, int]]
+    ) -> None:
         assert self._hub is not None
         try:
             while queue:
-                session, frame, attempts = queue[0]
+                session, frame, hops, attempts = queue[0]
                 try:
-                    await self._hub.room_frame(session, frame, 0, attempts)
+                    await self._hub.room_frame(session, frame, hops, attempts)
                 except StoreError:
                     session.reject(frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
                 queue.popleft()
         finally:
             del self._retrying[key]
+
+
+def _hops(session: Asker) -> int:
+    """Forwards a frame of this session took to get here (0: its own session is here)."""
+    return session.hops if isinstance(session, RemoteSession) else 0

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import cast
 
 from nacl.signing import SigningKey, VerifyKey
 
@@ -52,7 +53,7 @@ from .config import ServerConfig
 from .ratelimit import TokenBucket
 from .room import RoomSequencer
 from .session import ServerSession
-from .workers import MOVED, RoomWorker
+from .workers import MOVED, Moved, RoomWorker
 
 log = logging.getLogger("kalandra.server")
 _SYNC_LAG = float(os.environ.get("KALANDRA_TEST_SYNC_LAG", "0") or 0)  # tests only (see above)
@@ -261,10 +262,13 @@ class Hub:
         """The room's roster and bans, for reads: the worker's own, or (a room another node
         owns) as stored."""
         target = await self.route(room_id)
-        if isinstance(target, RoomWorker):
+        return None if target is None else await self._view(room_id, target)
+
+    async def _view(self, room_id: bytes, target: RoomWorker | str) -> RoomSequencer | None:
+        """A room's roster and log position for a read: its worker's, or as stored (another
+        node owns it, or its worker here lost the lease and may be ahead of the log)."""
+        if isinstance(target, RoomWorker) and not target.lost:
             return target.sequencer
-        if target is None:
-            return None
         state = await self.store.load_room(room_id)
         return None if state is None else RoomSequencer(state)
 
@@ -327,6 +331,7 @@ class Hub:
             clock=self.clock,
             fence=fence,
             on_lost=self._worker_lost,
+            on_moved=self._worker_moved,
         )
         await worker.learn_server_sender()
         await worker.learn_recent_requests()
@@ -343,10 +348,21 @@ class Hub:
             worker.lose()  # calls _worker_lost
 
     def _worker_lost(self, worker: RoomWorker) -> None:
-        if self.rooms.get(worker.room_id) is worker:
-            del self.rooms[worker.room_id]
+        # It stays the room's way in until its batch under way is done (see _worker_moved).
         if self.cluster is not None:
             self.cluster.dropped(worker.room_id)
+
+    def _worker_moved(self, worker: RoomWorker, moved: list[Moved]) -> None:
+        """A lost worker's frames it did not answer, in arrival order: routed again, to the
+        room's new owner, ahead of the same members' later frames (ClusterNode.again)."""
+        if self.rooms.get(worker.room_id) is worker:
+            del self.rooms[worker.room_id]
+        for item in moved:
+            asker = cast(Asker, item.requester)
+            if self.cluster is None:
+                _reject(asker, item.frame, ErrorCode.STORAGE_ERROR, MOVED)
+            else:
+                self.cluster.again(asker, item.frame)
 
     async def dispatch(self, session: ServerSession, frame: Frame) -> None:
         if frame.header.opcode == Opcode.KEY_PACKAGE:
@@ -360,13 +376,23 @@ class Hub:
         """A room frame another node's session sent, forwarded here (we owned the room)."""
         assert self.cluster is not None
         asker = RemoteSession(
-            self.cluster.bus, message.origin, message.session_id, message.member_id
+            self.cluster.bus,
+            message.origin,
+            message.session_id,
+            message.member_id,
+            message.hops,
+            message.forward_id,
+            message.after,
         )
         try:
             frame = Frame.decode(message.frame)
         except ValueError:
             log.warning("cluster: undecodable forwarded frame from %s", message.origin)
             return
+        if not self.cluster.take(message):
+            return  # after a frame the bus lost: its origin routes both again, in order
+        if self.cluster.follow(asker, frame):
+            return  # behind the member's frames a lost worker here handed back
         await self.room_frame(asker, frame, message.hops, 0)
 
     async def room_frame(self, session: Asker, frame: Frame, hops: int, attempts: int) -> None:
@@ -390,7 +416,9 @@ class Hub:
                 self.cluster.forward(session, frame, target, hops + 1, attempts)
             return
         if opcode == Opcode.SYNC_REQUEST:
-            await self._sync(session, frame, target)
+            await self._sync(
+                session, frame, None if target is None else await self._view(room_id, target)
+            )
             return
         if target is None:
             if opcode == Opcode.GROUP_INFO:
@@ -453,7 +481,7 @@ class Hub:
         log.info("room %s created by %d", room.room_id.hex(), session.member_id)
         session.send(replies.answer(h, Opcode.GROUP_INFO, epoch=summary.epoch))
 
-    async def _sync(self, session: Asker, frame: Frame, worker: RoomWorker | None) -> None:
+    async def _sync(self, session: Asker, frame: Frame, seq: RoomSequencer | None) -> None:
         h = frame.header
         if _SYNC_LAG:
             await asyncio.sleep(_SYNC_LAG)
@@ -463,10 +491,9 @@ class Hub:
             session.reject(frame, ErrorCode.INVALID_PAYLOAD, str(exc))
             return
         assert isinstance(request, SyncRequest)
-        if worker is None:
+        if seq is None:
             session.reject(frame, ErrorCode.ROOM_NOT_FOUND, f"room not found: {h.room_id:032x}")
             return
-        seq = worker.sequencer
         # A kicked or banned member (REMOVED, its leaf maybe still in the tree) reads nothing
         # from the moment its Kick/Ban was sequenced; nor does a member a commit removed.
         if not seq.is_member(session.member_id) or seq.is_banned(

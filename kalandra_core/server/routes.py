@@ -11,7 +11,9 @@ new owner answers with the stored frame (its resend filter is learned from the l
 
 A member's frames for a room keep their order across a failover: a new frame while earlier ones
 still wait for an answer goes where they went (``waiting_on``), even if the room has moved
-meanwhile, and when one of them is overdue all of them are routed again, in their order.
+meanwhile, and when one of them is overdue all of them are routed again, in their order. Each
+forward names the one it comes after (``after``): the latest of them sent to the same node and
+not answered yet, so that node can tell one the bus lost and take nothing behind it.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class Routes(Generic[S]):
         self._suspects: dict[str, float] = {}  # node -> suspected until
         # (member id, request id) -> the session waiting for the owner's answer
         self._waiting: dict[tuple[int, int], Waiting[S]] = {}
-        # (member id, room) -> [the node its latest waiting frame went to, frames waiting]
+        # (member id, room) -> [the node its latest waiting frame went to, frames waiting,
+        # the id of that latest forward]
         self._behind: dict[tuple[int, bytes], list[Any]] = {}
         # (member id, request id) -> (the owner given up on, until when its answers are dropped)
         self._given_up: dict[tuple[int, int], tuple[str, float]] = {}
@@ -82,7 +85,14 @@ class Routes(Generic[S]):
     # --- forwarded frames ---------------------------------------------------------------------
 
     def forwarded(
-        self, session: S, member_id: int, frame: Frame, owner: str, attempts: int, now: float
+        self,
+        session: S,
+        member_id: int,
+        frame: Frame,
+        owner: str,
+        attempts: int,
+        now: float,
+        forward_id: int = 0,
     ) -> None:
         request_id = frame.header.request_id
         if request_id:  # a frame without a request id expects no answer to match
@@ -94,9 +104,19 @@ class Routes(Generic[S]):
             if given_up is not None and given_up[0] == owner:
                 del self._given_up[key]  # asked again: its answer is the one awaited now
             self._waiting[key] = Waiting(session, frame, owner, deadline, attempts)
-            behind = self._behind.setdefault((member_id, frame.header.room_id_bytes), [owner, 0])
+            behind = self._behind.setdefault(
+                (member_id, frame.header.room_id_bytes), [owner, 0, 0]
+            )
             behind[0] = owner
             behind[1] += 1
+            behind[2] = forward_id
+
+    def after(self, member_id: int, room_id: bytes, owner: str) -> int:
+        """The id of the forward of the member's latest frame for the room, if it went to
+        ``owner`` and frames of it still wait for an answer (0: none): a frame forwarded there
+        now must not be taken unless that forward was."""
+        behind = self._behind.get((member_id, room_id))
+        return int(behind[2]) if behind is not None and behind[0] == owner else 0
 
     def waiting_on(self, member_id: int, room_id: bytes) -> str | None:
         """The node the member's latest frame for the room went to, while frames of it wait

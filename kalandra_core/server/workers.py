@@ -10,8 +10,11 @@ lost and the log keeps no hole.
 
 In cluster mode the worker exists only while its node holds the room's lease: every write
 carries the lease's fencing token (``fence``), and a write the store refuses as
-:class:`Fenced` (another node has taken the room) ends the worker at once: its batch and
-everything queued get STORAGE_ERROR (retry) and nothing of it is acknowledged.
+:class:`Fenced` (another node has taken the room) ends the worker at once; nothing of its
+batch is acknowledged. What it had not answered (the rest of its batch and everything queued,
+and what arrives until its batch under way is done) is handed back to the node (``on_moved``),
+in arrival order, to be routed to the room's new owner: a refusal would let a member's later
+frames, routed there meanwhile, be sequenced before it.
 """
 
 from __future__ import annotations
@@ -64,6 +67,14 @@ class _Item:
     requester: Requester | None  # None for frames the server itself writes
 
 
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """A frame a lost worker did not answer, for the node to route to the room's new owner."""
+
+    frame: Frame
+    requester: Requester
+
+
 class RoomWorker:
     def __init__(
         self,
@@ -77,11 +88,15 @@ class RoomWorker:
         clock: Callable[[], float] = time.time,
         fence: int | None = None,
         on_lost: Callable[[RoomWorker], None] | None = None,
+        on_moved: Callable[[RoomWorker, list[Moved]], None] | None = None,
     ) -> None:
         self.room_id = room_id
         self.fence = fence  # the lease's token (cluster mode), checked by every write
         self._on_lost = on_lost
+        self._on_moved = on_moved
         self.lost = False
+        self._moving: list[Moved] | None = []  # unanswered frames to hand back (None: done)
+        self._done: set[int] = set()  # id() of the items of the batch under way answered
         self.sequencer = sequencer
         self._store = store
         self._fanout = fanout
@@ -105,24 +120,44 @@ class RoomWorker:
                 await self._task
 
     def submit(self, frame: Frame, requester: Requester | None) -> None:
-        if self.lost:
-            self._error(_Item(frame, requester), ErrorCode.STORAGE_ERROR, MOVED)
+        if self._moving is None:  # lost and handed back: straight on to the new owner
+            self._moved(_Item(frame, requester))
             return
         self._inbox.put_nowait(_Item(frame, requester))
 
     def lose(self) -> None:
-        """The lease is gone (a renewal found it lost, or a write was fenced): take nothing
-        more, refuse what waits, and end the task (a batch under way finishes: its writes are
-        fenced, so it stores nothing if the room was really taken)."""
+        """The lease is gone (a renewal found it lost, or a write was fenced): sequence nothing
+        more and end the task. A batch under way finishes (its writes are fenced, so it stores
+        nothing if the room was really taken); until then frames still queue here, and then
+        all that was not answered is handed back, in order (``on_moved``)."""
         if self.lost:
             return
         self.lost = True
-        while not self._inbox.empty():
-            self._error(self._inbox.get_nowait(), ErrorCode.STORAGE_ERROR, MOVED)
         if self._task is not None and not self._busy:
             self._task.cancel()
         if self._on_lost is not None:
             self._on_lost(self)
+        if not self._busy:
+            self._hand_over()
+
+    def _moved(self, item: _Item) -> None:
+        """A frame this worker will not answer: handed back, in order, or refused (retry)."""
+        if self._on_moved is None or item.requester is None:
+            self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+        elif self._moving is None:
+            self._on_moved(self, [Moved(item.frame, item.requester)])
+        else:
+            self._moving.append(Moved(item.frame, item.requester))
+
+    def _hand_over(self) -> None:
+        """Once lost and its batch done: what it was given and did not answer, in order."""
+        if self._moving is None or not self.lost:
+            return
+        while not self._inbox.empty():
+            self._moved(self._inbox.get_nowait())
+        moving, self._moving = self._moving, None
+        if self._on_moved is not None:
+            self._on_moved(self, moving)  # (also when empty: the node forgets this worker)
 
     @property
     def queued(self) -> int:
@@ -150,6 +185,7 @@ class RoomWorker:
             while len(batch) < self._batch_max and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
             self._busy = True
+            self._done = set()
             try:
                 await self._process(batch)
             except asyncio.CancelledError:
@@ -157,7 +193,8 @@ class RoomWorker:
             except Fenced:
                 log.warning("room %s: lease lost to another node", self.room_id.hex())
                 for item in batch:
-                    self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+                    if id(item) not in self._done:
+                        self._moved(item)
                 self.lose()
             except StoreError as exc:  # a read of the log (a duplicate's answer) met an outage
                 log.error("room %s: read failed: %s", self.room_id.hex(), exc)
@@ -171,35 +208,51 @@ class RoomWorker:
                 await self._reload()
             finally:
                 self._busy = False
+                self._hand_over()  # (if the lease went meanwhile)
 
     async def _process(self, batch: list[_Item]) -> None:
         pending: list[tuple[_Item, Accepted]] = []
+        done = self._done
         for item in batch:
             if self.lost:  # fenced part-way: the rest is not ours to sequence
-                self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+                self._moved(item)
+                done.add(id(item))
                 continue
             opcode = item.frame.header.opcode
             if opcode == Opcode.WELCOME:
-                await self._flush(pending)
+                fenced = not await self._flush(pending)
                 pending = []
+                if fenced:
+                    self._moved(item)
+                    done.add(id(item))
+                    continue
                 await self._welcome(item)
+                done.add(id(item))
                 continue
             if opcode == Opcode.GROUP_INFO:
-                await self._flush(pending)
+                fenced = not await self._flush(pending)
                 pending = []
+                if fenced:
+                    self._moved(item)
+                    done.add(id(item))
+                    continue
                 await self._group_info(item)
+                done.add(id(item))
                 continue
             decision = self.sequencer.submit(item.frame, int(self._clock() * 1000))
             if isinstance(decision, Duplicate):
                 await self._flush(pending)
                 pending = []
                 await self._resend_stored(item, decision.log_index)
+                done.add(id(item))
                 continue
             if isinstance(decision, Rejected):
                 await self._reject(item, decision)
+                done.add(id(item))
                 continue
             if decision.entry is None:  # ephemeral
                 self._fanout.deliver(decision.recipients, decision.frame)
+                done.add(id(item))
                 continue
             pending.append((item, decision))
             if decision.changes is not None or decision.redact is not None:
@@ -207,13 +260,16 @@ class RoomWorker:
                 pending = []
         await self._flush(pending)
 
-    async def _flush(self, pending: list[tuple[_Item, Accepted]]) -> None:
-        if not pending:
-            return
+    async def _flush(self, pending: list[tuple[_Item, Accepted]]) -> bool:
+        """Store and fan out; False if the lease is gone (the frames were handed back)."""
         if self.lost:
             for item, _ in pending:
-                self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
-            return
+                self._moved(item)
+                self._done.add(id(item))
+            return False
+        if not pending:
+            return True
+        done = self._done
         entries = [a.entry for _, a in pending if a.entry is not None]
         changes = pending[-1][1].changes  # only the last frame of a batch may carry changes
         try:
@@ -221,17 +277,20 @@ class RoomWorker:
         except Fenced:
             log.warning("room %s: append fenced: lease lost to another node", self.room_id.hex())
             for item, _ in pending:
-                self._error(item, ErrorCode.STORAGE_ERROR, MOVED)
+                self._moved(item)
+                done.add(id(item))
             self.lose()
-            return
+            return False
         except StoreError as exc:
             log.error("room %s: append failed: %s", self.room_id.hex(), type(exc).__name__)
             for item, _ in pending:
                 self._error(item, ErrorCode.STORAGE_ERROR, "could not store the frame; retry")
+                done.add(id(item))
             await self._reload()
-            return
-        for _, accepted in pending:
+            return True
+        for item, accepted in pending:
             self._fanout.deliver(accepted.recipients, accepted.frame)
+            done.add(id(item))
         last = pending[-1][1]
         if last.changes is not None and last.changes.commit_log_index is not None:
             self._commit_at[self.sequencer.epoch - 1] = last.changes.commit_log_index
@@ -239,6 +298,7 @@ class RoomWorker:
             await self._store.redact(self.room_id, last.redact, fence=self.fence)
         if last.kicked:
             await self._propose_removals(last.kicked)
+        return True
 
     async def _reload(self) -> None:
         """Rebuild the sequencer from what is durably stored. While the store does not answer

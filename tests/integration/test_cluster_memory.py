@@ -4,9 +4,11 @@ same parts a deterministic simulation of several nodes drives on virtual time.""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from helpers.native import next_message, within
@@ -15,6 +17,7 @@ from nacl.signing import SigningKey
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.events import Typing
 from kalandra_core.client.extras import ExtendedCore, set_typing
+from kalandra_core.server import bus
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
 from kalandra_core.server.cluster import ClusterNode
 from kalandra_core.server.config import ClusterConfig, ServerConfig
@@ -174,3 +177,73 @@ async def test_room_ids_that_name_no_room_leave_nothing_behind(
         assert await hub.route((1000 + n).to_bytes(16, "big")) is None
     assert hub.rooms == {}
     assert hub.opening == 0
+
+
+async def test_frames_a_lost_worker_held_go_to_the_new_owner_in_order(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's lease is lost while its worker stores alice's "one" and her "two" waits behind it:
+    the write is fenced, and both are sequenced by the new owner, in order, neither refused."""
+    alice = await cluster.client("A", "alice")
+    room = await within(alice.create_room(name="mine"))
+    hub_a = cluster.hubs["A"]
+    assert hub_a.cluster is not None
+    store = cluster.store
+    append, held = store.append, asyncio.Event()
+    gate: list[asyncio.Event] = [held]
+
+    async def slow_append(*args: Any, **kw: Any) -> None:
+        if gate:
+            gate.pop().set()  # the batch is under way; let the test take the lease meanwhile
+            await release.wait()
+        await append(*args, **kw)
+
+    release = asyncio.Event()
+    monkeypatch.setattr(store, "append", slow_append)
+    one = asyncio.create_task(alice.send_text(room, "one"))
+    await within(held.wait())
+    cluster.clock.now += LEASE + 1
+    assert (await store.acquire_lease(room, "B", LEASE)).token is not None
+    await hub_a.cluster.renew()  # finds the lease gone while the batch is under way
+    two = asyncio.create_task(alice.send_text(room, "two"))
+    # "two" reaches A: it waits behind "one" in the lost worker (still the room's way in
+    # until its batch is done), or (what it must not do) goes on to B at once.
+    while not (room in hub_a.rooms and hub_a.rooms[room].queued) and not two.done():  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    release.set()
+    first, second = await within(one), await within(two)
+    assert second == first + 1  # "one" (sent first) sequenced just before "two"
+    assert room in cluster.hubs["B"].rooms
+    assert room not in hub_a.rooms
+
+
+async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob (on B) sends "one" and "two" to A's room; the bus loses the forward of "one". A
+    must not sequence "two" first: both are routed again, in order, once A is given up on."""
+    alice = await cluster.client("A", "alice")
+    bob = await cluster.client("B", "bob")
+    room = await within(alice.create_room(name="shared"))
+    await within(alice.invite(room, [bob.core.member_id]))
+    assert await within(bob.joined.get()) == room
+    node_b = cluster.hubs["B"].cluster
+    assert node_b is not None
+    send, lost = node_b.bus.send, asyncio.Event()
+
+    def lossy(target: str, body: bytes) -> None:
+        message = bus.decode(body)
+        if isinstance(message, bus.Forward) and not lost.is_set():
+            lost.set()  # as a NOTIFY is lost while A's listener reconnects
+            return
+        send(target, body)
+
+    monkeypatch.setattr(node_b.bus, "send", lossy)
+    one = asyncio.create_task(bob.send_text(room, "one"))
+    await within(lost.wait())
+    two = asyncio.create_task(bob.send_text(room, "two"))
+    # A's lease runs out meanwhile (nobody took it: A would still sequence what reaches it),
+    # so that, once A is given up on, the frames routed again can be served by B.
+    cluster.clock.now += LEASE + 1
+    first, second = await within(one), await within(two)
+    assert first < second

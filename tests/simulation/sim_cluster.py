@@ -47,8 +47,6 @@ from nacl.signing import SigningKey
 from simulation.sim_net import NetProfile, NodeGate, Tracer
 from simulation.sim_store import SimStore
 
-from kalandra_core.proto import FrameHeader
-from kalandra_core.server import bus
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
 from kalandra_core.server.cluster import ClusterNode
 from kalandra_core.server.config import ClusterConfig, Limits, ServerConfig
@@ -189,7 +187,6 @@ class BusLinks:
         self._dead: set[tuple[str, int]] = set()  # generations that ended with their process
         self.messages = 0
         self.lost = 0
-        self.lost_forwards: set[tuple[int, int]] = set()  # (member id, request id)
 
     def reset(self, node: str, why: str) -> None:
         """The node's listening connection is gone: what is in flight to it is lost. The node
@@ -250,10 +247,6 @@ class BusLinks:
 
     def _lose(self, body: bytes) -> None:
         self.lost += 1
-        message = bus.decode(body)
-        if isinstance(message, bus.Forward):
-            request_id = FrameHeader.parse(message.frame[:128]).request_id
-            self.lost_forwards.add((message.member_id, request_id))
 
 
 class SimBus(MemoryBus):

@@ -69,9 +69,8 @@ PROPERTIES = (
     "requests_resolve",  # every request ends acknowledged or failed (the outbox drains)
     # A client's acknowledged messages in a room are sequenced in the order of its send calls.
     # Not claimed under a rate limit on a lossy network: a frame delayed in the stream past the
-    # server's retry_after can be taken while one sent before it was refused. In a cluster, not
-    # for a message whose forward to the room's owner the bus lost (a NOTIFY lost in a listener's
-    # reconnect): it is routed again after the forward timeout, behind later ones.
+    # server's retry_after can be taken while one sent before it was refused. In a cluster also
+    # across failovers, fenced batches and forwards the bus lost.
     "sends_in_order",
     "no_unexpected_errors",  # no exception escaped an operation; the server logged no error
     # Several nodes (sim_cluster): every write reached the store under the lease token granted
@@ -573,7 +572,6 @@ async def check(world: World, unsettled: list[str]) -> dict[str, list[str]]:
         v["converged"].append("did not settle: " + "; ".join(unsettled[:8]))
 
     # Each client's messages, in the order of its send calls.
-    lost = set() if world.cluster is None else world.cluster.links.lost_forwards
     if world.config.rate_limit is None or world.config.loss == 0.0:
         for c in clients:
             calls: dict[str, list[tuple[int, str, int]]] = defaultdict(list)
@@ -582,8 +580,8 @@ async def check(world: World, unsettled: list[str]) -> dict[str, list[str]]:
                 if index is not None:
                     calls[call.room].append((index, call.body, rid))
             for label, indexes in calls.items():
-                for (a, body_a, rid_a), (b, body_b, _) in itertools.pairwise(indexes):
-                    if b < a and (c.member_id, rid_a) not in lost:
+                for (a, body_a, _), (b, body_b, _) in itertools.pairwise(indexes):
+                    if b < a:
                         v["sends_in_order"].append(
                             f"{label}: {c.name}'s {body_b} at {b}, before {body_a} at {a}"
                         )

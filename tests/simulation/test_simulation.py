@@ -100,6 +100,17 @@ CLUSTER_REGRESSIONS = {  # (seed, loss, with cuts from the database) -> what
     (90, 0.2, True): "c's Welcome back into B, lost in its node n3's listener reset, never came",
     (99, 0.2, True): "b, removed from A while its node missed the commit on the bus, thought it "
     "was in",
+    (114, 0.2, False): "a's frame fenced in its paused owner's batch, refused (retry) while later "
+    "ones went to the new owner; resent after a reconnect, it was sequenced behind them",
+    (114, 0.2, True): "the same, with a cut from the database drawn too",
+    (119, 0.5, True): "a frame fenced in its owner's batch sequenced behind the sender's later "
+    "ones",
+    (133, 0.2, False): "a sync answered from a worker that had lost its lease (its sequencer "
+    "ahead of the log, at a commit it never stored): its client found no commit for its epoch",
+    # Forwards the bus lost (a listener reset) while later ones of the member got through:
+    (3, 0.5, False): "b's frame routed again to a paused owner lost; the next one taken before it",
+    (5, 0.2, False): "b's and d's frames sequenced behind later ones whose forwards got through",
+    (1, 0.5, True): "b's frame lost on the bus behind a cut; the next one sequenced first",
 }
 
 

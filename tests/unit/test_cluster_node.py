@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import cast
 
+from kalandra_core.proto import Frame, FrameHeader, Opcode, RawPayload
+from kalandra_core.server import bus
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
-from kalandra_core.server.cluster import ClusterNode
+from kalandra_core.server.cluster import ClusterNode, RemoteSession
 from kalandra_core.server.config import ClusterConfig
 from kalandra_core.storage.memory import MemoryStore
 
@@ -32,3 +36,38 @@ def test_a_suspects_lease_taken_by_a_third_node_is_followed_at_once() -> None:
         return await asyncio.wait_for(waiting, 5.0)
 
     assert asyncio.run(main()) == "other"
+
+
+def _frame(request_id: int) -> Frame:
+    header = FrameHeader(Opcode.APP_MESSAGE, request_id=request_id, room_id=7, sender_id=5)
+    return Frame.build(header, RawPayload(b"x"))
+
+
+def test_a_forward_after_one_never_taken_is_dropped_and_passing_on_keeps_the_chain() -> None:
+    # "w" takes forwards from "o", and passes frames on to "x" (the room moved there).
+    network = MemoryNetwork()
+    heard: dict[str, list[bus.Forward]] = {"w": [], "x": []}
+    config = ClusterConfig(enabled=True, node_name="w")
+    node = ClusterNode(config, MemoryStore(), MemoryBus(network, "w"))
+
+    def listener(name: str) -> Callable[[bytes], None]:
+        return lambda body: heard[name].append(cast(bus.Forward, bus.decode(body)))
+
+    for name in heard:
+        network.handlers[name] = listener(name)
+
+    def forward(forward_id: int, after: int, request_id: int) -> bus.Forward:
+        return bus.Forward("o", 1, 5, 1, _frame(request_id).encode(), forward_id, after)
+
+    first, lost, third = forward(11, 0, 1), forward(12, 11, 2), forward(13, 12, 3)
+    assert node.take(first)
+    assert not node.take(third)  # the forward before it (12) never came: not taken
+    assert node.take(lost)  # (routed again, after the first: taken)
+
+    # Passed on: the second names the forward the first was passed on with.
+    for message in (first, lost):
+        asker = RemoteSession(node.bus, "o", 1, 5, 1, message.forward_id, message.after)
+        node.forward(asker, Frame.decode(message.frame), "x", 2, 0)
+    one, two = heard["x"]
+    assert (one.after, two.after) == (0, one.forward_id)
+    assert one.forward_id not in (11, 12, 0)

@@ -25,6 +25,7 @@ def frame(request_id: int) -> Frame:
     "message",
     [
         bus.Forward("node-é", 12, (1 << 64) - 1, 2, b"frame bytes"),
+        bus.Forward("n2", 1, 5, 1, b"frame", forward_id=3, after=(1 << 64) - 1),
         bus.Reply("node-b", 3, b""),
         bus.Deliver((1, 2, (1 << 64) - 1), b"frame"),
         bus.Deliver((), b"frame"),
@@ -34,7 +35,9 @@ def test_bus_messages_round_trip(message: bus.Message) -> None:
     assert bus.decode(bus.encode(message)) == message
 
 
-@pytest.mark.parametrize("body", [b"", b"\x09", b"\x01\x00\x05ab", b"\x03\x00\x00\x00\x09"])
+@pytest.mark.parametrize(
+    "body", [b"", b"\x09", b"\x01\x00\x05ab", b"\x04\x00\x02ab\x00", b"\x03\x00\x00\x00\x09"]
+)
 def test_a_broken_bus_message_is_refused(body: bytes) -> None:
     with pytest.raises(bus.BusDecodeError):
         bus.decode(body)
@@ -148,3 +151,24 @@ def test_a_node_given_up_on_and_asked_again_is_heard() -> None:
     assert [w.frame.header.request_id for w in r.overdue(4.1)] == [1, 2]
     r.forwarded("s", 5, room_frame(2), "new", 2, now=4.2)  # the room moved meanwhile
     assert r.stale_answer(5, 2, "slow", 4.3)
+
+
+def test_a_forward_names_the_unanswered_one_before_it_at_the_same_node() -> None:
+    r = routes()
+    assert r.after(5, ROOM, "w") == 0
+    r.forwarded("s", 5, room_frame(1), "w", 1, now=0.0, forward_id=101)
+    assert r.after(5, ROOM, "w") == 101
+    r.forwarded("s", 5, room_frame(2), "w", 1, now=0.1, forward_id=102)
+    assert r.after(5, ROOM, "w") == 102
+    assert r.after(5, ROOM, "x") == 0  # another node: it never saw them
+    assert r.after(6, ROOM, "w") == 0
+    r.answered(5, 2)  # (taken there: what comes next may come after it)
+    assert r.after(5, ROOM, "w") == 102
+    r.answered(5, 1)
+    assert r.after(5, ROOM, "w") == 0
+    r.forwarded("s", 5, room_frame(3), "w", 1, now=0.2, forward_id=103)
+    r.forwarded("s", 5, room_frame(4), "w", 1, now=0.3, forward_id=104)
+    r.overdue(2.5)  # routed again from the first, which then comes after nothing
+    assert r.after(5, ROOM, "w") == 0
+    r.forwarded("s", 5, room_frame(3), "w", 2, now=2.5, forward_id=105)
+    assert r.after(5, ROOM, "w") == 105  # the forward sent last, not an earlier one of it
