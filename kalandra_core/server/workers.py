@@ -11,7 +11,9 @@ lost and the log keeps no hole.
 In cluster mode the worker exists only while its node holds the room's lease: every write
 carries the lease's fencing token (``fence``), and a write the store refuses as
 :class:`Fenced` (another node has taken the room) ends the worker at once: its batch and
-everything queued get STORAGE_ERROR (retry) and nothing of it is acknowledged.
+everything queued get STORAGE_ERROR (retry) and nothing of it is acknowledged. A room handed
+over to another node (rebalancing) is drained first: the worker sequences and answers what it
+has, then ends.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class RoomWorker:
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._busy = False  # a batch is under way
+        self._closing = False  # being handed over: end once the inbox is empty
         self._server_sender_index: int | None = None
         # log index of the commit that moved the room out of each recent epoch
         self._commit_at: dict[int, int] = {}
@@ -109,6 +112,24 @@ class RoomWorker:
             self._error(_Item(frame, requester), ErrorCode.STORAGE_ERROR, MOVED)
             return
         self._inbox.put_nowait(_Item(frame, requester))
+
+    async def drain(self) -> bool:
+        """Sequence and answer everything submitted so far, then end the task (the caller
+        submits nothing meanwhile). Whether the lease held throughout."""
+        self._closing = True
+        task = self._task
+        if task is not None:
+            if not self._busy and self._inbox.empty():
+                task.cancel()  # idle, waiting for a frame
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return not self.lost
+
+    def resume(self) -> None:
+        """After :meth:`drain`, the room stays here after all: take frames again."""
+        self._closing = False
+        if not self.lost:
+            self.start()
 
     def lose(self) -> None:
         """The lease is gone (a renewal found it lost, or a write was fenced): take nothing
@@ -145,6 +166,8 @@ class RoomWorker:
 
     async def _run(self) -> None:
         while not self.lost:
+            if self._closing and self._inbox.empty():
+                return
             first = await self._inbox.get()
             batch = [first]
             while len(batch) < self._batch_max and not self._inbox.empty():
