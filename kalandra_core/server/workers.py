@@ -121,8 +121,7 @@ class RoomWorker:
         if task is not None:
             if not self._busy and self._inbox.empty():
                 task.cancel()  # idle, waiting for a frame
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])  # (a cancellation of the caller still reaches it)
         return not self.lost
 
     def resume(self) -> None:
