@@ -176,6 +176,18 @@ def _join_cases() -> list[Any]:
     ]
 
 
+# Join runs that once found a bug: (seed, loss) -> what.
+JOIN_REGRESSIONS = {
+    (35, 0.0): "a node stopped mid-handover: the worker's drain swallowed the cancellation",
+}
+
+
+@pytest.mark.parametrize(("seed", "loss"), sorted(JOIN_REGRESSIONS))
+def test_cluster_join_regressions(seed: int, loss: float) -> None:
+    result = simulate(SimConfig(seed=seed, loss=loss, nodes=NODES, join=True))
+    assert result.ok, result.report()
+
+
 @pytest.mark.parametrize(("loss", "seed"), _join_cases())
 def test_cluster_join_properties(loss: float, seed: int) -> None:
     result = simulate(SimConfig(seed=seed, loss=loss, nodes=NODES, join=True))
