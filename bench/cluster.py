@@ -22,6 +22,14 @@ Figures:
   owned by process A, a member on process B sending a frame every 20 ms (forwarded to A). A is
   killed (SIGKILL); the figure is the time from the kill to the first echo of a frame sent
   after it. Limit: the lease term (target: within it).
+* handover time (rebalancing): one process owns R rooms, each member on it sending a frame every
+  20 ms; a second process starts and the first hands half the rooms over to it (a look every
+  0.5 s). Figures: the longest handover as the giver logs it (from its worker's drain to the
+  lease being the taker's), and the longest wait for an echo of a frame sent once the second
+  process is up (what a sender sees: it includes the taker loading the room). Limit: the lease
+  term (a handover must not wait for a lease to run out).
+
+The throughput runs turn rebalancing off: their rooms are placed where the figure needs them.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -56,6 +65,8 @@ from .common import Figure, Results, rate
 ROOMS = 6
 CORES = min(2, os.cpu_count() or 1)
 FAILOVER_LEASE = 3.0
+HANDOVER_LEASE = 3.0
+_HANDED = re.compile(r"handed over to \S+ in ([0-9.]+) ms")
 _WAIT = 120.0
 _LIMITS = {"rate_per_second": 1e9, "rate_burst": 1_000_000_000}
 
@@ -142,8 +153,9 @@ async def _admin(statement: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _cluster(count: int, cluster: dict[str, Any]) -> Any:
-    """``count`` nodes on a fresh database: (url, nodes)."""
+async def _cluster(count: int, cluster: dict[str, Any], started: int | None = None) -> Any:
+    """``count`` nodes on a fresh database: (url, nodes); the first ``started`` (None: all) are
+    running, the caller starts the others."""
     name = f"kalandra_bench_{secrets.token_hex(6)}"
     await _admin(f'CREATE DATABASE "{name}"')
     url = f"{PG_ADMIN_DSN.rsplit('/', 1)[0]}/{name}"
@@ -155,7 +167,7 @@ async def _cluster(count: int, cluster: dict[str, Any]) -> Any:
         for i in range(count):
             (tmp / f"node{i}").mkdir()
             nodes.append(_Node(f"node{i}", tmp / f"node{i}", url, cluster))
-        await asyncio.gather(*(node.start() for node in nodes))
+        await asyncio.gather(*(node.start() for node in nodes[:started]))
         yield url, nodes
     finally:
         for node in nodes:
@@ -230,7 +242,8 @@ class _Echoes:
 
 async def _throughput(processes: int, per_room: int, *, forwarded: bool) -> tuple[float, int]:
     """(frames per second over all rooms, errors)."""
-    async with _cluster(processes, {"lease_seconds": 10, "renew_seconds": 3}) as (url, nodes):
+    settings = {"lease_seconds": 10, "renew_seconds": 3, "rebalance": False}
+    async with _cluster(processes, settings) as (url, nodes):
         members = await _members(url, nodes[0].port, ROOMS)
         tallies, conns, batches = [], [], []
         for j, member in enumerate(members):
@@ -301,6 +314,73 @@ async def _failover() -> float:
         return first_after - killed_at
 
 
+async def _handover() -> tuple[float, float]:
+    """(longest handover as logged, longest echo wait of a frame sent once the second process
+    was up), both in seconds."""
+    settings = {
+        "lease_seconds": HANDOVER_LEASE,
+        "renew_seconds": 1.0,
+        "forward_timeout": 1.0,
+        "rebalance_seconds": 0.5,
+    }
+    async with _cluster(2, settings, started=1) as (url, nodes):
+        members = await _members(url, nodes[0].port, ROOMS)
+        tallies, conns, frames = [], [], []
+        for member in members:
+            tally = _Echoes(member.core.member_id, 0)
+            hello = member.core.hello(member.token, now=time.time())
+            conns.append(await raw_connect(nodes[0].port, hello, tally))
+            tallies.append(tally)
+            frames.append(_frames(member, 2_000))
+        sent: list[dict[int, float]] = [{} for _ in members]
+        stop = asyncio.Event()
+
+        async def traffic() -> None:
+            for i in range(2_000):
+                if stop.is_set():
+                    return
+                for j, conn in enumerate(conns):
+                    sent[j][Frame.decode(frames[j][i]).header.request_id] = time.perf_counter()
+                    conn.write(frames[j][i])
+                await asyncio.sleep(0.02)
+
+        def handed() -> list[float]:
+            log = (nodes[0].tmp / "server.log").read_text(errors="replace")
+            return [float(ms) / 1000 for ms in _HANDED.findall(log)]
+
+        flowing = asyncio.create_task(traffic())
+        await asyncio.sleep(0.5)
+        await nodes[1].start()
+        joined_at = time.perf_counter()
+        deadline = joined_at + 30
+        while len(handed()) < ROOMS // 2 and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # (reading the giver's log)
+        await asyncio.sleep(1.0)  # traffic to the new owner too
+        stop.set()
+        await flowing
+        deadline = time.perf_counter() + _WAIT
+        while any(t.count + t.errors < len(s) for t, s in zip(tallies, sent, strict=True)):
+            if time.perf_counter() > deadline:
+                raise RuntimeError("echoes missing after the handovers")
+            await asyncio.sleep(0.05)
+        for conn in conns:
+            conn.close()
+        errors = sum(t.errors for t in tallies)
+        if errors:
+            raise RuntimeError(f"{errors} frames refused during the handovers")
+        waits = [
+            tally.arrivals[r] - at
+            for tally, times in zip(tallies, sent, strict=True)
+            for r, at in times.items()
+            if at >= joined_at
+        ]
+        took = handed()
+        if not took:
+            raise RuntimeError("no room was handed over")
+        print(f"cluster: {len(took)} of {ROOMS} rooms handed over")
+        return max(took), max(waits)
+
+
 def _verify_rate() -> float:
     signer = SigningKey.generate()
     signed = signer.sign(os.urandom(56))
@@ -357,6 +437,33 @@ async def _main(quick: bool) -> Results:
             "lease term",
             FAILOVER_LEASE,
             decimals=2,
+        )
+    )
+    handover, wait = await _handover()
+    print(
+        f"cluster: handover {handover * 1000:.1f} ms at most; longest echo wait meanwhile "
+        f"{wait * 1000:.0f} ms (lease {HANDOVER_LEASE:g} s)"
+    )
+    results.figures.append(
+        Figure(
+            "cluster handover (rebalancing, longest)",
+            handover,
+            "s",
+            "<< lease",
+            "lease term",
+            HANDOVER_LEASE,
+            decimals=3,
+        )
+    )
+    results.figures.append(
+        Figure(
+            "cluster echo wait while rooms are handed over (longest)",
+            wait,
+            "s",
+            "<< lease",
+            "lease term",
+            HANDOVER_LEASE,
+            decimals=3,
         )
     )
     return results

@@ -4,7 +4,8 @@ Thin asyncio around the store's leases (the truth about ownership), :class:`Rout
 node believes about the others, sans-IO) and a :class:`~.bus.ClusterBus`. The hub decides
 what to do with a frame (``Hub.route``); this class carries out the cluster's part: take a
 lease, forward a frame to its room's owner, send answers back to another node's session,
-broadcast fan-out, and give up a room the moment its lease is lost.
+broadcast fan-out, give up a room the moment its lease is lost, and (``rebalance``) hand rooms
+over to processes that hold less than their share (see rebalance.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Protocol
 from ..proto import ErrorCode, Frame, FrameHeader
 from ..storage.base import Store, StoreError
 from . import bus as msg
-from . import replies
+from . import rebalance, replies
 from .config import ClusterConfig
 from .routes import Routes
 
@@ -45,7 +46,7 @@ class Asker(Protocol):
     def reject(self, frame: Frame, code: ErrorCode, message: str, **kw: int | None) -> None: ...
 
 
-class ClusterHub(Protocol):
+class ClusterHub(rebalance.Rebalancing, Protocol):
     """What the node needs of its hub."""
 
     bridge_bot: tuple[int, str] | None
@@ -138,6 +139,9 @@ class ClusterNode:
             asyncio.create_task(self._sweep_loop(), name="cluster-sweep"),
             asyncio.create_task(self._bridge_loop(), name="cluster-bridge"),
         ]
+        if self.config.rebalance:
+            loop = rebalance.rebalance_loop(self, hub, self.monotonic)
+            self._tasks.append(asyncio.create_task(loop, name="cluster-rebalance"))
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._retries]:
@@ -150,6 +154,9 @@ class ClusterNode:
             with contextlib.suppress(StoreError):
                 await self.store.release_lease(room_id, self.node, token)
         self.held.clear()
+        if self.config.rebalance:
+            with contextlib.suppress(StoreError):
+                await self.store.node_alive(self.node, 0.0)  # no more rooms for us
         await self.bus.close()
 
     # --- leases -------------------------------------------------------------------------------
@@ -187,6 +194,24 @@ class ClusterNode:
         self.held[room_id] = grant.token
         self.routes.forget_owner(room_id)
         return grant.token
+
+    async def hand_over(self, room_id: bytes, token: int, to: str) -> bool | None:
+        """Give our lease (``token``) to node ``to`` (alive), with a new token: whether it was
+        given (None: unknown, the store failed; the lease is then left to run out)."""
+        # Not renewed from now: a renewal racing the handover must not report it as lost.
+        self.held.pop(room_id, None)
+        try:
+            given = await self.store.hand_over_lease(
+                room_id, self.node, token, to, self.config.lease_seconds
+            )
+        except StoreError as exc:
+            log.warning("cluster: handing room %s over failed: %s", room_id.hex(), exc)
+            return None
+        if given:
+            self.routes.saw_owner(room_id, to, self.monotonic())
+        else:
+            self.held[room_id] = token  # still ours, or lost: the next renewal tells
+        return given
 
     def dropped(self, room_id: bytes) -> None:
         self.held.pop(room_id, None)

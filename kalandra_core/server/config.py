@@ -56,13 +56,17 @@ class ClusterConfig:
     ``renew_seconds``), judged by the database's clock: a dead process's rooms are served again
     at most that long after it died. A frame forwarded to a room's owner that has no answer in
     ``forward_timeout`` makes that node a suspect: the frame is routed again, and the room is
-    taken once the suspect's lease has run out."""
+    taken once the suspect's lease has run out. With ``rebalance`` on, every
+    ``rebalance_seconds`` a process marks itself alive and hands rooms over (no frame lost) to
+    live processes while it holds more than its share of the rooms."""
 
     enabled: bool = False
     node_name: str = ""
     lease_seconds: float = bounded(10.0, low=0, above=True)
     renew_seconds: float = bounded(3.0, low=0, above=True)
     forward_timeout: float = bounded(5.0, low=0, above=True)
+    rebalance: bool = True
+    rebalance_seconds: float = bounded(5.0, low=0, above=True)
 
 
 @dataclass(slots=True)

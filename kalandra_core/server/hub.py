@@ -8,7 +8,8 @@ In a cluster (``cluster`` given), a room has a worker here only while this node 
 lease. :meth:`Hub.route` decides where a room frame goes: the local worker; another node known
 to own the room (the frame is forwarded there, its answers come back to the session); or, when
 no live lease exists, this node takes the lease, loads the room from the log and serves it.
-Fan-out reaches the sessions on the other nodes through the bus.
+Fan-out reaches the sessions on the other nodes through the bus. :meth:`Hub.hand_over` gives
+a room to another node (rebalancing) without losing, doubling or reordering a frame.
 
 Tests only: ``KALANDRA_TEST_SYNC_LAG`` (seconds) delays each sync read, the latency of a busy
 store, so that a test can hold a client's catch-up of many rooms open.
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import cast
 
@@ -44,11 +46,11 @@ from ..proto import (
 from ..proto.hello_proof import ReplayCache
 from ..proto.hlc import skew_ms
 from ..proto.payloads import GroupInfoData
-from ..storage.base import AlreadyExists, Role, Room, RoomMember, Store
+from ..storage.base import AlreadyExists, Role, Room, RoomMember, Store, StoreError
 from ..transport.interface import FrameSink
 from . import replies
 from .bus import Forward
-from .cluster import MAX_HOPS, Asker, ClusterNode, RemoteSession
+from .cluster import MAX_HOPS, NO_ANSWER, Asker, ClusterNode, RemoteSession
 from .config import ServerConfig
 from .ratelimit import TokenBucket
 from .room import RoomSequencer
@@ -102,6 +104,9 @@ class Hub:
         # Rooms being opened: a lock each, and how many wait on it (dropped at 0, so room ids
         # that name no room leave nothing behind).
         self._opening: dict[bytes, tuple[asyncio.Lock, list[int]]] = {}
+        # Rooms being handed over: their frames wait here, in arrival order, until the lease
+        # is the taker's (session, frame, hops, attempts).
+        self._moving: dict[bytes, deque[tuple[Asker, Frame, int, int]]] = {}
         self._keys: dict[int, VerifyKey] = {}
         self._kp_fetches: dict[int, TokenBucket] = {}  # requester -> its KeyPackage fetches
         # Hellos accepted within the clock skew window: a captured Hello is not accepted twice.
@@ -364,6 +369,49 @@ class Hub:
             else:
                 self.cluster.again(asker, item.frame)
 
+    def held_rooms(self) -> list[bytes]:
+        """The rooms sequenced here that could be handed over."""
+        return [r for r, w in self.rooms.items() if not w.lost and r not in self._moving]
+
+    async def adopt(self, room_id: bytes) -> None:
+        """Open a room whose lease was handed to this node, if it is still ours."""
+        assert self.cluster is not None
+        if room_id not in self.rooms and room_id not in self._moving:
+            self.cluster.routes.forget_owner(room_id)  # it may name the giver still
+            await self.route(room_id, wait=False)
+
+    async def hand_over(self, room_id: bytes, to: str) -> bool:
+        """Give the room to node ``to``. Its frames wait here meanwhile, in order; the worker
+        sequences and answers what it has; then the lease becomes ``to``'s (a new token, so
+        nothing of ours could be written after) and the waiting frames are routed there, in
+        order, before any later one. Whether the room moved."""
+        cluster = self.cluster
+        worker = self.rooms.get(room_id)
+        if cluster is None or worker is None or worker.lost or room_id in self._moving:
+            return False
+        waiting = self._moving[room_id] = deque()
+        given: bool | None = False
+        try:
+            if await worker.drain():
+                assert worker.fence is not None
+                given = await cluster.hand_over(room_id, worker.fence, to)
+            if given is False:
+                worker.resume()  # ``to`` is gone (or the lease was lost: renewal tells)
+            else:
+                worker.lose()  # nothing waits in it: nobody is refused
+        finally:
+            try:
+                # Whatever arrives while these are routed queues behind them.
+                while waiting:
+                    session, frame, hops, attempts = waiting.popleft()
+                    try:
+                        await self._room_frame(session, frame, hops, attempts)
+                    except StoreError:  # not sequenced: its sender may send it again
+                        session.reject(frame, ErrorCode.STORAGE_ERROR, NO_ANSWER)
+            finally:
+                del self._moving[room_id]
+        return bool(given)
+
     async def dispatch(self, session: ServerSession, frame: Frame) -> None:
         if frame.header.opcode == Opcode.KEY_PACKAGE:
             await self._key_package(session, frame)
@@ -393,6 +441,11 @@ class Hub:
             return  # after a frame the bus lost: its origin routes both again, in order
         if self.cluster.follow(asker, frame):
             return  # behind the member's frames a lost worker here handed back
+        room_id = frame.header.room_id_bytes
+        if room_id not in self.rooms and room_id not in self._moving:
+            # Sent here as to the room's owner: what we knew of its owner (perhaps this node,
+            # before it handed the room over here) is older; the lease table tells.
+            self.cluster.routes.forget_owner(room_id)
         await self.room_frame(asker, frame, message.hops, 0)
 
     async def room_frame(self, session: Asker, frame: Frame, hops: int, attempts: int) -> None:
@@ -407,6 +460,16 @@ class Hub:
         if opcode not in ROOM_OPCODES and opcode not in (Opcode.SYNC_REQUEST, Opcode.GROUP_INFO):
             _reject(session, frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
             return
+        waiting = self._moving.get(room_id)
+        if waiting is not None:
+            waiting.append((session, frame, hops, attempts))  # the room is being handed over
+            return
+        await self._room_frame(session, frame, hops, attempts)
+
+    async def _room_frame(self, session: Asker, frame: Frame, hops: int, attempts: int) -> None:
+        h = frame.header
+        opcode = h.opcode
+        room_id = h.room_id_bytes
         target = await self.route(room_id, wait=hops == 0)
         if isinstance(target, str):
             assert self.cluster is not None

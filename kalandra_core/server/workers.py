@@ -14,7 +14,8 @@ carries the lease's fencing token (``fence``), and a write the store refuses as
 batch is acknowledged. What it had not answered (the rest of its batch and everything queued,
 and what arrives until its batch under way is done) is handed back to the node (``on_moved``),
 in arrival order, to be routed to the room's new owner: a refusal would let a member's later
-frames, routed there meanwhile, be sequenced before it.
+frames, routed there meanwhile, be sequenced before it. A room handed over to another node
+(rebalancing) is drained first: the worker sequences and answers what it has, then ends.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class RoomWorker:
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._busy = False  # a batch is under way
+        self._closing = False  # being handed over: end once the inbox is empty
         self._server_sender_index: int | None = None
         # log index of the commit that moved the room out of each recent epoch
         self._commit_at: dict[int, int] = {}
@@ -124,6 +126,23 @@ class RoomWorker:
             self._moved(_Item(frame, requester))
             return
         self._inbox.put_nowait(_Item(frame, requester))
+
+    async def drain(self) -> bool:
+        """Sequence and answer everything submitted so far, then end the task (the caller
+        submits nothing meanwhile). Whether the lease held throughout."""
+        self._closing = True
+        task = self._task
+        if task is not None:
+            if not self._busy and self._inbox.empty():
+                task.cancel()  # idle, waiting for a frame
+            await asyncio.wait([task])  # (a cancellation of the caller still reaches it)
+        return not self.lost
+
+    def resume(self) -> None:
+        """After :meth:`drain`, the room stays here after all: take frames again."""
+        self._closing = False
+        if not self.lost:
+            self.start()
 
     def lose(self) -> None:
         """The lease is gone (a renewal found it lost, or a write was fenced): sequence nothing
@@ -180,6 +199,8 @@ class RoomWorker:
 
     async def _run(self) -> None:
         while not self.lost:
+            if self._closing and self._inbox.empty():
+                return
             first = await self._inbox.get()
             batch = [first]
             while len(batch) < self._batch_max and not self._inbox.empty():

@@ -445,6 +445,22 @@ class Store(Protocol):
         """Who holds an unexpired lease on the room, if anyone."""
         ...
 
+    async def hand_over_lease(
+        self, room_id: bytes, node: str, token: int, to: str, seconds: float
+    ) -> bool:
+        """Give ``node``'s lease (with ``token``, unexpired) to node ``to``, if ``to`` is alive
+        (``node_alive``), for ``seconds``, with a new, greater token; whether it was given."""
+        ...
+
+    async def node_alive(self, node: str, seconds: float) -> dict[str, int]:
+        """Mark ``node`` alive for ``seconds`` (0: gone now); returns every live node with the
+        number of unexpired leases it holds."""
+        ...
+
+    async def leases_of(self, node: str) -> list[bytes]:
+        """The rooms whose unexpired lease names ``node``."""
+        ...
+
     async def record_bridge_bot(self, member_id: int, mxid: str) -> None:
         """Record the embedded bridge's bot (member id, Matrix user id) for the other
         processes of a cluster (replacing any earlier record)."""

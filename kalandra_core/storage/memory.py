@@ -125,6 +125,7 @@ class MemoryStore:
         self._media: dict[bytes, bytes] = {}  # digest -> block
         self._media_refs: set[tuple[bytes, bytes, int]] = set()  # (room, digest, uploader)
         self._leases: dict[bytes, _Lease] = {}
+        self._nodes: dict[str, float] = {}  # cluster node -> alive until
         self._bridge_bot: tuple[int, str] | None = None  # the cluster's bridge, as recorded
 
     @classmethod
@@ -516,6 +517,35 @@ class MemoryStore:
     async def lease_owner(self, room_id: bytes) -> str | None:
         lease = self._leases.get(room_id)
         return lease.owner if lease is not None and lease.expires_at > self._clock() else None
+
+    async def hand_over_lease(
+        self, room_id: bytes, node: str, token: int, to: str, seconds: float
+    ) -> bool:
+        now = self._clock()
+        lease = self._leases.get(room_id)
+        if lease is None or lease.owner != node or lease.token != token:
+            return False
+        if lease.expires_at <= now or self._nodes.get(to, now) <= now:
+            return False
+        self._leases[room_id] = _Lease(to, token + 1, now + seconds)
+        return True
+
+    async def node_alive(self, node: str, seconds: float) -> dict[str, int]:
+        now = self._clock()
+        self._nodes[node] = now + seconds
+        live = {n: 0 for n, until in self._nodes.items() if until > now}
+        for lease in self._leases.values():
+            if lease.owner in live and lease.expires_at > now:
+                live[lease.owner] += 1
+        return live
+
+    async def leases_of(self, node: str) -> list[bytes]:
+        now = self._clock()
+        return [
+            r
+            for r, lease in self._leases.items()
+            if lease.owner == node and lease.expires_at > now
+        ]
 
     async def record_bridge_bot(self, member_id: int, mxid: str) -> None:
         self._bridge_bot = (member_id, mxid)

@@ -280,3 +280,12 @@ cluster_bridge = sa.Table(
     sa.Column("member_id", U64(), nullable=False),
     sa.Column("mxid", sa.Text(), nullable=False),
 )
+
+# Cluster (alembic 0013): the processes taking part in rebalancing, alive until ``expires_at``
+# (the database's clock).
+cluster_nodes = sa.Table(
+    "cluster_nodes",
+    metadata,
+    sa.Column("node", sa.Text(), primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+)

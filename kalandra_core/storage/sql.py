@@ -597,6 +597,23 @@ class SqlStore:
         async with self._read() as conn:
             return await sql_lease.owner(conn, room_id)
 
+    async def hand_over_lease(
+        self, room_id: bytes, node: str, token: int, to: str, seconds: float
+    ) -> bool:
+        self._cluster_engine()
+        async with self._write() as conn:
+            return await sql_lease.hand_over(conn, room_id, node, token, to, seconds)
+
+    async def node_alive(self, node: str, seconds: float) -> dict[str, int]:
+        self._cluster_engine()
+        async with self._write() as conn:
+            return await sql_lease.alive(conn, node, seconds)
+
+    async def leases_of(self, node: str) -> list[bytes]:
+        self._cluster_engine()
+        async with self._read() as conn:
+            return await sql_lease.leases_of(conn, node)
+
     async def record_bridge_bot(self, member_id: int, mxid: str) -> None:
         async with self._write() as conn:
             await sql_lease.record_bridge_bot(conn, member_id, mxid)

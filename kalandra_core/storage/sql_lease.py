@@ -7,6 +7,10 @@ transaction of every sequencer write and holds the lease row's lock until that t
 ends: an acquisition by another node waits for the write to commit (and then sees it when it
 loads the room), or the write sees the new token and stores nothing.
 
+A lease is handed over to another live node (rebalancing) in one statement that also raises
+the token, so the giver's writes are fenced from then on and the taker needs no lease term.
+``cluster_nodes`` says which nodes are alive (for rebalancing).
+
 Also the cluster's record of its bridge's bot (``cluster_bridge``), which every process names
 to its clients.
 """
@@ -38,6 +42,35 @@ _RENEW: Final = sa.text(
     FROM unnest(CAST(:rooms AS bytea[]), CAST(:tokens AS bigint[])) AS h(room_id, token)
     WHERE l.room_id = h.room_id AND l.token = h.token AND l.owner = :node
     RETURNING l.room_id
+    """
+)
+
+_HAND_OVER: Final = sa.text(
+    """
+    UPDATE room_leases AS l
+        SET owner = :to, token = l.token + 1,
+            expires_at = now() + make_interval(secs => :seconds)
+    WHERE l.room_id = :room_id AND l.owner = :node AND l.token = :token AND l.expires_at > now()
+        AND EXISTS (SELECT 1 FROM cluster_nodes AS n WHERE n.node = :to AND n.expires_at > now())
+    RETURNING l.token
+    """
+)
+
+_ALIVE: Final = sa.text(
+    """
+    INSERT INTO cluster_nodes AS n (node, expires_at)
+    VALUES (:node, now() + make_interval(secs => :seconds))
+    ON CONFLICT (node) DO UPDATE SET expires_at = excluded.expires_at
+    """
+)
+
+_LIVE_NODES: Final = sa.text(
+    """
+    SELECT n.node, count(l.room_id) AS rooms
+    FROM cluster_nodes AS n
+    LEFT JOIN room_leases AS l ON l.owner = n.node AND l.expires_at > now()
+    WHERE n.expires_at > now()
+    GROUP BY n.node
     """
 )
 
@@ -76,6 +109,35 @@ async def release(conn: AsyncConnection, room_id: bytes, node: str, token: int) 
         .where(leases.c.room_id == room_id, leases.c.owner == node, leases.c.token == token)
         .values(expires_at=sa.func.now() - sa.text("interval '1 second'"))
     )
+
+
+async def hand_over(
+    conn: AsyncConnection, room_id: bytes, node: str, token: int, to: str, seconds: float
+) -> bool:
+    params = {
+        "room_id": room_id,
+        "node": node,
+        "token": token,
+        "to": to,
+        "seconds": float(seconds),
+    }
+    return await conn.scalar(_HAND_OVER, params) is not None
+
+
+async def alive(conn: AsyncConnection, node: str, seconds: float) -> dict[str, int]:
+    await conn.execute(_ALIVE, {"node": node, "seconds": float(seconds)})
+    rows = await conn.execute(_LIVE_NODES)
+    return {str(row.node): int(row.rooms) for row in rows}
+
+
+async def leases_of(conn: AsyncConnection, node: str) -> list[bytes]:
+    leases = db.room_leases
+    rows = await conn.execute(
+        sa.select(leases.c.room_id).where(
+            leases.c.owner == node, leases.c.expires_at > sa.func.now()
+        )
+    )
+    return [bytes(row.room_id) for row in rows]
 
 
 async def owner(conn: AsyncConnection, room_id: bytes) -> str | None:

@@ -23,9 +23,10 @@ from kalandra_core.storage.sql import SqlStore
 LEASE = 3.0  # seconds: short, so failover tests are quick
 RENEW = 1.0
 FORWARD_TIMEOUT = 2.0
+REBALANCE = 1.0  # seconds between a node's looks at the rooms' spread
 
 
-def cluster_yaml(node: str) -> str:
+def cluster_yaml(node: str, *, rebalance: bool = True) -> str:
     return (
         "  cluster:\n"
         "    enabled: true\n"
@@ -33,7 +34,18 @@ def cluster_yaml(node: str) -> str:
         f"    lease_seconds: {LEASE}\n"
         f"    renew_seconds: {RENEW}\n"
         f"    forward_timeout: {FORWARD_TIMEOUT}\n"
+        f"    rebalance: {'true' if rebalance else 'false'}\n"
+        f"    rebalance_seconds: {REBALANCE}\n"
     )
+
+
+def start_node(tmp: Path, url: str, name: str) -> ServerProcess:
+    """Start (blocking) one more node on the cluster's database."""
+    workdir = tmp / name
+    workdir.mkdir()
+    node = ServerProcess(workdir, url, server_yaml=cluster_yaml(name))
+    node.start()
+    return node
 
 
 @contextlib.contextmanager
@@ -44,12 +56,8 @@ def cluster(tmp: Path, count: int) -> Iterator[tuple[str, list[ServerProcess]]]:
         nodes: list[ServerProcess] = []
         try:
             for i in range(count):
-                workdir = tmp / f"node{i}"
-                workdir.mkdir()
-                node = ServerProcess(workdir, url, server_yaml=cluster_yaml(f"node{i}"))
-                node.start()
-                nodes.append(node)
-            yield url, nodes
+                nodes.append(start_node(tmp, url, f"node{i}"))
+            yield url, nodes  # a test may append nodes it starts: they are stopped too
         finally:
             for node in nodes:
                 resume(node)

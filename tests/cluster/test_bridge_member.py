@@ -111,12 +111,16 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
         "server.cluster.lease_seconds": LEASE,
         "server.cluster.renew_seconds": RENEW,
         "server.cluster.forward_timeout": FORWARD_TIMEOUT,
+        # The checks say which node serves which room: rooms stay where they are used.
+        "server.cluster.rebalance": False,
     }
     async with bridge_stack(work, "postgres", options=options) as stack:
         # The bridge made the schema; the other node joins the same database.
         node_dir = work / OTHER_NODE
         await asyncio.to_thread(node_dir.mkdir)
-        other = ServerProcess(node_dir, stack.database_url, server_yaml=cluster_yaml(OTHER_NODE))
+        other = ServerProcess(
+            node_dir, stack.database_url, server_yaml=cluster_yaml(OTHER_NODE, rebalance=False)
+        )
         await asyncio.to_thread(other.start)
         try:
             async with nio_client(stack.synapse, stack.user) as alice:

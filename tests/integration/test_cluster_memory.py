@@ -247,3 +247,52 @@ async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
     cluster.clock.now += LEASE + 1
     first, second = await within(one), await within(two)
     assert first < second
+
+
+async def test_a_room_handed_over_mid_traffic_keeps_every_frame_once_in_order(
+    cluster: Cluster,
+) -> None:
+    alice = await cluster.client("A", "alice")
+    bob = await cluster.client("B", "bob")
+    room = await within(alice.create_room(name="shared"))
+    await within(alice.invite(room, [bob.core.member_id]))
+    assert await within(bob.joined.get()) == room
+    assert await cluster.store.lease_owner(room) == "A"
+
+    # Both send while A hands the room over to B: frames are in A's worker, on the bus to A,
+    # and arrive at A during the handover (they wait there, then follow the room to B).
+    store = cluster.store
+    give = store.hand_over_lease
+
+    async def slow_hand_over(*args: Any) -> bool:
+        await asyncio.sleep(0.05)  # a database's round trip, while frames come in
+        return await give(*args)
+
+    store.hand_over_lease = slow_hand_over  # type: ignore[method-assign,assignment]
+    senders = ((alice, "alice"), (bob, "bob"))
+
+    def send(i: int) -> list[asyncio.Task[int]]:
+        return [asyncio.create_task(c.send_text(room, f"{name} {i}")) for c, name in senders]
+
+    sends = [t for i in range(5) for t in send(i)]
+    await asyncio.sleep(0)
+    handover = asyncio.create_task(cluster.hubs["A"].hand_over(room, "B"))
+    for i in range(5, 10):
+        await asyncio.sleep(0.01)
+        sends += send(i)
+    assert await within(handover)
+    indexes = await within(asyncio.gather(*sends))
+
+    assert await cluster.store.lease_owner(room) == "B"
+    assert room not in cluster.hubs["A"].rooms
+    stored = await cluster.store.load_frames(room, 0, 1000)
+    assert [f.log_index for f in stored] == list(range(len(stored)))
+    assert len(set(indexes)) == len(indexes)
+    for offset in (0, 1):  # each sender's messages in the order sent
+        mine = indexes[offset::2]
+        assert mine == sorted(mine)
+    # B sequences from now on, and both see it.
+    index = await within(alice.send_text(room, "after"))
+    got = await next_message(bob, lambda m: m.content.body == "after")
+    assert got.log_index == index
+    assert room in cluster.hubs["B"].rooms

@@ -119,6 +119,30 @@ async def test_a_stale_token_writes_nothing(pair: Pair) -> None:
     assert (await state_of(pair.a, rid)).room.next_log_index == 3
 
 
+async def test_a_lease_handed_over_to_a_live_node_fences_the_giver(pair: Pair) -> None:
+    rid = await new_room(pair.a)
+    held = await pair.a.acquire_lease(rid, "node-a", 30)
+    assert held.token is not None
+    # Only to a node alive now.
+    assert not await pair.a.hand_over_lease(rid, "node-a", held.token, "node-b", 30)
+    assert await pair.a.lease_owner(rid) == "node-a"
+    assert await pair.b.node_alive("node-b", 30) == {"node-b": 0}
+    assert await pair.a.node_alive("node-a", 30) == {"node-a": 1, "node-b": 0}
+    assert await pair.a.hand_over_lease(rid, "node-a", held.token, "node-b", 30)
+    assert await pair.b.lease_owner(rid) == "node-b"
+    assert await pair.b.leases_of("node-b") == [rid]
+    assert await pair.a.leases_of("node-a") == []
+    # The giver's token is stale at once; the taker takes its lease without waiting.
+    with pytest.raises(Fenced):
+        await pair.a.append(rid, entries(0, 1), fence=held.token)
+    assert not await pair.a.hand_over_lease(rid, "node-a", held.token, "node-b", 30)
+    taken = await pair.b.acquire_lease(rid, "node-b", 30)
+    assert taken.token == held.token + 2
+    await pair.b.append(rid, entries(0, 1), fence=taken.token)
+    # A node that leaves is not alive any more (its leases are still its own).
+    assert await pair.b.node_alive("node-b", 0) == {"node-a": 0}
+
+
 async def test_a_room_never_leased_refuses_a_fenced_write(pair: Pair) -> None:
     rid = await new_room(pair.a)
     with pytest.raises(Fenced):

@@ -15,6 +15,9 @@ Each node is a real :class:`Hub` in cluster mode with its own :class:`ClusterNod
   gap (``MemoryNetwork.gap``).
 * clients: the network's balancer sends a client to its home node while that node is up, else
   to the next one up (a load balancer in front of the processes).
+* rebalancing (``rebalance`` seconds between a node's looks): with ``SimConfig.join`` only the
+  first node starts; the others join during the workload (``SimCluster.joins``) and live rooms
+  are handed over to them while clients send, on top of the faults below.
 
 Node faults (``SimCluster.faults``), one at a time, each on the node holding a room's lease
 (the busy owner) or on another node:
@@ -66,6 +69,7 @@ class Timing:
     lease: float = 3.0
     renew: float = 1.0
     forward_timeout: float = 2.0
+    rebalance: float = 1.0
 
     @property
     def failover_bound(self) -> float:
@@ -108,6 +112,7 @@ class Ledger:
     # A node to pause at its next write (the stop lands while a commit is under way).
     pause_at_write: NodeGate | None = None
     paused: list[str] = field(default_factory=list)  # who was paused at a write, when
+    handovers: list[tuple[float, bytes, str, str]] = field(default_factory=list)  # from, to
 
 
 class NodeStore:
@@ -158,6 +163,10 @@ class NodeStore:
                 )
             elif isinstance(result, LeaseGrant) and result.token is not None:
                 self._ledger.grants.append((self._clock(), args[0], node, result.token))
+            elif name == "hand_over_lease" and result:
+                room, _, token, to = args[:4]
+                self._ledger.grants.append((self._clock(), room, to, token + 1))
+                self._ledger.handovers.append((self._clock(), room, node, to))
             await self._link.wait()
             await self._gate.wait()
             return result
@@ -290,6 +299,8 @@ class SimCluster:
         self.loop = loop
         self.rng = rng
         self.more = random.Random(repr(rng.getstate()[1][:4]))
+        self.joining = random.Random(repr(rng.getstate()[1][4:8]))  # its own: see cuts
+        self.started: set[str] = set()
         self.store = store
         self.limits = limits
         self.server_key = server_key  # one key for the deployment, as every process reads it
@@ -315,6 +326,7 @@ class SimCluster:
                 lease_seconds=t.lease,
                 renew_seconds=t.renew,
                 forward_timeout=t.forward_timeout,
+                rebalance_seconds=t.rebalance,
             ),
         )
         store = cast(Store, NodeStore(self.store, gate, link, self.ledger, self.loop.time))
@@ -338,11 +350,21 @@ class SimCluster:
         self.links.reach[name] = node.link
         node.hub.start()
         await node.hub.start_cluster()
+        self.started.add(name)
         self.trace("node-start", name)
 
-    async def start_all(self) -> None:
-        for name in self.names:
+    async def start_all(self, count: int | None = None) -> None:
+        for name in self.names[:count]:
             await self.start(name)
+
+    async def joins(self, duration: float) -> None:
+        """The nodes not started yet join one by one within the first half of ``duration``."""
+        rng = self.joining
+        for name in self.names:
+            if name not in self.started:
+                await asyncio.sleep(rng.uniform(1.0, duration / 4))
+                self.trace("node-join", name)
+                await self.start(name)
 
     async def stop(self) -> None:
         for node in self.nodes.values():

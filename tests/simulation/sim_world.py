@@ -39,7 +39,9 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 from nacl.signing import SigningKey
 from simulation import sim_cluster
@@ -47,6 +49,7 @@ from simulation.sim_loop import VirtualTimeLoop, run_virtual
 from simulation.sim_net import NetProfile, SimNetwork
 from simulation.sim_store import SimStore, Trace
 
+from kalandra_core.client import core as client_core
 from kalandra_core.client import events as ev
 from kalandra_core.client.content import Content
 from kalandra_core.client.core import ClientCore
@@ -96,6 +99,7 @@ class SimConfig:
     burst_sends: int = 0  # > 0: some sends are a burst of this many messages at once
     nodes: int = 1  # > 1: a cluster of server nodes on one store (sim_cluster), with node faults
     cuts: bool = True  # in a cluster: nodes may also be cut off from the database for a while
+    join: bool = False  # in a cluster: one node starts; the others join during the workload
 
 
 @dataclass(slots=True)
@@ -323,8 +327,12 @@ class World:
         plans = [("A", c[0], c[1 : n_clients - 1])]
         if n_rooms == 2:
             plans.append(("B", c[1], [c[2]]))
+        # Room ids from the seed (their own generator: the other draws stay as they were), as
+        # a cluster's rebalancing hashes them to pick the rooms' nodes.
+        ids = random.Random(f"room ids {cfg.seed}")
         for label, creator, members in plans:
-            room_id = await creator.create_room(name=label)
+            with mock.patch.object(client_core, "os", SimpleNamespace(urandom=ids.randbytes)):
+                room_id = await creator.create_room(name=label)
             self.rooms[room_id] = label
             creator.intervals[label].append(Interval(anchor=-1))
             for member in members:
@@ -469,6 +477,8 @@ class World:
             self.tasks.append(asyncio.create_task(self.cluster.faults(duration, rooms)))
             if self.config.cuts:
                 self.tasks.append(asyncio.create_task(self.cluster.cuts(duration, rooms)))
+            if self.config.join:
+                self.tasks.append(asyncio.create_task(self.cluster.joins(duration)))
         while self.loop.time() < end:
             await asyncio.sleep(self.rng.expovariate(1 / 0.25))
             self.step()
@@ -718,7 +728,7 @@ async def _run(config: SimConfig) -> Result:
         if cluster is None:
             world.hub.start()
         else:
-            await cluster.start_all()
+            await cluster.start_all(1 if config.join else None)
         await world.setup()
         await world.workload()
         unsettled = await world.settle()
@@ -755,6 +765,10 @@ async def _run(config: SimConfig) -> Result:
             "taken_in_cuts": sim_cluster.taken_during_cuts(cluster),
             "grants": len(ledger.grants),
             "fenced": len(ledger.fenced),
+            "handovers": len(ledger.handovers),
+            "handed_to_joined": sum(
+                1 for _, _, _, to in ledger.handovers if to != cluster.names[0]
+            ),
             "failover_s": sim_cluster.failover_times(cluster),
             "bus": cluster.links.messages,
             "bus_lost": cluster.links.lost,

@@ -271,6 +271,16 @@ def test_cluster_mode_needs_postgresql(tmp_path: Path) -> None:
         _settings(tmp_path, pg, {"enabled": True, "lease_seconds": 2, "renew_seconds": 2})
 
 
+def test_rebalancing_is_on_by_default_and_its_interval_positive(tmp_path: Path) -> None:
+    pg = "postgresql://u@127.0.0.1/k"
+    cluster = _settings(tmp_path, pg, {"enabled": True}).server.cluster
+    assert (cluster.rebalance, cluster.rebalance_seconds) == (True, 5.0)
+    cluster = _settings(tmp_path, pg, {"enabled": True, "rebalance": False}).server.cluster
+    assert cluster.rebalance is False
+    with pytest.raises(ConfigError, match=r"server\.cluster\.rebalance_seconds"):
+        _settings(tmp_path, pg, {"enabled": True, "rebalance_seconds": 0})
+
+
 def test_a_switch_takes_true_or_false_only(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r'server\.cluster\.enabled: expected true or false, got "yes"'
