@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from mautrix.types import EncryptedEvent, EventID, RoomID, SessionID, UserID
 
+from kalandra_core.server.ratelimit import TokenBucket
+
 from .portal_work import FromMatrix
 
 
@@ -73,3 +75,5 @@ class RunState:
     # process (the Kalandra server is embedded: it sequences only while this process runs). A
     # room missing here was made by this process.
     log_heads: dict[bytes, int] = field(default_factory=dict)
+    # The bridge-wide budget of PENDING message statuses (portal/statuses.py), once used.
+    pending_statuses: TokenBucket | None = None

@@ -9,9 +9,10 @@ status: SUCCESS, FAIL_RETRIABLE (sending it again may work: the Kalandra server 
 an internal error, a missing room key) or FAIL_PERMANENT (it never will: not allowed, not
 supported, too large), each failure with ``reason`` and a readable ``message``. A message still
 waiting after ``PENDING_AFTER`` seconds (its portal busy with earlier events, the Kalandra server
-or the bridge's database being retried) gets one PENDING status; its final status then always
-follows, SUCCESS included whatever ``message_status_success`` says, so no client is left
-showing it in progress.
+or the bridge's database being retried) gets one PENDING status, within a bridge-wide budget
+(``PENDING_RATE``: when everything waits, a status for each message would add to the load on
+what is behind); its final status then always follows, SUCCESS included whatever
+``message_status_success`` says, so no client is left showing it in progress.
 
 Successes are sent by a background task of the portal (they must not slow its queue down; one
 lost in a crash is harmless). A message reported failed and bridged later (its room key came
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -50,12 +52,14 @@ from mautrix.types import (
 )
 
 from kalandra_core.backoff import Backoff
+from kalandra_core.server.ratelimit import TokenBucket
 
 from .. import metrics
 from ..encryption import e2ee
 
 if TYPE_CHECKING:
     from ..context import BridgeContext
+    from ..run_state import RunState
 
 log = logging.getLogger("kalandra.bridge.status")
 
@@ -63,6 +67,19 @@ NETWORK = "kalandra"
 
 
 PENDING_AFTER = 2.0  # seconds a message waits before its sender is told it is in progress
+# PENDING statuses per second, bridge-wide, and their burst. Each costs the homeserver an event,
+# and its SUCCESS another: when everything waits (the homeserver or the Kalandra server slow),
+# a PENDING for every message would triple the load on what is already behind. Past the
+# budget a message gets no PENDING (and so no SUCCESS it would otherwise not get).
+PENDING_RATE = 2.0
+PENDING_BURST = 20
+
+
+def pending_allowed(run_state: RunState, now: float) -> bool:
+    """Whether the bridge-wide budget has room for one more PENDING status now."""
+    if run_state.pending_statuses is None:
+        run_state.pending_statuses = TokenBucket(PENDING_RATE, PENDING_BURST, now)
+    return run_state.pending_statuses.take(now) == 0.0
 
 
 class Refused(Exception):
@@ -131,6 +148,9 @@ class StatusSender:
 
     async def _send_pending(self, room: RoomID, event_id: EventID, pending: _Pending) -> None:
         await asyncio.sleep(PENDING_AFTER)
+        if not pending_allowed(self.bridge.run_state, time.monotonic()):
+            log.debug("portal %s: pending status skipped (over the budget)", self.label)
+            return  # as if it had not been due: no final status is owed for it
         pending.sent = True  # from here on the final status waits for this one
         backoff = Backoff(cap=5.0)
         while True:  # (the homeserver or, in encrypted portals, the database may be away)
