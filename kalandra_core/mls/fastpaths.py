@@ -32,6 +32,9 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
   same input bytes, hashed by the same provider.
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
+
+``fastcommit`` (installed by :func:`apply` too) holds those of a received commit and a join:
+signature verification, hashing, resolutions and the Commit decode.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import fastcommit
 from ._lib import (
     LEAF_ENCODING_ATTR,
     CipherSuite,
@@ -514,10 +518,22 @@ def _path_node_deserialize(cls: type[UpdatePathNode], data: bytes) -> UpdatePath
     eps_len, off = read_varint(data, off)
     eps_data = data[off : off + eps_len]  # as the library: a short vector is cut, not refused
     secrets: list[bytes] = []
-    pos = 0
-    while pos < len(eps_data):
-        _, after_kem = tls_codec.read_opaque_varint(eps_data, pos)
-        _, end = tls_codec.read_opaque_varint(eps_data, after_kem)
+    pos, size = 0, len(eps_data)
+    read = tls_codec.read_opaque_varint
+    while pos < size:
+        # HPKECiphertext { opaque kem_output<V>; opaque ciphertext<V>; }: both lengths are
+        # one-byte varints (< 64) for the suites we use; read those inline, others as before.
+        kem_len = eps_data[pos]
+        after_kem = pos + 1 + kem_len
+        if kem_len < 0x40 and after_kem < size:
+            ct_len = eps_data[after_kem]
+            end = after_kem + 1 + ct_len
+            if ct_len < 0x40 and end <= size:
+                secrets.append(eps_data[pos:end])
+                pos = end
+                continue
+        _, after_kem = read(eps_data, pos)
+        _, end = read(eps_data, after_kem)
         secrets.append(eps_data[pos:end])
         pos = end
     return cls(encryption_key, secrets)
@@ -618,6 +634,7 @@ def _replace_hash_node() -> None:
 
 def apply() -> None:
     """Install the speed fixes (idempotent); the package does it on import."""
+    fastcommit.apply()
     _replace_hash_node()
     _replace_welcome_codec()
     _replace_path_node_codec()
