@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -320,6 +321,21 @@ def _leaf_partial_at(data: bytes, off: int) -> tuple[LeafNode, int]:
         return _library_leaf_partial(window)
     parsed = _parse_window(window)
     return parsed if parsed is not None else _library_leaf_partial(data[off:])
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection inside: decoding, hashing or saving a 10,000-leaf tree allocates
+    some 100,000 objects that are not cyclic garbage, and the collections they would trigger
+    walk the whole heap (of a process holding many groups) for nothing. Collection resumes
+    after, if it was on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # from_welcome loads the GroupInfo's tree twice: while joining, remember the last one loaded.

@@ -3,12 +3,13 @@ commit and of a join, with less work (bench/mls.py measures the speed)."""
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 
 import pytest
 
-from kalandra_core.mls import fastcommit
+from kalandra_core.mls import fastcommit, fastpaths
 from kalandra_core.mls._lib import (
     Commit,
     InvalidSignatureError,
@@ -152,3 +153,27 @@ def test_commit_decodes_as_the_library_decodes_it() -> None:
         assert _error(lambda: Commit.deserialize(cut)) is _error(  # noqa: B023
             lambda: fastcommit.library_commit_deserialize(cut)  # noqa: B023
         )
+
+
+def test_garbage_collection_resumes_after_big_operations() -> None:
+    seen: list[bool] = []
+    with fastpaths.gc_paused():
+        seen.append(gc.isenabled())
+        with fastpaths.gc_paused():
+            seen.append(gc.isenabled())
+        seen.append(gc.isenabled())
+    assert seen == [False, False, False]
+    assert gc.isenabled()
+    with pytest.raises(ValueError, match="fails inside"), fastpaths.gc_paused():
+        raise ValueError("fails inside")
+    assert gc.isenabled()
+    group = MlsGroup.from_bytes(group_of(5).to_bytes())
+    group.process(group.self_update().commit)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with fastpaths.gc_paused():
+            pass
+        assert not gc.isenabled()  # left off, as it was
+    finally:
+        gc.enable()
