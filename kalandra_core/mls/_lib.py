@@ -494,8 +494,8 @@ def _tree_state(self: RatchetTree) -> bytes:
             fields = (public_key[idx], private_key[idx], parent_hash[idx])
         chunks[idx] = _node_state(idx % 2 == 0, fields)
     self.__dict__[_TREE_STATE_ATTR] = (width, columns, chunks)
-    head = self.n_leaves.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return head + b"".join(chunks)
+    n_leaves: int = self.n_leaves
+    return n_leaves.to_bytes(2, "big") + width.to_bytes(2, "big") + b"".join(chunks)
 
 
 _TREE_STATE_ATTR = "_kalandra_state"
