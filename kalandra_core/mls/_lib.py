@@ -22,10 +22,8 @@ import contextvars
 import hashlib
 import importlib.metadata
 import inspect
-import itertools
-import operator
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -468,39 +466,31 @@ def _opaque16(data: bytes) -> bytes:
 
 def _tree_state(self: RatchetTree) -> bytes:
     """The library's serialize_full_state, byte for byte, in linear time (it grew one bytes
-    object with +=, quadratic in the tree size). Each node's encoding is kept on the tree with
+    object with +=, quadratic in the tree size). Each node's encoding is kept on the node with
     the field values it was made from, and reused while they are the same objects: a group
-    saves its whole state after every commit, which changes a path of nodes, not 10,000. The
-    comparison runs column by column in C (map, operator.is_not, itertools.compress)."""
+    saves its whole state after every commit, which changes a path of nodes, not 10,000."""
     width = tree_math.node_width(self.n_leaves)
-    seq = list(map(self._nodes.get, range(width), itertools.repeat(_ABSENT, width)))
-    columns = [list(map(operator.attrgetter(name), seq)) for name in _STATE_FIELDS]
-    kept = self.__dict__.get(_TREE_STATE_ATTR)
-    if kept is None or kept[0] != width:
-        chunks: list[bytes] = [b""] * width
-        changed: Iterable[int] = range(width)
-    else:
-        old, chunks = kept[1], kept[2]
-        is_not, or_ = operator.is_not, operator.or_
-        differs = [map(is_not, new, was) for new, was in zip(columns, old, strict=True)]
-        changed = itertools.compress(
-            range(width), map(or_, map(or_, differs[0], differs[1]), map(or_, *differs[2:]))
-        )
-    leaf_node, public_key, private_key, parent_hash = columns
-    for idx in changed:
+    out = [self.n_leaves.to_bytes(2, "big"), width.to_bytes(2, "big")]
+    nodes = self._nodes
+    for idx in range(width):
+        node = nodes.get(idx)
+        if node is None:
+            out.append(b"\x00")
+            continue
+        first: object
         if idx % 2 == 0:
-            fields = (leaf_node[idx], public_key[idx], private_key[idx])
+            first, second, third = node.leaf_node, node.public_key, node.private_key
         else:
-            fields = (public_key[idx], private_key[idx], parent_hash[idx])
-        chunks[idx] = _node_state(idx % 2 == 0, fields)
-    self.__dict__[_TREE_STATE_ATTR] = (width, columns, chunks)
-    n_leaves: int = self.n_leaves
-    return n_leaves.to_bytes(2, "big") + width.to_bytes(2, "big") + b"".join(chunks)
+            first, second, third = node.public_key, node.private_key, node.parent_hash
+        kept = node.__dict__.get(_NODE_STATE_ATTR)
+        if kept is None or kept[0] is not first or kept[1] is not second or kept[2] is not third:
+            kept = (first, second, third, _node_state(idx % 2 == 0, (first, second, third)))
+            node.__dict__[_NODE_STATE_ATTR] = kept
+        out.append(kept[3])
+    return b"".join(out)
 
 
-_TREE_STATE_ATTR = "_kalandra_state"
-_STATE_FIELDS = ("leaf_node", "public_key", "private_key", "parent_hash")
-_ABSENT = RatchetTreeNode(False)  # a missing node: every field None, encoded b"\x00"
+_NODE_STATE_ATTR = "_kalandra_state"
 
 
 def _node_state(is_leaf: bool, fields: tuple[Any, Any, Any]) -> bytes:
