@@ -33,6 +33,10 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
 
+* ``from_welcome`` checks the GroupInfo signature with each leaf's key until one verifies, each
+  try hashing the GroupInfoTBS, which holds the whole tree; while joining, only the key of the
+  GroupInfo's signer (RFC 9420 §12.4.3.1) is tried.
+
 ``fastcommit`` (installed by :func:`apply` too) holds those of a received commit and a join:
 signature verification, hashing, resolutions and the Commit decode.
 """
@@ -50,7 +54,9 @@ from . import fastcommit
 from ._lib import (
     LEAF_ENCODING_ATTR,
     CipherSuite,
+    DefaultCryptoProvider,
     EncryptedGroupSecrets,
+    InvalidSignatureError,
     LeafNode,
     MLSVersion,
     RatchetTree,
@@ -97,6 +103,9 @@ _AUDITED = {
     ),
     "Welcome.deserialize": "5975c41a48b0a129a6edeb72d5d74ae1ec62441868161ed3c6c2043c3f223698",
     "RatchetTree._hash_node": "7d61c8da1fd42b88b85b8942d9b9be9b69a54c1d8dc05d28a4e0c679affbbd89",
+    "DefaultCryptoProvider.verify_with_label": (
+        "dfd7e0c107a095702ef8233121ec3358cdd740348927adbdb11d7f7442d62f1b"
+    ),
     "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
 }
 
@@ -409,6 +418,40 @@ def _load_welcome_tree_uncached(self: RatchetTree, data: bytes) -> None:
 
 library_welcome_tree_loader = RatchetTree.load_full_tree_from_welcome_bytes  # for tests
 
+# from_welcome checks the GroupInfo signature with every leaf's key in turn until one verifies.
+# The signed GroupInfoTBS holds the whole ratchet tree (megabytes at 10,000 members), so each
+# failed try hashes all of it: a Welcome from a committer at leaf 9,999 took a minute to join.
+# RFC 9420 §12.4.3.1 takes the key from the leaf of the GroupInfo's signer (the TBS ends with
+# its index), so while joining, any other key is refused without verifying.
+_library_verify_with_label = DefaultCryptoProvider.verify_with_label
+
+
+def _verify_with_label(
+    self: DefaultCryptoProvider, public_key: bytes, label: bytes, content: bytes, signature: bytes
+) -> None:
+    memo = _JOIN_TREE.get()
+    if memo and label == b"GroupInfoTBS" and len(content) >= 4:
+        fields = memo[2].get(int.from_bytes(content[-4:], "big") * 2)
+        signer = fields[2] if fields is not None else None  # the signer's LeafNode
+        if signer is not None and public_key != signer.signature_key:
+            raise InvalidSignatureError("not the key of the GroupInfo's signer")
+    _library_verify_with_label(self, public_key, label, content, signature)
+
+
+library_verify_with_label = _library_verify_with_label  # for tests
+
+
+def _replace_verify_with_label() -> None:
+    if getattr(DefaultCryptoProvider.verify_with_label, "_kalandra_fast", False):
+        return
+    require_library_source(
+        DefaultCryptoProvider.verify_with_label,
+        _AUDITED["DefaultCryptoProvider.verify_with_label"],
+        "GroupInfo signer's key",
+    )
+    _verify_with_label._kalandra_fast = True  # type: ignore[attr-defined]
+    DefaultCryptoProvider.verify_with_label = _verify_with_label  # type: ignore[method-assign]
+
 
 def _replace_welcome_tree_loader() -> None:
     if getattr(RatchetTree.load_full_tree_from_welcome_bytes, "_kalandra_fast", False):
@@ -659,6 +702,7 @@ def apply() -> None:
     _replace_welcome_tree_loader()
     _replace_tree_math()
     _replace_capabilities_parser()
+    _replace_verify_with_label()
 
 
 apply()

@@ -12,10 +12,13 @@ import pytest
 from kalandra_core.mls import fastcommit, fastpaths
 from kalandra_core.mls._lib import (
     Commit,
+    ExtensionType,
+    GroupInfo,
     InvalidSignatureError,
     MLSMessage,
     RatchetTree,
     crypto_for_suite,
+    deserialize_extensions,
     group_tree,
     tree_math,
 )
@@ -177,3 +180,47 @@ def test_garbage_collection_resumes_after_big_operations() -> None:
         assert not gc.isenabled()  # left off, as it was
     finally:
         gc.enable()
+
+
+def test_joiners_take_the_group_info_key_from_its_signer_only() -> None:
+    # RFC 9420 §12.4.3.1: the GroupInfo is verified with the key of its signer's leaf. The
+    # library tries every leaf's key, so it also accepted a GroupInfo naming one member as
+    # signer and signed by another (and hashed the whole tree once per key it tried).
+    creator = MlsGroup.create(1, os.urandom(32))
+    seeds = [os.urandom(32) for _ in range(2)]
+    bundles = [build_key_package(100 + i, seed) for i, seed in enumerate(seeds)]
+    creator.process(creator.add([b.key_package for b in bundles]).commit)
+    info = MLSMessage.deserialize(creator.group_info()).get_parsed_content()
+    assert isinstance(info, GroupInfo)
+    assert info.signer_leaf_index == 0
+    crypto = crypto_for_suite(1)
+    (tree_ext,) = [
+        e
+        for e in deserialize_extensions(info.extensions)
+        if e.ext_type == ExtensionType.RATCHET_TREE
+    ]
+    tbs = info.tbs_serialize()
+    other_key = crypto.signature_public_from_private(seeds[0])  # the member at leaf 1
+    forged = crypto.sign_with_label(seeds[0], b"GroupInfoTBS", tbs)
+    signer_key = group_tree(creator._lib).get_node(0).leaf_node.signature_key
+    fastpaths.library_verify_with_label(crypto, other_key, b"GroupInfoTBS", tbs, forged)
+    crypto.verify_with_label(other_key, b"GroupInfoTBS", tbs, forged)  # not joining: as before
+    with fastpaths.joining():
+        RatchetTree(crypto).load_full_tree_from_welcome_bytes(tree_ext.data)
+        with pytest.raises(InvalidSignatureError):
+            crypto.verify_with_label(other_key, b"GroupInfoTBS", tbs, forged)
+        crypto.verify_with_label(signer_key, b"GroupInfoTBS", tbs, info.signature.value)
+
+
+def test_a_welcome_from_a_later_leaf_is_joined() -> None:
+    creator = MlsGroup.create(1, os.urandom(32))
+    bundles = [build_key_package(100 + i, os.urandom(32)) for i in range(3)]
+    out = creator.add([b.key_package for b in bundles])
+    creator.process(out.commit)
+    last = MlsGroup.join(out.welcomes[bundles[2].member_id], bundles[2])
+    assert last.own_leaf_index == 3
+    joiner = build_key_package(500, os.urandom(32))
+    added = last.add([joiner.key_package])
+    last.process(added.commit)
+    member = MlsGroup.join(added.welcomes[500], joiner)
+    assert (member.epoch, member.tree_hash) == (last.epoch, last.tree_hash)
