@@ -13,7 +13,12 @@ replacement first checks that the library code it replaces is the audited 1.3.0 
   a call, a try block and a list concatenation per node; a received commit resolves every
   copath node of the committer several times (filtering the path, counting the encrypted path
   secrets, finding ours), which in a 10,000-leaf tree with blank parents walks the whole tree
-  each time. The replacements walk the subtree once, iteratively, in the same order.
+  each time. The replacements walk the subtree iteratively, in the same order, and while
+  one UpdatePath is merged each copath node is walked once (the merge changes no copath
+  subtree).
+* Hashing: ``DefaultCryptoProvider.hash`` made a ``cryptography`` Hash object per call, once
+  per tree node; ``hashlib`` gives the same digest for less. The tree hash walk
+  (``_ensure_hash_bottom_up``) recursed once per node; it runs on a stack, in the same order.
 * ``Commit.deserialize``: a received commit is decoded three times (the message, the group
   wrapper, ``process_commit``), each decoding thousands of encrypted path secrets. The last
   commit decoded is remembered by its exact encoding, and a decode of exactly those bytes
@@ -162,14 +167,14 @@ _library_resolve_indices = RatchetTree.resolve_indices
 # (filtering the path, counting the path secrets, finding ours) and between those it changes
 # only the committer's leaf and direct path: no copath node's subtree. Those resolutions are
 # kept for the duration of the merge.
-_MERGING: contextvars.ContextVar[dict[int, list[int]] | None] = contextvars.ContextVar(
-    "kalandra_merging", default=None
+_MERGING: contextvars.ContextVar[tuple[RatchetTree, dict[int, list[int]]] | None] = (
+    contextvars.ContextVar("kalandra_merging", default=None)
 )
 _library_merge_update_path = RatchetTree.merge_update_path
 
 
 def _merge_update_path(self: RatchetTree, *args: Any, **kwargs: Any) -> bytes:
-    token = _MERGING.set({})
+    token = _MERGING.set((self, {}))
     try:
         return _library_merge_update_path(self, *args, **kwargs)
     finally:
@@ -180,9 +185,10 @@ def _resolution(tree: RatchetTree, node_index: int) -> list[int] | None:
     """Node indices of the resolution of ``node_index``, in the library's order; None when the
     tree is not one the walk below is sure to handle as the library does (the caller then
     runs the library's own code)."""
-    memo = _MERGING.get()
-    if memo is None:
+    merging = _MERGING.get()
+    if merging is None or merging[0] is not tree:
         return _walk_resolution(tree, node_index)
+    memo = merging[1]
     res = memo.get(node_index)
     if res is None:
         res = _walk_resolution(tree, node_index)
