@@ -56,6 +56,7 @@ WRAPPERS: dict[str, str] = {
     "kalandra_core/mls/_lib.py": "the one adapter of rfc9420: its corrections patch internals",
     "kalandra_core/mls/corrections.py": "rfc9420's defects corrected in place",
     "kalandra_core/mls/fastpaths.py": "rfc9420's quadratic paths replaced in place",
+    "kalandra_core/mls/fastcommit.py": "rfc9420's commit and join paths sped up in place",
     "kalandra_core/mls/conformance/_trees.py": "the official test vectors drive rfc9420's trees",
     "kalandra_core/mls/conformance/_framing.py": "the official test vectors drive rfc9420 framing",
 }

@@ -32,6 +32,7 @@ from rfc9420.backends.crypto.default_hpke import DefaultCryptoProvider
 from rfc9420.codec import tls as tls_codec
 from rfc9420.codec.tls import read_varint, write_opaque_varint, write_varint
 from rfc9420.crypto import labels as mls_labels
+from rfc9420.crypto.ciphersuites import SignatureScheme
 from rfc9420.crypto.crypto_provider import CryptoProvider
 from rfc9420.crypto.hpke_labels import decrypt_with_label, encrypt_with_label
 from rfc9420.extensions.extensions import (
@@ -94,7 +95,7 @@ from rfc9420.messages.messages import (
     verify_plaintext,
 )
 from rfc9420.messages.refs import encode_ref_hash_input, make_key_package_ref, make_proposal_ref
-from rfc9420.mls.exceptions import RFC9420Error
+from rfc9420.mls.exceptions import InvalidSignatureError, RFC9420Error
 from rfc9420.protocol.schedule.key_schedule import KeySchedule
 from rfc9420.protocol.transcripts import TranscriptState
 from rfc9420.protocol.tree import tree_math
@@ -129,6 +130,7 @@ __all__ = [
     "GroupContextExtensionsProposal",
     "GroupInfo",
     "GroupSecrets",
+    "InvalidSignatureError",
     "KeyPackage",
     "KeySchedule",
     "LeafNode",
@@ -154,6 +156,7 @@ __all__ = [
     "Sender",
     "SenderType",
     "Signature",
+    "SignatureScheme",
     "TranscriptState",
     "UnsupportedMessageError",
     "UpdatePath",

@@ -32,6 +32,13 @@ otherwise), like the corrections in ``_lib`` and ``corrections``.
   same input bytes, hashed by the same provider.
 * ``LeafNode.serialize`` re-encodes the leaf for every tree hash, every saved state and every
   Welcome. LeafNode is a frozen dataclass, so its encoding is computed once per object.
+
+* ``from_welcome`` checks the GroupInfo signature with each leaf's key until one verifies, each
+  try hashing the GroupInfoTBS, which holds the whole tree; while joining, only the key of the
+  GroupInfo's signer (RFC 9420 §12.4.3.1) is tried.
+
+``fastcommit`` (installed by :func:`apply` too) holds those of a received commit and a join:
+signature verification, hashing, resolutions and the Commit decode.
 """
 
 from __future__ import annotations
@@ -39,13 +46,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from . import fastcommit
 from ._lib import (
     LEAF_ENCODING_ATTR,
     CipherSuite,
+    DefaultCryptoProvider,
     EncryptedGroupSecrets,
+    InvalidSignatureError,
     LeafNode,
     MLSVersion,
     RatchetTree,
@@ -92,6 +103,9 @@ _AUDITED = {
     ),
     "Welcome.deserialize": "5975c41a48b0a129a6edeb72d5d74ae1ec62441868161ed3c6c2043c3f223698",
     "RatchetTree._hash_node": "7d61c8da1fd42b88b85b8942d9b9be9b69a54c1d8dc05d28a4e0c679affbbd89",
+    "DefaultCryptoProvider.verify_with_label": (
+        "dfd7e0c107a095702ef8233121ec3358cdd740348927adbdb11d7f7442d62f1b"
+    ),
     "LeafNode.serialize": "8ee63616999f4c87f357bcdb191a5cfabd29d4ee562c79dd557c9e966bc7e52b",
 }
 
@@ -318,6 +332,21 @@ def _leaf_partial_at(data: bytes, off: int) -> tuple[LeafNode, int]:
     return parsed if parsed is not None else _library_leaf_partial(data[off:])
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No garbage collection inside: decoding, hashing or saving a 10,000-leaf tree allocates
+    some 100,000 objects that are not cyclic garbage, and the collections they would trigger
+    walk the whole heap (of a process holding many groups) for nothing. Collection resumes
+    after, if it was on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # from_welcome loads the GroupInfo's tree twice: while joining, remember the last one loaded.
 _JOIN_TREE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar(
     "kalandra_join_tree", default=None
@@ -388,6 +417,40 @@ def _load_welcome_tree_uncached(self: RatchetTree, data: bytes) -> None:
 
 
 library_welcome_tree_loader = RatchetTree.load_full_tree_from_welcome_bytes  # for tests
+
+# from_welcome checks the GroupInfo signature with every leaf's key in turn until one verifies.
+# The signed GroupInfoTBS holds the whole ratchet tree (megabytes at 10,000 members), so each
+# failed try hashes all of it: a Welcome from a committer at leaf 9,999 took a minute to join.
+# RFC 9420 §12.4.3.1 takes the key from the leaf of the GroupInfo's signer (the TBS ends with
+# its index), so while joining, any other key is refused without verifying.
+_library_verify_with_label = DefaultCryptoProvider.verify_with_label
+
+
+def _verify_with_label(
+    self: DefaultCryptoProvider, public_key: bytes, label: bytes, content: bytes, signature: bytes
+) -> None:
+    memo = _JOIN_TREE.get()
+    if memo and label == b"GroupInfoTBS" and len(content) >= 4:
+        fields = memo[2].get(int.from_bytes(content[-4:], "big") * 2)
+        signer = fields[2] if fields is not None else None  # the signer's LeafNode
+        if signer is not None and public_key != signer.signature_key:
+            raise InvalidSignatureError("not the key of the GroupInfo's signer")
+    _library_verify_with_label(self, public_key, label, content, signature)
+
+
+library_verify_with_label = _library_verify_with_label  # for tests
+
+
+def _replace_verify_with_label() -> None:
+    if getattr(DefaultCryptoProvider.verify_with_label, "_kalandra_fast", False):
+        return
+    require_library_source(
+        DefaultCryptoProvider.verify_with_label,
+        _AUDITED["DefaultCryptoProvider.verify_with_label"],
+        "GroupInfo signer's key",
+    )
+    _verify_with_label._kalandra_fast = True  # type: ignore[attr-defined]
+    DefaultCryptoProvider.verify_with_label = _verify_with_label  # type: ignore[method-assign]
 
 
 def _replace_welcome_tree_loader() -> None:
@@ -514,10 +577,22 @@ def _path_node_deserialize(cls: type[UpdatePathNode], data: bytes) -> UpdatePath
     eps_len, off = read_varint(data, off)
     eps_data = data[off : off + eps_len]  # as the library: a short vector is cut, not refused
     secrets: list[bytes] = []
-    pos = 0
-    while pos < len(eps_data):
-        _, after_kem = tls_codec.read_opaque_varint(eps_data, pos)
-        _, end = tls_codec.read_opaque_varint(eps_data, after_kem)
+    pos, size = 0, len(eps_data)
+    read = tls_codec.read_opaque_varint
+    while pos < size:
+        # HPKECiphertext { opaque kem_output<V>; opaque ciphertext<V>; }: both lengths are
+        # one-byte varints (< 64) for the suites we use; read those inline, others as before.
+        kem_len = eps_data[pos]
+        after_kem = pos + 1 + kem_len
+        if kem_len < 0x40 and after_kem < size:
+            ct_len = eps_data[after_kem]
+            end = after_kem + 1 + ct_len
+            if ct_len < 0x40 and end <= size:
+                secrets.append(eps_data[pos:end])
+                pos = end
+                continue
+        _, after_kem = read(eps_data, pos)
+        _, end = read(eps_data, after_kem)
         secrets.append(eps_data[pos:end])
         pos = end
     return cls(encryption_key, secrets)
@@ -618,6 +693,7 @@ def _replace_hash_node() -> None:
 
 def apply() -> None:
     """Install the speed fixes (idempotent); the package does it on import."""
+    fastcommit.apply()
     _replace_hash_node()
     _replace_welcome_codec()
     _replace_path_node_codec()
@@ -626,6 +702,7 @@ def apply() -> None:
     _replace_welcome_tree_loader()
     _replace_tree_math()
     _replace_capabilities_parser()
+    _replace_verify_with_label()
 
 
 apply()

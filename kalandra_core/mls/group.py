@@ -200,7 +200,7 @@ class MlsGroup:
                 raise InvalidMlsMessage("expected a Welcome")
             parsed = msg.get_parsed_content()
             assert isinstance(parsed, Welcome)
-            with fastpaths.joining():
+            with fastpaths.joining(), fastpaths.gc_paused():
                 lib = join_from_welcome(
                     crypto,
                     parsed,
@@ -515,7 +515,8 @@ class MlsGroup:
             return self._process_proposal(plaintext, framed.sender, msg.wire_format)
         if framed.content_type != ContentType.COMMIT:
             raise InvalidMlsMessage("application messages do not travel as MLS messages here")
-        return self._process_commit(plaintext, framed.sender)
+        with fastpaths.gc_paused():
+            return self._process_commit(plaintext, framed.sender)
 
     def _process_proposal(
         self, plaintext: MLSPlaintext, sender: Sender, wire: int
@@ -626,7 +627,8 @@ class MlsGroup:
         state = cbor2.loads(data)
         if not isinstance(state, dict) or state.get("v") != _STATE_VERSION:
             raise ValueError("not an MLS group state (or an unknown version)")
-        lib = LibGroup.from_bytes(state["group"], crypto_for_suite(state["suite"]))
+        with fastpaths.gc_paused():
+            lib = LibGroup.from_bytes(state["group"], crypto_for_suite(state["suite"]))
         group = cls(
             lib,
             member_id=state["member_id"],
@@ -653,7 +655,8 @@ class MlsGroup:
         self._load(self._snapshot)
 
     def _load(self, state: bytes) -> None:
-        self._lib = LibGroup.from_bytes(state, crypto_for_suite(self.suite))
+        with fastpaths.gc_paused():
+            self._lib = LibGroup.from_bytes(state, crypto_for_suite(self.suite))
         self._snapshot = state
 
 
