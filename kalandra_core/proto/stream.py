@@ -23,6 +23,8 @@ from .errors import FrameTooShort, FrameTruncated, ProtocolError
 from .frame import Frame
 from .header import HEADER_SIZE, MAX_PAYLOAD_SIZE, FrameHeader
 
+_KEEP_MIN = 16 * 1024  # bytes: a slice of a received chunk at least this long is kept, not copied
+
 
 @dataclass(frozen=True, slots=True)
 class ReadLimit:
@@ -61,7 +63,7 @@ class FrameDecoder:
         self._buf = bytearray()  # a header being assembled
         # A payload being assembled: its chunks, joined once complete (one copy of a large
         # payload rather than one per chunk it spans and one more to make it bytes).
-        self._parts: list[bytes | memoryview] = []
+        self._parts: list[memoryview | bytearray] = []
         self._have = 0
         self._header: FrameHeader | None = None
         self._error: ProtocolError | None = None
@@ -144,9 +146,16 @@ class FrameDecoder:
                 need = self._header.payload_size - self._have
                 part = view[:need]
                 view = view[need:]
-                # A slice of an immutable chunk is kept as is; any other buffer may be reused
-                # by its owner, so its bytes are copied.
-                self._parts.append(part if isinstance(data, bytes) else bytes(part))
+                # A large slice of an immutable chunk is kept as is; any other buffer may be
+                # reused by its owner, so its bytes are copied. Small pieces are copied into
+                # one growing tail: an object per read would hold a couple of hundred bytes
+                # for each byte a peer sends one packet at a time.
+                if isinstance(data, bytes) and len(part) >= _KEEP_MIN:
+                    self._parts.append(part)
+                elif self._parts and isinstance(self._parts[-1], bytearray):
+                    self._parts[-1] += part
+                else:
+                    self._parts.append(bytearray(part))
                 self._have += len(part)
                 if self._have < self._header.payload_size:
                     break

@@ -148,9 +148,16 @@ async def test_whoami_and_ping_name_the_bridge_member_and_replies_are_encrypted(
 
 
 async def bridged_member_of(stack: BridgeStack, mxid: str) -> int:
-    rows = await query(
-        stack.store_url, "SELECT member_id FROM bridge_users WHERE mxid = :m", m=mxid
-    )
+    """The Kalandra member the bridge made for ``mxid``: made as the bridge handles the user's
+    join of a portal, which may come after the user's client saw its join."""
+    async with asyncio.timeout(WITHIN):
+        while True:
+            rows = await query(
+                stack.store_url, "SELECT member_id FROM bridge_users WHERE mxid = :m", m=mxid
+            )
+            if rows and rows[0][0] is not None:
+                break
+            await asyncio.sleep(0.2)
     assert len(rows) == 1, rows
     return int(rows[0][0]) % (1 << 64)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 
@@ -169,3 +170,23 @@ def test_large_payloads_from_a_reused_buffer_and_from_bytes_chunks() -> None:
         assert [f.payload for f in out] == payloads
         assert all(isinstance(f.payload, bytes) for f in out)
         assert dec.at_frame_boundary
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_memory_for_a_payload_stays_near_its_size_however_it_is_chunked(chunk: int) -> None:
+    """A peer that sends a large payload a byte per packet must not make the server hold an
+    object per read: that would be a couple of hundred bytes held per byte received."""
+    size = 200_000
+    raw = Frame.new(FrameHeader(Opcode.CAS_PUT, room_id=1), bytes(size)).encode()
+    body = raw[:-1]  # all but the last byte: the frame stays in progress
+    chunks = [body[i : i + chunk] for i in range(0, len(body), chunk)]
+    dec = FrameDecoder()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        for piece in chunks:
+            assert dec.feed(piece) == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * size, f"{peak} bytes held for a {size}-byte payload in {chunk}-byte reads"
