@@ -130,6 +130,13 @@ class FrameHeader:
         other._raw = bytearray(self._raw)
         return other
 
+    def with_context_id(self, value: int) -> bytes:
+        """The 128 bytes with ``context_id`` set to ``value`` (this header is unchanged): the
+        sequencer's copy with the log index written in."""
+        raw = bytearray(self._raw)
+        _U64.pack_into(raw, _OFF_CONTEXT_ID, _uint("context_id", value, 64))
+        return bytes(raw)
+
     @property
     def raw(self) -> memoryview:
         """Read-only view of the 128 header bytes."""

@@ -22,7 +22,16 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import schema as db
-from .base import AppendConflict, LogEntry, NotFound, RoomChanges, RoomMember, StoredFrame
+from .base import (
+    AppendConflict,
+    LogEntry,
+    NotFound,
+    RoomChanges,
+    RoomMember,
+    StoredFrame,
+    StoreError,
+)
+from .schema import u64_to_db
 
 
 def dialect_insert(conn: AsyncConnection, table: sa.Table) -> Any:
@@ -85,24 +94,30 @@ async def append(
     if not entries:
         await _apply_changes(conn, room_id, changes)
         return
-    await conn.execute(
-        db.frame_log.insert(),
-        [
-            {
-                "room_id": room_id,
-                "log_index": e.log_index,
-                "opcode": e.opcode,
-                "sender_id": e.sender_id,
-                "epoch": e.epoch,
-                "header": e.header,
-            }
-            for e in entries
-        ],
-    )
-    await conn.execute(
-        db.frame_payloads.insert(),
-        [{"room_id": room_id, "log_index": e.log_index, "payload": e.payload} for e in entries],
-    )
+    if conn.dialect.name == "postgresql":
+        await _insert_frames_pg(conn, room_id, entries)
+    else:
+        await conn.execute(
+            db.frame_log.insert(),
+            [
+                {
+                    "room_id": room_id,
+                    "log_index": e.log_index,
+                    "opcode": e.opcode,
+                    "sender_id": e.sender_id,
+                    "epoch": e.epoch,
+                    "header": e.header,
+                }
+                for e in entries
+            ],
+        )
+        await conn.execute(
+            db.frame_payloads.insert(),
+            [
+                {"room_id": room_id, "log_index": e.log_index, "payload": e.payload}
+                for e in entries
+            ],
+        )
     if commit_epoch is not None:
         await conn.execute(
             db.commit_index.insert().values(
@@ -110,6 +125,42 @@ async def append(
             )
         )
     await _apply_changes(conn, room_id, changes)
+
+
+# A batch's frames and payloads in one statement of column arrays: one message to the server
+# and one prepared statement however many frames, where an executemany per table sent a Bind
+# and Execute per row and ran SQLAlchemy's per-row parameter processing on the event loop.
+# (The payloads' foreign key is checked at the end of the statement, after the log rows.)
+_PG_INSERT_FRAMES = """\
+WITH log AS (
+  INSERT INTO frame_log (room_id, log_index, opcode, sender_id, epoch, header)
+  SELECT $1, t.l, t.o, t.s, t.e, t.h
+  FROM unnest($2::bigint[], $3::integer[], $4::bigint[], $5::bigint[], $6::bytea[])
+    AS t(l, o, s, e, h)
+)
+INSERT INTO frame_payloads (room_id, log_index, payload)
+SELECT $1, t.l, t.p FROM unnest($2::bigint[], $7::bytea[]) AS t(l, p)"""
+
+
+async def _insert_frames_pg(
+    conn: AsyncConnection, room_id: bytes, entries: Sequence[LogEntry]
+) -> None:
+    try:
+        senders = [u64_to_db(e.sender_id) for e in entries]
+    except ValueError:  # as U64's bind processor says, through SQLAlchemy
+        raise StoreError("database error: ValueError") from None
+    await conn.exec_driver_sql(
+        _PG_INSERT_FRAMES,
+        (
+            room_id,
+            [e.log_index for e in entries],
+            [e.opcode for e in entries],
+            senders,
+            [e.epoch for e in entries],
+            [e.header for e in entries],
+            [e.payload for e in entries],
+        ),
+    )
 
 
 async def _apply_changes(conn: AsyncConnection, room_id: bytes, changes: RoomChanges) -> None:

@@ -1,0 +1,56 @@
+"""A byte-level check of the usual AppMessage envelope, without decoding it.
+
+Clients (serde through ciborium, or cbor2) write an EncryptedMessage as a map of five text keys
+in field order, with ``nonce`` and ``ciphertext`` as arrays of small integers. Decoding that
+builds a list of a few hundred ints per message; on the sequencer's path it was the largest
+per-frame cost after the signature. :func:`usual_envelope` recognises exactly that layout with
+one regular expression and a count, and says False for anything else (other key orders,
+non-minimal element encodings, trailing bytes, push keys): the caller then decodes as before.
+True is only ever said of bytes the full decoder accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+# A CBOR unsigned integer below 2**32 (any argument width), and below 2**64.
+_U32 = rb"(?:[\x00-\x17]|\x18.|\x19..|\x1a....)"
+_U64 = rb"(?:[\x00-\x17]|\x18.|\x19..|\x1a....|\x1b........)"
+# One array element in 0..255, minimally encoded: 0..23 in one byte, 24..255 after 0x18.
+_SMALL: Final = rb"[\x00-\x17]"
+_BYTE: Final = rb"(?:[\x00-\x17]|\x18[\x18-\xff])"
+
+_HEAD: Final = re.compile(
+    rb"\xa5"
+    rb"\x65epoch"
+    + _U64
+    + rb"\x6csender_index"
+    + _U32
+    + rb"\x6ageneration"
+    + _U32
+    + rb"\x65nonce\x98\x18"
+    + _BYTE
+    + rb"{24}"
+    + rb"\x6aciphertext(?:([\x80-\x97])|\x98(.)|\x99(..)|\x9a(....))",
+    re.DOTALL,
+)
+# The ciphertext's elements up to the end of the payload (possessive: one way to read them).
+_ELEMENTS: Final = re.compile(_SMALL + rb"*+(?:\x18[\x18-\xff]" + _SMALL + rb"*+)*+", re.DOTALL)
+_LARGE: Final = bytes(range(0x18, 0x100))  # bytes that are a prefix or a 24..255 value
+
+
+def usual_envelope(data: bytes | bytearray | memoryview) -> bool:
+    """True if ``data`` is an EncryptedMessage in the usual layout (see the module doc)."""
+    head = _HEAD.match(data)
+    if head is None:
+        return False
+    short, n8, n16, n32 = head.groups()
+    count = short[0] - 0x80 if short is not None else int.from_bytes(n8 or n16 or n32, "big")
+    start = head.end()
+    if _ELEMENTS.fullmatch(data, start) is None:
+        return False
+    rest = bytes(data[start:])
+    small = len(rest.translate(None, _LARGE))
+    # Every large byte is half of a two-byte element (its 0x18 prefix, or the value after it).
+    return small + (len(rest) - small) // 2 == count
