@@ -18,7 +18,6 @@ from typing import Final
 _U32 = rb"(?:[\x00-\x17]|\x18.|\x19..|\x1a....)"
 _U64 = rb"(?:[\x00-\x17]|\x18.|\x19..|\x1a....|\x1b........)"
 # One array element in 0..255, minimally encoded: 0..23 in one byte, 24..255 after 0x18.
-_SMALL: Final = rb"[\x00-\x17]"
 _BYTE: Final = rb"(?:[\x00-\x17]|\x18[\x18-\xff])"
 
 _HEAD: Final = re.compile(
@@ -35,9 +34,9 @@ _HEAD: Final = re.compile(
     + rb"\x6aciphertext(?:([\x80-\x97])|\x98(.)|\x99(..)|\x9a(....))",
     re.DOTALL,
 )
-# The ciphertext's elements up to the end of the payload (possessive: one way to read them).
-_ELEMENTS: Final = re.compile(_SMALL + rb"*+(?:\x18[\x18-\xff]" + _SMALL + rb"*+)*+", re.DOTALL)
-_LARGE: Final = bytes(range(0x18, 0x100))  # bytes that are a prefix or a 24..255 value
+# Each byte's class: s for 0..23 (an element by itself), p for 0x18 (the prefix of a two-byte
+# element, or the value 24 after one), b for 0x19..0xff (only ever the value after a prefix).
+_CLASSES: Final = bytes.maketrans(bytes(range(256)), b"s" * 0x18 + b"p" + b"b" * 0xE7)
 
 
 def usual_envelope(data: bytes | bytearray | memoryview) -> bool:
@@ -48,9 +47,12 @@ def usual_envelope(data: bytes | bytearray | memoryview) -> bool:
     short, n8, n16, n32 = head.groups()
     count = short[0] - 0x80 if short is not None else int.from_bytes(n8 or n16 or n32, "big")
     start = head.end()
-    if _ELEMENTS.fullmatch(data, start) is None:
+    classes = bytes(data[start:]).translate(_CLASSES)
+    # The elements up to the end, read left to right: a run of p pairs up from its start (a
+    # run always starts an element), and an odd one's last p takes the b after it. What is left
+    # once those pairs are gone must be single elements only.
+    singles = classes.replace(b"pp", b"").replace(b"pb", b"")
+    if singles.count(b"s") != len(singles):
         return False
-    rest = bytes(data[start:])
-    small = len(rest.translate(None, _LARGE))
-    # Every large byte is half of a two-byte element (its 0x18 prefix, or the value after it).
-    return small + (len(rest) - small) // 2 == count
+    pairs = (len(classes) - len(singles)) // 2
+    return len(singles) + pairs == count

@@ -70,3 +70,34 @@ def test_other_layouts_fall_back() -> None:
     for data in (reordered, as_bstr, msg.encode() + b"\x00"):
         assert not usual_envelope(data)
         check_payload(Opcode.APP_MESSAGE, data)  # still accepted, by the decoder
+
+
+_HEAD = bytes.fromhex("a5") + b"".join(
+    cbor2.dumps(key) + cbor2.dumps(value)
+    for key, value in (("epoch", 1), ("sender_index", 2), ("generation", 3))
+)
+_NONCE = cbor2.dumps("nonce") + cbor2.dumps(list(range(24)))
+tokens = st.one_of(
+    st.integers(0, 0x17).map(lambda b: bytes([b])),  # an element in one byte
+    st.integers(0, 255).map(lambda b: bytes([0x18, b])),  # after 0x18, minimal or not
+    st.integers(0x18, 0xFF).map(lambda b: bytes([b])),  # a stray large byte
+    st.binary(min_size=1, max_size=3).map(lambda b: b"\x19" + b),  # wider arguments
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(tokens, max_size=40), st.integers(-2, 2))
+def test_element_streams(stream: list[bytes], miscount: int) -> None:
+    """Hand-made ciphertext element streams: accepted only if they decode, and always when
+    they are minimal and the array's count is right."""
+    count = max(0, len(stream) + miscount)
+    data = _HEAD + _NONCE + cbor2.dumps("ciphertext")
+    data += cbor2.dumps([0] * count)[: -count or None] + b"".join(stream)
+    minimal = all(
+        t[0] < 0x18 if len(t) == 1 else len(t) == 2 and t[0] == 0x18 and t[1] >= 0x18
+        for t in stream
+    )
+    if usual_envelope(data):
+        assert _decodes(data)
+    if minimal and count == len(stream):
+        assert usual_envelope(data)
