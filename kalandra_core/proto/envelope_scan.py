@@ -48,11 +48,9 @@ def usual_envelope(data: bytes | bytearray | memoryview) -> bool:
     count = short[0] - 0x80 if short is not None else int.from_bytes(n8 or n16 or n32, "big")
     start = head.end()
     classes = bytes(data[start:]).translate(_CLASSES)
-    # The elements up to the end, read left to right: a run of p pairs up from its start (a
-    # run always starts an element), and an odd one's last p takes the b after it. What is left
-    # once those pairs are gone must be single elements only.
-    singles = classes.replace(b"pp", b"").replace(b"pb", b"")
-    if singles.count(b"s") != len(singles):
+    # The elements up to the end: with an x after every s, each element is two classes long,
+    # so they are well formed when every even position starts one (p or s, never b or x).
+    pairs = classes.replace(b"s", b"sx")
+    if len(pairs) % 2 or pairs[0::2].translate(None, b"ps"):
         return False
-    pairs = (len(classes) - len(singles)) // 2
-    return len(singles) + pairs == count
+    return len(pairs) // 2 == count
