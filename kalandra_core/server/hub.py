@@ -55,7 +55,6 @@ from .session import ServerSession
 from .workers import MOVED, RoomWorker
 
 log = logging.getLogger("kalandra.server")
-_NO_ROOM = bytes(16)  # room_id 0: no room
 _SYNC_LAG = float(os.environ.get("KALANDRA_TEST_SYNC_LAG", "0") or 0)  # tests only (see above)
 
 ROOM_OPCODES = frozenset(
@@ -376,14 +375,13 @@ class Hub:
         h = frame.header
         opcode = h.opcode
         room_id = h.room_id_bytes
-        if room_id == _NO_ROOM:
+        if h.room_id == 0:
             _reject(session, frame, ErrorCode.ROOM_NOT_FOUND, "room_id is zero")
             return
         if opcode not in ROOM_OPCODES and opcode not in (Opcode.SYNC_REQUEST, Opcode.GROUP_INFO):
             _reject(session, frame, ErrorCode.FRAME_REJECTED, f"unexpected {h.opcode_name} frame")
             return
-        # (A room open here needs no lookup beyond this: route() would answer the same.)
-        target = self.rooms.get(room_id) or await self.route(room_id, wait=hops == 0)
+        target = await self.route(room_id, wait=hops == 0)
         if isinstance(target, str):
             assert self.cluster is not None
             if hops >= MAX_HOPS:
