@@ -66,7 +66,8 @@ def _uint(name: str, value: int, bits: int) -> int:
 
 
 class FrameHeader:
-    """A mutable view of one 128-byte header. Fields are properties over the raw bytes."""
+    """A mutable view of one 128-byte header. Fields are properties over the raw bytes (read
+    straight from ``unpack_from``, which gives ints: every frame reads a dozen of them)."""
 
     __slots__ = ("_raw",)
 
@@ -130,6 +131,13 @@ class FrameHeader:
         other._raw = bytearray(self._raw)
         return other
 
+    def with_context_id(self, value: int) -> bytes:
+        """The 128 bytes with ``context_id`` set to ``value`` (this header is unchanged): the
+        sequencer's copy with the log index written in."""
+        raw = bytearray(self._raw)
+        _U64.pack_into(raw, _OFF_CONTEXT_ID, _uint("context_id", value, 64))
+        return bytes(raw)
+
     @property
     def raw(self) -> memoryview:
         """Read-only view of the 128 header bytes."""
@@ -148,7 +156,8 @@ class FrameHeader:
 
     @property
     def magic(self) -> int:
-        return int(_U32.unpack_from(self._raw, 0)[0])
+        value: int = _U32.unpack_from(self._raw, 0)[0]
+        return value
 
     @property
     def version(self) -> int:
@@ -165,7 +174,8 @@ class FrameHeader:
     @property
     def opcode(self) -> int:
         """The raw opcode number (unknown opcodes are valid on the wire)."""
-        return int(_U16.unpack_from(self._raw, _OFF_OPCODE)[0])
+        value: int = _U16.unpack_from(self._raw, _OFF_OPCODE)[0]
+        return value
 
     @property
     def opcode_enum(self) -> Opcode | None:
@@ -180,7 +190,8 @@ class FrameHeader:
 
     @property
     def request_id(self) -> int:
-        return int(_U32.unpack_from(self._raw, _OFF_REQUEST_ID)[0])
+        value: int = _U32.unpack_from(self._raw, _OFF_REQUEST_ID)[0]
+        return value
 
     @request_id.setter
     def request_id(self, value: int) -> None:
@@ -188,7 +199,8 @@ class FrameHeader:
 
     @property
     def payload_size(self) -> int:
-        return int(_U32.unpack_from(self._raw, _OFF_PAYLOAD_SIZE)[0])
+        value: int = _U32.unpack_from(self._raw, _OFF_PAYLOAD_SIZE)[0]
+        return value
 
     @payload_size.setter
     def payload_size(self, value: int) -> None:
@@ -210,7 +222,8 @@ class FrameHeader:
 
     @property
     def sender_id(self) -> int:
-        return int(_U64.unpack_from(self._raw, _OFF_SENDER_ID)[0])
+        value: int = _U64.unpack_from(self._raw, _OFF_SENDER_ID)[0]
+        return value
 
     @sender_id.setter
     def sender_id(self, value: int) -> None:
@@ -219,7 +232,8 @@ class FrameHeader:
     @property
     def context_id(self) -> int:
         """Log index for sequenced frames; recipient member id for Welcome."""
-        return int(_U64.unpack_from(self._raw, _OFF_CONTEXT_ID)[0])
+        value: int = _U64.unpack_from(self._raw, _OFF_CONTEXT_ID)[0]
+        return value
 
     @context_id.setter
     def context_id(self, value: int) -> None:
@@ -231,7 +245,8 @@ class FrameHeader:
 
     @property
     def hlc_timestamp(self) -> int:
-        return int(_U64.unpack_from(self._raw, _OFF_HLC)[0])
+        value: int = _U64.unpack_from(self._raw, _OFF_HLC)[0]
+        return value
 
     @hlc_timestamp.setter
     def hlc_timestamp(self, value: int) -> None:
@@ -239,7 +254,8 @@ class FrameHeader:
 
     @property
     def epoch(self) -> int:
-        return int(_U64.unpack_from(self._raw, _OFF_EPOCH)[0])
+        value: int = _U64.unpack_from(self._raw, _OFF_EPOCH)[0]
+        return value
 
     @epoch.setter
     def epoch(self, value: int) -> None:

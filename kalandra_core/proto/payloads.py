@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .envelope_scan import usual_envelope
 from .errors import PayloadDecodeError, PayloadEncodeError, UnsupportedOpcode
 from .opcodes import Opcode
 from .schema import (
@@ -409,6 +410,8 @@ _ENVELOPE_UINTS: Final = (("epoch", 1 << 64), ("sender_index", 1 << 32), ("gener
 def _plain_envelope(data: bytes | bytearray | memoryview) -> bool:
     """True if ``data`` is a valid EncryptedMessage with text keys, no push keys and its bytes
     as arrays (what clients send); False leaves the judgement to the full decoder."""
+    if usual_envelope(data):  # the usual layout, checked without decoding it
+        return True
     try:
         obj = load_cbor(data)
     except PayloadDecodeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -144,6 +145,18 @@ async def start_server(config: ServerConfig) -> RunningServer:
     return running
 
 
+def _tune_gc() -> None:
+    """Fewer, cheaper cyclic collections once the server is up: what start-up loaded (modules,
+    configuration, the rooms opened) is frozen out of every collection, and the youngest
+    generation is collected per 10,000 net allocations instead of 700. Under load every frame
+    allocates a few tracked objects and a burst keeps thousands of frames waiting, so the
+    default thresholds cost the event loop several microseconds per frame in collections that
+    found nothing to free (the frames were all still in use). Not higher: a collection's pause
+    grows with the threshold, and the paced latency's p99 is made of such pauses."""
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
 async def serve_forever(config: ServerConfig, *, ready_file: Path | None = None) -> None:
     """Run until SIGINT/SIGTERM. ``ready_file`` gets "tcp_port quic_port" once listening.
     A database server not up yet is waited for (a stop meanwhile returns quietly); one that
@@ -162,6 +175,7 @@ async def serve_forever(config: ServerConfig, *, ready_file: Path | None = None)
             return
         try:
             running = await start_server(config)
+            _tune_gc()
             break
         except Exception as exc:
             if not outage(exc):

@@ -220,20 +220,14 @@ class RoomSequencer:
         changes: RoomChanges | None = None,
     ) -> Accepted:
         index = self.next_log_index
-        header = frame.header.copy()
-        header.context_id = index
-        raw = header.to_bytes()
+        header = frame.header
+        raw = header.with_context_id(index)
         self.next_log_index = index + 1
-        self.remember(header.sender_id, header.request_id, index)
-        entry = LogEntry(
-            log_index=index,
-            opcode=header.opcode,
-            sender_id=header.sender_id,
-            epoch=header.epoch,
-            header=raw,
-            payload=frame.payload,
-        )
-        return Accepted(entry, raw + frame.payload, recipients, changes)
+        sender = header.sender_id
+        self.remember(sender, header.request_id, index)
+        payload = frame.payload
+        entry = LogEntry(index, header.opcode, sender, header.epoch, raw, payload)
+        return Accepted(entry, raw + payload, recipients, changes)
 
     def server_proposal(self, frame: Frame) -> Accepted:
         """Sequence a proposal the server itself wrote (external-sender Remove)."""

@@ -338,7 +338,7 @@ class ServerSession:
         if opcode in _SESSION_OPCODES:
             await self._session_frame(frame)
             return
-        if not self.authenticated:
+        if not self._auth.authenticated:
             self.reject(frame, ErrorCode.NOT_AUTHORIZED, "send Hello with a device token first")
             return
         if h.sender_id != self.member_id:

@@ -103,6 +103,7 @@ class SqlStore:
         self._writer = writer
         self._reader = reader
         self._fast = fast  # SQLite only: the one-hop append
+        self._pg = writer.dialect.name == "postgresql"  # frames alone: one statement (sql_log)
 
     @classmethod
     async def open(cls, url: str, *, migrate: bool = True) -> SqlStore:
@@ -399,6 +400,11 @@ class SqlStore:
         commit_epoch = sql_log.check_batch(room_id, entries, changes)  # before taking the lock
         if self._fast is not None and fence is None:
             await self._fast.append(room_id, entries, changes, commit_epoch)
+            return
+        if self._pg and fence is None and sql_log.frames_only(entries, changes):
+            async with _store_errors(), self._writer.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await sql_log.append_frames_pg(conn, room_id, entries)
             return
         async with self._write() as conn:
             if fence is not None:
