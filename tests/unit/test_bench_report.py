@@ -164,5 +164,13 @@ def test_a_report_that_cannot_be_written_is_printed_not_raised(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     results = Results(FIGURES, _distributions())
-    _write_report(tmp_path / "missing", "header", "title", results)
-    assert "report: not fully written (FileNotFoundError" in capsys.readouterr().out
+    occupied = tmp_path / "occupied"  # a file where the report's directory would go
+    occupied.write_text("")
+    _write_report(occupied, "header", "title", results)
+    assert "report: not fully written (FileExistsError" in capsys.readouterr().out
+
+
+def test_the_report_directory_is_made(tmp_path: Path) -> None:
+    results = Results(FIGURES, _distributions())
+    _write_report(tmp_path / "new" / "dir", "header", "title", results)
+    assert (tmp_path / "new" / "dir" / "report.md").is_file()
