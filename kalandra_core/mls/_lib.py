@@ -280,6 +280,19 @@ def require_library_source(func: Callable[..., object], digest: str, change: str
         )
 
 
+def replace_audited(
+    owner: type, name: str, replacement: Callable[..., Any], digest: str, change: str
+) -> None:
+    """Put ``replacement`` in place of ``owner.name``, once, if that is still the audited
+    source (sha256 ``digest``; see :func:`require_library_source`)."""
+    current = getattr(owner, name)
+    if getattr(current, "_kalandra_fast", False):
+        return
+    require_library_source(current, digest, change)
+    replacement._kalandra_fast = True  # type: ignore[attr-defined]
+    setattr(owner, name, replacement)
+
+
 def library_modules() -> list[ModuleType]:
     """The loaded modules of rfc9420 (to rebind a function every module imported by name)."""
     return [

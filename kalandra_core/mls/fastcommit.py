@@ -44,6 +44,7 @@ from ._lib import (
     SignatureScheme,
     UpdatePath,
     UpdatePathNode,
+    replace_audited,
     require_library_source,
     tree_math,
 )
@@ -96,13 +97,13 @@ library_verify = _library_verify  # for tests
 
 
 def _replace_verify() -> None:
-    if getattr(DefaultCryptoProvider.verify, "_kalandra_fast", False):
-        return
-    require_library_source(
-        DefaultCryptoProvider.verify, _AUDITED["DefaultCryptoProvider.verify"], "Ed25519 verify"
+    replace_audited(
+        DefaultCryptoProvider,
+        "verify",
+        _verify,
+        _AUDITED["DefaultCryptoProvider.verify"],
+        "Ed25519 verify",
     )
-    _verify._kalandra_fast = True  # type: ignore[attr-defined]
-    DefaultCryptoProvider.verify = _verify  # type: ignore[method-assign]
 
 
 # --- hashing ---------------------------------------------------------------------------------

@@ -66,6 +66,7 @@ from ._lib import (
     Welcome,
     library_modules,
     parse_capabilities_data,
+    replace_audited,
     require_library_source,
     tls_codec,
     tree_math,
@@ -442,27 +443,23 @@ library_verify_with_label = _library_verify_with_label  # for tests
 
 
 def _replace_verify_with_label() -> None:
-    if getattr(DefaultCryptoProvider.verify_with_label, "_kalandra_fast", False):
-        return
-    require_library_source(
-        DefaultCryptoProvider.verify_with_label,
+    replace_audited(
+        DefaultCryptoProvider,
+        "verify_with_label",
+        _verify_with_label,
         _AUDITED["DefaultCryptoProvider.verify_with_label"],
         "GroupInfo signer's key",
     )
-    _verify_with_label._kalandra_fast = True  # type: ignore[attr-defined]
-    DefaultCryptoProvider.verify_with_label = _verify_with_label  # type: ignore[method-assign]
 
 
 def _replace_welcome_tree_loader() -> None:
-    if getattr(RatchetTree.load_full_tree_from_welcome_bytes, "_kalandra_fast", False):
-        return
-    require_library_source(
-        RatchetTree.load_full_tree_from_welcome_bytes,
+    replace_audited(
+        RatchetTree,
+        "load_full_tree_from_welcome_bytes",
+        _load_welcome_tree,
         _AUDITED["RatchetTree.load_full_tree_from_welcome_bytes"],
         "Welcome tree loader",
     )
-    _load_welcome_tree._kalandra_fast = True  # type: ignore[attr-defined]
-    RatchetTree.load_full_tree_from_welcome_bytes = _load_welcome_tree  # type: ignore[method-assign]
 
 
 # --- tree arithmetic and capabilities ----------------------------------------------------------
@@ -682,13 +679,13 @@ library_hash_node = RatchetTree._hash_node  # for tests
 
 
 def _replace_hash_node() -> None:
-    if getattr(RatchetTree._hash_node, "_kalandra_fast", False):
-        return
-    require_library_source(
-        RatchetTree._hash_node, _AUDITED["RatchetTree._hash_node"], "tree hash input"
+    replace_audited(
+        RatchetTree,
+        "_hash_node",
+        _hash_node,
+        _AUDITED["RatchetTree._hash_node"],
+        "tree hash input",
     )
-    _hash_node._kalandra_fast = True  # type: ignore[attr-defined]
-    RatchetTree._hash_node = _hash_node  # type: ignore[method-assign]
 
 
 def apply() -> None:
