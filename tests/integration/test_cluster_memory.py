@@ -44,6 +44,15 @@ class Cluster:
     hubs: dict[str, Hub]
     clients: list[Client]
 
+    async def shared_room(self) -> tuple[Client, Client, bytes]:
+        """alice on node A made a room and bob, on node B, joined it."""
+        alice = await self.client("A", "alice")
+        bob = await self.client("B", "bob")
+        room = await within(alice.create_room(name="shared"))
+        await within(alice.invite(room, [bob.core.member_id]))
+        assert await within(bob.joined.get()) == room
+        return alice, bob, room
+
     async def client(self, node: str, name: str) -> Client:
         account = await self.store.create_member(f"{name}-{os.urandom(3).hex()}")
         token = await self.store.issue_token(account.member_id)
@@ -88,11 +97,7 @@ async def cluster() -> AsyncIterator[Cluster]:
 
 
 async def test_clients_on_two_nodes_share_a_room(cluster: Cluster) -> None:
-    alice = await cluster.client("A", "alice")
-    bob = await cluster.client("B", "bob")
-    room = await within(alice.create_room(name="shared"))
-    await within(alice.invite(room, [bob.core.member_id]))
-    assert await within(bob.joined.get()) == room
+    alice, bob, room = await cluster.shared_room()
     assert await cluster.store.lease_owner(room) == "A"
     assert set(cluster.hubs["A"].rooms) == {room}
     assert not cluster.hubs["B"].rooms
@@ -117,11 +122,7 @@ async def _next_typing(client: Client) -> Typing:
 
 
 async def test_a_node_told_of_a_bus_gap_has_its_clients_catch_up(cluster: Cluster) -> None:
-    alice = await cluster.client("A", "alice")
-    bob = await cluster.client("B", "bob")
-    room = await within(alice.create_room(name="shared"))
-    await within(alice.invite(room, [bob.core.member_id]))
-    assert await within(bob.joined.get()) == room
+    alice, bob, room = await cluster.shared_room()
     assert await cluster.store.lease_owner(room) == "A"
 
     cluster.network.down.add("B")  # B's listener is away: the fan-out below is lost to it
@@ -134,11 +135,7 @@ async def test_a_node_told_of_a_bus_gap_has_its_clients_catch_up(cluster: Cluste
 
 
 async def test_a_dead_owner_s_room_is_taken_once_its_lease_ran_out(cluster: Cluster) -> None:
-    alice = await cluster.client("A", "alice")
-    bob = await cluster.client("B", "bob")
-    room = await within(alice.create_room(name="shared"))
-    await within(alice.invite(room, [bob.core.member_id]))
-    assert await within(bob.joined.get()) == room
+    _alice, bob, room = await cluster.shared_room()
     first = await within(bob.send_text(room, "one"))
 
     cluster.network.down.add("A")  # A hears nothing more (it is "dead" to the others)
@@ -222,11 +219,7 @@ async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
 ) -> None:
     """bob (on B) sends "one" and "two" to A's room; the bus loses the forward of "one". A
     must not sequence "two" first: both are routed again, in order, once A is given up on."""
-    alice = await cluster.client("A", "alice")
-    bob = await cluster.client("B", "bob")
-    room = await within(alice.create_room(name="shared"))
-    await within(alice.invite(room, [bob.core.member_id]))
-    assert await within(bob.joined.get()) == room
+    _alice, bob, room = await cluster.shared_room()
     node_b = cluster.hubs["B"].cluster
     assert node_b is not None
     send, lost = node_b.bus.send, asyncio.Event()
@@ -252,11 +245,7 @@ async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
 async def test_a_room_handed_over_mid_traffic_keeps_every_frame_once_in_order(
     cluster: Cluster,
 ) -> None:
-    alice = await cluster.client("A", "alice")
-    bob = await cluster.client("B", "bob")
-    room = await within(alice.create_room(name="shared"))
-    await within(alice.invite(room, [bob.core.member_id]))
-    assert await within(bob.joined.get()) == room
+    alice, bob, room = await cluster.shared_room()
     assert await cluster.store.lease_owner(room) == "A"
 
     # Both send while A hands the room over to B: frames are in A's worker, on the bus to A,
