@@ -328,7 +328,7 @@ class Client:
                 try:
                     await self.connect()
                 except Exception as exc:  # whatever it was, keep trying (and say why)
-                    reason = str(exc) or type(exc).__name__
+                    reason = _why(exc)
                     continue
                 if not self._connected.is_set():
                     # Lost again before this task resumed: its loss started no new loop.
