@@ -179,6 +179,7 @@ class KalandraBridge(Bridge):
         assert self.kalandra is not None
         # SQLite: the bridge's per-event writes share the store's writer (db/group_commit.py).
         group_commit.use_group_commit(self.db, self.kalandra.store.sqlite_writer)
+        self.run_state.e2ee.resumed.clear()  # before the first transaction (e2ee.hold)
         await super().start()
         if self.ghost_devices is not None:
             await self.ghost_devices.start()
@@ -193,6 +194,8 @@ class KalandraBridge(Bridge):
             await e2ee.resume_key_waits(self)  # room keys still missing before the restart
         except Exception as exc:  # the bridge runs on; those messages stay failed
             self.log.warning("waits for room keys not resumed (%s)", type(exc).__name__)
+        finally:
+            self.run_state.e2ee.resumed.set()  # (already, unless it failed or found none)
         # Portals whose Matrix room was not finished before a stop (found by alias or made).
         for portal in self.portals.all():
             if portal.mxid is None:

@@ -27,6 +27,12 @@ class LateEvent:
 Late = dict[EventID, LateEvent]
 
 
+def _set_event() -> asyncio.Event:
+    event = asyncio.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class E2eeState:
     """End-to-bridge encryption's (encryption/e2ee.py)."""
@@ -44,6 +50,9 @@ class E2eeState:
     # only that a room is encrypted (set when its m.room.encryption comes).
     seen_clear: set[RoomID] = field(default_factory=set)
     refreshed: asyncio.Event | None = None  # set once the device lists are queried at startup
+    # Set once the key waits of before a restart are resumed (app.py clears it at start-up):
+    # relations wait for it before they look for their target among the waits (e2ee.hold).
+    resumed: asyncio.Event = field(default_factory=_set_event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stopping: bool = False
 

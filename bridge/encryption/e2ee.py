@@ -98,6 +98,9 @@ REFRESH_WAIT = 10.0  # at most, for the device lists at startup before encryptin
 KEY_REQUEST_RETRIES = (5.0, 15.0, 45.0, 120.0, 300.0)  # seconds before asking again
 KEY_POLL = 1.0  # seconds between looks at the store while a key is waited for
 KEPT_WAITS = 86400.0  # seconds after its failure a key is still waited for at start-up
+# Tests only: seconds resume_key_waits takes before it registers the waits (widens the window in
+# which Matrix events are handled before them; see relations_resumed).
+_RESUME_LAG = float(os.environ.get("KALANDRA_TEST_RESUME_LAG", "0") or 0)
 HELD = "com.kalandra.awaiting_target"  # the record of a relation held for its target (hold)
 
 UNDECRYPTABLE = (
@@ -501,12 +504,15 @@ def _drop_late(bridge: BridgeContext, room_id: RoomID, session_id: SessionID) ->
 _RELEASED_KEPT = 1000  # targets released lately, remembered
 
 
-def hold(portal: PortalFace, target: EventID, work: FromMatrix) -> bool:
+async def hold(portal: PortalFace, target: EventID, work: FromMatrix) -> bool:
     """Hold ``work`` (a relation to ``target`` in ``portal``) if ``target`` waits for its room
-    key; False if it does not. Synchronous: a target cannot be released between the check and
-    the hold. A target released while ``work`` was looking it up is in the queue already:
+    key; False if it does not. Only once the waits of before a restart are resumed: until
+    then a target still waited for is not known as such (a transaction replayed at start-up
+    comes before). No await between the check and the hold: a target cannot be released in
+    between. A target released while ``work`` was looking it up is in the queue already:
     ``work`` goes again after it (once)."""
     state = portal.bridge.run_state.e2ee
+    await state.resumed.wait()
     if target in state.released and not work.held:
         _requeue(portal, [work])
         return True
@@ -605,6 +611,8 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
     )
     if not rows:
         return
+    if _RESUME_LAG:  # tests only
+        await asyncio.sleep(_RESUME_LAG)
     rooms = [
         portal.row.mxid
         for portal in bridge.portals.all()
@@ -631,6 +639,7 @@ async def resume_key_waits(bridge: BridgeContext) -> None:
             state.requested.add(evt.content.session_id)
             _spawn(bridge, _request_key(bridge, evt), f"key-request-{evt.event_id}")
     log.info("waiting again for the room keys of %d failed events", resumed)
+    bridge.run_state.e2ee.resumed.set()
     # The relations held for those (or for events no longer waited for: they fail now), handed
     # to their portals' queues again: held again, or failed (portal/relations.py).
     for event in held:

@@ -293,11 +293,11 @@ async def unbridged_target(portal: PortalFace, work: FromMatrix) -> EventID | No
     return EventID(target)
 
 
-def held_for_target(portal: PortalFace, work: FromMatrix, target: EventID | None) -> bool:
+async def held_for_target(portal: PortalFace, work: FromMatrix, target: EventID | None) -> bool:
     """Whether ``work`` is held until ``target`` (waiting for its room key) is bridged; a
     message held before whose target never came goes without the pointer (as any other)."""
     mxid = portal.row.mxid
-    return target is not None and mxid is not None and e2ee.hold(portal, target, work)
+    return target is not None and mxid is not None and await e2ee.hold(portal, target, work)
 
 
 async def _index(portal: PortalFace, event_id: EventID | None) -> int | None:
@@ -357,7 +357,7 @@ async def reaction_to_kalandra(portal: PortalFace, work: FromMatrix) -> None:
     assert mxid is not None
     target = await _index(portal, work.relates_to)
     if target is None:
-        if work.relates_to is not None and e2ee.hold(portal, work.relates_to, work):
+        if work.relates_to is not None and await e2ee.hold(portal, work.relates_to, work):
             raise Held
         if work.held:
             raise Refused(MessageStatusReason.GENERIC_ERROR, LOST_TARGET)

@@ -257,7 +257,7 @@ class PortalToKalandra(PortalBase):
         assert work.content is not None
         mxid = self.row.mxid
         assert mxid is not None
-        if relations.held_for_target(
+        if await relations.held_for_target(
             self.face, work, await relations.unbridged_target(self.face, work)
         ):
             raise relations.Held  # a reply or edit follows its target
@@ -347,7 +347,7 @@ class PortalToKalandra(PortalBase):
         assert mxid is not None
         found = await MessageTable(self.bridge.db).index_for(mxid, work.redacts)
         if found is None or found[0] != self.room_id:
-            if e2ee.hold(self.face, work.redacts, work):
+            if await e2ee.hold(self.face, work.redacts, work):
                 raise relations.Held  # redacted once it is bridged
             return  # not a bridged message (or never bridged: nothing to erase)
         await check_redaction(self.bridge, mxid, work.sender, work.redacts)

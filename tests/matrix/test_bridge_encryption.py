@@ -17,21 +17,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
+from helpers.sql import query
 from nio import (
     AsyncClient,
     MegolmEvent,
     RoomCreateResponse,
+    RoomGetEventResponse,
     RoomKeyRequest,
     RoomMessageText,
     RoomSendResponse,
     SyncResponse,
 )
+from ruamel.yaml import YAML
 
+from bridge.encryption import e2ee
 from bridge.portal import relations
 from kalandra_core.client import events as ev
 from kalandra_core.client.events import Message
@@ -473,6 +479,89 @@ async def late_reaction(native: Any) -> ev.Reacted:
         event = await native.events.get()
         if isinstance(event, ev.Reacted) and event.key == "late":
             return event
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_held_reaction_sent_again_before_the_key_waits_resume_is_held_again(
+    stack: BridgeStack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A transaction left unanswered at a stop comes again as soon as the bridge listens, which
+    # can be before the bridge has resumed waiting for the room keys it lacked. A reaction held
+    # for such a key must then be held again, not failed for a lost target. The lag holds the
+    # resumption back; the reaction's transaction is sent again in that window, as Synapse does.
+    native, _ = await native_member(stack)
+    async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
+        room_hex, portal = await portal_with_native(alice, native, "reaction sent again")
+        room_id = bytes.fromhex(room_hex)
+        await say(alice, portal, "first")
+        got: list[Message] = []
+        await receive(native, got, 1, room_id)
+    await stack.stop_bridge()
+    async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
+        answering = [False]
+        requests = answer_key_requests(phone, answering=lambda: answering[0])
+        await sync_until(phone, lambda: portal in phone.rooms, "the portal")
+        target = await say(phone, portal, "its key comes late")
+        await phone.sync(timeout=0)
+        relates = {"rel_type": "m.annotation", "event_id": target, "key": "late"}
+        sent = await phone.room_send(portal, "m.reaction", {"m.relates_to": relates})
+        assert isinstance(sent, RoomSendResponse), sent
+        fetched = await phone.room_get_event(portal, sent.event_id)
+        assert isinstance(fetched, RoomGetEventResponse), fetched
+        async with syncing(phone):
+            await stack.restart()
+            async with asyncio.timeout(WITHIN):
+                while True:  # the reaction recorded as held (in the database), the key asked for
+                    if requests and await failure_of(stack, sent.event_id) == e2ee.HELD:
+                        break
+                    await asyncio.sleep(0.5)
+            await stack.stop_bridge()
+            asked = len(requests)
+            monkeypatch.setenv("KALANDRA_TEST_RESUME_LAG", "5")  # read by the bridge started
+            stack.start_bridge()
+            monkeypatch.delenv("KALANDRA_TEST_RESUME_LAG")
+            await send_transaction(stack, [fetched.event.source])
+            await stack.wait_ready()
+            async with asyncio.timeout(WITHIN):
+                while len(requests) == asked:  # noqa: ASYNC110
+                    await asyncio.sleep(0.5)
+            answering[0] = True
+            await forward_key(phone, requests[-1])
+            await receive(native, got, 2, room_id)
+            reacted = await asyncio.wait_for(late_reaction(native), WITHIN)
+    assert [m.content.body for m in got] == ["first", "its key comes late"]
+    assert (reacted.target, reacted.add) == (got[1].log_index, True)
+    await native.close()
+
+
+async def failure_of(stack: BridgeStack, event_id: str) -> str | None:
+    """What the bridge recorded of a Matrix event it handled (None: nothing, or done)."""
+    rows = await query(
+        stack.store_url,
+        "SELECT failure FROM bridge_matrix_events WHERE event_id = :event_id",
+        event_id=event_id,
+    )
+    return rows[0][0] if rows else None
+
+
+async def send_transaction(stack: BridgeStack, events: list[dict[str, Any]]) -> None:
+    """``events`` in an appservice transaction to the bridge, as the homeserver sends one, as
+    soon as the bridge (just started) listens; answered once handled."""
+    config = await asyncio.to_thread(stack.config.read_text, encoding="utf-8")
+    hs_token = YAML(typ="safe").load(config)["appservice"]["hs_token"]
+    url = (
+        f"http://127.0.0.1:{stack.as_port}/_matrix/app/v1/transactions/"
+        f"again-{secrets.token_hex(4)}"
+    )
+    headers = {"Authorization": f"Bearer {hs_token}"}
+    async with aiohttp.ClientSession() as http, asyncio.timeout(WITHIN):
+        while True:
+            try:
+                async with http.put(url, json={"events": events}, headers=headers) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)  # not listening yet
 
 
 @pytest.mark.asyncio(loop_scope="module")
