@@ -17,6 +17,10 @@ The messages:
   which node gave it (an answer from a node the frame was since taken away from is dropped).
 * :class:`Deliver`: a frame for every session of these members (fan-out of sequenced and
   ephemeral frames), broadcast.
+* :class:`Probe` and :class:`Alive`: "are you there?" and its answer (``nonce`` pairs them),
+  asked of a node before it is handed rooms (rebalance.py): the node list in the database
+  says a node renewed its row lately, not that it still runs. A node of an earlier version
+  cannot decode a Probe and leaves it unanswered, so it is handed no rooms either.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 # (kind 1 was a Forward without ``after``: refused by this version, not misread)
-_REPLY, _DELIVER, _FORWARD = 2, 3, 4
+_REPLY, _DELIVER, _FORWARD, _PROBE, _ALIVE = 2, 3, 4, 5, 6
 _U64 = struct.Struct(">Q")
 _FORWARD_FIELDS = struct.Struct(">QQBQQ")
 
@@ -56,7 +60,19 @@ class Deliver:
     frame: bytes
 
 
-Message = Forward | Reply | Deliver
+@dataclass(frozen=True, slots=True)
+class Probe:
+    origin: str
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    node: str
+    nonce: int
+
+
+Message = Forward | Reply | Deliver | Probe | Alive
 
 
 class BusDecodeError(ValueError):
@@ -86,6 +102,12 @@ def encode(message: Message) -> bytes:
             + struct.pack(">Q", message.session_id)
             + message.frame
         )
+    if isinstance(message, Probe | Alive):
+        kind, name = (
+            (_PROBE, message.origin) if isinstance(message, Probe) else (_ALIVE, message.node)
+        )
+        encoded = name.encode()
+        return struct.pack(">BH", kind, len(encoded)) + encoded + _U64.pack(message.nonce)
     ids = message.member_ids
     return struct.pack(f">BI{len(ids)}Q", _DELIVER, len(ids), *ids) + message.frame
 
@@ -105,6 +127,11 @@ def decode(body: bytes) -> Message:
             node = body[3 : 3 + size].decode()
             (session_id,) = struct.unpack_from(">Q", body, 3 + size)
             return Reply(node, session_id, body[3 + size + 8 :])
+        if kind in (_PROBE, _ALIVE):
+            (size,) = struct.unpack_from(">H", body, 1)
+            name = body[3 : 3 + size].decode()
+            (nonce,) = _U64.unpack_from(body, 3 + size)
+            return Probe(name, nonce) if kind == _PROBE else Alive(name, nonce)
         if kind == _DELIVER:
             (count,) = struct.unpack_from(">I", body, 1)
             ids = struct.unpack_from(f">{count}Q", body, 5)

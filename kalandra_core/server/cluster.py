@@ -33,6 +33,7 @@ _TAKEN = 65_536  # forwards taken remembered (see ClusterNode.take)
 _SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
 _POLL = 0.2  # seconds between looks at a suspect's lease
 NO_ANSWER = "the room's server did not answer; retry"
+_PROBING = (msg.encode(msg.Probe("", 0))[:1], msg.encode(msg.Alive("", 0))[:1])  # their kinds
 
 
 class Asker(Protocol):
@@ -128,10 +129,11 @@ class ClusterNode:
         # ids of the forwards taken here, oldest first (see _remember)
         self._taken: OrderedDict[int, tuple[str, int]] = OrderedDict()
         self._renewed_at = monotonic()
+        self._probes: dict[int, tuple[str, asyncio.Future[None]]] = {}  # nonce -> asked node
 
     async def start(self, hub: ClusterHub) -> None:
         self._hub = hub
-        await self.bus.start(self._incoming.put_nowait, hub.bus_gap)
+        await self.bus.start(self._on_bus, hub.bus_gap)
         self._renewed_at = self.monotonic()
         self._tasks = [
             asyncio.create_task(self._receive(), name="cluster-receive"),
@@ -328,6 +330,46 @@ class ClusterNode:
         self.forward(session, frame, behind, 1, 0)
         return True
 
+    async def answering(self, nodes: set[str], within: float) -> set[str]:
+        """Those of ``nodes`` that answer a probe over the bus within ``within`` seconds:
+        running, and reachable, now (a row in the node list says only that a node renewed
+        it lately)."""
+        loop = asyncio.get_running_loop()
+        asked: dict[str, tuple[int, asyncio.Future[None]]] = {}
+        for node in nodes:
+            nonce = secrets.randbits(64) or 1
+            answered = loop.create_future()
+            self._probes[nonce] = (node, answered)
+            asked[node] = (nonce, answered)
+            self.bus.send(node, msg.encode(msg.Probe(self.node, nonce)))
+        try:
+            if asked:
+                await asyncio.wait([f for _, f in asked.values()], timeout=within)
+        finally:
+            for nonce, answered in asked.values():
+                self._probes.pop(nonce, None)
+                answered.cancel()  # (no-op if answered)
+        return {n for n, (_, f) in asked.items() if f.done() and not f.cancelled()}
+
+    def _on_bus(self, body: bytes) -> None:
+        # Probes are answered at once, not behind the queue: the answer says this node runs
+        # and hears the bus, whatever its backlog.
+        if body[:1] in _PROBING:
+            try:
+                message = msg.decode(body)
+            except msg.BusDecodeError:
+                log.warning("cluster: an undecodable probe on the bus")
+                return
+            if isinstance(message, msg.Probe):
+                alive = msg.Alive(self.node, message.nonce)
+                self.bus.send(message.origin, msg.encode(alive))
+            elif isinstance(message, msg.Alive):
+                asked = self._probes.get(message.nonce)
+                if asked is not None and asked[0] == message.node and not asked[1].done():
+                    asked[1].set_result(None)
+            return
+        self._incoming.put_nowait(body)
+
     def broadcast(self, member_ids: frozenset[int] | set[int], frame: bytes) -> None:
         self.bus.broadcast(msg.encode(msg.Deliver(tuple(member_ids), frame)))
 
@@ -356,7 +398,7 @@ class ClusterNode:
                     return
                 self.routes.answered(member, request_id)
                 session.send(message.frame)
-        else:
+        elif isinstance(message, msg.Deliver):
             if self.routes.waiting:  # the sender's own frame is its answer (its ack)
                 header = FrameHeader.parse(message.frame[:128])
                 self.routes.answered(header.sender_id, header.request_id)

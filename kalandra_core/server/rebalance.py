@@ -10,6 +10,14 @@ coordination is needed, and a room that moved stays where it is when nodes come 
 elsewhere. Several nodes over their share fill the others' room in proportion to their excess,
 so together they rarely overshoot it (what they do is put right at the next look).
 
+The node list says only that a node renewed its row lately: one that died or was paused since
+is listed for up to ``alive_for``. So the nodes a look would hand rooms to are first asked
+over the bus whether they are there (``ClusterNode.answering``, a Probe and its Alive
+answer); a node that does not answer within ``PROBE_WITHIN`` is left out and the plan made
+again without it, and during a long series of handovers a taker is asked again every
+``PROBE_FRESH`` seconds. A taker that dies between its answer and the handover is the case of
+any owner that dies: its rooms are served again after a lease term.
+
 A handover (``Hub.hand_over``) loses no frame: frames for the room wait on the giver, in
 order, while its worker sequences and answers what it has; then the lease passes to the taker
 in one statement that raises the fencing token, and the waiting frames follow it there. The
@@ -30,6 +38,8 @@ from .config import ClusterConfig
 
 log = logging.getLogger("kalandra.server.cluster")
 MOVES_PER_LOOK = 64  # rooms one node hands over per look at most (a handover is quick)
+PROBE_WITHIN = 1.0  # seconds a node has to answer "are you there?" before it is handed rooms
+PROBE_FRESH = 1.0  # seconds an answer is trusted for; then the node is asked again
 
 
 class Node(Protocol):
@@ -39,6 +49,8 @@ class Node(Protocol):
     store: Store
     config: ClusterConfig
     held: dict[bytes, int]
+
+    async def answering(self, nodes: set[str], within: float) -> set[str]: ...
 
 
 class Rebalancing(Protocol):
@@ -123,7 +135,28 @@ async def look(cluster: Node, hub: Rebalancing, monotonic: Callable[[], float]) 
     for room_id in await store.leases_of(node):
         if room_id not in cluster.held:
             await hub.adopt(room_id)
-    for room_id, to in plan(node, hub.held_rooms(), counts):
+    moves = plan(node, hub.held_rooms(), counts)
+    targets = {to for _, to in moves}
+    if not targets:
+        return
+    answered = await cluster.answering(targets, PROBE_WITHIN)
+    if answered != targets:
+        # Listed alive but silent: dead or paused since its row was renewed. Rooms handed to
+        # it would wait for a failover; the plan is made again without it.
+        silent = ", ".join(sorted(targets - answered))
+        log.warning("cluster: %s listed alive but not answering: no rooms for it", silent)
+        counts = {n: c for n, c in counts.items() if n not in targets - answered}
+        moves = [(r, to) for r, to in plan(node, hub.held_rooms(), counts) if to in answered]
+    asked_at = dict.fromkeys(answered, monotonic())
+    for room_id, to in moves:
+        if to not in asked_at:
+            continue  # stopped answering during this look
+        if monotonic() - asked_at[to] > PROBE_FRESH:  # a long series of handovers: ask again
+            if not await cluster.answering({to}, PROBE_WITHIN):
+                log.warning("cluster: %s stopped answering: no more rooms for it", to)
+                del asked_at[to]
+                continue
+            asked_at[to] = monotonic()
         started = monotonic()
         if await hub.hand_over(room_id, to):
             log.info(

@@ -26,7 +26,9 @@ FORWARD_TIMEOUT = 2.0
 REBALANCE = 1.0  # seconds between a node's looks at the rooms' spread
 
 
-def cluster_yaml(node: str, *, rebalance: bool = True) -> str:
+def cluster_yaml(
+    node: str, *, rebalance: bool = True, rebalance_seconds: float = REBALANCE
+) -> str:
     return (
         "  cluster:\n"
         "    enabled: true\n"
@@ -35,15 +37,18 @@ def cluster_yaml(node: str, *, rebalance: bool = True) -> str:
         f"    renew_seconds: {RENEW}\n"
         f"    forward_timeout: {FORWARD_TIMEOUT}\n"
         f"    rebalance: {'true' if rebalance else 'false'}\n"
-        f"    rebalance_seconds: {REBALANCE}\n"
+        f"    rebalance_seconds: {rebalance_seconds}\n"
     )
 
 
-def start_node(tmp: Path, url: str, name: str) -> ServerProcess:
+def start_node(
+    tmp: Path, url: str, name: str, rebalance_seconds: float = REBALANCE
+) -> ServerProcess:
     """Start (blocking) one more node on the cluster's database."""
     workdir = tmp / name
     workdir.mkdir()
-    node = ServerProcess(workdir, url, server_yaml=cluster_yaml(name))
+    yaml = cluster_yaml(name, rebalance_seconds=rebalance_seconds)
+    node = ServerProcess(workdir, url, server_yaml=yaml)
     node.start()
     return node
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from acceptance.acceptance_harness import Harness, ServerProcess, shared_room
-from cluster.cluster_harness import Sender, cluster, harnesses, start_node
+from cluster.cluster_harness import Sender, cluster, harnesses, pause, resume, start_node
 from cluster.test_failover import check_log, converged, log_of
 from helpers.native import within
+from helpers.sql import query
 
 from kalandra_core.client.driver import Client
 from kalandra_core.storage.sql import SqlStore
@@ -122,3 +123,46 @@ async def test_a_started_process_takes_rooms_while_traffic_flows(
             await within(alice.self_update(room), 30)
             log = await log_of(store, room)
         await converged(clients, room, len(log))
+
+
+@pytest.fixture
+def single(tmp_path: Path) -> Iterator[tuple[str, list[ServerProcess]]]:
+    with cluster(tmp_path, 1) as running:
+        yield running
+
+
+async def test_a_paused_process_still_listed_alive_is_handed_no_rooms(
+    single: tuple[str, list[ServerProcess]], tmp_path: Path
+) -> None:
+    # node1 looks once every 30 s, so its row in the node list stays valid for half a minute
+    # after it is paused: node0 sees it listed alive, holds every room, and must not hand it
+    # any (they would wait for a failover). Once node1 runs again it gets its share.
+    url, nodes = single
+    nodes.append(await asyncio.to_thread(start_node, tmp_path, url, "node1", 30.0))
+    listed = "SELECT node FROM cluster_nodes WHERE node = 'node1'"
+    while not await query(url, listed):  # noqa: ASYNC110 - the database
+        await asyncio.sleep(0.1)
+    pause(nodes[1])
+    store = await SqlStore.open(url, migrate=False)
+    hs = harnesses(nodes, store, tmp_path)
+    try:
+        alice_u, bob_u = await hs[0].users("alice", "bob")
+        alice = await hs[0].connect(alice_u, key_packages=5)
+        bob = await hs[0].connect(bob_u, key_packages=5)
+        rooms = [await shared_room(hs[0], alice, (bob, bob_u)) for _ in range(4)]
+        # Several of node0's looks (one a second), each of which would move two rooms.
+        for _ in range(4):
+            await asyncio.sleep(1.0)
+            for room in rooms:
+                await within(alice.send_text(room, "served"), 5)
+        assert set((await owners(store, rooms)).values()) == {"node0"}
+        assert "node1 listed alive but not answering" in nodes[0].log.read_text()
+
+        resume(nodes[1])
+        await within(until_owned_by(store, rooms, "node1"), 60)
+        for room in rooms:
+            await within(alice.send_text(room, "after"), 30)
+    finally:
+        for h in hs:
+            await h.close()
+        await store.close()

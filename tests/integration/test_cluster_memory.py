@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ from nacl.signing import SigningKey
 from kalandra_core.client.driver import Client, ServerAddress
 from kalandra_core.client.events import Typing
 from kalandra_core.client.extras import ExtendedCore, set_typing
-from kalandra_core.server import bus
+from kalandra_core.server import bus, rebalance
 from kalandra_core.server.bus import MemoryBus, MemoryNetwork
 from kalandra_core.server.cluster import ClusterNode
 from kalandra_core.server.config import ClusterConfig, ServerConfig
@@ -285,3 +286,31 @@ async def test_a_room_handed_over_mid_traffic_keeps_every_frame_once_in_order(
     got = await next_message(bob, lambda m: m.content.body == "after")
     assert got.log_index == index
     assert room in cluster.hubs["B"].rooms
+
+
+async def test_a_node_listed_alive_that_does_not_answer_is_given_no_rooms(
+    cluster: Cluster,
+) -> None:
+    # B marked itself alive (its first look) and then stopped answering: dead, or paused, its
+    # row in the node list not run out yet. A rebalancing A must not hand it rooms, which would
+    # wait for a failover; once B answers again, it gets its share.
+    alice = await cluster.client("A", "alice")
+    rooms = [await within(alice.create_room(name=f"room {n}")) for n in range(4)]
+    for room in rooms:
+        await within(alice.send_text(room, "busy"))
+    hub_a = cluster.hubs["A"]
+    assert hub_a.cluster is not None
+    assert sorted(hub_a.held_rooms()) == sorted(rooms)
+    cluster.network.down.add("B")
+    await within(rebalance.look(hub_a.cluster, hub_a, time.monotonic))
+    assert [await cluster.store.lease_owner(r) for r in rooms] == ["A"] * 4
+    assert sorted(hub_a.held_rooms()) == sorted(rooms)
+    for room in rooms:  # served as before
+        await within(alice.send_text(room, "still here"))
+
+    cluster.network.down.discard("B")
+    await within(rebalance.look(hub_a.cluster, hub_a, time.monotonic))
+    owners = [await cluster.store.lease_owner(r) for r in rooms]
+    assert owners.count("B") == 2, owners
+    for room in rooms:
+        await within(alice.send_text(room, "after the move"))

@@ -29,6 +29,8 @@ def frame(request_id: int) -> Frame:
         bus.Reply("node-b", 3, b""),
         bus.Deliver((1, 2, (1 << 64) - 1), b"frame"),
         bus.Deliver((), b"frame"),
+        bus.Probe("node-é", (1 << 64) - 1),
+        bus.Alive("n2", 1),
     ],
 )
 def test_bus_messages_round_trip(message: bus.Message) -> None:
@@ -36,7 +38,15 @@ def test_bus_messages_round_trip(message: bus.Message) -> None:
 
 
 @pytest.mark.parametrize(
-    "body", [b"", b"\x09", b"\x01\x00\x05ab", b"\x04\x00\x02ab\x00", b"\x03\x00\x00\x00\x09"]
+    "body",
+    [
+        b"",
+        b"\x09",
+        b"\x01\x00\x05ab",
+        b"\x04\x00\x02ab\x00",
+        b"\x03\x00\x00\x00\x09",
+        b"\x05\x00\x01a\x00\x00",  # a probe without its whole nonce
+    ],
 )
 def test_a_broken_bus_message_is_refused(body: bytes) -> None:
     with pytest.raises(bus.BusDecodeError):
