@@ -172,15 +172,20 @@ class ClusterNode:
         return None
 
     async def live_holder(self, room_id: bytes) -> str | None:
-        """Like :meth:`lease_holder`, but a suspect's lease (a node whose forwards went
-        unanswered) is waited out, for at most a lease term and a renewal: then the room is
-        free to take, or taken by another node, or the suspect renewed (it is alive) and is
-        trusted again."""
+        """Like :meth:`lease_holder`, but a suspect (a node whose forwards went unanswered)
+        is asked whether it is there; if it does not answer, its lease is waited out, for at
+        most a lease term and a renewal: then the room is free to take, or taken by another
+        node, or the suspect renewed (it is alive) and is trusted again."""
         holder = await self.lease_holder(room_id)
         if holder is None or not self.routes.is_suspect(holder, self.monotonic()):
             return holder
         suspect = holder
         deadline = self.monotonic() + self.config.lease_seconds + self.config.renew_seconds
+        # A forward to it went unanswered, but the bus may have lost the forward or its
+        # answer: if it answers a probe it runs, and holds the lease: trusted again at once.
+        if await self.answering({suspect}, rebalance.PROBE_WITHIN):
+            self.routes.acquit(suspect)
+            return suspect
         # Another node that took the room meanwhile is alive: followed at once.
         while holder == suspect and self.monotonic() < deadline:
             await asyncio.sleep(_POLL)
@@ -352,8 +357,8 @@ class ClusterNode:
         return {n for n, (_, f) in asked.items() if f.done() and not f.cancelled()}
 
     def _on_bus(self, body: bytes) -> None:
-        # Probes are answered at once, not behind the queue: the answer says this node runs
-        # and hears the bus, whatever its backlog.
+        # Probes are answered at once, not behind the queue: the answer says this node runs,
+        # hears the bus and reaches the database, whatever its backlog.
         if body[:1] in _PROBING:
             try:
                 message = msg.decode(body)
@@ -361,8 +366,11 @@ class ClusterNode:
                 log.warning("cluster: an undecodable probe on the bus")
                 return
             if isinstance(message, msg.Probe):
-                alive = msg.Alive(self.node, message.nonce)
-                self.bus.send(message.origin, msg.encode(alive))
+                # Not while our renewals fail (cut off from the database): we could not
+                # serve a room, and the leases we hold may be running out.
+                if self.monotonic() - self._renewed_at < self.config.lease_seconds:
+                    alive = msg.Alive(self.node, message.nonce)
+                    self.bus.send(message.origin, msg.encode(alive))
             elif isinstance(message, msg.Alive):
                 asked = self._probes.get(message.nonce)
                 if asked is not None and asked[0] == message.node and not asked[1].done():

@@ -5,9 +5,11 @@ and which forwarded frames still wait for their answer.
 do). A known owner is trusted for ``owner_ttl`` seconds only, so a node that died is looked up
 again soon. A forwarded frame with no answer by its deadline makes its owner a suspect (for a
 lease term): the frame is routed again, and a node that finds a suspect holding a room's lease
-waits for that lease to run out and takes the room (failover on demand) instead of forwarding
-to a node that may be dead. The frame keeps its request id, so if the dead owner stored it the
-new owner answers with the stored frame (its resend filter is learned from the log).
+asks it whether it is there (the bus may have lost a forward or its answer): if it answers it
+is acquitted and the frame goes to it again; else the node waits for that lease to run out and
+takes the room (failover on demand) instead of forwarding to a node that may be dead. The
+frame keeps its request id, so if the dead owner stored it the new owner answers with the
+stored frame (its resend filter is learned from the log).
 
 A member's frames for a room keep their order across a failover: a new frame while earlier ones
 still wait for an answer goes where they went (``waiting_on``), even if the room has moved
@@ -74,6 +76,13 @@ class Routes(Generic[S]):
 
     def suspect(self, node: str, now: float) -> None:
         self._suspects[node] = now + self.suspect_for
+
+    def acquit(self, node: str) -> None:
+        """``node`` answered since it was suspected: trusted again, and its answers to the
+        frames given up on it taken (they are routed to it again)."""
+        self._suspects.pop(node, None)
+        for key in [k for k, (owner, _) in self._given_up.items() if owner == node]:
+            del self._given_up[key]
 
     def is_suspect(self, node: str, now: float) -> bool:
         until = self._suspects.get(node)

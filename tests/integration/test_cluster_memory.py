@@ -243,6 +243,33 @@ async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
     assert first < second
 
 
+async def test_a_lost_forward_to_a_live_owner_waits_for_no_lease(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but A's lease does not run out (the store's clock stands still): A answers
+    when asked whether it is there, so both frames go to it again at once, in order."""
+    _alice, bob, room = await cluster.shared_room()
+    node_b = cluster.hubs["B"].cluster
+    assert node_b is not None
+    send, lost = node_b.bus.send, asyncio.Event()
+
+    def lossy(target: str, body: bytes) -> None:
+        message = bus.decode(body)
+        if isinstance(message, bus.Forward) and not lost.is_set():
+            lost.set()
+            return
+        send(target, body)
+
+    monkeypatch.setattr(node_b.bus, "send", lossy)
+    one = asyncio.create_task(bob.send_text(room, "one"))
+    await within(lost.wait())
+    two = asyncio.create_task(bob.send_text(room, "two"))
+    first, second = await within(one), await within(two)
+    assert first < second
+    assert await cluster.store.lease_owner(room) == "A"
+    assert room not in cluster.hubs["B"].rooms
+
+
 async def test_a_room_handed_over_mid_traffic_keeps_every_frame_once_in_order(
     cluster: Cluster,
 ) -> None:
