@@ -459,7 +459,10 @@ class SimCluster:
             return
         await asyncio.sleep(rng.uniform(2.0, duration * 0.6))
         owners = [o for o in (self.owner(r) for r in rooms) if o is not None]
-        victim = rng.choice(sorted(owners) if owners else sorted(self.nodes))
+        candidates = sorted(owners) if owners else sorted(self.nodes)
+        if not candidates:
+            return  # every node is down (crashed, not started again yet): none to cut off
+        victim = rng.choice(candidates)
         node = self.nodes.get(victim)
         if node is None:
             return
