@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import re
 import secrets
 import sqlite3
@@ -35,7 +34,7 @@ from kalandra_core.storage.sql import SqlStore
 
 from ._bridge_stack import BOT, BridgeBenchStack, MatrixUser, bot_command, run_on_stack
 from .bridge import RATE_TARGET, _ghost_rate
-from .common import Figure, Results
+from .common import Figure, Results, cpu_seconds
 
 _BATCH = 50  # native sends in flight while writing the history
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -90,16 +89,6 @@ async def _until_logged(stack: BridgeBenchStack, needle: str, within: float) -> 
                 raise RuntimeError(f"the bridge process died:\n{stack.log_tail()}")
             await asyncio.sleep(0.2)
     return when
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of process ``pid`` so far (NaN where /proc cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
 async def _room_messages(user: MatrixUser, room: str) -> list[dict[str, Any]]:
@@ -168,12 +157,12 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
 
     bridge_pid = stack.bridge.pid if stack.bridge else None
     synapse_pid = stack.synapse.process.pid if stack.synapse.process else None
-    cpu_before = _cpu_seconds(bridge_pid), _cpu_seconds(synapse_pid)
+    cpu_before = cpu_seconds(bridge_pid), cpu_seconds(synapse_pid)
     portal = await _open_portal(admin, room)
     started = await _until_logged(stack, f"backfilling {n} messages", within)
     ended = await _until_logged(stack, f"backfill done ({n} messages)", within)
     pids = (bridge_pid, synapse_pid)
-    cpu = [(_cpu_seconds(p) - b) * 1000 / n for p, b in zip(pids, cpu_before, strict=True)]
+    cpu = [(cpu_seconds(p) - b) * 1000 / n for p, b in zip(pids, cpu_before, strict=True)]
     rate = n / max(ended - started, 1e-3)
 
     after = await _ghost_rate(ghost, reference, n_limit // 2)

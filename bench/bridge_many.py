@@ -65,7 +65,7 @@ from .bridge import (
     _pace,
     _percentile,
 )
-from .common import Distribution, Figure, Results
+from .common import Distribution, Figure, Results, cpu_seconds
 
 STARTUP_TARGET_S = 15.0
 _CREATE_CONCURRENCY = 4  # portals made at once during setup (setup is not measured)
@@ -521,7 +521,10 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         f"room, N={n} each: appservice users {as_limit:,.1f} msgs/s, the Matrix admin "
         f"{client_limit:,.1f} msgs/s"
     )
+    bridge_pid = stack.bridge.pid if stack.bridge else None
+    cpu_at = cpu_seconds(bridge_pid)
     n2m = await _native_to_matrix(admin, portals, "native->Matrix at max rate", n, None, within)
+    n2m_cpu = (cpu_seconds(bridge_pid) - cpu_at) * 1000 / max(1, n2m.received)
     print(n2m.check())
     # Its latencies are not the bridge's kind (each message is timed from its own request,
     # not from the burst's start): only the rate is compared.
@@ -532,8 +535,15 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         f"({burst.throughput:,.1f} msgs/s); bridge / this: "
         f"{n2m.throughput / burst.throughput if burst.throughput else 0.0:.2f}"
     )
+    cpu_at = cpu_seconds(bridge_pid)
     m2n = await _matrix_to_native(admin, portals, "Matrix->native at max rate", n, None, within)
+    m2n_cpu = (cpu_seconds(bridge_pid) - cpu_at) * 1000 / max(1, m2n.received)
     print(m2n.check())
+    # Steadier than the rates, which move with Synapse's: what the bridge spends on each.
+    print(
+        f"bridge-many: bridge process CPU per message at max rate: native->Matrix "
+        f"{n2m_cpu:.2f} ms, Matrix->native {m2n_cpu:.2f} ms"
+    )
     half = as_limit / 2
     per_portal_rate = half / count
     steady_count = max(5, int(per_portal_rate * steady_seconds))

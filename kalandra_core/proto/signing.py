@@ -7,6 +7,8 @@ application payloads are authenticated by their own AEAD, and MLS messages by ML
 
 from __future__ import annotations
 
+import threading
+
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -27,11 +29,30 @@ def sign_frame(frame: Frame, key: SigningKey) -> Frame:
     return frame
 
 
+# Signatures this process verified lately, as key || signature || signed bytes (152 bytes
+# each): the same frame is checked by the server when it arrives and again by every client of
+# the process it reaches (the bridge's bot and its users' devices, all in the bridge's process,
+# on its event loop). Only a check that passed is remembered, and a hit is the whole triple,
+# byte for byte: the answer of a pure function, asked again. Verify threads share it.
+_VERIFIED_KEPT = 8192
+_verified: dict[bytes, None] = {}
+_verified_lock = threading.Lock()
+
+
 def verify_header(header: FrameHeader, public_key: bytes | VerifyKey) -> bool:
     """True iff the header carries a valid signature by ``public_key`` (32 raw bytes)."""
     try:
         key = public_key if isinstance(public_key, VerifyKey) else VerifyKey(bytes(public_key))
-        key.verify(header.signing_data(), header.signature)
+        data = header.signing_data()
+        signature = header.signature
+        checked = key.encode() + signature + data
+        if checked in _verified:
+            return True
+        key.verify(data, signature)
     except (BadSignatureError, ValueError, TypeError):
         return False
+    with _verified_lock:
+        _verified[checked] = None
+        if len(_verified) > _VERIFIED_KEPT:
+            del _verified[next(iter(_verified))]  # the oldest
     return True
