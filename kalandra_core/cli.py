@@ -3,6 +3,7 @@
 Subcommands:
   serve -c CONFIG        run the homeserver
   admin create-user NAME | issue-token NAME | issue-code NAME | revoke-token NAME | list-users
+        | forget-bridge
   frame decode HEX|-     one frame (hex) -> one JSON object on stdout
   frame encode JSON|-    the JSON shape of ``frame decode`` -> the frame's hex
   db upgrade|current|downgrade REV (--database URL | -c CONFIG)
@@ -114,6 +115,9 @@ def _admin(args: argparse.Namespace) -> int:
                 else:
                     count = await store.revoke_tokens(found.member_id)
                     print(f"revoked {count} token(s) of {args.name}")
+            elif args.admin_command == "forget-bridge":
+                gone = await store.forget_bridge_bot()
+                print("forgotten" if gone else "no bridge was recorded")
             else:
                 for account in await store.list_members():
                     bound = "key bound" if account.signature_key else "no device yet"
@@ -166,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("issue-code", "print a single-use login code (10 minutes) for `kalandra login`", True),
         ("revoke-token", "revoke every device token of an account", True),
         ("list-users", "list accounts", False),
+        (
+            "forget-bridge",
+            "cluster: stop naming the bridge's bot to clients (the bridge left the cluster)",
+            False,
+        ),
     ):
         p = admin_sub.add_parser(name, help=help_text)
         if takes_name:

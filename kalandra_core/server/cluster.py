@@ -32,6 +32,7 @@ MAX_HOPS = 3  # a frame that keeps meeting a moved room is refused (retry) rathe
 _TAKEN = 65_536  # forwards taken remembered (see ClusterNode.take)
 _SWEEP = 0.25  # seconds between looks at forwarded frames past their deadline
 _POLL = 0.2  # seconds between looks at a suspect's lease
+_BRIDGE_KNOWN = 10  # renewal periods between reads of the bridge's record once it is known
 NO_ANSWER = "the room's server did not answer; retry"
 _PROBING = (msg.encode(msg.Probe("", 0))[:1], msg.encode(msg.Alive("", 0))[:1])  # their kinds
 
@@ -51,6 +52,7 @@ class ClusterHub(rebalance.Rebalancing, Protocol):
     """What the node needs of its hub."""
 
     bridge_bot: tuple[int, str] | None
+    bridge_here: bool
 
     def room_lost(self, room_id: bytes) -> None: ...
 
@@ -229,25 +231,30 @@ class ClusterNode:
             await self.renew()
 
     async def _bridge_loop(self) -> None:
-        # Its own task, so a slow read never holds up a renewal; it ends once the bridge is
-        # known (the bridge's identity does not change).
-        while not await self.learn_bridge_bot():  # noqa: ASYNC110 - polling the database
-            await asyncio.sleep(self.config.renew_seconds)
+        # Its own task, so a slow read never holds up a renewal. Read again after the bridge
+        # is known too, less often: a bridge may be replaced, or taken out of the cluster
+        # (``kalandra admin forget-bridge``), and clients must stop being told of its bot.
+        while True:
+            known = await self.learn_bridge_bot()
+            await asyncio.sleep(self.config.renew_seconds * (_BRIDGE_KNOWN if known else 1))
 
     async def learn_bridge_bot(self) -> bool:
         """Name the bridge embedded in another process (it may start after this one) to this
-        process's clients, as that process does: clients and the bridge stay unchanged.
-        Whether it is known now."""
-        assert self._hub is not None
-        if self._hub.bridge_bot is None:
-            try:
-                found = await self.store.bridge_bot()
-            except StoreError as exc:
-                log.warning("cluster: reading the bridge's bot failed: %s", exc)
-                return False
-            if self._hub.bridge_bot is None:  # the embedded bridge may have said it meanwhile
-                self._hub.bridge_bot = found
-        return self._hub.bridge_bot is not None
+        process's clients, as that process does: clients and the bridge stay unchanged; as
+        recorded now (replaced, or gone). Whether one is known now."""
+        hub = self._hub
+        assert hub is not None
+        if hub.bridge_here:
+            return True  # ours: this process records it
+        try:
+            found = await self.store.bridge_bot()
+        except StoreError as exc:
+            log.warning("cluster: reading the bridge's bot failed: %s", exc)
+            return hub.bridge_bot is not None
+        if not hub.bridge_here and found != hub.bridge_bot:  # (the bridge may have started)
+            log.info("cluster: the bridge's bot is %s", "gone" if found is None else "known")
+            hub.bridge_bot = found
+        return hub.bridge_bot is not None
 
     async def renew(self) -> None:
         started = self.monotonic()

@@ -115,6 +115,7 @@ class Hub:
         # (member id, Matrix user id) of the bot of the Matrix bridge that embeds this server,
         # told to every client in HelloReply; None for a server alone.
         self.bridge_bot: tuple[int, str] | None = None
+        self.bridge_here = False  # the bridge is embedded in this process (announce_bridge_bot)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class Hub:
         """The embedding bridge's bot, named to this server's clients in HelloReply; in a
         cluster also recorded for the other processes, which name it to theirs."""
         self.bridge_bot = (member_id, mxid)
+        self.bridge_here = True
         if self.cluster is not None:
             await self.store.record_bridge_bot(member_id, mxid)
 

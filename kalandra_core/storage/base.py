@@ -469,3 +469,8 @@ class Store(Protocol):
     async def bridge_bot(self) -> tuple[int, str] | None:
         """The bridge's bot as recorded, if any."""
         ...
+
+    async def forget_bridge_bot(self) -> bool:
+        """Delete the record of the bridge's bot (the bridge left the cluster); whether there
+        was one."""
+        ...

@@ -553,6 +553,10 @@ class MemoryStore:
     async def bridge_bot(self) -> tuple[int, str] | None:
         return self._bridge_bot
 
+    async def forget_bridge_bot(self) -> bool:
+        had, self._bridge_bot = self._bridge_bot is not None, None
+        return had
+
 
 if TYPE_CHECKING:
     from .base import Store

@@ -628,6 +628,10 @@ class SqlStore:
         async with self._read() as conn:
             return await sql_lease.bridge_bot(conn)
 
+    async def forget_bridge_bot(self) -> bool:
+        async with self._write() as conn:
+            return await sql_lease.forget_bridge_bot(conn)
+
     # --- media ---------------------------------------------------------------------------------
     async def media_put(
         self,

@@ -174,3 +174,9 @@ async def bridge_bot(conn: AsyncConnection) -> tuple[int, str] | None:
         await conn.execute(sa.select(bridge.c.member_id, bridge.c.mxid).where(bridge.c.slot == 1))
     ).first()
     return None if row is None else (int(row.member_id), str(row.mxid))
+
+
+async def forget_bridge_bot(conn: AsyncConnection) -> bool:
+    bridge = db.cluster_bridge
+    result = await conn.execute(bridge.delete().where(bridge.c.slot == 1))
+    return bool(result.rowcount)

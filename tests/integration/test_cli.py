@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -132,3 +133,34 @@ def test_db_commands_read_the_config_file(tmp_path: Any) -> None:
     assert "database.url: missing; expected a string" in bad.stderr
     missing = kalandra("db", "current", "-c", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2
+
+
+def test_forget_bridge_deletes_the_cluster_s_record_of_the_bridge_bot(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    assert kalandra("db", "upgrade", "--database", url).returncode == 0
+
+    async def record() -> tuple[int, str] | None:
+        from kalandra_core.storage.sql import SqlStore
+
+        store = await SqlStore.open(url, migrate=False)
+        try:
+            await store.record_bridge_bot(7, "@bot:example.org")
+            return await store.bridge_bot()
+        finally:
+            await store.close()
+
+    async def recorded() -> tuple[int, str] | None:
+        from kalandra_core.storage.sql import SqlStore
+
+        store = await SqlStore.open(url, migrate=False)
+        try:
+            return await store.bridge_bot()
+        finally:
+            await store.close()
+
+    assert asyncio.run(record()) == (7, "@bot:example.org")
+    done = kalandra("admin", "forget-bridge", "--database", url)
+    assert (done.returncode, done.stdout.strip()) == (0, "forgotten")
+    assert asyncio.run(recorded()) is None
+    again = kalandra("admin", "forget-bridge", "--database", url)
+    assert (again.returncode, again.stdout.strip()) == (0, "no bridge was recorded")

@@ -341,3 +341,28 @@ async def test_a_node_listed_alive_that_does_not_answer_is_given_no_rooms(
     assert owners.count("B") == 2, owners
     for room in rooms:
         await within(alice.send_text(room, "after the move"))
+
+
+async def test_the_bridge_s_bot_is_named_as_recorded_now(cluster: Cluster) -> None:
+    # A's process embeds the bridge; B names its bot as recorded, and stops once the bridge
+    # is taken out of the cluster (or names the new one when another bridge replaces it).
+    hub_a, hub_b = cluster.hubs["A"], cluster.hubs["B"]
+    assert hub_a.cluster is not None
+    assert hub_b.cluster is not None
+    await hub_a.announce_bridge_bot(7, "@bot:example.org")
+    assert await hub_b.cluster.learn_bridge_bot()
+    assert hub_b.bridge_bot == (7, "@bot:example.org")
+    alice = await cluster.client("B", "alice")
+    assert (alice.core.bridge_member_id, alice.core.bridge_mxid) == (7, "@bot:example.org")
+
+    await cluster.store.record_bridge_bot(8, "@newbot:example.org")
+    assert await hub_b.cluster.learn_bridge_bot()
+    assert hub_b.bridge_bot == (8, "@newbot:example.org")
+
+    assert await cluster.store.forget_bridge_bot()
+    assert not await hub_b.cluster.learn_bridge_bot()
+    bob = await cluster.client("B", "bob")
+    assert (bob.core.bridge_member_id, bob.core.bridge_mxid) == (None, None)
+    # The process that embeds it keeps naming its own bridge.
+    assert await hub_a.cluster.learn_bridge_bot()
+    assert hub_a.bridge_bot == (7, "@bot:example.org")

@@ -235,3 +235,6 @@ async def test_the_bridge_bot_recorded_by_one_node_is_read_by_another(pair: Pair
     assert await pair.b.bridge_bot() == (high, "@kalandrabot:example.org")
     await pair.a.record_bridge_bot(7, "@bot:example.org")  # a new record replaces the old
     assert await pair.b.bridge_bot() == (7, "@bot:example.org")
+    assert await pair.b.forget_bridge_bot()  # the bridge left the cluster
+    assert await pair.a.bridge_bot() is None
+    assert not await pair.a.forget_bridge_bot()
