@@ -119,6 +119,19 @@ async def upload(
     encryptor = BlobEncryptor(key)
     ahead = asyncio.Semaphore(IN_FLIGHT)  # blocks read and not yet stored
     held: set[bytes] = set()
+    loop = asyncio.get_running_loop()
+
+    def read_and_encrypt(offset: int) -> tuple[int, EncryptedBlock]:
+        # In a thread, one block at a time and in order (the encryptor's state): reading,
+        # hashing and the cipher let go of the GIL, so the event loop meanwhile sends the
+        # blocks before it and takes the answers.
+        if isinstance(source, bytes | bytearray | memoryview):
+            plain = bytes(source[offset : offset + BLOCK_SIZE])
+        else:
+            plain = source.read(min(BLOCK_SIZE, size - offset))
+            if not plain:
+                raise MediaError("file ended before its size")
+        return len(plain), encryptor.block(plain)
 
     async def put(block: EncryptedBlock) -> None:
         try:
@@ -134,14 +147,9 @@ async def upload(
             offset = 0
             while offset < size:
                 await ahead.acquire()
-                if isinstance(source, bytes | bytearray | memoryview):
-                    plain = bytes(source[offset : offset + BLOCK_SIZE])
-                else:
-                    plain = source.read(min(BLOCK_SIZE, size - offset))
-                    if not plain:
-                        raise MediaError("file ended before its size")
-                offset += len(plain)
-                batch.append(encryptor.block(plain))
+                length, block = await loop.run_in_executor(None, read_and_encrypt, offset)
+                offset += length
+                batch.append(block)
                 if key is not None and len(batch) < IN_FLIGHT and offset < size:
                     continue
                 if key is not None:  # resuming: send only what the room lacks
