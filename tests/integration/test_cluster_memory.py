@@ -215,6 +215,21 @@ async def test_frames_a_lost_worker_held_go_to_the_new_owner_in_order(
     assert room not in hub_a.rooms
 
 
+def lose_the_next_forward(monkeypatch: pytest.MonkeyPatch, node: ClusterNode) -> asyncio.Event:
+    """The next Forward ``node`` sends is lost, as a NOTIFY is lost while the receiver's
+    listener reconnects; the event is set once it is."""
+    send, lost = node.bus.send, asyncio.Event()
+
+    def lossy(target: str, body: bytes) -> None:
+        if isinstance(bus.decode(body), bus.Forward) and not lost.is_set():
+            lost.set()
+            return
+        send(target, body)
+
+    monkeypatch.setattr(node.bus, "send", lossy)
+    return lost
+
+
 async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -223,16 +238,7 @@ async def test_a_frame_after_one_the_bus_lost_is_not_sequenced_before_it(
     _alice, bob, room = await cluster.shared_room()
     node_b = cluster.hubs["B"].cluster
     assert node_b is not None
-    send, lost = node_b.bus.send, asyncio.Event()
-
-    def lossy(target: str, body: bytes) -> None:
-        message = bus.decode(body)
-        if isinstance(message, bus.Forward) and not lost.is_set():
-            lost.set()  # as a NOTIFY is lost while A's listener reconnects
-            return
-        send(target, body)
-
-    monkeypatch.setattr(node_b.bus, "send", lossy)
+    lost = lose_the_next_forward(monkeypatch, node_b)
     one = asyncio.create_task(bob.send_text(room, "one"))
     await within(lost.wait())
     two = asyncio.create_task(bob.send_text(room, "two"))
@@ -251,16 +257,7 @@ async def test_a_lost_forward_to_a_live_owner_waits_for_no_lease(
     _alice, bob, room = await cluster.shared_room()
     node_b = cluster.hubs["B"].cluster
     assert node_b is not None
-    send, lost = node_b.bus.send, asyncio.Event()
-
-    def lossy(target: str, body: bytes) -> None:
-        message = bus.decode(body)
-        if isinstance(message, bus.Forward) and not lost.is_set():
-            lost.set()
-            return
-        send(target, body)
-
-    monkeypatch.setattr(node_b.bus, "send", lossy)
+    lost = lose_the_next_forward(monkeypatch, node_b)
     one = asyncio.create_task(bob.send_text(room, "one"))
     await within(lost.wait())
     two = asyncio.create_task(bob.send_text(room, "two"))

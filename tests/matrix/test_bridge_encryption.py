@@ -421,11 +421,7 @@ async def test_a_reaction_to_a_message_whose_key_comes_late_is_bridged_after_it(
     # waits for its room key (across a further restart here). It must follow its target.
     native, _ = await native_member(stack)
     async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
-        room_hex, portal = await portal_with_native(alice, native, "late reaction")
-        room_id = bytes.fromhex(room_hex)
-        await say(alice, portal, "first")  # the bridge has alice's room key
-        got: list[Message] = []
-        await receive(native, got, 1, room_id)
+        room_id, portal, got = await first_bridged(alice, native, "late reaction")
         await stack.stop_bridge()
         async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
             answering = [False]  # (from the manual forward below: each request)
@@ -474,6 +470,19 @@ async def test_a_reaction_to_a_message_whose_key_comes_late_is_bridged_after_it(
     await native.close()
 
 
+async def first_bridged(
+    alice: AsyncClient, native: Any, name: str
+) -> tuple[bytes, str, list[Message]]:
+    """A portal ``alice`` shares with ``native`` (room id, Matrix room id), and her first message
+    in it, as ``native`` received it: the bridge has her room key."""
+    room_hex, portal = await portal_with_native(alice, native, name)
+    room_id = bytes.fromhex(room_hex)
+    await say(alice, portal, "first")
+    got: list[Message] = []
+    await receive(native, got, 1, room_id)
+    return room_id, portal, got
+
+
 async def late_reaction(native: Any) -> ev.Reacted:
     while True:
         event = await native.events.get()
@@ -491,11 +500,7 @@ async def test_a_held_reaction_sent_again_before_the_key_waits_resume_is_held_ag
     # resumption back; the reaction's transaction is sent again in that window, as Synapse does.
     native, _ = await native_member(stack)
     async with nio_client(stack.synapse, stack.user, encrypted=True) as alice:
-        room_hex, portal = await portal_with_native(alice, native, "reaction sent again")
-        room_id = bytes.fromhex(room_hex)
-        await say(alice, portal, "first")
-        got: list[Message] = []
-        await receive(native, got, 1, room_id)
+        room_id, portal, got = await first_bridged(alice, native, "reaction sent again")
     await stack.stop_bridge()
     async with nio_client(stack.synapse, stack.user, encrypted=True) as phone:
         answering = [False]
