@@ -522,18 +522,27 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         f"{client_limit:,.1f} msgs/s"
     )
     bridge_pid = stack.bridge.pid if stack.bridge else None
-    cpu_at = cpu_seconds(bridge_pid)
+    synapse_pid = stack.synapse.process.pid if stack.synapse.process else None
+    cpu_at, synapse_at = cpu_seconds(bridge_pid), cpu_seconds(synapse_pid)
     n2m = await _native_to_matrix(admin, portals, "native->Matrix at max rate", n, None, within)
     n2m_cpu = (cpu_seconds(bridge_pid) - cpu_at) * 1000 / max(1, n2m.received)
+    n2m_synapse = (cpu_seconds(synapse_pid) - synapse_at) * 1000 / max(1, n2m.received)
     print(n2m.check())
     # Its latencies are not the bridge's kind (each message is timed from its own request,
     # not from the burst's start): only the rate is compared.
+    synapse_at = cpu_seconds(synapse_pid)
     burst = await _synapse_burst(admin, limits, n, within)
+    burst_synapse = (cpu_seconds(synapse_pid) - synapse_at) * 1000 / max(1, burst.received)
     print(
         f"bridge-many reference: Synapse alone, the same burst just after (appservice users, "
         f"the admin syncing), received {burst.received:,} of {burst.sent:,} "
         f"({burst.throughput:,.1f} msgs/s); bridge / this: "
         f"{n2m.throughput / burst.throughput if burst.throughput else 0.0:.2f}"
+    )
+    # Synapse is the slow side: what each message costs it, through the bridge and alone.
+    print(
+        f"bridge-many: Synapse CPU per message native->Matrix {n2m_synapse:.2f} ms, "
+        f"alone {burst_synapse:.2f} ms"
     )
     cpu_at = cpu_seconds(bridge_pid)
     m2n = await _matrix_to_native(admin, portals, "Matrix->native at max rate", n, None, within)
