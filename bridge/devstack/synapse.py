@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import hmac
 import json
+import os
 import random
 import signal
 import socket
@@ -89,8 +90,16 @@ def free_port() -> int:
     ephemeral range: a port the kernel hands out for bind(0) is also what it gives outgoing
     connections, which can take it before the server that was meant to listen on it starts."""
     low, _ = _ephemeral_range()
+    first, last = max(1024, low - 12000), low - 1
+    # Test runs split over processes (pytest-xdist: PYTEST_XDIST_WORKER "gw0", "gw1", ...)
+    # each draw from a share of their own: another process cannot take a port between this
+    # one's draw and its server's start.
+    worker, workers = _test_worker()
+    share = (last - first + 1) // workers
+    first += worker * share
+    last = first + share - 1
     for _ in range(200):
-        port = random.randint(max(1024, low - 12000), low - 1)
+        port = random.randint(first, last)
         if port in _given:
             continue  # handed out already (its server may not listen yet)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -107,6 +116,17 @@ def free_port() -> int:
 
 
 _given: set[int] = set()
+
+
+def _test_worker() -> tuple[int, int]:
+    """This process's number among a test run's processes, and how many there are."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        number = int(name[2:]) if name.startswith("gw") else 0
+    except ValueError:
+        return 0, 1
+    return (number, count) if 0 <= number < count else (0, 1)
 
 
 def _ephemeral_range() -> tuple[int, int]:
