@@ -21,6 +21,10 @@ class Limits:
     max_payload_size: int = bounded(MAX_PAYLOAD_SIZE, low=1)
     rate_per_second: float = bounded(200.0, low=0, above=True)  # frames per session, sustained
     rate_burst: int = bounded(400, low=1)
+    # Media blocks (CASPut, CASGet; up to 256 KiB each) per session, instead of frames: 2,048
+    # a second is 512 MiB/s, and the burst moves a 100 MiB file at once.
+    media_rate_per_second: float = bounded(2048.0, low=0, above=True)
+    media_rate_burst: int = bounded(512, low=1)
     # Bytes queued per connection before it is dropped (an idle one always takes one frame).
     send_buffer: int = bounded(8 * 1024 * 1024, low=0)
     handshake_timeout: float = bounded(30.0, low=0, above=True)

@@ -7,7 +7,9 @@ Frames of one session are handled strictly in arrival order by the session's tas
 puts and gets that arrive together are stored or read together: ``cas.py``). Before a
 room frame reaches its room's sequencer it must come from an authenticated session, name the
 session's member as sender, carry that member's valid Ed25519 signature and fit the rate limit;
-each failure is answered with an Error frame echoing the request id (never silence).
+each failure is answered with an Error frame echoing the request id (never silence). Media
+blocks (a CASPut or a CASGet of an authenticated session) have their own budget: each moves up
+to 256 KiB, so a file of a few hundred blocks would spend the frame budget of messages.
 
 Signatures are checked ahead of handling: frames are taken from the inbox in batches whose
 signatures the verify pool checks (both cores: PyNaCl releases the GIL) while the loop handles
@@ -46,7 +48,7 @@ from ..storage.base import StoreError
 from ..transport.interface import FrameSink
 from . import cas, replies
 from .hello import BindKey, HelloAuth, IssueToken, LookUpToken, RedeemLoginCode, Refuse
-from .ratelimit import TokenBucket
+from .ratelimit import Budget
 
 log = logging.getLogger("kalandra.server.session")
 _ids = itertools.count(1)
@@ -116,8 +118,8 @@ class ServerSession:
         self.connected_at = now
         self.last_seen = now
         limits = hub.config.limits
-        self._bucket = TokenBucket(limits.rate_per_second, limits.rate_burst, now)
-        self._limited_until = 0.0  # after a RATE_LIMITED: refused until its retry_after
+        self._frames = Budget(limits.rate_per_second, limits.rate_burst, now)
+        self._blocks = Budget(limits.media_rate_per_second, limits.media_rate_burst, now)
         # Authenticated: a payload over max_payload_size is skipped unread (QUOTA_EXCEEDED) and
         # the session goes on.
         self._read_limit = ReadLimit(limits.max_payload_size, None, skip_oversized=True)
@@ -315,14 +317,13 @@ class ServerSession:
         h = frame.header
         limits = self.hub.config.limits
         now = self.hub.monotonic()
-        wait = self._limited_until - now if now < self._limited_until else self._bucket.take(now)
-        if wait > 0:
-            retry_after = TokenBucket.retry_after_seconds(wait)
-            # Keep the promise of retry_after: frames already on their way behind a refused one
-            # are refused too, so a client that sends them again in order keeps its order.
-            self._limited_until = max(self._limited_until, now + retry_after)
+        opcode = h.opcode
+        blocks = opcode in _BATCHED and self._auth.authenticated
+        retry_after = (self._blocks if blocks else self._frames).admit(now)
+        if retry_after is not None:
+            what = "media block rate" if blocks else "frame rate"
             self.reject(
-                frame, ErrorCode.RATE_LIMITED, "rate limit exceeded", retry_after=retry_after
+                frame, ErrorCode.RATE_LIMITED, f"{what} limit exceeded", retry_after=retry_after
             )
             return
         if isinstance(frame, SkippedFrame) or h.payload_size > limits.max_payload_size:
@@ -334,7 +335,6 @@ class ServerSession:
                 f"{limits.max_payload_size} at most",
             )
             return
-        opcode = h.opcode
         if opcode in _SESSION_OPCODES:
             await self._session_frame(frame)
             return

@@ -89,6 +89,14 @@ def example_paths(node: Any, prefix: str) -> set[str]:
             "server.limits.rate_burst: expected an integer >= 1, got 0",
         ),
         (
+            {"limits": {"media_rate_per_second": 0}},
+            "server.limits.media_rate_per_second: expected a number > 0, got 0",
+        ),
+        (
+            {"limits": {"media_rate_burst": 0.5}},
+            "server.limits.media_rate_burst: expected an integer >= 1, got 0.5",
+        ),
+        (
             {"limits": {"send_buffer": -8}},
             "server.limits.send_buffer: expected an integer >= 0, got -8",
         ),
