@@ -29,6 +29,7 @@ from ..proto.payloads import CasBlock, CasHashes, decode_payload
 from .core import ClientCore
 
 IN_FLIGHT: Final = 24  # blocks per transfer (6 MiB): the default send window's bytes
+ENCRYPT_HOP: Final = 4  # blocks read and encrypted per trip to a worker thread
 
 
 class MediaClient(Protocol):
@@ -121,17 +122,23 @@ async def upload(
     held: set[bytes] = set()
     loop = asyncio.get_running_loop()
 
-    def read_and_encrypt(offset: int) -> tuple[int, EncryptedBlock]:
-        # In a thread, one block at a time and in order (the encryptor's state): reading,
-        # hashing and the cipher let go of the GIL, so the event loop meanwhile sends the
-        # blocks before it and takes the answers.
-        if isinstance(source, bytes | bytearray | memoryview):
-            plain = bytes(source[offset : offset + BLOCK_SIZE])
-        else:
-            plain = source.read(min(BLOCK_SIZE, size - offset))
-            if not plain:
-                raise MediaError("file ended before its size")
-        return len(plain), encryptor.block(plain)
+    def read_and_encrypt(offset: int, count: int) -> tuple[int, list[EncryptedBlock]]:
+        # In a thread, ``count`` blocks in order (the encryptor's state): reading, hashing and
+        # the cipher let go of the GIL, so the event loop meanwhile sends the blocks before
+        # them and takes the answers. Several blocks per hop: a hop to the thread and back
+        # costs about what encrypting a block does.
+        blocks: list[EncryptedBlock] = []
+        start = offset
+        while len(blocks) < count and offset < size:
+            if isinstance(source, bytes | bytearray | memoryview):
+                plain = bytes(source[offset : offset + BLOCK_SIZE])
+            else:
+                plain = source.read(min(BLOCK_SIZE, size - offset))
+                if not plain:
+                    raise MediaError("file ended before its size")
+            offset += len(plain)
+            blocks.append(encryptor.block(plain))
+        return offset - start, blocks
 
     async def put(block: EncryptedBlock) -> None:
         try:
@@ -146,10 +153,12 @@ async def upload(
             batch: list[EncryptedBlock] = []
             offset = 0
             while offset < size:
-                await ahead.acquire()
-                length, block = await loop.run_in_executor(None, read_and_encrypt, offset)
+                count = min(ENCRYPT_HOP, -(-(size - offset) // BLOCK_SIZE))
+                for _ in range(count):
+                    await ahead.acquire()
+                length, blocks = await loop.run_in_executor(None, read_and_encrypt, offset, count)
                 offset += length
-                batch.append(block)
+                batch.extend(blocks)
                 if key is not None and len(batch) < IN_FLIGHT and offset < size:
                     continue
                 if key is not None:  # resuming: send only what the room lacks
@@ -198,8 +207,7 @@ async def stream(client: MediaClient, room_id: bytes, ref: MediaRef) -> AsyncIte
     manifest = decryptor.open_manifest(await _get(transfer, ref.manifest))
     pending: list[asyncio.Task[bytes]] = []
     try:
-        hashes = iter(manifest.blocks)
-        for digest in hashes:
+        for digest in manifest.blocks:
             pending.append(asyncio.create_task(_get(transfer, digest)))
             if len(pending) < IN_FLIGHT:
                 continue
