@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import io
 from collections.abc import Callable, Mapping
 from typing import Any, Self
 
@@ -299,7 +298,8 @@ def load_cbor(data: bytes | bytearray | memoryview) -> Any:
     if not data:
         raise PayloadDecodeError("empty payload: expected a CBOR item")
     try:
-        return cbor2.CBORDecoder(io.BytesIO(data)).decode()
+        # loads is the same decoder at half the cost of one over a BytesIO (a media block).
+        return cbor2.loads(data)
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise PayloadDecodeError(f"invalid CBOR: {exc}") from None
 
