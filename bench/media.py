@@ -21,19 +21,26 @@ Below it lies the disk itself: the same bytes appended to a plain file, ``fdatas
 ``IN_FLIGHT`` blocks. No durable store can take an upload faster than that, so it is printed
 too: when it is under half of loopback TCP, the upload target is beyond this machine's disk.
 
+Where the time goes, with no target: the CPU (user + system, all threads) the server process
+and this process (the clients) spent per 256 KiB block, over every run, held against the time
+per block the target leaves (256 KiB at half the limit). Above 1, that process alone cannot
+move blocks at the target's rate, whatever the other one does; the two share this machine's
+cores besides.
+
 One more figure, with no target: B downloads the file again and again in the same session until
-256 MiB went by. Each block is one frame, so this runs past the session's burst of frames into
-its sustained frame rate (``server.limits.rate_per_second``), which one transfer of the table's
-size stays within.
+256 MiB went by, past the session's burst of media blocks (``server.limits.media_rate_burst``,
+512 blocks) into its sustained block rate (``media_rate_per_second``, 2,048 a second).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kalandra_core.client.core import ClientCore
@@ -45,7 +52,7 @@ from kalandra_core.media.xchacha import XChaCha20Poly1305
 from kalandra_core.storage.sqlite_writer import WRITER_PRAGMAS
 
 from ._server_proc import ServerProcess
-from .common import Figure, Results, rate
+from .common import Figure, Results, cpu_seconds, rate
 
 MIB = 1024 * 1024
 _LOOPBACK_BYTES = 64 * MIB
@@ -131,10 +138,19 @@ def _raw_disk_mib_s(data: bytes) -> float:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def _cpu_of(server_pid: int, into: list[float]) -> Iterator[None]:
+    """Add the CPU seconds the server process and this process spend in the block to
+    ``into`` ([server, this process])."""
+    server, here = cpu_seconds(server_pid), time.process_time()
+    yield
+    into[0] += cpu_seconds(server_pid) - server
+    into[1] += time.process_time() - here
+
+
 async def _sustained_download(b: Client, room: bytes, ref: MediaRef, data: bytes) -> float:
-    """``ref`` downloaded until ``_SUSTAINED`` bytes went by, one session: each block is a
-    frame, so this runs past the session's burst of frames (400 by default) into its
-    sustained frame rate, which a single transfer of the table's size stays within."""
+    """``ref`` downloaded until ``_SUSTAINED`` bytes went by, in one session: past the
+    session's burst of media blocks into its sustained block rate."""
     count = max(1, _SUSTAINED // len(data))
     start = time.perf_counter()
     for _ in range(count):
@@ -174,17 +190,20 @@ async def _main(quick: bool) -> Results:
         a, b, room = await _clients(server)
         print(f"media: server pid {server.pid}; setup {time.perf_counter() - t0:.1f} s")
         up = down = disk = raw = 0.0
+        cpu = {"upload": [0.0, 0.0], "download": [0.0, 0.0]}  # [server, clients] seconds
         try:
             for _ in range(runs):
                 data = os.urandom(size)
                 disk = max(disk, _durable_mib_s(data))
                 raw = max(raw, _raw_disk_mib_s(data))
-                start = time.perf_counter()
-                ref = await a.upload_media(room, data, name="bench.bin")
-                up = max(up, size / MIB / (time.perf_counter() - start))
-                start = time.perf_counter()
-                got = await b.download_media(room, ref)
-                down = max(down, size / MIB / (time.perf_counter() - start))
+                with _cpu_of(server.pid, cpu["upload"]):
+                    start = time.perf_counter()
+                    ref = await a.upload_media(room, data, name="bench.bin")
+                    up = max(up, size / MIB / (time.perf_counter() - start))
+                with _cpu_of(server.pid, cpu["download"]):
+                    start = time.perf_counter()
+                    got = await b.download_media(room, ref)
+                    down = max(down, size / MIB / (time.perf_counter() - start))
                 if got != data:
                     raise AssertionError("the downloaded file differs")
             # Past one session's burst of frames: the same file again and again, back to back.
@@ -198,6 +217,21 @@ async def _main(quick: bool) -> Results:
     )
     target = (">= 0.50 x limit", limit_name, limit)
     name = f"{size // MIB} MiB"
+    blocks = runs * -(-size // BLOCK_SIZE)
+    budget_us = BLOCK_SIZE / MIB / (0.5 * limit) * 1e6  # the target's time per block
+    cpu_figures = [
+        Figure(
+            f"media {way}, {who} CPU per 256 KiB block",
+            seconds / blocks * 1e6,
+            "us",
+            "-",
+            "time per block at the target",
+            budget_us,
+            0,
+        )
+        for way in ("upload", "download")
+        for who, seconds in zip(("server", "client"), cpu[way], strict=True)
+    ]
     return Results(
         [
             Figure(f"media upload {name} (TCP)", up, "MiB/s", *target, 1),
@@ -220,6 +254,7 @@ async def _main(quick: bool) -> Results:
                 raw,
                 1,
             ),
+            *cpu_figures,
             Figure(
                 f"media download, {_SUSTAINED // MIB} MiB back to back, 1 session",
                 sustained,
