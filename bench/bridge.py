@@ -21,6 +21,11 @@ Figures:
   with a local Matrix user in it, as a portal is. This is the ratios' limit. For context, a
   plain Matrix user in a plain room (no appservice involved) one at a time and with 4 requests
   in flight. N = 200 quick / 2,000 full.
+* references taken in the same conditions as the bridge's runs, no target: right after the
+  bridge's native -> Matrix burst, the same burst from that appservice user into its room
+  while the local user times arrivals by /sync (the limit above has nobody syncing, the
+  bridge's run has the admin syncing); and the Matrix -> native burst held against the Matrix
+  user's own send rate in it (a portal cannot deliver faster than its sender sends).
 * native -> Matrix: the native member sends at a steady rate (20 msgs/s, or half Synapse's
   rate if that is lower; 5 s quick / 50 s full) and then N at once; the Matrix admin times the
   ghost's events by /sync. Targets: rate >= 0.90 x the limit, p99 < 250 ms at the steady rate.
@@ -162,9 +167,9 @@ async def _pace(
 # --- the limit: Synapse alone -------------------------------------------------------------------
 
 
-async def _ghost_rate(ghost: MatrixUser, reader: MatrixUser, n: int) -> float:
+async def _ghost_rate(ghost: MatrixUser, reader: MatrixUser, n: int) -> tuple[float, str]:
     """Sends per second of an appservice user straight to Synapse, one at a time, into a room
-    with ``reader`` (a local user) in it."""
+    with ``reader`` (a local user) in it; and that room."""
     room = await ghost.create_room(invite=[reader.user_id])
     await reader.join(room)
     for i in range(WARMUP):
@@ -172,7 +177,25 @@ async def _ghost_rate(ghost: MatrixUser, reader: MatrixUser, n: int) -> float:
     start = time.perf_counter()
     for i in range(n):
         await ghost.send(room, body := _body("ghost", i), _html(i, body))
-    return n / (time.perf_counter() - start)
+    return n / (time.perf_counter() - start), room
+
+
+async def _ghost_burst(
+    ghost: MatrixUser, reader: MatrixUser, room: str, n: int, within: float
+) -> Run:
+    """The bridge's native -> Matrix burst without the bridge, timed as the bridge's is: the
+    appservice user sends ``n`` into its room, one request at a time, while ``reader`` times
+    arrivals by /sync. Run right after the bridge's burst: the limit under the same conditions
+    (a receiver syncing, which the limit above does not have) at nearly the same moment."""
+    seen = Arrivals(f"alone-{secrets.token_hex(3)}")
+    await reader.sync(0)  # from now on
+    receiving = asyncio.create_task(_matrix_receiver(reader, room, ghost.user_id, seen, n, within))
+    start = time.perf_counter()
+    for i in range(n):
+        await ghost.send(room, body := _body(seen.tag, i), _html(i, body))
+    span = time.perf_counter() - start
+    await receiving
+    return Run("Synapse alone, the same burst, a receiver syncing", n, 0, span, seen)
 
 
 async def _synapse_rates(user: MatrixUser, n: int) -> tuple[float, float]:
@@ -347,7 +370,7 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
 
     plain, concurrent = await _synapse_rates(reference, n)
     ghost = await stack.appservice_user(f"kalandra_benchref{secrets.token_hex(3)}")
-    sequential = await _ghost_rate(ghost, reference, n)
+    sequential, ghost_room = await _ghost_rate(ghost, reference, n)
     print(
         f"bridge limit: Synapse send N={n:,} one at a time, appservice user, room with a local"
         f" user: {sequential:,.1f} msgs/s; plain user, plain room: {plain:,.1f} msgs/s one at"
@@ -366,6 +389,12 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         )
         print(runs[-1].report())
         _check_alive(stack)
+    alone = await _ghost_burst(ghost, reference, ghost_room, n, within)
+    print(
+        f"bridge reference: {alone.label}: received {alone.received:,} of {n:,} "
+        f"({alone.throughput:,.1f} msgs/s); bridge / this: "
+        f"{runs[-1].throughput / alone.throughput:.2f}"
+    )
     for label, count, per_second in (
         (f"Matrix->native at {rate:g}/s", steady_n, rate),
         ("Matrix->native at max rate", n, None),
@@ -411,6 +440,15 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
             decimals=1,
         ),
         Figure(
+            "bridge native->Matrix, max rate, against Synapse alone",
+            n2m_max.throughput,
+            "msgs/s",
+            "-",
+            "the same burst, a receiver syncing",
+            alone.throughput,
+            decimals=1,
+        ),
+        Figure(
             f"bridge native->Matrix p50 @ {rate:g}/s",
             _percentile(n2m_lat, 50),
             "ms",
@@ -435,6 +473,15 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
             f">= {RATE_TARGET:.2f} x limit",
             limit,
             sequential,
+            decimals=1,
+        ),
+        Figure(
+            "bridge Matrix->native, max rate, against its sender",
+            m2n_max.throughput,
+            "msgs/s",
+            "-",
+            "the Matrix user's own send rate",
+            m2n_max.sent / m2n_max.send_span,
             decimals=1,
         ),
         Figure(

@@ -153,7 +153,7 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
 
     # Half of the limit's sends before the backfill and half after: the machine's load drifts
     # (it is shared), and this way both sides see the same drift.
-    before = await _ghost_rate(ghost, reference, n_limit // 2)
+    before, _ = await _ghost_rate(ghost, reference, n_limit // 2)
 
     bridge_pid = stack.bridge.pid if stack.bridge else None
     synapse_pid = stack.synapse.process.pid if stack.synapse.process else None
@@ -165,7 +165,7 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
     cpu = [(cpu_seconds(p) - b) * 1000 / n for p, b in zip(pids, cpu_before, strict=True)]
     rate = n / max(ended - started, 1e-3)
 
-    after = await _ghost_rate(ghost, reference, n_limit // 2)
+    after, _ = await _ghost_rate(ghost, reference, n_limit // 2)
     limit = 2 / (1 / before + 1 / after)  # N sends over the time both halves took
     print(
         f"bridge-backfill limit: Synapse send N={n_limit:,} one at a time, appservice user,"

@@ -219,7 +219,7 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         )
         reference = await stack.matrix_user(f"benchref_{secrets.token_hex(3)}")
         ghost = await stack.appservice_user(f"kalandra_benchref{secrets.token_hex(3)}")
-        limit = await _ghost_rate(ghost, reference, n)
+        limit, _ = await _ghost_rate(ghost, reference, n)
         print(f"bridge encrypted: the limit (Synapse AS send, 1 at a time) {limit:,.1f} msgs/s")
         runs: dict[tuple[str, str], Run] = {}
         for kind, (room, portal) in portals.items():
