@@ -390,10 +390,10 @@ async def _measure(stack: BridgeBenchStack, admin_name: str, quick: bool) -> Res
         print(runs[-1].report())
         _check_alive(stack)
     alone = await _ghost_burst(ghost, reference, ghost_room, n, within)
+    ratio = runs[-1].throughput / alone.throughput if alone.throughput else float("nan")
     print(
         f"bridge reference: {alone.label}: received {alone.received:,} of {n:,} "
-        f"({alone.throughput:,.1f} msgs/s); bridge / this: "
-        f"{runs[-1].throughput / alone.throughput:.2f}"
+        f"({alone.throughput:,.1f} msgs/s); bridge / this: {ratio:.2f}"
     )
     for label, count, per_second in (
         (f"Matrix->native at {rate:g}/s", steady_n, rate),

@@ -129,7 +129,7 @@ async def upload(
         # costs about what encrypting a block does.
         blocks: list[EncryptedBlock] = []
         start = offset
-        while len(blocks) < count and offset < size:
+        for _ in range(count):  # count never runs past the end: see the caller
             if isinstance(source, bytes | bytearray | memoryview):
                 plain = bytes(source[offset : offset + BLOCK_SIZE])
             else:
@@ -153,7 +153,7 @@ async def upload(
             batch: list[EncryptedBlock] = []
             offset = 0
             while offset < size:
-                count = min(ENCRYPT_HOP, -(-(size - offset) // BLOCK_SIZE))
+                count = min(ENCRYPT_HOP, -(-(size - offset) // BLOCK_SIZE))  # blocks left
                 for _ in range(count):
                     await ahead.acquire()
                 length, blocks = await loop.run_in_executor(None, read_and_encrypt, offset, count)
